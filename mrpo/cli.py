@@ -1,0 +1,90 @@
+"""The `mrpo` command: one subcommand per pipeline stage, each reading params.yaml.
+
+The same stage runs identically from `dvc repro`, a Prefect flow or this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mrpo.config import ConfigError, load_config
+from mrpo.runtime import setup_logging
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.beta=0.2")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mrpo",
+        description="Multi-Reference Preference Optimization pipeline. Each subcommand is one DVC stage "
+        "and reads its settings from params.yaml.",
+        epilog="Typical use: `dvc repro` runs every stage in order; run a single stage with e.g. `mrpo train`.",
+    )
+    parser.add_argument("--params", default="params.yaml", help="params file to read (default: params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param for this run only, e.g. --set train.beta=0.2 (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    sub.add_parser("zoo", help="build the tiny local model zoo (default profile's anchor and references)")
+    sub.add_parser("prepare", help="read preference data, clean it, split it into data/prepared/")
+    p = sub.add_parser("score", help="score every prepared pair under one reference model")
+    p.add_argument("--reference", required=True, help="reference name from params.yaml `references`")
+    sub.add_parser("train", help="train the policy with MRPO on the precomputed reference scores")
+    sub.add_parser("evaluate", help="lm-eval benchmarks and preference metrics for policy and anchor")
+    sub.add_parser("show-config", help="print the validated configuration")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        cfg = load_config(args.params, _parse_overrides(args.set))
+        if args.stage == "show-config":
+            from mrpo.config import config_to_flat_dict
+
+            for key, value in config_to_flat_dict(cfg).items():
+                print(f"{key} = {value!r}")
+        elif args.stage == "zoo":
+            from mrpo.zoo import build_zoo
+
+            build_zoo(cfg)
+        elif args.stage == "prepare":
+            from mrpo.data import prepare
+
+            prepare(cfg)
+        elif args.stage == "score":
+            from mrpo.scoring import score_reference
+
+            score_reference(cfg, args.reference)
+        elif args.stage == "train":
+            from mrpo.train import train
+
+            train(cfg)
+        elif args.stage == "evaluate":
+            from mrpo.evaluate import evaluate
+
+            evaluate(cfg)
+    except ConfigError as exc:
+        print(f"mrpo: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mrpo: interrupted; finished work is kept and the stage resumes on the next run", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
