@@ -1,0 +1,222 @@
+"""The MRPO objective (docs/mrpo-spec.md sections 1-4) as small pure tensor functions.
+
+Shapes: B pairs, K references. Policy log-probs are (B,); reference log-probs are
+(B, K) with column 0 the anchor; weights are (K,) or (B, K) and need not be
+normalised. Reference log-probs and weights are constants of the objective: they
+are detached, so gradients reach only the policy log-probs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mrpo.config import LOSS_TYPES
+
+
+@dataclass(frozen=True)
+class PreferenceLossOutput:
+    """Per-pair losses plus what is worth logging.
+
+    `ref_chosen_logps`/`ref_rejected_logps` are the combined reference the
+    rewards are measured against; `clipped_fraction` is the share of non-anchor
+    reference values (k >= 2, both responses) moved by the trust-region clip.
+    """
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    ref_chosen_logps: torch.Tensor
+    ref_rejected_logps: torch.Tensor
+    clipped_fraction: torch.Tensor
+
+
+def trust_region_bands(
+    ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, epsilon: float, adaptive: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relative half-widths (eps_w, eps_l), each (B, 1), of the clip band (spec section 1).
+
+    Adaptive: eps_w = eps * |b_w| / (|b_w| + |b_l|) with b the mean over references,
+    so the response with the larger mean magnitude gets the wider band. When both
+    means are 0 the split is undefined; each side then gets eps / 2.
+    """
+    if not adaptive:
+        band = torch.full_like(ref_chosen[:, :1], epsilon)
+        return band, band
+    b_w = ref_chosen.mean(dim=-1, keepdim=True).abs()
+    b_l = ref_rejected.mean(dim=-1, keepdim=True).abs()
+    total = b_w + b_l
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    eps_w = torch.where(total > 0, epsilon * b_w / safe_total, torch.full_like(total, epsilon / 2))
+    eps_l = torch.where(total > 0, epsilon * b_l / safe_total, torch.full_like(total, epsilon / 2))
+    return eps_w, eps_l
+
+
+def clip_to_anchor(ref: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+    """CTRO (spec eq. in section 1): clamp references 2..K into anchor +- band * |anchor|, (B, K) -> (B, K)."""
+    anchor = ref[:, :1]
+    half_width = band * anchor.abs()
+    others = torch.clamp(ref[:, 1:], min=anchor - half_width, max=anchor + half_width)
+    return torch.cat([anchor, others], dim=-1)
+
+
+def normalise_weights(weights: torch.Tensor, batch_size: int, num_refs: int) -> torch.Tensor:
+    """alpha as (B, K) rows summing to 1, from (K,) or (B, K) non-negative weights."""
+    if weights.dim() == 1:
+        weights = weights.unsqueeze(0).expand(batch_size, -1)
+    if weights.shape != (batch_size, num_refs):
+        raise ValueError(
+            f"weights: expected shape ({num_refs},) or ({batch_size}, {num_refs}), got {tuple(weights.shape)}"
+        )
+    if (weights < 0).any():
+        raise ValueError(f"weights: must be non-negative, got {weights.tolist()}")
+    total = weights.sum(dim=-1, keepdim=True)
+    if (total <= 0).any():
+        raise ValueError("weights: every row needs at least one positive weight")
+    return weights / total
+
+
+def harmonic_reference(clipped: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """log pi_ref = -log sum_k alpha_k exp(-r~_k) (spec section 2), (B, K) x (B, K) -> (B,).
+
+    In log space: log(0) = -inf drops a zero-weight reference from the logsumexp
+    exactly, and nothing overflows for log-probs of -1e4.
+    """
+    return -torch.logsumexp(torch.log(alpha) - clipped, dim=-1)
+
+
+def pair_loss(h: torch.Tensor, *, beta: float, loss_type: str, label_smoothing: float) -> torch.Tensor:
+    """Per-pair loss of the preference margin h (spec section 3), any shape -> same shape."""
+    if loss_type == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * h)
+    raise ValueError(f"loss_type: got {loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
+
+
+def _prepare(policy_chosen, policy_rejected, ref_chosen, ref_rejected, weights, epsilon, adaptive_epsilon):
+    """Shared front half of both objectives: dtype, shape checks, clipping and alpha."""
+    if ref_chosen.dim() == 1:
+        ref_chosen, ref_rejected = ref_chosen.unsqueeze(-1), ref_rejected.unsqueeze(-1)
+    batch, k = ref_chosen.shape
+    if (
+        policy_chosen.shape != (batch,)
+        or policy_rejected.shape != (batch,)
+        or ref_rejected.shape != (batch, k)
+    ):
+        raise ValueError(
+            "expected policy log-probs (B,) and reference log-probs (B, K); got "
+            f"{tuple(policy_chosen.shape)}, {tuple(policy_rejected.shape)}, "
+            f"{tuple(ref_chosen.shape)}, {tuple(ref_rejected.shape)}"
+        )
+    # bf16 policy log-probs would round the reference side too; do the objective in at least fp32.
+    dtype = torch.promote_types(policy_chosen.dtype, torch.float32)
+    ref_chosen = ref_chosen.detach().to(dtype)
+    ref_rejected = ref_rejected.detach().to(dtype)
+    weights = torch.as_tensor(weights, device=ref_chosen.device).detach().to(dtype)
+    eps_w, eps_l = trust_region_bands(ref_chosen, ref_rejected, epsilon, adaptive_epsilon)
+    clipped_w, clipped_l = clip_to_anchor(ref_chosen, eps_w), clip_to_anchor(ref_rejected, eps_l)
+    if k > 1:
+        moved = torch.cat([(clipped_w != ref_chosen)[:, 1:], (clipped_l != ref_rejected)[:, 1:]])
+        clipped_fraction = moved.to(dtype).mean()
+    else:
+        clipped_fraction = torch.zeros((), dtype=dtype, device=ref_chosen.device)
+    alpha = normalise_weights(weights, batch, k)
+    return policy_chosen.to(dtype), policy_rejected.to(dtype), clipped_w, clipped_l, alpha, clipped_fraction
+
+
+def _check_hyperparameters(beta: float, epsilon: float, label_smoothing: float) -> None:
+    if not beta > 0:
+        raise ValueError(f"beta: got {beta}; must be > 0")
+    if not 0 <= epsilon < 1:
+        raise ValueError(f"epsilon: got {epsilon}; must be in [0, 1)")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing: got {label_smoothing}; must be in [0, 0.5)")
+
+
+def mrpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    beta: float,
+    epsilon: float,
+    adaptive_epsilon: bool = True,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> PreferenceLossOutput:
+    """MRPO: the DPO-form loss against the clipped, weighted harmonic-mean reference (spec sections 1-3).
+
+    h = (pi_w - pi_l) - (log pi_ref(y_w|x) - log pi_ref(y_l|x)). With K = 1 this is DPO exactly.
+    """
+    _check_hyperparameters(beta, epsilon, label_smoothing)
+    pi_w, pi_l, r_w, r_l, alpha, clipped_fraction = _prepare(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        weights,
+        epsilon,
+        adaptive_epsilon,
+    )
+    ref_w, ref_l = harmonic_reference(r_w, alpha), harmonic_reference(r_l, alpha)
+    h = (pi_w - pi_l) - (ref_w - ref_l)
+    losses = pair_loss(h, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    return PreferenceLossOutput(
+        losses=losses,
+        chosen_rewards=(beta * (pi_w - ref_w)).detach(),
+        rejected_rewards=(beta * (pi_l - ref_l)).detach(),
+        ref_chosen_logps=ref_w,
+        ref_rejected_logps=ref_l,
+        clipped_fraction=clipped_fraction,
+    )
+
+
+def multi_dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    beta: float,
+    epsilon: float,
+    adaptive_epsilon: bool = True,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> PreferenceLossOutput:
+    """The naive multi-reference baseline (spec section 4): sum_k alpha_k * DPO(pi, r~_k).
+
+    The same clipping applies, so MRPO and this baseline differ only in how the
+    references are combined. Rewards are logged against the alpha-weighted
+    arithmetic mean of the clipped references, the reference this loss implies
+    for the sigmoid form's first-order behaviour.
+    """
+    _check_hyperparameters(beta, epsilon, label_smoothing)
+    pi_w, pi_l, r_w, r_l, alpha, clipped_fraction = _prepare(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        weights,
+        epsilon,
+        adaptive_epsilon,
+    )
+    h = (pi_w - pi_l).unsqueeze(-1) - (r_w - r_l)
+    per_reference = pair_loss(h, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    losses = (alpha * per_reference).sum(dim=-1)
+    ref_w, ref_l = (alpha * r_w).sum(dim=-1), (alpha * r_l).sum(dim=-1)
+    return PreferenceLossOutput(
+        losses=losses,
+        chosen_rewards=(beta * (pi_w - ref_w)).detach(),
+        rejected_rewards=(beta * (pi_l - ref_l)).detach(),
+        ref_chosen_logps=ref_w,
+        ref_rejected_logps=ref_l,
+        clipped_fraction=clipped_fraction,
+    )
