@@ -1,0 +1,130 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# What a tiny copy of the project needs: the code DVC hashes as deps, the pipeline, the flows.
+_PROJECT_FILES = ("dvc.yaml", ".dvcignore", "prefect.yaml")
+_PROJECT_DIRS = ("mrpo", "flows", "evaluation/tasks")
+
+
+def tiny_params(raw: dict) -> dict:
+    """The default profile shrunk so the whole pipeline runs in about a minute on 2 CPU cores:
+    three zoo models of 20 SFT steps, 200 synthetic pairs, 6 training steps, 8 eval documents."""
+    p = copy.deepcopy(raw)
+    for member in p["zoo"]["members"].values():
+        member["train_steps"] = 20
+    p["data"]["synthetic_pairs"] = 200
+    p["score"]["max_length"] = 128
+    p["train"].update({
+        "max_steps": 6, "batch_size": 8, "max_length": 128, "eval_steps": 3, "save_steps": 3,
+        "window_size": 32, "logging_steps": 1,
+    })
+    p["evaluate"].update({"limit": 8, "batch_size": 8, "max_gen_tokens": 8})
+    return p
+
+
+def run_tool(args: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command of this venv (`dvc`, `git`, ...) in `cwd`; stdout+stderr merged into `.stdout`."""
+    full_env = dict(os.environ)
+    full_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + full_env.get("PATH", "")
+    full_env.update(env or {})
+    proc = subprocess.run(args, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed in {cwd} ({proc.returncode}):\n{proc.stdout[-6000:]}")
+    return proc
+
+
+def make_tiny_project(dest: Path) -> Path:
+    """A git + DVC repo at `dest` holding this project's pipeline with the tiny profile, committed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in _PROJECT_FILES:
+        if (REPO_ROOT / name).is_file():
+            shutil.copy2(REPO_ROOT / name, dest / name)
+    for name in _PROJECT_DIRS:
+        if (REPO_ROOT / name).is_dir():
+            shutil.copytree(REPO_ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(raw), sort_keys=False))
+    (dest / ".gitignore").write_text(
+        "mlflow.db\nmlruns/\n/models/checkpoints/\n/evaluation/cache/\n/sweeps/\n__pycache__/\n.prefect/\n"
+    )
+    run_tool(["git", "init", "-q", "-b", "main"], dest)
+    run_tool(["git", "config", "user.email", "tests@mrpo.invalid"], dest)
+    run_tool(["git", "config", "user.name", "mrpo tests"], dest)
+    run_tool([sys.executable, "-m", "dvc", "init", "-q"], dest)
+    run_tool([sys.executable, "-m", "dvc", "config", "core.autostage", "true"], dest)
+    run_tool([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
+    run_tool(["git", "add", "-A"], dest)
+    run_tool(["git", "commit", "-q", "-m", "tiny project"], dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> Path:
+    """A committed git + DVC copy of the project with the tiny profile; nothing reproduced yet.
+    Tests that change it must work on a copy (`clone_project`)."""
+    return make_tiny_project(tmp_path_factory.mktemp("tiny") / "project")
+
+
+@pytest.fixture(scope="session")
+def tiny_reproduced(tiny_project, tmp_path_factory) -> dict:
+    """A copy of `tiny_project` after one full `dvc repro` (outputs, dvc.lock and DVC cache present).
+    Returns {"path", "seconds", "output"}; treat the project as read-only, copy it to change it."""
+    path = clone_project(tiny_project, tmp_path_factory.mktemp("tiny_reproduced") / "project")
+    start = time.perf_counter()
+    proc = run_tool([sys.executable, "-m", "dvc", "repro"], path)
+    return {"path": path, "seconds": time.perf_counter() - start, "output": proc.stdout}
+
+
+def clone_project(src: Path, dest: Path) -> Path:
+    """A full copy (git history, DVC cache, outputs) that a test may change freely."""
+    shutil.copytree(src, dest, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+    return dest
+
+
+TINY_ZOO_TRAIN_STEPS = 40
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> dict:
+    """The default profile's zoo (anchor: llama/bpe, gpt2_char: gpt2/char, llama_mul: llama/bpe on "*"), built once
+    per session with only 40 SFT steps per member (a few seconds in all) by the real `mrpo.zoo.build_zoo`.
+
+    Returns {"output_dir": Path of the zoo, "members": {name: Path of its checkpoint}, "cfg": a validated Config whose
+    references point at these checkpoints (anchor first) and whose data/score outputs lie in a fresh temp dir,
+    "seconds": build time}. Treat the checkpoints as read-only; copy one to change it.
+    """
+    from mrpo.config import parse_config
+    from mrpo.zoo import build_zoo
+
+    root = tmp_path_factory.mktemp("tiny_zoo")
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    zoo_dir = root / "zoo"
+    raw["zoo"]["output_dir"] = str(zoo_dir)
+    for member in raw["zoo"]["members"].values():
+        member["train_steps"] = TINY_ZOO_TRAIN_STEPS
+    raw["references"] = {name: {"model": str(zoo_dir / name)} for name in raw["zoo"]["members"]}
+    raw["data"].update({"synthetic_pairs": 200, "output_dir": str(root / "data/prepared")})
+    raw["score"].update({"output_dir": str(root / "data/scores"), "max_length": 64, "device": "cpu"})
+    cfg = parse_config(raw)
+    start = time.perf_counter()
+    build_zoo(cfg)
+    return {
+        "output_dir": zoo_dir,
+        "members": {m.name: zoo_dir / m.name for m in cfg.zoo.members},
+        "cfg": cfg,
+        "seconds": time.perf_counter() - start,
+    }

