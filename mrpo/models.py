@@ -10,8 +10,10 @@ log-probs equal the anchor's stored scores exactly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -119,15 +121,42 @@ def response_logps(
     """log p(response | prompt) per row: the sum over response tokens of log p(token | prefix), (B,) fp32.
 
     Works under autograd (training) and under inference_mode (scoring). The model
-    may run in bf16; the log-softmax always runs in fp32.
+    may run in bf16; the log-softmax always runs in fp32. Logits are computed only
+    from the first response position on: with a 50k vocabulary the prompt's logits
+    would otherwise dominate memory.
     """
+    keep = _logit_positions_needed(response_mask) if _accepts_logits_to_keep(model) else 0
+    kwargs = {"logits_to_keep": keep} if keep else {}
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
+        **kwargs,
     )
-    return sequence_logps_from_logits(out.logits, input_ids, response_mask)
+    width = out.logits.shape[1]
+    return sequence_logps_from_logits(out.logits, input_ids[:, -width:], response_mask[:, -width:])
+
+
+def _logit_positions_needed(response_mask: torch.Tensor) -> int:
+    """How many trailing positions' logits cover every response token (the one before the first, onwards)."""
+    columns = response_mask.any(dim=0).nonzero()
+    if len(columns) == 0:
+        return 0
+    width = response_mask.shape[1]
+    return min(width, width - int(columns[0]) + 1)
+
+
+@functools.cache
+def _forward_accepts_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    if hasattr(model, "get_base_model"):  # PEFT passes keyword arguments through to the base model
+        model = model.get_base_model()
+    return _forward_accepts_logits_to_keep(type(model))
 
 
 # ---------------------------------------------------------------- where a reference lives
