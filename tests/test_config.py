@@ -99,3 +99,10 @@ def test_overrides_are_validated_too(tmp_path):
     assert load_config(path, {"train.beta": 0.3}).train.beta == 0.3
     with pytest.raises(ConfigError, match="train.beta: got -1"):
         load_config(path, {"train.beta": -1})
+
+
+@pytest.mark.parametrize("profile", sorted((PARAMS.parent / "profiles").glob("*.yaml")), ids=lambda p: p.name)
+def test_documented_profiles_are_valid(profile):
+    cfg = load_config(profile)
+    assert len(cfg.references) >= 2
+    assert cfg.anchor.name == next(iter(read_params(profile)["references"]))
