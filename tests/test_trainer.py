@@ -1,0 +1,479 @@
+"""The train stage: MRPOTrainer on real tiny models, real score files, a real MLflow store, real torchrun.
+
+One scored project (tiny zoo, 200 synthetic pairs, three references scored) is
+built once per module; each test trains a handful of steps into its own dirs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from mrpo.config import load_config
+from mrpo.train import build_trainer, prepare_training, train
+from mrpo.trainer import (
+    PreferenceCollator,
+    ScoreDataError,
+    build_preference_dataset,
+    load_reference_scores,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCES = ("anchor", "gpt2_char", "llama_mul")
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_zoo, tmp_path_factory) -> dict:
+    """Prepared data and the three references' score files, made by the real prepare and score stages."""
+    from mrpo.data import prepare
+    from mrpo.scoring import score_reference
+
+    root = tmp_path_factory.mktemp("train_project")
+    zoo_dir = Path(tiny_zoo["output_dir"]) if isinstance(tiny_zoo, dict) else Path(tiny_zoo)
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["data"].update({"synthetic_pairs": 800, "output_dir": str(root / "data/prepared")})
+    raw["score"].update({"output_dir": str(root / "data/scores"), "max_length": 64})
+    raw["zoo"]["output_dir"] = str(zoo_dir)
+    for name in REFERENCES:
+        raw["references"][name]["model"] = str(zoo_dir / name)
+    raw["train"].update({
+        "max_steps": 4, "batch_size": 8, "max_length": 64, "eval_steps": 1000, "save_steps": 1000,
+        "logging_steps": 1, "window_size": 16, "device": "cpu",
+    })
+    raw["score"]["device"] = "cpu"
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = load_config(params)
+    prepare(cfg)
+    for name in REFERENCES:
+        score_reference(cfg, name)
+    return {"root": root, "params": params}
+
+
+def config(scored: dict, out: Path, **overrides):
+    """The scored project's config with every train output under `out` and `overrides` (dotted keys) applied."""
+    base = {
+        "train.output_dir": str(out / "policy"),
+        "train.checkpoint_dir": str(out / "checkpoints"),
+        "train.metrics_file": str(out / "metrics/train.json"),
+        "train.plots_file": str(out / "plots/train.csv"),
+        "tracking.tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
+    }
+    base.update(overrides)
+    return load_config(scored["params"], base)
+
+
+def first_step_losses(cfg, steps: int = 1) -> tuple[list[dict], object]:
+    """Train `steps` steps with the Trainer (no outputs besides checkpoints); the per-step logs and the trainer."""
+    setup = prepare_training(cfg)
+    trainer = build_trainer(cfg, setup)
+    trainer.args.max_steps = steps
+    trainer.args.save_strategy = "no"
+    trainer.args.eval_strategy = "no"
+    trainer.train()
+    return [e for e in trainer.state.log_history if "loss" in e], trainer
+
+
+# ---------------------------------------------------------------- learning and outputs
+
+
+def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = config(scored, tmp_path, **{"train.max_steps": 40, "train.batch_size": 16, "train.learning_rate": 1e-3,
+                                      "train.eval_steps": 20, "train.save_steps": 20})
+    metrics = train(cfg)
+
+    # Learning works: held-out (val and test) implicit-reward accuracy rises.
+    assert metrics["val_reward_accuracy_after"] > metrics["val_reward_accuracy_before"] + 0.1, metrics
+    assert metrics["test_reward_accuracy_after"] > metrics["test_reward_accuracy_before"], metrics
+    assert metrics["val_reward_margin_after"] > metrics["val_reward_margin_before"], metrics
+    assert metrics["steps"] == 40 and metrics["references"] == 3
+
+    on_disk = json.loads(Path(cfg.train.metrics_file).read_text())
+    assert on_disk["val_reward_accuracy_after"] == pytest.approx(metrics["val_reward_accuracy_after"])
+    policy = Path(cfg.train.output_dir)
+    assert (policy / "model.safetensors").is_file() and (policy / "tokenizer.json").is_file()
+    assert not list(policy.glob("*.bin"))
+
+    plots = pd.read_csv(cfg.train.plots_file)
+    train_rows = plots.dropna(subset=["loss"])
+    assert list(train_rows["step"]) == list(range(1, 41))
+    for column in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "clipped_fraction",
+                   "learning_rate", "tokens_per_second", "weight/anchor", "weight/gpt2_char", "weight/llama_mul"):
+        assert train_rows[column].notna().all(), column
+    weights = train_rows[["weight/anchor", "weight/gpt2_char", "weight/llama_mul"]]
+    assert weights.sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-5)
+    assert weights.to_numpy() == pytest.approx(1 / 3, abs=1e-6)  # uniform
+    assert plots["eval_rewards/accuracy"].notna().sum() == 2  # validation at steps 20 and 40
+    losses = train_rows["loss"].to_numpy()
+    assert losses[-10:].mean() < losses[:10].mean() - 0.02, losses  # the training loss goes down
+
+    # The MLflow run: every param, the reference set, per-step curves; evaluate reopens the same run.
+    from mlflow import MlflowClient
+
+    from mrpo.tracking import open_pipeline_run, read_run_record
+
+    record = read_run_record(policy)
+    client = MlflowClient(record.tracking_uri)
+    run = client.get_run(record.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.objective"] == "mrpo"
+    assert run.data.params["reference_set.gpt2_char.model"].endswith("gpt2_char")
+    score_sha = run.data.params["reference_set.anchor.score_sha256"]
+    import hashlib
+
+    assert score_sha == hashlib.sha256((Path(cfg.score.output_dir) / "anchor.parquet").read_bytes()).hexdigest()
+    curve = client.get_metric_history(record.run_id, "loss")
+    assert [m.step for m in curve] == list(range(1, 41))
+    assert len(client.get_metric_history(record.run_id, "weight/llama_mul")) == 40
+    assert run.data.tags["mrpo.policy_dir"] == str(policy.resolve())
+    listing = json.loads(Path(client.download_artifacts(record.run_id, "policy.json", str(tmp_path))).read_text())
+    assert listing["files"]["model.safetensors"] == (policy / "model.safetensors").stat().st_size
+    assert run.data.metrics["final/val_reward_accuracy_after"] == pytest.approx(metrics["val_reward_accuracy_after"])
+    artifact = client.download_artifacts(record.run_id, "reference_set.json", str(tmp_path))
+    assert [r["name"] for r in json.loads(Path(artifact).read_text())["references"]] == list(REFERENCES)
+    import mlflow
+
+    with open_pipeline_run(cfg) as active:
+        assert active.info.run_id == record.run_id
+        mlflow.log_metric("eval_probe", 1.0)
+    assert client.get_run(record.run_id).data.metrics["eval_probe"] == 1.0
+
+
+def test_step0_policy_logps_equal_anchor_scores(scored, tmp_path):
+    """Training tokenizes exactly as scoring did: the untouched policy reproduces the anchor's stored log-probs."""
+    cfg = config(scored, tmp_path)
+    setup = prepare_training(cfg)
+    trainer = build_trainer(cfg, setup)
+    examples = [setup.datasets["train"][i] for i in range(16)]
+    batch = PreferenceCollator(setup.tokenizer.pad_token_id)(examples)
+    with torch.no_grad():
+        pi_w, pi_l = trainer._policy_logps(trainer.model.eval(), batch)
+    anchor = setup.names.index("anchor")
+    assert pi_w.numpy() == pytest.approx(batch["ref_chosen_logps"][:, anchor].numpy(), abs=1e-4)
+    assert pi_l.numpy() == pytest.approx(batch["ref_rejected_logps"][:, anchor].numpy(), abs=1e-4)
+
+    # Hence with K = 1 (dpo against the anchor) the first loss is exactly the sigmoid loss at h = 0: log 2.
+    dpo = config(scored, tmp_path / "dpo", **{"train.objective": "dpo"})
+    dpo_setup = prepare_training(dpo)
+    dpo_trainer = build_trainer(dpo, dpo_setup)
+    dpo_batch = PreferenceCollator(dpo_setup.tokenizer.pad_token_id)([dpo_setup.datasets["train"][i] for i in range(16)])
+    with torch.no_grad():
+        loss = dpo_trainer.compute_loss(dpo_trainer.model.eval(), dpo_batch).item()
+    assert loss == pytest.approx(math.log(2), abs=1e-4)
+
+
+# ---------------------------------------------------------------- parity
+
+
+def test_k1_first_step_loss_equals_trl_dpo(scored, tmp_path):
+    """Objective dpo (reference gpt2_char) == TRL DPOTrainer fed the same token ids and the same precomputed ref log-probs."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    cfg = config(scored, tmp_path, **{"train.objective": "dpo", "train.dpo_reference": "gpt2_char"})
+    setup = prepare_training(cfg)
+    ours = build_trainer(cfg, setup)
+    examples = [setup.datasets["train"][i] for i in range(8)]
+    batch = PreferenceCollator(setup.tokenizer.pad_token_id)(examples)
+    ours.model.train()
+    our_loss = ours.compute_loss(ours.model, batch).item()
+
+    class PrecomputedDPOTrainer(DPOTrainer):
+        """Uses our tokenization and our stored reference log-probs instead of recomputing either."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            return dataset
+
+    rows = [{
+        "prompt_ids": e.chosen.input_ids[: e.chosen.prompt_length],
+        "chosen_ids": e.chosen.input_ids[e.chosen.prompt_length:],
+        "rejected_ids": e.rejected.input_ids[e.rejected.prompt_length:],
+        "ref_chosen_logps": float(e.ref_chosen_logps[0]),
+        "ref_rejected_logps": float(e.ref_rejected_logps[0]),
+    } for e in examples]
+    from mrpo.models import load_model
+
+    trl_model = load_model(cfg.anchor, "cpu", torch.float32)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=cfg.train.beta, loss_type=["sigmoid"],
+                     precompute_ref_log_probs=True, max_length=None, report_to="none", use_cpu=True,
+                     per_device_train_batch_size=8)
+    trl = PrecomputedDPOTrainer(model=trl_model, args=args, train_dataset=Dataset.from_list(rows),
+                                processing_class=setup.tokenizer)
+    trl_batch = trl.data_collator(rows)
+    trl.model.train()
+    trl_loss = trl.compute_loss(trl.model, trl_batch).item()
+    assert our_loss == pytest.approx(trl_loss, abs=1e-5)
+    assert our_loss != pytest.approx(math.log(2), abs=1e-3)  # a non-anchor reference: not the trivial value
+
+
+def test_dpo_with_reference_k_equals_mrpo_with_only_reference_k(scored, tmp_path):
+    cfg_dpo = config(scored, tmp_path / "dpo", **{"train.objective": "dpo", "train.dpo_reference": "llama_mul"})
+    dpo_logs, _ = first_step_losses(cfg_dpo, steps=3)
+
+    # mrpo restricted to reference k: the same trainer, its data joined with k's scores only.
+    cfg_mrpo = config(scored, tmp_path / "mrpo")
+    setup = prepare_training(cfg_mrpo)
+    only_k = [s for s in setup.scores if s.name == "llama_mul"]
+    for split in ("train", "val", "test"):
+        pairs = pd.read_parquet(Path(cfg_mrpo.data.output_dir) / f"{split}.parquet")
+        setup.datasets[split] = build_preference_dataset(pairs, split, only_k, setup.tokenizer, max_length=64,
+                                                         chat_template=False)
+    from mrpo.weighting import make_strategy
+
+    setup.strategy, setup.names = make_strategy("uniform", 1, fixed_weights=None, window_size=16, seed=0), ["llama_mul"]
+    trainer = build_trainer(cfg_mrpo, setup)
+    trainer.args.max_steps, trainer.args.save_strategy, trainer.args.eval_strategy = 3, "no", "no"
+    trainer.train()
+    mrpo_logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["loss"] for e in mrpo_logs] == pytest.approx([e["loss"] for e in dpo_logs], abs=1e-6)
+    assert mrpo_logs[0]["loss"] != pytest.approx(math.log(2), abs=1e-3)
+
+
+# ---------------------------------------------------------------- every objective and strategy
+
+
+@pytest.mark.parametrize("overrides", [
+    {"train.strategy": "uniform"},
+    {"train.strategy": "fixed", "train.fixed_weights": [2.0, 1.0, 1.0]},
+    {"train.strategy": "arwc"},
+    {"train.strategy": "vdw"},
+    {"train.strategy": "vaw"},
+    {"train.strategy": "window"},
+    {"train.strategy": "thompson"},
+    {"train.objective": "multi_dpo", "train.strategy": "arwc"},
+    {"train.loss_type": "ipo", "train.adaptive_epsilon": False},
+    {"train.loss_type": "hinge", "train.label_smoothing": 0.0, "train.sft_weight": 0.5},
+    {"train.label_smoothing": 0.2, "train.gradient_accumulation_steps": 2},
+    {"train.lora.enabled": True, "train.gradient_checkpointing": True},
+], ids=lambda o: "-".join(f"{k.split('.')[-1]}={v}" for k, v in o.items()))
+def test_each_objective_and_strategy_trains_and_logs_weights(scored, tmp_path, overrides):
+    cfg = config(scored, tmp_path, **{"train.max_steps": 3, **overrides})
+    logs, trainer = first_step_losses(cfg, steps=3)
+    assert len(logs) == 3
+    for entry in logs:
+        assert math.isfinite(entry["loss"])
+        weights = [entry[f"weight/{n}"] for n in REFERENCES]
+        assert sum(weights) == pytest.approx(1.0, abs=1e-5)
+        assert all(w >= 0 for w in weights)
+        assert 0.0 <= entry["clipped_fraction"] <= 1.0
+        assert {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "learning_rate"} <= set(entry)
+    strategy = cfg.train.strategy
+    w0 = [logs[0][f"weight/{n}"] for n in REFERENCES]
+    if strategy == "uniform":
+        assert w0 == pytest.approx([1 / 3] * 3, abs=1e-6)
+    if strategy == "fixed":
+        assert w0 == pytest.approx([0.5, 0.25, 0.25], abs=1e-6)
+    if strategy in ("vdw", "vaw"):  # fitted on val before training: constant, and not uniform
+        assert all([e[f"weight/{n}"] for n in REFERENCES] == pytest.approx(w0, abs=1e-6) for e in logs)
+        assert w0 != pytest.approx([1 / 3] * 3, abs=1e-3)
+    if strategy == "window":  # uniform until pairs have been seen, then moves
+        assert w0 == pytest.approx([1 / 3] * 3, abs=1e-6)
+        assert [logs[1][f"weight/{n}"] for n in REFERENCES] != pytest.approx(w0, abs=1e-4)
+    if strategy == "thompson":
+        assert [logs[1][f"weight/{n}"] for n in REFERENCES] != pytest.approx(w0, abs=1e-4)
+    if cfg.train.lora.enabled:
+        trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable)
+    if cfg.train.sft_weight > 0:
+        assert logs[0]["sft_nll"] > 0
+
+
+def test_lora_policy_is_saved_merged_or_as_an_adapter(scored, tmp_path):
+    from safetensors.torch import load_file
+
+    anchor = load_file(Path(load_config(scored["params"]).anchor.model) / "model.safetensors")
+    common = {"train.max_steps": 2, "train.lora.enabled": True, "train.lora.r": 4, "train.learning_rate": 5e-3}
+    merged = config(scored, tmp_path / "merged", **common)
+    train(merged, track=False)
+    policy = Path(merged.train.output_dir)
+    assert not (policy / "adapter_config.json").exists()
+    weights = load_file(policy / "model.safetensors")
+    assert set(weights) == set(anchor) and not any("lora_" in k for k in weights)  # plain weights, anchor's layout
+    changed = [k for k in anchor if not torch.equal(anchor[k], weights[k])]
+    assert changed and all("proj" in k for k in changed)  # only the LoRA-targeted projections moved
+
+    adapter = config(scored, tmp_path / "adapter", **common, **{"train.lora.merge": False})
+    train(adapter, track=False)
+    policy = Path(adapter.train.output_dir)
+    assert (policy / "adapter_config.json").is_file() and (policy / "adapter_model.safetensors").is_file()
+    assert not (policy / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- resume
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class CrashAtStep:
+    """A TrainerCallback that kills the run at the end of `step` (after an earlier checkpoint, before the next)."""
+
+    def __init__(self, step: int):
+        from transformers import TrainerCallback
+
+        self.step = step
+        self.__class__ = type("CrashAtStepCallback", (CrashAtStep, TrainerCallback), {})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise _Crash(f"simulated kill at step {self.step}")
+        return control
+
+    def __getattr__(self, name):  # every other callback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+
+def test_resume_after_kill_ends_with_the_same_metrics(scored, tmp_path, monkeypatch):
+    """Thompson weighting (seeded RNG + online Beta state) and AdamW state survive a kill between checkpoints."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    common = {"train.max_steps": 6, "train.save_steps": 2, "train.eval_steps": 3, "train.strategy": "thompson"}
+    straight = train(config(scored, tmp_path / "straight", **common), track=False)
+
+    cfg = config(scored, tmp_path / "killed", **common)
+    previous = Path(cfg.train.output_dir)
+    previous.mkdir(parents=True)
+    (previous / "model.safetensors").write_text("an earlier policy")
+    with pytest.raises(_Crash):
+        train(cfg, callbacks=[CrashAtStep(5)])
+    assert (previous / "model.safetensors").read_text() == "an earlier policy"  # failed run: earlier policy intact
+    ckpt = Path(cfg.train.checkpoint_dir) / "checkpoint-4"
+    assert (ckpt / "mrpo_strategy_state.json").is_file()
+
+    killed_run = json.loads((Path(cfg.train.checkpoint_dir) / "mrpo_run.json").read_text())["mlflow_run_id"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    assert client.get_run(killed_run).info.status == "FAILED"
+
+    resumed = train(cfg)
+    assert resumed["resumed"] is True
+    from mrpo.tracking import read_run_record
+
+    assert read_run_record(cfg.train.output_dir).run_id == killed_run  # the same MLflow run, continued
+    assert client.get_run(killed_run).info.status == "FINISHED"
+    # Tolerance: the same fp32 CPU arithmetic in the same order, so only float re-association could differ.
+    for key in ("final_loss", "val_reward_accuracy_after", "val_reward_margin_after", "test_reward_margin_after",
+                "val_loss_after"):
+        assert resumed[key] == pytest.approx(straight[key], abs=1e-6), key
+    assert (previous / "model.safetensors").stat().st_size > 1000  # replaced by the real policy now
+
+
+def test_changed_config_does_not_resume_foreign_checkpoints(scored, tmp_path):
+    cfg = config(scored, tmp_path, **{"train.max_steps": 2, "train.save_steps": 2})
+    train(cfg, track=False)
+    assert (Path(cfg.train.checkpoint_dir) / "checkpoint-2").is_dir()
+    changed = config(scored, tmp_path, **{"train.max_steps": 2, "train.save_steps": 2, "train.beta": 0.3})
+    metrics = train(changed, track=False)
+    assert metrics["resumed"] is False and metrics["steps"] == 2
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(scored, tmp_path):
+    """torchrun, 2 CPU ranks x 4 pairs vs 1 process x 8 pairs: same data order, gradients averaged by DDP."""
+    common = {"train.max_steps": 3, "train.strategy": "window", "train.device": "cpu", "train.save_steps": 1000}
+    single = train(config(scored, tmp_path / "one", **{**common, "train.batch_size": 8}), track=False)
+
+    out = tmp_path / "two"
+    overrides = {
+        **common, "train.batch_size": 4,
+        "train.output_dir": str(out / "policy"), "train.checkpoint_dir": str(out / "checkpoints"),
+        "train.metrics_file": str(out / "metrics/train.json"), "train.plots_file": str(out / "plots/train.csv"),
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO_ROOT / "tests/ddp_train.py"), str(scored["params"]), json.dumps(overrides)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    double = json.loads((out / "metrics/train.json").read_text())
+    assert double["steps"] == single["steps"] == 3
+    # Tolerance 1e-4: gloo all-reduce sums two half-batch gradients, a different float order than one batch.
+    for key in ("final_loss", "val_loss_after", "val_reward_margin_after"):
+        assert double[key] == pytest.approx(single[key], abs=1e-4), key
+    from safetensors.torch import load_file
+
+    one = load_file(Path(tmp_path / "one/policy/model.safetensors"))
+    two = load_file(out / "policy/model.safetensors")
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def _rewrite_scores(path: Path, dest: Path, *, drop_rows: int = 0, digest: str | None = None) -> None:
+    table = pq.read_table(path)
+    meta = dict(table.schema.metadata)
+    if digest is not None:
+        info = json.loads(meta[b"mrpo"])
+        info["prepared_digest"] = digest
+        meta[b"mrpo"] = json.dumps(info).encode()
+    table = table.slice(drop_rows).replace_schema_metadata(meta)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, dest)
+
+
+def test_refuses_a_pair_without_a_score(scored, tmp_path):
+    from mrpo.data import prepared_digest
+
+    src = Path(scored["root"]) / "data/scores"
+    for name in REFERENCES:
+        _rewrite_scores(src / f"{name}.parquet", tmp_path / f"{name}.parquet", drop_rows=1 if name == "gpt2_char" else 0)
+    cfg = config(scored, tmp_path / "out", **{"score.output_dir": str(tmp_path)})
+    dropped = pq.read_table(src / "gpt2_char.parquet").column("pair_id")[0].as_py()
+    with pytest.raises(ScoreDataError, match=rf"no score for reference 'gpt2_char'.*{dropped}.*mrpo score --reference gpt2_char"):
+        prepare_training(cfg)
+    # and a whole missing file
+    (tmp_path / "llama_mul.parquet").unlink()
+    with pytest.raises(ScoreDataError, match=r"llama_mul\.parquet: no scores for reference 'llama_mul'"):
+        load_reference_scores(tmp_path, REFERENCES, prepared_digest(cfg.data.output_dir))
+
+
+def test_refuses_score_files_from_different_prepared_data(scored, tmp_path):
+    src = Path(scored["root"]) / "data/scores"
+    for name in REFERENCES:
+        _rewrite_scores(src / f"{name}.parquet", tmp_path / "mixed" / f"{name}.parquet",
+                        digest="0" * 64 if name == "llama_mul" else None)
+        _rewrite_scores(src / f"{name}.parquet", tmp_path / "stale" / f"{name}.parquet", digest="f" * 64)
+    mixed = config(scored, tmp_path / "out", **{"score.output_dir": str(tmp_path / "mixed")})
+    with pytest.raises(ScoreDataError, match=r"different prepared data.*llama_mul.*000000000000"):
+        prepare_training(mixed)
+    stale = config(scored, tmp_path / "out", **{"score.output_dir": str(tmp_path / "stale")})
+    with pytest.raises(ScoreDataError, match=r"anchor\.parquet: scores for 'anchor' were made from prepared data "
+                                             r"with digest ffffffffffff.*mrpo score --reference anchor"):
+        prepare_training(stale)
+
+
+def test_tracking_uri_precedence(scored, tmp_path, monkeypatch):
+    from mrpo.tracking import tracking_uri
+
+    cfg = load_config(scored["params"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(cfg, project_dir=tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    cfg = load_config(scored["params"], {"tracking.tracking_uri": "file:///somewhere/mlruns"})
+    assert tracking_uri(cfg) == "file:///somewhere/mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.invalid:5000")
+    assert tracking_uri(cfg) == "http://tracking.invalid:5000"
