@@ -1,0 +1,1 @@
+"""Prefect flows that run the DVC pipeline (`pipeline`) and sweeps over it (`sweep`)."""

@@ -1,0 +1,217 @@
+"""Reproduce one DVC stage and summarise what it wrote; no Prefect here.
+
+The flows call these so that DVC stays the one that decides what is stale and versions what
+a stage writes: a task never runs `mrpo <stage>` itself, it asks DVC to reproduce the stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mrpo.config import Config
+
+log = logging.getLogger("mrpo")
+
+# mrpo exits with 2 on a configuration error: retrying cannot fix that.
+CONFIG_ERROR_EXIT = 2
+
+
+class StageFailed(RuntimeError):
+    """`dvc repro` of a stage failed; `transient` says whether a retry may help."""
+
+    def __init__(self, stage: str, returncode: int, output: str):
+        self.stage = stage
+        self.returncode = returncode
+        self.output = output
+        cmd_exit = re.search(r"exited with (-?\d+)", output)
+        self.command_exit = int(cmd_exit.group(1)) if cmd_exit else None
+        self.transient = not (
+            self.command_exit == CONFIG_ERROR_EXIT
+            or "configuration error" in output
+            or "failed to parse" in output  # dvc.yaml / params.yaml syntax: fix the file
+        )
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        kind = "transient, will retry" if self.transient else "not transient: fix the cause and re-run"
+        super().__init__(f"dvc repro of stage {stage!r} failed with exit {returncode} ({kind}):\n{tail}")
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What `dvc repro` did with one stage: `ran`, `skipped` (up to date) or `restored` (run-cache)."""
+
+    stage: str
+    status: str
+    seconds: float
+    output: str
+
+
+def pipeline_stages(cfg: Config) -> list[str]:
+    """The dvc.yaml stages in execution order; score is one stage per reference (`score@<name>`)."""
+    return ["zoo", "prepare", *(f"score@{ref.name}" for ref in cfg.references), "train", "evaluate"]
+
+
+def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for `dvc` and `mrpo` subprocesses: this interpreter's bin dir first on PATH,
+    so a Prefect worker started without activating the venv still finds `mrpo`."""
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.update(extra or {})
+    return env
+
+
+def dvc(args: list[str], project_dir: str | Path, env: Mapping[str, str] | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """Run `dvc <args>` in the project with this interpreter; output captured (stderr merged)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=project_dir, env=tool_env(env),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"`dvc {' '.join(args)}` in {project_dir} failed ({proc.returncode}):\n{proc.stdout}")
+    return proc
+
+
+def classify_repro_output(stage: str, output: str) -> str:
+    """`ran`, `restored` or `skipped`, from what `dvc repro` printed about `stage`."""
+    quoted = re.escape(f"'{stage}'")
+    if re.search(rf"Stage {quoted} is cached - skipping run, checking out outputs", output) or \
+            re.search(rf"[Rr]estored stage {quoted}", output):
+        return "restored"
+    if re.search(rf"Running stage {quoted}", output):
+        return "ran"
+    if re.search(rf"Stage {quoted} didn't change, skipping", output):
+        return "skipped"
+    return "skipped" if "Data and pipelines are up to date" in output else "ran"
+
+
+def reproduce_stage(stage: str, project_dir: str | Path, env: Mapping[str, str] | None = None) -> StageResult:
+    """`dvc repro --single-item <stage>`: run the stage if DVC finds it stale, else skip it."""
+    start = time.perf_counter()
+    proc = dvc(["repro", "--single-item", stage], project_dir, env=env, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise StageFailed(stage, proc.returncode, proc.stdout)
+    status = classify_repro_output(stage, proc.stdout)
+    log.info("stage %s: %s in %.1fs", stage, status, seconds)
+    return StageResult(stage=stage, status=status, seconds=seconds, output=proc.stdout)
+
+
+# ---------------------------------------------------------------- what a stage wrote
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested JSON -> {"a.b.c": scalar}; lists of scalars become comma-joined strings."""
+    out: dict[str, Any] = {}
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(data, list | tuple):
+        if all(not isinstance(v, Mapping | list | tuple) for v in data):
+            out[prefix] = ", ".join(str(v) for v in data)
+        else:
+            for i, value in enumerate(data):
+                out.update(flatten(value, f"{prefix}.{i}" if prefix else str(i)))
+    else:
+        out[prefix] = data
+    return out
+
+
+def numeric_items(flat: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of a flat dict (booleans excluded): what MLflow can log as metrics."""
+    return {
+        k: float(v) for k, v in flat.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def score_summary(path: Path) -> dict[str, Any]:
+    """Rows, fit rate and the mean log-prob margin (chosen - rejected) of one score file."""
+    from mrpo.scoring import read_scores
+
+    frame, meta = read_scores(path)
+    margin = frame["chosen_logp"] - frame["rejected_logp"]
+    summary: dict[str, Any] = {
+        "pairs": int(len(frame)),
+        "fits_fraction": float(frame["fits"].mean()) if len(frame) else 0.0,
+        "mean_margin": float(margin[frame["fits"]].mean()) if frame["fits"].any() else float("nan"),
+        "margin_positive_fraction": float((margin[frame["fits"]] > 0).mean()) if frame["fits"].any() else 0.0,
+    }
+    for split, count in frame["split"].value_counts().sort_index().items():
+        summary[f"pairs.{split}"] = int(count)
+    for key in ("model", "revision", "content_hash", "tokenizer", "prepared_digest"):
+        if meta.get(key) is not None:
+            summary[key] = meta[key]
+    return summary
+
+
+def stage_metrics(stage: str, cfg: Config, project_dir: str | Path) -> dict[str, Any]:
+    """The numbers a stage produced, flat, for its Prefect artifact (empty when it wrote none)."""
+    root = Path(project_dir)
+    if stage == "zoo":
+        # each member's manifest (mrpo_zoo.json): size, SFT steps and loss
+        out: dict[str, Any] = {}
+        keep = ("architecture", "tokenizer", "parameters", "train_steps", "first_loss", "final_loss")
+        for manifest in sorted((root / cfg.zoo.output_dir).glob("*/mrpo_zoo.json")):
+            data = _read_json(manifest)
+            out.update({f"{manifest.parent.name}.{k}": data[k] for k in keep if data.get(k) is not None})
+        return out
+    if stage == "prepare":
+        report = flatten(_read_json(root / cfg.data.output_dir / "report.json"))
+        return {k: v for k, v in report.items() if "_chars." not in k}  # length stats stay in report.json
+    if stage.startswith("score@"):
+        path = root / cfg.score.output_dir / f"{stage.split('@', 1)[1]}.parquet"
+        return score_summary(path) if path.is_file() else {}
+    if stage == "train":
+        return flatten(_read_json(root / cfg.train.metrics_file))
+    if stage == "evaluate":
+        return flatten(_read_json(root / cfg.evaluate.metrics_file))
+    raise ValueError(f"unknown stage {stage!r}; known: zoo, prepare, score@<reference>, train, evaluate")
+
+
+def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None) -> str:
+    """A GitHub-flavoured markdown table; floats to 4 significant digits."""
+    if not rows:
+        return "_(no rows)_\n"
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def stage_markdown(result: StageResult, metrics: Mapping[str, Any]) -> str:
+    """The Prefect artifact for one stage: what DVC did, then its metrics as a table."""
+    head = f"### Stage `{result.stage}`: {result.status} in {result.seconds:.1f}s\n\n"
+    if not metrics:
+        return head + "_This stage wrote no metrics._\n"
+    return head + markdown_table([{"metric": k, "value": v} for k, v in metrics.items()])
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")

@@ -1,0 +1,321 @@
+"""The `sweep` flow: a set of DVC experiments under one MLflow parent run, and a comparison.
+
+Default members: DPO with each reference alone, MRPO with each weighting strategy (all
+references), each over the given seeds. Every member is one `dvc exp run --temp -S ...`, so
+DVC re-uses every stage whose inputs did not change (the zoo, data and scores are built once
+per seed) and keeps each member as an experiment (`dvc exp show`). The sweep opens an MLflow
+parent run and exports its id as MRPO_PARENT_RUN_ID, so each member's training run nests
+under it. It writes `comparison.md`, `comparison.csv` and `comparison.png` to
+`<output_dir>/<sweep id>/` and logs them on the parent run.
+
+Note: `seed` is the pipeline's only seed, so a second seed also rebuilds the zoo, the data
+split and the scores for that seed (once, shared by all members of that seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.lineage import git_commit, sha256_file
+from flows.stages import dvc, flatten, markdown_table, numeric_items
+from mrpo.config import STRATEGIES, load_config
+from mrpo.tracking import PARENT_RUN_ENV  # MRPO_PARENT_RUN_ID: new training runs nest under it
+
+DEFAULT_STRATEGIES = tuple(s for s in STRATEGIES if s != "fixed")  # fixed needs weights: pass them explicitly
+# The comparison's headline metric: the first of these that the members report.
+HEADLINE_METRICS = ("eval.policy/mrpo_arith_mc/acc", "eval.pref/policy_accuracy",
+                    "train.test_reward_accuracy_after", "train.val_reward_accuracy_after")
+# Columns of the comparison table, where members report them (metrics/<file>.json keys, by file stem).
+TABLE_METRICS = ("eval.policy/mrpo_arith_mc/acc", "eval.policy/mrpo_arith_gen/exact_match/last-number",
+                 "eval.pref/policy_accuracy", "eval.pref/policy_margin", "train.test_reward_accuracy_after",
+                 "train.final_loss")
+
+
+@dataclass(frozen=True)
+class SweepMember:
+    """One experiment: a label shared across seeds, the seed, and the params it sets."""
+
+    label: str
+    seed: int
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        return f"{self.label.replace(':', '-').replace('_', '-')}-s{self.seed}"
+
+
+def sweep_members(
+    reference_names: Sequence[str],
+    strategies: Sequence[str] = DEFAULT_STRATEGIES,
+    seeds: Sequence[int] = (0, 1),
+    dpo_references: Sequence[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> list[SweepMember]:
+    """DPO with each of `dpo_references` (default: every reference) alone, then MRPO with each
+    strategy over all references; every one with each seed and the `extra` params."""
+    extra = dict(extra or {})
+    members = []
+    for seed in seeds:
+        for ref in reference_names if dpo_references is None else dpo_references:
+            if ref not in reference_names:
+                raise ValueError(f"dpo_references: {ref!r} is not a reference; known: {list(reference_names)}")
+            members.append(SweepMember(f"dpo:{ref}", seed, {
+                **extra, "seed": seed, "train.objective": "dpo", "train.dpo_reference": ref}))
+        for strategy in strategies:
+            if strategy not in STRATEGIES:
+                raise ValueError(f"strategies: {strategy!r} is not one of {list(STRATEGIES)}")
+            members.append(SweepMember(f"mrpo:{strategy}", seed, {
+                **extra, "seed": seed, "train.objective": "mrpo", "train.strategy": strategy,
+                "train.references": None}))
+    return members
+
+
+def set_param_args(overrides: Mapping[str, Any]) -> list[str]:
+    """`-S key=value` arguments for `dvc exp run`; values as YAML flow (DVC parses them as YAML)."""
+    args = []
+    for key, value in overrides.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        args += ["-S", f"{key}={text}"]
+    return args
+
+
+def experiment_results(project_dir: str | Path, names: Sequence[str],
+                       metrics_files: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Metrics of the named DVC experiments, {name: {"<file stem>.<key>": value}}, read from each
+    experiment's commit (metrics are git-tracked: `cache: false`)."""
+    import subprocess
+
+    import dvc.api
+
+    wanted = set(names)
+    out: dict[str, dict[str, Any]] = {}
+    for row in dvc.api.exp_show(repo=str(project_dir)):
+        name = row.get("Experiment")
+        if name not in wanted:
+            continue
+        metrics: dict[str, Any] = {}
+        for metrics_file in metrics_files:
+            proc = subprocess.run(["git", "show", f"{row['rev']}:{metrics_file}"], cwd=project_dir,
+                                  capture_output=True, text=True)
+            if proc.returncode == 0:
+                metrics.update(flatten(json.loads(proc.stdout), Path(metrics_file).stem))
+        out[name] = metrics
+    return out
+
+
+def aggregate(rows: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds of each metric, per label (members that failed left out)."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("status") == "ok":
+            by_label.setdefault(row["label"], []).append(row)
+    table = []
+    for label, group in by_label.items():
+        entry: dict[str, Any] = {"label": label, "seeds": len(group)}
+        for metric in metrics:
+            values = [float(r[metric]) for r in group if isinstance(r.get(metric), int | float)]
+            if values:
+                mean = sum(values) / len(values)
+                std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+                entry[f"{metric} mean"] = mean
+                entry[f"{metric} std"] = std
+        table.append(entry)
+    return table
+
+
+def headline_metric(rows: list[dict[str, Any]], preferred: str | None = None) -> str | None:
+    """`preferred` if given, else the first HEADLINE_METRICS entry any member reports."""
+    present = {k for r in rows for k, v in r.items() if isinstance(v, int | float)}
+    if preferred:
+        if preferred not in present:
+            raise ValueError(f"metric {preferred!r}: no member reports it; available: {sorted(present)}")
+        return preferred
+    return next((m for m in HEADLINE_METRICS if m in present), None)
+
+
+def plot_comparison(summary: list[dict[str, Any]], metric: str, path: str | Path) -> Path:
+    """Bar chart of `metric` per label, mean over seeds with the standard deviation as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary if f"{metric} mean" in r]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 2), 3.8))
+    labels = [r["label"] for r in rows]
+    colors = ["tab:blue" if lbl.startswith("dpo") else "tab:orange" for lbl in labels]
+    ax.bar(range(len(rows)), [r[f"{metric} mean"] for r in rows], yerr=[r[f"{metric} std"] for r in rows],
+           color=colors, capsize=3)
+    ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(metric, fontsize=8)
+    ax.set_title("Sweep: DPO (blue) vs MRPO (orange), mean ± sd over seeds", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_comparison(rows: list[dict[str, Any]], out_dir: str | Path, metric: str | None = None) -> dict[str, Path]:
+    """comparison.csv (one row per member), comparison.md (per label mean ± sd, then per member)
+    and comparison.png (the headline metric) in `out_dir`."""
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)
+    paths = {"csv": out_dir / "comparison.csv", "md": out_dir / "comparison.md"}
+    frame.to_csv(paths["csv"], index=False)
+    metric = headline_metric(rows, metric)
+    metric_cols = sorted({k for r in rows for k, v in r.items()
+                          if isinstance(v, int | float) and not isinstance(v, bool) and "." in k})
+    key_cols = [m for m in (metric, *TABLE_METRICS) if m and m in metric_cols]
+    key_cols = list(dict.fromkeys(key_cols))
+    summary = aggregate(rows, key_cols)
+    md = [f"# Sweep comparison\n\nHeadline metric: `{metric}`\n\n## Per configuration (mean ± sd over seeds)\n"]
+    md.append(markdown_table([
+        {"label": s["label"], "seeds": s["seeds"],
+         **{c: f"{s[f'{c} mean']:.4f} ± {s[f'{c} std']:.4f}" for c in key_cols if f"{c} mean" in s}}
+        for s in summary
+    ], ["label", "seeds", *key_cols]))
+    md.append("\n## Per member\n")
+    md.append(markdown_table(rows, ["experiment", "label", "seed", "status", *key_cols, "mlflow_run_id"]))
+    paths["md"].write_text("\n".join(md))
+    if metric and summary:
+        paths["png"] = plot_comparison(summary, metric, out_dir / "comparison.png")
+    return paths
+
+
+# ---------------------------------------------------------------- Prefect
+
+
+@task(task_run_name="{member.slug}", retries=1, retry_delay_seconds=30, cache_policy=None)
+def run_member(member: SweepMember, project_dir: str, experiment: str, env: dict[str, str]) -> dict[str, Any]:
+    """`dvc exp run --temp` one member; raises with DVC's output when it fails."""
+    logger = get_run_logger()
+    start = time.perf_counter()
+    args = ["exp", "run", "--temp", "-n", experiment, *set_param_args(member.overrides),
+            "-S", f"tracking.run_name={experiment}"]
+    proc = dvc(args, project_dir, env=env, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc exp run {experiment} failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
+    logger.info("experiment %s (%s, seed %d) done in %.0fs", experiment, member.label, member.seed, seconds)
+    return {"seconds": round(seconds, 1)}
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(
+    project_dir: str = ".",
+    seeds: list[int] = [0, 1],  # noqa: B006 - Prefect parameters must be JSON values
+    strategies: list[str] | None = None,
+    dpo_references: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    output_dir: str = "sweeps",
+    metric: str | None = None,
+) -> dict[str, Any]:
+    """Run the sweep's members as DVC experiments under one MLflow parent run; compare them.
+
+    Shrink it with `seeds`, `strategies` (default: all but `fixed`), `dpo_references` (default:
+    every reference; [] for none) and `overrides` (params for every member, e.g.
+    {"train.max_steps": 50}).
+    """
+    from mlflow import MlflowClient
+
+    from mrpo import tracking
+
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    cfg = load_config(root / "params.yaml")
+    members = sweep_members([r.name for r in cfg.references],
+                            DEFAULT_STRATEGIES if strategies is None else strategies, seeds,
+                            dpo_references, overrides)
+    sweep_id = time.strftime("sweep-%Y%m%d-%H%M%S")
+    uri = tracking.tracking_uri(cfg, root)  # absolute: members run in DVC temp dirs
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = exp.experiment_id if exp else client.create_experiment(
+        cfg.tracking.experiment, artifact_location=tracking._artifact_root(uri))
+    commit, dirty = git_commit(root)
+    parent = client.create_run(experiment_id, run_name=sweep_id, tags={
+        "mrpo.sweep": sweep_id, "mrpo.kind": "sweep", **({"mlflow.source.git.commit": commit} if commit else {})})
+    parent_id = parent.info.run_id
+    for key, value in {"seeds": seeds, "strategies": strategies or list(DEFAULT_STRATEGIES),
+                       "dpo_references": dpo_references if dpo_references is not None else "all",
+                       "overrides": overrides or {}, "members": len(members)}.items():
+        client.log_param(parent_id, key, json.dumps(value) if not isinstance(value, str) else value)
+    if (root / "dvc.lock").is_file():
+        client.set_tag(parent_id, "mrpo.dvc_lock_digest", sha256_file(root / "dvc.lock"))
+    env = {PARENT_RUN_ENV: parent_id, "MLFLOW_TRACKING_URI": uri}
+    logger.info("sweep %s: %d members under MLflow run %s (%s)", sweep_id, len(members), parent_id, uri)
+
+    rows: list[dict[str, Any]] = []
+    names = {}
+    for member in members:
+        name = f"{sweep_id}-{member.slug}"
+        names[name] = member
+        row: dict[str, Any] = {"experiment": name, "label": member.label, "seed": member.seed,
+                               "overrides": json.dumps(dict(member.overrides))}
+        try:
+            row.update(run_member(member, str(root), name, env))
+            row["status"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - one failed member must not sink the sweep
+            logger.error("member %s failed: %s", name, exc)
+            row["status"] = "failed"
+        rows.append(row)
+
+    results = experiment_results(root, list(names), [cfg.train.metrics_file, cfg.evaluate.metrics_file])
+    children = {r.data.tags.get("mlflow.runName"): r for r in client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)}
+    for row in rows:
+        row.update(results.get(row["experiment"], {}))
+        member = names[row["experiment"]]
+        child = children.get(row["experiment"])
+        if child is None and row["status"] == "ok":
+            # training was restored from DVC's run-cache (same inputs as an earlier run): no new
+            # MLflow run was made, so record the member here to keep the sweep complete
+            child = client.create_run(experiment_id, run_name=row["experiment"], tags={
+                "mlflow.parentRunId": parent_id, "mrpo.restored_from_run_cache": "true"})
+            for key, value in member.overrides.items():
+                client.log_param(child.info.run_id, key, json.dumps(value) if not isinstance(value, str) else value)
+            for key, value in numeric_items(flatten({k: v for k, v in row.items() if "." in k})).items():
+                client.log_metric(child.info.run_id, key, value)
+            client.set_terminated(child.info.run_id)
+        if child is not None:
+            row["mlflow_run_id"] = child.info.run_id
+            for key, value in {"mrpo.sweep": sweep_id, "mrpo.sweep_label": member.label,
+                               "mrpo.dvc_experiment": row["experiment"]}.items():
+                client.set_tag(child.info.run_id, key, value)
+            evals = {k: v for k, v in row.items() if k.startswith("eval.") and isinstance(v, int | float)}
+            for key, value in numeric_items(evals).items():
+                if key not in child.data.metrics:
+                    client.log_metric(child.info.run_id, key, value)
+
+    out_dir = root / output_dir / sweep_id
+    paths = write_comparison(rows, out_dir, metric)
+    for path in paths.values():
+        client.log_artifact(parent_id, str(path), "comparison")
+    failed = sum(r["status"] != "ok" for r in rows)
+    client.log_metric(parent_id, "members_failed", failed)
+    client.set_terminated(parent_id, status="FINISHED" if failed < len(rows) else "FAILED")
+    create_markdown_artifact(key="sweep-comparison", markdown=paths["md"].read_text(),
+                             description=f"Sweep {sweep_id}: {len(rows)} members, {failed} failed")
+    logger.info("sweep %s: comparison in %s", sweep_id, out_dir)
+    if failed == len(rows):
+        raise RuntimeError(f"sweep {sweep_id}: every member failed; see the task logs")
+    return {"sweep_id": sweep_id, "parent_run_id": parent_id, "output_dir": str(out_dir),
+            "members": len(rows), "failed": failed, "dirty_worktree": dirty}
+
+
+if __name__ == "__main__":
+    sweep()

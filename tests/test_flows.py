@@ -1,0 +1,284 @@
+"""The Prefect deployment end to end: a real Prefect server on loopback, the `pipeline`
+deployment registered and executed by `serve`, a run triggered through the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO_ROOT, clone_project
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited ({proc.returncode}):\n{log.read_text()[-4000:] if log else ''}")
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{log.read_text()[-4000:] if log else ''}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def flow_run_artifacts(client, flow_run_id):
+    """{key: Artifact} of one flow run, its flow-level artifacts included. Posted directly: the sync
+    client sends unset filters as null (rejected by the server), and an empty task-run filter would
+    keep only artifacts made inside tasks."""
+    from prefect.client.schemas.objects import Artifact
+
+    body = {"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "sort": "KEY_ASC", "limit": 200, "offset": 0}
+    response = client._client.post("/artifacts/filter", json=body)
+    response.raise_for_status()
+    return {a.key: a for a in Artifact.model_validate_list(response.json())}
+
+
+@pytest.fixture()
+def prefect_server(tmp_path):
+    """A real Prefect server (sqlite in a tmp PREFECT_HOME) on a free loopback port; yields its env."""
+    port = free_port()
+    env = dict(os.environ)
+    env.update({
+        "PREFECT_HOME": str(tmp_path / "prefect_home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+    })
+    log = tmp_path / "prefect_server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+         "--no-ui", "--analytics-off"],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+    def healthy():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, 90, "the Prefect server to answer /api/health", proc, log)
+        yield env
+    finally:
+        stop(proc)
+
+
+@pytest.mark.slow
+def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduced, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+    from prefect.client.schemas.sorting import TaskRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    project = clone_project(tiny_reproduced["path"], tmp_path / "project")
+    # a changed training setting: train and evaluate must really run, the rest stays DVC-cached
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["max_steps"] = 4
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    env = dict(prefect_server, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    log = tmp_path / "serve.log"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows.deploy", "--project-dir", str(project), "--only", "pipeline", "--no-schedules"],
+        cwd=project, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}), \
+                get_client(sync_client=True) as client:
+
+            def deployment():
+                try:
+                    return client.read_deployment_by_name("pipeline/mrpo-nightly")
+                except Exception:  # noqa: BLE001 - not registered yet
+                    return None
+
+            dep = wait_for(deployment, 90, "serve to register pipeline/mrpo-nightly", serve, log)
+            assert dep.parameters["project_dir"] == str(project.resolve())
+            run = client.create_flow_run_from_deployment(dep.id, parameters={"project_dir": str(project)})
+            final = wait_for(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r,
+                             420, "the flow run to finish", serve, log)
+            assert final.state.is_completed(), f"{final.state}\n{log.read_text()[-6000:]}"
+
+            tasks = {t.name: t for t in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)}
+            stage_tasks = {n for n in tasks if not n.startswith("record_mlflow_lineage")}
+            assert stage_tasks == {"zoo", "prepare", "score@anchor", "score@gpt2_char", "score@llama_mul",
+                                   "train", "evaluate"}
+            assert all(t.state.is_completed() for t in tasks.values())
+            artifacts = flow_run_artifacts(client, run.id)
+    finally:
+        stop(serve)
+
+    # each stage published its metrics; DVC re-ran only what the change made stale
+    for key in ("stage-zoo", "stage-prepare", "stage-score-anchor", "stage-train", "stage-evaluate",
+                "pipeline-summary"):
+        assert key in artifacts, sorted(artifacts)
+    assert "skipped" in artifacts["stage-score-anchor"].data and "| pairs | 200 |" in artifacts["stage-score-anchor"].data
+    assert "ran" in artifacts["stage-train"].data and "| steps | 4 |" in artifacts["stage-train"].data
+    assert "| train | ran |" in artifacts["pipeline-summary"].data
+    assert "| zoo | skipped |" in artifacts["pipeline-summary"].data
+
+    # the outputs: a 4-step policy, its metrics, and a lineage-complete MLflow run
+    train = json.loads((project / "metrics" / "train.json").read_text())
+    assert train["steps"] == 4
+    assert (project / "models" / "policy" / "model.safetensors").is_file()
+    record = json.loads((project / "models" / "policy" / "mlflow_run.json").read_text())
+    from mlflow import MlflowClient
+
+    mlflow_run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(record["run_id"])
+    assert mlflow_run.data.tags["mrpo.git_commit"] == subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert mlflow_run.data.params["train.max_steps"] == "4"
+
+
+# ---------------------------------------------------------------- fast: one stage through DVC and Prefect
+
+
+def edit_params(project: Path, edit) -> None:
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    edit(raw)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def test_a_configuration_error_is_not_retried(tiny_project, tmp_path):
+    from flows.pipeline import retry_if_transient
+    from flows.stages import StageFailed, reproduce_stage
+
+    project = clone_project(tiny_project, tmp_path / "project")
+    edit_params(project, lambda p: p["data"].update(val_fraction=0.7, test_fraction=0.7))
+    with pytest.raises(StageFailed) as info:
+        reproduce_stage("prepare", project)
+    exc = info.value
+    assert exc.command_exit == 2 and not exc.transient, exc.output[-2000:]
+    assert "configuration error" in str(exc) and "fix the cause" in str(exc)
+
+    from prefect.states import Failed
+
+    assert retry_if_transient(None, None, Failed(data=exc)) is False
+    flaky = StageFailed("prepare", 1, "ERROR: failed to reproduce 'prepare': ... exited with 1")
+    assert flaky.transient and retry_if_transient(None, None, Failed(data=flaky)) is True
+
+
+def test_deployments_and_prefect_yaml_agree():
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from flows.deploy import NIGHTLY_CRON, WEEKLY_CRON, deployments
+
+    deps = {d.name: d for d in deployments(REPO_ROOT)}
+    assert set(deps) == {"mrpo-nightly", "mrpo-weekly"}
+    crons = {name: [s.schedule.cron for s in d.schedules] for name, d in deps.items()}
+    assert crons == {"mrpo-nightly": [NIGHTLY_CRON], "mrpo-weekly": [WEEKLY_CRON]}
+    assert all(isinstance(s.schedule, CronSchedule) for d in deps.values() for s in d.schedules)
+    assert deps["mrpo-nightly"].parameters == {"project_dir": str(REPO_ROOT), "lineage": True}
+    assert deps["mrpo-weekly"].parameters["seeds"] == [0, 1]
+    assert deployments(REPO_ROOT, only="pipeline", schedules=False)[0].schedules in (None, [])
+
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    assert by_name["mrpo-nightly"]["schedules"][0]["cron"] == NIGHTLY_CRON
+    assert by_name["mrpo-weekly"]["schedules"][0]["cron"] == WEEKLY_CRON
+    import importlib
+
+    for d in by_name.values():  # every entrypoint names a real flow
+        path, name = d["entrypoint"].split(":")
+        flow_obj = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        assert flow_obj.name == {"mrpo-nightly": "pipeline", "mrpo-weekly": "sweep"}[d["name"]]
+
+
+EPHEMERAL_SCRIPT = r'''
+import json, sys
+from flows.deploy import deployments
+from flows.pipeline import pipeline
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import TaskRunSort
+from test_flows import flow_run_artifacts  # tests/ is on PYTHONPATH
+
+project = sys.argv[1]
+state = pipeline(project_dir=project, stages=["prepare"], lineage=False, return_state=True)
+again = pipeline(project_dir=project, stages=["prepare"], lineage=False)
+ids = [dep.apply() for dep in deployments(project)]  # register both deployments with their schedules
+with get_client(sync_client=True) as client:
+    run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    tasks = client.read_task_runs(flow_run_filter=run_filter, sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=50)
+    artifacts = flow_run_artifacts(client, state.state_details.flow_run_id).values()
+    registered = {}
+    for dep_id in ids:
+        dep = client.read_deployment(dep_id)
+        registered[dep.name] = {"flow": client.read_flow(dep.flow_id).name, "parameters": dep.parameters,
+                                "crons": [s.schedule.cron for s in dep.schedules if s.active]}
+print("RESULT " + json.dumps({
+    "state": state.type.value, "summary": state.result(), "again": again,
+    "tasks": [[t.name, t.run_count, t.state.type.value] for t in tasks],
+    "artifacts": {a.key: a.data for a in artifacts}, "deployments": registered,
+}))
+'''
+
+
+def test_pipeline_flow_and_deployments_on_an_ephemeral_prefect_api(tiny_project, tmp_path):
+    """A real flow run and real deployment registration, Prefect's ephemeral API in a tmp PREFECT_HOME."""
+    project = clone_project(tiny_project, tmp_path / "project")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({
+        "PREFECT_HOME": str(tmp_path / "prefect_home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a loaded 2-core CI box
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]),
+    })
+    proc = subprocess.run([sys.executable, "-c", EPHEMERAL_SCRIPT, str(project)], cwd=project, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=420)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-6000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+
+    assert out["state"] == "COMPLETED"
+    assert out["summary"]["stages"]["prepare"]["status"] == "ran"
+    assert out["summary"]["metrics"]["prepare"]["rows_kept"] == 200
+    assert "mlflow_run_id" not in out["summary"]  # lineage needs train, which was not asked for
+    assert out["again"]["stages"]["prepare"]["status"] == "skipped"  # DVC, not Prefect, decides
+    assert out["tasks"] == [["prepare", 1, "COMPLETED"]]
+    assert set(out["artifacts"]) == {"stage-prepare", "pipeline-summary"}
+    assert "| rows_kept | 200 |" in out["artifacts"]["stage-prepare"]
+    assert "| prepare | ran |" in out["artifacts"]["pipeline-summary"]
+    assert (project / "data" / "prepared" / "train.parquet").is_file()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"prepare"}
+
+    deps = out["deployments"]
+    assert deps["mrpo-nightly"]["flow"] == "pipeline" and deps["mrpo-nightly"]["crons"] == ["0 2 * * *"]
+    assert deps["mrpo-weekly"]["flow"] == "sweep" and deps["mrpo-weekly"]["crons"] == ["0 3 * * 0"]
+    assert deps["mrpo-nightly"]["parameters"]["project_dir"] == str(project.resolve())
