@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mrpo.config import ConfigError, load_config
+from mrpo.config import ConfigError, MRPOError, load_config
 from mrpo.runtime import setup_logging
 
 
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(cfg)
     except ConfigError as exc:
         print(f"mrpo: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (MRPOError, FileNotFoundError) as exc:
+        print(f"mrpo {args.stage}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mrpo: interrupted; finished work is kept and the stage resumes on the next run", file=sys.stderr)

@@ -26,7 +26,11 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class MRPOError(Exception):
+    """Bad input a user can fix: the CLI prints its message, without a traceback, and exits with 2."""
+
+
+class ConfigError(MRPOError, ValueError):
     """A value in params.yaml is missing, malformed or out of range."""
 
 

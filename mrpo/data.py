@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from mrpo.config import Config, DataConfig
+from mrpo.config import Config, DataConfig, MRPOError
 
 log = logging.getLogger("mrpo")
 
@@ -53,7 +53,7 @@ _SPEAKER_OF_ROLE = {"user": "Human", "assistant": "Assistant", "system": "System
 _EXAMPLES_PER_REASON = 5
 
 
-class DataError(ValueError):
+class DataError(MRPOError, ValueError):
     """The input data cannot be used at all: a missing column, an unreadable file, no valid row."""
 
 

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from mrpo.config import MRPOError
 from mrpo.models import (
     collate_responses,
     cpu_threads_for,
@@ -57,7 +58,7 @@ SCHEMA = pa.schema([
 ])
 
 
-class ScoringError(RuntimeError):
+class ScoringError(MRPOError, RuntimeError):
     """Scoring cannot go on: missing prepared data, or a reference produced a non-finite score."""
 
 

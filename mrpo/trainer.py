@@ -31,6 +31,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from mrpo.config import MRPOError
 from mrpo.models import collate_responses, cpu_threads_for, response_logps, torch_threads
 from mrpo.tokenization import EncodedResponse, encode_response, render_prompt
 
@@ -39,7 +40,7 @@ log = logging.getLogger("mrpo")
 STRATEGY_STATE_FILE = "mrpo_strategy_state.json"
 
 
-class ScoreDataError(ValueError):
+class ScoreDataError(MRPOError, ValueError):
     """The score files cannot be used with the prepared data (missing pairs, different data digests)."""
 
 
