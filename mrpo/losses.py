@@ -129,6 +129,18 @@ def _prepare(policy_chosen, policy_rejected, ref_chosen, ref_rejected, weights, 
     return policy_chosen.to(dtype), policy_rejected.to(dtype), clipped_w, clipped_l, alpha, clipped_fraction
 
 
+def _output(losses, pi_w, pi_l, ref_w, ref_l, beta, clipped_fraction) -> PreferenceLossOutput:
+    """Losses plus the implicit rewards beta * (pi - log pi_ref) measured against the combined reference."""
+    return PreferenceLossOutput(
+        losses=losses,
+        chosen_rewards=(beta * (pi_w - ref_w)).detach(),
+        rejected_rewards=(beta * (pi_l - ref_l)).detach(),
+        ref_chosen_logps=ref_w,
+        ref_rejected_logps=ref_l,
+        clipped_fraction=clipped_fraction,
+    )
+
+
 def _check_hyperparameters(beta: float, epsilon: float, label_smoothing: float) -> None:
     if not beta > 0:
         raise ValueError(f"beta: got {beta}; must be > 0")
@@ -157,25 +169,13 @@ def mrpo_loss(
     """
     _check_hyperparameters(beta, epsilon, label_smoothing)
     pi_w, pi_l, r_w, r_l, alpha, clipped_fraction = _prepare(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        weights,
-        epsilon,
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights, epsilon,
         adaptive_epsilon,
-    )
+    )  # fmt: skip
     ref_w, ref_l = harmonic_reference(r_w, alpha), harmonic_reference(r_l, alpha)
     h = (pi_w - pi_l) - (ref_w - ref_l)
     losses = pair_loss(h, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    return PreferenceLossOutput(
-        losses=losses,
-        chosen_rewards=(beta * (pi_w - ref_w)).detach(),
-        rejected_rewards=(beta * (pi_l - ref_l)).detach(),
-        ref_chosen_logps=ref_w,
-        ref_rejected_logps=ref_l,
-        clipped_fraction=clipped_fraction,
-    )
+    return _output(losses, pi_w, pi_l, ref_w, ref_l, beta, clipped_fraction)
 
 
 def multi_dpo_loss(
@@ -200,23 +200,11 @@ def multi_dpo_loss(
     """
     _check_hyperparameters(beta, epsilon, label_smoothing)
     pi_w, pi_l, r_w, r_l, alpha, clipped_fraction = _prepare(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        weights,
-        epsilon,
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights, epsilon,
         adaptive_epsilon,
-    )
+    )  # fmt: skip
     h = (pi_w - pi_l).unsqueeze(-1) - (r_w - r_l)
     per_reference = pair_loss(h, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     losses = (alpha * per_reference).sum(dim=-1)
     ref_w, ref_l = (alpha * r_w).sum(dim=-1), (alpha * r_l).sum(dim=-1)
-    return PreferenceLossOutput(
-        losses=losses,
-        chosen_rewards=(beta * (pi_w - ref_w)).detach(),
-        rejected_rewards=(beta * (pi_l - ref_l)).detach(),
-        ref_chosen_logps=ref_w,
-        ref_rejected_logps=ref_l,
-        clipped_fraction=clipped_fraction,
-    )
+    return _output(losses, pi_w, pi_l, ref_w, ref_l, beta, clipped_fraction)
