@@ -132,6 +132,11 @@ def aggregate(rows: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict[s
     return table
 
 
+def _mean_sd(mean: float, std: float, n: int) -> str:
+    """'0.5000 ± 0.0100'; a single seed has no spread to show."""
+    return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
+
+
 def headline_metric(rows: list[dict[str, Any]], preferred: str | None = None) -> str | None:
     """`preferred` if given, else the first HEADLINE_METRICS entry any member reports."""
     present = {k for r in rows for k, v in r.items() if isinstance(v, int | float)}
@@ -185,7 +190,7 @@ def write_comparison(rows: list[dict[str, Any]], out_dir: str | Path, metric: st
     md = [f"# Sweep comparison\n\nHeadline metric: `{metric}`\n\n## Per configuration (mean ± sd over seeds)\n"]
     md.append(markdown_table([
         {"label": s["label"], "seeds": s["seeds"],
-         **{c: f"{s[f'{c} mean']:.4f} ± {s[f'{c} std']:.4f}" for c in key_cols if f"{c} mean" in s}}
+         **{c: _mean_sd(s[f"{c} mean"], s[f"{c} std"], s["seeds"]) for c in key_cols if f"{c} mean" in s}}
         for s in summary
     ], ["label", "seeds", *key_cols]))
     md.append("\n## Per member\n")

@@ -227,7 +227,7 @@ def test_comparison_table_aggregates_over_seeds(tmp_path):
     paths = write_comparison(rows, tmp_path)
     md = paths["md"].read_text()
     assert f"Headline metric: `{m}`" in md
-    assert "| dpo:anchor | 2 | 0.6000 ± 0.1414 |" in md and "| mrpo:uniform | 1 | 0.8000 ± 0.0000 |" in md
+    assert "| dpo:anchor | 2 | 0.6000 ± 0.1414 |" in md and "| mrpo:uniform | 1 | 0.8000 |" in md
     assert "| e4 | mrpo:uniform | 1 | failed |" in md
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     assert len(pd_read(paths["csv"])) == 4
