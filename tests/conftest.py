@@ -128,3 +128,14 @@ def tiny_zoo(tmp_path_factory) -> dict:
         "cfg": cfg,
         "seconds": time.perf_counter() - start,
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_ephemeral_servers():
+    """Stop in-process Prefect servers while pytest still owns stdout; Prefect's atexit hook would log to a closed file."""
+    yield
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
