@@ -347,23 +347,15 @@ def convert_gguf_checkpoint(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
     lm-eval can read the GGUF itself, but de-quantizing it takes ~25 s on every
     load; the converted directory loads in about a second. transformers refuses to
-    save a model loaded from GGUF, so the weights go into a fresh model built from
-    its config without the quantization settings.
+    save a model loaded from GGUF, so `load_model` hands back a plain copy.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from mrpo.models import load_model, load_tokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    ref = ReferenceConfig("gguf", str(gguf_path))
+    model, tokenizer = load_model(ref, "cpu", torch.float32), load_tokenizer(ref)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fresh.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

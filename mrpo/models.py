@@ -241,9 +241,24 @@ def load_model(ref, device: torch.device | str = "cpu", dtype: torch.dtype = tor
             kwargs["revision"] = ref.revision
     _require_local_or_hub(ref, source)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if gguf:
+        model = dequantized_copy(model, dtype)
     model.to(device)
     model.eval()
     return model
+
+
+def dequantized_copy(loaded: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The same weights in a plain model: the GGUF loader de-quantizes every tensor but still marks the
+    model quantized, and transformers then refuses to fine-tune or save it."""
+    from transformers import AutoModelForCausalLM
+
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    return plain
 
 
 def _require_local_or_hub(ref, source: str) -> None:

