@@ -1,0 +1,169 @@
+"""B3: our K = 1 training step against TRL's DPOTrainer, with precomputed reference log-probs and with a live reference.
+
+    python benchmarks/trl_dpo.py                     # zoo and SmolLM2-135M
+    python benchmarks/trl_dpo.py --models zoo --rounds 5
+
+Three full `Trainer.train()` loops on the same policy weights (each design
+trains its own copy), data, batch size, optimizer settings and threads:
+  ours      MRPOTrainer, objective mrpo with K = 1 stored reference (= DPO)
+  trl-pre   trl.DPOTrainer(precompute_ref_log_probs=True)  (the reference pass runs in its __init__, not timed)
+  trl-live  trl.DPOTrainer with a ref_model copy run every step
+Each round trains `--steps` steps of each design in turn (order alternating);
+a step is timed from `on_step_begin` to `on_step_end` (forward, loss, backward,
+optimizer), the first step of each `train()` call is dropped, and the median is
+kept. Targets: ours / trl-pre <= 1.0, ours / trl-live <= 0.7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+
+def step_timer():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self._t)
+
+    return StepTimer()
+
+
+def trl_dataset(pairs, conversational: bool):
+    """The pairs in TRL's standard (strings) or conversational (messages) preference format."""
+    import json
+
+    from datasets import Dataset
+
+    if conversational:
+        rows = {
+            "prompt": [json.loads(m) for m in pairs["prompt_messages"]],
+            "chosen": [[{"role": "assistant", "content": c}] for c in pairs["chosen"]],
+            "rejected": [[{"role": "assistant", "content": r}] for r in pairs["rejected"]],
+        }
+    else:
+        rows = {"prompt": list(pairs["prompt"]), "chosen": list(pairs["chosen"]), "rejected": list(pairs["rejected"])}
+    return Dataset.from_dict(rows)
+
+
+def run_case(which: str, args) -> dict | None:
+    """Measure one model; None when it is not available."""
+    import torch
+    import trl
+    from trl import DPOConfig, DPOTrainer
+
+    from mrpo.models import load_model, load_tokenizer
+    from mrpo.trainer import PreferenceDataset
+
+    batch_pairs = args.batch_pairs or (16 if which == "zoo" else 2)
+    steps = args.steps or (11 if which == "zoo" else 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        found = C.policy_source(which, scratch)
+        if found is None:
+            print(f"{which}: not available; skipped", file=sys.stderr)
+            return None
+        label, ref, cfg = found
+        tokenizer = load_tokenizer(ref)
+        pairs = C.prepared_pairs(cfg, "train", limit=batch_pairs * (steps + 2))
+        examples = C.preference_examples(tokenizer, pairs, args.max_length, ref.chat_template, 1)
+        kept = pairs.set_index("pair_id").loc[[e.pair_id for e in examples]].reset_index()
+
+        def policy():
+            m = load_model(ref, "cpu", torch.float32)
+            m.train()
+            return m
+
+        timers = {name: step_timer() for name in ("ours", "trl-pre", "trl-live")}
+        ours = C.mrpo_trainer(policy(), tokenizer, 1, scratch, batch_size=batch_pairs,
+                              train_dataset=PreferenceDataset(examples, ["anchor"]), max_steps=steps)
+        ours.add_callback(timers["ours"])
+
+        def dpo(name, precompute):
+            cfg_trl = DPOConfig(
+                output_dir=str(scratch / name), per_device_train_batch_size=batch_pairs, max_steps=steps,
+                learning_rate=5e-6, lr_scheduler_type="constant", beta=0.1, max_length=args.max_length,
+                precompute_ref_log_probs=precompute, use_cpu=True, report_to="none", save_strategy="no",
+                logging_steps=10**6, disable_tqdm=True, seed=0, dataset_num_proc=None,
+            )
+            trainer = DPOTrainer(
+                model=policy(), ref_model=None if precompute else load_model(ref, "cpu", torch.float32),
+                args=cfg_trl, train_dataset=trl_dataset(kept, ref.chat_template), processing_class=tokenizer,
+            )
+            trainer.add_callback(timers[name])
+            return trainer
+
+        start = time.perf_counter()
+        trl_pre = dpo("trl-pre", True)
+        trl_pre_init_s = time.perf_counter() - start
+        trl_live = dpo("trl-live", False)
+        trainers = {"ours": ours, "trl-pre": trl_pre, "trl-live": trl_live}
+
+        def design(name):
+            def run():
+                timer = timers[name]
+                timer.times.clear()
+                trainers[name].train()
+                return C.median(timer.times[1:])  # the first step pays for the dataloader and optimizer
+
+            return run
+
+        print(f"{label}: {len(examples)} pairs, batch {batch_pairs}, {steps} steps per round", file=sys.stderr)
+        runs = C.interleaved({n: design(n) for n in trainers}, rounds=args.rounds, warmup=1)
+        tokens_ours = int(ours.get_train_dataloader().__iter__().__next__()["attention_mask"].sum())
+        batch_trl = next(iter(trl_pre.get_train_dataloader()))
+        tokens_trl = int(batch_trl["attention_mask"].sum()) if "attention_mask" in batch_trl else None
+    ms = {n: 1000 * C.median(v) for n, v in runs.items()}
+    row = {
+        "case": label,
+        "trl_version": trl.__version__,
+        "batch_pairs": batch_pairs,
+        "steps_per_round": steps,
+        "step_ms_median": ms,
+        "ratio_ours_over_trl_pre": ms["ours"] / ms["trl-pre"],
+        "ratio_ours_over_trl_live": ms["ours"] / ms["trl-live"],
+        "paired_ratio_ours_over_trl_pre": C.paired_ratio(runs["ours"], runs["trl-pre"]),
+        "paired_ratio_ours_over_trl_live": C.paired_ratio(runs["ours"], runs["trl-live"]),
+        "first_batch_real_tokens": {"ours": tokens_ours, "trl": tokens_trl},
+        "trl_pre_init_incl_precompute_s": trl_pre_init_s,
+        "rounds": {n: C.spread(v) for n, v in runs.items()},
+        "load_after": C.load_average()[0],
+    }
+    row["targets_met"] = {"ours/trl-pre<=1.0": row["ratio_ours_over_trl_pre"] <= 1.0,
+                          "ours/trl-live<=0.7": row["ratio_ours_over_trl_live"] <= 0.7}
+    print(f"{label}: step ms ours {ms['ours']:.1f}, trl-pre {ms['trl-pre']:.1f}, trl-live {ms['trl-live']:.1f} -> "
+          f"ours/trl-pre x{row['ratio_ours_over_trl_pre']:.3f}, ours/trl-live x{row['ratio_ours_over_trl_live']:.3f}",
+          flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["zoo", "smollm2"], choices=["zoo", "smollm2"])
+    p.add_argument("--batch-pairs", type=int, default=None, help="default: 16 (zoo), 2 (SmolLM2)")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--steps", type=int, default=None, help="steps per design per round; default 11 (zoo), 3 (SmolLM2)")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="b3_trl_dpo")
+    args = p.parse_args()
+
+    C.run_and_record("B3 TRL DPOTrainer", run_case, args)
+
+
+if __name__ == "__main__":
+    main()
