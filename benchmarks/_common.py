@@ -7,6 +7,7 @@ the per-round measurements and their ratio. Nothing here is imported by `mrpo`.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -111,6 +112,17 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
     return path
+
+
+def training_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options every training-step benchmark shares; each adds its own steps, rounds and extras."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["zoo", "smollm2"], choices=["zoo", "smollm2"])
+    p.add_argument("--batch-pairs", type=int, default=None, help="default: 16 (zoo), 2 (SmolLM2)")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=out)
+    return p
 
 
 def run_and_record(benchmark: str, run_case, args) -> Path:

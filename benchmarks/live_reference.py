@@ -18,7 +18,6 @@ Target: ours / live <= 0.6.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -142,16 +141,11 @@ def run_case(which: str, args) -> dict | None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["zoo", "smollm2"], choices=["zoo", "smollm2"])
-    p.add_argument("--batch-pairs", type=int, default=None, help="default: 16 (zoo), 2 (SmolLM2)")
-    p.add_argument("--max-length", type=int, default=256)
+    p = C.training_parser(__doc__, "b2_live_reference")
     p.add_argument("--steps", type=int, default=None, help="steps per design per round; default 10 (zoo), 2 (SmolLM2)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--score-pairs", type=int, default=None, help="pairs scored to cost the scoring stage; "
                    "default: the whole train split (zoo), 16 (SmolLM2)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="b2_live_reference")
     args = p.parse_args()
 
     C.run_and_record("B2 live reference", run_case, args)

@@ -11,7 +11,6 @@ of 0.6 a model lands on. Medians over `--steps` steps after one warm-up step.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -76,13 +75,8 @@ def run_case(which: str, args) -> dict | None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["zoo", "smollm2"], choices=["zoo", "smollm2"])
-    p.add_argument("--batch-pairs", type=int, default=None, help="default: 16 (zoo), 2 (SmolLM2)")
-    p.add_argument("--max-length", type=int, default=256)
+    p = C.training_parser(__doc__, "profile_step")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="profile_step")
     args = p.parse_args()
     C.run_and_record("step profile", run_case, args)
 

@@ -26,8 +26,8 @@ def _header(res: dict) -> str:
             f"load at end {m['load_average_1_5_15']}")
 
 
-def _yes(ok: bool) -> str:
-    return "met" if ok else "**missed**"
+def _targets(row: dict) -> str:
+    return ", ".join(f"{name} {'met' if ok else '**missed**'}" for name, ok in row["targets_met"].items())
 
 
 def b4(res: dict) -> list[str]:
@@ -41,7 +41,7 @@ def b4(res: dict) -> list[str]:
             + f" | {tps['naive']:,.0f} | " + ", ".join(f"x{r['speedup_over_naive'][k]:.2f}" for k in ours)
             + " | " + ", ".join(f"{100 * r['padding_share'][k]:.1f}%" for k in ours)
             + f" / {100 * r['padding_share']['naive']:.1f}% | "
-            + ", ".join(f"{k} {_yes(v)}" for k, v in r["targets_met"].items()) + " |")
+            + _targets(r) + " |")
     return out
 
 
@@ -56,7 +56,7 @@ def b1(res: dict) -> list[str]:
             + _paired(r, "paired_time_ratio_kmax_over_k1") + " | "
             + " / ".join(f"{v['peak_rss_mib']:.0f}" for v in mem.values())
             + f" | x{r['peak_rss_ratio_kmax_over_k1']:.3f} | "
-            + ", ".join(f"{k} {_yes(v)}" for k, v in r["targets_met"].items()) + " |")
+            + _targets(r) + " |")
     return out
 
 
@@ -69,7 +69,7 @@ def b2(res: dict) -> list[str]:
             f"x{r['ratio_ours_over_live']:.3f}{_paired(r, 'paired_ratio_ours_over_live')} | {r['scoring_both_refs_per_epoch_s']:.1f} s "
             f"({r['train_pairs']} pairs, measured on {r['scoring_pairs_measured']}) | {r['scoring_per_step_ms']:.1f} ms | "
             f"x{r['ratio_with_scoring_1_epoch']:.3f} | {_break_even(r):.2f} | "
-            + ", ".join(f"{k} {_yes(v)}" for k, v in r["targets_met"].items()) + " |")
+            + _targets(r) + " |")
     return out
 
 
@@ -91,7 +91,7 @@ def b3(res: dict) -> list[str]:
         out.append(
             f"| {r['case']} (batch {r['batch_pairs']}) | {ms['ours']:.1f} | {ms['trl-pre']:.1f} | {ms['trl-live']:.1f} | "
             f"x{r['ratio_ours_over_trl_pre']:.3f} | x{r['ratio_ours_over_trl_live']:.3f} | "
-            + ", ".join(f"{k} {_yes(v)}" for k, v in r["targets_met"].items()) + " |")
+            + _targets(r) + " |")
     return out
 
 

@@ -140,15 +140,10 @@ def run_case(which: str, args) -> dict | None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["zoo", "smollm2"], choices=["zoo", "smollm2"])
+    p = C.training_parser(__doc__, "b1_train_references")
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--batch-pairs", type=int, default=None, help="default: 16 (zoo), 2 (SmolLM2)")
-    p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--steps", type=int, default=None, help="steps per design per round; default 10 (zoo), 2 (SmolLM2)")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="b1_train_references")
     p.add_argument("--memory-probe", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 

@@ -16,7 +16,6 @@ kept. Targets: ours / trl-pre <= 1.0, ours / trl-live <= 0.7.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -152,14 +151,9 @@ def run_case(which: str, args) -> dict | None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["zoo", "smollm2"], choices=["zoo", "smollm2"])
-    p.add_argument("--batch-pairs", type=int, default=None, help="default: 16 (zoo), 2 (SmolLM2)")
-    p.add_argument("--max-length", type=int, default=256)
+    p = C.training_parser(__doc__, "b3_trl_dpo")
     p.add_argument("--steps", type=int, default=None, help="steps per design per round; default 11 (zoo), 3 (SmolLM2)")
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="b3_trl_dpo")
     args = p.parse_args()
 
     C.run_and_record("B3 TRL DPOTrainer", run_case, args)

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mrpo.config import MRPOError
+from mrpo.data import SPLITS, prepared_digest
 from mrpo.models import (
     collate_responses,
     cpu_threads_for,
@@ -44,7 +45,6 @@ from mrpo.tokenization import EncodedResponse, encode_response, render_prompt
 
 log = logging.getLogger("mrpo")
 
-SPLITS = ("train", "val", "test")
 METADATA_KEY = b"mrpo"
 SHARD_FORMAT = 1  # bump when the shard layout or the scoring computation changes
 SCHEMA = pa.schema([
@@ -172,12 +172,6 @@ def read_prepared(output_dir: str | Path) -> list[PreparedPair]:
             pairs.append(PreparedPair(split, cols["pair_id"][i], cols["prompt"][i], cols["chosen"][i],
                                       cols["rejected"][i], messages[i] if messages else None))
     return pairs
-
-
-def prepared_digest(output_dir: str | Path) -> str:
-    from mrpo.data import prepared_digest as digest
-
-    return digest(output_dir)
 
 
 def read_scores(path: str | Path) -> tuple[pd.DataFrame, dict]:

@@ -28,6 +28,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from mrpo.config import Config
+from mrpo.data import SPLITS
 from mrpo.runtime import resolve_device, seed_everything
 from mrpo.trainer import (
     MRPOTrainer,
@@ -40,7 +41,6 @@ from mrpo.trainer import (
 
 log = logging.getLogger("mrpo")
 
-SPLITS = ("train", "val", "test")
 RUN_STATE_FILE = "mrpo_run.json"  # in the checkpoint dir: config fingerprint + MLflow run id
 _OFFLINE_STRATEGIES = ("vdw", "vaw")
 # Trainer's evaluation bookkeeping: wall-clock noise, not curves worth plotting.

@@ -36,6 +36,20 @@ def tiny_params(raw: dict) -> dict:
     return p
 
 
+def manual_logp(model, ids: list[int], prompt_length: int) -> float:
+    """Sum of log p(token | prefix) over the response, one unbatched, unmasked forward per token (float64 softmax)."""
+    import torch
+
+    from mrpo.models import torch_threads
+
+    total = 0.0
+    with torch.inference_mode(), torch_threads(1):  # many tiny forwards: one thread is fastest
+        for j in range(prompt_length, len(ids)):
+            logits = model(input_ids=torch.tensor([ids[:j]])).logits[0, -1].double()
+            total += torch.log_softmax(logits, -1)[ids[j]].item()
+    return total
+
+
 def run_tool(args: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command of this venv (`dvc`, `git`, ...) in `cwd`; stdout+stderr merged into `.stdout`."""
     full_env = dict(os.environ)

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import manual_logp
 
 from mrpo.config import ReferenceConfig
 from mrpo.models import (
@@ -28,16 +29,6 @@ TEXTS = [("What is 2 + 3?", "It is 5."), ("Compute 12 * 4, please.", "The answer
 
 def ref(tiny_zoo, name: str) -> ReferenceConfig:
     return ReferenceConfig(name, str(tiny_zoo["members"][name]))
-
-
-def naive_logp(model, ids: list[int], prompt_length: int) -> float:
-    """One unbatched, unmasked forward per response token; float64 log-softmax of the last position."""
-    total = 0.0
-    with torch.inference_mode(), torch_threads(1):  # many tiny forwards: one thread is fastest
-        for j in range(prompt_length, len(ids)):
-            logits = model(input_ids=torch.tensor([ids[:j]])).logits[0, -1].double()
-            total += torch.log_softmax(logits, -1)[ids[j]].item()
-    return total
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -96,7 +87,7 @@ def test_batched_response_logps_equal_a_naive_per_example_loop(tiny_zoo, name):
             got = response_logps(model, **batch)
         assert got.dtype == torch.float32 and got.shape == (len(TEXTS),)
         for value, e in zip(got.tolist(), enc, strict=True):
-            assert value == pytest.approx(naive_logp(model, e.input_ids, e.prompt_length), abs=1e-5)
+            assert value == pytest.approx(manual_logp(model, e.input_ids, e.prompt_length), abs=1e-5)
 
 
 def test_response_logps_carry_gradients_for_training(tiny_zoo):

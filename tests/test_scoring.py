@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import manual_logp
 
 from mrpo.config import ReferenceConfig
 from mrpo.data import pair_id, prepared_digest
@@ -24,7 +25,6 @@ from mrpo.models import (
     model_fingerprint,
     response_logps,
     smollm2_gguf_path,
-    torch_threads,
 )
 from mrpo.scoring import ScoringError, plan_batches, read_scores, score_reference
 from mrpo.synthetic import generate_pairs
@@ -68,16 +68,6 @@ def project(tiny_zoo, tmp: Path, splits=None, **score) -> object:
         data=dataclasses.replace(cfg.data, output_dir=str(tmp / "prepared")),
         score=dataclasses.replace(cfg.score, output_dir=str(tmp / "scores"), **score),
     )
-
-
-def manual_logp(model, ids: list[int], prompt_length: int) -> float:
-    """Sum of log p(token | prefix) over the response, one forward pass per token, no batching or masks."""
-    total = 0.0
-    with torch.inference_mode(), torch_threads(1):  # many tiny forwards: one thread is fastest
-        for j in range(prompt_length, len(ids)):
-            logits = model(input_ids=torch.tensor([ids[:j]])).logits[0, -1].double()
-            total += torch.log_softmax(logits, -1)[ids[j]].item()
-    return total
 
 
 def by_pair(frame):
