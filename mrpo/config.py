@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from mrpo.errors import ConfigError, MRPOError  # noqa: F401  (re-exported: the public error names)
+
 OBJECTIVES = ("mrpo", "dpo", "multi_dpo")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 STRATEGIES = ("uniform", "fixed", "arwc", "vdw", "vaw", "window", "thompson")
@@ -24,14 +26,6 @@ ARCHITECTURES = ("llama", "gpt2")
 TOKENIZER_KINDS = ("bpe", "char")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class MRPOError(Exception):
-    """Bad input a user can fix: the CLI prints its message, without a traceback, and exits with 2."""
-
-
-class ConfigError(MRPOError, ValueError):
-    """A value in params.yaml is missing, malformed or out of range."""
 
 
 # ---------------------------------------------------------------- sections

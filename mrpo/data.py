@@ -37,7 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from mrpo.config import Config, DataConfig, MRPOError
+from mrpo.config import Config, DataConfig
+from mrpo.errors import DataError
 
 log = logging.getLogger("mrpo")
 
@@ -51,10 +52,6 @@ _TURN = re.compile(r"\n\n(Human|Assistant):")
 _ROLE_OF_SPEAKER = {"Human": "user", "Assistant": "assistant"}
 _SPEAKER_OF_ROLE = {"user": "Human", "assistant": "Assistant", "system": "System"}
 _EXAMPLES_PER_REASON = 5
-
-
-class DataError(MRPOError, ValueError):
-    """The input data cannot be used at all: a missing column, an unreadable file, no valid row."""
 
 
 class RowDropped(Exception):

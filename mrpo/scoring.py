@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from mrpo.config import MRPOError
 from mrpo.data import SPLITS, prepared_digest
+from mrpo.errors import MRPOError
 from mrpo.models import (
     collate_responses,
     cpu_threads_for,

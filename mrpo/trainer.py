@@ -31,17 +31,13 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from mrpo.config import MRPOError
+from mrpo.errors import ScoreDataError
 from mrpo.models import collate_responses, cpu_threads_for, response_logps, torch_threads
 from mrpo.tokenization import EncodedResponse, encode_response, render_prompt
 
 log = logging.getLogger("mrpo")
 
 STRATEGY_STATE_FILE = "mrpo_strategy_state.json"
-
-
-class ScoreDataError(MRPOError, ValueError):
-    """The score files cannot be used with the prepared data (missing pairs, different data digests)."""
 
 
 # ---------------------------------------------------------------- joining pairs with scores
