@@ -27,18 +27,21 @@ from flows.stages import (
     stage_metrics,
 )
 from mrpo.config import load_config
+from mrpo.errors import MRPOError
 
 STAGE_RETRIES = 2
 STAGE_RETRY_DELAYS = [10, 60]
 
 
 def retry_if_transient(task, task_run, state) -> bool:
-    """Retry a failed stage unless the failure cannot change on its own (a configuration error)."""
+    """Retry a failed stage unless the failure cannot change on its own (a user-fixable error)."""
     try:
         state.result()
     except StageFailed as exc:
         return exc.transient
-    except Exception:  # noqa: BLE001 - anything else (a lost connection, a killed process) may pass
+    except MRPOError:
+        return False
+    except Exception:  # anything else (a lost connection, a killed process) may pass
         return True
     return True
 

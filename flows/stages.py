@@ -13,37 +13,37 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mrpo.cli import STATUS_FILE_ENV
 from mrpo.config import Config
+from mrpo.errors import USER_ERROR_EXIT
 
 log = logging.getLogger("mrpo")
 
-# mrpo exits with 2 on a configuration error: retrying cannot fix that.
-CONFIG_ERROR_EXIT = 2
-
-
 class StageFailed(RuntimeError):
-    """`dvc repro` of a stage failed; `transient` says whether a retry may help."""
+    """`dvc repro` of a stage failed. `command_exit` is how the stage's `mrpo` command ended (None when it never
+    reported: it did not start, or it was killed); `transient` says whether a retry may help."""
 
-    def __init__(self, stage: str, returncode: int, output: str):
+    def __init__(self, stage: str, returncode: int, output: str, command_exit: int | None = None):
         self.stage = stage
         self.returncode = returncode
         self.output = output
-        cmd_exit = re.search(r"exited with (-?\d+)", output)
-        self.command_exit = int(cmd_exit.group(1)) if cmd_exit else None
-        self.transient = not (
-            self.command_exit == CONFIG_ERROR_EXIT
-            or "configuration error" in output
-            or "failed to parse" in output  # dvc.yaml / params.yaml syntax: fix the file
-        )
+        self.command_exit = command_exit
+        self.transient = is_transient(command_exit)
         tail = "\n".join(output.strip().splitlines()[-15:])
         kind = "transient, will retry" if self.transient else "not transient: fix the cause and re-run"
         super().__init__(f"dvc repro of stage {stage!r} failed with exit {returncode} ({kind}):\n{tail}")
+
+
+def is_transient(command_exit: int | None) -> bool:
+    """Only a user-fixable error (mrpo's exit 2) is certain to fail again; a killed or crashed command may pass."""
+    return command_exit != USER_ERROR_EXIT
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,14 @@ def classify_repro_output(stage: str, output: str) -> str:
 def reproduce_stage(stage: str, project_dir: str | Path, env: Mapping[str, str] | None = None) -> StageResult:
     """`dvc repro --single-item <stage>`: run the stage if DVC finds it stale, else skip it."""
     start = time.perf_counter()
-    proc = dvc(["repro", "--single-item", stage], project_dir, env=env, check=False)
+    with tempfile.TemporaryDirectory(prefix="mrpo-status-") as tmp:
+        status_file = Path(tmp) / "status.json"
+        proc = dvc(["repro", "--single-item", stage], project_dir, env={**(env or {}), STATUS_FILE_ENV: str(status_file)},
+                   check=False)
+        command_exit = _read_json(status_file).get("exit")
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise StageFailed(stage, proc.returncode, proc.stdout)
+        raise StageFailed(stage, proc.returncode, proc.stdout, command_exit)
     status = classify_repro_output(stage, proc.stdout)
     log.info("stage %s: %s in %.1fs", stage, status, seconds)
     return StageResult(stage=stage, status=status, seconds=seconds, output=proc.stdout)

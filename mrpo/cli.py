@@ -6,10 +6,18 @@ The same stage runs identically from `dvc repro`, a Prefect flow or this command
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
+from pathlib import Path
 
-from mrpo.config import ConfigError, MRPOError, load_config
+from mrpo.config import load_config
+from mrpo.errors import USER_ERROR_EXIT, ConfigError, MRPOError
+from mrpo.io import output_lock
 from mrpo.runtime import setup_logging
+
+STATUS_FILE_ENV = "MRPO_STATUS_FILE"
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -51,42 +59,75 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        cfg = load_config(args.params, _parse_overrides(args.set))
-        if args.stage == "show-config":
-            from mrpo.config import config_to_flat_dict
-
-            for key, value in config_to_flat_dict(cfg).items():
-                print(f"{key} = {value!r}")
-        elif args.stage == "zoo":
-            from mrpo.zoo import build_zoo
-
-            build_zoo(cfg)
-        elif args.stage == "prepare":
-            from mrpo.data import prepare
-
-            prepare(cfg)
-        elif args.stage == "score":
-            from mrpo.scoring import score_reference
-
-            score_reference(cfg, args.reference)
-        elif args.stage == "train":
-            from mrpo.train import train
-
-            train(cfg)
-        elif args.stage == "evaluate":
-            from mrpo.evaluate import evaluate
-
-            evaluate(cfg)
+        _run_stage(args)
     except ConfigError as exc:
-        print(f"mrpo: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _exit(args.stage, USER_ERROR_EXIT, f"mrpo: configuration error: {exc}")
     except (MRPOError, FileNotFoundError) as exc:
-        print(f"mrpo {args.stage}: {exc}", file=sys.stderr)
-        return 2
+        return _exit(args.stage, USER_ERROR_EXIT, f"mrpo {args.stage}: {exc}")
     except KeyboardInterrupt:
-        print("mrpo: interrupted; finished work is kept and the stage resumes on the next run", file=sys.stderr)
-        return 130
-    return 0
+        return _exit(args.stage, 130, "mrpo: interrupted; finished work is kept and the stage resumes on the next run")
+    return _exit(args.stage, 0)
+
+
+def _exit(stage: str, code: int, message: str | None = None) -> int:
+    """Print `message` as one line, and tell a caller that asked (the flows, through STATUS_FILE_ENV) how the
+    stage ended: DVC reports every failed command alike, so the exit code is passed on this way."""
+    if message:
+        print(message, file=sys.stderr)
+    status_file = os.environ.get(STATUS_FILE_ENV)
+    if status_file:
+        with contextlib.suppress(OSError):
+            Path(status_file).write_text(json.dumps({"stage": stage, "exit": code, "message": message}) + "\n")
+    return code
+
+
+def stage_outputs(cfg, stage: str, reference: str | None = None) -> list[Path]:
+    """What a stage writes, and so locks while it runs."""
+    outputs = {
+        "zoo": [cfg.zoo.output_dir],
+        "prepare": [cfg.data.output_dir],
+        "score": [Path(cfg.score.output_dir) / f"{reference}.parquet"],
+        "train": [cfg.train.output_dir, cfg.train.checkpoint_dir],
+        "evaluate": [cfg.evaluate.results_dir],
+    }
+    return [Path(p) for p in outputs.get(stage, [])]
+
+
+def _run_stage(args: argparse.Namespace) -> None:
+    cfg = load_config(args.params, _parse_overrides(args.set))
+    with contextlib.ExitStack() as locks:
+        if int(os.environ.get("RANK", "0")) == 0:  # the ranks of one torchrun job share outputs; rank 0 locks them
+            for path in stage_outputs(cfg, args.stage, getattr(args, "reference", None)):
+                locks.enter_context(output_lock(path, args.stage))
+        _dispatch(cfg, args)
+
+
+def _dispatch(cfg, args: argparse.Namespace) -> None:
+    if args.stage == "show-config":
+        from mrpo.config import config_to_flat_dict
+
+        for key, value in config_to_flat_dict(cfg).items():
+            print(f"{key} = {value!r}")
+    elif args.stage == "zoo":
+        from mrpo.zoo import build_zoo
+
+        build_zoo(cfg)
+    elif args.stage == "prepare":
+        from mrpo.data import prepare
+
+        prepare(cfg)
+    elif args.stage == "score":
+        from mrpo.scoring import score_reference
+
+        score_reference(cfg, args.reference)
+    elif args.stage == "train":
+        from mrpo.train import train
+
+        train(cfg)
+    elif args.stage == "evaluate":
+        from mrpo.evaluate import evaluate
+
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mrpo.config import Config, ConfigError, ReferenceConfig
+from mrpo.io import write_json_atomically, write_text_atomically
 from mrpo.runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger("mrpo")
@@ -703,10 +704,9 @@ def evaluate(cfg: Config) -> EvaluationReport:
         )
         anchor_results, anchor_cached = cached_lm_eval(cfg.anchor, planned, settings, Path(e.cache_dir), chat)
         policy_results = run_lm_eval(lm_eval_model_args(policy, settings.dtype), planned, settings, chat)
-        results_dir.mkdir(parents=True, exist_ok=True)
         for who, results in (("policy", policy_results), ("anchor", anchor_results)):
             path = results_dir / f"{who}.json"
-            path.write_text(json.dumps(results, indent=1) + "\n")
+            write_text_atomically(path, json.dumps(results, indent=1) + "\n")
             results_files[who] = str(path)
         anchor_flat = flatten_results(anchor_results, "anchor")
         policy_flat = flatten_results(policy_results, "policy")
@@ -717,11 +717,7 @@ def evaluate(cfg: Config) -> EvaluationReport:
     metrics = dict(sorted(metrics.items()))
 
     metrics_file = Path(e.metrics_file)
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    # NaN is not JSON; null keeps the key so `dvc metrics diff` still lines runs up.
-    metrics_file.write_text(
-        json.dumps({k: (v if math.isfinite(v) else None) for k, v in metrics.items()}, indent=2) + "\n"
-    )
+    write_json_atomically(metrics_file, metrics)  # NaN becomes null: the key stays for `dvc metrics diff`
     run_id = log_to_mlflow(cfg, metrics, [metrics_file, *map(Path, results_files.values())])
     seconds = time.perf_counter() - start
     for key, value in metrics.items():

@@ -2,8 +2,10 @@
 
 Outputs (paths from params.yaml `train`): the policy (safetensors + tokenizer,
 written to a temp dir and swapped in, so a failed run leaves the previous one),
-metrics JSON, a per-step CSV for `dvc plots`, checkpoints (a rerun with the same
-configuration resumes from the latest) and one MLflow run (see mrpo.tracking).
+metrics JSON, a per-step CSV for `dvc plots`, checkpoints and one MLflow run (see
+mrpo.tracking). An interrupted run resumes from its newest complete checkpoint; a
+finished one is trained again from scratch as a new run (see mrpo.checkpoints).
+Training stops with an error at the first non-finite loss or gradient.
 Launch on several processes with `torchrun --nproc_per_node N -m mrpo.cli train`
 or `accelerate launch -m mrpo.cli train`.
 """
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -25,10 +29,12 @@ from typing import Any
 import pandas as pd
 import torch
 from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
-from mrpo.config import Config
+from mrpo.checkpoints import RunState, resume_point, write_run_state
+from mrpo.config import Config, ConfigError
 from mrpo.data import SPLITS
+from mrpo.errors import TrainingError
+from mrpo.io import replace_directory, write_json_atomically, write_text_atomically
 from mrpo.runtime import resolve_device, seed_everything
 from mrpo.trainer import (
     MRPOTrainer,
@@ -37,11 +43,11 @@ from mrpo.trainer import (
     PreferenceDataset,
     build_preference_dataset,
     load_reference_scores,
+    mean_training_loss,
 )
 
 log = logging.getLogger("mrpo")
 
-RUN_STATE_FILE = "mrpo_run.json"  # in the checkpoint dir: config fingerprint + MLflow run id
 _OFFLINE_STRATEGIES = ("vdw", "vaw")
 # Trainer's evaluation bookkeeping: wall-clock noise, not curves worth plotting.
 _TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
@@ -110,61 +116,34 @@ def plot_rows(log_history: list[dict[str, Any]]) -> tuple[list[str], list[dict[s
 
 def write_plots_csv(path: str | Path, log_history: list[dict[str, Any]]) -> None:
     columns, rows = plot_rows(log_history)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomically(path, buffer.getvalue())
 
 
-def write_json_atomically(path: str | Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def optimizer_steps(t, train_pairs: int, world_size: int = 1) -> int:
+    """Optimizer steps the run will take, as Trainer counts them: `max_steps`, else epochs x steps per epoch."""
+    if t.max_steps > 0:
+        return t.max_steps
+    batches = math.ceil(train_pairs / (t.batch_size * world_size))
+    per_epoch = batches // t.gradient_accumulation_steps + int(batches % t.gradient_accumulation_steps > 0)
+    return math.ceil(t.num_epochs * per_epoch)
 
 
-def swap_directory(tmp: Path, final: Path) -> None:
-    """Replace `final` by `tmp` with two renames, so `final` is never half-written."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        if old.exists():
-            os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
+    """`train.warmup_ratio` of the run in whole steps (Trainer reads a float >= 1 as a step count, so 1.0 would be
+    one step)."""
+    return math.ceil(warmup_ratio * total_steps)
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def resume_point(checkpoint_dir: Path, fingerprint: str) -> tuple[str | None, str | None]:
-    """(latest checkpoint to resume from, MLflow run id) when the checkpoint dir belongs to this configuration.
-
-    Checkpoints of a different configuration are removed (with a warning): resuming them would
-    silently mix two experiments.
-    """
-    state_file = checkpoint_dir / RUN_STATE_FILE
-    if not state_file.is_file():
-        return None, None
-    state = json.loads(state_file.read_text())
-    if state.get("fingerprint") != fingerprint:
-        stale = [p for p in checkpoint_dir.glob("checkpoint-*") if p.is_dir()]
-        if stale:
-            log.warning("train: %d checkpoint(s) in %s are from a different configuration; starting over",
-                        len(stale), checkpoint_dir)
-        for p in stale:
-            shutil.rmtree(p)
-        return None, None
-    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-    return last, state.get("mlflow_run_id")
+def check_finite_weights(model, out_dir: str | Path) -> None:
+    """Refuse to save a policy with a NaN or infinite weight: it would replace a good one."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param.detach()).all():
+            raise TrainingError(f"train: the trained weights hold NaN or inf (first in {name}); not saving them, so "
+                                f"{out_dir} keeps the previous policy. Lower train.learning_rate and re-run")
 
 
 # ---------------------------------------------------------------- the policy
@@ -210,7 +189,7 @@ def save_policy(model, tokenizer, out_dir: Path, *, merge_lora: bool) -> None:
 # ---------------------------------------------------------------- the stage
 
 
-def training_arguments(cfg: Config, device: torch.device, has_eval: bool) -> TrainingArguments:
+def training_arguments(cfg: Config, device: torch.device, has_eval: bool, total_steps: int) -> TrainingArguments:
     t = cfg.train
     return TrainingArguments(
         output_dir=t.checkpoint_dir,
@@ -219,7 +198,7 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool) -> Tra
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=float(t.warmup_ratio),
+        warmup_steps=warmup_steps(t.warmup_ratio, total_steps),
         weight_decay=t.weight_decay,
         num_train_epochs=t.num_epochs,
         max_steps=t.max_steps,
@@ -240,6 +219,10 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool) -> Tra
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass
@@ -278,14 +261,14 @@ def prepare_training(cfg: Config) -> TrainingSetup:
             pairs, split, scores, tokenizer, max_length=t.max_length, chat_template=cfg.anchor.chat_template
         )
     if len(datasets["train"]) == 0:
-        raise ValueError(f"{cfg.data.output_dir}/train.parquet: no trainable pairs (after skipping non-fitting ones)")
+        raise TrainingError(f"{cfg.data.output_dir}/train.parquet: no trainable pairs (after skipping non-fitting ones)")
     log.info("train: objective %s, references %s, strategy %s; pairs train %d / val %d / test %d (skipped %d / %d / %d)",
              t.objective, names, t.strategy, *(len(datasets[s]) for s in SPLITS), *(datasets[s].skipped for s in SPLITS))
 
     strategy = make_strategy(t.strategy, len(names), fixed_weights=t.fixed_weights, window_size=t.window_size,
                              seed=cfg.seed)
     if t.strategy in _OFFLINE_STRATEGIES and len(datasets["val"]) == 0:
-        raise ValueError(f"train.strategy {t.strategy!r} is fitted on the validation split, which is empty; "
+        raise ConfigError(f"train.strategy {t.strategy!r} is fitted on the validation split, which is empty; "
                          "set data.val_fraction > 0 or choose another strategy")
     strategy.fit(datasets["val"].reference_margins())
     fingerprint = training_fingerprint(cfg, {s.name: s.sha256 for s in scores}, digest)
@@ -300,7 +283,8 @@ def build_trainer(
     has_eval = len(setup.datasets["val"]) > 0
     return MRPOTrainer(
         model=model if model is not None else load_policy(cfg, device),
-        args=training_arguments(cfg, device, has_eval),
+        args=training_arguments(cfg, device, has_eval,
+                                optimizer_steps(cfg.train, len(setup.datasets["train"]), _world_size())),
         data_collator=PreferenceCollator(setup.tokenizer.pad_token_id),
         train_dataset=setup.datasets["train"],
         eval_dataset=setup.datasets["val"] if has_eval else None,
@@ -334,81 +318,52 @@ def evaluate_before_training(cfg: Config, setup: TrainingSetup, model) -> dict[s
 def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool = True) -> dict[str, Any]:
     """Run the train stage end to end; returns the metrics it wrote to `train.metrics_file`."""
     from mrpo import tracking
-    from mrpo.models import model_fingerprint
 
     t = cfg.train
     started = time.perf_counter()
     seed_everything(cfg.seed)
     setup = prepare_training(cfg)
-    datasets, names, scores, digest = setup.datasets, setup.names, setup.scores, setup.prepared_digest
+    datasets = setup.datasets
     checkpoint_dir = Path(t.checkpoint_dir)
-    resume_from, mlflow_run_id = resume_point(checkpoint_dir, setup.fingerprint)
-
-    run = None
     main = _is_main_process()
-    if track and main:
-        run = tracking.start_pipeline_run(cfg, resume_run_id=mlflow_run_id, tags={"mrpo.stage": "train"})
-        tracking.log_config(run, cfg)
-        reference_set = [
-            {"name": s.name, "model": cfg.reference(s.name).model, **model_fingerprint(cfg.reference(s.name)),
-             "score_file": str(s.path), "score_sha256": s.sha256, "prepared_digest": digest}
-            for s in scores
-        ]
-        tracking.log_reference_set(run, reference_set)
-    if main:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(checkpoint_dir / RUN_STATE_FILE,
-                              {"fingerprint": setup.fingerprint, "mlflow_run_id": run.run_id if run else None})
+    start = resume_point(checkpoint_dir, setup.fingerprint, clean=main)  # ranks of one job share the directory
 
-    trainer_callbacks = list(callbacks)
-    if run is not None:
-        trainer_callbacks.append(tracking.MLflowStepCallback(run))
-    tokenizer = setup.tokenizer
+    run = _start_tracking(cfg, setup, start.mlflow_run_id) if track and main else None
+    run_state = RunState(setup.fingerprint, run.run_id if run else None)
+    if main:
+        write_run_state(checkpoint_dir, run_state)
 
     metrics: dict[str, Any] = {}
     try:
-        trainer = build_trainer(cfg, setup, callbacks=trainer_callbacks)
+        trainer = build_trainer(cfg, setup, callbacks=[*callbacks, *([tracking.MLflowStepCallback(run)] if run else [])])
         metrics.update(evaluate_before_training(cfg, setup, trainer.model))
-        if resume_from:
-            log.info("train: resuming from %s", resume_from)
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        if start.checkpoint:
+            log.info("train: resuming from %s", start.checkpoint)
+        trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
         for split in ("val", "test"):
             if len(datasets[split]):
                 after = trainer.evaluate(datasets[split], metric_key_prefix=split)
                 metrics.update(flat_eval_metrics(after, split, "after"))
         history = trainer.state.log_history
         step_losses = [e["loss"] for e in history if "loss" in e]
+        tps = [e["tokens_per_second"] for e in history if "tokens_per_second" in e]
         metrics.update({
-            "final_loss": float(step_losses[-1]) if step_losses else float("nan"),
-            "train_loss": float(result.training_loss),
+            "final_loss": float(step_losses[-1]) if step_losses else None,
+            "train_loss": mean_training_loss(history),
             "steps": int(trainer.state.global_step),
             "train_pairs": len(datasets["train"]),
             "skipped_pairs": sum(d.skipped for d in datasets.values()),
-            "references": len(names),
+            "references": len(setup.names),
             "runtime_s": time.perf_counter() - started,
-            "resumed": bool(resume_from),
+            "resumed": start.checkpoint is not None,
+            **({"tokens_per_second": float(sum(tps) / len(tps))} if tps else {}),
         })
-        tps = [e["tokens_per_second"] for e in history if "tokens_per_second" in e]
-        if tps:
-            metrics["tokens_per_second"] = float(sum(tps) / len(tps))
-
         if trainer.is_world_process_zero():
-            out = Path(t.output_dir)
-            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                save_policy(trainer.model, tokenizer, tmp, merge_lora=t.lora.merge)
-                if run is not None:
-                    tracking.write_run_record(tmp, run)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                swap_directory(tmp, out)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            write_json_atomically(t.metrics_file, metrics)
-            write_plots_csv(t.plots_file, history)
+            _write_outputs(cfg, trainer, setup.tokenizer, metrics, run)
+            write_run_state(checkpoint_dir, RunState(run_state.fingerprint, run_state.mlflow_run_id, completed=True))
             if run is not None:
                 tracking.log_metrics(run, {f"final/{k}": v for k, v in metrics.items()}, step=trainer.state.global_step)
-                tracking.record_policy(run, out)
+                tracking.record_policy(run, t.output_dir)
                 tracking.finish_run(run)
         trainer.accelerator.wait_for_everyone()
     except BaseException:
@@ -419,3 +374,37 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
              metrics["runtime_s"], metrics["steps"], metrics.get("val_reward_accuracy_before", float("nan")),
              metrics.get("val_reward_accuracy_after", float("nan")), t.output_dir)
     return metrics
+
+
+def _start_tracking(cfg: Config, setup: TrainingSetup, resume_run_id: str | None):
+    from mrpo import tracking
+    from mrpo.models import model_fingerprint
+
+    run = tracking.start_pipeline_run(cfg, resume_run_id=resume_run_id, tags={"mrpo.stage": "train"})
+    tracking.log_config(run, cfg)
+    tracking.log_reference_set(run, [
+        {"name": s.name, "model": cfg.reference(s.name).model, **model_fingerprint(cfg.reference(s.name)),
+         "score_file": str(s.path), "score_sha256": s.sha256, "prepared_digest": setup.prepared_digest}
+        for s in setup.scores
+    ])
+    return run
+
+
+def _write_outputs(cfg: Config, trainer: MRPOTrainer, tokenizer, metrics: dict[str, Any], run) -> None:
+    """The policy (swapped in whole), metrics and curves; checked finite before anything is replaced."""
+    from mrpo import tracking
+
+    t = cfg.train
+    out = Path(t.output_dir)
+    check_finite_weights(trainer.model, out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_policy(trainer.model, tokenizer, tmp, merge_lora=t.lora.merge)
+        if run is not None:
+            tracking.write_run_record(tmp, run)
+        replace_directory(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_json_atomically(t.metrics_file, metrics)
+    write_plots_csv(t.plots_file, trainer.state.log_history)

@@ -13,7 +13,6 @@ scoring stage did, so at step 0 the policy's log-probs equal the anchor's scores
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,7 +30,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from mrpo.errors import ScoreDataError
+from mrpo.checkpoints import seal_checkpoint
+from mrpo.errors import ScoreDataError, TrainingError
+from mrpo.io import file_sha256
 from mrpo.models import collate_responses, cpu_threads_for, response_logps, torch_threads
 from mrpo.tokenization import EncodedResponse, encode_response, render_prompt
 
@@ -52,14 +53,6 @@ class ReferenceScores:
     frame: pd.DataFrame  # index pair_id; columns split, chosen_logp, rejected_logp, *_tokens, fits
     metadata: dict
     sha256: str
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_reference_scores(score_dir: str | Path, names: Sequence[str], prepared_digest: str) -> list[ReferenceScores]:
@@ -297,7 +290,10 @@ class MRPOTrainer(Trainer):
         self._train_metrics: dict[str, list[float]] = defaultdict(list)
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
+        self._losses_finite: torch.Tensor | None = None  # since the last optimizer step; checked before it
         self.add_callback(StrategyStateCallback(self))
+        self.add_callback(NonFiniteGuard(self))
+        self.add_callback(LogAtCheckpoints())
 
     # ------------------------------------------------------------ the step
 
@@ -333,6 +329,12 @@ class MRPOTrainer(Trainer):
             self._record_train_metrics(out, weights, sft_nll, inputs)
         if return_outputs:
             return loss, {"chosen_rewards": out.chosen_rewards.detach(), "rejected_rewards": out.rejected_rewards.detach()}
+        return loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss.detach())  # stays on the device: one sync per optimizer step, in the guard
+        self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
         return loss
 
     def _record_train_metrics(self, out, weights, sft_nll, inputs) -> None:
@@ -420,7 +422,59 @@ class StrategyStateCallback(TrainerCallback):
             ckpt.mkdir(parents=True, exist_ok=True)
             state_dict = self.trainer.strategy.state_dict()
             (ckpt / STRATEGY_STATE_FILE).write_text(json.dumps(_jsonable(state_dict)))
+            seal_checkpoint(ckpt)  # last: Trainer has written everything else by now
         return control
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops training before an optimizer step that a non-finite loss or gradient would turn into NaN weights.
+
+    Trainer's own `logging_nan_inf_filter` hides such steps in the logs and steps anyway; here the
+    run fails with the step and the likely causes instead, and nothing is saved as the policy.
+    """
+
+    def __init__(self, trainer: MRPOTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        losses_finite, self.trainer._losses_finite = self.trainer._losses_finite, None
+        grads = [p.grad for p in (model or self.trainer.model).parameters() if p.grad is not None]
+        ok = torch.ones((), dtype=torch.bool) if losses_finite is None else losses_finite.cpu()
+        # Gradients are already clipped here; clipping turns an infinite norm into NaN entries, caught the same way.
+        if grads:
+            norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads])
+            ok = ok & torch.isfinite(norms.sum()).cpu()
+        if not bool(ok):
+            what = "loss" if losses_finite is not None and not bool(losses_finite) else "gradient"
+            raise TrainingError(
+                f"train: the {what} became non-finite (NaN or inf) at optimizer step {state.global_step + 1}; "
+                f"stopped before it reached the weights, nothing was saved as the policy. Usual causes: "
+                f"train.learning_rate ({args.learning_rate}) too high for this model, or non-finite reference "
+                f"scores; lower the learning rate or re-run `mrpo score`"
+            )
+        return control
+
+
+class LogAtCheckpoints(TrainerCallback):
+    """Also log at every checkpoint and at the last step, so the logged losses cover every step, and a resumed
+    run's mean training loss is over the whole run (see `mean_training_loss`)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
+def mean_training_loss(log_history: list[dict[str, Any]]) -> float:
+    """Mean per-step training loss of the whole run, from Trainer's logs: each logged loss is the mean over
+    the steps since the previous log, so weigh it by that span."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in sorted((e for e in log_history if "loss" in e and "step" in e), key=lambda e: e["step"]):
+        span = int(entry["step"]) - previous
+        total += float(entry["loss"]) * span
+        steps += span
+        previous = int(entry["step"])
+    return total / steps if steps else float("nan")
 
 
 def _jsonable(value: Any) -> Any:

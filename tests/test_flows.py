@@ -189,8 +189,13 @@ def test_a_configuration_error_is_not_retried(tiny_project, tmp_path):
     from prefect.states import Failed
 
     assert retry_if_transient(None, None, Failed(data=exc)) is False
-    flaky = StageFailed("prepare", 1, "ERROR: failed to reproduce 'prepare': ... exited with 1")
-    assert flaky.transient and retry_if_transient(None, None, Failed(data=flaky)) is True
+    # A command that crashed (exit 1) or never reported (killed, or DVC failed first) may pass on a retry.
+    for command_exit in (1, None):
+        flaky = StageFailed("prepare", 255, "ERROR: failed to reproduce 'prepare'", command_exit)
+        assert flaky.transient and retry_if_transient(None, None, Failed(data=flaky)) is True
+    from mrpo.errors import ConfigError
+
+    assert retry_if_transient(None, None, Failed(data=ConfigError("train.beta: got 0"))) is False
 
 
 def test_deployments_and_prefect_yaml_agree():
