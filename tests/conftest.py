@@ -110,6 +110,7 @@ def clone_project(src: Path, dest: Path) -> Path:
 
 
 TINY_ZOO_TRAIN_STEPS = 40
+REFERENCES = ("anchor", "gpt2_char", "llama_mul")
 
 
 @pytest.fixture(scope="session")
@@ -142,6 +143,78 @@ def tiny_zoo(tmp_path_factory) -> dict:
         "cfg": cfg,
         "seconds": time.perf_counter() - start,
     }
+
+
+# ---------------------------------------------------------------- a scored project for training tests
+
+
+@pytest.fixture(scope="session")
+def scored(tiny_zoo, tmp_path_factory) -> dict:
+    """Prepared data (800 pairs) and the three references' score files, made by the real prepare and score stages;
+    read-only: train into your own dirs with `config(scored, tmp_path)`."""
+    from mrpo.config import load_config
+    from mrpo.data import prepare
+    from mrpo.scoring import score_reference
+
+    root = tmp_path_factory.mktemp("train_project")
+    zoo_dir = Path(tiny_zoo["output_dir"]) if isinstance(tiny_zoo, dict) else Path(tiny_zoo)
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["data"].update({"synthetic_pairs": 800, "output_dir": str(root / "data/prepared")})
+    raw["score"].update({"output_dir": str(root / "data/scores"), "max_length": 64})
+    raw["zoo"]["output_dir"] = str(zoo_dir)
+    for name in REFERENCES:
+        raw["references"][name]["model"] = str(zoo_dir / name)
+    raw["train"].update({
+        "max_steps": 4, "batch_size": 8, "max_length": 64, "eval_steps": 1000, "save_steps": 1000,
+        "logging_steps": 1, "window_size": 16, "device": "cpu",
+    })
+    raw["score"]["device"] = "cpu"
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = load_config(params)
+    prepare(cfg)
+    for name in REFERENCES:
+        score_reference(cfg, name)
+    return {"root": root, "params": params}
+
+
+def config(scored: dict, out: Path, **overrides):
+    """The scored project's config with every train output under `out` and `overrides` (dotted keys) applied."""
+    base = {
+        "train.output_dir": str(out / "policy"),
+        "train.checkpoint_dir": str(out / "checkpoints"),
+        "train.metrics_file": str(out / "metrics/train.json"),
+        "train.plots_file": str(out / "plots/train.csv"),
+        "tracking.tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
+    }
+    base.update(overrides)
+    from mrpo.config import load_config
+
+    return load_config(scored["params"], base)
+
+
+class SimulatedCrash(RuntimeError):
+    """What `CrashAtStep` raises."""
+
+
+class CrashAtStep:
+    """A TrainerCallback that kills the run at the end of `step` (after an earlier checkpoint, before the next)."""
+
+    def __init__(self, step: int):
+        from transformers import TrainerCallback
+
+        self.step = step
+        self.__class__ = type("CrashAtStepCallback", (CrashAtStep, TrainerCallback), {})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise SimulatedCrash(f"simulated kill at step {self.step}")
+        return control
+
+    def __getattr__(self, name):  # every other callback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
+from conftest import REFERENCES, REPO_ROOT, CrashAtStep, SimulatedCrash, config
 
 from mrpo.config import load_config
 from mrpo.train import build_trainer, prepare_training, train
@@ -28,52 +28,7 @@ from mrpo.trainer import (
     load_reference_scores,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCES = ("anchor", "gpt2_char", "llama_mul")
-
-
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def scored(tiny_zoo, tmp_path_factory) -> dict:
-    """Prepared data and the three references' score files, made by the real prepare and score stages."""
-    from mrpo.data import prepare
-    from mrpo.scoring import score_reference
-
-    root = tmp_path_factory.mktemp("train_project")
-    zoo_dir = Path(tiny_zoo["output_dir"]) if isinstance(tiny_zoo, dict) else Path(tiny_zoo)
-    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    raw["data"].update({"synthetic_pairs": 800, "output_dir": str(root / "data/prepared")})
-    raw["score"].update({"output_dir": str(root / "data/scores"), "max_length": 64})
-    raw["zoo"]["output_dir"] = str(zoo_dir)
-    for name in REFERENCES:
-        raw["references"][name]["model"] = str(zoo_dir / name)
-    raw["train"].update({
-        "max_steps": 4, "batch_size": 8, "max_length": 64, "eval_steps": 1000, "save_steps": 1000,
-        "logging_steps": 1, "window_size": 16, "device": "cpu",
-    })
-    raw["score"]["device"] = "cpu"
-    params = root / "params.yaml"
-    params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    cfg = load_config(params)
-    prepare(cfg)
-    for name in REFERENCES:
-        score_reference(cfg, name)
-    return {"root": root, "params": params}
-
-
-def config(scored: dict, out: Path, **overrides):
-    """The scored project's config with every train output under `out` and `overrides` (dotted keys) applied."""
-    base = {
-        "train.output_dir": str(out / "policy"),
-        "train.checkpoint_dir": str(out / "checkpoints"),
-        "train.metrics_file": str(out / "metrics/train.json"),
-        "train.plots_file": str(out / "plots/train.csv"),
-        "tracking.tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
-    }
-    base.update(overrides)
-    return load_config(scored["params"], base)
 
 
 def first_step_losses(cfg, steps: int = 1) -> tuple[list[dict], object]:
@@ -319,30 +274,6 @@ def test_lora_policy_is_saved_merged_or_as_an_adapter(scored, tmp_path):
 # ---------------------------------------------------------------- resume
 
 
-class _Crash(RuntimeError):
-    pass
-
-
-class CrashAtStep:
-    """A TrainerCallback that kills the run at the end of `step` (after an earlier checkpoint, before the next)."""
-
-    def __init__(self, step: int):
-        from transformers import TrainerCallback
-
-        self.step = step
-        self.__class__ = type("CrashAtStepCallback", (CrashAtStep, TrainerCallback), {})
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise _Crash(f"simulated kill at step {self.step}")
-        return control
-
-    def __getattr__(self, name):  # every other callback event: nothing to do
-        if name.startswith("on_"):
-            return lambda *a, **k: None
-        raise AttributeError(name)
-
-
 def test_resume_after_kill_ends_with_the_same_metrics(scored, tmp_path, monkeypatch):
     """Thompson weighting (seeded RNG + online Beta state) and AdamW state survive a kill between checkpoints."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -353,7 +284,7 @@ def test_resume_after_kill_ends_with_the_same_metrics(scored, tmp_path, monkeypa
     previous = Path(cfg.train.output_dir)
     previous.mkdir(parents=True)
     (previous / "model.safetensors").write_text("an earlier policy")
-    with pytest.raises(_Crash):
+    with pytest.raises(SimulatedCrash):
         train(cfg, callbacks=[CrashAtStep(5)])
     assert (previous / "model.safetensors").read_text() == "an earlier policy"  # failed run: earlier policy intact
     ckpt = Path(cfg.train.checkpoint_dir) / "checkpoint-4"
