@@ -11,7 +11,6 @@ training run); every params.yaml value goes into params.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import subprocess
@@ -23,17 +22,10 @@ import yaml
 
 from flows.stages import flatten, numeric_items
 from mrpo.config import Config, config_to_flat_dict
+from mrpo.io import file_sha256
 from mrpo.tracking import RUN_RECORD, PipelineRun, read_run_record, tracking_uri
 
 log = logging.getLogger("mrpo")
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
 
 def git_commit(project_dir: str | Path) -> tuple[str | None, bool]:
     """(HEAD commit, whether the work tree has uncommitted changes); (None, False) outside git."""
@@ -83,7 +75,7 @@ def reference_lineage(cfg: Config, project_dir: str | Path) -> dict[str, str]:
         score_path = f"{cfg.score.output_dir}/{ref.name}.parquet"
         digest = digests.get(score_path)
         if digest is None and (Path(project_dir) / score_path).is_file():
-            digest = sha256_file(Path(project_dir) / score_path)
+            digest = file_sha256(Path(project_dir) / score_path)
         if digest:
             tags[f"mrpo.reference.{ref.name}.score_digest"] = digest
     return tags
@@ -161,7 +153,7 @@ def record_lineage(cfg: Config, project_dir: str | Path, run_id: str | None = No
     if commit:
         tags.update({"mlflow.source.git.commit": commit, "mrpo.git_commit": commit, "mrpo.git_dirty": str(dirty)})
     if (root / "dvc.lock").is_file():
-        tags["mrpo.dvc_lock_digest"] = sha256_file(root / "dvc.lock")
+        tags["mrpo.dvc_lock_digest"] = file_sha256(root / "dvc.lock")
     report = root / cfg.data.output_dir / "report.json"
     try:
         from mrpo.data import prepared_digest

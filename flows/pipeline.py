@@ -19,31 +19,17 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.lineage import record_lineage
 from flows.stages import (
-    StageFailed,
     artifact_key,
     pipeline_stages,
     reproduce_stage,
+    retry_if_transient,
     stage_markdown,
     stage_metrics,
 )
 from mrpo.config import load_config
-from mrpo.errors import MRPOError
 
 STAGE_RETRIES = 2
 STAGE_RETRY_DELAYS = [10, 60]
-
-
-def retry_if_transient(task, task_run, state) -> bool:
-    """Retry a failed stage unless the failure cannot change on its own (a user-fixable error)."""
-    try:
-        state.result()
-    except StageFailed as exc:
-        return exc.transient
-    except MRPOError:
-        return False
-    except Exception:  # anything else (a lost connection, a killed process) may pass
-        return True
-    return True
 
 
 @task(

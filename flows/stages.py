@@ -22,12 +22,12 @@ from typing import Any
 
 from mrpo.cli import STATUS_FILE_ENV
 from mrpo.config import Config
-from mrpo.errors import USER_ERROR_EXIT
+from mrpo.errors import USER_ERROR_EXIT, MRPOError
 
 log = logging.getLogger("mrpo")
 
 class StageFailed(RuntimeError):
-    """`dvc repro` of a stage failed. `command_exit` is how the stage's `mrpo` command ended (None when it never
+    """`dvc repro` of a stage (or `dvc exp run` of an experiment) failed. `command_exit` is how the stage's `mrpo` command ended (None when it never
     reported: it did not start, or it was killed); `transient` says whether a retry may help."""
 
     def __init__(self, stage: str, returncode: int, output: str, command_exit: int | None = None):
@@ -97,17 +97,37 @@ def classify_repro_output(stage: str, output: str) -> str:
     return "skipped" if "Data and pipelines are up to date" in output else "ran"
 
 
+def dvc_running_mrpo(args: list[str], name: str, project_dir: str | Path,
+                     env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`dvc <args>` whose stage commands are `mrpo`; raises StageFailed carrying how the failing `mrpo` command
+    exited, which it reports through a status file (DVC itself exits 255 for every failed command)."""
+    with tempfile.TemporaryDirectory(prefix="mrpo-status-") as tmp:
+        status_file = Path(tmp) / "status.json"
+        proc = dvc(args, project_dir, env={**(env or {}), STATUS_FILE_ENV: str(status_file)}, check=False)
+        command_exit = _read_json(status_file).get("exit")
+    if proc.returncode != 0:
+        raise StageFailed(name, proc.returncode, proc.stdout, command_exit)
+    return proc
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry a failed stage unless the failure cannot change on its own."""
+    try:
+        state.result()
+    except StageFailed as exc:
+        return exc.transient
+    except MRPOError:
+        return False
+    except Exception:  # anything else (a lost connection, a killed process) may pass
+        return True
+    return True
+
+
 def reproduce_stage(stage: str, project_dir: str | Path, env: Mapping[str, str] | None = None) -> StageResult:
     """`dvc repro --single-item <stage>`: run the stage if DVC finds it stale, else skip it."""
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mrpo-status-") as tmp:
-        status_file = Path(tmp) / "status.json"
-        proc = dvc(["repro", "--single-item", stage], project_dir, env={**(env or {}), STATUS_FILE_ENV: str(status_file)},
-                   check=False)
-        command_exit = _read_json(status_file).get("exit")
+    proc = dvc_running_mrpo(["repro", "--single-item", stage], stage, project_dir, env)
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise StageFailed(stage, proc.returncode, proc.stdout, command_exit)
     status = classify_repro_output(stage, proc.stdout)
     log.info("stage %s: %s in %.1fs", stage, status, seconds)
     return StageResult(stage=stage, status=status, seconds=seconds, output=proc.stdout)

@@ -25,9 +25,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.lineage import git_commit, sha256_file
-from flows.stages import dvc, flatten, markdown_table, numeric_items
+from flows.lineage import git_commit
+from flows.stages import dvc_running_mrpo, flatten, markdown_table, numeric_items, retry_if_transient
 from mrpo.config import STRATEGIES, load_config
+from mrpo.io import file_sha256
 from mrpo.tracking import PARENT_RUN_ENV  # MRPO_PARENT_RUN_ID: new training runs nest under it
 
 DEFAULT_STRATEGIES = tuple(s for s in STRATEGIES if s != "fixed")  # fixed needs weights: pass them explicitly
@@ -204,17 +205,16 @@ def write_comparison(rows: list[dict[str, Any]], out_dir: str | Path, metric: st
 # ---------------------------------------------------------------- Prefect
 
 
-@task(task_run_name="{member.slug}", retries=1, retry_delay_seconds=30, cache_policy=None)
+@task(task_run_name="{member.slug}", retries=1, retry_delay_seconds=30, retry_condition_fn=retry_if_transient,
+      cache_policy=None)
 def run_member(member: SweepMember, project_dir: str, experiment: str, env: dict[str, str]) -> dict[str, Any]:
-    """`dvc exp run --temp` one member; raises with DVC's output when it fails."""
+    """`dvc exp run --temp` one member; raises StageFailed with DVC's output when it fails."""
     logger = get_run_logger()
     start = time.perf_counter()
     args = ["exp", "run", "--temp", "-n", experiment, *set_param_args(member.overrides),
             "-S", f"tracking.run_name={experiment}"]
-    proc = dvc(args, project_dir, env=env, check=False)
+    dvc_running_mrpo(args, experiment, project_dir, env)
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"dvc exp run {experiment} failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
     logger.info("experiment %s (%s, seed %d) done in %.0fs", experiment, member.label, member.seed, seconds)
     return {"seconds": round(seconds, 1)}
 
@@ -260,7 +260,7 @@ def sweep(
                        "overrides": overrides or {}, "members": len(members)}.items():
         client.log_param(parent_id, key, json.dumps(value) if not isinstance(value, str) else value)
     if (root / "dvc.lock").is_file():
-        client.set_tag(parent_id, "mrpo.dvc_lock_digest", sha256_file(root / "dvc.lock"))
+        client.set_tag(parent_id, "mrpo.dvc_lock_digest", file_sha256(root / "dvc.lock"))
     env = {PARENT_RUN_ENV: parent_id, "MLFLOW_TRACKING_URI": uri}
     logger.info("sweep %s: %d members under MLflow run %s (%s)", sweep_id, len(members), parent_id, uri)
 
