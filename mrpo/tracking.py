@@ -12,6 +12,7 @@ with artifacts under ``<project>/mlruns``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -86,9 +87,30 @@ def start_pipeline_run(cfg: Config, *, resume_run_id: str | None = None, tags: M
     tags = dict(tags or {})
     if os.environ.get(PARENT_RUN_ENV):  # a sweep member: nest under the sweep's parent run
         tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
-    run = client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags=tags)
+    tags.setdefault("mlflow.note.content", run_description(cfg))
+    run = client.create_run(experiment_id, run_name=cfg.tracking.run_name or default_run_name(cfg), tags=tags)
     log.info("mlflow: started run %s (experiment %r) in %s", run.info.run_id, cfg.tracking.experiment, uri)
     return PipelineRun(run.info.run_id, experiment_id, uri)
+
+
+def default_run_name(cfg: Config) -> str:
+    """What the run is, e.g. `mrpo-vdw-anchor+gpt2_char+llama_mul-b0.1-s0-3f9a1c`.
+
+    MLflow's random names repeat here (the stage seeds Python's RNG before the run exists), and say nothing; the
+    suffix, a hash of the whole configuration, tells apart runs that differ elsewhere.
+    """
+    t = cfg.train
+    refs = "+".join(r.name for r in cfg.training_references())
+    what = t.objective if t.objective == "dpo" else f"{t.objective}-{t.strategy}"
+    digest = hashlib.sha256(json.dumps(config_to_flat_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()
+    return f"{what}-{refs}-b{t.beta:g}-s{cfg.seed}-{digest[:6]}"
+
+
+def run_description(cfg: Config) -> str:
+    t = cfg.train
+    refs = ", ".join(f"{r.name} ({r.model})" for r in cfg.training_references())
+    return (f"{t.objective} ({t.loss_type} loss, beta {t.beta:g}, weighting {t.strategy}) against {refs}; "
+            f"anchor {cfg.anchor.name}; data {cfg.data.source}; seed {cfg.seed}.")
 
 
 def write_run_record(directory: str | Path, run: PipelineRun) -> Path:
