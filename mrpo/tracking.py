@@ -231,6 +231,23 @@ def finish_run(run: PipelineRun, status: str = "FINISHED") -> None:
     client_for(run.tracking_uri).set_terminated(run.run_id, status=status)
 
 
+@contextlib.contextmanager
+def pipeline_run(cfg: Config, *, enabled: bool = True, resume_run_id: str | None = None,
+                 tags: Mapping[str, str] | None = None) -> Iterator[PipelineRun | None]:
+    """The stage's MLflow run for the `with` block (None when not `enabled`): FINISHED when the block completes,
+    FAILED when anything escapes it, an interrupt included."""
+    if not enabled:
+        yield None
+        return
+    run = start_pipeline_run(cfg, resume_run_id=resume_run_id, tags=tags)
+    try:
+        yield run
+    except BaseException:
+        finish_run(run, status="FAILED")
+        raise
+    finish_run(run)
+
+
 class MLflowStepCallback(TrainerCallback):
     """Logs every Trainer log (training curves and validation metrics) as MLflow metrics with the global step."""
 

@@ -323,75 +323,73 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
     started = time.perf_counter()
     seed_everything(cfg.seed)
     setup = prepare_training(cfg)
-    datasets = setup.datasets
     checkpoint_dir = Path(t.checkpoint_dir)
     main = _is_main_process()
     start = resume_point(checkpoint_dir, setup.fingerprint, clean=main)  # ranks of one job share the directory
 
-    run = _start_tracking(cfg, setup, start.mlflow_run_id) if track and main else None
-    run_state = RunState(setup.fingerprint, run.run_id if run else None)
-    if main:
-        write_run_state(checkpoint_dir, run_state)
-
-    metrics: dict[str, Any] = {}
-    try:
-        trainer = build_trainer(cfg, setup, callbacks=[*callbacks, *([tracking.MLflowStepCallback(run)] if run else [])])
-        metrics.update(evaluate_before_training(cfg, setup, trainer.model))
-        if start.checkpoint:
-            log.info("train: resuming from %s", start.checkpoint)
-        trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
-        for split in ("val", "test"):
-            if len(datasets[split]):
-                after = trainer.evaluate(datasets[split], metric_key_prefix=split)
-                metrics.update(flat_eval_metrics(after, split, "after"))
-        history = trainer.state.log_history
-        step_losses = [e["loss"] for e in history if "loss" in e]
-        tps = [e["tokens_per_second"] for e in history if "tokens_per_second" in e]
-        metrics.update({
-            "final_loss": float(step_losses[-1]) if step_losses else None,
-            "train_loss": mean_training_loss(history),
-            "steps": int(trainer.state.global_step),
-            "train_pairs": len(datasets["train"]),
-            "skipped_pairs": sum(d.skipped for d in datasets.values()),
-            "references": len(setup.names),
-            "runtime_s": time.perf_counter() - started,
-            "resumed": start.checkpoint is not None,
-            **({"tokens_per_second": float(sum(tps) / len(tps))} if tps else {}),
-        })
-        if trainer.is_world_process_zero():
+    with tracking.pipeline_run(cfg, enabled=track and main, resume_run_id=start.mlflow_run_id,
+                               tags={"mrpo.stage": "train"}) as run:
+        run_state = RunState(setup.fingerprint, run.run_id if run else None)
+        if main:
+            write_run_state(checkpoint_dir, run_state)
+        if run is not None:
+            _log_inputs(cfg, setup, run)
+        trainer, metrics = _train_and_evaluate(cfg, setup, start, callbacks, run)
+        metrics["runtime_s"] = time.perf_counter() - started
+        if main:
             _write_outputs(cfg, trainer, setup.tokenizer, metrics, run)
             write_run_state(checkpoint_dir, RunState(run_state.fingerprint, run_state.mlflow_run_id, completed=True))
-            if run is not None:
-                tracking.log_metrics(run, {f"final/{k}": v for k, v in metrics.items()}, step=trainer.state.global_step)
-                tracking.record_policy(run, t.output_dir)
-                tracking.finish_run(run)
-        trainer.accelerator.wait_for_everyone()
-    except BaseException:
-        if run is not None:
-            tracking.finish_run(run, status="FAILED")
-        raise
     log.info("train: done in %.0fs, %d steps; val reward accuracy %.3f -> %.3f; policy in %s",
              metrics["runtime_s"], metrics["steps"], metrics.get("val_reward_accuracy_before", float("nan")),
              metrics.get("val_reward_accuracy_after", float("nan")), t.output_dir)
     return metrics
 
 
-def _start_tracking(cfg: Config, setup: TrainingSetup, resume_run_id: str | None):
+def _log_inputs(cfg: Config, setup: TrainingSetup, run) -> None:
     from mrpo import tracking
     from mrpo.models import model_fingerprint
 
-    run = tracking.start_pipeline_run(cfg, resume_run_id=resume_run_id, tags={"mrpo.stage": "train"})
     tracking.log_config(run, cfg)
     tracking.log_reference_set(run, [
         {"name": s.name, "model": cfg.reference(s.name).model, **model_fingerprint(cfg.reference(s.name)),
          "score_file": str(s.path), "score_sha256": s.sha256, "prepared_digest": setup.prepared_digest}
         for s in setup.scores
     ])
-    return run
+
+
+def _train_and_evaluate(cfg: Config, setup: TrainingSetup, start, callbacks, run) -> tuple[MRPOTrainer, dict]:
+    """Validation and test metrics before, the training itself, the same metrics after."""
+    from mrpo import tracking
+
+    datasets = setup.datasets
+    trainer = build_trainer(cfg, setup, callbacks=[*callbacks, *([tracking.MLflowStepCallback(run)] if run else [])])
+    metrics: dict[str, Any] = evaluate_before_training(cfg, setup, trainer.model)
+    if start.checkpoint:
+        log.info("train: resuming from %s", start.checkpoint)
+    trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
+    for split in ("val", "test"):
+        if len(datasets[split]):
+            after = trainer.evaluate(datasets[split], metric_key_prefix=split)
+            metrics.update(flat_eval_metrics(after, split, "after"))
+    history = trainer.state.log_history
+    step_losses = [e["loss"] for e in history if "loss" in e]
+    tps = [e["tokens_per_second"] for e in history if "tokens_per_second" in e]
+    metrics.update({
+        "final_loss": float(step_losses[-1]) if step_losses else None,
+        "train_loss": mean_training_loss(history),
+        "steps": int(trainer.state.global_step),
+        "train_pairs": len(datasets["train"]),
+        "skipped_pairs": sum(d.skipped for d in datasets.values()),
+        "references": len(setup.names),
+        "resumed": start.checkpoint is not None,
+        **({"tokens_per_second": float(sum(tps) / len(tps))} if tps else {}),
+    })
+    trainer.accelerator.wait_for_everyone()
+    return trainer, metrics
 
 
 def _write_outputs(cfg: Config, trainer: MRPOTrainer, tokenizer, metrics: dict[str, Any], run) -> None:
-    """The policy (swapped in whole), metrics and curves; checked finite before anything is replaced."""
+    """The policy (swapped in whole, checked finite first), metrics and curves; then the MLflow record."""
     from mrpo import tracking
 
     t = cfg.train
@@ -408,3 +406,6 @@ def _write_outputs(cfg: Config, trainer: MRPOTrainer, tokenizer, metrics: dict[s
         shutil.rmtree(tmp, ignore_errors=True)
     write_json_atomically(t.metrics_file, metrics)
     write_plots_csv(t.plots_file, trainer.state.log_history)
+    if run is not None:
+        tracking.log_metrics(run, {f"final/{k}": v for k, v in metrics.items()}, step=trainer.state.global_step)
+        tracking.record_policy(run, out)
