@@ -676,6 +676,9 @@ def prepare(cfg: Config) -> dict:
 
     Returns the report (also written to `<output_dir>/report.json`).
     """
+    from mrpo.preflight import check_stage
+
+    check_stage(cfg, "prepare")
     d = cfg.data
     tally = PrepareTally()
     all_pairs: list[Pair] = []

@@ -677,6 +677,9 @@ def log_to_mlflow(cfg: Config, metrics: Mapping[str, float], files: Sequence[Pat
 
 def evaluate(cfg: Config) -> EvaluationReport:
     """Run the evaluate stage (see the module docstring); returns the flat metrics and where results went."""
+    from mrpo.preflight import check_stage
+
+    check_stage(cfg, "evaluate")
     start = time.perf_counter()
     e = cfg.evaluate
     results_dir = Path(e.results_dir)
