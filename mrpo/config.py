@@ -26,6 +26,21 @@ ARCHITECTURES = ("llama", "gpt2")
 TOKENIZER_KINDS = ("bpe", "char")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ZOO_OPERATIONS = ("+", "-", "*")
+# transformers' SchedulerType values, less those that need `lr_scheduler_kwargs` (params.yaml has no knob for
+# them: cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay). Written out because importing the
+# enum costs seconds (it pulls in torch); tests/test_config.py checks it against the installed transformers.
+LR_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "reduce_lr_on_plateau", "greedy",
+)
+LR_SCHEDULERS_NEEDING_KWARGS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
+
+def zoo_attention_heads(hidden_size: int) -> int:
+    """Attention heads of a zoo model of this width (one per 16 dimensions, at least one)."""
+    return max(1, hidden_size // 16)
 
 
 # ---------------------------------------------------------------- sections
@@ -233,16 +248,28 @@ def load_config(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node = raw
     *parents, last = dotted.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
+    if not all(parents + [last]):
+        raise ConfigError(f"--set {dotted}: empty key part; write it as section.key, e.g. train.beta")
+    for i, key in enumerate(parents):
+        child = node.setdefault(key, {})
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parents[: i + 1])
+            raise ConfigError(f"--set {dotted}: {where} is {child!r}, not a section with keys")
+        node = child
     node[last] = value
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"params: expected a mapping of sections at the top level, got {raw!r}")
     known = {f.name for f in dataclasses.fields(Config)} | {"paths", "profile"}
     _reject_unknown(raw, known, "")
+    seed = _int(raw.get("seed", 0), "seed", minimum=0)
+    _check(seed <= MAX_SEED, "seed", seed, f"must be <= {MAX_SEED}")
     cfg = Config(
-        seed=_int(raw.get("seed", 0), "seed", minimum=0),
+        seed=seed,
         references=_references(raw.get("references")),
         data=_section(DataConfig, raw.get("data"), "data"),
         zoo=_zoo(raw.get("zoo")),
@@ -261,36 +288,86 @@ def _reject_unknown(raw: Mapping[str, Any], known: set[str], prefix: str) -> Non
             raise ConfigError(f"{prefix}{key}: unknown key; allowed: {sorted(known)}")
 
 
-def _section(cls, raw: Mapping[str, Any] | None, prefix: str, **fixed):
-    raw = dict(raw or {})
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix}: expected a mapping, got {raw!r}")
+def _mapping(raw: Any, prefix: str) -> dict:
+    """A section's settings as a dict: null (or an empty section) is {}, anything but a mapping is an error."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix}: expected a mapping of settings (key: value lines), got {raw!r}")
+    return dict(raw)
+
+
+def _describe(annotation: str) -> str:
+    base = annotation.removesuffix(" | None")
+    text = {
+        "bool": "true or false",
+        "int": "an integer",
+        "float": "a finite number",
+        "str": "a non-empty string",
+        "tuple[str, ...]": "a list of strings, e.g. [a, b]",
+        "tuple[float, ...]": "a list of finite numbers, e.g. [1, 0.5]",
+        "Mapping[str, str]": "a mapping of names to strings, e.g. {name: value}",
+    }[base]
+    return text + (" or null" if annotation.endswith(" | None") else "")
+
+
+def _typed(value: Any, annotation: str, key: str) -> Any:
+    """`value` checked against the field's annotation (the dataclass's own type, as a string); lists become tuples."""
+    base = annotation.removesuffix(" | None")
+    if value is None:
+        if annotation.endswith(" | None"):
+            return None
+        raise ConfigError(f"{key}: got null; expected {_describe(annotation)}")
+
+    def bad(hint: str = "") -> ConfigError:
+        return ConfigError(f"{key}: expected {_describe(annotation)}, got {value!r}{hint}")
+
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if base in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad()
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: got {value!r}; must be a finite number")
+        if base == "int" and isinstance(value, float):
+            if not value.is_integer():
+                raise bad()
+            value = int(value)
+        return value
+    if base == "str":
+        if not isinstance(value, str):
+            raise bad(" (quote it in params.yaml to make it a string)" if isinstance(value, int | float) else "")
+        if not value.strip():
+            raise ConfigError(f"{key}: got {value!r}; must be a non-empty string")
+        return value
+    if base.startswith("tuple["):
+        if isinstance(value, str):
+            raise bad(f"; a single value is written as a list: [{value}]")
+        if not isinstance(value, list | tuple):
+            raise bad()
+        item = base.removeprefix("tuple[").removesuffix(", ...]")
+        return tuple(_typed(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if base == "Mapping[str, str]":
+        if not isinstance(value, Mapping):
+            raise bad()
+        return {_typed(k, "str", f"{key} (a name)"): _typed(v, "str", f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(f"{key}: no check for annotation {annotation!r}")  # a new field type: add it above
+
+
+def _section(cls, raw: Any, prefix: str, **fixed):
+    raw = _mapping(raw, prefix)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    _reject_unknown(raw, set(fields), prefix + ".")
-    values = {}
-    for name, value in raw.items():
-        if name in fixed:
-            continue
-        default = fields[name].default
-        if isinstance(value, list):
-            value = tuple(value)
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise ConfigError(f"{prefix}.{name}: expected true or false, got {value!r}")
-        if isinstance(default, int | float) and not isinstance(default, bool) and value is not None:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"{prefix}.{name}: expected a number, got {value!r}")
-            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-                if not value.is_integer():
-                    raise ConfigError(f"{prefix}.{name}: expected an integer, got {value!r}")
-                value = int(value)
-        values[name] = value
+    _reject_unknown(raw, set(fields) - set(fixed), prefix + ".")
+    values = {name: _typed(value, fields[name].type, f"{prefix}.{name}") for name, value in raw.items()}
     values.update(fixed)
     return cls(**values)
 
 
 def _references(raw: Any) -> tuple[ReferenceConfig, ...]:
     """Accept a mapping name -> settings (DVC foreach friendly) or a list of settings with `name`."""
-    if raw is None or (hasattr(raw, "__len__") and len(raw) == 0):
+    if raw is None or (isinstance(raw, Mapping | list) and len(raw) == 0):
         raise ConfigError("references: at least one reference is required (the first one is the anchor)")
     if isinstance(raw, Mapping):
         items = [(name, spec) for name, spec in raw.items()]
@@ -318,19 +395,22 @@ def _references(raw: Any) -> tuple[ReferenceConfig, ...]:
     return tuple(refs)
 
 
-def _zoo(raw: Mapping[str, Any] | None) -> ZooConfig:
-    raw = dict(raw or {})
-    members_raw = raw.pop("members", {}) or {}
+def _zoo(raw: Any) -> ZooConfig:
+    raw = _mapping(raw, "zoo")
+    members_raw = raw.pop("members", None) or {}
     if not isinstance(members_raw, Mapping):
         raise ConfigError(f"zoo.members: expected a mapping of name -> settings, got {members_raw!r}")
+    for name in members_raw:
+        if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"zoo.members: name {name!r} must be non-empty letters, digits, '-' or '_'")
     members = tuple(
         _section(ZooMember, spec, f"zoo.members.{name}", name=name) for name, spec in members_raw.items()
     )
     return _section(ZooConfig, raw, "zoo", members=members)
 
 
-def _train(raw: Mapping[str, Any] | None) -> TrainConfig:
-    raw = dict(raw or {})
+def _train(raw: Any) -> TrainConfig:
+    raw = _mapping(raw, "train")
     lora = _section(LoraConfig, raw.pop("lora", None), "train.lora")
     return _section(TrainConfig, raw, "train", lora=lora)
 
@@ -354,13 +434,20 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 
 def _validate(cfg: Config) -> None:
+    """Every range and cross-field rule (types and finiteness were checked field by field in `_typed`)."""
     t, d, s, e = cfg.train, cfg.data, cfg.score, cfg.evaluate
     names = [r.name for r in cfg.references]
+
+    for r in cfg.references:
+        _check(r.gguf_file is None or r.gguf_file.endswith(".gguf"), f"references.{r.name}.gguf_file", r.gguf_file,
+               "must name a .gguf file inside `model` (or be null)")
 
     _one_of(d.source, "data.source", DATA_SOURCES)
     _one_of(d.format, "data.format", DATA_FORMATS)
     _check(d.source in ("synthetic",) or len(d.paths) > 0, "data.paths", list(d.paths),
            f"data.source {d.source!r} needs at least one path (a local file or, for hub, a dataset id)")
+    _check(d.source != "synthetic" or len(d.paths) == 0, "data.paths", list(d.paths),
+           "data.source 'synthetic' reads no files: set data.source to file, gsm8k or hub, or paths: []")
     _check(d.synthetic_pairs >= 10, "data.synthetic_pairs", d.synthetic_pairs, "must be >= 10")
     _check(d.max_rows is None or d.max_rows > 0, "data.max_rows", d.max_rows, "must be > 0 or null")
     _check(d.max_chars > 0, "data.max_chars", d.max_chars, "must be > 0")
@@ -372,11 +459,29 @@ def _validate(cfg: Config) -> None:
 
     member_names = [m.name for m in cfg.zoo.members]
     for m in cfg.zoo.members:
-        _one_of(m.architecture, f"zoo.members.{m.name}.architecture", ARCHITECTURES)
-        _one_of(m.tokenizer, f"zoo.members.{m.name}.tokenizer", TOKENIZER_KINDS)
+        key = f"zoo.members.{m.name}"
+        _one_of(m.architecture, f"{key}.architecture", ARCHITECTURES)
+        _one_of(m.tokenizer, f"{key}.tokenizer", TOKENIZER_KINDS)
+        _check(len(m.operations) > 0, f"{key}.operations", list(m.operations),
+               f"needs at least one of {list(ZOO_OPERATIONS)}")
         for op in m.operations:
-            _one_of(op, f"zoo.members.{m.name}.operations", ("+", "-", "*"))
-        _check(m.train_steps >= 0, f"zoo.members.{m.name}.train_steps", m.train_steps, "must be >= 0")
+            _one_of(op, f"{key}.operations", ZOO_OPERATIONS)
+        _check(len(set(m.operations)) == len(m.operations), f"{key}.operations", list(m.operations),
+               "each operation at most once")
+        _check(m.train_steps >= 0, f"{key}.train_steps", m.train_steps, "must be >= 0")
+        _check(m.num_layers >= 1, f"{key}.num_layers", m.num_layers, "must be >= 1")
+        _check(m.hidden_size >= 2, f"{key}.hidden_size", m.hidden_size, "must be >= 2")
+        heads = zoo_attention_heads(m.hidden_size)
+        step = 2 * heads if m.architecture == "llama" else heads  # llama's rotary embedding needs an even head size
+        if m.hidden_size % step:
+            valid = [h for h in range(max(2, m.hidden_size - 64), m.hidden_size + 65)
+                     if h % ((2 if m.architecture == "llama" else 1) * zoo_attention_heads(h)) == 0]
+            lower = max((h for h in valid if h < m.hidden_size), default=None)
+            upper = min(h for h in valid if h > m.hidden_size)
+            _check(False, f"{key}.hidden_size", m.hidden_size,
+                   f"a zoo model has max(1, hidden_size // 16) = {heads} attention heads, so hidden_size must be a "
+                   f"multiple of {step} ({'an even head size for llama' if m.architecture == 'llama' else 'gpt2'}); "
+                   f"nearest valid: {', '.join(str(h) for h in (lower, upper) if h is not None)}")
     _check(len(set(member_names)) == len(member_names), "zoo.members", member_names, "names must be unique")
 
     _check(s.max_length >= 8, "score.max_length", s.max_length, "must be >= 8")
@@ -390,17 +495,33 @@ def _validate(cfg: Config) -> None:
     _one_of(t.loss_type, "train.loss_type", LOSS_TYPES)
     _one_of(t.strategy, "train.strategy", STRATEGIES)
     _one_of(t.device, "train.device", DEVICES)
-    _check(math.isfinite(t.beta) and t.beta > 0, "train.beta", t.beta, "must be > 0")
+    _one_of(t.lr_scheduler, "train.lr_scheduler", LR_SCHEDULERS)
+    _check(t.beta > 0, "train.beta", t.beta, "must be > 0")
     _check(0 <= t.epsilon < 1, "train.epsilon", t.epsilon, "must be in [0, 1)")
     _check(0 <= t.label_smoothing < 0.5, "train.label_smoothing", t.label_smoothing, "must be in [0, 0.5)")
     _check(t.sft_weight >= 0, "train.sft_weight", t.sft_weight, "must be >= 0")
     _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
+    _check(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", t.warmup_ratio,
+           "must be in [0, 1] (the fraction of the training steps spent warming up)")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    _check(t.num_epochs > 0, "train.num_epochs", t.num_epochs,
+           "must be > 0 (with 0 nothing is trained; train.max_steps >= 1 overrides it)")
+    _check(t.max_steps == -1 or t.max_steps >= 1, "train.max_steps", t.max_steps,
+           "must be -1 (train for train.num_epochs) or >= 1")
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _check(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
            t.gradient_accumulation_steps, "must be >= 1")
     _check(t.window_size >= 1, "train.window_size", t.window_size, "must be >= 1")
     _check(t.max_length >= 8, "train.max_length", t.max_length, "must be >= 8")
+    for key in ("eval_steps", "save_steps", "logging_steps"):
+        _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1 (a number of optimizer steps)")
+    _check(t.output_dir != t.checkpoint_dir, "train.checkpoint_dir", t.checkpoint_dir,
+           "must differ from train.output_dir")
     _check(t.lora.r >= 1, "train.lora.r", t.lora.r, "must be >= 1")
+    _check(t.lora.alpha > 0, "train.lora.alpha", t.lora.alpha, "must be > 0")
+    _check(0 <= t.lora.dropout < 1, "train.lora.dropout", t.lora.dropout, "must be in [0, 1)")
+    _check(t.lora.target_modules is None or len(t.lora.target_modules) > 0, "train.lora.target_modules",
+           t.lora.target_modules, "must name at least one module, or be null to let peft choose")
     if t.references is not None:
         for n in t.references:
             _check(n in names, "train.references", list(t.references), f"each must be one of {names}")
@@ -415,14 +536,25 @@ def _validate(cfg: Config) -> None:
         w = t.fixed_weights
         _check(w is not None and len(w) == k, "train.fixed_weights", None if w is None else list(w),
                f"strategy 'fixed' needs exactly {k} weights, one per training reference")
-        _check(all(isinstance(x, int | float) and x >= 0 for x in w), "train.fixed_weights", list(w),
-               "weights must be non-negative numbers")
+        _check(all(x >= 0 for x in w), "train.fixed_weights", list(w), "weights must be non-negative numbers")
         _check(sum(w) > 0, "train.fixed_weights", list(w), "at least one weight must be positive")
+    else:
+        _check(t.fixed_weights is None, "train.fixed_weights", None if t.fixed_weights is None else list(t.fixed_weights),
+               f"only used by strategy 'fixed', but train.strategy is {t.strategy!r}: "
+               "set train.strategy: fixed or fixed_weights: null")
+    if t.strategy in ("vdw", "vaw"):
+        _check(d.val_fraction > 0, "data.val_fraction", d.val_fraction,
+               f"must be > 0: train.strategy {t.strategy!r} is fitted on the validation split")
+    if t.lr_scheduler == "reduce_lr_on_plateau":
+        _check(d.val_fraction > 0, "data.val_fraction", d.val_fraction,
+               "must be > 0: train.lr_scheduler 'reduce_lr_on_plateau' steps on the validation loss")
 
     _check(e.limit is None or e.limit > 0, "evaluate.limit", e.limit, "must be > 0 or null")
     _check(e.num_fewshot >= 0, "evaluate.num_fewshot", e.num_fewshot, "must be >= 0")
     _check(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "must be >= 1")
+    _check(e.max_gen_tokens >= 1, "evaluate.max_gen_tokens", e.max_gen_tokens, "must be >= 1")
     _one_of(e.device, "evaluate.device", DEVICES)
+    _check(len(set(e.tasks)) == len(e.tasks), "evaluate.tasks", list(e.tasks), "each task at most once")
 
 
 def config_to_flat_dict(cfg: Config) -> dict[str, Any]:

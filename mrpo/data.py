@@ -26,6 +26,7 @@ import os
 import random
 import re
 import statistics
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -399,9 +400,17 @@ def normalize_gsm8k(row: RawRow, cfg: DataConfig, seed: int) -> Pair:
 def _open_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
-        return gzip.decompress(raw) if path.name.endswith(".gz") else raw
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"{path}: cannot read file ({exc})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    if not path.name.endswith(".gz"):
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; zlib.error: damaged data
+        raise DataError(
+            f"{path}: cannot read file: damaged, truncated or not gzip data ({exc}); re-create or re-download it, "
+            "or drop the .gz suffix if it is not compressed"
+        ) from exc
 
 
 def _file_kind(path: Path) -> str:
@@ -499,8 +508,14 @@ def read_hub_rows(dataset_id: str, split: str) -> Iterator[dict]:
     try:
         ds = datasets.load_dataset(dataset_id, split=split)
     except Exception as exc:  # datasets raises many types; all mean "cannot read this source"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        hint = ""
+        if isinstance(exc, OSError):  # ConnectionError included: offline mode, no network, unknown id
+            hint = ("; it could not be downloaded from the Hugging Face Hub and is not in the local cache (offline "
+                    "or no network?): download it once while online, or save it to a file and use "
+                    "data.source: file with data.paths: [that file]")
         raise DataError(
-            f"dataset {dataset_id!r} split {split!r}: cannot load ({type(exc).__name__}: {exc})"
+            f"data.paths: dataset {dataset_id!r} split {split!r}: cannot load ({type(exc).__name__}: {first}){hint}"
         ) from exc
     return iter(ds)
 
@@ -534,6 +549,16 @@ class PrepareTally:
     rows_read: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     examples: dict[str, list[str]] = field(default_factory=dict)
+    extra_field_rows: int = 0  # CSV rows with more fields than the header names: the extra ones are not read
+    extra_field_examples: list[str] = field(default_factory=list)
+
+    def extra_fields(self, where: str, values: list) -> None:
+        self.extra_field_rows += 1
+        if len(self.extra_field_examples) < _EXAMPLES_PER_REASON:
+            detail = (f"{where}: {len(values)} field(s) beyond the header's columns ignored: "
+                      f"{json.dumps(values, ensure_ascii=False)[:200]}")
+            self.extra_field_examples.append(detail)
+            log.warning("extra fields: %s", detail)
 
     def drop(self, reason: str, detail: str) -> None:
         self.dropped[reason] += 1
@@ -676,6 +701,9 @@ def prepare(cfg: Config) -> dict:
 
     Returns the report (also written to `<output_dir>/report.json`).
     """
+    from mrpo.preflight import check_stage
+
+    check_stage(cfg, "prepare")
     d = cfg.data
     tally = PrepareTally()
     all_pairs: list[Pair] = []
@@ -684,7 +712,13 @@ def prepare(cfg: Config) -> dict:
     for origin, rows in source_rows(cfg):
         if budget is not None and budget <= 0:
             break
-        raw = [RawRow(origin, i, r) for i, r in enumerate(islice(rows, budget), start=1)]
+        raw = []
+        for i, r in enumerate(islice(rows, budget), start=1):
+            # csv.DictReader puts the fields of a row longer than the header under the key None
+            extra = r.pop(None, None) if isinstance(r, dict) else None
+            if extra:
+                tally.extra_fields(f"{origin} row {i}", extra)
+            raw.append(RawRow(origin, i, r))
         if budget is not None:
             budget -= len(raw)
         pairs, formats[origin] = normalize_rows(raw, origin, cfg, tally)
@@ -710,6 +744,7 @@ def prepare(cfg: Config) -> dict:
         "rows_kept": len(pairs),
         "dropped": tally.dropped,
         "dropped_examples": tally.examples,
+        "extra_fields": {"rows": tally.extra_field_rows, "examples": tally.extra_field_examples},
         "max_rows": d.max_rows,
         "max_chars": d.max_chars,
         "val_fraction": d.val_fraction,
@@ -732,6 +767,10 @@ def prepare(cfg: Config) -> dict:
     _write_atomically(outputs)
 
     dropped = ", ".join(f"{k} {v}" for k, v in tally.dropped.items() if v) or "none"
+    if tally.extra_field_rows:
+        log.warning("prepare: %d row(s) had more fields than the header names; the extra fields were ignored "
+                    "(see extra_fields in %s); check the file's header and quoting",
+                    tally.extra_field_rows, Path(d.output_dir) / "report.json")
     log.info(
         "prepare: read %d rows from %s (%s), kept %d: train %d / val %d / test %d; dropped: %s; digest %s -> %s",
         tally.rows_read,

@@ -363,7 +363,7 @@ def convert_gguf_checkpoint(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def check_model_exists(ref: ReferenceConfig, role: str, hint: str) -> None:
-    from mrpo.models import gguf_location
+    from mrpo.models import gguf_location, require_safetensors
 
     if gguf_location(ref):  # raises, naming the file or the wheel, when the GGUF is missing
         return
@@ -378,6 +378,8 @@ def check_model_exists(ref: ReferenceConfig, role: str, hint: str) -> None:
         raise FileNotFoundError(f"evaluate: the {role} {ref.model!r} does not exist; {hint}")
     if path.is_dir() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"evaluate: the {role} directory {ref.model!r} has no config.json; {hint}")
+    # lm-eval would load a pickled pytorch_model.bin; scoring and training never do, so neither does evaluate
+    require_safetensors(ref, path)
 
 
 def run_lm_eval(
@@ -404,7 +406,17 @@ def run_lm_eval(
     needs_registry = any(not t.local for t in tasks)
     task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_registry)
     # Built here rather than by name so the thread count can follow the model's size.
-    lm = HFLM(**model_args, batch_size=settings.batch_size, device=settings.device)
+    try:
+        lm = HFLM(**model_args, batch_size=settings.batch_size, device=settings.device)
+    except OSError as exc:  # transformers: no network / offline mode / unknown id or revision / damaged files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        where = model_args["pretrained"]
+        raise ConfigError(
+            f"evaluate: lm-eval cannot load {where!r} ({first}); "
+            + ("fix or rebuild that directory" if Path(where).exists() else
+               "it is not in the local Hugging Face cache and could not be downloaded (offline or no network?): "
+               "download it once while online or use a local directory")
+        ) from exc
     if threads is None:
         threads = cpu_threads_for(lm.model, settings.device)
     with torch_threads(threads):
@@ -678,6 +690,9 @@ def log_to_mlflow(cfg: Config, metrics: Mapping[str, float], files: Sequence[Pat
 
 def evaluate(cfg: Config) -> EvaluationReport:
     """Run the evaluate stage (see the module docstring); returns the flat metrics and where results went."""
+    from mrpo.preflight import check_stage
+
+    check_stage(cfg, "evaluate")
     start = time.perf_counter()
     e = cfg.evaluate
     results_dir = Path(e.results_dir)

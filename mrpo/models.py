@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import inspect
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mrpo.errors import ConfigError
 from mrpo.tokenization import EncodedResponse
 
 log = logging.getLogger("mrpo")
@@ -216,7 +218,8 @@ def load_tokenizer(ref):
     else:
         source, kwargs = ref.model, {} if Path(ref.model).exists() else {"revision": ref.revision}
     _require_local_or_hub(ref, source)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
+    with _load_errors(ref, source, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
     if tokenizer.pad_token_id is None:
         # Padding is always masked out, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -239,8 +242,11 @@ def load_model(ref, device: torch.device | str = "cpu", dtype: torch.dtype = tor
         kwargs["use_safetensors"] = True
         if not Path(source).exists():
             kwargs["revision"] = ref.revision
+        else:
+            require_safetensors(ref, source)
     _require_local_or_hub(ref, source)
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    with _load_errors(ref, source, "model"):
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if gguf:
         model = dequantized_copy(model, dtype)
     model.to(device)
@@ -259,6 +265,46 @@ def dequantized_copy(loaded: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
     plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     return plain
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def _load_errors(ref, source: str, what: str) -> Iterator[None]:
+    """transformers' OSErrors (no network, offline mode, unknown id or revision, damaged files) as one-line
+    ConfigErrors naming the reference, what was loaded and the fix."""
+    try:
+        yield
+    except OSError as exc:
+        if Path(source).exists():
+            raise ConfigError(
+                f"reference {ref.name!r}: cannot load the {what} from local {source!r} ({_first_line(exc)}); "
+                f"fix or rebuild it, or point references.{ref.name}.model elsewhere"
+            ) from exc
+        offline = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v, "").lower() in
+                   ("1", "true", "yes", "on")]
+        why = f"{' and '.join(offline)} set, offline mode" if offline else "no network, or a wrong id or revision"
+        raise ConfigError(
+            f"reference {ref.name!r}: the {what} {source!r} (revision {ref.revision or 'main'}) could not be "
+            f"downloaded from the Hugging Face Hub and is not in the local cache ({why}: {_first_line(exc)}); "
+            f"download it once while online, or set references.{ref.name}.model to a local directory"
+        ) from exc
+
+
+def require_safetensors(ref, directory: str | Path) -> None:
+    """References load safetensors only (no pickled code runs): refuse a local model directory without them."""
+    directory = Path(directory)
+    if not directory.is_dir() or any(directory.glob("*.safetensors")) or any(directory.glob("*.gguf")):
+        return
+    found = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    raise ConfigError(
+        f"reference {ref.name!r}: {str(directory)!r} has no safetensors weights"
+        f"{f' (only {found})' if found else ''}; models are loaded from safetensors only, so no pickled code runs: "
+        "re-save it with save_pretrained(..., safe_serialization=True)"
+    )
 
 
 def _require_local_or_hub(ref, source: str) -> None:

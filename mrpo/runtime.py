@@ -8,12 +8,14 @@ import random
 import numpy as np
 import torch
 
+from mrpo.errors import ConfigError
+
 log = logging.getLogger("mrpo")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA device is visible; use device: auto or cpu")
+        raise ConfigError("device 'cuda' requested but no CUDA device is visible; use device: auto or cpu")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)

@@ -40,6 +40,7 @@ from mrpo.models import (
     response_logps,
     torch_threads,
 )
+from mrpo.preflight import check_stage
 from mrpo.runtime import resolve_device, resolve_dtype
 from mrpo.tokenization import EncodedResponse, encode_response, render_prompt
 
@@ -282,6 +283,7 @@ def score_reference(
     run (not for shards reused from an interrupted run).
     """
     ref = cfg.reference(name)
+    check_stage(cfg, "score")
     s = cfg.score
     out_dir = Path(s.output_dir)
     out_path = out_dir / f"{name}.parquet"

@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mrpo.config import zoo_attention_heads
 from mrpo.models import collate_responses, response_logps, torch_threads
+from mrpo.preflight import check_stage
 from mrpo.synthetic import OPERATIONS, generate_pairs
 from mrpo.tokenization import encode_response
 
@@ -103,7 +105,7 @@ def build_model(member, tokenizer, seed: int):
     """A freshly initialised Llama- or GPT-2-style causal LM sized by the member's settings."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    heads = max(1, member.hidden_size // 16)
+    heads = zoo_attention_heads(member.hidden_size)  # params.yaml validation relies on the same rule
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     torch.manual_seed(seed)
@@ -212,6 +214,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def build_zoo(cfg) -> list[dict]:
     """Build every `cfg.zoo.members` entry under `cfg.zoo.output_dir`; with zoo.enabled false write only a marker."""
+    check_stage(cfg, "zoo")
     output_dir = Path(cfg.zoo.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     marker = output_dir / DISABLED_MARKER

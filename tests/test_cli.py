@@ -38,3 +38,105 @@ def test_show_config_prints_validated_values(project, capsys):
     assert main(["--set", "train.strategy=vdw", "show-config"]) == 0
     out = capsys.readouterr().out
     assert "train.strategy = 'vdw'" in out and "train.beta = 0.1" in out
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------- issue 11: bad knobs and unusable outputs, exit 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "train=abc", "train"], "mrpo: configuration error: train: expected a mapping of settings"),
+        (["--set", "data=5", "prepare"], "mrpo: configuration error: data: expected a mapping of settings"),
+        (["--set", "train.beta.x=1", "train"], "--set train.beta.x: train.beta is 0.1, not a section"),
+        (["--set", "train.learning_rate=.inf", "train"], "train.learning_rate: got inf; must be a finite number"),
+        (["--set", "train.num_epochs=0", "train"], "train.num_epochs: got 0; must be > 0"),
+        (["--set", "train.lr_scheduler=bogus", "train"], "train.lr_scheduler: got 'bogus'; allowed: linear, cosine"),
+        (["--set", "data.source=file", "--set", "data.paths=pairs.jsonl", "prepare"],
+         "data.paths: expected a list of strings, e.g. [a, b], got 'pairs.jsonl'; a single value is written as a "
+         "list: [pairs.jsonl]"),
+        (["--set", "zoo.members.anchor.hidden_size=0", "zoo"], "zoo.members.anchor.hidden_size: got 0; must be >= 2"),
+        (["--set", "train.fixed_weights=[1, 1, 1]", "train"], "train.fixed_weights: got [1, 1, 1]; only used by "
+                                                              "strategy 'fixed'"),
+    ],
+)
+def test_bad_knobs_exit_2_before_any_work(project, capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (project / "data").exists() and not (project / "models").exists()  # nothing was started
+
+
+@pytest.mark.skipif(torch_cuda_available(), reason="the machine has CUDA")
+@pytest.mark.parametrize(("stage", "key"), [(["score", "--reference", "anchor"], "score.device"),
+                                            (["evaluate"], "evaluate.device")])
+def test_cuda_on_a_machine_without_it_fails_naming_the_key(project, capsys, stage, key):
+    assert main(["--set", f"{key}=cuda", *stage]) == 2
+    err = capsys.readouterr().err
+    assert f"mrpo: configuration error: {key}: got 'cuda', but this machine has no usable CUDA device" in err
+    assert f"set {key}: auto or cpu" in err
+
+
+def test_every_profile_and_params_yaml_show_config(capsys):
+    for params in [PARAMS, *sorted((PARAMS.parent / "profiles").glob("*.yaml"))]:
+        assert main(["--params", str(params), "show-config"]) == 0, params
+        assert "train.beta = " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("stage", "key"), [(["zoo"], "zoo.output_dir"), (["prepare"], "data.output_dir"),
+                                            (["score", "--reference", "anchor"], "score.output_dir"),
+                                            (["evaluate"], "evaluate.results_dir"),
+                                            (["evaluate"], "evaluate.metrics_file")])
+def test_an_output_under_a_file_fails_naming_the_key_before_any_work(project, capsys, stage, key):
+    (project / "blocker").write_text("a file, not a directory\n")
+    assert main(["--set", f"{key}=blocker/out", *stage]) == 2
+    err = capsys.readouterr().err
+    assert (f"mrpo: configuration error: {key}: cannot write 'blocker/out': 'blocker' is a file, "
+            f"not a directory; choose a writable location for {key}") in err
+    assert sorted(p.name for p in project.iterdir()) == ["blocker", "params.yaml"]  # nothing was started
+
+
+def test_a_read_only_output_dir_fails_naming_the_key(project, capsys):
+    readonly = project / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    try:
+        if _can_write(readonly):
+            pytest.skip("running as root: modes do not stop writes (the /sys probe below covers a real refusal)")
+        assert main(["--set", "data.output_dir=readonly/out", "prepare"]) == 2
+    finally:
+        readonly.chmod(0o755)
+    err = capsys.readouterr().err
+    assert "data.output_dir: cannot write 'readonly/out': 'readonly' is not writable (Permission denied)" in err
+
+
+def test_check_writable_probes_for_real_where_modes_do_not_tell(tmp_path):
+    from mrpo.config import ConfigError
+    from mrpo.preflight import check_writable
+
+    check_writable(tmp_path / "new" / "dir", "data.output_dir")  # creatable: fine, and nothing is created
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="train.output_dir: cannot write .*: it exists and is a file"):
+        check_writable(tmp_path / "f", "train.output_dir")
+    with pytest.raises(ConfigError, match="train.metrics_file: cannot write .*: it exists and is a directory"):
+        check_writable(tmp_path, "train.metrics_file", kind="file")
+    if Path("/sys").is_dir() and not _can_write(Path("/sys")):  # sysfs refuses new files even to root
+        with pytest.raises(ConfigError, match=r"score.output_dir: cannot write '/sys/mrpo/scores': '/sys' is not "
+                                              r"writable \("):
+            check_writable("/sys/mrpo/scores", "score.output_dir")
+
+
+def _can_write(directory: Path) -> bool:
+    try:
+        (directory / ".probe").write_text("")
+    except OSError:
+        return False
+    (directory / ".probe").unlink()
+    return True

@@ -1,6 +1,7 @@
 """params.yaml is validated once, at the edge: each bad value gets a message naming the key, the value and the rule."""
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,226 @@ def test_documented_profiles_are_valid(profile):
     cfg = load_config(profile)
     assert len(cfg.references) >= 2
     assert cfg.anchor.name == next(iter(read_params(profile)["references"]))
+
+
+# ---------------------------------------------------------------- every knob has a check (issue 11, bug 5)
+
+INF, NAN = float("inf"), float("nan")
+
+# (dotted key, bad value, fragment of the message). Keys under references / zoo.members use the default profile's
+# first entry (anchor). Every leaf field of every config dataclass must appear here (see the walk below).
+BAD_VALUES = [
+    ("seed", -1, "seed: got -1; must be >= 0"),
+    ("seed", 2**32, "must be <= 4294967295"),
+    ("seed", "abc", "seed: expected an integer"),
+    ("references.anchor.model", 5, "references.anchor.model: expected a non-empty string, got 5 (quote it"),
+    ("references.anchor.revision", 1234567, "references.anchor.revision: expected a non-empty string or null"),
+    ("references.anchor.gguf_file", "model.bin", "references.anchor.gguf_file: got 'model.bin'; must name a .gguf"),
+    ("references.anchor.tokenizer", ["a"], "references.anchor.tokenizer: expected a non-empty string or null"),
+    ("references.anchor.chat_template", "yes", "references.anchor.chat_template: expected true or false"),
+    ("data.source", "s3", "data.source: got 's3'; allowed: synthetic, file, hub, gsm8k"),
+    ("data.paths", "pairs.jsonl", "data.paths: expected a list of strings, e.g. [a, b], got 'pairs.jsonl'; "
+                                  "a single value is written as a list: [pairs.jsonl]"),
+    ("data.paths", [1], "data.paths[0]: expected a non-empty string, got 1"),
+    ("data.paths", ["x.jsonl"], "data.paths: got ['x.jsonl']; data.source 'synthetic' reads no files"),
+    ("data.hub_split", "", "data.hub_split: got ''; must be a non-empty string"),
+    ("data.format", "xml", "data.format: got 'xml'; allowed: auto, explicit"),
+    ("data.prompt_column", 3, "data.prompt_column: expected a non-empty string, got 3"),
+    ("data.chosen_column", None, "data.chosen_column: got null; expected a non-empty string"),
+    ("data.rejected_column", [], "data.rejected_column: expected a non-empty string"),
+    ("data.question_column", " ", "data.question_column: got ' '; must be a non-empty string"),
+    ("data.answer_column", True, "data.answer_column: expected a non-empty string"),
+    ("data.synthetic_pairs", 5, "data.synthetic_pairs: got 5; must be >= 10"),
+    ("data.synthetic_pairs", 10.5, "data.synthetic_pairs: expected an integer, got 10.5"),
+    ("data.max_rows", 0, "data.max_rows: got 0; must be > 0 or null"),
+    ("data.max_chars", 0, "data.max_chars: got 0; must be > 0"),
+    ("data.val_fraction", INF, "data.val_fraction: got inf; must be a finite number"),
+    ("data.val_fraction", NAN, "data.val_fraction: got nan; must be a finite number"),
+    ("data.val_fraction", 1.0, r"data.val_fraction: got 1.0; must be in [0, 1)"),
+    ("data.test_fraction", INF, "data.test_fraction: got inf; must be a finite number"),
+    ("data.test_fraction", -0.1, r"data.test_fraction: got -0.1; must be in [0, 1)"),
+    ("data.output_dir", "", "data.output_dir: got ''; must be a non-empty string"),
+    ("zoo.enabled", 1, "zoo.enabled: expected true or false, got 1"),
+    ("zoo.output_dir", None, "zoo.output_dir: got null"),
+    ("zoo.members", ["anchor"], "zoo.members: expected a mapping of name -> settings"),
+    ("zoo.members.anchor.architecture", "bert", "zoo.members.anchor.architecture: got 'bert'; allowed: llama, gpt2"),
+    ("zoo.members.anchor.tokenizer", "wordpiece", "zoo.members.anchor.tokenizer: got 'wordpiece'; allowed: bpe, char"),
+    ("zoo.members.anchor.hidden_size", 0, "zoo.members.anchor.hidden_size: got 0; must be >= 2"),
+    ("zoo.members.anchor.hidden_size", 50, "zoo.members.anchor.hidden_size: got 50; a zoo model has "
+                                           "max(1, hidden_size // 16) = 3 attention heads, so hidden_size must be a "
+                                           "multiple of 6"),
+    ("zoo.members.anchor.num_layers", 0, "zoo.members.anchor.num_layers: got 0; must be >= 1"),
+    ("zoo.members.anchor.train_steps", -1, "zoo.members.anchor.train_steps: got -1; must be >= 0"),
+    ("zoo.members.anchor.operations", "+", "zoo.members.anchor.operations: expected a list of strings"),
+    ("zoo.members.anchor.operations", [], "zoo.members.anchor.operations: got []; needs at least one"),
+    ("zoo.members.anchor.operations", ["/"], "zoo.members.anchor.operations: got '/'; allowed: +, -, *"),
+    ("score.output_dir", 5, "score.output_dir: expected a non-empty string, got 5"),
+    ("score.max_length", 4, "score.max_length: got 4; must be >= 8"),
+    ("score.batch_tokens", 10, "score.batch_tokens: got 10; must be >= score.max_length"),
+    ("score.shard_size", 0, "score.shard_size: got 0; must be >= 1"),
+    ("score.device", "tpu", "score.device: got 'tpu'; allowed: auto, cpu, cuda"),
+    ("score.dtype", "int8", "score.dtype: got 'int8'; allowed: auto, float32"),
+    ("train.objective", "ppo", "train.objective: got 'ppo'; allowed: mrpo, dpo, multi_dpo"),
+    ("train.references", ["gpt2_char"], "train.references: got ['gpt2_char']; must start with the anchor"),
+    ("train.references", "anchor", "train.references: expected a list of strings, e.g. [a, b] or null"),
+    ("train.dpo_reference", "nobody", "train.dpo_reference: got 'nobody'; allowed: anchor, gpt2_char, llama_mul"),
+    ("train.loss_type", "kto", "train.loss_type: got 'kto'"),
+    ("train.beta", INF, "train.beta: got inf; must be a finite number"),
+    ("train.beta", 0, "train.beta: got 0; must be > 0"),
+    ("train.epsilon", NAN, "train.epsilon: got nan; must be a finite number"),
+    ("train.epsilon", 1.0, r"train.epsilon: got 1.0; must be in [0, 1)"),
+    ("train.adaptive_epsilon", "true", "train.adaptive_epsilon: expected true or false, got 'true'"),
+    ("train.label_smoothing", 0.5, r"train.label_smoothing: got 0.5; must be in [0, 0.5)"),
+    ("train.label_smoothing", -INF, "train.label_smoothing: got -inf; must be a finite number"),
+    ("train.sft_weight", INF, "train.sft_weight: got inf; must be a finite number"),
+    ("train.sft_weight", -1, "train.sft_weight: got -1; must be >= 0"),
+    ("train.strategy", "best", "train.strategy: got 'best'; allowed: uniform, fixed"),
+    ("train.fixed_weights", [1, 1, 1], "train.fixed_weights: got [1, 1, 1]; only used by strategy 'fixed', but "
+                                       "train.strategy is 'uniform'"),
+    ("train.fixed_weights", [INF, 1, 1], "train.fixed_weights[0]: got inf; must be a finite number"),
+    ("train.fixed_weights", ["a", 1, 1], "train.fixed_weights[0]: expected a finite number, got 'a'"),
+    ("train.window_size", 0, "train.window_size: got 0; must be >= 1"),
+    ("train.learning_rate", INF, "train.learning_rate: got inf; must be a finite number"),
+    ("train.learning_rate", 0, "train.learning_rate: got 0; must be > 0"),
+    ("train.lr_scheduler", "bogus", "train.lr_scheduler: got 'bogus'; allowed: linear, cosine, cosine_with_restarts"),
+    ("train.lr_scheduler", "cosine_with_min_lr", "train.lr_scheduler: got 'cosine_with_min_lr'; allowed:"),
+    ("train.warmup_ratio", -0.1, "train.warmup_ratio: got -0.1; must be in [0, 1]"),
+    ("train.warmup_ratio", NAN, "train.warmup_ratio: got nan; must be a finite number"),
+    ("train.warmup_ratio", 1.5, "train.warmup_ratio: got 1.5; must be in [0, 1]"),
+    ("train.weight_decay", -3, "train.weight_decay: got -3; must be >= 0"),
+    ("train.weight_decay", NAN, "train.weight_decay: got nan; must be a finite number"),
+    ("train.num_epochs", 0, "train.num_epochs: got 0; must be > 0"),
+    ("train.num_epochs", -1, "train.num_epochs: got -1; must be > 0"),
+    ("train.num_epochs", INF, "train.num_epochs: got inf; must be a finite number"),
+    ("train.max_steps", 0, "train.max_steps: got 0; must be -1 (train for train.num_epochs) or >= 1"),
+    ("train.max_steps", -2, "train.max_steps: got -2; must be -1"),
+    ("train.batch_size", 0, "train.batch_size: got 0; must be >= 1"),
+    ("train.gradient_accumulation_steps", 0, "train.gradient_accumulation_steps: got 0; must be >= 1"),
+    ("train.max_length", 4, "train.max_length: got 4; must be >= 8"),
+    ("train.eval_steps", -5, "train.eval_steps: got -5; must be >= 1"),
+    ("train.save_steps", 0, "train.save_steps: got 0; must be >= 1"),
+    ("train.logging_steps", 0, "train.logging_steps: got 0; must be >= 1"),
+    ("train.gradient_checkpointing", "no", "train.gradient_checkpointing: expected true or false"),
+    ("train.lora", "abc", "train.lora: expected a mapping of settings (key: value lines), got 'abc'"),
+    ("train.device", "gpu", "train.device: got 'gpu'; allowed: auto, cpu, cuda"),
+    ("train.output_dir", "", "train.output_dir: got ''; must be a non-empty string"),
+    ("train.checkpoint_dir", "models/policy", "train.checkpoint_dir: got 'models/policy'; must differ from"),
+    ("train.metrics_file", None, "train.metrics_file: got null"),
+    ("train.plots_file", 3, "train.plots_file: expected a non-empty string, got 3"),
+    ("train.lora.enabled", 1, "train.lora.enabled: expected true or false, got 1"),
+    ("train.lora.r", 0, "train.lora.r: got 0; must be >= 1"),
+    ("train.lora.alpha", -1, "train.lora.alpha: got -1; must be > 0"),
+    ("train.lora.dropout", 1.5, r"train.lora.dropout: got 1.5; must be in [0, 1)"),
+    ("train.lora.dropout", INF, "train.lora.dropout: got inf; must be a finite number"),
+    ("train.lora.target_modules", [], "train.lora.target_modules: got (); must name at least one module"),
+    ("train.lora.target_modules", "q_proj", "a single value is written as a list: [q_proj]"),
+    ("train.lora.merge", "yes", "train.lora.merge: expected true or false"),
+    ("evaluate.tasks", "mrpo_arith_gen", "evaluate.tasks: expected a list of strings"),
+    ("evaluate.tasks", ["mrpo_arith_gen", "mrpo_arith_gen"], "evaluate.tasks: got ['mrpo_arith_gen', "
+                                                             "'mrpo_arith_gen']; each task at most once"),
+    ("evaluate.limit", 0, "evaluate.limit: got 0; must be > 0 or null"),
+    ("evaluate.num_fewshot", -1, "evaluate.num_fewshot: got -1; must be >= 0"),
+    ("evaluate.batch_size", 0, "evaluate.batch_size: got 0; must be >= 1"),
+    ("evaluate.device", "cuda:0", "evaluate.device: got 'cuda:0'; allowed: auto, cpu, cuda"),
+    ("evaluate.max_gen_tokens", 0, "evaluate.max_gen_tokens: got 0; must be >= 1"),
+    ("evaluate.task_data", ["x.jsonl"], "evaluate.task_data: expected a mapping of names to strings"),
+    ("evaluate.metrics_file", "", "evaluate.metrics_file: got ''"),
+    ("evaluate.results_dir", None, "evaluate.results_dir: got null"),
+    ("evaluate.cache_dir", 1, "evaluate.cache_dir: expected a non-empty string, got 1"),
+    ("tracking.tracking_uri", 5, "tracking.tracking_uri: expected a non-empty string or null, got 5"),
+    ("tracking.experiment", "", "tracking.experiment: got ''; must be a non-empty string"),
+    ("tracking.run_name", [1], "tracking.run_name: expected a non-empty string or null"),
+    # sections of the wrong type
+    ("train", "abc", "train: expected a mapping of settings (key: value lines), got 'abc'"),
+    ("data", 5, "data: expected a mapping of settings (key: value lines), got 5"),
+    ("zoo", [1], "zoo: expected a mapping of settings"),
+    ("score", "x", "score: expected a mapping of settings"),
+    ("evaluate", 1.5, "evaluate: expected a mapping of settings"),
+    ("tracking", True, "tracking: expected a mapping of settings"),
+    ("references", "abc", "references: expected a mapping of name -> settings"),
+    ("zoo.members.anchor", "abc", "zoo.members.anchor: expected a mapping of settings"),
+]
+
+
+def _set(raw, dotted, value):
+    from mrpo.config import set_dotted
+
+    out = copy.deepcopy(raw)
+    set_dotted(out, dotted, value)
+    return out
+
+
+@pytest.mark.parametrize(("key", "value", "message"), BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in BAD_VALUES])
+def test_every_bad_value_is_refused_naming_key_value_and_rule(raw, key, value, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config(_set(raw, key, value))
+    assert message in str(info.value)
+
+
+def _leaf_keys():
+    """(dotted key, annotation) of every leaf setting, as it is spelled in params.yaml."""
+    import dataclasses
+
+    from mrpo import config as c
+
+    prefixes = {c.ReferenceConfig: "references.anchor", c.DataConfig: "data", c.ZooMember: "zoo.members.anchor",
+                c.ZooConfig: "zoo", c.ScoreConfig: "score", c.LoraConfig: "train.lora", c.TrainConfig: "train",
+                c.EvalConfig: "evaluate", c.TrackingConfig: "tracking", c.Config: ""}
+    for cls, prefix in prefixes.items():
+        for f in dataclasses.fields(cls):
+            if f.name == "name" or f.type.removesuffix(", ...]").removeprefix("tuple[") in {k.__name__ for k in prefixes}:
+                continue  # names are keys; nested sections are walked themselves
+            yield (f"{prefix}.{f.name}" if prefix else f.name), f.type
+
+
+def test_every_setting_of_every_section_has_a_rejected_value():
+    covered = {key for key, _, _ in BAD_VALUES}
+    leaves = dict(_leaf_keys())
+    assert len(leaves) > 80
+    assert sorted(set(leaves) - covered) == []
+    # every float setting refuses a non-finite value, every int one a value out of range or of the wrong type
+    for key, annotation in leaves.items():
+        bad = [v for k, v, _ in BAD_VALUES if k == key]
+        if "float" in annotation:
+            assert any(not all(math.isfinite(x) for x in (v if isinstance(v, list) else [v]) if isinstance(x, float))
+                       for v in bad), key
+
+
+def test_scheduler_list_is_transformers_own_less_those_needing_kwargs():
+    from transformers import SchedulerType
+
+    from mrpo.config import LR_SCHEDULERS, LR_SCHEDULERS_NEEDING_KWARGS
+
+    assert set(LR_SCHEDULERS) | set(LR_SCHEDULERS_NEEDING_KWARGS) == {s.value for s in SchedulerType}
+    assert not set(LR_SCHEDULERS) & set(LR_SCHEDULERS_NEEDING_KWARGS)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "constant_with_warmup", "inverse_sqrt"])
+def test_good_values_still_pass(raw, scheduler):
+    cfg = parse_config(_set(raw, "train.lr_scheduler", scheduler))
+    assert cfg.train.lr_scheduler == scheduler
+    ok = _set(_set(raw, "train.strategy", "fixed"), "train.fixed_weights", [1, 0.5, 2])
+    assert parse_config(ok).train.fixed_weights == (1, 0.5, 2)
+    assert parse_config(_set(raw, "train.warmup_ratio", 1.0)).train.warmup_ratio == 1.0
+    assert parse_config(_set(raw, "train.max_steps", 1)).train.max_steps == 1
+    assert parse_config(_set(raw, "zoo.members.anchor.hidden_size", 48)).zoo.members[0].hidden_size == 48
+    assert parse_config(_set(raw, "data.max_rows", 5.0)).data.max_rows == 5  # an integral float is an integer
+
+
+def test_strategies_fitted_on_validation_need_a_validation_split(raw):
+    with pytest.raises(ConfigError, match="data.val_fraction: got 0; must be > 0: train.strategy 'vdw' is fitted"):
+        parse_config(_set(_set(raw, "train.strategy", "vdw"), "data.val_fraction", 0))
+
+
+def test_set_into_a_value_that_is_not_a_section():
+    from mrpo.config import set_dotted
+
+    with pytest.raises(ConfigError, match=r"--set train.beta.x: train.beta is 0.1, not a section"):
+        set_dotted({"train": {"beta": 0.1}}, "train.beta.x", 1)
+
+
+def test_params_file_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections at the top level, got list"):
+        load_config(path)
