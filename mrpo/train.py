@@ -35,6 +35,7 @@ from mrpo.config import Config, ConfigError
 from mrpo.data import SPLITS
 from mrpo.errors import TrainingError
 from mrpo.io import replace_directory, write_json_atomically, write_text_atomically
+from mrpo.preflight import check_stage
 from mrpo.runtime import resolve_device, seed_everything
 from mrpo.trainer import (
     MRPOTrainer,
@@ -320,6 +321,7 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
     from mrpo import tracking
 
     t = cfg.train
+    check_stage(cfg, "train")
     started = time.perf_counter()
     seed_everything(cfg.seed)
     setup = prepare_training(cfg)
