@@ -55,6 +55,20 @@ def cpu_threads_for(model: torch.nn.Module, device: torch.device | str) -> int |
     return 1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS else None
 
 
+@contextmanager
+def forward_precision(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
+    """Run forwards in `dtype` numerics over fp32 weights: autocast for bfloat16/float16, nothing for float32.
+
+    Training keeps fp32 master weights, so scoring the anchor the same way (fp32 weights under the same
+    autocast) is what makes the policy's step-0 log-probs equal the stored scores in every precision.
+    """
+    if dtype == torch.float32:
+        yield
+        return
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        yield
+
+
 # ---------------------------------------------------------------- log-probs
 
 

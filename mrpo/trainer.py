@@ -277,24 +277,52 @@ def preference_metrics(eval_pred) -> dict[str, float]:
     }
 
 
+@dataclass(frozen=True)
+class StepCounts:
+    """What one optimizer step's accumulated batch holds, summed over its micro-batches and every rank."""
+
+    pairs: int
+    chosen_tokens: int
+    world_size: int
+
+
+def accumulated_share(total: torch.Tensor, count: int, world_size: int) -> torch.Tensor:
+    """This micro-batch's share of a mean over the whole accumulated batch of every rank.
+
+    Micro-batch gradients add up and DDP averages over ranks, so `total / count * world_size`
+    makes the step's gradient that of the global mean, however the batch is split.
+    """
+    return total * (world_size / max(count, 1))
+
+
 class MRPOTrainer(Trainer):
     """`transformers.Trainer` whose loss is the MRPO objective over precomputed reference log-probs.
 
     Extra arguments: `objective` (ObjectiveSettings), `strategy` (from
     `mrpo.weighting.make_strategy`), `reference_names` (K names, anchor first,
-    used for the `weight/<name>` metrics). Batches come from PreferenceCollator.
+    used for the `weight/<name>` metrics), `precision` (the dtype the anchor was
+    scored in: the policy's forward runs in the same numerics, see
+    `mrpo.models.forward_precision`). Batches come from PreferenceCollator.
+
+    One optimizer step is one unit whatever the gradient accumulation: the loss is
+    a mean over the step's whole batch (pairs for the preference term, chosen
+    tokens for the SFT term), and online strategies draw their weights once per
+    step and learn once after it from all of the step's pairs.
     """
 
-    # compute_loss returns a per-batch mean; let Trainer divide it by the accumulation steps.
-    loss_is_scaled_for_ga = False
+    # compute_loss divides by the whole accumulated batch's counts (StepCounts) itself.
+    loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, objective: ObjectiveSettings, strategy, reference_names: Sequence[str], **kwargs):
+    def __init__(self, *args, objective: ObjectiveSettings, strategy, reference_names: Sequence[str],
+                 precision: torch.dtype = torch.float32, **kwargs):
         kwargs.setdefault("compute_metrics", preference_metrics)
         super().__init__(*args, **kwargs)
         self.objective = objective
         self.strategy = strategy
         self.reference_names = tuple(reference_names)
+        self.precision = precision
         self._train_metrics: dict[str, list[float]] = defaultdict(list)
+        self._step_margins: list[torch.Tensor] = []
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
         self.add_callback(StrategyStateCallback(self))
@@ -302,8 +330,11 @@ class MRPOTrainer(Trainer):
     # ------------------------------------------------------------ the step
 
     def _policy_logps(self, model, inputs):
-        """ONE forward pass over chosen and rejected together -> (chosen (B,), rejected (B,), chosen tokens)."""
-        logps = response_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"])
+        """ONE forward pass over chosen and rejected together -> (chosen (B,), rejected (B,))."""
+        from mrpo.models import forward_precision
+
+        with forward_precision(self.precision, inputs["input_ids"].device):
+            logps = response_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"])
         n = inputs["ref_chosen_logps"].shape[0]
         return logps[:n], logps[n:]
 
@@ -315,25 +346,55 @@ class MRPOTrainer(Trainer):
         gathered = self.accelerator.gather(padded)
         return gathered[~torch.isnan(gathered).any(dim=-1)]
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The step's micro-batches plus their StepCounts, passed on to compute_loss as `num_items_in_batch`.
+
+        Trainer counts `labels != -100` for this; preference batches have no labels, so count here.
+        """
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        local = torch.zeros(2, dtype=torch.long)
+        for b in batch_samples:
+            n = b["ref_chosen_logps"].shape[0]
+            local += torch.stack([torch.tensor(n), b["response_mask"][:n].sum().cpu()])
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.gather(local.to(self.accelerator.device).reshape(1, 2)).sum(dim=0).cpu()
+        return batch_samples, StepCounts(int(local[0]), int(local[1]), self.accelerator.num_processes)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ref_w, ref_l = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         pi_w, pi_l = self._policy_logps(model, inputs)
         margins = (ref_w - ref_l).detach()
-        weights = torch.as_tensor(self.strategy.weights(margins), dtype=torch.float32, device=pi_w.device)
+        strategy_weights = self.strategy.weights if model.training else self.strategy.eval_weights
+        weights = torch.as_tensor(strategy_weights(margins), dtype=torch.float32, device=pi_w.device)
         out = preference_loss(self.objective, pi_w, pi_l, ref_w, ref_l, weights)
-        loss = out.losses.mean()
         n = ref_w.shape[0]
         chosen_tokens = inputs["response_mask"][:n].sum()
         sft_nll = -pi_w.sum() / chosen_tokens.clamp(min=1)  # mean token NLL of the chosen responses in the batch
+        counts = num_items_in_batch if isinstance(num_items_in_batch, StepCounts) else None
+        if counts is None:  # evaluation, or a call outside the training loop: this batch is the whole batch
+            loss = out.losses.mean()
+            sft = sft_nll
+        else:
+            loss = accumulated_share(out.losses.sum(), counts.pairs, counts.world_size)
+            sft = accumulated_share(-pi_w.sum(), counts.chosen_tokens, counts.world_size)
         if self.objective.sft_weight > 0:
-            loss = loss + self.objective.sft_weight * sft_nll
+            loss = loss + self.objective.sft_weight * sft
         if model.training:
-            # Online strategies learn from every rank's pairs, in rank order, so all ranks keep the same state.
-            self.strategy.update(self._gather_rows(margins))
+            if self.strategy.online:
+                self._step_margins.append(margins)
             self._record_train_metrics(out, weights, sft_nll, inputs)
         if return_outputs:
             return loss, {"chosen_rewards": out.chosen_rewards.detach(), "rejected_rewards": out.rejected_rewards.detach()}
         return loss
+
+    def _advance_strategy(self) -> None:
+        """After an optimizer step: online strategies learn from every rank's pairs of that step, in rank order,
+        so all ranks keep the same state and the state moves once per step whatever the accumulation."""
+        if not self._step_margins:
+            return
+        margins = torch.cat(self._step_margins)
+        self._step_margins.clear()
+        self.strategy.update(self._gather_rows(margins))
 
     def _record_train_metrics(self, out, weights, sft_nll, inputs) -> None:
         gather = self.accelerator.gather_for_metrics
@@ -409,10 +470,19 @@ def load_strategy_state(strategy, checkpoint_dir: str | os.PathLike) -> None:
 
 
 class StrategyStateCallback(TrainerCallback):
-    """Writes the weighting strategy's state into each checkpoint directory, so a resumed run continues it."""
+    """Advances online weighting once per optimizer step and writes the strategy's state into each
+    checkpoint directory (saving comes after the step's end), so a resumed run continues it."""
 
     def __init__(self, trainer: MRPOTrainer):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._step_margins.clear()  # margins from compute_loss calls outside the loop are not a step
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._advance_strategy()
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

@@ -477,3 +477,49 @@ def test_tracking_uri_precedence(scored, tmp_path, monkeypatch):
     assert tracking_uri(cfg) == "file:///somewhere/mlruns"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.invalid:5000")
     assert tracking_uri(cfg) == "http://tracking.invalid:5000"
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+def _split_runs(scored, tmp_path, steps: int, **overrides) -> dict:
+    """The same effective batch of 8 pairs as 8 x 1 and as 4 x 2 (same data order): trainer per split."""
+    runs = {}
+    for batch, accumulation in ((8, 1), (4, 2)):
+        cfg = config(scored, tmp_path / f"{batch}x{accumulation}", **{
+            "train.batch_size": batch, "train.gradient_accumulation_steps": accumulation, "train.max_steps": steps,
+            **overrides,
+        })
+        runs[(batch, accumulation)] = first_step_losses(cfg, steps=steps)
+    return runs
+
+
+@pytest.mark.parametrize("strategy", ["thompson", "window"])
+def test_online_strategies_advance_once_per_optimizer_step(scored, tmp_path, strategy):
+    """Sampled once per optimizer step, updated once after it with all its pairs: 8 x 1 == 4 x 2."""
+    runs = _split_runs(scored, tmp_path, 3, **{"train.strategy": strategy, "train.window_size": 12})
+    (logs_one, one), (logs_two, two) = runs[(8, 1)], runs[(4, 2)]
+    assert two.strategy.state_dict() == one.strategy.state_dict()
+    if strategy == "thompson":
+        assert two.strategy.steps == one.strategy.steps == 3
+    else:
+        assert len(two.strategy.window) == 12  # 3 steps x 8 pairs through a window of 12
+    weights = [[e[f"weight/{n}"] for e in logs for n in REFERENCES] for logs in (logs_one, logs_two)]
+    assert weights[1] == pytest.approx(weights[0], abs=1e-7)
+    assert weights[0][3:6] != pytest.approx(weights[0][:3], abs=1e-4)  # the strategy did move
+
+
+def _max_weight_difference(a, b) -> float:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    return max((sa[k] - sb[k]).abs().max().item() for k in sa)
+
+
+def test_sft_term_is_invariant_to_gradient_accumulation(scored, tmp_path):
+    """The SFT term is normalised by the chosen tokens of the whole accumulated batch, not per micro-batch."""
+    runs = _split_runs(scored, tmp_path, 3, **{"train.sft_weight": 1.0, "train.learning_rate": 1e-3})
+    (logs_one, one), (logs_two, two) = runs[(8, 1)], runs[(4, 2)]
+    print(f"max |weight difference| 8x1 vs 4x2 after 3 steps: {_max_weight_difference(one, two):.3e}")
+    assert _max_weight_difference(one, two) < 1e-5
+    assert [e["loss"] for e in logs_two] == pytest.approx([e["loss"] for e in logs_one], abs=1e-5)
+    start = config(scored, tmp_path / "start")
+    assert _max_weight_difference(one, build_trainer(start, prepare_training(start))) > 1e-3  # the weights moved
