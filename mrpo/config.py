@@ -127,6 +127,7 @@ class TrainConfig:
     save_steps: int = 50
     logging_steps: int = 1
     gradient_checkpointing: bool = False
+    disable_dropout: bool = True  # like TRL: the policy's log-probs are then deterministic and match the scores
     lora: LoraConfig = field(default_factory=LoraConfig)
     device: str = "auto"
     output_dir: str = "models/policy"

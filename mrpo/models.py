@@ -175,6 +175,23 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return _forward_accepts_logits_to_keep(type(model))
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout of `model` to 0; returns how many were non-zero.
+
+    nn.Dropout modules, plus the float rates some attention layers pass straight to
+    SDPA (Llama's `attention_dropout`). Dropout makes the policy's log-probs random,
+    so at step 0 they would not equal the anchor's stored scores.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p != 0:
+            module.p, changed = 0.0, changed + 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate != 0:
+            module.attention_dropout, changed = 0.0, changed + 1
+    return changed
+
+
 # ---------------------------------------------------------------- where a reference lives
 
 

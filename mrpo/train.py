@@ -172,10 +172,15 @@ def resume_point(checkpoint_dir: Path, fingerprint: str) -> tuple[str | None, st
 
 def load_policy(cfg: Config, device: torch.device):
     """The anchor as a trainable causal LM: full fine-tuning, or a LoRA adapter on it (peft)."""
-    from mrpo.models import load_model
+    from mrpo.models import disable_dropout, load_model
 
     # fp32 master weights; on CUDA the Trainer runs the forward in bf16 autocast.
     model = load_model(cfg.anchor, device="cpu", dtype=torch.float32)
+    if cfg.train.disable_dropout:
+        # Before LoRA wraps it: an adapter's own dropout (train.lora.dropout) is the user's explicit choice.
+        n = disable_dropout(model)
+        if n:
+            log.info("train: disabled %d dropout layer(s) of the policy (train.disable_dropout)", n)
     model.train()
     lora = cfg.train.lora
     if lora.enabled:

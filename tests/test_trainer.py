@@ -523,3 +523,40 @@ def test_sft_term_is_invariant_to_gradient_accumulation(scored, tmp_path):
     assert [e["loss"] for e in logs_two] == pytest.approx([e["loss"] for e in logs_one], abs=1e-5)
     start = config(scored, tmp_path / "start")
     assert _max_weight_difference(one, build_trainer(start, prepare_training(start))) > 1e-3  # the weights moved
+
+
+# ---------------------------------------------------------------- dropout
+
+
+def test_policy_dropout_is_off_by_default(scored, tmp_path):
+    """A GPT-2 anchor has dropout 0.1: with it on, two training-mode forwards of the same batch differ."""
+    import dataclasses
+
+    from mrpo.models import collate_responses, load_tokenizer, response_logps
+    from mrpo.tokenization import encode_response
+    from mrpo.train import load_policy
+
+    cfg = config(scored, tmp_path)
+    gpt2_first = dataclasses.replace(cfg, references=(cfg.reference("gpt2_char"), cfg.reference("anchor")))
+    tokenizer = load_tokenizer(gpt2_first.anchor)
+    pairs = pd.read_parquet(Path(cfg.data.output_dir) / "train.parquet").head(8)
+    encoded = [encode_response(tokenizer, p, c, 64, chat_template=False)
+               for p, c in zip(pairs["prompt"], pairs["chosen"], strict=True)]
+    batch = collate_responses(encoded, tokenizer.pad_token_id)
+
+    def two_forwards(model):
+        assert model.training
+        with torch.no_grad():
+            return [response_logps(model, **batch) for _ in range(2)]
+
+    assert gpt2_first.train.disable_dropout is True  # the default
+    off = load_policy(gpt2_first, torch.device("cpu"))
+    a, b = two_forwards(off)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(a, response_logps(off.eval(), **batch), rtol=0, atol=1e-5)
+
+    on = load_policy(dataclasses.replace(gpt2_first, train=dataclasses.replace(gpt2_first.train, disable_dropout=False)),
+                     torch.device("cpu"))
+    a, b = two_forwards(on)
+    assert (a - b).abs().max().item() > 1e-2
