@@ -595,10 +595,11 @@ def policy_preference_metrics(
     max_length = int(meta.get("max_length", cfg.score.max_length))
 
     tokenizer = load_tokenizer(policy_ref)
-    # The dtype the anchor was scored in, so the margin compares like with like.
-    model = load_model(
-        policy_ref, settings.device, resolve_dtype(cfg.score.dtype, torch.device(settings.device))
-    )
+    # The precision the anchor was scored in (recorded in its score file), not the evaluation device's default:
+    # fp32 weights under that autocast, as scoring and training run, so the margin compares like with like.
+    recorded = meta.get("dtype")
+    precision = getattr(torch, recorded) if recorded else resolve_dtype(cfg.score.dtype, torch.device(settings.device))
+    model = load_model(policy_ref, settings.device, torch.float32)
     chosen, rejected = [], []
     for row in joined.itertuples(index=False):
         prompt_text = render_prompt(tokenizer, row.prompt, row.prompt_messages, anchor.chat_template)
@@ -625,6 +626,7 @@ def policy_preference_metrics(
             cfg.score.batch_tokens,
             torch.device(settings.device),
             progress,
+            precision=precision,
         )
     pi_w = torch.from_numpy(logps[: len(chosen)])
     pi_l = torch.from_numpy(logps[len(chosen) :])
