@@ -15,6 +15,25 @@ import torch.nn.functional as F
 
 from mrpo.config import LOSS_TYPES
 
+# Two sequence log-probs closer than this (nats) are a tie in reward accuracy: their difference is rounding
+# noise of the precision the forward ran in, not a preference. fp32 sums over hundreds of tokens differ by
+# ~1e-6 between batch shapes; fp16/bf16 autocast by up to 1.3e-4/3.2e-3 (tests/test_trainer.py, step 0).
+LOGP_TIE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def reward_accuracy(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, beta: float, precision: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Share of pairs whose chosen reward beats the rejected one by more than a tie, (N,) x (N,) -> () float64.
+
+    Rewards are beta * log-prob differences, so a tie is a reward gap within beta * LOGP_TIE_TOLERANCE.
+    The one definition of reward accuracy: training logs, validation and the evaluate stage all use it.
+    """
+    if chosen_rewards.numel() == 0:
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    gap = chosen_rewards.double() - rejected_rewards.double()
+    return (gap > beta * LOGP_TIE_TOLERANCE[precision]).double().mean()
+
 
 @dataclass(frozen=True)
 class PreferenceLossOutput:

@@ -13,6 +13,7 @@ scoring stage did, so at step 0 the policy's log-probs equal the anchor's scores
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from mrpo.errors import ScoreDataError
+from mrpo.losses import reward_accuracy
 from mrpo.models import collate_responses, cpu_threads_for, response_logps, torch_threads
 from mrpo.tokenization import EncodedResponse, encode_response, render_prompt
 
@@ -265,15 +267,19 @@ def preference_loss(
     )
 
 
-def preference_metrics(eval_pred) -> dict[str, float]:
-    """Validation metrics from the per-pair statistics `prediction_step` returns (chosen reward, rejected reward)."""
+def preference_metrics(eval_pred, *, beta: float = 0.1, precision: torch.dtype = torch.float32) -> dict[str, float]:
+    """Validation metrics from the per-pair statistics `prediction_step` returns (chosen reward, rejected reward).
+
+    Rewards are measured against the objective's combined reference (see docs/metrics.md).
+    """
     stats = np.asarray(eval_pred.predictions, dtype=np.float64)
     chosen, rejected = stats[:, 0], stats[:, 1]
     return {
         "rewards/chosen": float(chosen.mean()),
         "rewards/rejected": float(rejected.mean()),
         "rewards/margin": float((chosen - rejected).mean()),
-        "rewards/accuracy": float((chosen > rejected).mean()),
+        "rewards/accuracy": float(reward_accuracy(torch.from_numpy(chosen), torch.from_numpy(rejected), beta,
+                                                  precision)),
     }
 
 
@@ -315,7 +321,8 @@ class MRPOTrainer(Trainer):
 
     def __init__(self, *args, objective: ObjectiveSettings, strategy, reference_names: Sequence[str],
                  precision: torch.dtype = torch.float32, **kwargs):
-        kwargs.setdefault("compute_metrics", preference_metrics)
+        kwargs.setdefault("compute_metrics", functools.partial(preference_metrics, beta=objective.beta,
+                                                                precision=precision))
         super().__init__(*args, **kwargs)
         self.objective = objective
         self.strategy = strategy
@@ -403,7 +410,7 @@ class MRPOTrainer(Trainer):
         m["rewards/chosen"].append(chosen.mean().item())
         m["rewards/rejected"].append(rejected.mean().item())
         m["rewards/margin"].append((chosen - rejected).mean().item())
-        m["rewards/accuracy"].append((chosen > rejected).float().mean().item())
+        m["rewards/accuracy"].append(reward_accuracy(chosen, rejected, self.objective.beta, self.precision).item())
         m["sft_nll"].append(gather(sft_nll.detach().reshape(1)).mean().item())
         clipped = torch.as_tensor(out.clipped_fraction, dtype=torch.float32, device=chosen.device).reshape(1)
         m["clipped_fraction"].append(gather(clipped).mean().item())

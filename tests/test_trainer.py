@@ -594,3 +594,7 @@ def test_step0_policy_logps_equal_anchor_scores_in_every_precision(scored, tmp_p
     assert margins.abs().max().item() < 1e-3  # gpu_check's bar for the step-0 reward margin
     assert margins.mean().abs().item() < 1e-4
     assert loss == pytest.approx(math.log(2), abs=1e-4)
+    # ...and step-0 noise is a tie, not a win: reward accuracy 0 in every precision (strict > counted
+    # rounding noise as wins: a share of about half of the pairs)
+    print(f"{dtype}: strict share of step-0 margins > 0: {(margins > 0).double().mean():.2f}")
+    assert trainer._train_metrics["rewards/accuracy"] == [0.0]
