@@ -18,7 +18,7 @@ import yaml
 from mrpo.errors import ConfigError, MRPOError  # noqa: F401  (re-exported: the public error names)
 
 OBJECTIVES = ("mrpo", "dpo", "multi_dpo")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+LOSS_TYPES = ("sigmoid", "ipo", "ipo_norm", "hinge")  # ipo_norm: IPO on per-token log-probs (TRL's ipo)
 STRATEGIES = ("uniform", "fixed", "arwc", "vdw", "vaw", "window", "thompson")
 DATA_SOURCES = ("synthetic", "file", "hub", "gsm8k")
 DATA_FORMATS = ("auto", "explicit", "conversational", "implicit")

@@ -36,6 +36,33 @@ def reward_accuracy(
 
 
 @dataclass(frozen=True)
+class TokenCounts:
+    """Response lengths in tokens for `ipo_norm`: the policy's (B,) in its own tokenizer, each reference's (B, K)
+    in that reference's tokenizer (the score files' chosen_tokens / rejected_tokens)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+
+
+def per_token_logps(policy_chosen, policy_rejected, ref_chosen, ref_rejected, tokens: TokenCounts | None):
+    """Every sequence log-prob divided by its own token count, as TRL's `ipo` averages per token.
+
+    Each reference is divided by the length in its own tokenizer, so with K = 1 (the anchor's tokenizer is
+    the policy's) this is exactly TRL's normalisation.
+    """
+    if tokens is None:
+        raise ValueError("loss_type 'ipo_norm' needs the response token counts (tokens=TokenCounts(...))")
+
+    def norm(x, n):
+        return x / torch.as_tensor(n, device=x.device).to(x.dtype).clamp(min=1)
+
+    return (norm(policy_chosen, tokens.chosen), norm(policy_rejected, tokens.rejected),
+            norm(ref_chosen, tokens.ref_chosen), norm(ref_rejected, tokens.ref_rejected))
+
+
+@dataclass(frozen=True)
 class PreferenceLossOutput:
     """Per-pair losses plus what is worth logging.
 
@@ -110,7 +137,7 @@ def pair_loss(h: torch.Tensor, *, beta: float, loss_type: str, label_smoothing: 
     """Per-pair loss of the preference margin h (spec section 3), any shape -> same shape."""
     if loss_type == "sigmoid":
         return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    if loss_type == "ipo":
+    if loss_type in ("ipo", "ipo_norm"):  # ipo_norm: h is already per-token (per_token_logps)
         return (h - 1 / (2 * beta)) ** 2
     if loss_type == "hinge":
         return torch.relu(1 - beta * h)
@@ -181,12 +208,16 @@ def mrpo_loss(
     adaptive_epsilon: bool = True,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    tokens: TokenCounts | None = None,
 ) -> PreferenceLossOutput:
     """MRPO: the DPO-form loss against the clipped, weighted harmonic-mean reference (spec sections 1-3).
 
     h = (pi_w - pi_l) - (log pi_ref(y_w|x) - log pi_ref(y_l|x)). With K = 1 this is DPO exactly.
     """
     _check_hyperparameters(beta, epsilon, label_smoothing)
+    if loss_type == "ipo_norm":
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = per_token_logps(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, tokens)
     pi_w, pi_l, r_w, r_l, alpha, clipped_fraction = _prepare(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights, epsilon,
         adaptive_epsilon,
@@ -209,6 +240,7 @@ def multi_dpo_loss(
     adaptive_epsilon: bool = True,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    tokens: TokenCounts | None = None,
 ) -> PreferenceLossOutput:
     """The naive multi-reference baseline (spec section 4): sum_k alpha_k * DPO(pi, r~_k).
 
@@ -218,6 +250,9 @@ def multi_dpo_loss(
     for the sigmoid form's first-order behaviour.
     """
     _check_hyperparameters(beta, epsilon, label_smoothing)
+    if loss_type == "ipo_norm":
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = per_token_logps(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, tokens)
     pi_w, pi_l, r_w, r_l, alpha, clipped_fraction = _prepare(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights, epsilon,
         adaptive_epsilon,

@@ -113,11 +113,14 @@ class JoinedScores:
     chosen: np.ndarray
     rejected: np.ndarray
     fits: np.ndarray  # (N,) bool: every reference could score both responses
+    chosen_tokens: np.ndarray  # (N, K) response lengths in each reference's tokenizer (for ipo_norm)
+    rejected_tokens: np.ndarray
 
 
 def join_scores(pair_ids: Sequence[str], scores: Sequence[ReferenceScores], split: str) -> JoinedScores:
     """Look every pair up in every score table; refuse (naming pair, reference and file) a pair without a score."""
     chosen, rejected, fits = [], [], np.ones(len(pair_ids), dtype=bool)
+    chosen_tokens, rejected_tokens = [], []
     index = pd.Index(pair_ids)
     for s in scores:
         missing = index.difference(s.frame.index)
@@ -129,8 +132,11 @@ def join_scores(pair_ids: Sequence[str], scores: Sequence[ReferenceScores], spli
         rows = s.frame.loc[index]
         chosen.append(rows["chosen_logp"].to_numpy(np.float64))
         rejected.append(rows["rejected_logp"].to_numpy(np.float64))
+        chosen_tokens.append(rows["chosen_tokens"].to_numpy(np.int64))
+        rejected_tokens.append(rows["rejected_tokens"].to_numpy(np.int64))
         fits &= rows["fits"].to_numpy(bool)
-    return JoinedScores(np.stack(chosen, axis=1), np.stack(rejected, axis=1), fits)
+    return JoinedScores(np.stack(chosen, axis=1), np.stack(rejected, axis=1), fits,
+                        np.stack(chosen_tokens, axis=1), np.stack(rejected_tokens, axis=1))
 
 
 # ---------------------------------------------------------------- dataset and collator
@@ -143,6 +149,8 @@ class PreferenceExample:
     rejected: EncodedResponse
     ref_chosen_logps: np.ndarray  # (K,)
     ref_rejected_logps: np.ndarray  # (K,)
+    ref_chosen_tokens: np.ndarray | None = None  # (K,) response lengths in each reference's tokenizer
+    ref_rejected_tokens: np.ndarray | None = None
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -194,7 +202,8 @@ def build_preference_dataset(
         if not (enc_w.fits and enc_l.fits):
             skipped += 1
             continue
-        examples.append(PreferenceExample(row.pair_id, enc_w, enc_l, joined.chosen[i], joined.rejected[i]))
+        examples.append(PreferenceExample(row.pair_id, enc_w, enc_l, joined.chosen[i], joined.rejected[i],
+                                          joined.chosen_tokens[i], joined.rejected_tokens[i]))
     if skipped:
         log.warning("%s: skipped %d of %d pairs that do not fit max_length (fits=False)", split, skipped, len(pairs))
     return PreferenceDataset(examples, [s.name for s in scores], skipped)
@@ -204,8 +213,9 @@ def build_preference_dataset(
 class PreferenceCollator:
     """Pads a list of PreferenceExample into ONE batch of 2B rows: the B chosen sequences, then the B rejected.
 
-    Returns input_ids, attention_mask, response_mask (2B, T) and
-    ref_chosen_logps, ref_rejected_logps (B, K) float32.
+    Returns input_ids, attention_mask, response_mask (2B, T),
+    ref_chosen_logps, ref_rejected_logps (B, K) float32 and, when the examples carry them,
+    ref_chosen_tokens, ref_rejected_tokens (B, K) int64.
     """
 
     pad_token_id: int
@@ -215,6 +225,9 @@ class PreferenceCollator:
         # float64 scores keep their precision until the loss; the loss runs in fp32 like the policy log-probs.
         batch["ref_chosen_logps"] = torch.tensor(np.stack([e.ref_chosen_logps for e in examples]), dtype=torch.float32)
         batch["ref_rejected_logps"] = torch.tensor(np.stack([e.ref_rejected_logps for e in examples]), dtype=torch.float32)
+        if all(e.ref_chosen_tokens is not None for e in examples):
+            batch["ref_chosen_tokens"] = torch.tensor(np.stack([e.ref_chosen_tokens for e in examples]))
+            batch["ref_rejected_tokens"] = torch.tensor(np.stack([e.ref_rejected_tokens for e in examples]))
         return batch
 
 
@@ -246,8 +259,12 @@ def preference_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     weights: torch.Tensor,
+    tokens=None,
 ):
-    """Dispatch to the spec's objective: mrpo and dpo (K = 1) use `mrpo_loss`, multi_dpo `multi_dpo_loss`."""
+    """Dispatch to the spec's objective: mrpo and dpo (K = 1) use `mrpo_loss`, multi_dpo `multi_dpo_loss`.
+
+    `tokens` (mrpo.losses.TokenCounts) is needed by loss_type ipo_norm only.
+    """
     from mrpo.losses import mrpo_loss, multi_dpo_loss
 
     fn = multi_dpo_loss if settings.objective == "multi_dpo" else mrpo_loss
@@ -264,6 +281,7 @@ def preference_loss(
         adaptive_epsilon=settings.adaptive_epsilon,
         loss_type=settings.loss_type,
         label_smoothing=settings.label_smoothing,
+        tokens=tokens,
     )
 
 
@@ -373,8 +391,8 @@ class MRPOTrainer(Trainer):
         margins = (ref_w - ref_l).detach()
         strategy_weights = self.strategy.weights if model.training else self.strategy.eval_weights
         weights = torch.as_tensor(strategy_weights(margins), dtype=torch.float32, device=pi_w.device)
-        out = preference_loss(self.objective, pi_w, pi_l, ref_w, ref_l, weights)
         n = ref_w.shape[0]
+        out = preference_loss(self.objective, pi_w, pi_l, ref_w, ref_l, weights, self._token_counts(inputs, n))
         chosen_tokens = inputs["response_mask"][:n].sum()
         sft_nll = -pi_w.sum() / chosen_tokens.clamp(min=1)  # mean token NLL of the chosen responses in the batch
         counts = num_items_in_batch if isinstance(num_items_in_batch, StepCounts) else None
@@ -393,6 +411,15 @@ class MRPOTrainer(Trainer):
         if return_outputs:
             return loss, {"chosen_rewards": out.chosen_rewards.detach(), "rejected_rewards": out.rejected_rewards.detach()}
         return loss
+
+    def _token_counts(self, inputs, n: int):
+        """Response lengths for loss_type ipo_norm (policy: its response_mask; references: their score files)."""
+        if self.objective.loss_type != "ipo_norm":
+            return None
+        from mrpo.losses import TokenCounts
+
+        lengths = inputs["response_mask"].sum(dim=-1)
+        return TokenCounts(lengths[:n], lengths[n:], inputs["ref_chosen_tokens"], inputs["ref_rejected_tokens"])
 
     def _advance_strategy(self) -> None:
         """After an optimizer step: online strategies learn from every rank's pairs of that step, in rank order,

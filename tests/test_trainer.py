@@ -22,6 +22,7 @@ import yaml
 from mrpo.config import load_config
 from mrpo.train import build_trainer, prepare_training, train
 from mrpo.trainer import (
+    ObjectiveSettings,
     PreferenceCollator,
     ScoreDataError,
     build_preference_dataset,
@@ -221,6 +222,54 @@ def test_k1_first_step_loss_equals_trl_dpo(scored, tmp_path):
     trl_loss = trl.compute_loss(trl.model, trl_batch).item()
     assert our_loss == pytest.approx(trl_loss, abs=1e-5)
     assert our_loss != pytest.approx(math.log(2), abs=1e-3)  # a non-anchor reference: not the trivial value
+
+
+def test_k1_ipo_norm_equals_trl_ipo(scored, tmp_path):
+    """loss_type ipo_norm with K = 1 == TRL's ipo (per-token log-ratios), on a policy moved off the anchor."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    cfg = config(scored, tmp_path, **{"train.objective": "dpo", "train.loss_type": "ipo_norm"})
+    setup = prepare_training(cfg)
+    ours = build_trainer(cfg, setup)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # at the anchor every log-ratio is 0; move the policy so the loss has something to say
+        for p in ours.model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    examples = [setup.datasets["train"][i] for i in range(8)]
+    batch = PreferenceCollator(setup.tokenizer.pad_token_id)(examples)
+    ours.model.train()
+    with torch.no_grad():
+        our_loss = ours.compute_loss(ours.model, batch).item()
+
+    class PrecomputedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            return dataset
+
+    rows = [{
+        "prompt_ids": e.chosen.input_ids[: e.chosen.prompt_length],
+        "chosen_ids": e.chosen.input_ids[e.chosen.prompt_length:],
+        "rejected_ids": e.rejected.input_ids[e.rejected.prompt_length:],
+        "ref_chosen_logps": float(e.ref_chosen_logps[0]),
+        "ref_rejected_logps": float(e.ref_rejected_logps[0]),
+    } for e in examples]
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=cfg.train.beta, loss_type=["ipo"],
+                     precompute_ref_log_probs=True, max_length=None, report_to="none", use_cpu=True,
+                     per_device_train_batch_size=8)
+    trl = PrecomputedDPOTrainer(model=ours.model, args=args, train_dataset=Dataset.from_list(rows),
+                                processing_class=setup.tokenizer)
+    with torch.no_grad():
+        trl_loss = trl.compute_loss(ours.model, trl.data_collator(rows)).item()
+    assert our_loss == pytest.approx(trl_loss, abs=1e-6)
+    assert our_loss != pytest.approx((1 / (2 * cfg.train.beta)) ** 2, abs=1e-2)  # not the value at the anchor
+    # the token-summed ipo is another loss: TRL's ipo is the length-normalised one
+    plain = config(scored, tmp_path / "plain", **{"train.objective": "dpo", "train.loss_type": "ipo"})
+    ours.objective = ObjectiveSettings.from_config(plain.train)
+    with torch.no_grad():
+        assert ours.compute_loss(ours.model, batch).item() != pytest.approx(trl_loss, abs=1e-2)
 
 
 def test_dpo_with_reference_k_equals_mrpo_with_only_reference_k(scored, tmp_path):
