@@ -18,7 +18,7 @@ import yaml
 from mrpo.errors import ConfigError, MRPOError  # noqa: F401  (re-exported: the public error names)
 
 OBJECTIVES = ("mrpo", "dpo", "multi_dpo")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+LOSS_TYPES = ("sigmoid", "ipo", "ipo_norm", "hinge")  # ipo_norm: IPO on per-token log-probs (TRL's ipo)
 STRATEGIES = ("uniform", "fixed", "arwc", "vdw", "vaw", "window", "thompson")
 DATA_SOURCES = ("synthetic", "file", "hub", "gsm8k")
 DATA_FORMATS = ("auto", "explicit", "conversational", "implicit")
@@ -142,6 +142,7 @@ class TrainConfig:
     save_steps: int = 50
     logging_steps: int = 1
     gradient_checkpointing: bool = False
+    disable_dropout: bool = True  # like TRL: the policy's log-probs are then deterministic and match the scores
     lora: LoraConfig = field(default_factory=LoraConfig)
     device: str = "auto"
     output_dir: str = "models/policy"

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from mrpo.config import Config, ConfigError, ReferenceConfig
 from mrpo.io import write_json_atomically, write_text_atomically
+from mrpo.losses import LOGP_TIE_TOLERANCE, reward_accuracy  # noqa: F401  (LOGP_TIE_TOLERANCE: was defined here)
 from mrpo.runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger("mrpo")
@@ -52,9 +53,6 @@ HELD_OUT_TASKS = ("mrpo_arith_gen", "mrpo_arith_mc")  # data written from the pr
 MC_CHOICES = 4  # chosen, rejected and two further near misses per question
 NEAR_MISS_OFFSETS = (-10, -2, -1, 1, 2, 10)  # as mrpo.synthetic.near_miss draws them
 BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics; mean metrics use the closed form
-# |log-ratio difference| (nats) below which a pair counts as a tie, not a win: the policy's log-probs come from
-# other fp32 batches than the stored scores, so a policy equal to the anchor differs from it by ~1e-6.
-LOGP_TIE_TOLERANCE = 1e-4
 _ARITHMETIC = re.compile(r"(\d+) ([-+*]) (\d+)")  # the prompt pattern mrpo.synthetic.is_correct reads
 _NUMBER = re.compile(r"-?\d+")
 _METRIC_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-./ ]")
@@ -551,28 +549,32 @@ def preference_metrics(
     anchor_chosen: torch.Tensor,
     anchor_rejected: torch.Tensor,
     beta: float,
+    precision: torch.dtype = torch.float32,
 ) -> dict[str, float]:
-    """Implicit-reward metrics against the anchor, all (N,) tensors of sequence log-probs.
+    """Test-split preference metrics, all (N,) tensors of sequence log-probs; see docs/metrics.md.
 
-    margin_i = beta * ((pi_w - r_w) - (pi_l - r_l)) (spec: the DPO implicit reward
-    difference with the anchor as reference); policy accuracy = share of margin > 0 (by more
-    than beta * LOGP_TIE_TOLERANCE, fp32 noise);
-    anchor accuracy = share of r_w > r_l (the anchor's own preference).
+    The policy's implicit rewards are measured against the ANCHOR (the model it started from), whatever
+    the training objective's reference was: reward_margin_vs_anchor = mean of beta * ((pi_w - r_w) -
+    (pi_l - r_l)), reward_accuracy_vs_anchor its share above a tie (mrpo.losses.reward_accuracy).
+    anchor_likelihood_accuracy is not a reward accuracy: the share of pairs whose chosen response the
+    anchor itself finds more likely (r_w > r_l, same tie rule), the bar the policy's training started at.
     """
     if policy_chosen.numel() == 0:
         nan = float("nan")
         return {
-            "pref/policy_accuracy": nan,
-            "pref/policy_margin": nan,
-            "pref/anchor_accuracy": nan,
+            "pref/reward_accuracy_vs_anchor": nan,
+            "pref/reward_margin_vs_anchor": nan,
+            "pref/anchor_likelihood_accuracy": nan,
             "pref/pairs": 0.0,
         }
-    margin = beta * ((policy_chosen - anchor_chosen) - (policy_rejected - anchor_rejected))
+    chosen_rewards = beta * (policy_chosen.double() - anchor_chosen.double())
+    rejected_rewards = beta * (policy_rejected.double() - anchor_rejected.double())
     return {
-        "pref/policy_accuracy": (margin > beta * LOGP_TIE_TOLERANCE).double().mean().item(),
-        "pref/policy_margin": margin.double().mean().item(),
-        "pref/anchor_accuracy": (anchor_chosen > anchor_rejected).double().mean().item(),
-        "pref/pairs": float(margin.numel()),
+        "pref/reward_accuracy_vs_anchor": reward_accuracy(chosen_rewards, rejected_rewards, beta, precision).item(),
+        "pref/reward_margin_vs_anchor": (chosen_rewards - rejected_rewards).mean().item(),
+        # log-probs, not rewards: the tie rule in nats is the same with beta = 1
+        "pref/anchor_likelihood_accuracy": reward_accuracy(anchor_chosen, anchor_rejected, 1.0, precision).item(),
+        "pref/pairs": float(chosen_rewards.numel()),
     }
 
 
@@ -608,10 +610,11 @@ def policy_preference_metrics(
     max_length = int(meta.get("max_length", cfg.score.max_length))
 
     tokenizer = load_tokenizer(policy_ref)
-    # The dtype the anchor was scored in, so the margin compares like with like.
-    model = load_model(
-        policy_ref, settings.device, resolve_dtype(cfg.score.dtype, torch.device(settings.device))
-    )
+    # The precision the anchor was scored in (recorded in its score file), not the evaluation device's default:
+    # fp32 weights under that autocast, as scoring and training run, so the margin compares like with like.
+    recorded = meta.get("dtype")
+    precision = getattr(torch, recorded) if recorded else resolve_dtype(cfg.score.dtype, torch.device(settings.device))
+    model = load_model(policy_ref, settings.device, torch.float32)
     chosen, rejected = [], []
     for row in joined.itertuples(index=False):
         prompt_text = render_prompt(tokenizer, row.prompt, row.prompt_messages, anchor.chat_template)
@@ -638,12 +641,13 @@ def policy_preference_metrics(
             cfg.score.batch_tokens,
             torch.device(settings.device),
             progress,
+            precision=precision,
         )
     pi_w = torch.from_numpy(logps[: len(chosen)])
     pi_l = torch.from_numpy(logps[len(chosen) :])
     r_w = torch.tensor(joined["chosen_logp"].to_numpy(dtype=np.float64))
     r_l = torch.tensor(joined["rejected_logp"].to_numpy(dtype=np.float64))
-    metrics = preference_metrics(pi_w, pi_l, r_w, r_l, cfg.train.beta)
+    metrics = preference_metrics(pi_w, pi_l, r_w, r_l, cfg.train.beta, precision)
     metrics["pref/skipped"] = float(skipped)
     del model
     return metrics

@@ -15,6 +15,52 @@ import torch.nn.functional as F
 
 from mrpo.config import LOSS_TYPES
 
+# Two sequence log-probs closer than this (nats) are a tie in reward accuracy: their difference is rounding
+# noise of the precision the forward ran in, not a preference. fp32 sums over hundreds of tokens differ by
+# ~1e-6 between batch shapes; fp16/bf16 autocast by up to 1.3e-4/3.2e-3 (tests/test_trainer.py, step 0).
+LOGP_TIE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def reward_accuracy(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, beta: float, precision: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Share of pairs whose chosen reward beats the rejected one by more than a tie, (N,) x (N,) -> () float64.
+
+    Rewards are beta * log-prob differences, so a tie is a reward gap within beta * LOGP_TIE_TOLERANCE.
+    The one definition of reward accuracy: training logs, validation and the evaluate stage all use it.
+    """
+    if chosen_rewards.numel() == 0:
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    gap = chosen_rewards.double() - rejected_rewards.double()
+    return (gap > beta * LOGP_TIE_TOLERANCE[precision]).double().mean()
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """Response lengths in tokens for `ipo_norm`: the policy's (B,) in its own tokenizer, each reference's (B, K)
+    in that reference's tokenizer (the score files' chosen_tokens / rejected_tokens)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+
+
+def per_token_logps(policy_chosen, policy_rejected, ref_chosen, ref_rejected, tokens: TokenCounts | None):
+    """Every sequence log-prob divided by its own token count, as TRL's `ipo` averages per token.
+
+    Each reference is divided by the length in its own tokenizer, so with K = 1 (the anchor's tokenizer is
+    the policy's) this is exactly TRL's normalisation.
+    """
+    if tokens is None:
+        raise ValueError("loss_type 'ipo_norm' needs the response token counts (tokens=TokenCounts(...))")
+
+    def norm(x, n):
+        return x / torch.as_tensor(n, device=x.device).to(x.dtype).clamp(min=1)
+
+    return (norm(policy_chosen, tokens.chosen), norm(policy_rejected, tokens.rejected),
+            norm(ref_chosen, tokens.ref_chosen), norm(ref_rejected, tokens.ref_rejected))
+
 
 @dataclass(frozen=True)
 class PreferenceLossOutput:
@@ -91,7 +137,7 @@ def pair_loss(h: torch.Tensor, *, beta: float, loss_type: str, label_smoothing: 
     """Per-pair loss of the preference margin h (spec section 3), any shape -> same shape."""
     if loss_type == "sigmoid":
         return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    if loss_type == "ipo":
+    if loss_type in ("ipo", "ipo_norm"):  # ipo_norm: h is already per-token (per_token_logps)
         return (h - 1 / (2 * beta)) ** 2
     if loss_type == "hinge":
         return torch.relu(1 - beta * h)
@@ -162,12 +208,16 @@ def mrpo_loss(
     adaptive_epsilon: bool = True,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    tokens: TokenCounts | None = None,
 ) -> PreferenceLossOutput:
     """MRPO: the DPO-form loss against the clipped, weighted harmonic-mean reference (spec sections 1-3).
 
     h = (pi_w - pi_l) - (log pi_ref(y_w|x) - log pi_ref(y_l|x)). With K = 1 this is DPO exactly.
     """
     _check_hyperparameters(beta, epsilon, label_smoothing)
+    if loss_type == "ipo_norm":
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = per_token_logps(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, tokens)
     pi_w, pi_l, r_w, r_l, alpha, clipped_fraction = _prepare(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights, epsilon,
         adaptive_epsilon,
@@ -190,6 +240,7 @@ def multi_dpo_loss(
     adaptive_epsilon: bool = True,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    tokens: TokenCounts | None = None,
 ) -> PreferenceLossOutput:
     """The naive multi-reference baseline (spec section 4): sum_k alpha_k * DPO(pi, r~_k).
 
@@ -199,6 +250,9 @@ def multi_dpo_loss(
     for the sigmoid form's first-order behaviour.
     """
     _check_hyperparameters(beta, epsilon, label_smoothing)
+    if loss_type == "ipo_norm":
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = per_token_logps(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, tokens)
     pi_w, pi_l, r_w, r_l, alpha, clipped_fraction = _prepare(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights, epsilon,
         adaptive_epsilon,

@@ -57,6 +57,20 @@ def cpu_threads_for(model: torch.nn.Module, device: torch.device | str) -> int |
     return 1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS else None
 
 
+@contextmanager
+def forward_precision(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
+    """Run forwards in `dtype` numerics over fp32 weights: autocast for bfloat16/float16, nothing for float32.
+
+    Training keeps fp32 master weights, so scoring the anchor the same way (fp32 weights under the same
+    autocast) is what makes the policy's step-0 log-probs equal the stored scores in every precision.
+    """
+    if dtype == torch.float32:
+        yield
+        return
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        yield
+
+
 # ---------------------------------------------------------------- log-probs
 
 
@@ -161,6 +175,23 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     if hasattr(model, "get_base_model"):  # PEFT passes keyword arguments through to the base model
         model = model.get_base_model()
     return _forward_accepts_logits_to_keep(type(model))
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout of `model` to 0; returns how many were non-zero.
+
+    nn.Dropout modules, plus the float rates some attention layers pass straight to
+    SDPA (Llama's `attention_dropout`). Dropout makes the policy's log-probs random,
+    so at step 0 they would not equal the anchor's stored scores.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p != 0:
+            module.p, changed = 0.0, changed + 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate != 0:
+            module.attention_dropout, changed = 0.0, changed + 1
+    return changed
 
 
 # ---------------------------------------------------------------- where a reference lives

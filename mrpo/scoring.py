@@ -34,6 +34,7 @@ from mrpo.errors import MRPOError
 from mrpo.models import (
     collate_responses,
     cpu_threads_for,
+    forward_precision,
     load_model,
     load_tokenizer,
     model_fingerprint,
@@ -47,7 +48,10 @@ from mrpo.tokenization import EncodedResponse, encode_response, render_prompt
 log = logging.getLogger("mrpo")
 
 METADATA_KEY = b"mrpo"
-SHARD_FORMAT = 1  # bump when the shard layout or the scoring computation changes
+SHARD_FORMAT = 2  # bump when the shard layout or the scoring computation changes (2: fp32 weights + autocast)
+# The settings that change a score's numerics but not what is scored: shards made under other values are
+# refused rather than mixed into one file (see _open_shard_dir).
+NUMERICS_KEYS = ("device", "dtype", "batch_tokens", "padding_side")
 SCHEMA = pa.schema([
     ("pair_id", pa.string()),
     ("split", pa.string()),
@@ -195,9 +199,13 @@ def read_scores(path: str | Path) -> tuple[pd.DataFrame, dict]:
 
 def score_sequences(
     model, encoded: Sequence[EncodedResponse], pad_token_id: int, batch_tokens: int, device: torch.device,
-    progress: tqdm | None = None, padding_side: str = "right",
+    progress: tqdm | None = None, padding_side: str = "right", precision: torch.dtype = torch.float32,
 ) -> tuple[np.ndarray, ShardStats]:
-    """log p(response | prompt) for each encoded sequence (NaN where it does not fit), and what it cost."""
+    """log p(response | prompt) for each encoded sequence (NaN where it does not fit), and what it cost.
+
+    `precision` is the forward's numerics over the model's (fp32) weights, as in training: see
+    `mrpo.models.forward_precision`.
+    """
     stats = ShardStats()
     out = np.full(len(encoded), np.nan, dtype=np.float64)
     todo = [i for i, e in enumerate(encoded) if e.fits]
@@ -205,7 +213,7 @@ def score_sequences(
     for batch in plan_batches([len(encoded[i].input_ids) for i in todo], batch_tokens):
         idx = [todo[j] for j in batch]
         inputs = collate_responses([encoded[i] for i in idx], pad_token_id, padding_side)
-        with torch.inference_mode():
+        with torch.inference_mode(), forward_precision(precision, device):
             logps = response_logps(model, **{k: v.to(device) for k, v in inputs.items()})
         out[idx] = logps.double().cpu().numpy()
         real = int(inputs["attention_mask"].sum())
@@ -258,14 +266,34 @@ def _load_shard(path: Path, pairs: Sequence[PreparedPair]) -> tuple[pa.Table, Sh
     return table.replace_schema_metadata(None), stats
 
 
+def numerics_mismatch(old: dict, new: dict) -> dict[str, tuple]:
+    """{key: (old, new)} for the NUMERICS_KEYS whose values differ between two shard manifests."""
+    return {k: (old.get(k), new.get(k)) for k in NUMERICS_KEYS if old.get(k) != new.get(k)}
+
+
 def _open_shard_dir(shard_dir: Path, key: dict) -> None:
-    """Keep the shards only when they were made with exactly this key (data, model, settings)."""
+    """Keep the shards only when they were made with exactly this key (data, model, settings).
+
+    Shards of other data or another model are stale and discarded. Shards of the same data and model
+    computed in other numerics (device, dtype, batch packing, padding side) are refused: finishing
+    them here would mix numerics within one score file, and discarding them may throw away hours of
+    accelerator time, so the user decides.
+    """
     manifest = shard_dir / "manifest.json"
     if shard_dir.exists():
         try:
             old = json.loads(manifest.read_text())
         except (OSError, ValueError):
             old = None
+        same_work = old is not None and all(old.get(k) == v for k, v in key.items() if k not in NUMERICS_KEYS)
+        differs = numerics_mismatch(old, key) if same_work else {}
+        if differs:
+            listing = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differs.items())
+            raise ScoringError(
+                f"{shard_dir}: an interrupted run left shards scored in other numerics ({listing}); resuming would "
+                "mix them into one score file. Resume with the same score.device, score.dtype and score.batch_tokens, "
+                f"or delete {shard_dir} to score from scratch"
+            )
         if old != key:
             log.info("score: discarding stale shards in %s (prepared data, model or settings changed)", shard_dir)
             shutil.rmtree(shard_dir)
@@ -299,7 +327,8 @@ def score_reference(
         "prepared_digest": digest,
     }
     key = {**settings, "gguf_file": ref.gguf_file, "shard_size": s.shard_size, "pairs": len(pairs),
-           "shard_format": SHARD_FORMAT}
+           "shard_format": SHARD_FORMAT, "device": device.type, "batch_tokens": s.batch_tokens,
+           "padding_side": padding_side}
     shard_dir = out_dir / ".shards" / name
     _open_shard_dir(shard_dir, key)
 
@@ -316,13 +345,15 @@ def score_reference(
     todo = [i for i in range(len(bounds)) if i not in done]
     if todo:
         tokenizer = load_tokenizer(ref)
-        model = load_model(ref, device, dtype)
+        # fp32 weights, `dtype` autocast: the numerics of the policy's forward in training (fp32 master weights).
+        model = load_model(ref, device, torch.float32)
         total = 2 * sum(bounds[i][1] - bounds[i][0] for i in todo)
         with tqdm(total=total, desc=f"score {name}", unit="seq", dynamic_ncols=True) as progress, \
                 torch_threads(cpu_threads_for(model, device)):
             for i in todo:
                 lo, hi = bounds[i]
-                table, stats = _compute_shard(model, tokenizer, ref, pairs[lo:hi], s, device, progress, padding_side)
+                table, stats = _compute_shard(model, tokenizer, ref, pairs[lo:hi], s, device, progress, padding_side,
+                                              dtype)
                 meta = {b"mrpo_shard": json.dumps(stats.__dict__).encode()}
                 _write_parquet_atomically(table.replace_schema_metadata(meta), shard_paths[i])
                 done[i] = (table, stats)
@@ -342,7 +373,9 @@ def score_reference(
         "padding_share": round(padding_share, 6), "seconds": round(totals.seconds, 3),
         "tokens_per_second": round(totals.tokens / totals.seconds, 1) if totals.seconds else None,
         "pairs_per_second": round(len(pairs) / totals.seconds, 2) if totals.seconds else None,
-        "batch_tokens": s.batch_tokens, "shard_size": s.shard_size,
+        "batch_tokens": s.batch_tokens, "shard_size": s.shard_size, "padding_side": padding_side,
+        # `dtype` is the forward's autocast precision over these weights; training reads it to match.
+        "weights_dtype": "float32",
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_parquet_atomically(table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}), out_path)
@@ -355,7 +388,8 @@ def score_reference(
     return out_path
 
 
-def _compute_shard(model, tokenizer, ref, pairs, s, device, progress, padding_side) -> tuple[pa.Table, ShardStats]:
+def _compute_shard(model, tokenizer, ref, pairs, s, device, progress, padding_side, precision
+                   ) -> tuple[pa.Table, ShardStats]:
     enc_chosen, enc_rejected = [], []
     for p in pairs:
         prompt_text = render_prompt(tokenizer, p.prompt, p.prompt_messages, ref.chat_template)
@@ -366,7 +400,8 @@ def _compute_shard(model, tokenizer, ref, pairs, s, device, progress, padding_si
     # Chosen and rejected of a pair are scored only if both fit: a pair is usable whole or not at all.
     fits = np.array([c.fits and r.fits for c, r in zip(enc_chosen, enc_rejected, strict=True)], dtype=bool)
     encoded = [e if f else _unfit(e) for e, f in zip(enc_chosen + enc_rejected, np.concatenate([fits, fits]), strict=True)]
-    logps, stats = score_sequences(model, encoded, tokenizer.pad_token_id, s.batch_tokens, device, progress, padding_side)
+    logps, stats = score_sequences(model, encoded, tokenizer.pad_token_id, s.batch_tokens, device, progress, padding_side,
+                                   precision)
     progress.update(int(2 * (~fits).sum()))
     chosen, rejected = logps[: len(pairs)], logps[len(pairs) :]
     check_finite(chosen, fits, pairs, "chosen", ref.name)

@@ -33,7 +33,7 @@ from transformers import TrainerCallback, TrainingArguments
 from mrpo.checkpoints import RunState, resume_point, write_run_state
 from mrpo.config import Config, ConfigError
 from mrpo.data import SPLITS
-from mrpo.errors import TrainingError
+from mrpo.errors import ScoreDataError, TrainingError
 from mrpo.io import replace_directory, write_json_atomically, write_text_atomically
 from mrpo.preflight import check_stage
 from mrpo.runtime import resolve_device, seed_everything
@@ -152,10 +152,15 @@ def check_finite_weights(model, out_dir: str | Path) -> None:
 
 def load_policy(cfg: Config, device: torch.device):
     """The anchor as a trainable causal LM: full fine-tuning, or a LoRA adapter on it (peft)."""
-    from mrpo.models import load_model
+    from mrpo.models import disable_dropout, load_model
 
     # fp32 master weights; on CUDA the Trainer runs the forward in bf16 autocast.
     model = load_model(cfg.anchor, device="cpu", dtype=torch.float32)
+    if cfg.train.disable_dropout:
+        # Before LoRA wraps it: an adapter's own dropout (train.lora.dropout) is the user's explicit choice.
+        n = disable_dropout(model)
+        if n:
+            log.info("train: disabled %d dropout layer(s) of the policy (train.disable_dropout)", n)
     model.train()
     lora = cfg.train.lora
     if lora.enabled:
@@ -190,7 +195,12 @@ def save_policy(model, tokenizer, out_dir: Path, *, merge_lora: bool) -> None:
 # ---------------------------------------------------------------- the stage
 
 
-def training_arguments(cfg: Config, device: torch.device, has_eval: bool, total_steps: int) -> TrainingArguments:
+def training_arguments(
+    cfg: Config, device: torch.device, has_eval: bool, total_steps: int, precision: torch.dtype = torch.float32
+) -> TrainingArguments:
+    """`precision` is the anchor's scoring precision; MRPOTrainer runs the policy's forward in it on any device,
+    these flags only let accelerate add its loss scaler (fp16) and autocast on CUDA as well. `total_steps` turns
+    `train.warmup_ratio` into steps."""
     t = cfg.train
     return TrainingArguments(
         output_dir=t.checkpoint_dir,
@@ -212,10 +222,26 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool, total_
         data_seed=cfg.seed,
         activation_checkpointing=t.gradient_checkpointing,
         use_cpu=device.type == "cpu",
-        bf16=device.type == "cuda",
+        bf16=device.type == "cuda" and precision == torch.bfloat16,
+        fp16=device.type == "cuda" and precision == torch.float16,
         report_to="none",
         remove_unused_columns=False,
     )
+
+
+def scoring_precision(anchor_meta: dict | None, cfg: Config) -> torch.dtype:
+    """The precision the anchor was scored in (its score file's `dtype`), so the policy's step-0 forward
+    reproduces those scores; without the anchor's file (objective dpo against another reference), what
+    score.dtype resolves to on the training device."""
+    recorded = (anchor_meta or {}).get("dtype")
+    if recorded is None:
+        from mrpo.runtime import resolve_dtype
+
+        return resolve_dtype(cfg.score.dtype, resolve_device(cfg.train.device))
+    if recorded not in ("float32", "bfloat16", "float16"):
+        raise ScoreDataError(f"{cfg.score.output_dir}/{cfg.anchor.name}.parquet: unknown scoring dtype {recorded!r}; "
+                             f"re-run `mrpo score --reference {cfg.anchor.name}`")
+    return getattr(torch, recorded)
 
 
 def _is_main_process() -> bool:
@@ -237,6 +263,7 @@ class TrainingSetup:
     datasets: dict[str, PreferenceDataset]
     strategy: Any
     fingerprint: str
+    precision: torch.dtype = torch.float32  # the anchor's scoring precision: the policy's forward runs in it
 
 
 def prepare_training(cfg: Config) -> TrainingSetup:
@@ -254,6 +281,11 @@ def prepare_training(cfg: Config) -> TrainingSetup:
         log.warning("train: train.max_length=%d differs from the anchor's scoring max_length=%s; pairs cut differently "
                     "will not start at zero implicit reward", t.max_length, anchor_meta.get("max_length"))
 
+    precision = scoring_precision(anchor_meta, cfg)
+    if anchor_meta is not None and precision != torch.float32 and "weights_dtype" not in anchor_meta:
+        log.warning("train: the anchor was scored in pure %s weights by an earlier mrpo; the policy's forward (fp32 "
+                    "weights, autocast) differs slightly, so step-0 rewards are not 0: re-run `mrpo score --reference "
+                    "%s`", str(precision).removeprefix("torch."), cfg.anchor.name)
     tokenizer = load_tokenizer(cfg.anchor)
     datasets: dict[str, PreferenceDataset] = {}
     for split in SPLITS:
@@ -273,7 +305,7 @@ def prepare_training(cfg: Config) -> TrainingSetup:
                          "set data.val_fraction > 0 or choose another strategy")
     strategy.fit(datasets["val"].reference_margins())
     fingerprint = training_fingerprint(cfg, {s.name: s.sha256 for s in scores}, digest)
-    return TrainingSetup(names, scores, digest, tokenizer, datasets, strategy, fingerprint)
+    return TrainingSetup(names, scores, digest, tokenizer, datasets, strategy, fingerprint, precision)
 
 
 def build_trainer(
@@ -285,7 +317,8 @@ def build_trainer(
     return MRPOTrainer(
         model=model if model is not None else load_policy(cfg, device),
         args=training_arguments(cfg, device, has_eval,
-                                optimizer_steps(cfg.train, len(setup.datasets["train"]), _world_size())),
+                                optimizer_steps(cfg.train, len(setup.datasets["train"]), _world_size()),
+                                setup.precision),
         data_collator=PreferenceCollator(setup.tokenizer.pad_token_id),
         train_dataset=setup.datasets["train"],
         eval_dataset=setup.datasets["val"] if has_eval else None,
@@ -294,6 +327,7 @@ def build_trainer(
         objective=ObjectiveSettings.from_config(cfg.train),
         strategy=setup.strategy,
         reference_names=setup.names,
+        precision=setup.precision,
     )
 
 

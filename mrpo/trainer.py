@@ -13,6 +13,7 @@ scoring stage did, so at step 0 the policy's log-probs equal the anchor's scores
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from mrpo.checkpoints import seal_checkpoint
 from mrpo.errors import ScoreDataError, TrainingError
 from mrpo.io import file_sha256
+from mrpo.losses import reward_accuracy
 from mrpo.models import collate_responses, cpu_threads_for, response_logps, torch_threads
 from mrpo.tokenization import EncodedResponse, encode_response, render_prompt
 
@@ -104,11 +106,14 @@ class JoinedScores:
     chosen: np.ndarray
     rejected: np.ndarray
     fits: np.ndarray  # (N,) bool: every reference could score both responses
+    chosen_tokens: np.ndarray  # (N, K) response lengths in each reference's tokenizer (for ipo_norm)
+    rejected_tokens: np.ndarray
 
 
 def join_scores(pair_ids: Sequence[str], scores: Sequence[ReferenceScores], split: str) -> JoinedScores:
     """Look every pair up in every score table; refuse (naming pair, reference and file) a pair without a score."""
     chosen, rejected, fits = [], [], np.ones(len(pair_ids), dtype=bool)
+    chosen_tokens, rejected_tokens = [], []
     index = pd.Index(pair_ids)
     for s in scores:
         missing = index.difference(s.frame.index)
@@ -120,8 +125,11 @@ def join_scores(pair_ids: Sequence[str], scores: Sequence[ReferenceScores], spli
         rows = s.frame.loc[index]
         chosen.append(rows["chosen_logp"].to_numpy(np.float64))
         rejected.append(rows["rejected_logp"].to_numpy(np.float64))
+        chosen_tokens.append(rows["chosen_tokens"].to_numpy(np.int64))
+        rejected_tokens.append(rows["rejected_tokens"].to_numpy(np.int64))
         fits &= rows["fits"].to_numpy(bool)
-    return JoinedScores(np.stack(chosen, axis=1), np.stack(rejected, axis=1), fits)
+    return JoinedScores(np.stack(chosen, axis=1), np.stack(rejected, axis=1), fits,
+                        np.stack(chosen_tokens, axis=1), np.stack(rejected_tokens, axis=1))
 
 
 # ---------------------------------------------------------------- dataset and collator
@@ -134,6 +142,8 @@ class PreferenceExample:
     rejected: EncodedResponse
     ref_chosen_logps: np.ndarray  # (K,)
     ref_rejected_logps: np.ndarray  # (K,)
+    ref_chosen_tokens: np.ndarray | None = None  # (K,) response lengths in each reference's tokenizer
+    ref_rejected_tokens: np.ndarray | None = None
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -185,7 +195,8 @@ def build_preference_dataset(
         if not (enc_w.fits and enc_l.fits):
             skipped += 1
             continue
-        examples.append(PreferenceExample(row.pair_id, enc_w, enc_l, joined.chosen[i], joined.rejected[i]))
+        examples.append(PreferenceExample(row.pair_id, enc_w, enc_l, joined.chosen[i], joined.rejected[i],
+                                          joined.chosen_tokens[i], joined.rejected_tokens[i]))
     if skipped:
         log.warning("%s: skipped %d of %d pairs that do not fit max_length (fits=False)", split, skipped, len(pairs))
     return PreferenceDataset(examples, [s.name for s in scores], skipped)
@@ -195,8 +206,9 @@ def build_preference_dataset(
 class PreferenceCollator:
     """Pads a list of PreferenceExample into ONE batch of 2B rows: the B chosen sequences, then the B rejected.
 
-    Returns input_ids, attention_mask, response_mask (2B, T) and
-    ref_chosen_logps, ref_rejected_logps (B, K) float32.
+    Returns input_ids, attention_mask, response_mask (2B, T),
+    ref_chosen_logps, ref_rejected_logps (B, K) float32 and, when the examples carry them,
+    ref_chosen_tokens, ref_rejected_tokens (B, K) int64.
     """
 
     pad_token_id: int
@@ -206,6 +218,9 @@ class PreferenceCollator:
         # float64 scores keep their precision until the loss; the loss runs in fp32 like the policy log-probs.
         batch["ref_chosen_logps"] = torch.tensor(np.stack([e.ref_chosen_logps for e in examples]), dtype=torch.float32)
         batch["ref_rejected_logps"] = torch.tensor(np.stack([e.ref_rejected_logps for e in examples]), dtype=torch.float32)
+        if all(e.ref_chosen_tokens is not None for e in examples):
+            batch["ref_chosen_tokens"] = torch.tensor(np.stack([e.ref_chosen_tokens for e in examples]))
+            batch["ref_rejected_tokens"] = torch.tensor(np.stack([e.ref_rejected_tokens for e in examples]))
         return batch
 
 
@@ -237,8 +252,12 @@ def preference_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     weights: torch.Tensor,
+    tokens=None,
 ):
-    """Dispatch to the spec's objective: mrpo and dpo (K = 1) use `mrpo_loss`, multi_dpo `multi_dpo_loss`."""
+    """Dispatch to the spec's objective: mrpo and dpo (K = 1) use `mrpo_loss`, multi_dpo `multi_dpo_loss`.
+
+    `tokens` (mrpo.losses.TokenCounts) is needed by loss_type ipo_norm only.
+    """
     from mrpo.losses import mrpo_loss, multi_dpo_loss
 
     fn = multi_dpo_loss if settings.objective == "multi_dpo" else mrpo_loss
@@ -255,19 +274,42 @@ def preference_loss(
         adaptive_epsilon=settings.adaptive_epsilon,
         loss_type=settings.loss_type,
         label_smoothing=settings.label_smoothing,
+        tokens=tokens,
     )
 
 
-def preference_metrics(eval_pred) -> dict[str, float]:
-    """Validation metrics from the per-pair statistics `prediction_step` returns (chosen reward, rejected reward)."""
+def preference_metrics(eval_pred, *, beta: float = 0.1, precision: torch.dtype = torch.float32) -> dict[str, float]:
+    """Validation metrics from the per-pair statistics `prediction_step` returns (chosen reward, rejected reward).
+
+    Rewards are measured against the objective's combined reference (see docs/metrics.md).
+    """
     stats = np.asarray(eval_pred.predictions, dtype=np.float64)
     chosen, rejected = stats[:, 0], stats[:, 1]
     return {
         "rewards/chosen": float(chosen.mean()),
         "rewards/rejected": float(rejected.mean()),
         "rewards/margin": float((chosen - rejected).mean()),
-        "rewards/accuracy": float((chosen > rejected).mean()),
+        "rewards/accuracy": float(reward_accuracy(torch.from_numpy(chosen), torch.from_numpy(rejected), beta,
+                                                  precision)),
     }
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """What one optimizer step's accumulated batch holds, summed over its micro-batches and every rank."""
+
+    pairs: int
+    chosen_tokens: int
+    world_size: int
+
+
+def accumulated_share(total: torch.Tensor, count: int, world_size: int) -> torch.Tensor:
+    """This micro-batch's share of a mean over the whole accumulated batch of every rank.
+
+    Micro-batch gradients add up and DDP averages over ranks, so `total / count * world_size`
+    makes the step's gradient that of the global mean, however the batch is split.
+    """
+    return total * (world_size / max(count, 1))
 
 
 class MRPOTrainer(Trainer):
@@ -275,19 +317,30 @@ class MRPOTrainer(Trainer):
 
     Extra arguments: `objective` (ObjectiveSettings), `strategy` (from
     `mrpo.weighting.make_strategy`), `reference_names` (K names, anchor first,
-    used for the `weight/<name>` metrics). Batches come from PreferenceCollator.
+    used for the `weight/<name>` metrics), `precision` (the dtype the anchor was
+    scored in: the policy's forward runs in the same numerics, see
+    `mrpo.models.forward_precision`). Batches come from PreferenceCollator.
+
+    One optimizer step is one unit whatever the gradient accumulation: the loss is
+    a mean over the step's whole batch (pairs for the preference term, chosen
+    tokens for the SFT term), and online strategies draw their weights once per
+    step and learn once after it from all of the step's pairs.
     """
 
-    # compute_loss returns a per-batch mean; let Trainer divide it by the accumulation steps.
-    loss_is_scaled_for_ga = False
+    # compute_loss divides by the whole accumulated batch's counts (StepCounts) itself.
+    loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, objective: ObjectiveSettings, strategy, reference_names: Sequence[str], **kwargs):
-        kwargs.setdefault("compute_metrics", preference_metrics)
+    def __init__(self, *args, objective: ObjectiveSettings, strategy, reference_names: Sequence[str],
+                 precision: torch.dtype = torch.float32, **kwargs):
+        kwargs.setdefault("compute_metrics", functools.partial(preference_metrics, beta=objective.beta,
+                                                                precision=precision))
         super().__init__(*args, **kwargs)
         self.objective = objective
         self.strategy = strategy
         self.reference_names = tuple(reference_names)
+        self.precision = precision
         self._train_metrics: dict[str, list[float]] = defaultdict(list)
+        self._step_margins: list[torch.Tensor] = []
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
         self._losses_finite: torch.Tensor | None = None  # since the last optimizer step; checked before it
@@ -298,8 +351,11 @@ class MRPOTrainer(Trainer):
     # ------------------------------------------------------------ the step
 
     def _policy_logps(self, model, inputs):
-        """ONE forward pass over chosen and rejected together -> (chosen (B,), rejected (B,), chosen tokens)."""
-        logps = response_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"])
+        """ONE forward pass over chosen and rejected together -> (chosen (B,), rejected (B,))."""
+        from mrpo.models import forward_precision
+
+        with forward_precision(self.precision, inputs["input_ids"].device):
+            logps = response_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"])
         n = inputs["ref_chosen_logps"].shape[0]
         return logps[:n], logps[n:]
 
@@ -311,21 +367,42 @@ class MRPOTrainer(Trainer):
         gathered = self.accelerator.gather(padded)
         return gathered[~torch.isnan(gathered).any(dim=-1)]
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The step's micro-batches plus their StepCounts, passed on to compute_loss as `num_items_in_batch`.
+
+        Trainer counts `labels != -100` for this; preference batches have no labels, so count here.
+        """
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        local = torch.zeros(2, dtype=torch.long)
+        for b in batch_samples:
+            n = b["ref_chosen_logps"].shape[0]
+            local += torch.stack([torch.tensor(n), b["response_mask"][:n].sum().cpu()])
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.gather(local.to(self.accelerator.device).reshape(1, 2)).sum(dim=0).cpu()
+        return batch_samples, StepCounts(int(local[0]), int(local[1]), self.accelerator.num_processes)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ref_w, ref_l = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         pi_w, pi_l = self._policy_logps(model, inputs)
         margins = (ref_w - ref_l).detach()
-        weights = torch.as_tensor(self.strategy.weights(margins), dtype=torch.float32, device=pi_w.device)
-        out = preference_loss(self.objective, pi_w, pi_l, ref_w, ref_l, weights)
-        loss = out.losses.mean()
+        strategy_weights = self.strategy.weights if model.training else self.strategy.eval_weights
+        weights = torch.as_tensor(strategy_weights(margins), dtype=torch.float32, device=pi_w.device)
         n = ref_w.shape[0]
+        out = preference_loss(self.objective, pi_w, pi_l, ref_w, ref_l, weights, self._token_counts(inputs, n))
         chosen_tokens = inputs["response_mask"][:n].sum()
         sft_nll = -pi_w.sum() / chosen_tokens.clamp(min=1)  # mean token NLL of the chosen responses in the batch
+        counts = num_items_in_batch if isinstance(num_items_in_batch, StepCounts) else None
+        if counts is None:  # evaluation, or a call outside the training loop: this batch is the whole batch
+            loss = out.losses.mean()
+            sft = sft_nll
+        else:
+            loss = accumulated_share(out.losses.sum(), counts.pairs, counts.world_size)
+            sft = accumulated_share(-pi_w.sum(), counts.chosen_tokens, counts.world_size)
         if self.objective.sft_weight > 0:
-            loss = loss + self.objective.sft_weight * sft_nll
+            loss = loss + self.objective.sft_weight * sft
         if model.training:
-            # Online strategies learn from every rank's pairs, in rank order, so all ranks keep the same state.
-            self.strategy.update(self._gather_rows(margins))
+            if self.strategy.online:
+                self._step_margins.append(margins)
             self._record_train_metrics(out, weights, sft_nll, inputs)
         if return_outputs:
             return loss, {"chosen_rewards": out.chosen_rewards.detach(), "rejected_rewards": out.rejected_rewards.detach()}
@@ -337,6 +414,24 @@ class MRPOTrainer(Trainer):
         self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
         return loss
 
+    def _token_counts(self, inputs, n: int):
+        """Response lengths for loss_type ipo_norm (policy: its response_mask; references: their score files)."""
+        if self.objective.loss_type != "ipo_norm":
+            return None
+        from mrpo.losses import TokenCounts
+
+        lengths = inputs["response_mask"].sum(dim=-1)
+        return TokenCounts(lengths[:n], lengths[n:], inputs["ref_chosen_tokens"], inputs["ref_rejected_tokens"])
+
+    def _advance_strategy(self) -> None:
+        """After an optimizer step: online strategies learn from every rank's pairs of that step, in rank order,
+        so all ranks keep the same state and the state moves once per step whatever the accumulation."""
+        if not self._step_margins:
+            return
+        margins = torch.cat(self._step_margins)
+        self._step_margins.clear()
+        self.strategy.update(self._gather_rows(margins))
+
     def _record_train_metrics(self, out, weights, sft_nll, inputs) -> None:
         gather = self.accelerator.gather_for_metrics
         chosen, rejected = gather(out.chosen_rewards.detach().float()), gather(out.rejected_rewards.detach().float())
@@ -344,7 +439,7 @@ class MRPOTrainer(Trainer):
         m["rewards/chosen"].append(chosen.mean().item())
         m["rewards/rejected"].append(rejected.mean().item())
         m["rewards/margin"].append((chosen - rejected).mean().item())
-        m["rewards/accuracy"].append((chosen > rejected).float().mean().item())
+        m["rewards/accuracy"].append(reward_accuracy(chosen, rejected, self.objective.beta, self.precision).item())
         m["sft_nll"].append(gather(sft_nll.detach().reshape(1)).mean().item())
         clipped = torch.as_tensor(out.clipped_fraction, dtype=torch.float32, device=chosen.device).reshape(1)
         m["clipped_fraction"].append(gather(clipped).mean().item())
@@ -411,10 +506,19 @@ def load_strategy_state(strategy, checkpoint_dir: str | os.PathLike) -> None:
 
 
 class StrategyStateCallback(TrainerCallback):
-    """Writes the weighting strategy's state into each checkpoint directory, so a resumed run continues it."""
+    """Advances online weighting once per optimizer step and writes the strategy's state into each
+    checkpoint directory (saving comes after the step's end), so a resumed run continues it."""
 
     def __init__(self, trainer: MRPOTrainer):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._step_margins.clear()  # margins from compute_loss calls outside the loop are not a step
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._advance_strategy()
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

@@ -3,8 +3,9 @@
 Every strategy sees raw reference margins m_k = r_k^w - r_k^l as a (B, K) tensor:
 
 * ``fit(val_margins)`` once before training (offline strategies learn here),
-* ``weights(margins)`` for a batch -> (K,) or (B, K) alpha, rows summing to 1,
-* ``update(margins)`` after the batch's step (online strategies learn here),
+* ``weights(margins)`` for a training batch -> (K,) or (B, K) alpha, rows summing to 1,
+* ``eval_weights(margins)`` the same for evaluation batches (a bandit uses its posterior mean, not a draw),
+* ``update(margins)`` once after each optimizer step with all of that step's pairs (online strategies learn here),
 * ``state_dict()`` / ``load_state_dict()`` JSON-able, saved with each checkpoint.
 
 ``weights`` never changes state, so calling it for evaluation batches between
@@ -23,7 +24,9 @@ from mrpo.config import STRATEGIES
 
 
 def _as_margins(margins: torch.Tensor, k: int) -> torch.Tensor:
-    margins = torch.as_tensor(margins, dtype=torch.float64)
+    """(B, K) float64 on the CPU: the trainer's margins may live on an accelerator, and strategies keep
+    their state (numpy, Python lists) on the host; weights come back on the CPU and the caller moves them."""
+    margins = torch.as_tensor(margins).detach().to(device="cpu", dtype=torch.float64)
     if margins.dim() != 2 or margins.shape[1] != k:
         raise ValueError(f"margins: expected shape (B, {k}), got {tuple(margins.shape)}")
     return margins
@@ -69,8 +72,12 @@ class WeightingStrategy:
         _as_margins(margins, self.k)
         return torch.full((self.k,), 1.0 / self.k, dtype=torch.float64)
 
+    def eval_weights(self, margins: torch.Tensor) -> torch.Tensor:
+        """Weights for an evaluation batch; the training weights unless the strategy samples them."""
+        return self.weights(margins)
+
     def update(self, margins: torch.Tensor) -> None:
-        """Online strategies learn from the batch just trained on here."""
+        """Online strategies learn from the pairs of the optimizer step just taken here."""
 
     def state_dict(self) -> dict:
         return {"name": self.name}
@@ -208,6 +215,11 @@ class ThompsonSampling(WeightingStrategy):
         self.a = self.a + correct
         self.b = self.b + (1 - correct)
         self.steps += 1
+
+    def eval_weights(self, margins: torch.Tensor) -> torch.Tensor:
+        """The normalised posterior mean: evaluation should not depend on the next training step's random draw."""
+        _as_margins(margins, self.k)
+        return _normalise_or_uniform(torch.from_numpy(self.posterior_mean()))
 
     def posterior_mean(self) -> np.ndarray:
         return self.a / (self.a + self.b)

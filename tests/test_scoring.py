@@ -176,6 +176,9 @@ def test_metadata_names_model_hash_tokenizer_template_dtype_and_prepared_digest(
     assert meta["content_hash"] == model_fingerprint(ref)["content_hash"]
     assert meta["prepared_digest"] == prepared_digest(cfg.data.output_dir)
     assert meta["chat_template"] is False and meta["max_length"] == cfg.score.max_length
+    # the numerics: fp32 weights under `dtype` autocast on `device` (training reads `dtype` to match them)
+    assert (meta["device"], meta["dtype"], meta["weights_dtype"]) == ("cpu", "float32", "float32")
+    assert (meta["batch_tokens"], meta["padding_side"]) == (cfg.score.batch_tokens, "right")
     assert 0 <= meta["padding_share"] < 0.2 and meta["tokens_per_second"] > 0
     assert meta["scored_tokens"] == int((frame["chosen_tokens"] + frame["rejected_tokens"]).sum()) + sum(
         1 + len(load_tokenizer(ref)(p["prompt"], add_special_tokens=False)["input_ids"])
@@ -254,6 +257,31 @@ def test_stale_shards_are_discarded_when_the_prepared_data_changes(tiny_zoo, tmp
     assert meta["prepared_digest"] == prepared_digest(cfg.data.output_dir)
     expected = {pair_id(p["prompt"], p["chosen"], p["rejected"]) for s in synthetic_splits(12, 99).values() for p in s}
     assert set(frame["pair_id"]) == expected
+
+
+def test_a_resume_in_other_numerics_is_refused_not_mixed(tiny_zoo, tmp_path):
+    """Shards of the same data and model made on another device/dtype/packing would mix numerics in one file."""
+    cfg = project(tiny_zoo, tmp_path, synthetic_splits(12), shard_size=4)
+    shard_dir = Path(cfg.score.output_dir) / ".shards" / "anchor"
+
+    def stop(index, n_shards, path):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        score_reference(cfg, "anchor", on_shard=stop)
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    assert {k: manifest[k] for k in ("device", "dtype", "batch_tokens", "padding_side")} == {
+        "device": "cpu", "dtype": "float32", "batch_tokens": cfg.score.batch_tokens, "padding_side": "right"}
+    elsewhere = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, dtype="bfloat16", batch_tokens=4096))
+    with pytest.raises(ScoringError, match=rf"{shard_dir}: an interrupted run left shards scored in other numerics "
+                                           r"\(dtype 'float32' -> 'bfloat16', batch_tokens \d+ -> 4096\).*delete"):
+        score_reference(elsewhere, "anchor")
+    with pytest.raises(ScoringError, match=r"padding_side 'right' -> 'left'"):
+        score_reference(cfg, "anchor", padding_side="left")
+    assert (shard_dir / "shard-00000.parquet").is_file()  # nothing discarded
+    computed = []
+    score_reference(cfg, "anchor", on_shard=lambda i, n, p: computed.append(i))  # the same numerics resume
+    assert computed == [1, 2]
 
 
 def test_a_non_finite_score_fails_naming_the_reference_and_the_pair(tiny_zoo, tmp_path):

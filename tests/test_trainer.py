@@ -22,6 +22,7 @@ from conftest import REFERENCES, REPO_ROOT, CrashAtStep, SimulatedCrash, config
 from mrpo.config import load_config
 from mrpo.train import build_trainer, prepare_training, train
 from mrpo.trainer import (
+    ObjectiveSettings,
     PreferenceCollator,
     ScoreDataError,
     build_preference_dataset,
@@ -176,6 +177,54 @@ def test_k1_first_step_loss_equals_trl_dpo(scored, tmp_path):
     trl_loss = trl.compute_loss(trl.model, trl_batch).item()
     assert our_loss == pytest.approx(trl_loss, abs=1e-5)
     assert our_loss != pytest.approx(math.log(2), abs=1e-3)  # a non-anchor reference: not the trivial value
+
+
+def test_k1_ipo_norm_equals_trl_ipo(scored, tmp_path):
+    """loss_type ipo_norm with K = 1 == TRL's ipo (per-token log-ratios), on a policy moved off the anchor."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    cfg = config(scored, tmp_path, **{"train.objective": "dpo", "train.loss_type": "ipo_norm"})
+    setup = prepare_training(cfg)
+    ours = build_trainer(cfg, setup)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # at the anchor every log-ratio is 0; move the policy so the loss has something to say
+        for p in ours.model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    examples = [setup.datasets["train"][i] for i in range(8)]
+    batch = PreferenceCollator(setup.tokenizer.pad_token_id)(examples)
+    ours.model.train()
+    with torch.no_grad():
+        our_loss = ours.compute_loss(ours.model, batch).item()
+
+    class PrecomputedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            return dataset
+
+    rows = [{
+        "prompt_ids": e.chosen.input_ids[: e.chosen.prompt_length],
+        "chosen_ids": e.chosen.input_ids[e.chosen.prompt_length:],
+        "rejected_ids": e.rejected.input_ids[e.rejected.prompt_length:],
+        "ref_chosen_logps": float(e.ref_chosen_logps[0]),
+        "ref_rejected_logps": float(e.ref_rejected_logps[0]),
+    } for e in examples]
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=cfg.train.beta, loss_type=["ipo"],
+                     precompute_ref_log_probs=True, max_length=None, report_to="none", use_cpu=True,
+                     per_device_train_batch_size=8)
+    trl = PrecomputedDPOTrainer(model=ours.model, args=args, train_dataset=Dataset.from_list(rows),
+                                processing_class=setup.tokenizer)
+    with torch.no_grad():
+        trl_loss = trl.compute_loss(ours.model, trl.data_collator(rows)).item()
+    assert our_loss == pytest.approx(trl_loss, abs=1e-6)
+    assert our_loss != pytest.approx((1 / (2 * cfg.train.beta)) ** 2, abs=1e-2)  # not the value at the anchor
+    # the token-summed ipo is another loss: TRL's ipo is the length-normalised one
+    plain = config(scored, tmp_path / "plain", **{"train.objective": "dpo", "train.loss_type": "ipo"})
+    ours.objective = ObjectiveSettings.from_config(plain.train)
+    with torch.no_grad():
+        assert ours.compute_loss(ours.model, batch).item() != pytest.approx(trl_loss, abs=1e-2)
 
 
 def test_dpo_with_reference_k_equals_mrpo_with_only_reference_k(scored, tmp_path):
@@ -408,3 +457,124 @@ def test_tracking_uri_precedence(scored, tmp_path, monkeypatch):
     assert tracking_uri(cfg) == "file:///somewhere/mlruns"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.invalid:5000")
     assert tracking_uri(cfg) == "http://tracking.invalid:5000"
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+def _split_runs(scored, tmp_path, steps: int, **overrides) -> dict:
+    """The same effective batch of 8 pairs as 8 x 1 and as 4 x 2 (same data order): trainer per split."""
+    runs = {}
+    for batch, accumulation in ((8, 1), (4, 2)):
+        cfg = config(scored, tmp_path / f"{batch}x{accumulation}", **{
+            "train.batch_size": batch, "train.gradient_accumulation_steps": accumulation, "train.max_steps": steps,
+            **overrides,
+        })
+        runs[(batch, accumulation)] = first_step_losses(cfg, steps=steps)
+    return runs
+
+
+@pytest.mark.parametrize("strategy", ["thompson", "window"])
+def test_online_strategies_advance_once_per_optimizer_step(scored, tmp_path, strategy):
+    """Sampled once per optimizer step, updated once after it with all its pairs: 8 x 1 == 4 x 2."""
+    runs = _split_runs(scored, tmp_path, 3, **{"train.strategy": strategy, "train.window_size": 12})
+    (logs_one, one), (logs_two, two) = runs[(8, 1)], runs[(4, 2)]
+    assert two.strategy.state_dict() == one.strategy.state_dict()
+    if strategy == "thompson":
+        assert two.strategy.steps == one.strategy.steps == 3
+    else:
+        assert len(two.strategy.window) == 12  # 3 steps x 8 pairs through a window of 12
+    weights = [[e[f"weight/{n}"] for e in logs for n in REFERENCES] for logs in (logs_one, logs_two)]
+    assert weights[1] == pytest.approx(weights[0], abs=1e-7)
+    assert weights[0][3:6] != pytest.approx(weights[0][:3], abs=1e-4)  # the strategy did move
+
+
+def _max_weight_difference(a, b) -> float:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    return max((sa[k] - sb[k]).abs().max().item() for k in sa)
+
+
+def test_sft_term_is_invariant_to_gradient_accumulation(scored, tmp_path):
+    """The SFT term is normalised by the chosen tokens of the whole accumulated batch, not per micro-batch."""
+    runs = _split_runs(scored, tmp_path, 3, **{"train.sft_weight": 1.0, "train.learning_rate": 1e-3})
+    (logs_one, one), (logs_two, two) = runs[(8, 1)], runs[(4, 2)]
+    print(f"max |weight difference| 8x1 vs 4x2 after 3 steps: {_max_weight_difference(one, two):.3e}")
+    assert _max_weight_difference(one, two) < 1e-5
+    assert [e["loss"] for e in logs_two] == pytest.approx([e["loss"] for e in logs_one], abs=1e-5)
+    start = config(scored, tmp_path / "start")
+    assert _max_weight_difference(one, build_trainer(start, prepare_training(start))) > 1e-3  # the weights moved
+
+
+# ---------------------------------------------------------------- dropout
+
+
+def test_policy_dropout_is_off_by_default(scored, tmp_path):
+    """A GPT-2 anchor has dropout 0.1: with it on, two training-mode forwards of the same batch differ."""
+    import dataclasses
+
+    from mrpo.models import collate_responses, load_tokenizer, response_logps
+    from mrpo.tokenization import encode_response
+    from mrpo.train import load_policy
+
+    cfg = config(scored, tmp_path)
+    gpt2_first = dataclasses.replace(cfg, references=(cfg.reference("gpt2_char"), cfg.reference("anchor")))
+    tokenizer = load_tokenizer(gpt2_first.anchor)
+    pairs = pd.read_parquet(Path(cfg.data.output_dir) / "train.parquet").head(8)
+    encoded = [encode_response(tokenizer, p, c, 64, chat_template=False)
+               for p, c in zip(pairs["prompt"], pairs["chosen"], strict=True)]
+    batch = collate_responses(encoded, tokenizer.pad_token_id)
+
+    def two_forwards(model):
+        assert model.training
+        with torch.no_grad():
+            return [response_logps(model, **batch) for _ in range(2)]
+
+    assert gpt2_first.train.disable_dropout is True  # the default
+    off = load_policy(gpt2_first, torch.device("cpu"))
+    a, b = two_forwards(off)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(a, response_logps(off.eval(), **batch), rtol=0, atol=1e-5)
+
+    on = load_policy(dataclasses.replace(gpt2_first, train=dataclasses.replace(gpt2_first.train, disable_dropout=False)),
+                     torch.device("cpu"))
+    a, b = two_forwards(on)
+    assert (a - b).abs().max().item() > 1e-2
+
+
+# ---------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_step0_policy_logps_equal_anchor_scores_in_every_precision(scored, tmp_path, dtype):
+    """Scoring records its precision; training's forward runs in it (fp32 weights, autocast), so step 0 is exact."""
+    from mrpo.scoring import read_scores, score_reference
+
+    cfg = config(scored, tmp_path, **{"score.output_dir": str(tmp_path / "scores"), "score.dtype": dtype,
+                                      "train.objective": "dpo"})
+    _, meta = read_scores(score_reference(cfg, "anchor"))
+    assert (meta["dtype"], meta["weights_dtype"], meta["device"]) == (dtype, "float32", "cpu")
+    setup = prepare_training(cfg)
+    assert setup.precision == getattr(torch, dtype)
+    trainer = build_trainer(cfg, setup)
+    batch = PreferenceCollator(setup.tokenizer.pad_token_id)([setup.datasets["train"][i] for i in range(32)])
+    trainer.model.train()  # the training forward: dropout is off, so it is deterministic
+    with torch.no_grad():
+        pi_w, pi_l = trainer._policy_logps(trainer.model, batch)
+        loss = trainer.compute_loss(trainer.model, batch).item()
+    r_w, r_l = batch["ref_chosen_logps"][:, 0], batch["ref_rejected_logps"][:, 0]
+    # Same weights, same autocast, same kernels; only the batch's shape differs from scoring's length packing,
+    # which changes the GEMM blocking and so the low bits of the bf16/fp16-rounded activations.
+    # Measured max |difference| per sequence: fp32 4e-6, fp16 1.3e-4, bf16 3.2e-3 (pure bf16 weights: see docs).
+    tolerance = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 1e-2}[dtype]
+    print(f"{dtype}: max |policy - stored| {max((pi_w - r_w).abs().max(), (pi_l - r_l).abs().max()):.2e}")
+    torch.testing.assert_close(pi_w, r_w, rtol=0, atol=tolerance)
+    torch.testing.assert_close(pi_l, r_l, rtol=0, atol=tolerance)
+    margins = cfg.train.beta * ((pi_w - r_w) - (pi_l - r_l))
+    assert margins.abs().max().item() < 1e-3  # gpu_check's bar for the step-0 reward margin
+    assert margins.mean().abs().item() < 1e-4
+    assert loss == pytest.approx(math.log(2), abs=1e-4)
+    # ...and step-0 noise is a tie, not a win: reward accuracy 0 in every precision (strict > counted
+    # rounding noise as wins: a share of about half of the pairs)
+    print(f"{dtype}: strict share of step-0 margins > 0: {(margins > 0).double().mean():.2f}")
+    assert trainer._train_metrics["rewards/accuracy"] == [0.0]

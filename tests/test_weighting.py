@@ -130,3 +130,81 @@ def test_state_round_trips_through_json(name):
 def test_state_of_another_strategy_is_refused():
     with pytest.raises(ValueError, match="weighting state is for strategy 'window', not 'thompson'"):
         make_strategy("thompson", 3).load_state_dict(make_strategy("window", 3).state_dict())
+
+
+# ---------------------------------------------------------------- margins that live on an accelerator
+
+
+class OffHostTensor(torch.Tensor):
+    """Behaves like a CUDA tensor on a CPU-only machine: its values cannot be read on the host (numpy, tolist,
+    item) and it does not mix with host tensors of dim > 0, until moved with `.cpu()` or `.to("cpu")`."""
+
+    _READS = {torch.Tensor.numpy, torch.Tensor.tolist, torch.Tensor.item}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in cls._READS:
+            raise TypeError(f"{func.__name__}: can't read an off-host tensor on the host; call .cpu() first")
+        if func is torch.Tensor.cpu or (func is torch.Tensor.to and _targets_cpu(args[1:], kwargs)):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs).as_subclass(torch.Tensor)
+        plain = [a for a in _leaves(args) + _leaves(list(kwargs.values()))
+                 if type(a) is torch.Tensor and a.dim() > 0]
+        if plain:
+            raise RuntimeError(f"{func.__name__}: expected all tensors to be on the same device (off-host and cpu)")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _targets_cpu(args, kwargs) -> bool:
+    targets = list(args) + [kwargs.get("device")]
+    return any(isinstance(t, str | torch.device) and torch.device(t).type == "cpu" for t in targets)
+
+
+def _leaves(values) -> list:
+    out = []
+    for v in values:
+        out.extend(_leaves(v) if isinstance(v, list | tuple) else [v])
+    return out
+
+
+def test_off_host_tensor_refuses_what_a_cuda_tensor_refuses():
+    off = VAL.as_subclass(OffHostTensor)
+    with pytest.raises(TypeError, match="off-host"):
+        (off > 0).to(D).mean(dim=0).numpy()
+    with pytest.raises(TypeError, match="off-host"):
+        off.tolist()
+    with pytest.raises(RuntimeError, match="same device"):
+        off + VAL
+    back = off.to("cpu")
+    assert type(back) is torch.Tensor and torch.equal(back, VAL)
+    assert type(off.to(torch.float32)) is OffHostTensor  # a dtype change stays off the host
+
+
+@pytest.mark.parametrize("name", ["uniform", "fixed", "arwc", "vdw", "vaw", "window", "thompson"])
+def test_every_strategy_takes_margins_from_an_accelerator(name):
+    """The trainer passes margins where the policy runs (CUDA); thompson used to call .numpy() on them."""
+    kwargs = {"fixed_weights": [1, 2, 3], "window_size": 5, "seed": 3}
+    on_host, off_host = make_strategy(name, 3, **kwargs), make_strategy(name, 3, **kwargs)
+    on_host.fit(VAL)
+    off_host.fit(VAL.as_subclass(OffHostTensor))
+    for step in range(3):
+        batch = VAL + step
+        expected = (on_host.weights(batch), on_host.eval_weights(batch))
+        got = (off_host.weights(batch.as_subclass(OffHostTensor)), off_host.eval_weights(batch.as_subclass(OffHostTensor)))
+        for e, g in zip(expected, got, strict=True):
+            assert type(g) is torch.Tensor and g.device.type == "cpu" and g.dtype == D
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+        on_host.update(batch)
+        off_host.update(batch.as_subclass(OffHostTensor))
+    assert json.dumps(off_host.state_dict()) == json.dumps(on_host.state_dict())
+
+
+def test_thompson_evaluates_with_its_posterior_mean():
+    s = make_strategy("thompson", 3, seed=0)
+    s.update(torch.tensor([[1.0, -1.0, 1.0], [1.0, -1.0, -1.0]], dtype=D))  # correct shares 1, 0, 0.5
+    # posterior means 2/3, 1/3, 1/2 (Beta(1 + share, 1 + 1 - share)), normalised
+    mean = torch.tensor([2 / 3, 1 / 3, 1 / 2], dtype=D)
+    torch.testing.assert_close(s.eval_weights(VAL), mean / mean.sum())
+    assert not torch.allclose(s.weights(VAL), s.eval_weights(VAL))  # training draws a sample
+    torch.testing.assert_close(make_strategy("window", 3).eval_weights(VAL), torch.full((3,), 1 / 3, dtype=D))
