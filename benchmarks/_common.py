@@ -264,7 +264,7 @@ def smollm2_checkpoint(name: str = "smollm2"):
     import dataclasses
     import tempfile
 
-    from mrpo.evaluate import convert_gguf_checkpoint
+    from mrpo.models import convert_gguf_checkpoint
 
     ref = smollm2_reference(name)
     if ref is None:

