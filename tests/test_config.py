@@ -42,7 +42,7 @@ def test_default_profile_parses(raw):
         ("train.beta", -0.5, "train.beta: got -0.5; must be > 0"),
         ("train.epsilon", 1.0, r"train.epsilon: got 1.0; must be in \[0, 1\)"),
         ("train.epsilon", -0.1, r"train.epsilon: got -0.1; must be in \[0, 1\)"),
-        ("train.loss_type", "kto", "train.loss_type: got 'kto'; allowed: sigmoid, ipo, hinge"),
+        ("train.loss_type", "kto", "train.loss_type: got 'kto'; allowed: sigmoid, ipo, ipo_norm, hinge"),
         (
             "train.strategy",
             "best",
