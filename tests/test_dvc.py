@@ -30,6 +30,38 @@ def edit_params(project, edit) -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+STAGE_MODULES = {"zoo": "zoo", "prepare": "data", "score": "scoring", "train": "train", "evaluate": "evaluate"}
+
+
+def mrpo_imports(module: str) -> set[str]:
+    """The mrpo modules `module` imports anywhere in its text (function-level imports included), transitively."""
+    import ast
+
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((REPO_ROOT / "mrpo" / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "mrpo":
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mrpo."):
+                todo.append(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("mrpo.")]
+    return seen
+
+
+def test_each_stage_depends_on_every_module_its_command_runs():
+    """A change to any code a stage runs makes DVC re-run it; nothing the stage does not run is listed."""
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    for stage, module in STAGE_MODULES.items():
+        body = stages[stage].get("do", stages[stage])
+        listed = {d.removeprefix("mrpo/").removesuffix(".py") for d in body["deps"] if d.startswith("mrpo/")}
+        assert listed == mrpo_imports(module), stage
+
+
 @pytest.mark.slow
 def test_repro_runs_every_stage_in_order_and_writes_the_outputs(tiny_reproduced):
     out, project = tiny_reproduced["output"], tiny_reproduced["path"]
@@ -117,8 +149,8 @@ def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
         assert body["cmd"].startswith("mrpo "), name
         assert body["params"] and body["deps"] and body["outs"], f"{name}: params, deps and outs must be declared"
     assert spec["stages"]["score"]["foreach"] == "${references}"
-    assert spec["stages"]["train"]["metrics"] == [{"${train.metrics_file}": {"cache": False}}]
-    assert spec["stages"]["evaluate"]["metrics"] == [{"${evaluate.metrics_file}": {"cache": False}}]
+    assert spec["stages"]["train"]["metrics"] == [{"${train.metrics_file}": {"cache": False, "persist": True}}]
+    assert spec["stages"]["evaluate"]["metrics"] == [{"${evaluate.metrics_file}": {"cache": False, "persist": True}}]
     # the weights plot names exactly the default profile's references
     weights = next(p["Reference weights"] for p in spec["plots"] if "Reference weights" in p)
     assert weights["y"]["${train.plots_file}"] == [f"weight/{r.name}" for r in cfg.references]
