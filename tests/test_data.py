@@ -22,13 +22,13 @@ from mrpo.data import (
     COLUMNS,
     SPLITS,
     DataError,
-    corrupt_final_answer,
     pair_id,
     prepare,
     prepared_digest,
     split_of,
     split_transcripts,
 )
+from mrpo.gsm8k import corrupt_final_answer
 from mrpo.synthetic import final_number
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
