@@ -300,7 +300,8 @@ def mrpo_trainer(model, tokenizer, k: int, scratch: Path, *, batch_size: int, st
     """An MRPOTrainer (real class, real TrainingArguments) over `model` with K references and a uniform strategy."""
     from transformers import TrainingArguments
 
-    from mrpo.trainer import MRPOTrainer, ObjectiveSettings, PreferenceCollator, PreferenceDataset
+    from mrpo.losses import Objective
+    from mrpo.trainer import MRPOTrainer, PreferenceCollator, PreferenceDataset
     from mrpo.weighting import make_strategy
 
     args = TrainingArguments(
@@ -312,7 +313,7 @@ def mrpo_trainer(model, tokenizer, k: int, scratch: Path, *, batch_size: int, st
     return MRPOTrainer(
         model=model, args=args, data_collator=PreferenceCollator(tokenizer.pad_token_id),
         train_dataset=train_dataset if train_dataset is not None else PreferenceDataset([], names), processing_class=tokenizer,
-        objective=ObjectiveSettings(), strategy=make_strategy(strategy, k), reference_names=names,
+        objective=Objective(), strategy=make_strategy(strategy, k), reference_names=names,
     )
 
 

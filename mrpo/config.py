@@ -17,9 +17,6 @@ import yaml
 
 from mrpo.errors import ConfigError, MRPOError  # noqa: F401  (re-exported: the public error names)
 
-OBJECTIVES = ("mrpo", "dpo", "multi_dpo")
-LOSS_TYPES = ("sigmoid", "ipo", "ipo_norm", "hinge")  # ipo_norm: IPO on per-token log-probs (TRL's ipo)
-STRATEGIES = ("uniform", "fixed", "arwc", "vdw", "vaw", "window", "thompson")
 DATA_SOURCES = ("synthetic", "file", "hub", "gsm8k")
 DATA_FORMATS = ("auto", "explicit", "conversational", "implicit")
 ARCHITECTURES = ("llama", "gpt2")
@@ -492,15 +489,18 @@ def _validate(cfg: Config) -> None:
     _one_of(s.device, "score.device", DEVICES)
     _one_of(s.dtype, "score.dtype", DTYPES)
 
-    _one_of(t.objective, "train.objective", OBJECTIVES)
-    _one_of(t.loss_type, "train.loss_type", LOSS_TYPES)
+    # The objective's own settings are validated by the objective itself (mrpo.losses.Objective), and the
+    # strategy names come from the strategies' registry: one place each.
+    from mrpo.losses import Objective
+    from mrpo.weighting import REGISTRY, STRATEGIES
+
+    try:
+        Objective.from_train_config(t)
+    except ValueError as exc:
+        raise ConfigError(f"train.{exc}") from None
     _one_of(t.strategy, "train.strategy", STRATEGIES)
     _one_of(t.device, "train.device", DEVICES)
     _one_of(t.lr_scheduler, "train.lr_scheduler", LR_SCHEDULERS)
-    _check(t.beta > 0, "train.beta", t.beta, "must be > 0")
-    _check(0 <= t.epsilon < 1, "train.epsilon", t.epsilon, "must be in [0, 1)")
-    _check(0 <= t.label_smoothing < 0.5, "train.label_smoothing", t.label_smoothing, "must be in [0, 0.5)")
-    _check(t.sft_weight >= 0, "train.sft_weight", t.sft_weight, "must be >= 0")
     _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
     _check(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", t.warmup_ratio,
            "must be in [0, 1] (the fraction of the training steps spent warming up)")
@@ -543,7 +543,7 @@ def _validate(cfg: Config) -> None:
         _check(t.fixed_weights is None, "train.fixed_weights", None if t.fixed_weights is None else list(t.fixed_weights),
                f"only used by strategy 'fixed', but train.strategy is {t.strategy!r}: "
                "set train.strategy: fixed or fixed_weights: null")
-    if t.strategy in ("vdw", "vaw"):
+    if REGISTRY[t.strategy].fitted_on_validation:
         _check(d.val_fraction > 0, "data.val_fraction", d.val_fraction,
                f"must be > 0: train.strategy {t.strategy!r} is fitted on the validation split")
     if t.lr_scheduler == "reduce_lr_on_plateau":

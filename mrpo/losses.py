@@ -8,12 +8,14 @@ are detached, so gradients reach only the policy log-probs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from mrpo.config import LOSS_TYPES
+OBJECTIVES = ("mrpo", "dpo", "multi_dpo")
+LOSS_TYPES = ("sigmoid", "ipo", "ipo_norm", "hinge")  # ipo_norm: IPO on per-token log-probs (TRL's ipo)
 
 # Two sequence log-probs closer than this (nats) are a tie in reward accuracy: their difference is rounding
 # noise of the precision the forward ran in, not a preference. fp32 sums over hundreds of tokens differ by
@@ -187,13 +189,75 @@ def _output(losses, pi_w, pi_l, ref_w, ref_l, beta, clipped_fraction) -> Prefere
     )
 
 
-def _check_hyperparameters(beta: float, epsilon: float, label_smoothing: float) -> None:
-    if not beta > 0:
-        raise ValueError(f"beta: got {beta}; must be > 0")
-    if not 0 <= epsilon < 1:
-        raise ValueError(f"epsilon: got {epsilon}; must be in [0, 1)")
-    if not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing: got {label_smoothing}; must be in [0, 0.5)")
+@dataclass(frozen=True)
+class Objective:
+    """What the trainer optimises (spec sections 1-4): which combination of the references, which pair loss,
+    and its hyperparameters. Validated once, here; calling it computes the loss of a batch."""
+
+    objective: str = "mrpo"  # mrpo | dpo (K = 1) | multi_dpo (the naive baseline)
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    epsilon: float = 0.1
+    adaptive_epsilon: bool = True
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}; {allowed}")
+
+        check(self.objective in OBJECTIVES, "objective", f"allowed: {', '.join(OBJECTIVES)}")
+        check(self.loss_type in LOSS_TYPES, "loss_type", f"allowed: {', '.join(LOSS_TYPES)}")
+        check(math.isfinite(self.beta) and self.beta > 0, "beta", "must be > 0")
+        check(0 <= self.epsilon < 1, "epsilon", "must be in [0, 1)")
+        check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        check(math.isfinite(self.sft_weight) and self.sft_weight >= 0, "sft_weight", "must be >= 0")
+
+    @classmethod
+    def from_train_config(cls, t) -> Objective:
+        return cls(t.objective, t.loss_type, t.beta, t.epsilon, t.adaptive_epsilon, t.label_smoothing, t.sft_weight)
+
+    def __call__(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor,
+        ref_rejected_logps: torch.Tensor,
+        weights: torch.Tensor,
+        tokens: TokenCounts | None = None,
+    ) -> PreferenceLossOutput:
+        """The objective's per-pair losses and rewards; `tokens` is needed by loss_type ipo_norm only."""
+        if self.objective == "dpo" and ref_chosen_logps.shape[-1] != 1:
+            raise ValueError(f"objective 'dpo' takes exactly one reference, got {ref_chosen_logps.shape[-1]}")
+        combine = _multi_dpo if self.objective == "multi_dpo" else _mrpo
+        return combine(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                       weights, tokens)
+
+
+def _clipped(o: Objective, policy_chosen, policy_rejected, ref_chosen, ref_rejected, weights, tokens):
+    """Both objectives' front half: per-token log-probs for ipo_norm, then `_prepare` (clip and alpha)."""
+    if o.loss_type == "ipo_norm":
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected = per_token_logps(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, tokens)
+    return _prepare(policy_chosen, policy_rejected, ref_chosen, ref_rejected, weights, o.epsilon, o.adaptive_epsilon)
+
+
+def _mrpo(o: Objective, *tensors) -> PreferenceLossOutput:
+    pi_w, pi_l, r_w, r_l, alpha, clipped_fraction = _clipped(o, *tensors)
+    ref_w, ref_l = harmonic_reference(r_w, alpha), harmonic_reference(r_l, alpha)
+    h = (pi_w - pi_l) - (ref_w - ref_l)
+    losses = pair_loss(h, beta=o.beta, loss_type=o.loss_type, label_smoothing=o.label_smoothing)
+    return _output(losses, pi_w, pi_l, ref_w, ref_l, o.beta, clipped_fraction)
+
+
+def _multi_dpo(o: Objective, *tensors) -> PreferenceLossOutput:
+    pi_w, pi_l, r_w, r_l, alpha, clipped_fraction = _clipped(o, *tensors)
+    h = (pi_w - pi_l).unsqueeze(-1) - (r_w - r_l)
+    per_reference = pair_loss(h, beta=o.beta, loss_type=o.loss_type, label_smoothing=o.label_smoothing)
+    losses = (alpha * per_reference).sum(dim=-1)
+    ref_w, ref_l = (alpha * r_w).sum(dim=-1), (alpha * r_l).sum(dim=-1)
+    return _output(losses, pi_w, pi_l, ref_w, ref_l, o.beta, clipped_fraction)
 
 
 def mrpo_loss(
@@ -214,18 +278,8 @@ def mrpo_loss(
 
     h = (pi_w - pi_l) - (log pi_ref(y_w|x) - log pi_ref(y_l|x)). With K = 1 this is DPO exactly.
     """
-    _check_hyperparameters(beta, epsilon, label_smoothing)
-    if loss_type == "ipo_norm":
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = per_token_logps(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, tokens)
-    pi_w, pi_l, r_w, r_l, alpha, clipped_fraction = _prepare(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights, epsilon,
-        adaptive_epsilon,
-    )  # fmt: skip
-    ref_w, ref_l = harmonic_reference(r_w, alpha), harmonic_reference(r_l, alpha)
-    h = (pi_w - pi_l) - (ref_w - ref_l)
-    losses = pair_loss(h, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    return _output(losses, pi_w, pi_l, ref_w, ref_l, beta, clipped_fraction)
+    o = Objective("mrpo", loss_type, beta, epsilon, adaptive_epsilon, label_smoothing)
+    return _mrpo(o, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights, tokens)
 
 
 def multi_dpo_loss(
@@ -249,16 +303,6 @@ def multi_dpo_loss(
     arithmetic mean of the clipped references, the reference this loss implies
     for the sigmoid form's first-order behaviour.
     """
-    _check_hyperparameters(beta, epsilon, label_smoothing)
-    if loss_type == "ipo_norm":
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = per_token_logps(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, tokens)
-    pi_w, pi_l, r_w, r_l, alpha, clipped_fraction = _prepare(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights, epsilon,
-        adaptive_epsilon,
-    )  # fmt: skip
-    h = (pi_w - pi_l).unsqueeze(-1) - (r_w - r_l)
-    per_reference = pair_loss(h, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    losses = (alpha * per_reference).sum(dim=-1)
-    ref_w, ref_l = (alpha * r_w).sum(dim=-1), (alpha * r_l).sum(dim=-1)
-    return _output(losses, pi_w, pi_l, ref_w, ref_l, beta, clipped_fraction)
+    o = Objective("multi_dpo", loss_type, beta, epsilon, adaptive_epsilon, label_smoothing)
+    return _multi_dpo(o, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights,
+                      tokens)

@@ -35,11 +35,11 @@ from mrpo.config import Config, ConfigError
 from mrpo.data import SPLITS
 from mrpo.errors import ScoreDataError, TrainingError
 from mrpo.io import replace_directory, write_json_atomically, write_text_atomically
+from mrpo.losses import Objective
 from mrpo.preflight import check_stage
 from mrpo.runtime import resolve_device, seed_everything
 from mrpo.trainer import (
     MRPOTrainer,
-    ObjectiveSettings,
     PreferenceCollator,
     PreferenceDataset,
     build_preference_dataset,
@@ -49,7 +49,6 @@ from mrpo.trainer import (
 
 log = logging.getLogger("mrpo")
 
-_OFFLINE_STRATEGIES = ("vdw", "vaw")
 # Trainer's evaluation bookkeeping: wall-clock noise, not curves worth plotting.
 _TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
 
@@ -300,7 +299,7 @@ def prepare_training(cfg: Config) -> TrainingSetup:
 
     strategy = make_strategy(t.strategy, len(names), fixed_weights=t.fixed_weights, window_size=t.window_size,
                              seed=cfg.seed)
-    if t.strategy in _OFFLINE_STRATEGIES and len(datasets["val"]) == 0:
+    if strategy.fitted_on_validation and len(datasets["val"]) == 0:
         raise ConfigError(f"train.strategy {t.strategy!r} is fitted on the validation split, which is empty; "
                          "set data.val_fraction > 0 or choose another strategy")
     strategy.fit(datasets["val"].reference_margins())
@@ -324,7 +323,7 @@ def build_trainer(
         eval_dataset=setup.datasets["val"] if has_eval else None,
         processing_class=setup.tokenizer,
         callbacks=list(callbacks),
-        objective=ObjectiveSettings.from_config(cfg.train),
+        objective=Objective.from_train_config(cfg.train),
         strategy=setup.strategy,
         reference_names=setup.names,
         precision=setup.precision,

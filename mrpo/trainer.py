@@ -34,7 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from mrpo.checkpoints import seal_checkpoint
 from mrpo.errors import ScoreDataError, TrainingError
 from mrpo.io import file_sha256
-from mrpo.losses import reward_accuracy
+from mrpo.losses import Objective, reward_accuracy
 from mrpo.models import collate_responses, cpu_threads_for, response_logps, torch_threads
 from mrpo.tokenization import EncodedResponse, encode_response, render_prompt
 
@@ -227,57 +227,6 @@ class PreferenceCollator:
 # ---------------------------------------------------------------- the objective
 
 
-@dataclass(frozen=True)
-class ObjectiveSettings:
-    """Which loss the trainer optimises; see docs/mrpo-spec.md sections 1-4."""
-
-    objective: str = "mrpo"  # mrpo | dpo | multi_dpo
-    loss_type: str = "sigmoid"
-    beta: float = 0.1
-    epsilon: float = 0.1
-    adaptive_epsilon: bool = True
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
-
-    @classmethod
-    def from_config(cls, train_cfg) -> ObjectiveSettings:
-        t = train_cfg
-        return cls(t.objective, t.loss_type, t.beta, t.epsilon, t.adaptive_epsilon, t.label_smoothing, t.sft_weight)
-
-
-def preference_loss(
-    settings: ObjectiveSettings,
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    weights: torch.Tensor,
-    tokens=None,
-):
-    """Dispatch to the spec's objective: mrpo and dpo (K = 1) use `mrpo_loss`, multi_dpo `multi_dpo_loss`.
-
-    `tokens` (mrpo.losses.TokenCounts) is needed by loss_type ipo_norm only.
-    """
-    from mrpo.losses import mrpo_loss, multi_dpo_loss
-
-    fn = multi_dpo_loss if settings.objective == "multi_dpo" else mrpo_loss
-    if settings.objective == "dpo" and ref_chosen_logps.shape[-1] != 1:
-        raise ValueError(f"objective 'dpo' takes exactly one reference, got {ref_chosen_logps.shape[-1]}")
-    return fn(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        weights,
-        beta=settings.beta,
-        epsilon=settings.epsilon,
-        adaptive_epsilon=settings.adaptive_epsilon,
-        loss_type=settings.loss_type,
-        label_smoothing=settings.label_smoothing,
-        tokens=tokens,
-    )
-
-
 def preference_metrics(eval_pred, *, beta: float = 0.1, precision: torch.dtype = torch.float32) -> dict[str, float]:
     """Validation metrics from the per-pair statistics `prediction_step` returns (chosen reward, rejected reward).
 
@@ -315,7 +264,7 @@ def accumulated_share(total: torch.Tensor, count: int, world_size: int) -> torch
 class MRPOTrainer(Trainer):
     """`transformers.Trainer` whose loss is the MRPO objective over precomputed reference log-probs.
 
-    Extra arguments: `objective` (ObjectiveSettings), `strategy` (from
+    Extra arguments: `objective` (Objective), `strategy` (from
     `mrpo.weighting.make_strategy`), `reference_names` (K names, anchor first,
     used for the `weight/<name>` metrics), `precision` (the dtype the anchor was
     scored in: the policy's forward runs in the same numerics, see
@@ -330,7 +279,7 @@ class MRPOTrainer(Trainer):
     # compute_loss divides by the whole accumulated batch's counts (StepCounts) itself.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, objective: ObjectiveSettings, strategy, reference_names: Sequence[str],
+    def __init__(self, *args, objective: Objective, strategy, reference_names: Sequence[str],
                  precision: torch.dtype = torch.float32, **kwargs):
         kwargs.setdefault("compute_metrics", functools.partial(preference_metrics, beta=objective.beta,
                                                                 precision=precision))
@@ -388,7 +337,7 @@ class MRPOTrainer(Trainer):
         strategy_weights = self.strategy.weights if model.training else self.strategy.eval_weights
         weights = torch.as_tensor(strategy_weights(margins), dtype=torch.float32, device=pi_w.device)
         n = ref_w.shape[0]
-        out = preference_loss(self.objective, pi_w, pi_l, ref_w, ref_l, weights, self._token_counts(inputs, n))
+        out = self.objective(pi_w, pi_l, ref_w, ref_l, weights, self._token_counts(inputs, n))
         chosen_tokens = inputs["response_mask"][:n].sum()
         sft_nll = -pi_w.sum() / chosen_tokens.clamp(min=1)  # mean token NLL of the chosen responses in the batch
         counts = num_items_in_batch if isinstance(num_items_in_batch, StepCounts) else None

@@ -8,6 +8,10 @@ Every strategy sees raw reference margins m_k = r_k^w - r_k^l as a (B, K) tensor
 * ``update(margins)`` once after each optimizer step with all of that step's pairs (online strategies learn here),
 * ``state_dict()`` / ``load_state_dict()`` JSON-able, saved with each checkpoint.
 
+Each strategy class registers itself under its ``name`` with its properties (``online``,
+``fitted_on_validation``), so adding one touches only this file: the config, the trainer and
+the sweep read :data:`STRATEGIES` and the class attributes.
+
 ``weights`` never changes state, so calling it for evaluation batches between
 training steps does not perturb training.
 """
@@ -20,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from mrpo.config import STRATEGIES
+REGISTRY: dict[str, type[WeightingStrategy]] = {}
 
 
 def _as_margins(margins: torch.Tensor, k: int) -> torch.Tensor:
@@ -58,12 +62,23 @@ class WeightingStrategy:
     """Uniform weights; the base of every strategy (no fitting, no state)."""
 
     name = "uniform"
-    online = False
+    online = False  # learns during training, from the pairs of each optimizer step
+    fitted_on_validation = False  # learns before training, from the validation split
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            REGISTRY[cls.name] = cls
 
     def __init__(self, k: int):
         if k < 1:
             raise ValueError(f"number of references: got {k}; need at least 1")
         self.k = k
+
+    @classmethod
+    def from_settings(cls, k: int, *, fixed_weights=None, window_size: int = 256, seed: int = 0):
+        """An instance for K references from the train.* settings; each strategy takes what it needs."""
+        return cls(k)
 
     def fit(self, val_margins: torch.Tensor) -> None:
         """Offline strategies learn from validation margins here."""
@@ -87,8 +102,17 @@ class WeightingStrategy:
             raise ValueError(f"weighting state is for strategy {state.get('name')!r}, not {self.name!r}")
 
 
+REGISTRY[WeightingStrategy.name] = WeightingStrategy
+
+
 class FixedWeights(WeightingStrategy):
     name = "fixed"
+
+    @classmethod
+    def from_settings(cls, k: int, *, fixed_weights=None, **_):
+        if fixed_weights is None:
+            raise ValueError("strategy 'fixed' needs fixed_weights, one per reference")
+        return cls(k, fixed_weights)
 
     def __init__(self, k: int, weights: Sequence[float]):
         super().__init__(k)
@@ -113,6 +137,8 @@ class ARWC(WeightingStrategy):
 
 class _ValidationFitted(WeightingStrategy):
     """Weights fixed before training from the validation split's margins."""
+
+    fitted_on_validation = True
 
     def __init__(self, k: int):
         super().__init__(k)
@@ -167,6 +193,10 @@ class WindowARWC(WeightingStrategy):
             raise ValueError(f"window_size: got {window_size}; must be >= 1")
         self.window: deque[list[float]] = deque(maxlen=window_size)
 
+    @classmethod
+    def from_settings(cls, k: int, *, window_size: int = 256, **_):
+        return cls(k, window_size)
+
     def weights(self, margins: torch.Tensor) -> torch.Tensor:
         _as_margins(margins, self.k)
         if not self.window:
@@ -201,6 +231,10 @@ class ThompsonSampling(WeightingStrategy):
         self.a = np.ones(k)
         self.b = np.ones(k)
         self.steps = 0
+
+    @classmethod
+    def from_settings(cls, k: int, *, seed: int = 0, **_):
+        return cls(k, seed)
 
     def weights(self, margins: torch.Tensor) -> torch.Tensor:
         _as_margins(margins, self.k)
@@ -239,24 +273,13 @@ class ThompsonSampling(WeightingStrategy):
         self.a, self.b = np.asarray(state["a"], dtype=np.float64), np.asarray(state["b"], dtype=np.float64)
 
 
+STRATEGIES = tuple(REGISTRY)  # in definition order: uniform, fixed, arwc, vdw, vaw, window, thompson
+
+
 def make_strategy(
     name: str, k: int, *, fixed_weights: Sequence[float] | None = None, window_size: int = 256, seed: int = 0
 ) -> WeightingStrategy:
     """The strategy called `name` for K references (anchor first)."""
-    if name == "uniform":
-        return WeightingStrategy(k)
-    if name == "fixed":
-        if fixed_weights is None:
-            raise ValueError("strategy 'fixed' needs fixed_weights, one per reference")
-        return FixedWeights(k, fixed_weights)
-    if name == "arwc":
-        return ARWC(k)
-    if name == "vdw":
-        return ValidationDiscrimination(k)
-    if name == "vaw":
-        return ValidationAccuracy(k)
-    if name == "window":
-        return WindowARWC(k, window_size)
-    if name == "thompson":
-        return ThompsonSampling(k, seed)
-    raise ValueError(f"strategy: got {name!r}; allowed: {', '.join(STRATEGIES)}")
+    if name not in REGISTRY:
+        raise ValueError(f"strategy: got {name!r}; allowed: {', '.join(STRATEGIES)}")
+    return REGISTRY[name].from_settings(k, fixed_weights=fixed_weights, window_size=window_size, seed=seed)

@@ -207,6 +207,7 @@ BAD_VALUES = [
     ("train.save_steps", 0, "train.save_steps: got 0; must be >= 1"),
     ("train.logging_steps", 0, "train.logging_steps: got 0; must be >= 1"),
     ("train.gradient_checkpointing", "no", "train.gradient_checkpointing: expected true or false"),
+    ("train.disable_dropout", 0, "train.disable_dropout: expected true or false"),
     ("train.lora", "abc", "train.lora: expected a mapping of settings (key: value lines), got 'abc'"),
     ("train.device", "gpu", "train.device: got 'gpu'; allowed: auto, cpu, cuda"),
     ("train.output_dir", "", "train.output_dir: got ''; must be a non-empty string"),

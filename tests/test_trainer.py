@@ -20,9 +20,9 @@ import torch
 from conftest import REFERENCES, REPO_ROOT, CrashAtStep, SimulatedCrash, config
 
 from mrpo.config import load_config
+from mrpo.losses import Objective
 from mrpo.train import build_trainer, prepare_training, train
 from mrpo.trainer import (
-    ObjectiveSettings,
     PreferenceCollator,
     ScoreDataError,
     build_preference_dataset,
@@ -222,7 +222,7 @@ def test_k1_ipo_norm_equals_trl_ipo(scored, tmp_path):
     assert our_loss != pytest.approx((1 / (2 * cfg.train.beta)) ** 2, abs=1e-2)  # not the value at the anchor
     # the token-summed ipo is another loss: TRL's ipo is the length-normalised one
     plain = config(scored, tmp_path / "plain", **{"train.objective": "dpo", "train.loss_type": "ipo"})
-    ours.objective = ObjectiveSettings.from_config(plain.train)
+    ours.objective = Objective.from_train_config(plain.train)
     with torch.no_grad():
         assert ours.compute_loss(ours.model, batch).item() != pytest.approx(trl_loss, abs=1e-2)
 
