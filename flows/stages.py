@@ -23,6 +23,7 @@ from typing import Any
 from mrpo.cli import STATUS_FILE_ENV
 from mrpo.config import Config
 from mrpo.errors import USER_ERROR_EXIT, MRPOError
+from mrpo.zoo import MANIFEST as ZOO_MANIFEST
 
 log = logging.getLogger("mrpo")
 
@@ -192,10 +193,10 @@ def stage_metrics(stage: str, cfg: Config, project_dir: str | Path) -> dict[str,
     """The numbers a stage produced, flat, for its Prefect artifact (empty when it wrote none)."""
     root = Path(project_dir)
     if stage == "zoo":
-        # each member's manifest (mrpo_zoo.json): size, SFT steps and loss
+        # each member's manifest: size, SFT steps and loss
         out: dict[str, Any] = {}
         keep = ("architecture", "tokenizer", "parameters", "train_steps", "first_loss", "final_loss")
-        for manifest in sorted((root / cfg.zoo.output_dir).glob("*/mrpo_zoo.json")):
+        for manifest in sorted((root / cfg.zoo.output_dir).glob(f"*/{ZOO_MANIFEST}")):
             data = _read_json(manifest)
             out.update({f"{manifest.parent.name}.{k}": data[k] for k in keep if data.get(k) is not None})
         return out

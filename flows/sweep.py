@@ -251,7 +251,7 @@ def sweep(
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     experiment_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.tracking.experiment, artifact_location=tracking._artifact_root(uri))
+        cfg.tracking.experiment, artifact_location=tracking.artifact_root(uri))
     commit, dirty = git_commit(root)
     parent = client.create_run(experiment_id, run_name=sweep_id, tags={
         "mrpo.sweep": sweep_id, "mrpo.kind": "sweep", **({"mlflow.source.git.commit": commit} if commit else {})})

@@ -602,16 +602,29 @@ def table_digest(tables: dict[str, pa.Table]) -> str:
     return h.hexdigest()
 
 
+def split_path(output_dir: str | Path, split: str) -> Path:
+    """Where the prepare stage writes `split` (one of SPLITS)."""
+    return Path(output_dir) / f"{split}.parquet"
+
+
+def existing_split(output_dir: str | Path, split: str) -> Path:
+    """`split_path`, refused with the fix when the prepare stage has not written it."""
+    path = split_path(output_dir, split)
+    if not path.is_file():
+        raise DataError(f"{path}: prepared data not found; run `mrpo prepare` first")
+    return path
+
+
+def read_split(output_dir: str | Path, split: str):
+    """One prepared split as a pandas DataFrame (the output contract's columns)."""
+    import pandas as pd
+
+    return pd.read_parquet(existing_split(output_dir, split))
+
+
 def prepared_digest(output_dir: str | Path) -> str:
     """THE digest of the prepared data in `output_dir` (hex): scoring records it, training compares it."""
-    output_dir = Path(output_dir)
-    tables = {}
-    for split in SPLITS:
-        path = output_dir / f"{split}.parquet"
-        if not path.is_file():
-            raise DataError(f"{path}: prepared data not found; run `mrpo prepare` first")
-        tables[split] = pq.read_table(path)
-    return table_digest(tables)
+    return table_digest({split: pq.read_table(existing_split(output_dir, split)) for split in SPLITS})
 
 
 def _write_atomically(outputs: dict[Path, bytes | pa.Table]) -> None:
@@ -698,7 +711,7 @@ def prepare(cfg: Config) -> dict:
     }
     out = Path(d.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    outputs: dict[Path, bytes | pa.Table] = {out / f"{s}.parquet": tables[s] for s in SPLITS}
+    outputs: dict[Path, bytes | pa.Table] = {split_path(out, s): tables[s] for s in SPLITS}
     outputs[out / "report.json"] = (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     _write_atomically(outputs)
 

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mrpo.config import Config, ReferenceConfig
+from mrpo.data import read_split
 from mrpo.errors import ScoreDataError
 from mrpo.io import write_json_atomically, write_text_atomically
 from mrpo.lmeval import (
@@ -86,7 +87,6 @@ def policy_preference_metrics(
     cfg: Config, policy_ref: ReferenceConfig, settings: EvalSettings
 ) -> dict[str, float]:
     """Reward accuracy and margin of the policy on the test split, against the anchor's stored scores."""
-    import pandas as pd
 
     from mrpo.models import cpu_threads_for, load_model, load_tokenizer, torch_threads
     from mrpo.scoring import read_scores, score_sequences
@@ -99,7 +99,7 @@ def policy_preference_metrics(
             f"evaluate: anchor scores {score_path} not found; run `mrpo score --reference {anchor.name}`"
         )
     scores, meta = read_scores(score_path)
-    pairs = pd.read_parquet(Path(cfg.data.output_dir) / "test.parquet")
+    pairs = read_split(cfg.data.output_dir, "test")
     test_scores = scores[scores["split"] == "test"].set_index("pair_id")
     missing = [p for p in pairs["pair_id"] if p not in test_scores.index]
     if missing:

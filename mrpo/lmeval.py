@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mrpo.config import Config, ConfigError, ReferenceConfig
+from mrpo.data import read_split, split_path
 from mrpo.io import file_sha256, write_text_atomically
 from mrpo.runtime import resolve_device, resolve_dtype
 from mrpo.synthetic import arith_gen_rows, arith_mc_rows
@@ -134,7 +135,7 @@ def plan_tasks(cfg: Config, held_out_dir: str | Path, tasks_dir: Path = TASKS_DI
                 )
             files = local_data_files(name, data_file)
         elif name in HELD_OUT_TASKS:
-            test = Path(cfg.data.output_dir) / "test.parquet"
+            test = split_path(cfg.data.output_dir, "test")
             if not test.is_file():
                 raise ConfigError(
                     f"evaluate.tasks: {name} is built from {test}, which does not exist; run `mrpo prepare` first"
@@ -180,12 +181,11 @@ def write_jsonl(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
 def write_held_out_data(cfg: Config, planned: Sequence[PlannedTask]) -> None:
     """Write the held-out JSONL files the planned mrpo_arith_* tasks read, from the prepared test split."""
-    import pandas as pd
 
     wanted = [t for t in planned if t.name in HELD_OUT_TASKS and t.name not in cfg.evaluate.task_data]
     if not wanted:
         return
-    pairs = pd.read_parquet(Path(cfg.data.output_dir) / "test.parquet")
+    pairs = read_split(cfg.data.output_dir, "test")
     builders = {"mrpo_arith_gen": arith_gen_rows, "mrpo_arith_mc": arith_mc_rows}
     for task in wanted:
         rows = builders[task.name](pairs)

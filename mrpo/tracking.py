@@ -54,7 +54,7 @@ def tracking_uri(cfg: Config, project_dir: str | Path | None = None) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
-def _artifact_root(uri: str) -> str | None:
+def artifact_root(uri: str) -> str | None:
     """Artifacts next to a sqlite store (in mlruns/, which git ignores); other stores choose their own."""
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
@@ -81,7 +81,7 @@ def start_pipeline_run(cfg: Config, *, resume_run_id: str | None = None, tags: M
             log.warning("mlflow: cannot reopen run %s (%s); starting a new one", resume_run_id, exc)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is None:
-        experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_root(uri))
+        experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root(uri))
     else:
         experiment_id = experiment.experiment_id
     tags = dict(tags or {})

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from mrpo.checkpoints import RunState, resume_point, write_run_state
 from mrpo.config import Config, ConfigError
-from mrpo.data import SPLITS
+from mrpo.data import SPLITS, read_split
 from mrpo.errors import ScoreDataError, TrainingError
 from mrpo.io import replace_directory, write_json_atomically, write_text_atomically
 from mrpo.losses import Objective
@@ -288,7 +287,7 @@ def prepare_training(cfg: Config) -> TrainingSetup:
     tokenizer = load_tokenizer(cfg.anchor)
     datasets: dict[str, PreferenceDataset] = {}
     for split in SPLITS:
-        pairs = pd.read_parquet(Path(cfg.data.output_dir) / f"{split}.parquet")
+        pairs = read_split(cfg.data.output_dir, split)
         datasets[split] = build_preference_dataset(
             pairs, split, scores, tokenizer, max_length=t.max_length, chat_template=cfg.anchor.chat_template
         )
