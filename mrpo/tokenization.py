@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from mrpo.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class EncodedResponse:
@@ -32,7 +34,7 @@ def render_prompt(tokenizer, prompt: str, messages_json: str | None, chat_templa
     if not chat_template:
         return prompt
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
+        raise ConfigError(
             f"chat_template is true but tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template;"
             " set chat_template: false for this reference"
         )

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mrpo.config import zoo_attention_heads
+from mrpo.io import replace_directory
 from mrpo.models import collate_responses, response_logps, torch_threads
 from mrpo.preflight import check_stage
 from mrpo.synthetic import OPERATIONS, generate_pairs
@@ -188,7 +189,7 @@ def _build_member(member, seed: int, output_dir: Path) -> dict:
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, final)
+        replace_directory(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing in the stage's output
     manifest["seconds"] = round(time.perf_counter() - start, 2)
@@ -202,14 +203,6 @@ def _distinct_pairs(n: int, seed: int, operations: tuple[str, ...]) -> list[dict
             return generate_pairs(n, seed, tuple(operations))
         except ValueError:
             n //= 2
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_zoo(cfg) -> list[dict]:
