@@ -82,8 +82,8 @@ def reference_lineage(cfg: Config, project_dir: str | Path) -> dict[str, str]:
 
 
 def render_training_plots(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
-    """PNG figures of the training curves in `plots/train.csv`: loss, reward accuracy and
-    reference weights against `step`, one file per panel that has columns."""
+    """PNG figures of the training curves in `plots/train.csv` (mrpo.train.write_plots_csv): loss, reward
+    accuracy and reference weights against `step`, one file per panel that has columns."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
@@ -91,31 +91,23 @@ def render_training_plots(csv_path: str | Path, out_dir: str | Path) -> list[Pat
     import pandas as pd
 
     frame = pd.read_csv(csv_path)
-    x = "step" if "step" in frame.columns else frame.columns[0]
-    numeric = [c for c in frame.columns if c != x and pd.api.types.is_numeric_dtype(frame[c])]
+    numeric = [c for c in frame.columns if c != "step" and pd.api.types.is_numeric_dtype(frame[c])]
     panels = {
         "loss": [c for c in numeric if "loss" in c.lower()],
         "reward_accuracy": [c for c in numeric if "accuracy" in c.lower()],
-        "reference_weights": [c for c in numeric if c.lower().startswith(("weight", "w_", "weights"))],
+        "reference_weights": [c for c in numeric if c.startswith("weight/")],
     }
-    if "reference" in frame.columns and "weight" in frame.columns:  # long format: one row per reference
-        panels["reference_weights"] = []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, columns in panels.items():
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        if name == "reference_weights" and not columns and {"reference", "weight"} <= set(frame.columns):
-            for ref, group in frame.groupby("reference"):
-                ax.plot(group[x], group["weight"], label=str(ref))
-            columns = ["weight"]
-        for column in columns if name != "reference_weights" or "weight" not in columns else []:
-            series = frame[[x, column]].dropna()
-            ax.plot(series[x], series[column], label=column)
         if not columns:
-            plt.close(fig)
             continue
-        ax.set_xlabel(x)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for column in columns:
+            series = frame[["step", column]].dropna()
+            ax.plot(series["step"], series[column], label=column)
+        ax.set_xlabel("step")
         ax.set_ylabel(name.replace("_", " "))
         ax.set_title(name.replace("_", " ").capitalize())
         ax.grid(alpha=0.3)
