@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mrpo.data import SPLITS, prepared_digest
-from mrpo.errors import MRPOError
+from mrpo.errors import MRPOError, ScoreDataError
 from mrpo.models import (
     collate_responses,
     cpu_threads_for,
@@ -157,6 +157,30 @@ def check_finite(values: np.ndarray, fits: np.ndarray, pairs: Sequence[PreparedP
         )
 
 
+def check_enough_fit(reference: str, pairs: Sequence[PreparedPair], fits: np.ndarray, max_length: int) -> None:
+    """Refuse a scoring run after which nothing could be trained (no pair, or no train pair, fits); warn on any
+    pair that does not fit, with the count: those pairs are left out of training."""
+    fix = (f"raise score.max_length (now {max_length}; and train.max_length with it) or lower data.max_chars so "
+           "fewer long pairs are kept")
+    if len(pairs) and not fits.any():
+        raise ScoringError(
+            f"reference {reference!r}: none of the {len(pairs)} pairs fits score.max_length={max_length} tokens "
+            f"(prompt plus the whole response), so there is nothing to train on; {fix}"
+        )
+    train = np.array([p.split == "train" for p in pairs], dtype=bool)
+    if train.any() and not (fits & train).any():
+        raise ScoringError(
+            f"reference {reference!r}: none of the {int(train.sum())} train pairs fits score.max_length="
+            f"{max_length} tokens, so there is nothing to train on; {fix}"
+        )
+    if not fits.all():
+        log.warning(
+            "score %s: %d of %d pairs (%d of %d train) do not fit score.max_length=%d and will be left out of "
+            "training; to keep them, %s", reference, int((~fits).sum()), len(pairs), int((train & ~fits).sum()),
+            int(train.sum()), max_length, fix,
+        )
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -179,19 +203,80 @@ def read_prepared(output_dir: str | Path) -> list[PreparedPair]:
     return pairs
 
 
-def read_scores(path: str | Path) -> tuple[pd.DataFrame, dict]:
-    """A score file as (DataFrame with the contract columns, the b"mrpo" metadata dict)."""
+def read_scores(path: str | Path, reference: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """A score file as (DataFrame with the contract columns, the b"mrpo" metadata dict), checked.
+
+    Raises ScoreDataError naming the file, the reference (default: the file's stem) and
+    the command that rewrites it when the file is missing, unreadable (empty,
+    truncated), without its metadata or columns, or when a pair that fits has a
+    non-finite or positive log-prob (see :func:`check_score_values`).
+    """
     path = Path(path)
+    name = reference or path.stem
+    rerun = f"re-run `mrpo score --reference {name}`"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: score file not found; run `mrpo score --reference {path.stem}`")
-    table = pq.read_table(path)
+        raise ScoreDataError(f"{path}: score file of reference {name!r} not found; run `mrpo score --reference {name}`")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ScoreDataError(
+            f"{path}: score file of reference {name!r} is not readable parquet (empty, truncated or damaged: "
+            f"{first}); {rerun}"
+        ) from exc
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
-        raise ValueError(f"{path}: no b'mrpo' metadata; not a score file written by `mrpo score` (re-run it)")
+        raise ScoreDataError(
+            f"{path}: no b'mrpo' metadata, so it is not a score file as `mrpo score` writes it (its provenance is "
+            f"unknown); {rerun}"
+        )
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise ScoreDataError(f"{path}: its b'mrpo' metadata is not valid JSON ({exc}); {rerun}") from exc
+    if not isinstance(meta, dict):
+        raise ScoreDataError(f"{path}: its b'mrpo' metadata is {type(meta).__name__}, not a mapping; {rerun}")
+    if meta.get("reference") not in (None, name):
+        raise ScoreDataError(
+            f"{path}: holds the scores of reference {meta['reference']!r}, not {name!r}; {rerun}"
+        )
     missing = set(SCHEMA.names) - set(table.column_names)
     if missing:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing)}; re-run `mrpo score --reference {path.stem}`")
-    return table.to_pandas(), json.loads(raw)
+        raise ScoreDataError(f"{path}: missing column(s) {sorted(missing)}; {rerun}")
+    try:
+        table = table.select(SCHEMA.names).cast(SCHEMA)
+    except (pa.ArrowException, ValueError) as exc:
+        raise ScoreDataError(f"{path}: columns of the wrong type ({exc}); {rerun}") from exc
+    frame = table.to_pandas()
+    check_score_values(frame, path, name)
+    return frame, meta
+
+
+def check_score_values(frame: pd.DataFrame, path: str | Path, reference: str) -> None:
+    """Refuse a score table whose rows used for training hold impossible values, naming the file, reference, pair.
+
+    Rows flagged fits=False carry NaN by design (they were not scored) and are
+    never trained on; every row with fits=True must have finite log-probs <= 0
+    (a sequence log-probability cannot be positive).
+    """
+    rerun = f"re-run `mrpo score --reference {reference}`"
+    if frame["pair_id"].isna().any():
+        raise ScoreDataError(f"{path}: row {int(np.flatnonzero(frame['pair_id'].isna())[0])} has no pair_id; {rerun}")
+    if frame["fits"].isna().any():
+        pid = frame.loc[frame["fits"].isna(), "pair_id"].iloc[0]
+        raise ScoreDataError(f"{path}: pair_id {pid!r} has no `fits` flag; {rerun}")
+    fits = frame["fits"].to_numpy(bool)
+    for column in ("chosen_logp", "rejected_logp"):
+        values = frame[column].to_numpy(np.float64)
+        for what, bad in (("non-finite", fits & ~np.isfinite(values)), ("positive", fits & (values > 0))):
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ScoreDataError(
+                    f"{path}: reference {reference!r} has a {what} {column} ({values[i]}) for pair_id "
+                    f"{frame['pair_id'].iloc[i]!r} ({int(bad.sum())} such pair(s) among those that fit); "
+                    f"log-probs must be finite and <= 0, so the file is damaged or the model's scores are broken: "
+                    f"{rerun} (with score.dtype: float32 if the model overflows)"
+                )
 
 
 # ---------------------------------------------------------------- computing
@@ -365,7 +450,9 @@ def score_reference(
         totals.add(done[i][1])
     tables = [done[i][0] for i in range(len(bounds))]
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-    not_fitting = int(len(pairs) - sum(table.column("fits").to_pylist()))
+    fits = np.asarray(table.column("fits").to_pylist(), dtype=bool)
+    not_fitting = int(len(pairs) - fits.sum())
+    check_enough_fit(name, pairs, fits, s.max_length)
     padding_share = 1 - totals.tokens / totals.padded_tokens if totals.padded_tokens else 0.0
     metadata = {
         **settings, "device": device.type, "pairs": len(pairs), "pairs_not_fitting": not_fitting,

@@ -60,8 +60,10 @@ class ReferenceScores:
 def load_reference_scores(score_dir: str | Path, names: Sequence[str], prepared_digest: str) -> list[ReferenceScores]:
     """Read `<score_dir>/<name>.parquet` for each reference and check they were all made from this prepared data.
 
-    Raises ScoreDataError naming the file when one is missing or its recorded
-    `prepared_digest` differs from the others' or from `prepared_digest`.
+    Raises ScoreDataError naming the file when one is missing, unreadable, without its
+    metadata, holds a non-finite or positive log-prob for a pair that fits (see
+    `mrpo.scoring.read_scores`), or when its recorded `prepared_digest` differs from the
+    others' or from `prepared_digest`.
     """
     from mrpo.scoring import read_scores
 
@@ -72,7 +74,7 @@ def load_reference_scores(score_dir: str | Path, names: Sequence[str], prepared_
             raise ScoreDataError(
                 f"{path}: no scores for reference {name!r}; run `mrpo score --reference {name}` first"
             )
-        frame, meta = read_scores(path)
+        frame, meta = read_scores(path, reference=name)
         if frame["pair_id"].duplicated().any():
             dup = frame.loc[frame["pair_id"].duplicated(), "pair_id"].iloc[0]
             raise ScoreDataError(f"{path}: pair_id {dup!r} appears more than once; re-run `mrpo score --reference {name}`")
@@ -108,11 +110,12 @@ class JoinedScores:
     fits: np.ndarray  # (N,) bool: every reference could score both responses
     chosen_tokens: np.ndarray  # (N, K) response lengths in each reference's tokenizer (for ipo_norm)
     rejected_tokens: np.ndarray
+    reference_fits: np.ndarray  # (N, K) bool: which references could
 
 
 def join_scores(pair_ids: Sequence[str], scores: Sequence[ReferenceScores], split: str) -> JoinedScores:
     """Look every pair up in every score table; refuse (naming pair, reference and file) a pair without a score."""
-    chosen, rejected, fits = [], [], np.ones(len(pair_ids), dtype=bool)
+    chosen, rejected, each_fits = [], [], []
     chosen_tokens, rejected_tokens = [], []
     index = pd.Index(pair_ids)
     for s in scores:
@@ -127,9 +130,10 @@ def join_scores(pair_ids: Sequence[str], scores: Sequence[ReferenceScores], spli
         rejected.append(rows["rejected_logp"].to_numpy(np.float64))
         chosen_tokens.append(rows["chosen_tokens"].to_numpy(np.int64))
         rejected_tokens.append(rows["rejected_tokens"].to_numpy(np.int64))
-        fits &= rows["fits"].to_numpy(bool)
-    return JoinedScores(np.stack(chosen, axis=1), np.stack(rejected, axis=1), fits,
-                        np.stack(chosen_tokens, axis=1), np.stack(rejected_tokens, axis=1))
+        each_fits.append(rows["fits"].to_numpy(bool))
+    reference_fits = np.stack(each_fits, axis=1) if each_fits else np.ones((len(pair_ids), 0), dtype=bool)
+    return JoinedScores(np.stack(chosen, axis=1), np.stack(rejected, axis=1), reference_fits.all(axis=1),
+                        np.stack(chosen_tokens, axis=1), np.stack(rejected_tokens, axis=1), reference_fits)
 
 
 # ---------------------------------------------------------------- dataset and collator
@@ -147,12 +151,30 @@ class PreferenceExample:
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Tokenized pairs with their K reference log-probs; `skipped` counts pairs left out because they do not fit."""
+    """Tokenized pairs with their K reference log-probs; `skipped` counts pairs left out because they do not fit.
 
-    def __init__(self, examples: list[PreferenceExample], reference_names: Sequence[str], skipped: int = 0):
+    `skipped_by_reference[name]`: pairs that reference's score file flags fits=False (longer than its
+    score.max_length; a pair may be flagged by several); `skipped_by_length`: pairs every reference scored
+    that do not fit the policy's train.max_length. `skipped_summary()` says it in words, for messages.
+    """
+
+    def __init__(self, examples: list[PreferenceExample], reference_names: Sequence[str], skipped: int = 0,
+                 skipped_by_reference: dict[str, int] | None = None, skipped_by_length: int = 0,
+                 total: int | None = None):
         self.examples = examples
         self.reference_names = tuple(reference_names)
         self.skipped = skipped
+        self.skipped_by_reference = dict(skipped_by_reference or {})
+        self.skipped_by_length = skipped_by_length
+        self.total = len(examples) + skipped if total is None else total
+
+    def skipped_summary(self) -> str:
+        """E.g. "of 200 pairs, 200 skipped: reference 'gpt2_char' flagged 200 as not fitting score.max_length"."""
+        parts = [f"reference {name!r} flagged {n} as not fitting score.max_length"
+                 for name, n in self.skipped_by_reference.items() if n]
+        if self.skipped_by_length:
+            parts.append(f"{self.skipped_by_length} do not fit train.max_length")
+        return f"of {self.total} pairs, {self.skipped} skipped" + (f": {'; '.join(parts)}" if parts else "")
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -184,7 +206,7 @@ def build_preference_dataset(
     policy's `max_length`, are skipped and counted (logged), never truncated.
     """
     joined = join_scores(list(pairs["pair_id"]), scores, split)
-    examples, skipped = [], 0
+    examples, skipped, too_long = [], 0, 0
     for i, row in enumerate(pairs.itertuples(index=False)):
         if not joined.fits[i]:
             skipped += 1
@@ -194,12 +216,16 @@ def build_preference_dataset(
         enc_l = encode_response(tokenizer, prompt_text, row.rejected, max_length, chat_template=chat_template)
         if not (enc_w.fits and enc_l.fits):
             skipped += 1
+            too_long += 1
             continue
         examples.append(PreferenceExample(row.pair_id, enc_w, enc_l, joined.chosen[i], joined.rejected[i],
                                           joined.chosen_tokens[i], joined.rejected_tokens[i]))
+    by_reference = {s.name: int((~joined.reference_fits[:, k]).sum()) for k, s in enumerate(scores)}
+    dataset = PreferenceDataset(examples, [s.name for s in scores], skipped, skipped_by_reference=by_reference,
+                                skipped_by_length=too_long, total=len(pairs))
     if skipped:
-        log.warning("%s: skipped %d of %d pairs that do not fit max_length (fits=False)", split, skipped, len(pairs))
-    return PreferenceDataset(examples, [s.name for s in scores], skipped)
+        log.warning("%s: %s (fits=False)", split, dataset.skipped_summary())
+    return dataset
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import manual_logp
 
-from mrpo.config import ReferenceConfig
+from mrpo.config import ConfigError, ReferenceConfig
 from mrpo.models import (
     collate_responses,
     cpu_threads_for,
@@ -131,8 +131,38 @@ def test_pickle_weights_are_refused_only_safetensors_load(tiny_zoo, tmp_path):
     weights = load_model(ReferenceConfig("anchor", str(legacy))).state_dict()
     (legacy / "model.safetensors").unlink()
     torch.save(weights, legacy / "pytorch_model.bin")
-    with pytest.raises(OSError, match="safetensors"):
+    with pytest.raises(ConfigError, match=r"reference 'legacy': '.*legacy' has no safetensors weights \(only "
+                                          r"\['pytorch_model.bin'\]\); models are loaded from safetensors only"):
         load_model(ReferenceConfig("legacy", str(legacy)))
+    # evaluate refuses it too (lm-eval would load the pickle): as anchor and as policy
+    from mrpo.evaluate import check_model_exists
+
+    with pytest.raises(ConfigError, match="reference 'legacy': .* has no safetensors weights"):
+        check_model_exists(ReferenceConfig("legacy", str(legacy)), "anchor", "hint")
+
+
+def test_a_hub_id_that_cannot_be_downloaded_is_one_line_naming_the_reference(tmp_path):
+    """With HF_HUB_OFFLINE=1 (read when huggingface_hub is imported, hence a fresh process) and a made-up id."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    (tmp_path / "params.yaml").write_text(
+        "references:\n  ghost:\n    model: made-up-org/no-such-model\n"
+        "data:\n  synthetic_pairs: 20\nscore:\n  device: cpu\n")
+    for stage in (["prepare"], ["score", "--reference", "ghost"]):
+        result = subprocess.run([sys.executable, "-m", "mrpo.cli", *stage], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("mrpo: configuration error: reference 'ghost': the tokenizer 'made-up-org/no-such-model' "
+                           "(revision main) could not be downloaded from the Hugging Face Hub and is not in the local "
+                           "cache (HF_HUB_OFFLINE set, offline mode: ")
+    assert last.endswith("download it once while online, or set references.ghost.model to a local directory")
 
 
 def test_fingerprint_hashes_local_content_and_pins_hub_revisions(tiny_zoo, tmp_path):

@@ -382,3 +382,165 @@ def test_smollm2_gguf_scores_real_hh_rlhf_pairs_with_its_chat_template(tiny_zoo,
     # The chat template is really applied: the prompt the model sees is in SmolLM2's ChatML form.
     rendered = render_prompt(tokenizer, pairs[0]["prompt"], pairs[0]["prompt_messages"], True)
     assert rendered.endswith("<|im_start|>assistant\n") and "<|im_start|>user" in rendered
+
+
+# ---------------------------------------------------------------- issue 11: damaged score files, nothing that fits
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_zoo, tmp_path_factory):
+    """Every zoo reference scored on 30 prepared pairs, plus a params file pointing at them (read-only)."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("scored")
+    cfg = project(tiny_zoo, tmp)
+    for ref in cfg.references:
+        score_reference(cfg, ref.name)
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["references"] = {r.name: {"model": r.model} for r in cfg.references}
+    raw["data"]["output_dir"] = cfg.data.output_dir
+    raw["score"].update({"output_dir": cfg.score.output_dir, "max_length": 64})
+    raw["train"].update({"max_length": 64, "max_steps": 1, "device": "cpu"})
+    return {"cfg": cfg, "raw": raw, "dir": Path(cfg.score.output_dir)}
+
+
+def _copy_scores(scored, dest: Path) -> Path:
+    shutil.copytree(scored["dir"], dest)
+    return dest
+
+
+def _rewrite(path: Path, edit) -> None:
+    """Rewrite a score file with `edit(frame)` applied, keeping its metadata."""
+    table = pq.read_table(path)
+    frame = edit(table.to_pandas())
+    out = pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False)
+    pq.write_table(out.replace_schema_metadata(table.schema.metadata), path)
+
+
+def _set_value(column, value, fits=True):
+    def edit(frame):
+        i = int(np.flatnonzero(frame["fits"].to_numpy())[3])
+        frame.loc[i, column] = value
+        frame.loc[i, "fits"] = fits
+        _set_value.pair = frame.loc[i, "pair_id"]
+        return frame
+    return edit
+
+
+@pytest.mark.parametrize(("column", "value", "what"), [
+    ("chosen_logp", float("nan"), "non-finite chosen_logp (nan)"),
+    ("rejected_logp", float("-inf"), "non-finite rejected_logp (-inf)"),
+    ("chosen_logp", float("inf"), "non-finite chosen_logp (inf)"),
+    ("rejected_logp", 0.5, "positive rejected_logp (0.5)"),
+])
+def test_impossible_log_probs_are_refused_naming_file_reference_and_pair(scored, tmp_path, column, value, what):
+    from mrpo.errors import ScoreDataError
+    from mrpo.trainer import load_reference_scores
+
+    scores = _copy_scores(scored, tmp_path / "scores")
+    path = scores / "gpt2_char.parquet"
+    _rewrite(path, _set_value(column, value))
+    pid = _set_value.pair
+    expected = (f"{path}: reference 'gpt2_char' has a {what} for pair_id {pid!r} (1 such pair(s) among those that "
+                "fit); log-probs must be finite and <= 0")
+    with pytest.raises(ScoreDataError) as info:
+        read_scores(path)
+    assert str(info.value).startswith(expected) and "re-run `mrpo score --reference gpt2_char`" in str(info.value)
+    with pytest.raises(ScoreDataError, match="re-run `mrpo score --reference gpt2_char`"):
+        load_reference_scores(scores, ["anchor", "gpt2_char"], prepared_digest(scored["cfg"].data.output_dir))
+
+
+def test_nan_in_a_pair_that_does_not_fit_is_how_scoring_writes_it(scored, tmp_path):
+    path = _copy_scores(scored, tmp_path / "scores") / "anchor.parquet"
+    _rewrite(path, _set_value("chosen_logp", float("nan"), fits=False))
+    frame, _ = read_scores(path)
+    assert frame["chosen_logp"].isna().sum() == 1
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "no metadata", "other reference", "missing column"])
+def test_damaged_score_files_are_one_error_naming_the_file_and_the_rerun(scored, tmp_path, damage):
+    from mrpo.errors import ScoreDataError
+
+    path = _copy_scores(scored, tmp_path / "scores") / "anchor.parquet"
+    table = pq.read_table(path)
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "no metadata":
+        pq.write_table(table.replace_schema_metadata(None), path)
+    elif damage == "other reference":
+        shutil.copy(path.with_name("gpt2_char.parquet"), path)
+    else:
+        pq.write_table(table.drop_columns(["fits"]), path)
+    expected = {"empty": "is not readable parquet (empty, truncated or damaged",
+                "truncated": "is not readable parquet (empty, truncated or damaged",
+                "no metadata": "no b'mrpo' metadata, so it is not a score file as `mrpo score` writes it",
+                "other reference": "holds the scores of reference 'gpt2_char', not 'anchor'",
+                "missing column": "missing column(s) ['fits']"}[damage]
+    with pytest.raises(ScoreDataError) as info:
+        read_scores(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and expected in message
+    assert message.endswith("re-run `mrpo score --reference anchor`")
+
+
+def test_cli_train_on_a_damaged_score_file_exits_2_with_one_line(scored, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from mrpo.cli import main
+
+    scores = _copy_scores(scored, tmp_path / "scores")
+    _rewrite(scores / "llama_mul.parquet", _set_value("chosen_logp", float("nan")))
+    raw = {**scored["raw"], "score": {**scored["raw"]["score"], "output_dir": str(scores)}}
+    raw["train"] = {**raw["train"], "output_dir": str(tmp_path / "policy"),
+                    "checkpoint_dir": str(tmp_path / "ckpt")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--params", "params.yaml", "train"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert (f"mrpo train: {scores / 'llama_mul.parquet'}: reference 'llama_mul' has a non-finite chosen_logp (nan) "
+            f"for pair_id {_set_value.pair!r}") in err
+    assert not (tmp_path / "policy").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_scoring_run_where_no_pair_fits_fails_naming_reference_count_and_knob(tiny_zoo, tmp_path):
+    cfg = project(tiny_zoo, tmp_path, max_length=8, batch_tokens=64)
+    with pytest.raises(ScoringError) as info:
+        score_reference(cfg, "gpt2_char")
+    assert str(info.value).startswith("reference 'gpt2_char': none of the 30 pairs fits score.max_length=8 tokens")
+    assert "raise score.max_length (now 8; and train.max_length with it)" in str(info.value)
+    assert not (Path(cfg.score.output_dir) / "gpt2_char.parquet").exists()
+
+
+def test_some_pairs_not_fitting_is_a_loud_warning_with_the_count(tiny_zoo, tmp_path, caplog):
+    import logging
+
+    splits = synthetic_splits(12)
+    splits["val"][0] = {**splits["val"][0], "chosen": "x" * 200}
+    cfg = project(tiny_zoo, tmp_path, splits)
+    with caplog.at_level(logging.WARNING, logger="mrpo"):
+        frame, _ = read_scores(score_reference(cfg, "gpt2_char"))
+    assert (~frame["fits"]).sum() == 1
+    assert "score gpt2_char: 1 of 12 pairs (0 of 2 train) do not fit score.max_length=64" in caplog.text
+
+
+def test_the_dataset_says_which_reference_flagged_the_skipped_pairs(scored, tmp_path):
+    import pandas as pd
+
+    from mrpo.models import load_tokenizer
+    from mrpo.trainer import build_preference_dataset, load_reference_scores
+
+    cfg = scored["cfg"]
+    scores_dir = _copy_scores(scored, tmp_path / "scores")
+    _rewrite(scores_dir / "gpt2_char.parquet", lambda f: f.assign(fits=False, chosen_logp=np.nan))
+    scores = load_reference_scores(scores_dir, ["anchor", "gpt2_char", "llama_mul"],
+                                   prepared_digest(cfg.data.output_dir))
+    pairs = pd.read_parquet(Path(cfg.data.output_dir) / "train.parquet")
+    data = build_preference_dataset(pairs, "train", scores, load_tokenizer(cfg.anchor), max_length=64,
+                                    chat_template=False)
+    assert len(data) == 0 and data.skipped == 20
+    assert data.skipped_by_reference == {"anchor": 0, "gpt2_char": 20, "llama_mul": 0}
+    assert data.skipped_summary() == ("of 20 pairs, 20 skipped: reference 'gpt2_char' flagged 20 as not fitting "
+                                      "score.max_length")
