@@ -71,13 +71,15 @@ def sweep_members(
             if ref not in reference_names:
                 raise ValueError(f"dpo_references: {ref!r} is not a reference; known: {list(reference_names)}")
             members.append(SweepMember(f"dpo:{ref}", seed, {
-                **extra, "seed": seed, "train.objective": "dpo", "train.dpo_reference": ref}))
+                **extra, "seed": seed, "train.objective": "dpo", "train.dpo_reference": ref,
+                "train.strategy": "uniform", "train.fixed_weights": None}))  # K = 1: weighting is moot
         for strategy in strategies:
             if strategy not in STRATEGIES:
                 raise ValueError(f"strategies: {strategy!r} is not one of {list(STRATEGIES)}")
+            weights = {} if strategy == "fixed" else {"train.fixed_weights": None}  # only `fixed` reads them
             members.append(SweepMember(f"mrpo:{strategy}", seed, {
                 **extra, "seed": seed, "train.objective": "mrpo", "train.strategy": strategy,
-                "train.references": None}))
+                "train.references": None, **weights}))
     return members
 
 

@@ -292,7 +292,11 @@ def prepare_training(cfg: Config) -> TrainingSetup:
             pairs, split, scores, tokenizer, max_length=t.max_length, chat_template=cfg.anchor.chat_template
         )
     if len(datasets["train"]) == 0:
-        raise TrainingError(f"{cfg.data.output_dir}/train.parquet: no trainable pairs (after skipping non-fitting ones)")
+        raise TrainingError(
+            f"{cfg.data.output_dir}/train.parquet: no trainable pairs: {datasets['train'].skipped_summary()}; raise "
+            f"score.max_length and train.max_length (now {cfg.score.max_length} and {t.max_length}) or lower "
+            "data.max_chars, then re-run"
+        )
     log.info("train: objective %s, references %s, strategy %s; pairs train %d / val %d / test %d (skipped %d / %d / %d)",
              t.objective, names, t.strategy, *(len(datasets[s]) for s in SPLITS), *(datasets[s].skipped for s in SPLITS))
 

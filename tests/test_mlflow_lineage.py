@@ -195,12 +195,15 @@ def test_sweep_members_and_dvc_set_arguments():
     assert [(m.label, m.seed) for m in members] == [
         ("dpo:anchor", 0), ("dpo:b", 0), ("mrpo:uniform", 0), ("mrpo:arwc", 0),
         ("dpo:anchor", 1), ("dpo:b", 1), ("mrpo:uniform", 1), ("mrpo:arwc", 1)]
+    # every member overrides what the base params.yaml might set against it (a `fixed` strategy and its weights)
     assert members[1].overrides == {"train.max_steps": 5, "seed": 0, "train.objective": "dpo",
-                                    "train.dpo_reference": "b"}
+                                    "train.dpo_reference": "b", "train.strategy": "uniform",
+                                    "train.fixed_weights": None}
     assert members[3].slug == "mrpo-arwc-s0"
     assert set_param_args(members[3].overrides) == [
         "-S", "train.max_steps=5", "-S", "seed=0", "-S", "train.objective=mrpo", "-S", "train.strategy=arwc",
-        "-S", "train.references=null"]
+        "-S", "train.references=null", "-S", "train.fixed_weights=null"]
+    assert "train.fixed_weights" not in sweep_members(["anchor"], ["fixed"], seeds=[0])[1].overrides
     assert "fixed" not in DEFAULT_STRATEGIES
     with pytest.raises(ValueError, match="'c' is not a reference"):
         sweep_members(["anchor", "b"], [], dpo_references=["c"])
