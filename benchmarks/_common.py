@@ -282,7 +282,7 @@ def preference_examples(tokenizer, pairs, max_length: int, chat_template: bool, 
     """PreferenceExamples of the pairs that fit, with K plausible reference log-probs each (cost, not content, matters)."""
     import numpy as np
 
-    from mrpo.trainer import PreferenceExample
+    from mrpo.preference_data import PreferenceExample
 
     rng = np.random.default_rng(seed)
     chosen, rejected = encode_pairs(tokenizer, pairs, max_length, chat_template)
@@ -301,7 +301,8 @@ def mrpo_trainer(model, tokenizer, k: int, scratch: Path, *, batch_size: int, st
     from transformers import TrainingArguments
 
     from mrpo.losses import Objective
-    from mrpo.trainer import MRPOTrainer, PreferenceCollator, PreferenceDataset
+    from mrpo.preference_data import PreferenceCollator, PreferenceDataset
+    from mrpo.trainer import MRPOTrainer
     from mrpo.weighting import make_strategy
 
     args = TrainingArguments(

@@ -166,7 +166,8 @@ def run(args) -> dict:
     import torch
 
     from mrpo.data import prepare
-    from mrpo.scoring import read_scores, score_reference
+    from mrpo.scorefile import read_scores
+    from mrpo.scoring import score_reference
 
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)

@@ -40,8 +40,8 @@ def run_case(which: str, args) -> dict | None:
     import torch
 
     from mrpo.models import load_model, load_tokenizer, response_logps
+    from mrpo.preference_data import PreferenceCollator
     from mrpo.scoring import score_sequences
-    from mrpo.trainer import PreferenceCollator
 
     batch_pairs = args.batch_pairs or (16 if which == "zoo" else 2)
     steps = args.steps or (10 if which == "zoo" else 2)

@@ -26,7 +26,7 @@ def run_case(which: str, args) -> dict | None:
     import torch
 
     from mrpo.models import collate_responses, load_model, load_tokenizer, response_logps
-    from mrpo.trainer import PreferenceCollator
+    from mrpo.preference_data import PreferenceCollator
 
     batch_pairs = args.batch_pairs or (16 if which == "zoo" else 2)
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,7 +33,7 @@ def setup(which: str, scratch: Path, ks: list[int], batch_pairs: int, max_length
     import torch
 
     from mrpo.models import load_model, load_tokenizer
-    from mrpo.trainer import PreferenceCollator, PreferenceExample
+    from mrpo.preference_data import PreferenceCollator, PreferenceExample
 
     found = C.policy_source(which, scratch)
     if found is None:

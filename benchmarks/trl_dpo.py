@@ -66,7 +66,7 @@ def run_case(which: str, args) -> dict | None:
     from trl import DPOConfig, DPOTrainer
 
     from mrpo.models import load_model, load_tokenizer
-    from mrpo.trainer import PreferenceDataset
+    from mrpo.preference_data import PreferenceDataset
 
     batch_pairs = args.batch_pairs or (16 if which == "zoo" else 2)
     steps = args.steps or (11 if which == "zoo" else 3)

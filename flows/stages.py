@@ -23,6 +23,7 @@ from typing import Any
 from mrpo.cli import STATUS_FILE_ENV
 from mrpo.config import Config
 from mrpo.errors import USER_ERROR_EXIT, MRPOError
+from mrpo.scorefile import score_path
 from mrpo.zoo import MANIFEST as ZOO_MANIFEST
 
 log = logging.getLogger("mrpo")
@@ -171,7 +172,7 @@ def _read_json(path: Path) -> dict:
 
 def score_summary(path: Path) -> dict[str, Any]:
     """Rows, fit rate and the mean log-prob margin (chosen - rejected) of one score file."""
-    from mrpo.scoring import read_scores
+    from mrpo.scorefile import read_scores
 
     frame, meta = read_scores(path)
     margin = frame["chosen_logp"] - frame["rejected_logp"]
@@ -204,7 +205,7 @@ def stage_metrics(stage: str, cfg: Config, project_dir: str | Path) -> dict[str,
         report = flatten(_read_json(root / cfg.data.output_dir / "report.json"))
         return {k: v for k, v in report.items() if "_chars." not in k}  # length stats stay in report.json
     if stage.startswith("score@"):
-        path = root / cfg.score.output_dir / f"{stage.split('@', 1)[1]}.parquet"
+        path = score_path(root / cfg.score.output_dir, stage.split("@", 1)[1])
         return score_summary(path) if path.is_file() else {}
     if stage == "train":
         return flatten(_read_json(root / cfg.train.metrics_file))

@@ -89,22 +89,23 @@ def policy_preference_metrics(
     """Reward accuracy and margin of the policy on the test split, against the anchor's stored scores."""
 
     from mrpo.models import cpu_threads_for, load_model, load_tokenizer, torch_threads
-    from mrpo.scoring import read_scores, score_sequences
+    from mrpo.scorefile import read_scores, score_path
+    from mrpo.scoring import score_sequences
     from mrpo.tokenization import encode_response, render_prompt
 
     anchor = cfg.anchor
-    score_path = Path(cfg.score.output_dir) / f"{anchor.name}.parquet"
-    if not score_path.is_file():
+    anchor_scores = score_path(cfg.score.output_dir, anchor.name)
+    if not anchor_scores.is_file():
         raise ScoreDataError(
-            f"evaluate: anchor scores {score_path} not found; run `mrpo score --reference {anchor.name}`"
+            f"evaluate: anchor scores {anchor_scores} not found; run `mrpo score --reference {anchor.name}`"
         )
-    scores, meta = read_scores(score_path)
+    scores, meta = read_scores(anchor_scores)
     pairs = read_split(cfg.data.output_dir, "test")
     test_scores = scores[scores["split"] == "test"].set_index("pair_id")
     missing = [p for p in pairs["pair_id"] if p not in test_scores.index]
     if missing:
         raise ScoreDataError(
-            f"evaluate: {len(missing)} test pairs (first {missing[0]}) have no score in {score_path}; "
+            f"evaluate: {len(missing)} test pairs (first {missing[0]}) have no score in {anchor_scores}; "
             f"the scores are stale: re-run `mrpo score --reference {anchor.name}`"
         )
     joined = pairs.join(test_scores, on="pair_id")

@@ -23,14 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 from mrpo.data import SPLITS, prepared_digest
-from mrpo.errors import MRPOError, ScoreDataError
+from mrpo.errors import MRPOError
 from mrpo.models import (
     collate_responses,
     cpu_threads_for,
@@ -43,24 +42,15 @@ from mrpo.models import (
 )
 from mrpo.preflight import check_stage
 from mrpo.runtime import resolve_device, resolve_dtype
+from mrpo.scorefile import METADATA_KEY, SCHEMA, score_path
 from mrpo.tokenization import EncodedResponse, encode_response, render_prompt
 
 log = logging.getLogger("mrpo")
 
-METADATA_KEY = b"mrpo"
 SHARD_FORMAT = 2  # bump when the shard layout or the scoring computation changes (2: fp32 weights + autocast)
 # The settings that change a score's numerics but not what is scored: shards made under other values are
 # refused rather than mixed into one file (see _open_shard_dir).
 NUMERICS_KEYS = ("device", "dtype", "batch_tokens", "padding_side")
-SCHEMA = pa.schema([
-    ("pair_id", pa.string()),
-    ("split", pa.string()),
-    ("chosen_logp", pa.float64()),
-    ("rejected_logp", pa.float64()),
-    ("chosen_tokens", pa.int64()),
-    ("rejected_tokens", pa.int64()),
-    ("fits", pa.bool_()),
-])
 
 
 class ScoringError(MRPOError, RuntimeError):
@@ -203,82 +193,6 @@ def read_prepared(output_dir: str | Path) -> list[PreparedPair]:
     return pairs
 
 
-def read_scores(path: str | Path, reference: str | None = None) -> tuple[pd.DataFrame, dict]:
-    """A score file as (DataFrame with the contract columns, the b"mrpo" metadata dict), checked.
-
-    Raises ScoreDataError naming the file, the reference (default: the file's stem) and
-    the command that rewrites it when the file is missing, unreadable (empty,
-    truncated), without its metadata or columns, or when a pair that fits has a
-    non-finite or positive log-prob (see :func:`check_score_values`).
-    """
-    path = Path(path)
-    name = reference or path.stem
-    rerun = f"re-run `mrpo score --reference {name}`"
-    if not path.is_file():
-        raise ScoreDataError(f"{path}: score file of reference {name!r} not found; run `mrpo score --reference {name}`")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ScoreDataError(
-            f"{path}: score file of reference {name!r} is not readable parquet (empty, truncated or damaged: "
-            f"{first}); {rerun}"
-        ) from exc
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
-    if raw is None:
-        raise ScoreDataError(
-            f"{path}: no b'mrpo' metadata, so it is not a score file as `mrpo score` writes it (its provenance is "
-            f"unknown); {rerun}"
-        )
-    try:
-        meta = json.loads(raw)
-    except ValueError as exc:
-        raise ScoreDataError(f"{path}: its b'mrpo' metadata is not valid JSON ({exc}); {rerun}") from exc
-    if not isinstance(meta, dict):
-        raise ScoreDataError(f"{path}: its b'mrpo' metadata is {type(meta).__name__}, not a mapping; {rerun}")
-    if meta.get("reference") not in (None, name):
-        raise ScoreDataError(
-            f"{path}: holds the scores of reference {meta['reference']!r}, not {name!r}; {rerun}"
-        )
-    missing = set(SCHEMA.names) - set(table.column_names)
-    if missing:
-        raise ScoreDataError(f"{path}: missing column(s) {sorted(missing)}; {rerun}")
-    try:
-        table = table.select(SCHEMA.names).cast(SCHEMA)
-    except (pa.ArrowException, ValueError) as exc:
-        raise ScoreDataError(f"{path}: columns of the wrong type ({exc}); {rerun}") from exc
-    frame = table.to_pandas()
-    check_score_values(frame, path, name)
-    return frame, meta
-
-
-def check_score_values(frame: pd.DataFrame, path: str | Path, reference: str) -> None:
-    """Refuse a score table whose rows used for training hold impossible values, naming the file, reference, pair.
-
-    Rows flagged fits=False carry NaN by design (they were not scored) and are
-    never trained on; every row with fits=True must have finite log-probs <= 0
-    (a sequence log-probability cannot be positive).
-    """
-    rerun = f"re-run `mrpo score --reference {reference}`"
-    if frame["pair_id"].isna().any():
-        raise ScoreDataError(f"{path}: row {int(np.flatnonzero(frame['pair_id'].isna())[0])} has no pair_id; {rerun}")
-    if frame["fits"].isna().any():
-        pid = frame.loc[frame["fits"].isna(), "pair_id"].iloc[0]
-        raise ScoreDataError(f"{path}: pair_id {pid!r} has no `fits` flag; {rerun}")
-    fits = frame["fits"].to_numpy(bool)
-    for column in ("chosen_logp", "rejected_logp"):
-        values = frame[column].to_numpy(np.float64)
-        for what, bad in (("non-finite", fits & ~np.isfinite(values)), ("positive", fits & (values > 0))):
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                raise ScoreDataError(
-                    f"{path}: reference {reference!r} has a {what} {column} ({values[i]}) for pair_id "
-                    f"{frame['pair_id'].iloc[i]!r} ({int(bad.sum())} such pair(s) among those that fit); "
-                    f"log-probs must be finite and <= 0, so the file is damaged or the model's scores are broken: "
-                    f"{rerun} (with score.dtype: float32 if the model overflows)"
-                )
-
-
 # ---------------------------------------------------------------- computing
 
 
@@ -399,7 +313,7 @@ def score_reference(
     check_stage(cfg, "score")
     s = cfg.score
     out_dir = Path(s.output_dir)
-    out_path = out_dir / f"{name}.parquet"
+    out_path = score_path(out_dir, name)
     pairs = read_prepared(cfg.data.output_dir)
     digest = prepared_digest(cfg.data.output_dir)
     device = resolve_device(s.device)

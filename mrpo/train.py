@@ -35,16 +35,11 @@ from mrpo.data import SPLITS, read_split
 from mrpo.errors import ScoreDataError, TrainingError
 from mrpo.io import replace_directory, write_json_atomically, write_text_atomically
 from mrpo.losses import Objective
+from mrpo.preference_data import PreferenceCollator, PreferenceDataset, build_preference_dataset
 from mrpo.preflight import check_stage
 from mrpo.runtime import resolve_device, seed_everything
-from mrpo.trainer import (
-    MRPOTrainer,
-    PreferenceCollator,
-    PreferenceDataset,
-    build_preference_dataset,
-    load_reference_scores,
-    mean_training_loss,
-)
+from mrpo.scorefile import load_reference_scores
+from mrpo.trainer import MRPOTrainer, mean_training_loss
 
 log = logging.getLogger("mrpo")
 

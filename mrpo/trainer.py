@@ -1,14 +1,10 @@
-"""MRPO on top of `transformers.Trainer`: the data join, the collator, the loss step, checkpointed weighting state.
+"""MRPO on top of `transformers.Trainer`: the loss step, the callbacks around it, checkpointed weighting state.
 
-Only `compute_loss` and `prediction_step` are overridden, so everything users
+Only `compute_loss`, `training_step` and `prediction_step` are overridden, so everything users
 expect from `Trainer` keeps working: gradient accumulation, mixed precision,
 checkpoints and resume, DDP/FSDP/DeepSpeed through accelerate or torchrun,
-schedulers and evaluation at intervals.
-
-Reference log-probs come from the K score files (never from a reference model),
-joined to the prepared pairs by `pair_id`. The policy is tokenized with the
-anchor's tokenizer through `mrpo.tokenization.encode_response`, exactly as the
-scoring stage did, so at step 0 the policy's log-probs equal the anchor's scores.
+schedulers and evaluation at intervals. Batches come from mrpo.preference_data:
+reference log-probs from the K score files, never from a reference model.
 """
 
 from __future__ import annotations
@@ -16,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import time
 from collections import defaultdict
@@ -26,234 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from mrpo.checkpoints import seal_checkpoint
-from mrpo.errors import ScoreDataError, TrainingError
-from mrpo.io import file_sha256
+from mrpo.errors import TrainingError
+from mrpo.io import jsonable
 from mrpo.losses import Objective, reward_accuracy
-from mrpo.models import collate_responses, cpu_threads_for, response_logps, torch_threads
-from mrpo.tokenization import EncodedResponse, encode_response, render_prompt
+from mrpo.models import cpu_threads_for, response_logps, torch_threads
 
 log = logging.getLogger("mrpo")
 
 STRATEGY_STATE_FILE = "mrpo_strategy_state.json"
 
 
-# ---------------------------------------------------------------- joining pairs with scores
-
-
-@dataclass(frozen=True)
-class ReferenceScores:
-    """One reference's stored scores, indexed by pair_id, with the file's metadata and sha256."""
-
-    name: str
-    path: Path
-    frame: pd.DataFrame  # index pair_id; columns split, chosen_logp, rejected_logp, *_tokens, fits
-    metadata: dict
-    sha256: str
-
-
-def load_reference_scores(score_dir: str | Path, names: Sequence[str], prepared_digest: str) -> list[ReferenceScores]:
-    """Read `<score_dir>/<name>.parquet` for each reference and check they were all made from this prepared data.
-
-    Raises ScoreDataError naming the file when one is missing, unreadable, without its
-    metadata, holds a non-finite or positive log-prob for a pair that fits (see
-    `mrpo.scoring.read_scores`), or when its recorded `prepared_digest` differs from the
-    others' or from `prepared_digest`.
-    """
-    from mrpo.scoring import read_scores
-
-    out = []
-    for name in names:
-        path = Path(score_dir) / f"{name}.parquet"
-        if not path.is_file():
-            raise ScoreDataError(
-                f"{path}: no scores for reference {name!r}; run `mrpo score --reference {name}` first"
-            )
-        frame, meta = read_scores(path, reference=name)
-        if frame["pair_id"].duplicated().any():
-            dup = frame.loc[frame["pair_id"].duplicated(), "pair_id"].iloc[0]
-            raise ScoreDataError(f"{path}: pair_id {dup!r} appears more than once; re-run `mrpo score --reference {name}`")
-        out.append(ReferenceScores(name, path, frame.set_index("pair_id"), dict(meta), file_sha256(path)))
-    check_score_digests(out, prepared_digest)
-    return out
-
-
-def check_score_digests(scores: Sequence[ReferenceScores], prepared_digest: str) -> None:
-    """Refuse score files made from different prepared data (each other's digest or the prepared data's)."""
-    recorded = {s.name: s.metadata.get("prepared_digest") for s in scores}
-    if len(set(recorded.values())) > 1:
-        listing = ", ".join(f"{n} ({s.path}): {str(d)[:12]}" for (n, d), s in zip(recorded.items(), scores, strict=True))
-        raise ScoreDataError(
-            "score files were made from different prepared data (prepared_digest differs between them: "
-            f"{listing}); re-run `mrpo score --reference <name>` for the stale ones"
-        )
-    for s in scores:
-        if recorded[s.name] != prepared_digest:
-            raise ScoreDataError(
-                f"{s.path}: scores for {s.name!r} were made from prepared data with digest "
-                f"{str(recorded[s.name])[:12]}, but the prepared data now has digest {prepared_digest[:12]}; "
-                f"re-run `mrpo score --reference {s.name}`"
-            )
-
-
-@dataclass(frozen=True)
-class JoinedScores:
-    """Reference log-probs for the pairs of one split, in the pairs' order: (N, K) each, reference order as given."""
-
-    chosen: np.ndarray
-    rejected: np.ndarray
-    fits: np.ndarray  # (N,) bool: every reference could score both responses
-    chosen_tokens: np.ndarray  # (N, K) response lengths in each reference's tokenizer (for ipo_norm)
-    rejected_tokens: np.ndarray
-    reference_fits: np.ndarray  # (N, K) bool: which references could
-
-
-def join_scores(pair_ids: Sequence[str], scores: Sequence[ReferenceScores], split: str) -> JoinedScores:
-    """Look every pair up in every score table; refuse (naming pair, reference and file) a pair without a score."""
-    chosen, rejected, each_fits = [], [], []
-    chosen_tokens, rejected_tokens = [], []
-    index = pd.Index(pair_ids)
-    for s in scores:
-        missing = index.difference(s.frame.index)
-        if len(missing):
-            raise ScoreDataError(
-                f"{s.path}: {len(missing)} {split} pair(s) have no score for reference {s.name!r}, e.g. pair_id "
-                f"{missing[0]!r}; the score file is incomplete or stale: re-run `mrpo score --reference {s.name}`"
-            )
-        rows = s.frame.loc[index]
-        chosen.append(rows["chosen_logp"].to_numpy(np.float64))
-        rejected.append(rows["rejected_logp"].to_numpy(np.float64))
-        chosen_tokens.append(rows["chosen_tokens"].to_numpy(np.int64))
-        rejected_tokens.append(rows["rejected_tokens"].to_numpy(np.int64))
-        each_fits.append(rows["fits"].to_numpy(bool))
-    reference_fits = np.stack(each_fits, axis=1) if each_fits else np.ones((len(pair_ids), 0), dtype=bool)
-    return JoinedScores(np.stack(chosen, axis=1), np.stack(rejected, axis=1), reference_fits.all(axis=1),
-                        np.stack(chosen_tokens, axis=1), np.stack(rejected_tokens, axis=1), reference_fits)
-
-
-# ---------------------------------------------------------------- dataset and collator
-
-
-@dataclass(frozen=True)
-class PreferenceExample:
-    pair_id: str
-    chosen: EncodedResponse
-    rejected: EncodedResponse
-    ref_chosen_logps: np.ndarray  # (K,)
-    ref_rejected_logps: np.ndarray  # (K,)
-    ref_chosen_tokens: np.ndarray | None = None  # (K,) response lengths in each reference's tokenizer
-    ref_rejected_tokens: np.ndarray | None = None
-
-
-class PreferenceDataset(torch.utils.data.Dataset):
-    """Tokenized pairs with their K reference log-probs; `skipped` counts pairs left out because they do not fit.
-
-    `skipped_by_reference[name]`: pairs that reference's score file flags fits=False (longer than its
-    score.max_length; a pair may be flagged by several); `skipped_by_length`: pairs every reference scored
-    that do not fit the policy's train.max_length. `skipped_summary()` says it in words, for messages.
-    """
-
-    def __init__(self, examples: list[PreferenceExample], reference_names: Sequence[str], skipped: int = 0,
-                 skipped_by_reference: dict[str, int] | None = None, skipped_by_length: int = 0,
-                 total: int | None = None):
-        self.examples = examples
-        self.reference_names = tuple(reference_names)
-        self.skipped = skipped
-        self.skipped_by_reference = dict(skipped_by_reference or {})
-        self.skipped_by_length = skipped_by_length
-        self.total = len(examples) + skipped if total is None else total
-
-    def skipped_summary(self) -> str:
-        """E.g. "of 200 pairs, 200 skipped: reference 'gpt2_char' flagged 200 as not fitting score.max_length"."""
-        parts = [f"reference {name!r} flagged {n} as not fitting score.max_length"
-                 for name, n in self.skipped_by_reference.items() if n]
-        if self.skipped_by_length:
-            parts.append(f"{self.skipped_by_length} do not fit train.max_length")
-        return f"of {self.total} pairs, {self.skipped} skipped" + (f": {'; '.join(parts)}" if parts else "")
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> PreferenceExample:
-        return self.examples[i]
-
-    def reference_margins(self) -> torch.Tensor:
-        """Raw reference margins r_k^w - r_k^l, (N, K) float64: what offline strategies are fitted on."""
-        if not self.examples:
-            return torch.zeros((0, len(self.reference_names)), dtype=torch.float64)
-        chosen = np.stack([e.ref_chosen_logps for e in self.examples])
-        rejected = np.stack([e.ref_rejected_logps for e in self.examples])
-        return torch.from_numpy(chosen - rejected)
-
-
-def build_preference_dataset(
-    pairs: pd.DataFrame,
-    split: str,
-    scores: Sequence[ReferenceScores],
-    tokenizer,
-    *,
-    max_length: int,
-    chat_template: bool,
-) -> PreferenceDataset:
-    """Join one prepared split with the score files and tokenize it for the policy (the anchor's tokenizer).
-
-    Pairs that some reference flagged `fits=False`, or that do not fit the
-    policy's `max_length`, are skipped and counted (logged), never truncated.
-    """
-    joined = join_scores(list(pairs["pair_id"]), scores, split)
-    examples, skipped, too_long = [], 0, 0
-    for i, row in enumerate(pairs.itertuples(index=False)):
-        if not joined.fits[i]:
-            skipped += 1
-            continue
-        prompt_text = render_prompt(tokenizer, row.prompt, row.prompt_messages, chat_template)
-        enc_w = encode_response(tokenizer, prompt_text, row.chosen, max_length, chat_template=chat_template)
-        enc_l = encode_response(tokenizer, prompt_text, row.rejected, max_length, chat_template=chat_template)
-        if not (enc_w.fits and enc_l.fits):
-            skipped += 1
-            too_long += 1
-            continue
-        examples.append(PreferenceExample(row.pair_id, enc_w, enc_l, joined.chosen[i], joined.rejected[i],
-                                          joined.chosen_tokens[i], joined.rejected_tokens[i]))
-    by_reference = {s.name: int((~joined.reference_fits[:, k]).sum()) for k, s in enumerate(scores)}
-    dataset = PreferenceDataset(examples, [s.name for s in scores], skipped, skipped_by_reference=by_reference,
-                                skipped_by_length=too_long, total=len(pairs))
-    if skipped:
-        log.warning("%s: %s (fits=False)", split, dataset.skipped_summary())
-    return dataset
-
-
-@dataclass
-class PreferenceCollator:
-    """Pads a list of PreferenceExample into ONE batch of 2B rows: the B chosen sequences, then the B rejected.
-
-    Returns input_ids, attention_mask, response_mask (2B, T),
-    ref_chosen_logps, ref_rejected_logps (B, K) float32 and, when the examples carry them,
-    ref_chosen_tokens, ref_rejected_tokens (B, K) int64.
-    """
-
-    pad_token_id: int
-
-    def __call__(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
-        batch = collate_responses([e.chosen for e in examples] + [e.rejected for e in examples], self.pad_token_id)
-        # float64 scores keep their precision until the loss; the loss runs in fp32 like the policy log-probs.
-        batch["ref_chosen_logps"] = torch.tensor(np.stack([e.ref_chosen_logps for e in examples]), dtype=torch.float32)
-        batch["ref_rejected_logps"] = torch.tensor(np.stack([e.ref_rejected_logps for e in examples]), dtype=torch.float32)
-        if all(e.ref_chosen_tokens is not None for e in examples):
-            batch["ref_chosen_tokens"] = torch.tensor(np.stack([e.ref_chosen_tokens for e in examples]))
-            batch["ref_rejected_tokens"] = torch.tensor(np.stack([e.ref_rejected_tokens for e in examples]))
-        return batch
-
-
 # ---------------------------------------------------------------- the objective
 
 
-def preference_metrics(eval_pred, *, beta: float = 0.1, precision: torch.dtype = torch.float32) -> dict[str, float]:
+def validation_metrics(eval_pred, *, beta: float = 0.1, precision: torch.dtype = torch.float32) -> dict[str, float]:
     """Validation metrics from the per-pair statistics `prediction_step` returns (chosen reward, rejected reward).
 
     Rewards are measured against the objective's combined reference (see docs/metrics.md).
@@ -307,7 +93,7 @@ class MRPOTrainer(Trainer):
 
     def __init__(self, *args, objective: Objective, strategy, reference_names: Sequence[str],
                  precision: torch.dtype = torch.float32, **kwargs):
-        kwargs.setdefault("compute_metrics", functools.partial(preference_metrics, beta=objective.beta,
+        kwargs.setdefault("compute_metrics", functools.partial(validation_metrics, beta=objective.beta,
                                                                 precision=precision))
         super().__init__(*args, **kwargs)
         self.objective = objective
@@ -426,7 +212,7 @@ class MRPOTrainer(Trainer):
         self._tokens_since_log += int(gather(inputs["attention_mask"].sum().reshape(1)).sum().item())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Loss plus per-pair (chosen reward, rejected reward) for `preference_metrics`; no state update."""
+        """Loss plus per-pair (chosen reward, rejected reward) for `validation_metrics`; no state update."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
@@ -500,7 +286,7 @@ class StrategyStateCallback(TrainerCallback):
             ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             ckpt.mkdir(parents=True, exist_ok=True)
             state_dict = self.trainer.strategy.state_dict()
-            (ckpt / STRATEGY_STATE_FILE).write_text(json.dumps(_jsonable(state_dict)))
+            (ckpt / STRATEGY_STATE_FILE).write_text(json.dumps(jsonable(state_dict)))
             seal_checkpoint(ckpt)  # last: Trainer has written everything else by now
         return control
 
@@ -555,19 +341,3 @@ def mean_training_loss(log_history: list[dict[str, Any]]) -> float:
         previous = int(entry["step"])
     return total / steps if steps else float("nan")
 
-
-def _jsonable(value: Any) -> Any:
-    """Tensors and numpy values as lists, so strategy state round-trips through JSON."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value

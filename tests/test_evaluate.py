@@ -328,7 +328,7 @@ def test_local_tasks_score_a_tiny_model_and_identical_policy_matches_anchor(proj
     assert m["anchor/mrpo_arith_mc/acc"] > 1 / synthetic.MC_CHOICES  # the SFT'd anchor beats chance
 
     # Preference metrics: zero margin against itself; the anchor's accuracy straight from its score file.
-    from mrpo.scoring import read_scores
+    from mrpo.scorefile import read_scores
 
     scores, _ = read_scores(Path(cfg.score.output_dir) / "anchor.parquet")
     s = scores[(scores["split"] == "test") & scores["fits"]]

@@ -26,7 +26,8 @@ from mrpo.models import (
     response_logps,
     smollm2_gguf_path,
 )
-from mrpo.scoring import ScoringError, plan_batches, read_scores, score_reference
+from mrpo.scorefile import read_scores
+from mrpo.scoring import ScoringError, plan_batches, score_reference
 from mrpo.synthetic import generate_pairs
 from mrpo.tokenization import encode_response, render_prompt
 
@@ -435,7 +436,7 @@ def _set_value(column, value, fits=True):
 ])
 def test_impossible_log_probs_are_refused_naming_file_reference_and_pair(scored, tmp_path, column, value, what):
     from mrpo.errors import ScoreDataError
-    from mrpo.trainer import load_reference_scores
+    from mrpo.scorefile import load_reference_scores
 
     scores = _copy_scores(scored, tmp_path / "scores")
     path = scores / "gpt2_char.parquet"
@@ -530,7 +531,8 @@ def test_the_dataset_says_which_reference_flagged_the_skipped_pairs(scored, tmp_
     import pandas as pd
 
     from mrpo.models import load_tokenizer
-    from mrpo.trainer import build_preference_dataset, load_reference_scores
+    from mrpo.preference_data import build_preference_dataset
+    from mrpo.scorefile import load_reference_scores
 
     cfg = scored["cfg"]
     scores_dir = _copy_scores(scored, tmp_path / "scores")

@@ -20,14 +20,11 @@ import torch
 from conftest import REFERENCES, REPO_ROOT, CrashAtStep, SimulatedCrash, config
 
 from mrpo.config import load_config
+from mrpo.errors import ScoreDataError
 from mrpo.losses import Objective
+from mrpo.preference_data import PreferenceCollator, build_preference_dataset
+from mrpo.scorefile import load_reference_scores
 from mrpo.train import build_trainer, prepare_training, train
-from mrpo.trainer import (
-    PreferenceCollator,
-    ScoreDataError,
-    build_preference_dataset,
-    load_reference_scores,
-)
 
 # ---------------------------------------------------------------- fixtures
 
@@ -548,7 +545,8 @@ def test_policy_dropout_is_off_by_default(scored, tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_step0_policy_logps_equal_anchor_scores_in_every_precision(scored, tmp_path, dtype):
     """Scoring records its precision; training's forward runs in it (fp32 weights, autocast), so step 0 is exact."""
-    from mrpo.scoring import read_scores, score_reference
+    from mrpo.scorefile import read_scores
+    from mrpo.scoring import score_reference
 
     cfg = config(scored, tmp_path, **{"score.output_dir": str(tmp_path / "scores"), "score.dtype": dtype,
                                       "train.objective": "dpo"})
