@@ -222,6 +222,60 @@ def run_member(member: SweepMember, project_dir: str, experiment: str, env: dict
     return {"seconds": round(seconds, 1)}
 
 
+def start_parent_run(client, cfg, root: Path, sweep_id: str, params: dict[str, Any]) -> tuple[str, str]:
+    """(experiment id, parent run id): the MLflow run every member's training run nests under."""
+    from mrpo import tracking
+
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = exp.experiment_id if exp else client.create_experiment(
+        cfg.tracking.experiment, artifact_location=tracking.artifact_root(client.tracking_uri))
+    commit, _ = git_commit(root)
+    parent = client.create_run(experiment_id, run_name=sweep_id, tags={
+        "mrpo.sweep": sweep_id, "mrpo.kind": "sweep", **({"mlflow.source.git.commit": commit} if commit else {})})
+    for key, value in params.items():
+        client.log_param(parent.info.run_id, key, value if isinstance(value, str) else json.dumps(value))
+    if (root / "dvc.lock").is_file():
+        client.set_tag(parent.info.run_id, "mrpo.dvc_lock_digest", file_sha256(root / "dvc.lock"))
+    return experiment_id, parent.info.run_id
+
+
+def run_members(members: Sequence[SweepMember], root: Path, sweep_id: str, env: dict[str, str]) -> list[dict]:
+    """One row per member: its experiment name, label, seed, overrides and whether it ran."""
+    logger = get_run_logger()
+    rows = []
+    for member in members:
+        name = f"{sweep_id}-{member.slug}"
+        row: dict[str, Any] = {"experiment": name, "label": member.label, "seed": member.seed,
+                               "overrides": json.dumps(dict(member.overrides))}
+        try:
+            row.update(run_member(member, str(root), name, env))
+            row["status"] = "ok"
+        except Exception as exc:  # one failed member must not sink the sweep
+            logger.error("member %s failed: %s", name, exc)
+            row["status"] = "failed"
+        rows.append(row)
+    return rows
+
+
+def link_member_runs(client, experiment_id: str, parent_id: str, sweep_id: str, rows: list[dict],
+                     labels: dict[str, str]) -> None:
+    """Tag each member's training run with its sweep and label, add its evaluation scores, note its id in `rows`."""
+    children = {r.data.tags.get("mlflow.runName"): r for r in client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)}
+    for row in rows:
+        child = children.get(row["experiment"])
+        if child is None:
+            continue
+        row["mlflow_run_id"] = child.info.run_id
+        for key, value in {"mrpo.sweep": sweep_id, "mrpo.sweep_label": labels[row["experiment"]],
+                           "mrpo.dvc_experiment": row["experiment"]}.items():
+            client.set_tag(child.info.run_id, key, value)
+        evals = {k: v for k, v in row.items() if k.startswith("eval.") and isinstance(v, int | float)}
+        for key, value in numeric_items(evals).items():
+            if key not in child.data.metrics:
+                client.log_metric(child.info.run_id, key, value)
+
+
 @flow(name="sweep", log_prints=True)
 def sweep(
     project_dir: str = ".",
@@ -245,69 +299,22 @@ def sweep(
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     cfg = load_config(root / "params.yaml")
-    members = sweep_members([r.name for r in cfg.references],
-                            DEFAULT_STRATEGIES if strategies is None else strategies, seeds,
-                            dpo_references, overrides)
+    strategies = DEFAULT_STRATEGIES if strategies is None else strategies
+    members = sweep_members([r.name for r in cfg.references], strategies, seeds, dpo_references, overrides)
     sweep_id = time.strftime("sweep-%Y%m%d-%H%M%S")
     uri = tracking.tracking_uri(cfg, root)  # absolute: members run in DVC temp dirs
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.tracking.experiment, artifact_location=tracking.artifact_root(uri))
-    commit, dirty = git_commit(root)
-    parent = client.create_run(experiment_id, run_name=sweep_id, tags={
-        "mrpo.sweep": sweep_id, "mrpo.kind": "sweep", **({"mlflow.source.git.commit": commit} if commit else {})})
-    parent_id = parent.info.run_id
-    for key, value in {"seeds": seeds, "strategies": strategies or list(DEFAULT_STRATEGIES),
-                       "dpo_references": dpo_references if dpo_references is not None else "all",
-                       "overrides": overrides or {}, "members": len(members)}.items():
-        client.log_param(parent_id, key, json.dumps(value) if not isinstance(value, str) else value)
-    if (root / "dvc.lock").is_file():
-        client.set_tag(parent_id, "mrpo.dvc_lock_digest", file_sha256(root / "dvc.lock"))
-    env = {PARENT_RUN_ENV: parent_id, "MLFLOW_TRACKING_URI": uri}
+    experiment_id, parent_id = start_parent_run(client, cfg, root, sweep_id, {
+        "seeds": seeds, "strategies": list(strategies), "members": len(members), "overrides": overrides or {},
+        "dpo_references": dpo_references if dpo_references is not None else "all"})
     logger.info("sweep %s: %d members under MLflow run %s (%s)", sweep_id, len(members), parent_id, uri)
 
-    rows: list[dict[str, Any]] = []
-    names = {}
-    for member in members:
-        name = f"{sweep_id}-{member.slug}"
-        names[name] = member
-        row: dict[str, Any] = {"experiment": name, "label": member.label, "seed": member.seed,
-                               "overrides": json.dumps(dict(member.overrides))}
-        try:
-            row.update(run_member(member, str(root), name, env))
-            row["status"] = "ok"
-        except Exception as exc:  # noqa: BLE001 - one failed member must not sink the sweep
-            logger.error("member %s failed: %s", name, exc)
-            row["status"] = "failed"
-        rows.append(row)
-
-    results = experiment_results(root, list(names), [cfg.train.metrics_file, cfg.evaluate.metrics_file])
-    children = {r.data.tags.get("mlflow.runName"): r for r in client.search_runs(
-        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)}
+    rows = run_members(members, root, sweep_id, {PARENT_RUN_ENV: parent_id, "MLFLOW_TRACKING_URI": uri})
+    results = experiment_results(root, [r["experiment"] for r in rows],
+                                 [cfg.train.metrics_file, cfg.evaluate.metrics_file])
     for row in rows:
         row.update(results.get(row["experiment"], {}))
-        member = names[row["experiment"]]
-        child = children.get(row["experiment"])
-        if child is None and row["status"] == "ok":
-            # training was restored from DVC's run-cache (same inputs as an earlier run): no new
-            # MLflow run was made, so record the member here to keep the sweep complete
-            child = client.create_run(experiment_id, run_name=row["experiment"], tags={
-                "mlflow.parentRunId": parent_id, "mrpo.restored_from_run_cache": "true"})
-            for key, value in member.overrides.items():
-                client.log_param(child.info.run_id, key, json.dumps(value) if not isinstance(value, str) else value)
-            for key, value in numeric_items(flatten({k: v for k, v in row.items() if "." in k})).items():
-                client.log_metric(child.info.run_id, key, value)
-            client.set_terminated(child.info.run_id)
-        if child is not None:
-            row["mlflow_run_id"] = child.info.run_id
-            for key, value in {"mrpo.sweep": sweep_id, "mrpo.sweep_label": member.label,
-                               "mrpo.dvc_experiment": row["experiment"]}.items():
-                client.set_tag(child.info.run_id, key, value)
-            evals = {k: v for k, v in row.items() if k.startswith("eval.") and isinstance(v, int | float)}
-            for key, value in numeric_items(evals).items():
-                if key not in child.data.metrics:
-                    client.log_metric(child.info.run_id, key, value)
+    link_member_runs(client, experiment_id, parent_id, sweep_id, rows, {r["experiment"]: r["label"] for r in rows})
 
     out_dir = root / output_dir / sweep_id
     paths = write_comparison(rows, out_dir, metric)
@@ -322,7 +329,7 @@ def sweep(
     if failed == len(rows):
         raise RuntimeError(f"sweep {sweep_id}: every member failed; see the task logs")
     return {"sweep_id": sweep_id, "parent_run_id": parent_id, "output_dir": str(out_dir),
-            "members": len(rows), "failed": failed, "dirty_worktree": dirty}
+            "members": len(rows), "failed": failed, "dirty_worktree": git_commit(root)[1]}
 
 
 if __name__ == "__main__":
