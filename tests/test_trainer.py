@@ -132,18 +132,10 @@ def test_step0_policy_logps_equal_anchor_scores(scored, tmp_path):
 # ---------------------------------------------------------------- parity
 
 
-def test_k1_first_step_loss_equals_trl_dpo(scored, tmp_path):
-    """Objective dpo (reference gpt2_char) == TRL DPOTrainer fed the same token ids and the same precomputed ref log-probs."""
+def trl_loss_on(examples, model, tokenizer, out_dir, beta: float, loss_type: str) -> float:
+    """TRL DPOTrainer's loss on our token ids and our stored (K = 1) reference log-probs, `model` in train mode."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
-
-    cfg = config(scored, tmp_path, **{"train.objective": "dpo", "train.dpo_reference": "gpt2_char"})
-    setup = prepare_training(cfg)
-    ours = build_trainer(cfg, setup)
-    examples = [setup.datasets["train"][i] for i in range(8)]
-    batch = PreferenceCollator(setup.tokenizer.pad_token_id)(examples)
-    ours.model.train()
-    our_loss = ours.compute_loss(ours.model, batch).item()
 
     class PrecomputedDPOTrainer(DPOTrainer):
         """Uses our tokenization and our stored reference log-probs instead of recomputing either."""
@@ -161,26 +153,35 @@ def test_k1_first_step_loss_equals_trl_dpo(scored, tmp_path):
         "ref_chosen_logps": float(e.ref_chosen_logps[0]),
         "ref_rejected_logps": float(e.ref_rejected_logps[0]),
     } for e in examples]
+    args = DPOConfig(output_dir=str(out_dir), beta=beta, loss_type=[loss_type], precompute_ref_log_probs=True,
+                     max_length=None, report_to="none", use_cpu=True, per_device_train_batch_size=len(rows))
+    trl = PrecomputedDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                processing_class=tokenizer)
+    model.train()
+    with torch.no_grad():
+        return trl.compute_loss(model, trl.data_collator(rows)).item()
+
+
+def test_k1_first_step_loss_equals_trl_dpo(scored, tmp_path):
+    """Objective dpo (reference gpt2_char) == TRL DPOTrainer fed the same token ids and the same precomputed ref log-probs."""
     from mrpo.models import load_model
 
+    cfg = config(scored, tmp_path, **{"train.objective": "dpo", "train.dpo_reference": "gpt2_char"})
+    setup = prepare_training(cfg)
+    ours = build_trainer(cfg, setup)
+    examples = [setup.datasets["train"][i] for i in range(8)]
+    batch = PreferenceCollator(setup.tokenizer.pad_token_id)(examples)
+    ours.model.train()
+    our_loss = ours.compute_loss(ours.model, batch).item()
+
     trl_model = load_model(cfg.anchor, "cpu", torch.float32)
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=cfg.train.beta, loss_type=["sigmoid"],
-                     precompute_ref_log_probs=True, max_length=None, report_to="none", use_cpu=True,
-                     per_device_train_batch_size=8)
-    trl = PrecomputedDPOTrainer(model=trl_model, args=args, train_dataset=Dataset.from_list(rows),
-                                processing_class=setup.tokenizer)
-    trl_batch = trl.data_collator(rows)
-    trl.model.train()
-    trl_loss = trl.compute_loss(trl.model, trl_batch).item()
+    trl_loss = trl_loss_on(examples, trl_model, setup.tokenizer, tmp_path / "trl", cfg.train.beta, "sigmoid")
     assert our_loss == pytest.approx(trl_loss, abs=1e-5)
     assert our_loss != pytest.approx(math.log(2), abs=1e-3)  # a non-anchor reference: not the trivial value
 
 
 def test_k1_ipo_norm_equals_trl_ipo(scored, tmp_path):
     """loss_type ipo_norm with K = 1 == TRL's ipo (per-token log-ratios), on a policy moved off the anchor."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
     cfg = config(scored, tmp_path, **{"train.objective": "dpo", "train.loss_type": "ipo_norm"})
     setup = prepare_training(cfg)
     ours = build_trainer(cfg, setup)
@@ -194,27 +195,7 @@ def test_k1_ipo_norm_equals_trl_ipo(scored, tmp_path):
     with torch.no_grad():
         our_loss = ours.compute_loss(ours.model, batch).item()
 
-    class PrecomputedDPOTrainer(DPOTrainer):
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset
-
-        def _precompute_ref_logps(self, dataset, name, batch_size):
-            return dataset
-
-    rows = [{
-        "prompt_ids": e.chosen.input_ids[: e.chosen.prompt_length],
-        "chosen_ids": e.chosen.input_ids[e.chosen.prompt_length:],
-        "rejected_ids": e.rejected.input_ids[e.rejected.prompt_length:],
-        "ref_chosen_logps": float(e.ref_chosen_logps[0]),
-        "ref_rejected_logps": float(e.ref_rejected_logps[0]),
-    } for e in examples]
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=cfg.train.beta, loss_type=["ipo"],
-                     precompute_ref_log_probs=True, max_length=None, report_to="none", use_cpu=True,
-                     per_device_train_batch_size=8)
-    trl = PrecomputedDPOTrainer(model=ours.model, args=args, train_dataset=Dataset.from_list(rows),
-                                processing_class=setup.tokenizer)
-    with torch.no_grad():
-        trl_loss = trl.compute_loss(ours.model, trl.data_collator(rows)).item()
+    trl_loss = trl_loss_on(examples, ours.model, setup.tokenizer, tmp_path / "trl", cfg.train.beta, "ipo")
     assert our_loss == pytest.approx(trl_loss, abs=1e-6)
     assert our_loss != pytest.approx((1 / (2 * cfg.train.beta)) ** 2, abs=1e-2)  # not the value at the anchor
     # the token-summed ipo is another loss: TRL's ipo is the length-normalised one
