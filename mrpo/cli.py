@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from mrpo.config import load_config
+from mrpo.config import load_config, parse_yaml_value
 from mrpo.errors import USER_ERROR_EXIT, ConfigError, MRPOError
 from mrpo.io import output_lock
 from mrpo.runtime import setup_logging
@@ -21,14 +21,13 @@ STATUS_FILE_ENV = "MRPO_STATUS_FILE"
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
-    import yaml
 
     out = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.beta=0.2")
         key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        out[key] = parse_yaml_value(value)
     return out
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO_ROOT
 
 from mrpo.config import ConfigError, config_to_flat_dict, load_config, parse_config, read_params
 
@@ -331,3 +332,17 @@ def test_params_file_that_is_not_a_mapping(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="expected a mapping of sections at the top level, got list"):
         load_config(path)
+
+
+def test_exponent_notation_is_a_number_in_params_and_in_set(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-4` as a string; params.yaml and --set read it as YAML 1.2 and DVC do."""
+    from mrpo.cli import _parse_overrides
+
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw).replace("learning_rate: 0.0005", "learning_rate: 5e-4"))
+    assert "learning_rate: 5e-4" in path.read_text()
+    assert load_config(path).train.learning_rate == 5e-4
+    assert _parse_overrides(["train.learning_rate=1e30", "train.beta=2E-1", "tracking.run_name=1e"]) == {
+        "train.learning_rate": 1e30, "train.beta": 0.2, "tracking.run_name": "1e"}
+
