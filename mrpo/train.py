@@ -136,7 +136,7 @@ def check_finite_weights(model, out_dir: str | Path) -> None:
     """Refuse to save a policy with a NaN or infinite weight: it would replace a good one."""
     for name, param in model.named_parameters():
         if not torch.isfinite(param.detach()).all():
-            raise TrainingError(f"train: the trained weights hold NaN or inf (first in {name}); not saving them, so "
+            raise TrainingError(f"the trained weights hold NaN or inf (first in {name}); not saving them, so "
                                 f"{out_dir} keeps the previous policy. Lower train.learning_rate and re-run")
 
 

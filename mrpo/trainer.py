@@ -312,7 +312,7 @@ class NonFiniteGuard(TrainerCallback):
         if not bool(ok):
             what = "loss" if losses_finite is not None and not bool(losses_finite) else "gradient"
             raise TrainingError(
-                f"train: the {what} became non-finite (NaN or inf) at optimizer step {state.global_step + 1}; "
+                f"the {what} became non-finite (NaN or inf) at optimizer step {state.global_step + 1}; "
                 f"stopped before it reached the weights, nothing was saved as the policy. Usual causes: "
                 f"train.learning_rate ({args.learning_rate}) too high for this model, or non-finite reference "
                 f"scores; lower the learning rate or re-run `mrpo score`"
