@@ -15,11 +15,11 @@ with string columns ``pair_id``, ``prompt``, ``chosen``, ``rejected``, ``prompt_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import statistics
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from mrpo import gsm8k
 from mrpo.config import Config, DataConfig
 from mrpo.errors import DataError
+from mrpo.io import atomic_file
 from mrpo.readers import read_file_rows, read_hub_rows
 
 log = logging.getLogger("mrpo")
@@ -502,20 +503,13 @@ def prepared_digest(output_dir: str | Path) -> str:
 
 def _write_atomically(outputs: dict[Path, bytes | pa.Table]) -> None:
     """Write every output to a temp file first, then rename them all, so a failure leaves old outputs intact."""
-    temps = []
-    try:
+    with contextlib.ExitStack() as stack:
         for path, content in outputs.items():
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            temps.append((tmp, path))
+            tmp = stack.enter_context(atomic_file(path))
             if isinstance(content, pa.Table):
                 pq.write_table(content, tmp)
             else:
                 tmp.write_bytes(content)
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
 
 
 def prepare(cfg: Config) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from mrpo.data import SPLITS, prepared_digest
 from mrpo.errors import MRPOError
+from mrpo.io import atomic_file
 from mrpo.models import (
     collate_responses,
     cpu_threads_for,
@@ -241,12 +241,8 @@ def _shard_table(pairs, chosen, rejected, enc_chosen, enc_rejected) -> pa.Table:
 
 
 def _write_parquet_atomically(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:  # readers see the old file or the new one, never half of one
         pq.write_table(table, tmp)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _load_shard(path: Path, pairs: Sequence[PreparedPair]) -> tuple[pa.Table, ShardStats] | None:

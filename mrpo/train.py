@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from mrpo.checkpoints import RunState, resume_point, write_run_state
 from mrpo.config import Config, ConfigError
 from mrpo.data import SPLITS, read_split
 from mrpo.errors import ScoreDataError, TrainingError
-from mrpo.io import replace_directory, write_json_atomically, write_text_atomically
+from mrpo.io import atomic_directory, write_json_atomically, write_text_atomically
 from mrpo.losses import Objective
 from mrpo.preference_data import PreferenceCollator, PreferenceDataset, build_preference_dataset
 from mrpo.preflight import check_stage
@@ -428,15 +427,10 @@ def _write_outputs(cfg: Config, trainer: MRPOTrainer, tokenizer, metrics: dict[s
     t = cfg.train
     out = Path(t.output_dir)
     check_finite_weights(trainer.model, out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(out) as tmp:
         save_policy(trainer.model, tokenizer, tmp, merge_lora=t.lora.merge)
         if run is not None:
             tracking.write_run_record(tmp, run)
-        replace_directory(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     write_json_atomically(t.metrics_file, metrics)
     write_plots_csv(t.plots_file, trainer.state.log_history)
     if run is not None:
