@@ -69,7 +69,9 @@ def set_threads(n: int) -> None:
         pass
 
 
-def interleaved(designs: dict[str, Callable[[], float | None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(
+    designs: dict[str, Callable[[], float | None]], rounds: int, warmup: int = 1
+) -> dict[str, list[float]]:
     """Run each design once per round, alternating the order each round; return each design's per-round values.
 
     A design returns its own measurement (e.g. seconds per step) or None, in which
@@ -85,9 +87,15 @@ def interleaved(designs: dict[str, Callable[[], float | None]], rounds: int, war
             wall = time.perf_counter() - start
             if r >= warmup:
                 out[name].append(wall if value is None else float(value))
-        print(f"  round {r + 1}/{warmup + rounds}" + ("" if r >= warmup else " (warm-up)") + ": "
-              + ", ".join(f"{n}={out[n][-1]:.4g}" if r >= warmup else n for n in names)
-              + f"  load={load_average()[0]:.2f}", file=sys.stderr, flush=True)
+        print(
+            f"  round {r + 1}/{warmup + rounds}"
+            + ("" if r >= warmup else " (warm-up)")
+            + ": "
+            + ", ".join(f"{n}={out[n][-1]:.4g}" if r >= warmup else n for n in names)
+            + f"  load={load_average()[0]:.2f}",
+            file=sys.stderr,
+            flush=True,
+        )
     return out
 
 
@@ -97,8 +105,13 @@ def median(values: Sequence[float]) -> float:
 
 def spread(values: Sequence[float]) -> dict:
     """Median, min, max and the per-round values (in round order, so paired ratios can be taken), for the JSON record."""
-    return {"median": median(values), "min": float(min(values)), "max": float(max(values)), "n": len(values),
-            "values": [float(v) for v in values]}
+    return {
+        "median": median(values),
+        "min": float(min(values)),
+        "max": float(max(values)),
+        "n": len(values),
+        "values": [float(v) for v in values],
+    }
 
 
 def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
@@ -130,8 +143,13 @@ def run_and_record(benchmark: str, run_case, args) -> Path:
     the command, machine and commit to benchmarks/results/<args.out>.json."""
     set_threads(args.threads)
     rows = [row for row in (run_case(which, args) for which in args.models) if row is not None]
-    payload = {"benchmark": benchmark, "command": " ".join(["python"] + sys.argv),
-               "machine": machine_info(args.threads), "commit": git_commit(), "rows": rows}
+    payload = {
+        "benchmark": benchmark,
+        "command": " ".join(["python"] + sys.argv),
+        "machine": machine_info(args.threads),
+        "commit": git_commit(),
+        "rows": rows,
+    }
     path = write_result(args.out, payload)
     print("wrote", path)
     return path
@@ -150,7 +168,11 @@ def zoo_project(scratch: Path, *, need_scores: bool = True):
     from mrpo.config import load_config
 
     base = load_config(REPO / "params.yaml")
-    zoo_src, data_src, score_src = (REPO / base.zoo.output_dir, REPO / base.data.output_dir, REPO / base.score.output_dir)
+    zoo_src, data_src, score_src = (
+        REPO / base.zoo.output_dir,
+        REPO / base.data.output_dir,
+        REPO / base.score.output_dir,
+    )
     overrides = {
         "zoo.output_dir": str(scratch / "zoo"),
         "data.output_dir": str(scratch / "prepared"),
@@ -166,7 +188,9 @@ def zoo_project(scratch: Path, *, need_scores: bool = True):
         if ref.model.startswith(base.zoo.output_dir):
             overrides[f"references.{ref.name}.model"] = str(scratch / "zoo" / Path(ref.model).name)
     cfg = load_config(REPO / "params.yaml", overrides)
-    have = all((zoo_src / r.name).is_dir() for r in base.references) and (data_src / "train.parquet").is_file()
+    have = (
+        all((zoo_src / r.name).is_dir() for r in base.references) and (data_src / "train.parquet").is_file()
+    )
     have_scores = all((score_src / f"{r.name}.parquet").is_file() for r in base.references)
     if have and (have_scores or not need_scores):
         shutil.copytree(zoo_src, scratch / "zoo")
@@ -214,10 +238,17 @@ def prepare_hh_rlhf(scratch: Path, max_rows: int):
     from mrpo.config import load_config
     from mrpo.data import prepare
 
-    cfg = load_config(REPO / "params.yaml", {
-        "data.source": "file", "data.paths": [str(HH_RLHF)], "data.max_rows": max_rows,
-        "data.output_dir": str(scratch / "hh_prepared"), "data.val_fraction": 0.0, "data.test_fraction": 0.0,
-    })
+    cfg = load_config(
+        REPO / "params.yaml",
+        {
+            "data.source": "file",
+            "data.paths": [str(HH_RLHF)],
+            "data.max_rows": max_rows,
+            "data.output_dir": str(scratch / "hh_prepared"),
+            "data.val_fraction": 0.0,
+            "data.test_fraction": 0.0,
+        },
+    )
     prepare(cfg)
     return cfg
 
@@ -229,15 +260,20 @@ def encode_pairs(tokenizer, pairs, max_length: int, chat_template: bool):
     chosen, rejected = [], []
     for row in pairs.itertuples(index=False):
         prompt_text = render_prompt(tokenizer, row.prompt, row.prompt_messages, chat_template)
-        chosen.append(encode_response(tokenizer, prompt_text, row.chosen, max_length, chat_template=chat_template))
-        rejected.append(encode_response(tokenizer, prompt_text, row.rejected, max_length, chat_template=chat_template))
+        chosen.append(
+            encode_response(tokenizer, prompt_text, row.chosen, max_length, chat_template=chat_template)
+        )
+        rejected.append(
+            encode_response(tokenizer, prompt_text, row.rejected, max_length, chat_template=chat_template)
+        )
     return chosen, rejected
 
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -251,7 +287,7 @@ def policy_source(which: str, scratch: Path):
     if which == "zoo":
         return "zoo anchor", cfg.anchor, cfg
     ref = smollm2_checkpoint()
-    return (None if ref is None else ("SmolLM2-135M", ref, cfg))
+    return None if ref is None else ("SmolLM2-135M", ref, cfg)
 
 
 def smollm2_checkpoint(name: str = "smollm2"):
@@ -295,8 +331,17 @@ def preference_examples(tokenizer, pairs, max_length: int, chat_template: bool, 
     return out
 
 
-def mrpo_trainer(model, tokenizer, k: int, scratch: Path, *, batch_size: int, strategy: str = "uniform",
-                 train_dataset=None, **train_kw):
+def mrpo_trainer(
+    model,
+    tokenizer,
+    k: int,
+    scratch: Path,
+    *,
+    batch_size: int,
+    strategy: str = "uniform",
+    train_dataset=None,
+    **train_kw,
+):
     """An MRPOTrainer (real class, real TrainingArguments) over `model` with K references and a uniform strategy."""
     from transformers import TrainingArguments
 
@@ -306,15 +351,30 @@ def mrpo_trainer(model, tokenizer, k: int, scratch: Path, *, batch_size: int, st
     from mrpo.weighting import make_strategy
 
     args = TrainingArguments(
-        output_dir=str(scratch / f"trainer_k{k}"), per_device_train_batch_size=batch_size, use_cpu=True,
-        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10**6, disable_tqdm=True,
-        remove_unused_columns=False, learning_rate=5e-6, lr_scheduler_type="constant", seed=0, **train_kw,
+        output_dir=str(scratch / f"trainer_k{k}"),
+        per_device_train_batch_size=batch_size,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        learning_rate=5e-6,
+        lr_scheduler_type="constant",
+        seed=0,
+        **train_kw,
     )
     names = ["anchor"] + [f"ref{i}" for i in range(1, k)]
     return MRPOTrainer(
-        model=model, args=args, data_collator=PreferenceCollator(tokenizer.pad_token_id),
-        train_dataset=train_dataset if train_dataset is not None else PreferenceDataset([], names), processing_class=tokenizer,
-        objective=Objective(), strategy=make_strategy(strategy, k), reference_names=names,
+        model=model,
+        args=args,
+        data_collator=PreferenceCollator(tokenizer.pad_token_id),
+        train_dataset=train_dataset if train_dataset is not None else PreferenceDataset([], names),
+        processing_class=tokenizer,
+        objective=Objective(),
+        strategy=make_strategy(strategy, k),
+        reference_names=names,
     )
 
 

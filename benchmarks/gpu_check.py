@@ -43,8 +43,10 @@ def no_gpu_message() -> str | None:
 
     if torch.cuda.is_available():
         return None
-    return ("gpu_check: no CUDA device visible (torch.cuda.is_available() is False, torch "
-            f"{torch.__version__}); run it on a GPU machine: python benchmarks/gpu_check.py")
+    return (
+        "gpu_check: no CUDA device visible (torch.cuda.is_available() is False, torch "
+        f"{torch.__version__}); run it on a GPU machine: python benchmarks/gpu_check.py"
+    )
 
 
 def scratch_config(scratch: Path, args, k: int):
@@ -58,17 +60,38 @@ def scratch_config(scratch: Path, args, k: int):
     names = list(refs)
     for i in range(2, 4):  # copies of the two profile references: K = 4 with real scoring and loss work
         refs[f"{names[i % 2]}_copy"] = dict(refs[names[i % 2]])
-    raw["data"].update({"paths": [str(args.data)], "max_rows": args.pairs, "output_dir": str(scratch / "prepared")})
-    raw["score"].update({"output_dir": str(scratch / "scores"), "device": "cuda", "dtype": "bfloat16",
-                         "max_length": args.max_length})
-    raw["train"].update({
-        "device": "cuda", "max_length": args.max_length, "batch_size": args.batch_pairs,
-        "gradient_accumulation_steps": 1, "max_steps": args.steps, "learning_rate": 5e-6, "lr_scheduler": "constant",
-        "eval_steps": 10**6, "save_steps": 10**6, "logging_steps": 1, "strategy": "uniform",
-        "objective": "dpo" if k == 1 else "mrpo", "references": None if k == 1 else list(refs)[:k],
-        "output_dir": str(scratch / "policy"), "checkpoint_dir": str(scratch / f"checkpoints_k{k}"),
-        "metrics_file": str(scratch / "metrics.json"), "plots_file": str(scratch / "plots.csv"),
-    })
+    raw["data"].update(
+        {"paths": [str(args.data)], "max_rows": args.pairs, "output_dir": str(scratch / "prepared")}
+    )
+    raw["score"].update(
+        {
+            "output_dir": str(scratch / "scores"),
+            "device": "cuda",
+            "dtype": "bfloat16",
+            "max_length": args.max_length,
+        }
+    )
+    raw["train"].update(
+        {
+            "device": "cuda",
+            "max_length": args.max_length,
+            "batch_size": args.batch_pairs,
+            "gradient_accumulation_steps": 1,
+            "max_steps": args.steps,
+            "learning_rate": 5e-6,
+            "lr_scheduler": "constant",
+            "eval_steps": 10**6,
+            "save_steps": 10**6,
+            "logging_steps": 1,
+            "strategy": "uniform",
+            "objective": "dpo" if k == 1 else "mrpo",
+            "references": None if k == 1 else list(refs)[:k],
+            "output_dir": str(scratch / "policy"),
+            "checkpoint_dir": str(scratch / f"checkpoints_k{k}"),
+            "metrics_file": str(scratch / "metrics.json"),
+            "plots_file": str(scratch / "plots.csv"),
+        }
+    )
     raw["train"]["lora"] = {**raw["train"].get("lora", {}), "enabled": False}
     raw["tracking"] = {"tracking_uri": f"sqlite:///{scratch / 'mlflow.db'}"}
     return parse_config(raw)
@@ -99,8 +122,13 @@ def step0_margins(trainer, dataset, beta: float, n_pairs: int, batch_pairs: int)
             r_w, r_l = batch["ref_chosen_logps"][:, 0], batch["ref_rejected_logps"][:, 0]
             margins.append(beta * ((pi_w.float() - r_w) - (pi_l.float() - r_l)))
     m = torch.cat(margins).double().cpu()
-    return {"pairs": int(m.numel()), "mean": float(m.mean()), "max_abs": float(m.abs().max()),
-            "within_bar": bool(m.abs().max() <= MARGIN_BAR), "bar": MARGIN_BAR}
+    return {
+        "pairs": int(m.numel()),
+        "mean": float(m.mean()),
+        "max_abs": float(m.abs().max()),
+        "within_bar": bool(m.abs().max() <= MARGIN_BAR),
+        "bar": MARGIN_BAR,
+    }
 
 
 def timed_training(trainer, steps: int) -> dict:
@@ -114,8 +142,12 @@ def timed_training(trainer, steps: int) -> dict:
         tokens.append(int(batch["attention_mask"].sum()))
     _, peak = peak_memory_mib(trainer.train)
     seconds = timer.times[1:] or timer.times
-    return {"steps": len(timer.times), "step_s_median": C.median(seconds),
-            "tokens_per_second": sum(tokens[1:] or tokens) / sum(seconds), "peak_memory_mib": peak}
+    return {
+        "steps": len(timer.times),
+        "step_s_median": C.median(seconds),
+        "tokens_per_second": sum(tokens[1:] or tokens) / sum(seconds),
+        "peak_memory_mib": peak,
+    }
 
 
 def ours(cfg, k: int, args) -> dict:
@@ -123,9 +155,14 @@ def ours(cfg, k: int, args) -> dict:
 
     setup = prepare_training(cfg)
     trainer = build_trainer(cfg, setup)
-    row = {"k": k, "objective": cfg.train.objective, "precision": str(setup.precision).removeprefix("torch."),
-           "step0_reward_margin": step0_margins(trainer, setup.datasets["train"], cfg.train.beta, args.margin_pairs,
-                                                args.batch_pairs)}
+    row = {
+        "k": k,
+        "objective": cfg.train.objective,
+        "precision": str(setup.precision).removeprefix("torch."),
+        "step0_reward_margin": step0_margins(
+            trainer, setup.datasets["train"], cfg.train.beta, args.margin_pairs, args.batch_pairs
+        ),
+    }
     row["training"] = timed_training(trainer, args.steps)
     del trainer
     return row
@@ -144,16 +181,28 @@ def trl_runs(cfg, args) -> dict:
     out = {"trl_version": trl.__version__}
     for name, precompute in (("trl_precomputed", True), ("trl_live", False)):
         config = DPOConfig(
-            output_dir=str(Path(cfg.train.checkpoint_dir).parent / name), per_device_train_batch_size=args.batch_pairs,
-            max_steps=args.steps, learning_rate=5e-6, lr_scheduler_type="constant", beta=cfg.train.beta,
-            max_length=args.max_length, precompute_ref_log_probs=precompute, bf16=True, report_to="none",
-            save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=0,
+            output_dir=str(Path(cfg.train.checkpoint_dir).parent / name),
+            per_device_train_batch_size=args.batch_pairs,
+            max_steps=args.steps,
+            learning_rate=5e-6,
+            lr_scheduler_type="constant",
+            beta=cfg.train.beta,
+            max_length=args.max_length,
+            precompute_ref_log_probs=precompute,
+            bf16=True,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=10**6,
+            disable_tqdm=True,
+            seed=0,
         )
         start = time.perf_counter()
         trainer = DPOTrainer(
             model=load_model(cfg.anchor, "cpu", torch.float32),
             ref_model=None if precompute else load_model(cfg.anchor, "cuda", torch.float32),
-            args=config, train_dataset=trl_dataset(pairs, cfg.anchor.chat_template), processing_class=tokenizer,
+            args=config,
+            train_dataset=trl_dataset(pairs, cfg.anchor.chat_template),
+            processing_class=tokenizer,
         )
         init_s = time.perf_counter() - start
         out[name] = {**timed_training(trainer, args.steps), "init_s_incl_precompute": init_s}
@@ -177,9 +226,13 @@ def run(args) -> dict:
         for ref in cfg4.references:
             path, peak = peak_memory_mib(lambda name=ref.name: score_reference(cfg4, name))
             _, meta = read_scores(path)
-            scoring[ref.name] = {"tokens_per_second": meta["tokens_per_second"], "seconds": meta["seconds"],
-                                 "scored_tokens": meta["scored_tokens"], "dtype": meta["dtype"],
-                                 "peak_memory_mib": peak}
+            scoring[ref.name] = {
+                "tokens_per_second": meta["tokens_per_second"],
+                "seconds": meta["seconds"],
+                "scored_tokens": meta["scored_tokens"],
+                "dtype": meta["dtype"],
+                "peak_memory_mib": peak,
+            }
         rows = []
         for k in (1, 4):
             rows.append(ours(scratch_config(scratch, args, k), k, args))
@@ -215,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--margin-pairs", type=int, default=64)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gpu" / "gpu_check.json")
+    p.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gpu" / "gpu_check.json"
+    )
     args = p.parse_args(argv)
 
     reason = no_gpu_message()
@@ -233,8 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(json.dumps({"step0_margins_within_bar": result["step0_margins_within_bar"],
-                      "ratios_tokens_per_second": result["ratios_tokens_per_second"]}))
+    print(
+        json.dumps(
+            {
+                "step0_margins_within_bar": result["step0_margins_within_bar"],
+                "ratios_tokens_per_second": result["ratios_tokens_per_second"],
+            }
+        )
+    )
     print("wrote", args.out)
     return 0 if result["step0_margins_within_bar"] else 3
 

@@ -91,24 +91,33 @@ def run_case(which: str, args) -> dict | None:
                 with torch.no_grad():  # every reference forward, every step
                     logps = [response_logps(m, **b) for m, b in zip(ref_models, ref_batches, strict=True)]
                 stacked = torch.stack(logps, dim=1).float()  # (2B, K)
-                live_batch = {**batch, "ref_chosen_logps": stacked[:batch_pairs],
-                              "ref_rejected_logps": stacked[batch_pairs:]}
+                live_batch = {
+                    **batch,
+                    "ref_chosen_logps": stacked[:batch_pairs],
+                    "ref_rejected_logps": stacked[batch_pairs:],
+                }
                 trainer.compute_loss(policy, live_batch).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 times.append(time.perf_counter() - start)
             return C.median(times)
 
-        print(f"{label}: live references {[r.name for r in refs]}, batch {batch_pairs} pairs", file=sys.stderr)
+        print(
+            f"{label}: live references {[r.name for r in refs]}, batch {batch_pairs} pairs", file=sys.stderr
+        )
         runs = C.interleaved({"ours": ours, "live": live}, rounds=args.rounds, warmup=1)
 
         # The one-off scoring stage, priced for one epoch of this training split.
         n_score = min(args.score_pairs or (len(train_pairs) if which == "zoo" else 16), len(train_pairs))
         score_seconds = 0.0
         for ref, model, tok in zip(refs, ref_models, ref_tokenizers, strict=True):
-            chosen, rejected = C.encode_pairs(tok, train_pairs.iloc[:n_score], args.max_length, ref.chat_template)
+            chosen, rejected = C.encode_pairs(
+                tok, train_pairs.iloc[:n_score], args.max_length, ref.chat_template
+            )
             start = time.perf_counter()
-            score_sequences(model, chosen + rejected, tok.pad_token_id, cfg.score.batch_tokens, torch.device("cpu"))
+            score_sequences(
+                model, chosen + rejected, tok.pad_token_id, cfg.score.batch_tokens, torch.device("cpu")
+            )
             score_seconds += time.perf_counter() - start
     ours_ms, live_ms = 1000 * C.median(runs["ours"]), 1000 * C.median(runs["live"])
     steps_per_epoch = len(train_pairs) / batch_pairs
@@ -134,18 +143,27 @@ def run_case(which: str, args) -> dict | None:
         "load_after": C.load_average()[0],
     }
     row["targets_met"] = {"ours/live<=0.6": row["ratio_ours_over_live"] <= 0.6}
-    print(f"{label}: ours {ours_ms:.1f} ms vs live {live_ms:.1f} ms -> x{row['ratio_ours_over_live']:.3f}; "
-          f"scoring both refs {scoring_epoch_s:.1f} s/epoch = {row['scoring_per_step_ms']:.1f} ms/step "
-          f"(1 epoch incl. scoring: x{row['ratio_with_scoring_1_epoch']:.3f})", flush=True)
+    print(
+        f"{label}: ours {ours_ms:.1f} ms vs live {live_ms:.1f} ms -> x{row['ratio_ours_over_live']:.3f}; "
+        f"scoring both refs {scoring_epoch_s:.1f} s/epoch = {row['scoring_per_step_ms']:.1f} ms/step "
+        f"(1 epoch incl. scoring: x{row['ratio_with_scoring_1_epoch']:.3f})",
+        flush=True,
+    )
     return row
 
 
 def main() -> None:
     p = C.training_parser(__doc__, "b2_live_reference")
-    p.add_argument("--steps", type=int, default=None, help="steps per design per round; default 10 (zoo), 2 (SmolLM2)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="steps per design per round; default 10 (zoo), 2 (SmolLM2)"
+    )
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--score-pairs", type=int, default=None, help="pairs scored to cost the scoring stage; "
-                   "default: the whole train split (zoo), 16 (SmolLM2)")
+    p.add_argument(
+        "--score-pairs",
+        type=int,
+        default=None,
+        help="pairs scored to cost the scoring stage; default: the whole train split (zoo), 16 (SmolLM2)",
+    )
     args = p.parse_args()
 
     C.run_and_record("B2 live reference", run_case, args)

@@ -39,8 +39,16 @@ exit $rc
 
 def copy_project(dest: Path) -> None:
     """Tracked + untracked-not-ignored files of the checkout (minus benchmark results) into a new git repo at dest."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=C.REPO, check=True,
-                           capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=C.REPO,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = C.REPO / rel
         if rel.startswith("benchmarks/results/") or not src.is_file():
@@ -50,8 +58,11 @@ def copy_project(dest: Path) -> None:
     # The shared data sits beside the repository; keep relative paths such as ../shared/data working.
     if (C.REPO.parent / "shared").exists() and not (dest.parent / "shared").exists():
         os.symlink(C.REPO.parent / "shared", dest.parent / "shared")
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "snapshot"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "snapshot"],
+    ):
         subprocess.run(cmd, cwd=dest, check=True)
     (dest / "dvc.lock").unlink(missing_ok=True)  # a fresh project: every stage runs
 
@@ -68,7 +79,9 @@ def timed(cmd: list[str], cwd: Path, env: dict, log_path: Path) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--keep", default=None, help="scratch directory to use and keep (default: a temp dir, removed)")
+    p.add_argument(
+        "--keep", default=None, help="scratch directory to use and keep (default: a temp dir, removed)"
+    )
     p.add_argument("--noop-runs", type=int, default=3)
     p.add_argument("--out", default="b5_pipeline")
     args = p.parse_args()
@@ -86,8 +99,11 @@ def main() -> None:
         shim_dir.mkdir()
         (shim_dir / "mrpo").write_text(SHIM.format(real=real_mrpo, log=stage_log))
         (shim_dir / "mrpo").chmod(0o755)
-        env = {**os.environ, "PATH": f"{shim_dir}{os.pathsep}{os.environ['PATH']}",
-               "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+        env = {
+            **os.environ,
+            "PATH": f"{shim_dir}{os.pathsep}{os.environ['PATH']}",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+        }
         log_path = base / "dvc_repro.log"
         print(f"dvc repro in {project} (log {log_path})", file=sys.stderr, flush=True)
         load_before = C.load_average()
@@ -110,10 +126,18 @@ def main() -> None:
         "load_before": load_before,
         "load_after": C.load_average(),
     }
-    print(f"dvc repro {repro_wall:.1f} s; stage commands {stage_sum:.1f} s; DVC overhead {row['dvc_overhead_s']:.1f} s "
-          f"({100 * row['dvc_overhead_share']:.1f}%); no-op repro {C.median(noop):.2f} s", flush=True)
-    payload = {"benchmark": "B5 pipeline", "command": " ".join(["python"] + sys.argv),
-               "machine": C.machine_info(1), "commit": C.git_commit(), "rows": [row]}
+    print(
+        f"dvc repro {repro_wall:.1f} s; stage commands {stage_sum:.1f} s; DVC overhead {row['dvc_overhead_s']:.1f} s "
+        f"({100 * row['dvc_overhead_share']:.1f}%); no-op repro {C.median(noop):.2f} s",
+        flush=True,
+    )
+    payload = {
+        "benchmark": "B5 pipeline",
+        "command": " ".join(["python"] + sys.argv),
+        "machine": C.machine_info(1),
+        "commit": C.git_commit(),
+        "rows": [row],
+    }
     print("wrote", C.write_result(args.out, payload))
 
 

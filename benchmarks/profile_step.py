@@ -36,16 +36,24 @@ def run_case(which: str, args) -> dict | None:
         label, ref, cfg = found
         tokenizer = load_tokenizer(ref)
         pairs = C.prepared_pairs(cfg, "train", limit=4 * batch_pairs)
-        examples = C.preference_examples(tokenizer, pairs, args.max_length, ref.chat_template, 2)[:batch_pairs]
+        examples = C.preference_examples(tokenizer, pairs, args.max_length, ref.chat_template, 2)[
+            :batch_pairs
+        ]
         batch = PreferenceCollator(tokenizer.pad_token_id)(examples)
-        ref_batch = collate_responses([e.chosen for e in examples] + [e.rejected for e in examples],
-                                      tokenizer.pad_token_id)
+        ref_batch = collate_responses(
+            [e.chosen for e in examples] + [e.rejected for e in examples], tokenizer.pad_token_id
+        )
         policy = load_model(ref, "cpu", torch.float32)
         policy.train()
         frozen = load_model(ref, "cpu", torch.float32)
         trainer = C.mrpo_trainer(policy, tokenizer, 2, Path(tmp), batch_size=batch_pairs)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-6)
-        phases: dict[str, list[float]] = {"forward+loss": [], "backward": [], "optimizer": [], "reference forward": []}
+        phases: dict[str, list[float]] = {
+            "forward+loss": [],
+            "backward": [],
+            "optimizer": [],
+            "reference forward": [],
+        }
         for step in range(args.steps + 1):
             t0 = time.perf_counter()
             loss = trainer.compute_loss(policy, batch)
@@ -64,13 +72,22 @@ def run_case(which: str, args) -> dict | None:
     ms = {k: C.median(v) for k, v in phases.items()}
     ours = ms["forward+loss"] + ms["backward"] + ms["optimizer"]
     live = ours + 2 * ms["reference forward"]
-    row = {"case": label, "batch_pairs": batch_pairs, "phase_ms": ms, "ours_k2_ms": ours, "live_k2_ms": live,
-           "predicted_ratio": ours / live,
-           "ratio_without_optimizer": (ours - ms["optimizer"]) / (live - ms["optimizer"]),
-           "load_after": C.load_average()[0]}
-    print(f"{label}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
-          + f" -> predicted ours/live x{row['predicted_ratio']:.3f} (without optimizer x{row['ratio_without_optimizer']:.3f})",
-          flush=True)
+    row = {
+        "case": label,
+        "batch_pairs": batch_pairs,
+        "phase_ms": ms,
+        "ours_k2_ms": ours,
+        "live_k2_ms": live,
+        "predicted_ratio": ours / live,
+        "ratio_without_optimizer": (ours - ms["optimizer"]) / (live - ms["optimizer"]),
+        "load_after": C.load_average()[0],
+    }
+    print(
+        f"{label}: "
+        + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
+        + f" -> predicted ours/live x{row['predicted_ratio']:.3f} (without optimizer x{row['ratio_without_optimizer']:.3f})",
+        flush=True,
+    )
     return row
 
 

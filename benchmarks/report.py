@@ -1,6 +1,6 @@
 """Markdown tables from the raw results in benchmarks/results/*.json (pasted into docs/benchmarks.md).
 
-    python benchmarks/report.py
+python benchmarks/report.py
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ def _load(name: str) -> dict | None:
 
 def _header(res: dict) -> str:
     m = res["machine"]
-    return (f"`{res['command']}` — {m['date']}, {m['device']}, torch threads {m['torch_threads']}, "
-            f"load at end {m['load_average_1_5_15']}")
+    return (
+        f"`{res['command']}` — {m['date']}, {m['device']}, torch threads {m['torch_threads']}, "
+        f"load at end {m['load_average_1_5_15']}"
+    )
 
 
 def _targets(row: dict) -> str:
@@ -31,45 +33,68 @@ def _targets(row: dict) -> str:
 
 
 def b4(res: dict) -> list[str]:
-    out = [_header(res), "", "| case | mrpo tok/s (batch_tokens) | naive tok/s | speedup | padding mrpo / naive | targets |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        _header(res),
+        "",
+        "| case | mrpo tok/s (batch_tokens) | naive tok/s | speedup | padding mrpo / naive | targets |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         tps = r["tokens_per_s"]
         ours = [k for k in tps if k != "naive"]
         out.append(
-            f"| {r['case']} ({r['sequences']} seq) | " + ", ".join(f"{tps[k]:,.0f} ({k.split('@')[1]})" for k in ours)
-            + f" | {tps['naive']:,.0f} | " + ", ".join(f"x{r['speedup_over_naive'][k]:.2f}" for k in ours)
-            + " | " + ", ".join(f"{100 * r['padding_share'][k]:.1f}%" for k in ours)
+            f"| {r['case']} ({r['sequences']} seq) | "
+            + ", ".join(f"{tps[k]:,.0f} ({k.split('@')[1]})" for k in ours)
+            + f" | {tps['naive']:,.0f} | "
+            + ", ".join(f"x{r['speedup_over_naive'][k]:.2f}" for k in ours)
+            + " | "
+            + ", ".join(f"{100 * r['padding_share'][k]:.1f}%" for k in ours)
             + f" / {100 * r['padding_share']['naive']:.1f}% | "
-            + _targets(r) + " |")
+            + _targets(r)
+            + " |"
+        )
     return out
 
 
 def b1(res: dict) -> list[str]:
-    out = [_header(res), "", "| case | batch (2B x T) | step ms K=1 / 2 / 4 | K=4/K=1 time | peak RSS MiB K=1 / 2 / 4 "
-           "| K=4/K=1 peak | targets |", "|---|---|---|---|---|---|---|"]
+    out = [
+        _header(res),
+        "",
+        "| case | batch (2B x T) | step ms K=1 / 2 / 4 | K=4/K=1 time | peak RSS MiB K=1 / 2 / 4 "
+        "| K=4/K=1 peak | targets |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         ms, mem = r["step_ms_median"], r["memory"]
         out.append(
             f"| {r['case']} | {r['batch_shape_2B_T'][0]} x {r['batch_shape_2B_T'][1]} | "
-            + " / ".join(f"{v:.1f}" for v in ms.values()) + f" | x{r['time_ratio_kmax_over_k1']:.3f}"
-            + _paired(r, "paired_time_ratio_kmax_over_k1") + " | "
+            + " / ".join(f"{v:.1f}" for v in ms.values())
+            + f" | x{r['time_ratio_kmax_over_k1']:.3f}"
+            + _paired(r, "paired_time_ratio_kmax_over_k1")
+            + " | "
             + " / ".join(f"{v['peak_rss_mib']:.0f}" for v in mem.values())
             + f" | x{r['peak_rss_ratio_kmax_over_k1']:.3f} | "
-            + _targets(r) + " |")
+            + _targets(r)
+            + " |"
+        )
     return out
 
 
 def b2(res: dict) -> list[str]:
-    out = [_header(res), "", "| case | live refs | ours ms | live ms | ours/live | scoring both refs per epoch "
-           "| per step | 1 epoch incl. scoring | break-even epochs | target |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        _header(res),
+        "",
+        "| case | live refs | ours ms | live ms | ours/live | scoring both refs per epoch "
+        "| per step | 1 epoch incl. scoring | break-even epochs | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         out.append(
             f"| {r['case']} | {', '.join(r['live_references'])} | {r['ours_step_ms']:.1f} | {r['live_step_ms']:.1f} | "
             f"x{r['ratio_ours_over_live']:.3f}{_paired(r, 'paired_ratio_ours_over_live')} | {r['scoring_both_refs_per_epoch_s']:.1f} s "
             f"({r['train_pairs']} pairs, measured on {r['scoring_pairs_measured']}) | {r['scoring_per_step_ms']:.1f} ms | "
-            f"x{r['ratio_with_scoring_1_epoch']:.3f} | {_break_even(r):.2f} | "
-            + _targets(r) + " |")
+            f"x{r['ratio_with_scoring_1_epoch']:.3f} | {_break_even(r):.2f} | " + _targets(r) + " |"
+        )
     return out
 
 
@@ -80,36 +105,57 @@ def _paired(r: dict, key: str) -> str:
 
 def _break_even(r: dict) -> float:
     saved_per_epoch_ms = r["steps_per_epoch"] * (r["live_step_ms"] - r["ours_step_ms"])
-    return 1000 * r["scoring_both_refs_per_epoch_s"] / saved_per_epoch_ms if saved_per_epoch_ms > 0 else float("inf")
+    return (
+        1000 * r["scoring_both_refs_per_epoch_s"] / saved_per_epoch_ms
+        if saved_per_epoch_ms > 0
+        else float("inf")
+    )
 
 
 def b3(res: dict) -> list[str]:
-    out = [_header(res), "", "| case | ours ms | TRL precomputed ms | TRL live ms | ours/TRL-pre | ours/TRL-live | targets |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        _header(res),
+        "",
+        "| case | ours ms | TRL precomputed ms | TRL live ms | ours/TRL-pre | ours/TRL-live | targets |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         ms = r["step_ms_median"]
         out.append(
             f"| {r['case']} (batch {r['batch_pairs']}) | {ms['ours']:.1f} | {ms['trl-pre']:.1f} | {ms['trl-live']:.1f} | "
             f"x{r['ratio_ours_over_trl_pre']:.3f} | x{r['ratio_ours_over_trl_live']:.3f} | "
-            + _targets(r) + " |")
+            + _targets(r)
+            + " |"
+        )
     return out
 
 
 def b5(res: dict) -> list[str]:
     r = res["rows"][0]
-    out = [_header(res), "", "| dvc repro wall | sum of stage commands | DVC overhead | no-op dvc repro (median) |",
-           "|---|---|---|---|",
-           f"| {r['repro_wall_s']:.1f} s | {r['stage_compute_sum_s']:.1f} s | {r['dvc_overhead_s']:.1f} s "
-           f"({100 * r['dvc_overhead_share']:.1f}%) | {r['noop_repro_s']['median']:.2f} s |", "",
-           "| stage command | seconds |", "|---|---|"]
+    out = [
+        _header(res),
+        "",
+        "| dvc repro wall | sum of stage commands | DVC overhead | no-op dvc repro (median) |",
+        "|---|---|---|---|",
+        f"| {r['repro_wall_s']:.1f} s | {r['stage_compute_sum_s']:.1f} s | {r['dvc_overhead_s']:.1f} s "
+        f"({100 * r['dvc_overhead_share']:.1f}%) | {r['noop_repro_s']['median']:.2f} s |",
+        "",
+        "| stage command | seconds |",
+        "|---|---|",
+    ]
     out += [f"| `{s['cmd']}` | {s['seconds']:.1f} |" for s in r["stage_commands"]]
     return out
 
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    for title, name, fn in (("B1", "b1_train_references", b1), ("B2", "b2_live_reference", b2),
-                            ("B3", "b3_trl_dpo", b3), ("B4", "b4_scoring", b4), ("B5", "b5_pipeline", b5)):
+    for title, name, fn in (
+        ("B1", "b1_train_references", b1),
+        ("B2", "b2_live_reference", b2),
+        ("B3", "b3_trl_dpo", b3),
+        ("B4", "b4_scoring", b4),
+        ("B5", "b5_pipeline", b5),
+    ):
         res = _load(name)
         print(f"### {title}\n")
         print("\n".join(fn(res)) if res else f"(no {name}.json yet)")

@@ -40,8 +40,9 @@ def naive_score(model, encoded, pad_token_id: int, batch_size: int) -> tuple[int
     return real, padded
 
 
-def compare(label: str, model, encoded, pad_token_id: int, batch_tokens: list[int], naive_batch: int,
-            rounds: int) -> dict:
+def compare(
+    label: str, model, encoded, pad_token_id: int, batch_tokens: list[int], naive_batch: int, rounds: int
+) -> dict:
     import torch
 
     from mrpo.scoring import score_sequences
@@ -81,11 +82,17 @@ def compare(label: str, model, encoded, pad_token_id: int, batch_tokens: list[in
         "load_after": C.load_average()[0],
     }
     default = f"mrpo@{batch_tokens[0]}"
-    row["targets_met"] = {"speedup>=1.5": row["speedup_over_naive"][default] >= 1.5,
-                          "padding<0.10": row["padding_share"][default] < 0.10}
-    print(f"{label}: " + ", ".join(f"{k} {v:,.0f} tok/s (pad {100 * row['padding_share'][k]:.1f}%)"
-                                    for k, v in tps.items())
-          + "; speedup " + ", ".join(f"{k} x{v:.2f}" for k, v in row["speedup_over_naive"].items()), flush=True)
+    row["targets_met"] = {
+        "speedup>=1.5": row["speedup_over_naive"][default] >= 1.5,
+        "padding<0.10": row["padding_share"][default] < 0.10,
+    }
+    print(
+        f"{label}: "
+        + ", ".join(f"{k} {v:,.0f} tok/s (pad {100 * row['padding_share'][k]:.1f}%)" for k, v in tps.items())
+        + "; speedup "
+        + ", ".join(f"{k} x{v:.2f}" for k, v in row["speedup_over_naive"].items()),
+        flush=True,
+    )
     return row
 
 
@@ -97,9 +104,14 @@ def main() -> None:
     p.add_argument("--smollm2-pairs", type=int, default=16, help="pairs scored per case (SmolLM2)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--smollm2-max-length", type=int, default=256)
-    p.add_argument("--batch-tokens", type=int, nargs="+", default=None,
-                   help="mrpo batch_tokens values compared (first = headline); default: params.yaml score.batch_tokens "
-                   "and 2048")
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        nargs="+",
+        default=None,
+        help="mrpo batch_tokens values compared (first = headline); default: params.yaml score.batch_tokens "
+        "and 2048",
+    )
     p.add_argument("--naive-batch", type=int, default=8, help="sequences per naive batch")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--smollm2-rounds", type=int, default=2)
@@ -137,14 +149,31 @@ def main() -> None:
             tokenizer = load_tokenizer(ref)
             model = load_model(ref, "cpu")
             for data_label, pairs in data.items():
-                chosen, rejected = C.encode_pairs(tokenizer, pairs.iloc[:n_pairs], max_length, ref.chat_template)
-                encoded = [e for pair in zip(chosen, rejected, strict=True) for e in pair if e.fits]  # dataset order
-                rows.append(compare(f"{model_label} / {data_label}", model, encoded, tokenizer.pad_token_id,
-                                    batch_tokens, args.naive_batch,
-                                    args.rounds if ref is cfg.anchor else args.smollm2_rounds))
+                chosen, rejected = C.encode_pairs(
+                    tokenizer, pairs.iloc[:n_pairs], max_length, ref.chat_template
+                )
+                encoded = [
+                    e for pair in zip(chosen, rejected, strict=True) for e in pair if e.fits
+                ]  # dataset order
+                rows.append(
+                    compare(
+                        f"{model_label} / {data_label}",
+                        model,
+                        encoded,
+                        tokenizer.pad_token_id,
+                        batch_tokens,
+                        args.naive_batch,
+                        args.rounds if ref is cfg.anchor else args.smollm2_rounds,
+                    )
+                )
             del model
-    payload = {"benchmark": "B4 scoring", "command": " ".join(["python"] + sys.argv),
-               "machine": C.machine_info(args.threads), "commit": C.git_commit(), "rows": rows}
+    payload = {
+        "benchmark": "B4 scoring",
+        "command": " ".join(["python"] + sys.argv),
+        "machine": C.machine_info(args.threads),
+        "commit": C.git_commit(),
+        "rows": rows,
+    }
     print("wrote", C.write_result(args.out, payload))
 
 

@@ -47,8 +47,12 @@ def setup(which: str, scratch: Path, ks: list[int], batch_pairs: int, max_length
     collate = PreferenceCollator(tokenizer.pad_token_id)
     batches, trainers = {}, {}
     for k in ks:
-        sliced = [PreferenceExample(e.pair_id, e.chosen, e.rejected, e.ref_chosen_logps[:k], e.ref_rejected_logps[:k])
-                  for e in examples]
+        sliced = [
+            PreferenceExample(
+                e.pair_id, e.chosen, e.rejected, e.ref_chosen_logps[:k], e.ref_rejected_logps[:k]
+            )
+            for e in examples
+        ]
         batches[k] = collate(sliced)
         trainers[k] = C.mrpo_trainer(model, tokenizer, k, scratch, batch_size=batch_pairs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6)
@@ -74,7 +78,12 @@ def memory_probe(which: str, k: int, steps: int, batch_pairs: int, max_length: i
         for _ in range(steps):
             train_step(trainers[k], model, batches[k], optimizer)
         peak = C.peak_rss_mib()
-    return {"k": k, "rss_before_steps_mib": before, "peak_rss_mib": peak, "step_peak_above_start_mib": peak - before}
+    return {
+        "k": k,
+        "rss_before_steps_mib": before,
+        "peak_rss_mib": peak,
+        "step_peak_above_start_mib": peak - before,
+    }
 
 
 def batch_for(which: str, args) -> int:
@@ -96,19 +105,38 @@ def run_case(which: str, args) -> dict | None:
         steps = steps_for(which, args)
 
         def design(k):
-            return lambda: C.median([train_step(trainers[k], model, batches[k], optimizer) for _ in range(steps)])
+            return lambda: C.median(
+                [train_step(trainers[k], model, batches[k], optimizer) for _ in range(steps)]
+            )
 
-        print(f"{label}: batch {batch_for(which, args)} pairs, {batches[args.k[0]]['input_ids'].shape} tokens",
-              file=sys.stderr)
+        print(
+            f"{label}: batch {batch_for(which, args)} pairs, {batches[args.k[0]]['input_ids'].shape} tokens",
+            file=sys.stderr,
+        )
         runs = C.interleaved({f"K={k}": design(k) for k in args.k}, rounds=args.rounds, warmup=1)
         shape = list(batches[args.k[0]]["input_ids"].shape)
     memory = {}
     for k in args.k:
         out = subprocess.run(
-            [sys.executable, __file__, "--models", which, "--memory-probe", str(k), "--max-length",
-             str(args.max_length), "--threads", str(args.threads), "--batch-pairs", str(batch_for(which, args)),
-             "--steps", str(steps_for(which, args))],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--models",
+                which,
+                "--memory-probe",
+                str(k),
+                "--max-length",
+                str(args.max_length),
+                "--threads",
+                str(args.threads),
+                "--batch-pairs",
+                str(batch_for(which, args)),
+                "--steps",
+                str(steps_for(which, args)),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         memory[k] = json.loads(out.stdout.strip().splitlines()[-1])
     step_ms = {k: 1000 * C.median(runs[f"K={k}"]) for k in args.k}
@@ -123,8 +151,9 @@ def run_case(which: str, args) -> dict | None:
         "paired_time_ratio_kmax_over_k1": C.paired_ratio(runs[f"K={k_hi}"], runs[f"K={k_lo}"]),
         "memory": memory,
         "peak_rss_ratio_kmax_over_k1": memory[k_hi]["peak_rss_mib"] / memory[k_lo]["peak_rss_mib"],
-        "step_peak_ratio_kmax_over_k1": (memory[k_hi]["step_peak_above_start_mib"]
-                                         / max(memory[k_lo]["step_peak_above_start_mib"], 1e-9)),
+        "step_peak_ratio_kmax_over_k1": (
+            memory[k_hi]["step_peak_above_start_mib"] / max(memory[k_lo]["step_peak_above_start_mib"], 1e-9)
+        ),
         "rounds": {name: C.spread(v) for name, v in runs.items()},
         "load_after": C.load_average()[0],
     }
@@ -132,25 +161,40 @@ def run_case(which: str, args) -> dict | None:
         "time<=1.05": row["time_ratio_kmax_over_k1"] <= 1.05,
         "memory_within_5%": abs(row["peak_rss_ratio_kmax_over_k1"] - 1) <= 0.05,
     }
-    print(f"{label}: step ms " + ", ".join(f"K={k} {v:.1f}" for k, v in step_ms.items())
-          + f"; K={k_hi}/K={k_lo} time x{row['time_ratio_kmax_over_k1']:.3f}, peak RSS x"
-          f"{row['peak_rss_ratio_kmax_over_k1']:.3f} (step peak above start x{row['step_peak_ratio_kmax_over_k1']:.3f})",
-          flush=True)
+    print(
+        f"{label}: step ms "
+        + ", ".join(f"K={k} {v:.1f}" for k, v in step_ms.items())
+        + f"; K={k_hi}/K={k_lo} time x{row['time_ratio_kmax_over_k1']:.3f}, peak RSS x"
+        f"{row['peak_rss_ratio_kmax_over_k1']:.3f} (step peak above start x{row['step_peak_ratio_kmax_over_k1']:.3f})",
+        flush=True,
+    )
     return row
 
 
 def main() -> None:
     p = C.training_parser(__doc__, "b1_train_references")
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--steps", type=int, default=None, help="steps per design per round; default 10 (zoo), 2 (SmolLM2)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="steps per design per round; default 10 (zoo), 2 (SmolLM2)"
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--memory-probe", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.memory_probe is not None:
         which = args.models[0]
-        print(json.dumps(memory_probe(which, args.memory_probe, steps_for(which, args) + 1, batch_for(which, args),
-                                      args.max_length, args.threads)))
+        print(
+            json.dumps(
+                memory_probe(
+                    which,
+                    args.memory_probe,
+                    steps_for(which, args) + 1,
+                    batch_for(which, args),
+                    args.max_length,
+                    args.threads,
+                )
+            )
+        )
         return
 
     C.run_and_record("B1 references K", run_case, args)

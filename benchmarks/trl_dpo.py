@@ -55,7 +55,11 @@ def trl_dataset(pairs, conversational: bool):
             "rejected": [[{"role": "assistant", "content": r}] for r in pairs["rejected"]],
         }
     else:
-        rows = {"prompt": list(pairs["prompt"]), "chosen": list(pairs["chosen"]), "rejected": list(pairs["rejected"])}
+        rows = {
+            "prompt": list(pairs["prompt"]),
+            "chosen": list(pairs["chosen"]),
+            "rejected": list(pairs["rejected"]),
+        }
     return Dataset.from_dict(rows)
 
 
@@ -88,20 +92,41 @@ def run_case(which: str, args) -> dict | None:
             return m
 
         timers = {name: step_timer() for name in ("ours", "trl-pre", "trl-live")}
-        ours = C.mrpo_trainer(policy(), tokenizer, 1, scratch, batch_size=batch_pairs,
-                              train_dataset=PreferenceDataset(examples, ["anchor"]), max_steps=steps)
+        ours = C.mrpo_trainer(
+            policy(),
+            tokenizer,
+            1,
+            scratch,
+            batch_size=batch_pairs,
+            train_dataset=PreferenceDataset(examples, ["anchor"]),
+            max_steps=steps,
+        )
         ours.add_callback(timers["ours"])
 
         def dpo(name, precompute):
             cfg_trl = DPOConfig(
-                output_dir=str(scratch / name), per_device_train_batch_size=batch_pairs, max_steps=steps,
-                learning_rate=5e-6, lr_scheduler_type="constant", beta=0.1, max_length=args.max_length,
-                precompute_ref_log_probs=precompute, use_cpu=True, report_to="none", save_strategy="no",
-                logging_steps=10**6, disable_tqdm=True, seed=0, dataset_num_proc=None,
+                output_dir=str(scratch / name),
+                per_device_train_batch_size=batch_pairs,
+                max_steps=steps,
+                learning_rate=5e-6,
+                lr_scheduler_type="constant",
+                beta=0.1,
+                max_length=args.max_length,
+                precompute_ref_log_probs=precompute,
+                use_cpu=True,
+                report_to="none",
+                save_strategy="no",
+                logging_steps=10**6,
+                disable_tqdm=True,
+                seed=0,
+                dataset_num_proc=None,
             )
             trainer = DPOTrainer(
-                model=policy(), ref_model=None if precompute else load_model(ref, "cpu", torch.float32),
-                args=cfg_trl, train_dataset=trl_dataset(kept, ref.chat_template), processing_class=tokenizer,
+                model=policy(),
+                ref_model=None if precompute else load_model(ref, "cpu", torch.float32),
+                args=cfg_trl,
+                train_dataset=trl_dataset(kept, ref.chat_template),
+                processing_class=tokenizer,
             )
             trainer.add_callback(timers[name])
             return trainer
@@ -121,7 +146,9 @@ def run_case(which: str, args) -> dict | None:
 
             return run
 
-        print(f"{label}: {len(examples)} pairs, batch {batch_pairs}, {steps} steps per round", file=sys.stderr)
+        print(
+            f"{label}: {len(examples)} pairs, batch {batch_pairs}, {steps} steps per round", file=sys.stderr
+        )
         runs = C.interleaved({n: design(n) for n in trainers}, rounds=args.rounds, warmup=1)
         tokens_ours = int(ours.get_train_dataloader().__iter__().__next__()["attention_mask"].sum())
         batch_trl = next(iter(trl_pre.get_train_dataloader()))
@@ -142,17 +169,23 @@ def run_case(which: str, args) -> dict | None:
         "rounds": {n: C.spread(v) for n, v in runs.items()},
         "load_after": C.load_average()[0],
     }
-    row["targets_met"] = {"ours/trl-pre<=1.0": row["ratio_ours_over_trl_pre"] <= 1.0,
-                          "ours/trl-live<=0.7": row["ratio_ours_over_trl_live"] <= 0.7}
-    print(f"{label}: step ms ours {ms['ours']:.1f}, trl-pre {ms['trl-pre']:.1f}, trl-live {ms['trl-live']:.1f} -> "
-          f"ours/trl-pre x{row['ratio_ours_over_trl_pre']:.3f}, ours/trl-live x{row['ratio_ours_over_trl_live']:.3f}",
-          flush=True)
+    row["targets_met"] = {
+        "ours/trl-pre<=1.0": row["ratio_ours_over_trl_pre"] <= 1.0,
+        "ours/trl-live<=0.7": row["ratio_ours_over_trl_live"] <= 0.7,
+    }
+    print(
+        f"{label}: step ms ours {ms['ours']:.1f}, trl-pre {ms['trl-pre']:.1f}, trl-live {ms['trl-live']:.1f} -> "
+        f"ours/trl-pre x{row['ratio_ours_over_trl_pre']:.3f}, ours/trl-live x{row['ratio_ours_over_trl_live']:.3f}",
+        flush=True,
+    )
     return row
 
 
 def main() -> None:
     p = C.training_parser(__doc__, "b3_trl_dpo")
-    p.add_argument("--steps", type=int, default=None, help="steps per design per round; default 11 (zoo), 3 (SmolLM2)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="steps per design per round; default 11 (zoo), 3 (SmolLM2)"
+    )
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args()
 

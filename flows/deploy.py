@@ -27,37 +27,52 @@ WEEKLY_CRON = "0 3 * * 0"  # Sundays at 03:00
 TIMEZONE = "UTC"  # whatever the serving machine's zone
 
 # The weekly sweep's default shape; shrink it per deployment with its parameters.
-SWEEP_PARAMETERS: dict[str, Any] = {"seeds": [0, 1], "strategies": None, "dpo_references": None,
-                                    "overrides": None, "output_dir": "sweeps"}
+SWEEP_PARAMETERS: dict[str, Any] = {
+    "seeds": [0, 1],
+    "strategies": None,
+    "dpo_references": None,
+    "overrides": None,
+    "output_dir": "sweeps",
+}
 
 
-def deployments(project_dir: str | Path = ".", only: str | None = None, schedules: bool = True,
-                sweep_parameters: dict[str, Any] | None = None) -> list:
+def deployments(
+    project_dir: str | Path = ".",
+    only: str | None = None,
+    schedules: bool = True,
+    sweep_parameters: dict[str, Any] | None = None,
+) -> list:
     """RunnerDeployments `pipeline/mrpo-nightly` and `sweep/mrpo-weekly` for `project_dir`."""
     project_dir = str(Path(project_dir).resolve())
     out = []
     if only in (None, "pipeline"):
-        out.append(pipeline.to_deployment(
-            name="mrpo-nightly",
-            schedules=[Cron(NIGHTLY_CRON, timezone=TIMEZONE)] if schedules else None,
-            parameters={"project_dir": project_dir, "lineage": True},
-            description="Nightly `dvc repro` of the MRPO pipeline, stage by stage, with MLflow lineage.",
-            tags=["mrpo", "pipeline"],
-        ))
+        out.append(
+            pipeline.to_deployment(
+                name="mrpo-nightly",
+                schedules=[Cron(NIGHTLY_CRON, timezone=TIMEZONE)] if schedules else None,
+                parameters={"project_dir": project_dir, "lineage": True},
+                description="Nightly `dvc repro` of the MRPO pipeline, stage by stage, with MLflow lineage.",
+                tags=["mrpo", "pipeline"],
+            )
+        )
     if only in (None, "sweep"):
-        out.append(sweep.to_deployment(
-            name="mrpo-weekly",
-            schedules=[Cron(WEEKLY_CRON, timezone=TIMEZONE)] if schedules else None,
-            parameters={"project_dir": project_dir, **SWEEP_PARAMETERS, **(sweep_parameters or {})},
-            description="Weekly sweep: DPO per reference and MRPO per weighting strategy, over seeds.",
-            tags=["mrpo", "sweep"],
-        ))
+        out.append(
+            sweep.to_deployment(
+                name="mrpo-weekly",
+                schedules=[Cron(WEEKLY_CRON, timezone=TIMEZONE)] if schedules else None,
+                parameters={"project_dir": project_dir, **SWEEP_PARAMETERS, **(sweep_parameters or {})},
+                description="Weekly sweep: DPO per reference and MRPO per weighting strategy, over seeds.",
+                tags=["mrpo", "sweep"],
+            )
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--project-dir", default=".", help="the project checkout the flows run in (default: .)")
+    parser.add_argument(
+        "--project-dir", default=".", help="the project checkout the flows run in (default: .)"
+    )
     parser.add_argument("--only", choices=("pipeline", "sweep"), help="serve one deployment only")
     parser.add_argument("--no-schedules", action="store_true", help="register without schedules")
     parser.add_argument("--limit", type=int, default=1, help="flow runs executed at once (default 1)")

@@ -27,8 +27,10 @@ from mrpo.tracking import RUN_RECORD, PipelineRun, read_run_record, tracking_uri
 
 log = logging.getLogger("mrpo")
 
+
 def git_commit(project_dir: str | Path) -> tuple[str | None, bool]:
     """(HEAD commit, whether the work tree has uncommitted changes); (None, False) outside git."""
+
     def git(*args: str) -> str | None:
         proc = subprocess.run(["git", *args], cwd=project_dir, capture_output=True, text=True)
         return proc.stdout.strip() if proc.returncode == 0 else None
@@ -143,7 +145,9 @@ def record_lineage(cfg: Config, project_dir: str | Path, run_id: str | None = No
     commit, dirty = git_commit(root)
     tags: dict[str, str] = {"mrpo.pipeline": "dvc"}
     if commit:
-        tags.update({"mlflow.source.git.commit": commit, "mrpo.git_commit": commit, "mrpo.git_dirty": str(dirty)})
+        tags.update(
+            {"mlflow.source.git.commit": commit, "mrpo.git_commit": commit, "mrpo.git_dirty": str(dirty)}
+        )
     if (root / "dvc.lock").is_file():
         tags["mrpo.dvc_lock_digest"] = file_sha256(root / "dvc.lock")
     report = root / cfg.data.output_dir / "report.json"

@@ -86,7 +86,8 @@ def pipeline(project_dir: str = ".", stages: list[str] | None = None, lineage: b
     rows = "".join(f"| {s} | {r['status']} | {r['seconds']:.1f} |\n" for s, r in results.items())
     create_markdown_artifact(
         key="pipeline-summary",
-        markdown="| stage | status | seconds |\n|---|---|---|\n" + rows
+        markdown="| stage | status | seconds |\n|---|---|---|\n"
+        + rows
         + (f"\nMLflow run: `{summary['mlflow_run_id']}`\n" if "mlflow_run_id" in summary else ""),
         description="What DVC did with each stage of this pipeline run",
     )

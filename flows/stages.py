@@ -28,6 +28,7 @@ from mrpo.zoo import MANIFEST as ZOO_MANIFEST
 
 log = logging.getLogger("mrpo")
 
+
 class StageFailed(RuntimeError):
     """`dvc repro` of a stage (or `dvc exp run` of an experiment) failed. `command_exit` is how the stage's `mrpo` command ended (None when it never
     reported: it did not start, or it was killed); `transient` says whether a retry may help."""
@@ -74,23 +75,31 @@ def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def dvc(args: list[str], project_dir: str | Path, env: Mapping[str, str] | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
+def dvc(
+    args: list[str], project_dir: str | Path, env: Mapping[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run `dvc <args>` in the project with this interpreter; output captured (stderr merged)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=project_dir, env=tool_env(env),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "dvc", *args],
+        cwd=project_dir,
+        env=tool_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     if check and proc.returncode != 0:
-        raise RuntimeError(f"`dvc {' '.join(args)}` in {project_dir} failed ({proc.returncode}):\n{proc.stdout}")
+        raise RuntimeError(
+            f"`dvc {' '.join(args)}` in {project_dir} failed ({proc.returncode}):\n{proc.stdout}"
+        )
     return proc
 
 
 def classify_repro_output(stage: str, output: str) -> str:
     """`ran`, `restored` or `skipped`, from what `dvc repro` printed about `stage`."""
     quoted = re.escape(f"'{stage}'")
-    if re.search(rf"Stage {quoted} is cached - skipping run, checking out outputs", output) or \
-            re.search(rf"[Rr]estored stage {quoted}", output):
+    if re.search(rf"Stage {quoted} is cached - skipping run, checking out outputs", output) or re.search(
+        rf"[Rr]estored stage {quoted}", output
+    ):
         return "restored"
     if re.search(rf"Running stage {quoted}", output):
         return "ran"
@@ -99,8 +108,9 @@ def classify_repro_output(stage: str, output: str) -> str:
     return "skipped" if "Data and pipelines are up to date" in output else "ran"
 
 
-def dvc_running_mrpo(args: list[str], name: str, project_dir: str | Path,
-                     env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+def dvc_running_mrpo(
+    args: list[str], name: str, project_dir: str | Path, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`dvc <args>` whose stage commands are `mrpo`; raises StageFailed carrying how the failing `mrpo` command
     exited, which it reports through a status file (DVC itself exits 255 for every failed command)."""
     with tempfile.TemporaryDirectory(prefix="mrpo-status-") as tmp:
@@ -158,7 +168,8 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 def numeric_items(flat: Mapping[str, Any]) -> dict[str, float]:
     """The finite numbers of a flat dict (booleans excluded): what MLflow can log as metrics."""
     return {
-        k: float(v) for k, v in flat.items()
+        k: float(v)
+        for k, v in flat.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
     }
 

@@ -34,12 +34,21 @@ from mrpo.weighting import STRATEGIES
 
 DEFAULT_STRATEGIES = tuple(s for s in STRATEGIES if s != "fixed")  # fixed needs weights: pass them explicitly
 # The comparison's headline metric: the first of these that the members report.
-HEADLINE_METRICS = ("eval.policy/mrpo_arith_mc/acc", "eval.pref/reward_accuracy_vs_anchor",
-                    "train.test_reward_accuracy_after", "train.val_reward_accuracy_after")
+HEADLINE_METRICS = (
+    "eval.policy/mrpo_arith_mc/acc",
+    "eval.pref/reward_accuracy_vs_anchor",
+    "train.test_reward_accuracy_after",
+    "train.val_reward_accuracy_after",
+)
 # Columns of the comparison table, where members report them (metrics/<file>.json keys, by file stem).
-TABLE_METRICS = ("eval.policy/mrpo_arith_mc/acc", "eval.policy/mrpo_arith_gen/exact_match/last-number",
-                 "eval.pref/reward_accuracy_vs_anchor", "eval.pref/reward_margin_vs_anchor", "train.test_reward_accuracy_after",
-                 "train.final_loss")
+TABLE_METRICS = (
+    "eval.policy/mrpo_arith_mc/acc",
+    "eval.policy/mrpo_arith_gen/exact_match/last-number",
+    "eval.pref/reward_accuracy_vs_anchor",
+    "eval.pref/reward_margin_vs_anchor",
+    "train.test_reward_accuracy_after",
+    "train.final_loss",
+)
 
 
 @dataclass(frozen=True)
@@ -69,17 +78,41 @@ def sweep_members(
     for seed in seeds:
         for ref in reference_names if dpo_references is None else dpo_references:
             if ref not in reference_names:
-                raise ValueError(f"dpo_references: {ref!r} is not a reference; known: {list(reference_names)}")
-            members.append(SweepMember(f"dpo:{ref}", seed, {
-                **extra, "seed": seed, "train.objective": "dpo", "train.dpo_reference": ref,
-                "train.strategy": "uniform", "train.fixed_weights": None}))  # K = 1: weighting is moot
+                raise ValueError(
+                    f"dpo_references: {ref!r} is not a reference; known: {list(reference_names)}"
+                )
+            members.append(
+                SweepMember(
+                    f"dpo:{ref}",
+                    seed,
+                    {
+                        **extra,
+                        "seed": seed,
+                        "train.objective": "dpo",
+                        "train.dpo_reference": ref,
+                        "train.strategy": "uniform",
+                        "train.fixed_weights": None,
+                    },
+                )
+            )  # K = 1: weighting is moot
         for strategy in strategies:
             if strategy not in STRATEGIES:
                 raise ValueError(f"strategies: {strategy!r} is not one of {list(STRATEGIES)}")
             weights = {} if strategy == "fixed" else {"train.fixed_weights": None}  # only `fixed` reads them
-            members.append(SweepMember(f"mrpo:{strategy}", seed, {
-                **extra, "seed": seed, "train.objective": "mrpo", "train.strategy": strategy,
-                "train.references": None, **weights}))
+            members.append(
+                SweepMember(
+                    f"mrpo:{strategy}",
+                    seed,
+                    {
+                        **extra,
+                        "seed": seed,
+                        "train.objective": "mrpo",
+                        "train.strategy": strategy,
+                        "train.references": None,
+                        **weights,
+                    },
+                )
+            )
     return members
 
 
@@ -92,8 +125,9 @@ def set_param_args(overrides: Mapping[str, Any]) -> list[str]:
     return args
 
 
-def experiment_results(project_dir: str | Path, names: Sequence[str],
-                       metrics_files: Sequence[str]) -> dict[str, dict[str, Any]]:
+def experiment_results(
+    project_dir: str | Path, names: Sequence[str], metrics_files: Sequence[str]
+) -> dict[str, dict[str, Any]]:
     """Metrics of the named DVC experiments, {name: {"<file stem>.<key>": value}}, read from each
     experiment's commit (metrics are git-tracked: `cache: false`)."""
     import subprocess
@@ -108,8 +142,12 @@ def experiment_results(project_dir: str | Path, names: Sequence[str],
             continue
         metrics: dict[str, Any] = {}
         for metrics_file in metrics_files:
-            proc = subprocess.run(["git", "show", f"{row['rev']}:{metrics_file}"], cwd=project_dir,
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                ["git", "show", f"{row['rev']}:{metrics_file}"],
+                cwd=project_dir,
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode == 0:
                 metrics.update(flatten(json.loads(proc.stdout), Path(metrics_file).stem))
         out[name] = metrics
@@ -129,7 +167,11 @@ def aggregate(rows: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict[s
             values = [float(r[metric]) for r in group if isinstance(r.get(metric), int | float)]
             if values:
                 mean = sum(values) / len(values)
-                std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+                std = (
+                    math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                    if len(values) > 1
+                    else 0.0
+                )
                 entry[f"{metric} mean"] = mean
                 entry[f"{metric} std"] = std
         table.append(entry)
@@ -162,8 +204,13 @@ def plot_comparison(summary: list[dict[str, Any]], metric: str, path: str | Path
     fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 2), 3.8))
     labels = [r["label"] for r in rows]
     colors = ["tab:blue" if lbl.startswith("dpo") else "tab:orange" for lbl in labels]
-    ax.bar(range(len(rows)), [r[f"{metric} mean"] for r in rows], yerr=[r[f"{metric} std"] for r in rows],
-           color=colors, capsize=3)
+    ax.bar(
+        range(len(rows)),
+        [r[f"{metric} mean"] for r in rows],
+        yerr=[r[f"{metric} std"] for r in rows],
+        color=colors,
+        capsize=3,
+    )
     ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel(metric, fontsize=8)
     ax.set_title("Sweep: DPO (blue) vs MRPO (orange), mean ± sd over seeds", fontsize=9)
@@ -175,7 +222,9 @@ def plot_comparison(summary: list[dict[str, Any]], metric: str, path: str | Path
     return path
 
 
-def write_comparison(rows: list[dict[str, Any]], out_dir: str | Path, metric: str | None = None) -> dict[str, Path]:
+def write_comparison(
+    rows: list[dict[str, Any]], out_dir: str | Path, metric: str | None = None
+) -> dict[str, Path]:
     """comparison.csv (one row per member), comparison.md (per label mean ± sd, then per member)
     and comparison.png (the headline metric) in `out_dir`."""
     import pandas as pd
@@ -186,17 +235,37 @@ def write_comparison(rows: list[dict[str, Any]], out_dir: str | Path, metric: st
     paths = {"csv": out_dir / "comparison.csv", "md": out_dir / "comparison.md"}
     frame.to_csv(paths["csv"], index=False)
     metric = headline_metric(rows, metric)
-    metric_cols = sorted({k for r in rows for k, v in r.items()
-                          if isinstance(v, int | float) and not isinstance(v, bool) and "." in k})
+    metric_cols = sorted(
+        {
+            k
+            for r in rows
+            for k, v in r.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and "." in k
+        }
+    )
     key_cols = [m for m in (metric, *TABLE_METRICS) if m and m in metric_cols]
     key_cols = list(dict.fromkeys(key_cols))
     summary = aggregate(rows, key_cols)
-    md = [f"# Sweep comparison\n\nHeadline metric: `{metric}`\n\n## Per configuration (mean ± sd over seeds)\n"]
-    md.append(markdown_table([
-        {"label": s["label"], "seeds": s["seeds"],
-         **{c: _mean_sd(s[f"{c} mean"], s[f"{c} std"], s["seeds"]) for c in key_cols if f"{c} mean" in s}}
-        for s in summary
-    ], ["label", "seeds", *key_cols]))
+    md = [
+        f"# Sweep comparison\n\nHeadline metric: `{metric}`\n\n## Per configuration (mean ± sd over seeds)\n"
+    ]
+    md.append(
+        markdown_table(
+            [
+                {
+                    "label": s["label"],
+                    "seeds": s["seeds"],
+                    **{
+                        c: _mean_sd(s[f"{c} mean"], s[f"{c} std"], s["seeds"])
+                        for c in key_cols
+                        if f"{c} mean" in s
+                    },
+                }
+                for s in summary
+            ],
+            ["label", "seeds", *key_cols],
+        )
+    )
     md.append("\n## Per member\n")
     md.append(markdown_table(rows, ["experiment", "label", "seed", "status", *key_cols, "mlflow_run_id"]))
     paths["md"].write_text("\n".join(md))
@@ -208,14 +277,27 @@ def write_comparison(rows: list[dict[str, Any]], out_dir: str | Path, metric: st
 # ---------------------------------------------------------------- Prefect
 
 
-@task(task_run_name="{member.slug}", retries=1, retry_delay_seconds=30, retry_condition_fn=retry_if_transient,
-      cache_policy=None)
+@task(
+    task_run_name="{member.slug}",
+    retries=1,
+    retry_delay_seconds=30,
+    retry_condition_fn=retry_if_transient,
+    cache_policy=None,
+)
 def run_member(member: SweepMember, project_dir: str, experiment: str, env: dict[str, str]) -> dict[str, Any]:
     """`dvc exp run --temp` one member; raises StageFailed with DVC's output when it fails."""
     logger = get_run_logger()
     start = time.perf_counter()
-    args = ["exp", "run", "--temp", "-n", experiment, *set_param_args(member.overrides),
-            "-S", f"tracking.run_name={experiment}"]
+    args = [
+        "exp",
+        "run",
+        "--temp",
+        "-n",
+        experiment,
+        *set_param_args(member.overrides),
+        "-S",
+        f"tracking.run_name={experiment}",
+    ]
     dvc_running_mrpo(args, experiment, project_dir, env)
     seconds = time.perf_counter() - start
     logger.info("experiment %s (%s, seed %d) done in %.0fs", experiment, member.label, member.seed, seconds)
@@ -227,11 +309,23 @@ def start_parent_run(client, cfg, root: Path, sweep_id: str, params: dict[str, A
     from mrpo import tracking
 
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.tracking.experiment, artifact_location=tracking.artifact_root(client.tracking_uri))
+    experiment_id = (
+        exp.experiment_id
+        if exp
+        else client.create_experiment(
+            cfg.tracking.experiment, artifact_location=tracking.artifact_root(client.tracking_uri)
+        )
+    )
     commit, _ = git_commit(root)
-    parent = client.create_run(experiment_id, run_name=sweep_id, tags={
-        "mrpo.sweep": sweep_id, "mrpo.kind": "sweep", **({"mlflow.source.git.commit": commit} if commit else {})})
+    parent = client.create_run(
+        experiment_id,
+        run_name=sweep_id,
+        tags={
+            "mrpo.sweep": sweep_id,
+            "mrpo.kind": "sweep",
+            **({"mlflow.source.git.commit": commit} if commit else {}),
+        },
+    )
     for key, value in params.items():
         client.log_param(parent.info.run_id, key, value if isinstance(value, str) else json.dumps(value))
     if (root / "dvc.lock").is_file():
@@ -245,8 +339,12 @@ def run_members(members: Sequence[SweepMember], root: Path, sweep_id: str, env: 
     rows = []
     for member in members:
         name = f"{sweep_id}-{member.slug}"
-        row: dict[str, Any] = {"experiment": name, "label": member.label, "seed": member.seed,
-                               "overrides": json.dumps(dict(member.overrides))}
+        row: dict[str, Any] = {
+            "experiment": name,
+            "label": member.label,
+            "seed": member.seed,
+            "overrides": json.dumps(dict(member.overrides)),
+        }
         try:
             row.update(run_member(member, str(root), name, env))
             row["status"] = "ok"
@@ -257,18 +355,26 @@ def run_members(members: Sequence[SweepMember], root: Path, sweep_id: str, env: 
     return rows
 
 
-def link_member_runs(client, experiment_id: str, parent_id: str, sweep_id: str, rows: list[dict],
-                     labels: dict[str, str]) -> None:
+def link_member_runs(
+    client, experiment_id: str, parent_id: str, sweep_id: str, rows: list[dict], labels: dict[str, str]
+) -> None:
     """Tag each member's training run with its sweep and label, add its evaluation scores, note its id in `rows`."""
-    children = {r.data.tags.get("mlflow.runName"): r for r in client.search_runs(
-        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)}
+    children = {
+        r.data.tags.get("mlflow.runName"): r
+        for r in client.search_runs(
+            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000
+        )
+    }
     for row in rows:
         child = children.get(row["experiment"])
         if child is None:
             continue
         row["mlflow_run_id"] = child.info.run_id
-        for key, value in {"mrpo.sweep": sweep_id, "mrpo.sweep_label": labels[row["experiment"]],
-                           "mrpo.dvc_experiment": row["experiment"]}.items():
+        for key, value in {
+            "mrpo.sweep": sweep_id,
+            "mrpo.sweep_label": labels[row["experiment"]],
+            "mrpo.dvc_experiment": row["experiment"],
+        }.items():
             client.set_tag(child.info.run_id, key, value)
         evals = {k: v for k, v in row.items() if k.startswith("eval.") and isinstance(v, int | float)}
         for key, value in numeric_items(evals).items():
@@ -304,17 +410,30 @@ def sweep(
     sweep_id = time.strftime("sweep-%Y%m%d-%H%M%S")
     uri = tracking.tracking_uri(cfg, root)  # absolute: members run in DVC temp dirs
     client = MlflowClient(tracking_uri=uri)
-    experiment_id, parent_id = start_parent_run(client, cfg, root, sweep_id, {
-        "seeds": seeds, "strategies": list(strategies), "members": len(members), "overrides": overrides or {},
-        "dpo_references": dpo_references if dpo_references is not None else "all"})
+    experiment_id, parent_id = start_parent_run(
+        client,
+        cfg,
+        root,
+        sweep_id,
+        {
+            "seeds": seeds,
+            "strategies": list(strategies),
+            "members": len(members),
+            "overrides": overrides or {},
+            "dpo_references": dpo_references if dpo_references is not None else "all",
+        },
+    )
     logger.info("sweep %s: %d members under MLflow run %s (%s)", sweep_id, len(members), parent_id, uri)
 
     rows = run_members(members, root, sweep_id, {PARENT_RUN_ENV: parent_id, "MLFLOW_TRACKING_URI": uri})
-    results = experiment_results(root, [r["experiment"] for r in rows],
-                                 [cfg.train.metrics_file, cfg.evaluate.metrics_file])
+    results = experiment_results(
+        root, [r["experiment"] for r in rows], [cfg.train.metrics_file, cfg.evaluate.metrics_file]
+    )
     for row in rows:
         row.update(results.get(row["experiment"], {}))
-    link_member_runs(client, experiment_id, parent_id, sweep_id, rows, {r["experiment"]: r["label"] for r in rows})
+    link_member_runs(
+        client, experiment_id, parent_id, sweep_id, rows, {r["experiment"]: r["label"] for r in rows}
+    )
 
     out_dir = root / output_dir / sweep_id
     paths = write_comparison(rows, out_dir, metric)
@@ -323,13 +442,22 @@ def sweep(
     failed = sum(r["status"] != "ok" for r in rows)
     client.log_metric(parent_id, "members_failed", failed)
     client.set_terminated(parent_id, status="FINISHED" if failed < len(rows) else "FAILED")
-    create_markdown_artifact(key="sweep-comparison", markdown=paths["md"].read_text(),
-                             description=f"Sweep {sweep_id}: {len(rows)} members, {failed} failed")
+    create_markdown_artifact(
+        key="sweep-comparison",
+        markdown=paths["md"].read_text(),
+        description=f"Sweep {sweep_id}: {len(rows)} members, {failed} failed",
+    )
     logger.info("sweep %s: comparison in %s", sweep_id, out_dir)
     if failed == len(rows):
         raise RuntimeError(f"sweep {sweep_id}: every member failed; see the task logs")
-    return {"sweep_id": sweep_id, "parent_run_id": parent_id, "output_dir": str(out_dir),
-            "members": len(rows), "failed": failed, "dirty_worktree": git_commit(root)[1]}
+    return {
+        "sweep_id": sweep_id,
+        "parent_run_id": parent_id,
+        "output_dir": str(out_dir),
+        "members": len(rows),
+        "failed": failed,
+        "dirty_worktree": git_commit(root)[1],
+    }
 
 
 if __name__ == "__main__":

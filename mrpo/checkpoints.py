@@ -74,8 +74,11 @@ def latest_complete_checkpoint(checkpoint_dir: str | Path, clean: bool = True) -
         if problem is None:
             return checkpoint
         if clean:
-            log.warning("train: checkpoint %s is incomplete: %s; removing it and falling back to an earlier one",
-                        checkpoint, problem)
+            log.warning(
+                "train: checkpoint %s is incomplete: %s; removing it and falling back to an earlier one",
+                checkpoint,
+                problem,
+            )
             shutil.rmtree(checkpoint, ignore_errors=True)
     return None
 
@@ -131,13 +134,18 @@ def resume_point(checkpoint_dir: str | Path, fingerprint: str, clean: bool = Tru
         return ResumePoint()
     if state.fingerprint != fingerprint:
         if checkpoints_by_step(checkpoint_dir):
-            log.warning("train: the checkpoints in %s are from a different configuration; starting over",
-                        checkpoint_dir)
+            log.warning(
+                "train: the checkpoints in %s are from a different configuration; starting over",
+                checkpoint_dir,
+            )
         _discard_checkpoints(checkpoint_dir, clean)
         return ResumePoint()
     if state.completed:
-        log.info("train: this configuration already finished (MLflow run %s); training again from scratch "
-                 "as a new run", state.mlflow_run_id)
+        log.info(
+            "train: this configuration already finished (MLflow run %s); training again from scratch "
+            "as a new run",
+            state.mlflow_run_id,
+        )
         _discard_checkpoints(checkpoint_dir, clean)
         return ResumePoint()
     checkpoint = latest_complete_checkpoint(checkpoint_dir, clean)

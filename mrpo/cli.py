@@ -39,8 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Typical use: `dvc repro` runs every stage in order; run a single stage with e.g. `mrpo train`.",
     )
     parser.add_argument("--params", default="params.yaml", help="params file to read (default: params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param for this run only, e.g. --set train.beta=0.2 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param for this run only, e.g. --set train.beta=0.2 (repeatable)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
@@ -64,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except (MRPOError, FileNotFoundError) as exc:
         return _exit(args.stage, USER_ERROR_EXIT, f"mrpo {args.stage}: {exc}")
     except KeyboardInterrupt:
-        return _exit(args.stage, 130, "mrpo: interrupted; finished work is kept and the stage resumes on the next run")
+        return _exit(
+            args.stage, 130, "mrpo: interrupted; finished work is kept and the stage resumes on the next run"
+        )
     return _exit(args.stage, 0)
 
 
@@ -76,7 +83,9 @@ def _exit(stage: str, code: int, message: str | None = None) -> int:
     status_file = os.environ.get(STATUS_FILE_ENV)
     if status_file:
         with contextlib.suppress(OSError):
-            Path(status_file).write_text(json.dumps({"stage": stage, "exit": code, "message": message}) + "\n")
+            Path(status_file).write_text(
+                json.dumps({"stage": stage, "exit": code, "message": message}) + "\n"
+            )
     return code
 
 
@@ -95,7 +104,9 @@ def stage_outputs(cfg, stage: str, reference: str | None = None) -> list[Path]:
 def _run_stage(args: argparse.Namespace) -> None:
     cfg = load_config(args.params, _parse_overrides(args.set))
     with contextlib.ExitStack() as locks:
-        if int(os.environ.get("RANK", "0")) == 0:  # the ranks of one torchrun job share outputs; rank 0 locks them
+        if (
+            int(os.environ.get("RANK", "0")) == 0
+        ):  # the ranks of one torchrun job share outputs; rank 0 locks them
             for path in stage_outputs(cfg, args.stage, getattr(args, "reference", None)):
                 locks.enter_context(output_lock(path, args.stage))
         _dispatch(cfg, args)

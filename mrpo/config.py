@@ -29,8 +29,15 @@ ZOO_OPERATIONS = ("+", "-", "*")
 # them: cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay). Written out because importing the
 # enum costs seconds (it pulls in torch); tests/test_config.py checks it against the installed transformers.
 LR_SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
-    "reduce_lr_on_plateau", "greedy",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "greedy",
 )
 LR_SCHEDULERS_NEEDING_KWARGS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 MAX_SEED = 2**32 - 1  # numpy's seed range
@@ -140,7 +147,9 @@ class TrainConfig:
     save_steps: int = 50
     logging_steps: int = 1
     gradient_checkpointing: bool = False
-    disable_dropout: bool = True  # like TRL: the policy's log-probs are then deterministic and match the scores
+    disable_dropout: bool = (
+        True  # like TRL: the policy's log-probs are then deterministic and match the scores
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
     device: str = "auto"
     output_dir: str = "models/policy"
@@ -189,7 +198,9 @@ class Config:
         for ref in self.references:
             if ref.name == name:
                 return ref
-        raise ConfigError(f"references: no reference named {name!r}; known: {[r.name for r in self.references]}")
+        raise ConfigError(
+            f"references: no reference named {name!r}; known: {[r.name for r in self.references]}"
+        )
 
     def training_references(self) -> tuple[ReferenceConfig, ...]:
         """The references the training objective uses, anchor first."""
@@ -223,7 +234,8 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 # YAML 1.1 (PyYAML) reads `1e-4` and `1e30` as strings; YAML 1.2 (and DVC, which reads params.yaml too) as
 # numbers. Read them as numbers, so `learning_rate: 1e-4` means what it says.
 _UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
 
@@ -243,7 +255,9 @@ def read_params(path: str | Path = "params.yaml") -> dict:
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}"
+        )
     return raw
 
 
@@ -348,7 +362,9 @@ def _typed(value: Any, annotation: str, key: str) -> Any:
         return value
     if base == "str":
         if not isinstance(value, str):
-            raise bad(" (quote it in params.yaml to make it a string)" if isinstance(value, int | float) else "")
+            raise bad(
+                " (quote it in params.yaml to make it a string)" if isinstance(value, int | float) else ""
+            )
         if not value.strip():
             raise ConfigError(f"{key}: got {value!r}; must be a non-empty string")
         return value
@@ -449,54 +465,91 @@ def _validate(cfg: Config) -> None:
     names = [r.name for r in cfg.references]
 
     for r in cfg.references:
-        _check(r.gguf_file is None or r.gguf_file.endswith(".gguf"), f"references.{r.name}.gguf_file", r.gguf_file,
-               "must name a .gguf file inside `model` (or be null)")
+        _check(
+            r.gguf_file is None or r.gguf_file.endswith(".gguf"),
+            f"references.{r.name}.gguf_file",
+            r.gguf_file,
+            "must name a .gguf file inside `model` (or be null)",
+        )
 
     _one_of(d.source, "data.source", DATA_SOURCES)
     _one_of(d.format, "data.format", DATA_FORMATS)
-    _check(d.source in ("synthetic",) or len(d.paths) > 0, "data.paths", list(d.paths),
-           f"data.source {d.source!r} needs at least one path (a local file or, for hub, a dataset id)")
-    _check(d.source != "synthetic" or len(d.paths) == 0, "data.paths", list(d.paths),
-           "data.source 'synthetic' reads no files: set data.source to file, gsm8k or hub, or paths: []")
+    _check(
+        d.source in ("synthetic",) or len(d.paths) > 0,
+        "data.paths",
+        list(d.paths),
+        f"data.source {d.source!r} needs at least one path (a local file or, for hub, a dataset id)",
+    )
+    _check(
+        d.source != "synthetic" or len(d.paths) == 0,
+        "data.paths",
+        list(d.paths),
+        "data.source 'synthetic' reads no files: set data.source to file, gsm8k or hub, or paths: []",
+    )
     _check(d.synthetic_pairs >= 10, "data.synthetic_pairs", d.synthetic_pairs, "must be >= 10")
     _check(d.max_rows is None or d.max_rows > 0, "data.max_rows", d.max_rows, "must be > 0 or null")
     _check(d.max_chars > 0, "data.max_chars", d.max_chars, "must be > 0")
     for key in ("val_fraction", "test_fraction"):
         v = getattr(d, key)
         _check(0 <= v < 1, f"data.{key}", v, "must be in [0, 1)")
-    _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction",
-           d.val_fraction + d.test_fraction, "must be < 1 so a training split remains")
+    _check(
+        d.val_fraction + d.test_fraction < 1,
+        "data.val_fraction + data.test_fraction",
+        d.val_fraction + d.test_fraction,
+        "must be < 1 so a training split remains",
+    )
 
     member_names = [m.name for m in cfg.zoo.members]
     for m in cfg.zoo.members:
         key = f"zoo.members.{m.name}"
         _one_of(m.architecture, f"{key}.architecture", ARCHITECTURES)
         _one_of(m.tokenizer, f"{key}.tokenizer", TOKENIZER_KINDS)
-        _check(len(m.operations) > 0, f"{key}.operations", list(m.operations),
-               f"needs at least one of {list(ZOO_OPERATIONS)}")
+        _check(
+            len(m.operations) > 0,
+            f"{key}.operations",
+            list(m.operations),
+            f"needs at least one of {list(ZOO_OPERATIONS)}",
+        )
         for op in m.operations:
             _one_of(op, f"{key}.operations", ZOO_OPERATIONS)
-        _check(len(set(m.operations)) == len(m.operations), f"{key}.operations", list(m.operations),
-               "each operation at most once")
+        _check(
+            len(set(m.operations)) == len(m.operations),
+            f"{key}.operations",
+            list(m.operations),
+            "each operation at most once",
+        )
         _check(m.train_steps >= 0, f"{key}.train_steps", m.train_steps, "must be >= 0")
         _check(m.num_layers >= 1, f"{key}.num_layers", m.num_layers, "must be >= 1")
         _check(m.hidden_size >= 2, f"{key}.hidden_size", m.hidden_size, "must be >= 2")
         heads = zoo_attention_heads(m.hidden_size)
-        step = 2 * heads if m.architecture == "llama" else heads  # llama's rotary embedding needs an even head size
+        step = (
+            2 * heads if m.architecture == "llama" else heads
+        )  # llama's rotary embedding needs an even head size
         if m.hidden_size % step:
-            valid = [h for h in range(max(2, m.hidden_size - 64), m.hidden_size + 65)
-                     if h % ((2 if m.architecture == "llama" else 1) * zoo_attention_heads(h)) == 0]
+            valid = [
+                h
+                for h in range(max(2, m.hidden_size - 64), m.hidden_size + 65)
+                if h % ((2 if m.architecture == "llama" else 1) * zoo_attention_heads(h)) == 0
+            ]
             lower = max((h for h in valid if h < m.hidden_size), default=None)
             upper = min(h for h in valid if h > m.hidden_size)
-            _check(False, f"{key}.hidden_size", m.hidden_size,
-                   f"a zoo model has max(1, hidden_size // 16) = {heads} attention heads, so hidden_size must be a "
-                   f"multiple of {step} ({'an even head size for llama' if m.architecture == 'llama' else 'gpt2'}); "
-                   f"nearest valid: {', '.join(str(h) for h in (lower, upper) if h is not None)}")
+            _check(
+                False,
+                f"{key}.hidden_size",
+                m.hidden_size,
+                f"a zoo model has max(1, hidden_size // 16) = {heads} attention heads, so hidden_size must be a "
+                f"multiple of {step} ({'an even head size for llama' if m.architecture == 'llama' else 'gpt2'}); "
+                f"nearest valid: {', '.join(str(h) for h in (lower, upper) if h is not None)}",
+            )
     _check(len(set(member_names)) == len(member_names), "zoo.members", member_names, "names must be unique")
 
     _check(s.max_length >= 8, "score.max_length", s.max_length, "must be >= 8")
-    _check(s.batch_tokens >= s.max_length, "score.batch_tokens", s.batch_tokens,
-           f"must be >= score.max_length ({s.max_length}) so one sequence fits a batch")
+    _check(
+        s.batch_tokens >= s.max_length,
+        "score.batch_tokens",
+        s.batch_tokens,
+        f"must be >= score.max_length ({s.max_length}) so one sequence fits a batch",
+    )
     _check(s.shard_size >= 1, "score.shard_size", s.shard_size, "must be >= 1")
     _one_of(s.device, "score.device", DEVICES)
     _one_of(s.dtype, "score.dtype", DTYPES)
@@ -514,53 +567,106 @@ def _validate(cfg: Config) -> None:
     _one_of(t.device, "train.device", DEVICES)
     _one_of(t.lr_scheduler, "train.lr_scheduler", LR_SCHEDULERS)
     _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
-    _check(0 <= t.warmup_ratio <= 1, "train.warmup_ratio", t.warmup_ratio,
-           "must be in [0, 1] (the fraction of the training steps spent warming up)")
+    _check(
+        0 <= t.warmup_ratio <= 1,
+        "train.warmup_ratio",
+        t.warmup_ratio,
+        "must be in [0, 1] (the fraction of the training steps spent warming up)",
+    )
     _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
-    _check(t.num_epochs > 0, "train.num_epochs", t.num_epochs,
-           "must be > 0 (with 0 nothing is trained; train.max_steps >= 1 overrides it)")
-    _check(t.max_steps == -1 or t.max_steps >= 1, "train.max_steps", t.max_steps,
-           "must be -1 (train for train.num_epochs) or >= 1")
+    _check(
+        t.num_epochs > 0,
+        "train.num_epochs",
+        t.num_epochs,
+        "must be > 0 (with 0 nothing is trained; train.max_steps >= 1 overrides it)",
+    )
+    _check(
+        t.max_steps == -1 or t.max_steps >= 1,
+        "train.max_steps",
+        t.max_steps,
+        "must be -1 (train for train.num_epochs) or >= 1",
+    )
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
-    _check(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
-           t.gradient_accumulation_steps, "must be >= 1")
+    _check(
+        t.gradient_accumulation_steps >= 1,
+        "train.gradient_accumulation_steps",
+        t.gradient_accumulation_steps,
+        "must be >= 1",
+    )
     _check(t.window_size >= 1, "train.window_size", t.window_size, "must be >= 1")
     _check(t.max_length >= 8, "train.max_length", t.max_length, "must be >= 8")
     for key in ("eval_steps", "save_steps", "logging_steps"):
-        _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1 (a number of optimizer steps)")
-    _check(t.output_dir != t.checkpoint_dir, "train.checkpoint_dir", t.checkpoint_dir,
-           "must differ from train.output_dir")
+        _check(
+            getattr(t, key) >= 1,
+            f"train.{key}",
+            getattr(t, key),
+            "must be >= 1 (a number of optimizer steps)",
+        )
+    _check(
+        t.output_dir != t.checkpoint_dir,
+        "train.checkpoint_dir",
+        t.checkpoint_dir,
+        "must differ from train.output_dir",
+    )
     _check(t.lora.r >= 1, "train.lora.r", t.lora.r, "must be >= 1")
     _check(t.lora.alpha > 0, "train.lora.alpha", t.lora.alpha, "must be > 0")
     _check(0 <= t.lora.dropout < 1, "train.lora.dropout", t.lora.dropout, "must be in [0, 1)")
-    _check(t.lora.target_modules is None or len(t.lora.target_modules) > 0, "train.lora.target_modules",
-           t.lora.target_modules, "must name at least one module, or be null to let peft choose")
+    _check(
+        t.lora.target_modules is None or len(t.lora.target_modules) > 0,
+        "train.lora.target_modules",
+        t.lora.target_modules,
+        "must name at least one module, or be null to let peft choose",
+    )
     if t.references is not None:
         for n in t.references:
             _check(n in names, "train.references", list(t.references), f"each must be one of {names}")
-        _check(len(set(t.references)) == len(t.references), "train.references", list(t.references),
-               "names must be unique")
-        _check(len(t.references) > 0 and t.references[0] == names[0], "train.references", list(t.references),
-               f"must start with the anchor {names[0]!r} (the policy starts from it)")
+        _check(
+            len(set(t.references)) == len(t.references),
+            "train.references",
+            list(t.references),
+            "names must be unique",
+        )
+        _check(
+            len(t.references) > 0 and t.references[0] == names[0],
+            "train.references",
+            list(t.references),
+            f"must start with the anchor {names[0]!r} (the policy starts from it)",
+        )
     if t.dpo_reference is not None:
         _one_of(t.dpo_reference, "train.dpo_reference", tuple(names))
     k = len(cfg.training_references())
     if t.strategy == "fixed":
         w = t.fixed_weights
-        _check(w is not None and len(w) == k, "train.fixed_weights", None if w is None else list(w),
-               f"strategy 'fixed' needs exactly {k} weights, one per training reference")
+        _check(
+            w is not None and len(w) == k,
+            "train.fixed_weights",
+            None if w is None else list(w),
+            f"strategy 'fixed' needs exactly {k} weights, one per training reference",
+        )
         _check(all(x >= 0 for x in w), "train.fixed_weights", list(w), "weights must be non-negative numbers")
         _check(sum(w) > 0, "train.fixed_weights", list(w), "at least one weight must be positive")
     else:
-        _check(t.fixed_weights is None, "train.fixed_weights", None if t.fixed_weights is None else list(t.fixed_weights),
-               f"only used by strategy 'fixed', but train.strategy is {t.strategy!r}: "
-               "set train.strategy: fixed or fixed_weights: null")
+        _check(
+            t.fixed_weights is None,
+            "train.fixed_weights",
+            None if t.fixed_weights is None else list(t.fixed_weights),
+            f"only used by strategy 'fixed', but train.strategy is {t.strategy!r}: "
+            "set train.strategy: fixed or fixed_weights: null",
+        )
     if REGISTRY[t.strategy].fitted_on_validation:
-        _check(d.val_fraction > 0, "data.val_fraction", d.val_fraction,
-               f"must be > 0: train.strategy {t.strategy!r} is fitted on the validation split")
+        _check(
+            d.val_fraction > 0,
+            "data.val_fraction",
+            d.val_fraction,
+            f"must be > 0: train.strategy {t.strategy!r} is fitted on the validation split",
+        )
     if t.lr_scheduler == "reduce_lr_on_plateau":
-        _check(d.val_fraction > 0, "data.val_fraction", d.val_fraction,
-               "must be > 0: train.lr_scheduler 'reduce_lr_on_plateau' steps on the validation loss")
+        _check(
+            d.val_fraction > 0,
+            "data.val_fraction",
+            d.val_fraction,
+            "must be > 0: train.lr_scheduler 'reduce_lr_on_plateau' steps on the validation loss",
+        )
 
     _check(e.limit is None or e.limit > 0, "evaluate.limit", e.limit, "must be > 0 or null")
     _check(e.num_fewshot >= 0, "evaluate.num_fewshot", e.num_fewshot, "must be >= 0")

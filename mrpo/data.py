@@ -365,8 +365,10 @@ class PrepareTally:
     def extra_fields(self, where: str, values: list) -> None:
         self.extra_field_rows += 1
         if len(self.extra_field_examples) < _EXAMPLES_PER_REASON:
-            detail = (f"{where}: {len(values)} field(s) beyond the header's columns ignored: "
-                      f"{json.dumps(values, ensure_ascii=False)[:200]}")
+            detail = (
+                f"{where}: {len(values)} field(s) beyond the header's columns ignored: "
+                f"{json.dumps(values, ensure_ascii=False)[:200]}"
+            )
             self.extra_field_examples.append(detail)
             log.warning("extra fields: %s", detail)
 
@@ -584,9 +586,12 @@ def prepare(cfg: Config) -> dict:
 
     dropped = ", ".join(f"{k} {v}" for k, v in tally.dropped.items() if v) or "none"
     if tally.extra_field_rows:
-        log.warning("prepare: %d row(s) had more fields than the header names; the extra fields were ignored "
-                    "(see extra_fields in %s); check the file's header and quoting",
-                    tally.extra_field_rows, Path(d.output_dir) / "report.json")
+        log.warning(
+            "prepare: %d row(s) had more fields than the header names; the extra fields were ignored "
+            "(see extra_fields in %s); check the file's header and quoting",
+            tally.extra_field_rows,
+            Path(d.output_dir) / "report.json",
+        )
     log.info(
         "prepare: read %d rows from %s (%s), kept %d: train %d / val %d / test %d; dropped: %s; digest %s -> %s",
         tally.rows_read,

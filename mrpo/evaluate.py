@@ -75,10 +75,14 @@ def preference_metrics(
     chosen_rewards = beta * (policy_chosen.double() - anchor_chosen.double())
     rejected_rewards = beta * (policy_rejected.double() - anchor_rejected.double())
     return {
-        "pref/reward_accuracy_vs_anchor": reward_accuracy(chosen_rewards, rejected_rewards, beta, precision).item(),
+        "pref/reward_accuracy_vs_anchor": reward_accuracy(
+            chosen_rewards, rejected_rewards, beta, precision
+        ).item(),
         "pref/reward_margin_vs_anchor": (chosen_rewards - rejected_rewards).mean().item(),
         # log-probs, not rewards: the tie rule in nats is the same with beta = 1
-        "pref/anchor_likelihood_accuracy": reward_accuracy(anchor_chosen, anchor_rejected, 1.0, precision).item(),
+        "pref/anchor_likelihood_accuracy": reward_accuracy(
+            anchor_chosen, anchor_rejected, 1.0, precision
+        ).item(),
         "pref/pairs": float(chosen_rewards.numel()),
     }
 
@@ -118,7 +122,11 @@ def policy_preference_metrics(
     # The precision the anchor was scored in (recorded in its score file), not the evaluation device's default:
     # fp32 weights under that autocast, as scoring and training run, so the margin compares like with like.
     recorded = meta.get("dtype")
-    precision = getattr(torch, recorded) if recorded else resolve_dtype(cfg.score.dtype, torch.device(settings.device))
+    precision = (
+        getattr(torch, recorded)
+        if recorded
+        else resolve_dtype(cfg.score.dtype, torch.device(settings.device))
+    )
     model = load_model(policy_ref, settings.device, torch.float32)
     chosen, rejected = [], []
     for row in joined.itertuples(index=False):

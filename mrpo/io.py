@@ -82,7 +82,9 @@ def jsonable(value: Any) -> Any:
 
 def write_json_atomically(path: str | Path, payload: Any) -> None:
     """Pretty, key-sorted, valid JSON (non-finite numbers become null), written atomically."""
-    write_text_atomically(path, json.dumps(jsonable(payload), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_text_atomically(
+        path, json.dumps(jsonable(payload), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    )
 
 
 def replace_directory(tmp: str | Path, final: str | Path) -> None:
@@ -135,8 +137,10 @@ def output_lock(output: str | Path, stage: str) -> Iterator[None]:
             raise OutputLocked(
                 f"{output} is being written by {holder}; wait for it to finish or stop it, then re-run `mrpo {stage}`"
             ) from None
-        holder = (f"`mrpo {stage}` (pid {os.getpid()} on {socket.gethostname()}, started "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}, command: {' '.join(sys.argv)[:300]})")
+        holder = (
+            f"`mrpo {stage}` (pid {os.getpid()} on {socket.gethostname()}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}, command: {' '.join(sys.argv)[:300]})"
+        )
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
         try:

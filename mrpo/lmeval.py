@@ -294,9 +294,12 @@ def run_lm_eval(
         where = model_args["pretrained"]
         raise ConfigError(
             f"evaluate: lm-eval cannot load {where!r} ({first}); "
-            + ("fix or rebuild that directory" if Path(where).exists() else
-               "it is not in the local Hugging Face cache and could not be downloaded (offline or no network?): "
-               "download it once while online or use a local directory")
+            + (
+                "fix or rebuild that directory"
+                if Path(where).exists()
+                else "it is not in the local Hugging Face cache and could not be downloaded (offline or no network?): "
+                "download it once while online or use a local directory"
+            )
         ) from exc
     if threads is None:
         threads = cpu_threads_for(lm.model, settings.device)

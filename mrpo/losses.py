@@ -24,7 +24,10 @@ LOGP_TIE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 
 
 
 def reward_accuracy(
-    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, beta: float, precision: torch.dtype = torch.float32
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    beta: float,
+    precision: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Share of pairs whose chosen reward beats the rejected one by more than a tie, (N,) x (N,) -> () float64.
 
@@ -60,8 +63,12 @@ def per_token_logps(policy_chosen, policy_rejected, ref_chosen, ref_rejected, to
     def norm(x, n):
         return x / torch.as_tensor(n, device=x.device).to(x.dtype).clamp(min=1)
 
-    return (norm(policy_chosen, tokens.chosen), norm(policy_rejected, tokens.rejected),
-            norm(ref_chosen, tokens.ref_chosen), norm(ref_rejected, tokens.ref_rejected))
+    return (
+        norm(policy_chosen, tokens.chosen),
+        norm(policy_rejected, tokens.rejected),
+        norm(ref_chosen, tokens.ref_chosen),
+        norm(ref_rejected, tokens.ref_rejected),
+    )
 
 
 @dataclass(frozen=True)
@@ -216,7 +223,9 @@ class Objective:
 
     @classmethod
     def from_train_config(cls, t) -> Objective:
-        return cls(t.objective, t.loss_type, t.beta, t.epsilon, t.adaptive_epsilon, t.label_smoothing, t.sft_weight)
+        return cls(
+            t.objective, t.loss_type, t.beta, t.epsilon, t.adaptive_epsilon, t.label_smoothing, t.sft_weight
+        )
 
     def __call__(
         self,
@@ -231,16 +240,26 @@ class Objective:
         if self.objective == "dpo" and ref_chosen_logps.shape[-1] != 1:
             raise ValueError(f"objective 'dpo' takes exactly one reference, got {ref_chosen_logps.shape[-1]}")
         combine = _multi_dpo if self.objective == "multi_dpo" else _mrpo
-        return combine(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                       weights, tokens)
+        return combine(
+            self,
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            weights,
+            tokens,
+        )
 
 
 def _clipped(o: Objective, policy_chosen, policy_rejected, ref_chosen, ref_rejected, weights, tokens):
     """Both objectives' front half: per-token log-probs for ipo_norm, then `_prepare` (clip and alpha)."""
     if o.loss_type == "ipo_norm":
         policy_chosen, policy_rejected, ref_chosen, ref_rejected = per_token_logps(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, tokens)
-    return _prepare(policy_chosen, policy_rejected, ref_chosen, ref_rejected, weights, o.epsilon, o.adaptive_epsilon)
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, tokens
+        )
+    return _prepare(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, weights, o.epsilon, o.adaptive_epsilon
+    )
 
 
 def _mrpo(o: Objective, *tensors) -> PreferenceLossOutput:
@@ -279,7 +298,9 @@ def mrpo_loss(
     h = (pi_w - pi_l) - (log pi_ref(y_w|x) - log pi_ref(y_l|x)). With K = 1 this is DPO exactly.
     """
     o = Objective("mrpo", loss_type, beta, epsilon, adaptive_epsilon, label_smoothing)
-    return _mrpo(o, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights, tokens)
+    return _mrpo(
+        o, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights, tokens
+    )
 
 
 def multi_dpo_loss(
@@ -304,5 +325,6 @@ def multi_dpo_loss(
     for the sigmoid form's first-order behaviour.
     """
     o = Objective("multi_dpo", loss_type, beta, epsilon, adaptive_epsilon, label_smoothing)
-    return _multi_dpo(o, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights,
-                      tokens)
+    return _multi_dpo(
+        o, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, weights, tokens
+    )

@@ -124,7 +124,9 @@ def token_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor, mask: to
     return out
 
 
-def sequence_logps_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def sequence_logps_from_logits(
+    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
     """Summed log-probs of the response tokens, (B,) fp32, from unshifted causal-LM logits (B, T, V)."""
     token_logps = token_logps_from_logits(logits[:, :-1], input_ids[:, 1:], response_mask[:, 1:])
     return token_logps.sum(-1)
@@ -315,9 +317,16 @@ def _load_errors(ref, source: str, what: str) -> Iterator[None]:
                 f"reference {ref.name!r}: cannot load the {what} from local {source!r} ({_first_line(exc)}); "
                 f"fix or rebuild it, or point references.{ref.name}.model elsewhere"
             ) from exc
-        offline = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v, "").lower() in
-                   ("1", "true", "yes", "on")]
-        why = f"{' and '.join(offline)} set, offline mode" if offline else "no network, or a wrong id or revision"
+        offline = [
+            v
+            for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+            if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+        ]
+        why = (
+            f"{' and '.join(offline)} set, offline mode"
+            if offline
+            else "no network, or a wrong id or revision"
+        )
         raise ConfigError(
             f"reference {ref.name!r}: the {what} {source!r} (revision {ref.revision or 'main'}) could not be "
             f"downloaded from the Hugging Face Hub and is not in the local cache ({why}: {_first_line(exc)}); "
@@ -393,7 +402,8 @@ def model_fingerprint(ref) -> dict[str, str]:
     root = Path(ref.model)
     if root.is_dir():
         files = sorted(
-            p for p in root.rglob("*")
+            p
+            for p in root.rglob("*")
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
         if not files:

@@ -52,8 +52,14 @@ def join_scores(pair_ids: Sequence[str], scores: Sequence[ReferenceScores], spli
         rejected_tokens.append(rows["rejected_tokens"].to_numpy(np.int64))
         each_fits.append(rows["fits"].to_numpy(bool))
     reference_fits = np.stack(each_fits, axis=1) if each_fits else np.ones((len(pair_ids), 0), dtype=bool)
-    return JoinedScores(np.stack(chosen, axis=1), np.stack(rejected, axis=1), reference_fits.all(axis=1),
-                        np.stack(chosen_tokens, axis=1), np.stack(rejected_tokens, axis=1), reference_fits)
+    return JoinedScores(
+        np.stack(chosen, axis=1),
+        np.stack(rejected, axis=1),
+        reference_fits.all(axis=1),
+        np.stack(chosen_tokens, axis=1),
+        np.stack(rejected_tokens, axis=1),
+        reference_fits,
+    )
 
 
 # ---------------------------------------------------------------- dataset and collator
@@ -78,9 +84,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
     that do not fit the policy's train.max_length. `skipped_summary()` says it in words, for messages.
     """
 
-    def __init__(self, examples: list[PreferenceExample], reference_names: Sequence[str], skipped: int = 0,
-                 skipped_by_reference: dict[str, int] | None = None, skipped_by_length: int = 0,
-                 total: int | None = None):
+    def __init__(
+        self,
+        examples: list[PreferenceExample],
+        reference_names: Sequence[str],
+        skipped: int = 0,
+        skipped_by_reference: dict[str, int] | None = None,
+        skipped_by_length: int = 0,
+        total: int | None = None,
+    ):
         self.examples = examples
         self.reference_names = tuple(reference_names)
         self.skipped = skipped
@@ -90,8 +102,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def skipped_summary(self) -> str:
         """E.g. "of 200 pairs, 200 skipped: reference 'gpt2_char' flagged 200 as not fitting score.max_length"."""
-        parts = [f"reference {name!r} flagged {n} as not fitting score.max_length"
-                 for name, n in self.skipped_by_reference.items() if n]
+        parts = [
+            f"reference {name!r} flagged {n} as not fitting score.max_length"
+            for name, n in self.skipped_by_reference.items()
+            if n
+        ]
         if self.skipped_by_length:
             parts.append(f"{self.skipped_by_length} do not fit train.max_length")
         return f"of {self.total} pairs, {self.skipped} skipped" + (f": {'; '.join(parts)}" if parts else "")
@@ -138,11 +153,26 @@ def build_preference_dataset(
             skipped += 1
             too_long += 1
             continue
-        examples.append(PreferenceExample(row.pair_id, enc_w, enc_l, joined.chosen[i], joined.rejected[i],
-                                          joined.chosen_tokens[i], joined.rejected_tokens[i]))
+        examples.append(
+            PreferenceExample(
+                row.pair_id,
+                enc_w,
+                enc_l,
+                joined.chosen[i],
+                joined.rejected[i],
+                joined.chosen_tokens[i],
+                joined.rejected_tokens[i],
+            )
+        )
     by_reference = {s.name: int((~joined.reference_fits[:, k]).sum()) for k, s in enumerate(scores)}
-    dataset = PreferenceDataset(examples, [s.name for s in scores], skipped, skipped_by_reference=by_reference,
-                                skipped_by_length=too_long, total=len(pairs))
+    dataset = PreferenceDataset(
+        examples,
+        [s.name for s in scores],
+        skipped,
+        skipped_by_reference=by_reference,
+        skipped_by_length=too_long,
+        total=len(pairs),
+    )
     if skipped:
         log.warning("%s: %s (fits=False)", split, dataset.skipped_summary())
     return dataset
@@ -160,10 +190,16 @@ class PreferenceCollator:
     pad_token_id: int
 
     def __call__(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
-        batch = collate_responses([e.chosen for e in examples] + [e.rejected for e in examples], self.pad_token_id)
+        batch = collate_responses(
+            [e.chosen for e in examples] + [e.rejected for e in examples], self.pad_token_id
+        )
         # float64 scores keep their precision until the loss; the loss runs in fp32 like the policy log-probs.
-        batch["ref_chosen_logps"] = torch.tensor(np.stack([e.ref_chosen_logps for e in examples]), dtype=torch.float32)
-        batch["ref_rejected_logps"] = torch.tensor(np.stack([e.ref_rejected_logps for e in examples]), dtype=torch.float32)
+        batch["ref_chosen_logps"] = torch.tensor(
+            np.stack([e.ref_chosen_logps for e in examples]), dtype=torch.float32
+        )
+        batch["ref_rejected_logps"] = torch.tensor(
+            np.stack([e.ref_rejected_logps for e in examples]), dtype=torch.float32
+        )
         if all(e.ref_chosen_tokens is not None for e in examples):
             batch["ref_chosen_tokens"] = torch.tensor(np.stack([e.ref_chosen_tokens for e in examples]))
             batch["ref_rejected_tokens"] = torch.tensor(np.stack([e.ref_rejected_tokens for e in examples]))

@@ -18,9 +18,17 @@ _OUTPUTS = {
     "zoo": [("zoo.output_dir", "dir")],
     "prepare": [("data.output_dir", "dir")],
     "score": [("score.output_dir", "dir")],
-    "train": [("train.output_dir", "dir"), ("train.checkpoint_dir", "dir"), ("train.metrics_file", "file"),
-              ("train.plots_file", "file")],
-    "evaluate": [("evaluate.metrics_file", "file"), ("evaluate.results_dir", "dir"), ("evaluate.cache_dir", "dir")],
+    "train": [
+        ("train.output_dir", "dir"),
+        ("train.checkpoint_dir", "dir"),
+        ("train.metrics_file", "file"),
+        ("train.plots_file", "file"),
+    ],
+    "evaluate": [
+        ("evaluate.metrics_file", "file"),
+        ("evaluate.results_dir", "dir"),
+        ("evaluate.cache_dir", "dir"),
+    ],
 }
 _DEVICES = {"score": "score.device", "train": "train.device", "evaluate": "evaluate.device"}
 STAGES = tuple(_OUTPUTS)
@@ -64,8 +72,10 @@ def check_writable(path: str | os.PathLike, key: str, kind: str = "dir") -> None
     shown = str(path)
 
     def fail(reason: str) -> ConfigError:
-        return ConfigError(f"{key}: cannot write {shown!r}: {reason}; choose a writable location for {key} "
-                           "or fix the permissions")
+        return ConfigError(
+            f"{key}: cannot write {shown!r}: {reason}; choose a writable location for {key} "
+            "or fix the permissions"
+        )
 
     if path.exists():
         if kind == "dir" and not path.is_dir():
@@ -93,8 +103,10 @@ def check_device(name: str, key: str) -> None:
     if not torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         hint = f"; CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
-        raise ConfigError(f"{key}: got 'cuda', but this machine has no usable CUDA device "
-                          f"(torch.cuda.is_available() is false{hint}); set {key}: auto or cpu")
+        raise ConfigError(
+            f"{key}: got 'cuda', but this machine has no usable CUDA device "
+            f"(torch.cuda.is_available() is false{hint}); set {key}: auto or cpu"
+        )
 
 
 def check_stage(cfg, stage: str) -> None:

@@ -135,9 +135,11 @@ def read_hub_rows(dataset_id: str, split: str) -> Iterator[dict]:
         first = (str(exc).strip().splitlines() or [""])[0]
         hint = ""
         if isinstance(exc, OSError):  # ConnectionError included: offline mode, no network, unknown id
-            hint = ("; it could not be downloaded from the Hugging Face Hub and is not in the local cache (offline "
-                    "or no network?): download it once while online, or save it to a file and use "
-                    "data.source: file with data.paths: [that file]")
+            hint = (
+                "; it could not be downloaded from the Hugging Face Hub and is not in the local cache (offline "
+                "or no network?): download it once while online, or save it to a file and use "
+                "data.source: file with data.paths: [that file]"
+            )
         raise DataError(
             f"data.paths: dataset {dataset_id!r} split {split!r}: cannot load ({type(exc).__name__}: {first}){hint}"
         ) from exc

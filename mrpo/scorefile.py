@@ -22,15 +22,17 @@ from mrpo.errors import ScoreDataError
 from mrpo.io import file_sha256
 
 METADATA_KEY = b"mrpo"
-SCHEMA = pa.schema([
-    ("pair_id", pa.string()),
-    ("split", pa.string()),
-    ("chosen_logp", pa.float64()),
-    ("rejected_logp", pa.float64()),
-    ("chosen_tokens", pa.int64()),
-    ("rejected_tokens", pa.int64()),
-    ("fits", pa.bool_()),
-])
+SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("split", pa.string()),
+        ("chosen_logp", pa.float64()),
+        ("rejected_logp", pa.float64()),
+        ("chosen_tokens", pa.int64()),
+        ("rejected_tokens", pa.int64()),
+        ("fits", pa.bool_()),
+    ]
+)
 
 
 def score_path(score_dir: str | Path, reference: str) -> Path:
@@ -49,7 +51,9 @@ def read_scores(path: str | Path, reference: str | None = None) -> tuple[pd.Data
     name = reference or path.stem
     rerun = f"re-run `mrpo score --reference {name}`"
     if not path.is_file():
-        raise ScoreDataError(f"{path}: score file of reference {name!r} not found; run `mrpo score --reference {name}`")
+        raise ScoreDataError(
+            f"{path}: score file of reference {name!r} not found; run `mrpo score --reference {name}`"
+        )
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
@@ -95,7 +99,9 @@ def check_score_values(frame: pd.DataFrame, path: str | Path, reference: str) ->
     """
     rerun = f"re-run `mrpo score --reference {reference}`"
     if frame["pair_id"].isna().any():
-        raise ScoreDataError(f"{path}: row {int(np.flatnonzero(frame['pair_id'].isna())[0])} has no pair_id; {rerun}")
+        raise ScoreDataError(
+            f"{path}: row {int(np.flatnonzero(frame['pair_id'].isna())[0])} has no pair_id; {rerun}"
+        )
     if frame["fits"].isna().any():
         pid = frame.loc[frame["fits"].isna(), "pair_id"].iloc[0]
         raise ScoreDataError(f"{path}: pair_id {pid!r} has no `fits` flag; {rerun}")
@@ -127,7 +133,9 @@ class ReferenceScores:
     sha256: str
 
 
-def load_reference_scores(score_dir: str | Path, names: Sequence[str], prepared_digest: str) -> list[ReferenceScores]:
+def load_reference_scores(
+    score_dir: str | Path, names: Sequence[str], prepared_digest: str
+) -> list[ReferenceScores]:
     """Read `<score_dir>/<name>.parquet` for each reference and check they were all made from this prepared data.
 
     Raises ScoreDataError naming the file when one is missing, unreadable, without its
@@ -145,7 +153,9 @@ def load_reference_scores(score_dir: str | Path, names: Sequence[str], prepared_
         frame, meta = read_scores(path, reference=name)
         if frame["pair_id"].duplicated().any():
             dup = frame.loc[frame["pair_id"].duplicated(), "pair_id"].iloc[0]
-            raise ScoreDataError(f"{path}: pair_id {dup!r} appears more than once; re-run `mrpo score --reference {name}`")
+            raise ScoreDataError(
+                f"{path}: pair_id {dup!r} appears more than once; re-run `mrpo score --reference {name}`"
+            )
         out.append(ReferenceScores(name, path, frame.set_index("pair_id"), dict(meta), file_sha256(path)))
     check_score_digests(out, prepared_digest)
     return out
@@ -155,7 +165,9 @@ def check_score_digests(scores: Sequence[ReferenceScores], prepared_digest: str)
     """Refuse score files made from different prepared data (each other's digest or the prepared data's)."""
     recorded = {s.name: s.metadata.get("prepared_digest") for s in scores}
     if len(set(recorded.values())) > 1:
-        listing = ", ".join(f"{n} ({s.path}): {str(d)[:12]}" for (n, d), s in zip(recorded.items(), scores, strict=True))
+        listing = ", ".join(
+            f"{n} ({s.path}): {str(d)[:12]}" for (n, d), s in zip(recorded.items(), scores, strict=True)
+        )
         raise ScoreDataError(
             "score files were made from different prepared data (prepared_digest differs between them: "
             f"{listing}); re-run `mrpo score --reference <name>` for the stale ones"

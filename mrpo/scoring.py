@@ -85,7 +85,9 @@ class ShardStats:
 # ---------------------------------------------------------------- pure helpers
 
 
-def plan_batches(lengths: Sequence[int], batch_tokens: int, batch_overhead_tokens: int = 128) -> list[list[int]]:
+def plan_batches(
+    lengths: Sequence[int], batch_tokens: int, batch_overhead_tokens: int = 128
+) -> list[list[int]]:
     """Indices grouped into batches of similar length, each batch's padded size (count x longest) <= batch_tokens.
 
     Sequences are sorted by length and the sorted run is cut where the total
@@ -135,7 +137,9 @@ def shard_bounds(n_pairs: int, shard_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_size, n_pairs)) for start in range(0, n_pairs, shard_size)]
 
 
-def check_finite(values: np.ndarray, fits: np.ndarray, pairs: Sequence[PreparedPair], which: str, reference: str) -> None:
+def check_finite(
+    values: np.ndarray, fits: np.ndarray, pairs: Sequence[PreparedPair], which: str, reference: str
+) -> None:
     """Raise naming the reference and the pair when a fitting pair's score is NaN or infinite."""
     bad = np.flatnonzero(fits & ~np.isfinite(values))
     if bad.size:
@@ -147,11 +151,15 @@ def check_finite(values: np.ndarray, fits: np.ndarray, pairs: Sequence[PreparedP
         )
 
 
-def check_enough_fit(reference: str, pairs: Sequence[PreparedPair], fits: np.ndarray, max_length: int) -> None:
+def check_enough_fit(
+    reference: str, pairs: Sequence[PreparedPair], fits: np.ndarray, max_length: int
+) -> None:
     """Refuse a scoring run after which nothing could be trained (no pair, or no train pair, fits); warn on any
     pair that does not fit, with the count: those pairs are left out of training."""
-    fix = (f"raise score.max_length (now {max_length}; and train.max_length with it) or lower data.max_chars so "
-           "fewer long pairs are kept")
+    fix = (
+        f"raise score.max_length (now {max_length}; and train.max_length with it) or lower data.max_chars so "
+        "fewer long pairs are kept"
+    )
     if len(pairs) and not fits.any():
         raise ScoringError(
             f"reference {reference!r}: none of the {len(pairs)} pairs fits score.max_length={max_length} tokens "
@@ -166,8 +174,14 @@ def check_enough_fit(reference: str, pairs: Sequence[PreparedPair], fits: np.nda
     if not fits.all():
         log.warning(
             "score %s: %d of %d pairs (%d of %d train) do not fit score.max_length=%d and will be left out of "
-            "training; to keep them, %s", reference, int((~fits).sum()), len(pairs), int((train & ~fits).sum()),
-            int(train.sum()), max_length, fix,
+            "training; to keep them, %s",
+            reference,
+            int((~fits).sum()),
+            len(pairs),
+            int((train & ~fits).sum()),
+            int(train.sum()),
+            max_length,
+            fix,
         )
 
 
@@ -185,11 +199,21 @@ def read_prepared(output_dir: str | Path) -> list[PreparedPair]:
         missing = {"pair_id", "prompt", "chosen", "rejected"} - set(table.column_names)
         if missing:
             raise ScoringError(f"{path}: missing column(s) {sorted(missing)}; re-run `mrpo prepare`")
-        messages = table.column("prompt_messages").to_pylist() if "prompt_messages" in table.column_names else None
+        messages = (
+            table.column("prompt_messages").to_pylist() if "prompt_messages" in table.column_names else None
+        )
         cols = {c: table.column(c).to_pylist() for c in ("pair_id", "prompt", "chosen", "rejected")}
         for i in range(table.num_rows):
-            pairs.append(PreparedPair(split, cols["pair_id"][i], cols["prompt"][i], cols["chosen"][i],
-                                      cols["rejected"][i], messages[i] if messages else None))
+            pairs.append(
+                PreparedPair(
+                    split,
+                    cols["pair_id"][i],
+                    cols["prompt"][i],
+                    cols["chosen"][i],
+                    cols["rejected"][i],
+                    messages[i] if messages else None,
+                )
+            )
     return pairs
 
 
@@ -197,8 +221,14 @@ def read_prepared(output_dir: str | Path) -> list[PreparedPair]:
 
 
 def score_sequences(
-    model, encoded: Sequence[EncodedResponse], pad_token_id: int, batch_tokens: int, device: torch.device,
-    progress: tqdm | None = None, padding_side: str = "right", precision: torch.dtype = torch.float32,
+    model,
+    encoded: Sequence[EncodedResponse],
+    pad_token_id: int,
+    batch_tokens: int,
+    device: torch.device,
+    progress: tqdm | None = None,
+    padding_side: str = "right",
+    precision: torch.dtype = torch.float32,
 ) -> tuple[np.ndarray, ShardStats]:
     """log p(response | prompt) for each encoded sequence (NaN where it does not fit), and what it cost.
 
@@ -229,15 +259,18 @@ def score_sequences(
 
 
 def _shard_table(pairs, chosen, rejected, enc_chosen, enc_rejected) -> pa.Table:
-    return pa.table({
-        "pair_id": [p.pair_id for p in pairs],
-        "split": [p.split for p in pairs],
-        "chosen_logp": chosen,
-        "rejected_logp": rejected,
-        "chosen_tokens": [e.response_length for e in enc_chosen],
-        "rejected_tokens": [e.response_length for e in enc_rejected],
-        "fits": [c.fits and r.fits for c, r in zip(enc_chosen, enc_rejected, strict=True)],
-    }, schema=SCHEMA)
+    return pa.table(
+        {
+            "pair_id": [p.pair_id for p in pairs],
+            "split": [p.split for p in pairs],
+            "chosen_logp": chosen,
+            "rejected_logp": rejected,
+            "chosen_tokens": [e.response_length for e in enc_chosen],
+            "rejected_tokens": [e.response_length for e in enc_rejected],
+            "fits": [c.fits and r.fits for c, r in zip(enc_chosen, enc_rejected, strict=True)],
+        },
+        schema=SCHEMA,
+    )
 
 
 def _write_parquet_atomically(table: pa.Table, path: Path) -> None:
@@ -290,7 +323,9 @@ def _open_shard_dir(shard_dir: Path, key: dict) -> None:
                 f"or delete {shard_dir} to score from scratch"
             )
         if old != key:
-            log.info("score: discarding stale shards in %s (prepared data, model or settings changed)", shard_dir)
+            log.info(
+                "score: discarding stale shards in %s (prepared data, model or settings changed)", shard_dir
+            )
             shutil.rmtree(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
     if not manifest.is_file():
@@ -298,7 +333,11 @@ def _open_shard_dir(shard_dir: Path, key: dict) -> None:
 
 
 def score_reference(
-    cfg, name: str, *, on_shard: Callable[[int, int, Path], None] | None = None, padding_side: str = "right",
+    cfg,
+    name: str,
+    *,
+    on_shard: Callable[[int, int, Path], None] | None = None,
+    padding_side: str = "right",
 ) -> Path:
     """Score every prepared pair under reference `name`; write `<score.output_dir>/<name>.parquet` and return its path.
 
@@ -317,13 +356,25 @@ def score_reference(
     fingerprint = model_fingerprint(ref)
     tokenizer_name = ref.tokenizer or (ref.gguf_file and f"{ref.model}:{ref.gguf_file}") or ref.model
     settings = {
-        "reference": name, "model": ref.model, **fingerprint, "tokenizer": tokenizer_name,
-        "chat_template": ref.chat_template, "dtype": str(dtype).removeprefix("torch."), "max_length": s.max_length,
+        "reference": name,
+        "model": ref.model,
+        **fingerprint,
+        "tokenizer": tokenizer_name,
+        "chat_template": ref.chat_template,
+        "dtype": str(dtype).removeprefix("torch."),
+        "max_length": s.max_length,
         "prepared_digest": digest,
     }
-    key = {**settings, "gguf_file": ref.gguf_file, "shard_size": s.shard_size, "pairs": len(pairs),
-           "shard_format": SHARD_FORMAT, "device": device.type, "batch_tokens": s.batch_tokens,
-           "padding_side": padding_side}
+    key = {
+        **settings,
+        "gguf_file": ref.gguf_file,
+        "shard_size": s.shard_size,
+        "pairs": len(pairs),
+        "shard_format": SHARD_FORMAT,
+        "device": device.type,
+        "batch_tokens": s.batch_tokens,
+        "padding_side": padding_side,
+    }
     shard_dir = out_dir / ".shards" / name
     _open_shard_dir(shard_dir, key)
 
@@ -343,12 +394,15 @@ def score_reference(
         # fp32 weights, `dtype` autocast: the numerics of the policy's forward in training (fp32 master weights).
         model = load_model(ref, device, torch.float32)
         total = 2 * sum(bounds[i][1] - bounds[i][0] for i in todo)
-        with tqdm(total=total, desc=f"score {name}", unit="seq", dynamic_ncols=True) as progress, \
-                torch_threads(cpu_threads_for(model, device)):
+        with (
+            tqdm(total=total, desc=f"score {name}", unit="seq", dynamic_ncols=True) as progress,
+            torch_threads(cpu_threads_for(model, device)),
+        ):
             for i in todo:
                 lo, hi = bounds[i]
-                table, stats = _compute_shard(model, tokenizer, ref, pairs[lo:hi], s, device, progress, padding_side,
-                                              dtype)
+                table, stats = _compute_shard(
+                    model, tokenizer, ref, pairs[lo:hi], s, device, progress, padding_side, dtype
+                )
                 meta = {b"mrpo_shard": json.dumps(stats.__dict__).encode()}
                 _write_parquet_atomically(table.replace_schema_metadata(meta), shard_paths[i])
                 done[i] = (table, stats)
@@ -365,40 +419,62 @@ def score_reference(
     check_enough_fit(name, pairs, fits, s.max_length)
     padding_share = 1 - totals.tokens / totals.padded_tokens if totals.padded_tokens else 0.0
     metadata = {
-        **settings, "device": device.type, "pairs": len(pairs), "pairs_not_fitting": not_fitting,
-        "prompts_truncated": totals.prompts_truncated, "scored_tokens": totals.tokens,
-        "padding_share": round(padding_share, 6), "seconds": round(totals.seconds, 3),
+        **settings,
+        "device": device.type,
+        "pairs": len(pairs),
+        "pairs_not_fitting": not_fitting,
+        "prompts_truncated": totals.prompts_truncated,
+        "scored_tokens": totals.tokens,
+        "padding_share": round(padding_share, 6),
+        "seconds": round(totals.seconds, 3),
         "tokens_per_second": round(totals.tokens / totals.seconds, 1) if totals.seconds else None,
         "pairs_per_second": round(len(pairs) / totals.seconds, 2) if totals.seconds else None,
-        "batch_tokens": s.batch_tokens, "shard_size": s.shard_size, "padding_side": padding_side,
+        "batch_tokens": s.batch_tokens,
+        "shard_size": s.shard_size,
+        "padding_side": padding_side,
         # `dtype` is the forward's autocast precision over these weights; training reads it to match.
         "weights_dtype": "float32",
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_parquet_atomically(table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}), out_path)
+    _write_parquet_atomically(
+        table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}), out_path
+    )
     shutil.rmtree(shard_dir, ignore_errors=True)
     log.info(
         "score %s: %d pairs (%d not fitting, %d prompts cut) -> %s; %.1f pairs/s, %.0f tokens/s, padding %.1f%%",
-        name, len(pairs), not_fitting, totals.prompts_truncated, out_path, metadata["pairs_per_second"] or math.nan,
-        metadata["tokens_per_second"] or math.nan, 100 * padding_share,
+        name,
+        len(pairs),
+        not_fitting,
+        totals.prompts_truncated,
+        out_path,
+        metadata["pairs_per_second"] or math.nan,
+        metadata["tokens_per_second"] or math.nan,
+        100 * padding_share,
     )
     return out_path
 
 
-def _compute_shard(model, tokenizer, ref, pairs, s, device, progress, padding_side, precision
-                   ) -> tuple[pa.Table, ShardStats]:
+def _compute_shard(
+    model, tokenizer, ref, pairs, s, device, progress, padding_side, precision
+) -> tuple[pa.Table, ShardStats]:
     enc_chosen, enc_rejected = [], []
     for p in pairs:
         prompt_text = render_prompt(tokenizer, p.prompt, p.prompt_messages, ref.chat_template)
-        enc_chosen.append(encode_response(tokenizer, prompt_text, p.chosen, s.max_length, chat_template=ref.chat_template))
+        enc_chosen.append(
+            encode_response(tokenizer, prompt_text, p.chosen, s.max_length, chat_template=ref.chat_template)
+        )
         enc_rejected.append(
             encode_response(tokenizer, prompt_text, p.rejected, s.max_length, chat_template=ref.chat_template)
         )
     # Chosen and rejected of a pair are scored only if both fit: a pair is usable whole or not at all.
     fits = np.array([c.fits and r.fits for c, r in zip(enc_chosen, enc_rejected, strict=True)], dtype=bool)
-    encoded = [e if f else _unfit(e) for e, f in zip(enc_chosen + enc_rejected, np.concatenate([fits, fits]), strict=True)]
-    logps, stats = score_sequences(model, encoded, tokenizer.pad_token_id, s.batch_tokens, device, progress, padding_side,
-                                   precision)
+    encoded = [
+        e if f else _unfit(e)
+        for e, f in zip(enc_chosen + enc_rejected, np.concatenate([fits, fits]), strict=True)
+    ]
+    logps, stats = score_sequences(
+        model, encoded, tokenizer.pad_token_id, s.batch_tokens, device, progress, padding_side, precision
+    )
     progress.update(int(2 * (~fits).sum()))
     chosen, rejected = logps[: len(pairs)], logps[len(pairs) :]
     check_finite(chosen, fits, pairs, "chosen", ref.name)

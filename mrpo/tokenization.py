@@ -43,7 +43,9 @@ def render_prompt(tokenizer, prompt: str, messages_json: str | None, chat_templa
     )
 
 
-def encode_response(tokenizer, prompt_text: str, response: str, max_length: int, *, chat_template: bool) -> EncodedResponse:
+def encode_response(
+    tokenizer, prompt_text: str, response: str, max_length: int, *, chat_template: bool
+) -> EncodedResponse:
     """Tokenize prompt and response separately, then join (as TRL does), so the boundary is exact.
 
     Raw prompts get the tokenizer's BOS (a chat template already adds its own

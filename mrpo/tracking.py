@@ -57,7 +57,7 @@ def tracking_uri(cfg: Config, project_dir: str | Path | None = None) -> str:
 def artifact_root(uri: str) -> str | None:
     """Artifacts next to a sqlite store (in mlruns/, which git ignores); other stores choose their own."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+        return (Path(uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
     return None
 
 
@@ -67,7 +67,9 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def start_pipeline_run(cfg: Config, *, resume_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> PipelineRun:
+def start_pipeline_run(
+    cfg: Config, *, resume_run_id: str | None = None, tags: Mapping[str, str] | None = None
+) -> PipelineRun:
     """Create the pipeline run in experiment `tracking.experiment`, or reopen `resume_run_id` when it still exists."""
     uri = tracking_uri(cfg)
     client = client_for(uri)
@@ -81,7 +83,9 @@ def start_pipeline_run(cfg: Config, *, resume_run_id: str | None = None, tags: M
             log.warning("mlflow: cannot reopen run %s (%s); starting a new one", resume_run_id, exc)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is None:
-        experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root(uri))
+        experiment_id = client.create_experiment(
+            cfg.tracking.experiment, artifact_location=artifact_root(uri)
+        )
     else:
         experiment_id = experiment.experiment_id
     tags = dict(tags or {})
@@ -102,15 +106,19 @@ def default_run_name(cfg: Config) -> str:
     t = cfg.train
     refs = "+".join(r.name for r in cfg.training_references())
     what = t.objective if t.objective == "dpo" else f"{t.objective}-{t.strategy}"
-    digest = hashlib.sha256(json.dumps(config_to_flat_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps(config_to_flat_dict(cfg), sort_keys=True, default=str).encode()
+    ).hexdigest()
     return f"{what}-{refs}-b{t.beta:g}-s{cfg.seed}-{digest[:6]}"
 
 
 def run_description(cfg: Config) -> str:
     t = cfg.train
     refs = ", ".join(f"{r.name} ({r.model})" for r in cfg.training_references())
-    return (f"{t.objective} ({t.loss_type} loss, beta {t.beta:g}, weighting {t.strategy}) against {refs}; "
-            f"anchor {cfg.anchor.name}; data {cfg.data.source}; seed {cfg.seed}.")
+    return (
+        f"{t.objective} ({t.loss_type} loss, beta {t.beta:g}, weighting {t.strategy}) against {refs}; "
+        f"anchor {cfg.anchor.name}; data {cfg.data.source}; seed {cfg.seed}."
+    )
 
 
 def write_run_record(directory: str | Path, run: PipelineRun) -> Path:
@@ -127,7 +135,9 @@ def read_run_record(directory: str | Path) -> PipelineRun | None:
     try:
         return PipelineRun(**json.loads(path.read_text()))
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: not a valid MLflow run record ({exc}); delete it and re-run `mrpo train`") from exc
+        raise ValueError(
+            f"{path}: not a valid MLflow run record ({exc}); delete it and re-run `mrpo train`"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -147,8 +157,12 @@ def open_pipeline_run(cfg: Config) -> Iterator[Any]:
         )
     current = tracking_uri(cfg)
     if current != record.tracking_uri:
-        log.warning("mlflow: run %s lives in %s, not in the current tracking URI %s; logging there",
-                    record.run_id, record.tracking_uri, current)
+        log.warning(
+            "mlflow: run %s lives in %s, not in the current tracking URI %s; logging there",
+            record.run_id,
+            record.tracking_uri,
+            current,
+        )
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(record.tracking_uri)
     try:
@@ -175,8 +189,13 @@ def log_params(run: PipelineRun, params: Mapping[str, Any]) -> None:
         value = _param_value(v)
         if k in existing:
             if existing[k] != value:
-                log.warning("mlflow: run %s already has param %s=%r; not changing it to %r", run.run_id, k,
-                            existing[k], value)
+                log.warning(
+                    "mlflow: run %s already has param %s=%r; not changing it to %r",
+                    run.run_id,
+                    k,
+                    existing[k],
+                    value,
+                )
             continue
         items.append(Param(k, value))
     for i in range(0, len(items), _BATCH):
@@ -232,8 +251,13 @@ def finish_run(run: PipelineRun, status: str = "FINISHED") -> None:
 
 
 @contextlib.contextmanager
-def pipeline_run(cfg: Config, *, enabled: bool = True, resume_run_id: str | None = None,
-                 tags: Mapping[str, str] | None = None) -> Iterator[PipelineRun | None]:
+def pipeline_run(
+    cfg: Config,
+    *,
+    enabled: bool = True,
+    resume_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[PipelineRun | None]:
     """The stage's MLflow run for the `with` block (None when not `enabled`): FINISHED when the block completes,
     FAILED when anything escapes it, an interrupt included."""
     if not enabled:

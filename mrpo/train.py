@@ -55,7 +55,15 @@ def training_fingerprint(cfg: Config, score_sha256: dict[str, str], prepared_dig
     Output paths, logging and evaluation intervals are left out: they do not change the weights.
     """
     t = cfg.train
-    ignored = {"output_dir", "checkpoint_dir", "metrics_file", "plots_file", "eval_steps", "logging_steps", "save_steps"}
+    ignored = {
+        "output_dir",
+        "checkpoint_dir",
+        "metrics_file",
+        "plots_file",
+        "eval_steps",
+        "logging_steps",
+        "save_steps",
+    }
     train = {k: v for k, v in _asdict(t).items() if k not in ignored}
     payload = {
         "seed": cfg.seed,
@@ -94,12 +102,24 @@ def flat_eval_metrics(metrics: dict[str, float], prefix: str, suffix: str) -> di
 def plot_rows(log_history: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     """One row per step from Trainer's log history: training curves, with validation columns where evaluated."""
     by_step: dict[int, dict[str, Any]] = {}
-    skip = {"epoch", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"}
+    skip = {
+        "epoch",
+        "total_flos",
+        "train_runtime",
+        "train_samples_per_second",
+        "train_steps_per_second",
+        "train_loss",
+    }
     for entry in log_history:
         step = int(entry.get("step", 0))
         row = by_step.setdefault(step, {"step": step})
         for key, value in entry.items():
-            if key in skip or key == "step" or key.endswith(_TIMING_SUFFIXES) or not isinstance(value, int | float):
+            if (
+                key in skip
+                or key == "step"
+                or key.endswith(_TIMING_SUFFIXES)
+                or not isinstance(value, int | float)
+            ):
                 continue
             row[key] = value
     rows = [by_step[s] for s in sorted(by_step)]
@@ -135,8 +155,10 @@ def check_finite_weights(model, out_dir: str | Path) -> None:
     """Refuse to save a policy with a NaN or infinite weight: it would replace a good one."""
     for name, param in model.named_parameters():
         if not torch.isfinite(param.detach()).all():
-            raise TrainingError(f"the trained weights hold NaN or inf (first in {name}); not saving them, so "
-                                f"{out_dir} keeps the previous policy. Lower train.learning_rate and re-run")
+            raise TrainingError(
+                f"the trained weights hold NaN or inf (first in {name}); not saving them, so "
+                f"{out_dir} keeps the previous policy. Lower train.learning_rate and re-run"
+            )
 
 
 # ---------------------------------------------------------------- the policy
@@ -169,8 +191,13 @@ def load_policy(cfg: Config, device: torch.device):
         if cfg.train.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         trainable, total = model.get_nb_trainable_parameters()
-        log.info("train: LoRA r=%d on %s: %d of %d parameters trainable", lora.r,
-                 sorted(model.peft_config["default"].target_modules), trainable, total)
+        log.info(
+            "train: LoRA r=%d on %s: %d of %d parameters trainable",
+            lora.r,
+            sorted(model.peft_config["default"].target_modules),
+            trainable,
+            total,
+        )
     return model
 
 
@@ -188,7 +215,11 @@ def save_policy(model, tokenizer, out_dir: Path, *, merge_lora: bool) -> None:
 
 
 def training_arguments(
-    cfg: Config, device: torch.device, has_eval: bool, total_steps: int, precision: torch.dtype = torch.float32
+    cfg: Config,
+    device: torch.device,
+    has_eval: bool,
+    total_steps: int,
+    precision: torch.dtype = torch.float32,
 ) -> TrainingArguments:
     """`precision` is the anchor's scoring precision; MRPOTrainer runs the policy's forward in it on any device,
     these flags only let accelerate add its loss scaler (fp16) and autocast on CUDA as well. `total_steps` turns
@@ -231,8 +262,10 @@ def scoring_precision(anchor_meta: dict | None, cfg: Config) -> torch.dtype:
 
         return resolve_dtype(cfg.score.dtype, resolve_device(cfg.train.device))
     if recorded not in ("float32", "bfloat16", "float16"):
-        raise ScoreDataError(f"{cfg.score.output_dir}/{cfg.anchor.name}.parquet: unknown scoring dtype {recorded!r}; "
-                             f"re-run `mrpo score --reference {cfg.anchor.name}`")
+        raise ScoreDataError(
+            f"{cfg.score.output_dir}/{cfg.anchor.name}.parquet: unknown scoring dtype {recorded!r}; "
+            f"re-run `mrpo score --reference {cfg.anchor.name}`"
+        )
     return getattr(torch, recorded)
 
 
@@ -270,14 +303,22 @@ def prepare_training(cfg: Config) -> TrainingSetup:
     scores = load_reference_scores(cfg.score.output_dir, names, digest)
     anchor_meta = next((s.metadata for s in scores if s.name == cfg.anchor.name), None)
     if anchor_meta is not None and anchor_meta.get("max_length") not in (None, t.max_length):
-        log.warning("train: train.max_length=%d differs from the anchor's scoring max_length=%s; pairs cut differently "
-                    "will not start at zero implicit reward", t.max_length, anchor_meta.get("max_length"))
+        log.warning(
+            "train: train.max_length=%d differs from the anchor's scoring max_length=%s; pairs cut differently "
+            "will not start at zero implicit reward",
+            t.max_length,
+            anchor_meta.get("max_length"),
+        )
 
     precision = scoring_precision(anchor_meta, cfg)
     if anchor_meta is not None and precision != torch.float32 and "weights_dtype" not in anchor_meta:
-        log.warning("train: the anchor was scored in pure %s weights by an earlier mrpo; the policy's forward (fp32 "
-                    "weights, autocast) differs slightly, so step-0 rewards are not 0: re-run `mrpo score --reference "
-                    "%s`", str(precision).removeprefix("torch."), cfg.anchor.name)
+        log.warning(
+            "train: the anchor was scored in pure %s weights by an earlier mrpo; the policy's forward (fp32 "
+            "weights, autocast) differs slightly, so step-0 rewards are not 0: re-run `mrpo score --reference "
+            "%s`",
+            str(precision).removeprefix("torch."),
+            cfg.anchor.name,
+        )
     tokenizer = load_tokenizer(cfg.anchor)
     datasets: dict[str, PreferenceDataset] = {}
     for split in SPLITS:
@@ -291,14 +332,23 @@ def prepare_training(cfg: Config) -> TrainingSetup:
             f"score.max_length and train.max_length (now {cfg.score.max_length} and {t.max_length}) or lower "
             "data.max_chars, then re-run"
         )
-    log.info("train: objective %s, references %s, strategy %s; pairs train %d / val %d / test %d (skipped %d / %d / %d)",
-             t.objective, names, t.strategy, *(len(datasets[s]) for s in SPLITS), *(datasets[s].skipped for s in SPLITS))
+    log.info(
+        "train: objective %s, references %s, strategy %s; pairs train %d / val %d / test %d (skipped %d / %d / %d)",
+        t.objective,
+        names,
+        t.strategy,
+        *(len(datasets[s]) for s in SPLITS),
+        *(datasets[s].skipped for s in SPLITS),
+    )
 
-    strategy = make_strategy(t.strategy, len(names), fixed_weights=t.fixed_weights, window_size=t.window_size,
-                             seed=cfg.seed)
+    strategy = make_strategy(
+        t.strategy, len(names), fixed_weights=t.fixed_weights, window_size=t.window_size, seed=cfg.seed
+    )
     if strategy.fitted_on_validation and len(datasets["val"]) == 0:
-        raise ConfigError(f"train.strategy {t.strategy!r} is fitted on the validation split, which is empty; "
-                         "set data.val_fraction > 0 or choose another strategy")
+        raise ConfigError(
+            f"train.strategy {t.strategy!r} is fitted on the validation split, which is empty; "
+            "set data.val_fraction > 0 or choose another strategy"
+        )
     strategy.fit(datasets["val"].reference_margins())
     fingerprint = training_fingerprint(cfg, {s.name: s.sha256 for s in scores}, digest)
     return TrainingSetup(names, scores, digest, tokenizer, datasets, strategy, fingerprint, precision)
@@ -312,9 +362,13 @@ def build_trainer(
     has_eval = len(setup.datasets["val"]) > 0
     return MRPOTrainer(
         model=model if model is not None else load_policy(cfg, device),
-        args=training_arguments(cfg, device, has_eval,
-                                optimizer_steps(cfg.train, len(setup.datasets["train"]), _world_size()),
-                                setup.precision),
+        args=training_arguments(
+            cfg,
+            device,
+            has_eval,
+            optimizer_steps(cfg.train, len(setup.datasets["train"]), _world_size()),
+            setup.precision,
+        ),
         data_collator=PreferenceCollator(setup.tokenizer.pad_token_id),
         train_dataset=setup.datasets["train"],
         eval_dataset=setup.datasets["val"] if has_eval else None,
@@ -357,10 +411,13 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
     setup = prepare_training(cfg)
     checkpoint_dir = Path(t.checkpoint_dir)
     main = _is_main_process()
-    start = resume_point(checkpoint_dir, setup.fingerprint, clean=main)  # ranks of one job share the directory
+    start = resume_point(
+        checkpoint_dir, setup.fingerprint, clean=main
+    )  # ranks of one job share the directory
 
-    with tracking.pipeline_run(cfg, enabled=track and main, resume_run_id=start.mlflow_run_id,
-                               tags={"mrpo.stage": "train"}) as run:
+    with tracking.pipeline_run(
+        cfg, enabled=track and main, resume_run_id=start.mlflow_run_id, tags={"mrpo.stage": "train"}
+    ) as run:
         run_state = RunState(setup.fingerprint, run.run_id if run else None)
         if main:
             write_run_state(checkpoint_dir, run_state)
@@ -370,10 +427,17 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
         metrics["runtime_s"] = time.perf_counter() - started
         if main:
             _write_outputs(cfg, trainer, setup.tokenizer, metrics, run)
-            write_run_state(checkpoint_dir, RunState(run_state.fingerprint, run_state.mlflow_run_id, completed=True))
-    log.info("train: done in %.0fs, %d steps; val reward accuracy %.3f -> %.3f; policy in %s",
-             metrics["runtime_s"], metrics["steps"], metrics.get("val_reward_accuracy_before", float("nan")),
-             metrics.get("val_reward_accuracy_after", float("nan")), t.output_dir)
+            write_run_state(
+                checkpoint_dir, RunState(run_state.fingerprint, run_state.mlflow_run_id, completed=True)
+            )
+    log.info(
+        "train: done in %.0fs, %d steps; val reward accuracy %.3f -> %.3f; policy in %s",
+        metrics["runtime_s"],
+        metrics["steps"],
+        metrics.get("val_reward_accuracy_before", float("nan")),
+        metrics.get("val_reward_accuracy_after", float("nan")),
+        t.output_dir,
+    )
     return metrics
 
 
@@ -382,11 +446,20 @@ def _log_inputs(cfg: Config, setup: TrainingSetup, run) -> None:
     from mrpo.models import model_fingerprint
 
     tracking.log_config(run, cfg)
-    tracking.log_reference_set(run, [
-        {"name": s.name, "model": cfg.reference(s.name).model, **model_fingerprint(cfg.reference(s.name)),
-         "score_file": str(s.path), "score_sha256": s.sha256, "prepared_digest": setup.prepared_digest}
-        for s in setup.scores
-    ])
+    tracking.log_reference_set(
+        run,
+        [
+            {
+                "name": s.name,
+                "model": cfg.reference(s.name).model,
+                **model_fingerprint(cfg.reference(s.name)),
+                "score_file": str(s.path),
+                "score_sha256": s.sha256,
+                "prepared_digest": setup.prepared_digest,
+            }
+            for s in setup.scores
+        ],
+    )
 
 
 def _train_and_evaluate(cfg: Config, setup: TrainingSetup, start, callbacks, run) -> tuple[MRPOTrainer, dict]:
@@ -394,7 +467,9 @@ def _train_and_evaluate(cfg: Config, setup: TrainingSetup, start, callbacks, run
     from mrpo import tracking
 
     datasets = setup.datasets
-    trainer = build_trainer(cfg, setup, callbacks=[*callbacks, *([tracking.MLflowStepCallback(run)] if run else [])])
+    trainer = build_trainer(
+        cfg, setup, callbacks=[*callbacks, *([tracking.MLflowStepCallback(run)] if run else [])]
+    )
     metrics: dict[str, Any] = evaluate_before_training(cfg, setup, trainer.model)
     if start.checkpoint:
         log.info("train: resuming from %s", start.checkpoint)
@@ -406,16 +481,18 @@ def _train_and_evaluate(cfg: Config, setup: TrainingSetup, start, callbacks, run
     history = trainer.state.log_history
     step_losses = [e["loss"] for e in history if "loss" in e]
     tps = [e["tokens_per_second"] for e in history if "tokens_per_second" in e]
-    metrics.update({
-        "final_loss": float(step_losses[-1]) if step_losses else None,
-        "train_loss": mean_training_loss(history),
-        "steps": int(trainer.state.global_step),
-        "train_pairs": len(datasets["train"]),
-        "skipped_pairs": sum(d.skipped for d in datasets.values()),
-        "references": len(setup.names),
-        "resumed": start.checkpoint is not None,
-        **({"tokens_per_second": float(sum(tps) / len(tps))} if tps else {}),
-    })
+    metrics.update(
+        {
+            "final_loss": float(step_losses[-1]) if step_losses else None,
+            "train_loss": mean_training_loss(history),
+            "steps": int(trainer.state.global_step),
+            "train_pairs": len(datasets["train"]),
+            "skipped_pairs": sum(d.skipped for d in datasets.values()),
+            "references": len(setup.names),
+            "resumed": start.checkpoint is not None,
+            **({"tokens_per_second": float(sum(tps) / len(tps))} if tps else {}),
+        }
+    )
     trainer.accelerator.wait_for_everyone()
     return trainer, metrics
 
@@ -434,5 +511,7 @@ def _write_outputs(cfg: Config, trainer: MRPOTrainer, tokenizer, metrics: dict[s
     write_json_atomically(t.metrics_file, metrics)
     write_plots_csv(t.plots_file, trainer.state.log_history)
     if run is not None:
-        tracking.log_metrics(run, {f"final/{k}": v for k, v in metrics.items()}, step=trainer.state.global_step)
+        tracking.log_metrics(
+            run, {f"final/{k}": v for k, v in metrics.items()}, step=trainer.state.global_step
+        )
         tracking.record_policy(run, out)

@@ -39,7 +39,9 @@ STRATEGY_STATE_FILE = "mrpo_strategy_state.json"
 # ---------------------------------------------------------------- the objective
 
 
-def validation_metrics(eval_pred, *, beta: float = 0.1, precision: torch.dtype = torch.float32) -> dict[str, float]:
+def validation_metrics(
+    eval_pred, *, beta: float = 0.1, precision: torch.dtype = torch.float32
+) -> dict[str, float]:
     """Validation metrics from the per-pair statistics `prediction_step` returns (chosen reward, rejected reward).
 
     Rewards are measured against the objective's combined reference (see docs/metrics.md).
@@ -50,8 +52,9 @@ def validation_metrics(eval_pred, *, beta: float = 0.1, precision: torch.dtype =
         "rewards/chosen": float(chosen.mean()),
         "rewards/rejected": float(rejected.mean()),
         "rewards/margin": float((chosen - rejected).mean()),
-        "rewards/accuracy": float(reward_accuracy(torch.from_numpy(chosen), torch.from_numpy(rejected), beta,
-                                                  precision)),
+        "rewards/accuracy": float(
+            reward_accuracy(torch.from_numpy(chosen), torch.from_numpy(rejected), beta, precision)
+        ),
     }
 
 
@@ -91,10 +94,18 @@ class MRPOTrainer(Trainer):
     # compute_loss divides by the whole accumulated batch's counts (StepCounts) itself.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, objective: Objective, strategy, reference_names: Sequence[str],
-                 precision: torch.dtype = torch.float32, **kwargs):
-        kwargs.setdefault("compute_metrics", functools.partial(validation_metrics, beta=objective.beta,
-                                                                precision=precision))
+    def __init__(
+        self,
+        *args,
+        objective: Objective,
+        strategy,
+        reference_names: Sequence[str],
+        precision: torch.dtype = torch.float32,
+        **kwargs,
+    ):
+        kwargs.setdefault(
+            "compute_metrics", functools.partial(validation_metrics, beta=objective.beta, precision=precision)
+        )
         super().__init__(*args, **kwargs)
         self.objective = objective
         self.strategy = strategy
@@ -116,7 +127,9 @@ class MRPOTrainer(Trainer):
         from mrpo.models import forward_precision
 
         with forward_precision(self.precision, inputs["input_ids"].device):
-            logps = response_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"])
+            logps = response_logps(
+                model, inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"]
+            )
         n = inputs["ref_chosen_logps"].shape[0]
         return logps[:n], logps[n:]
 
@@ -151,7 +164,9 @@ class MRPOTrainer(Trainer):
         n = ref_w.shape[0]
         out = self.objective(pi_w, pi_l, ref_w, ref_l, weights, self._token_counts(inputs, n))
         chosen_tokens = inputs["response_mask"][:n].sum()
-        sft_nll = -pi_w.sum() / chosen_tokens.clamp(min=1)  # mean token NLL of the chosen responses in the batch
+        sft_nll = -pi_w.sum() / chosen_tokens.clamp(
+            min=1
+        )  # mean token NLL of the chosen responses in the batch
         counts = num_items_in_batch if isinstance(num_items_in_batch, StepCounts) else None
         if counts is None:  # evaluation, or a call outside the training loop: this batch is the whole batch
             loss = out.losses.mean()
@@ -166,12 +181,17 @@ class MRPOTrainer(Trainer):
                 self._step_margins.append(margins)
             self._record_train_metrics(out, weights, sft_nll, inputs)
         if return_outputs:
-            return loss, {"chosen_rewards": out.chosen_rewards.detach(), "rejected_rewards": out.rejected_rewards.detach()}
+            return loss, {
+                "chosen_rewards": out.chosen_rewards.detach(),
+                "rejected_rewards": out.rejected_rewards.detach(),
+            }
         return loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        finite = torch.isfinite(loss.detach())  # stays on the device: one sync per optimizer step, in the guard
+        finite = torch.isfinite(
+            loss.detach()
+        )  # stays on the device: one sync per optimizer step, in the guard
         self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
         return loss
 
@@ -182,7 +202,9 @@ class MRPOTrainer(Trainer):
         from mrpo.losses import TokenCounts
 
         lengths = inputs["response_mask"].sum(dim=-1)
-        return TokenCounts(lengths[:n], lengths[n:], inputs["ref_chosen_tokens"], inputs["ref_rejected_tokens"])
+        return TokenCounts(
+            lengths[:n], lengths[n:], inputs["ref_chosen_tokens"], inputs["ref_rejected_tokens"]
+        )
 
     def _advance_strategy(self) -> None:
         """After an optimizer step: online strategies learn from every rank's pairs of that step, in rank order,
@@ -195,12 +217,17 @@ class MRPOTrainer(Trainer):
 
     def _record_train_metrics(self, out, weights, sft_nll, inputs) -> None:
         gather = self.accelerator.gather_for_metrics
-        chosen, rejected = gather(out.chosen_rewards.detach().float()), gather(out.rejected_rewards.detach().float())
+        chosen, rejected = (
+            gather(out.chosen_rewards.detach().float()),
+            gather(out.rejected_rewards.detach().float()),
+        )
         m = self._train_metrics
         m["rewards/chosen"].append(chosen.mean().item())
         m["rewards/rejected"].append(rejected.mean().item())
         m["rewards/margin"].append((chosen - rejected).mean().item())
-        m["rewards/accuracy"].append(reward_accuracy(chosen, rejected, self.objective.beta, self.precision).item())
+        m["rewards/accuracy"].append(
+            reward_accuracy(chosen, rejected, self.objective.beta, self.precision).item()
+        )
         m["sft_nll"].append(gather(sft_nll.detach().reshape(1)).mean().item())
         clipped = torch.as_tensor(out.clipped_fraction, dtype=torch.float32, device=chosen.device).reshape(1)
         m["clipped_fraction"].append(gather(clipped).mean().item())
@@ -340,4 +367,3 @@ def mean_training_loss(log_history: list[dict[str, Any]]) -> float:
         steps += span
         previous = int(entry["step"])
     return total / steps if steps else float("nan")
-

@@ -107,30 +107,49 @@ def build_model(member, tokenizer, seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     heads = zoo_attention_heads(member.hidden_size)  # params.yaml validation relies on the same rule
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     torch.manual_seed(seed)
     if member.architecture == "llama":
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=member.hidden_size, intermediate_size=4 * member.hidden_size,
-            num_hidden_layers=member.num_layers, num_attention_heads=heads, num_key_value_heads=heads,
-            max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True, **ids,
+            vocab_size=len(tokenizer),
+            hidden_size=member.hidden_size,
+            intermediate_size=4 * member.hidden_size,
+            num_hidden_layers=member.num_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=MAX_POSITIONS,
+            tie_word_embeddings=True,
+            **ids,
         )
         return LlamaForCausalLM(config)
     if member.architecture == "gpt2":
         config = GPT2Config(
-            vocab_size=len(tokenizer), n_embd=member.hidden_size, n_layer=member.num_layers, n_head=heads,
-            n_positions=MAX_POSITIONS, tie_word_embeddings=True, **ids,
+            vocab_size=len(tokenizer),
+            n_embd=member.hidden_size,
+            n_layer=member.num_layers,
+            n_head=heads,
+            n_positions=MAX_POSITIONS,
+            tie_word_embeddings=True,
+            **ids,
         )
         return GPT2LMHeadModel(config)
     raise ValueError(f"unknown zoo architecture {member.architecture!r}; allowed: llama, gpt2")
 
 
-def sft_train(model, tokenizer, pairs: list[dict], steps: int, seed: int, batch_size: int = BATCH_SIZE) -> list[float]:
+def sft_train(
+    model, tokenizer, pairs: list[dict], steps: int, seed: int, batch_size: int = BATCH_SIZE
+) -> list[float]:
     """SFT on the chosen responses (loss on response tokens only), AdamW, linear decay. Returns the loss curve."""
     if steps == 0:
         return []
-    encoded = [encode_response(tokenizer, p["prompt"], p["chosen"], MAX_POSITIONS, chat_template=False) for p in pairs]
+    encoded = [
+        encode_response(tokenizer, p["prompt"], p["chosen"], MAX_POSITIONS, chat_template=False)
+        for p in pairs
+    ]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.9 * s / steps)
@@ -141,7 +160,9 @@ def sft_train(model, tokenizer, pairs: list[dict], steps: int, seed: int, batch_
     for _ in range(steps):
         if cursor + batch_size > len(order):
             order, cursor = torch.randperm(len(encoded), generator=generator).tolist(), 0
-        batch = collate_responses([encoded[i] for i in order[cursor : cursor + batch_size]], tokenizer.pad_token_id)
+        batch = collate_responses(
+            [encoded[i] for i in order[cursor : cursor + batch_size]], tokenizer.pad_token_id
+        )
         cursor += batch_size
         n_tokens = batch["response_mask"][:, 1:].sum()
         loss = -response_logps(model, **batch).sum() / n_tokens
@@ -175,11 +196,19 @@ def _build_member(member, seed: int, output_dir: Path) -> dict:
     losses = sft_train(model, tokenizer, pairs, member.train_steps, mseed)
 
     manifest = {
-        "name": member.name, "architecture": member.architecture, "tokenizer": member.tokenizer,
-        "hidden_size": member.hidden_size, "num_layers": member.num_layers, "train_steps": member.train_steps,
-        "operations": list(member.operations), "seed": seed, "member_seed": mseed,
-        "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
-        "train_pairs": len(pairs), "first_loss": losses[0] if losses else None,
+        "name": member.name,
+        "architecture": member.architecture,
+        "tokenizer": member.tokenizer,
+        "hidden_size": member.hidden_size,
+        "num_layers": member.num_layers,
+        "train_steps": member.train_steps,
+        "operations": list(member.operations),
+        "seed": seed,
+        "member_seed": mseed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "train_pairs": len(pairs),
+        "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
     }
     final = output_dir / member.name
@@ -228,8 +257,13 @@ def build_zoo(cfg) -> list[dict]:
         loss = info["final_loss"]
         log.info(
             "zoo: built %s (%s/%s, %d params, %d steps, loss %s) in %.1fs",
-            member.name, member.architecture, member.tokenizer, info["parameters"], member.train_steps,
-            "n/a" if loss is None or math.isnan(loss) else f"{info['first_loss']:.3f} -> {loss:.3f}", info["seconds"],
+            member.name,
+            member.architecture,
+            member.tokenizer,
+            info["parameters"],
+            member.train_steps,
+            "n/a" if loss is None or math.isnan(loss) else f"{info['first_loss']:.3f} -> {loss:.3f}",
+            info["seconds"],
         )
         built.append(info)
     log.info("zoo: %d members in %.1fs (1 CPU thread)", len(built), time.perf_counter() - start)

@@ -28,10 +28,17 @@ def tiny_params(raw: dict) -> dict:
         member["train_steps"] = 20
     p["data"]["synthetic_pairs"] = 200
     p["score"]["max_length"] = 128
-    p["train"].update({
-        "max_steps": 6, "batch_size": 8, "max_length": 128, "eval_steps": 3, "save_steps": 3,
-        "window_size": 32, "logging_steps": 1,
-    })
+    p["train"].update(
+        {
+            "max_steps": 6,
+            "batch_size": 8,
+            "max_length": 128,
+            "eval_steps": 3,
+            "save_steps": 3,
+            "window_size": 32,
+            "logging_steps": 1,
+        }
+    )
     p["evaluate"].update({"limit": 8, "batch_size": 8, "max_gen_tokens": 8})
     return p
 
@@ -50,12 +57,16 @@ def manual_logp(model, ids: list[int], prompt_length: int) -> float:
     return total
 
 
-def run_tool(args: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_tool(
+    args: list[str], cwd: Path, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run a command of this venv (`dvc`, `git`, ...) in `cwd`; stdout+stderr merged into `.stdout`."""
     full_env = dict(os.environ)
     full_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + full_env.get("PATH", "")
     full_env.update(env or {})
-    proc = subprocess.run(args, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(
+        args, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed in {cwd} ({proc.returncode}):\n{proc.stdout[-6000:]}")
     return proc
@@ -164,10 +175,18 @@ def scored(tiny_zoo, tmp_path_factory) -> dict:
     raw["zoo"]["output_dir"] = str(zoo_dir)
     for name in REFERENCES:
         raw["references"][name]["model"] = str(zoo_dir / name)
-    raw["train"].update({
-        "max_steps": 4, "batch_size": 8, "max_length": 64, "eval_steps": 1000, "save_steps": 1000,
-        "logging_steps": 1, "window_size": 16, "device": "cpu",
-    })
+    raw["train"].update(
+        {
+            "max_steps": 4,
+            "batch_size": 8,
+            "max_length": 64,
+            "eval_steps": 1000,
+            "save_steps": 1000,
+            "logging_steps": 1,
+            "window_size": 16,
+            "device": "cpu",
+        }
+    )
     raw["score"]["device"] = "cpu"
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(raw, sort_keys=False))

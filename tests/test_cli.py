@@ -21,9 +21,14 @@ def project(tmp_path, monkeypatch):
     ("argv", "message"),
     [
         (["--set", "train.beta=-1", "train"], "mrpo: configuration error: train.beta: got -1; must be > 0"),
-        (["train"], "mrpo train: data/prepared/train.parquet: prepared data not found; run `mrpo prepare` first"),
-        (["--set", "data.source=file", "--set", 'data.paths=["nope.jsonl"]', "prepare"],
-         "mrpo prepare: nope.jsonl: file not found (check data.paths"),
+        (
+            ["train"],
+            "mrpo train: data/prepared/train.parquet: prepared data not found; run `mrpo prepare` first",
+        ),
+        (
+            ["--set", "data.source=file", "--set", 'data.paths=["nope.jsonl"]', "prepare"],
+            "mrpo prepare: nope.jsonl: file not found (check data.paths",
+        ),
         (["score", "--reference", "nobody"], "references: no reference named 'nobody'"),
     ],
 )
@@ -55,15 +60,28 @@ def torch_cuda_available() -> bool:
         (["--set", "train=abc", "train"], "mrpo: configuration error: train: expected a mapping of settings"),
         (["--set", "data=5", "prepare"], "mrpo: configuration error: data: expected a mapping of settings"),
         (["--set", "train.beta.x=1", "train"], "--set train.beta.x: train.beta is 0.1, not a section"),
-        (["--set", "train.learning_rate=.inf", "train"], "train.learning_rate: got inf; must be a finite number"),
+        (
+            ["--set", "train.learning_rate=.inf", "train"],
+            "train.learning_rate: got inf; must be a finite number",
+        ),
         (["--set", "train.num_epochs=0", "train"], "train.num_epochs: got 0; must be > 0"),
-        (["--set", "train.lr_scheduler=bogus", "train"], "train.lr_scheduler: got 'bogus'; allowed: linear, cosine"),
-        (["--set", "data.source=file", "--set", "data.paths=pairs.jsonl", "prepare"],
-         "data.paths: expected a list of strings, e.g. [a, b], got 'pairs.jsonl'; a single value is written as a "
-         "list: [pairs.jsonl]"),
-        (["--set", "zoo.members.anchor.hidden_size=0", "zoo"], "zoo.members.anchor.hidden_size: got 0; must be >= 2"),
-        (["--set", "train.fixed_weights=[1, 1, 1]", "train"], "train.fixed_weights: got [1, 1, 1]; only used by "
-                                                              "strategy 'fixed'"),
+        (
+            ["--set", "train.lr_scheduler=bogus", "train"],
+            "train.lr_scheduler: got 'bogus'; allowed: linear, cosine",
+        ),
+        (
+            ["--set", "data.source=file", "--set", "data.paths=pairs.jsonl", "prepare"],
+            "data.paths: expected a list of strings, e.g. [a, b], got 'pairs.jsonl'; a single value is written as a "
+            "list: [pairs.jsonl]",
+        ),
+        (
+            ["--set", "zoo.members.anchor.hidden_size=0", "zoo"],
+            "zoo.members.anchor.hidden_size: got 0; must be >= 2",
+        ),
+        (
+            ["--set", "train.fixed_weights=[1, 1, 1]", "train"],
+            "train.fixed_weights: got [1, 1, 1]; only used by strategy 'fixed'",
+        ),
     ],
 )
 def test_bad_knobs_exit_2_before_any_work(project, capsys, argv, message):
@@ -74,8 +92,10 @@ def test_bad_knobs_exit_2_before_any_work(project, capsys, argv, message):
 
 
 @pytest.mark.skipif(torch_cuda_available(), reason="the machine has CUDA")
-@pytest.mark.parametrize(("stage", "key"), [(["score", "--reference", "anchor"], "score.device"),
-                                            (["evaluate"], "evaluate.device")])
+@pytest.mark.parametrize(
+    ("stage", "key"),
+    [(["score", "--reference", "anchor"], "score.device"), (["evaluate"], "evaluate.device")],
+)
 def test_cuda_on_a_machine_without_it_fails_naming_the_key(project, capsys, stage, key):
     assert main(["--set", f"{key}=cuda", *stage]) == 2
     err = capsys.readouterr().err
@@ -89,16 +109,24 @@ def test_every_profile_and_params_yaml_show_config(capsys):
         assert "train.beta = " in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("stage", "key"), [(["zoo"], "zoo.output_dir"), (["prepare"], "data.output_dir"),
-                                            (["score", "--reference", "anchor"], "score.output_dir"),
-                                            (["evaluate"], "evaluate.results_dir"),
-                                            (["evaluate"], "evaluate.metrics_file")])
+@pytest.mark.parametrize(
+    ("stage", "key"),
+    [
+        (["zoo"], "zoo.output_dir"),
+        (["prepare"], "data.output_dir"),
+        (["score", "--reference", "anchor"], "score.output_dir"),
+        (["evaluate"], "evaluate.results_dir"),
+        (["evaluate"], "evaluate.metrics_file"),
+    ],
+)
 def test_an_output_under_a_file_fails_naming_the_key_before_any_work(project, capsys, stage, key):
     (project / "blocker").write_text("a file, not a directory\n")
     assert main(["--set", f"{key}=blocker/out", *stage]) == 2
     err = capsys.readouterr().err
-    assert (f"mrpo: configuration error: {key}: cannot write 'blocker/out': 'blocker' is a file, "
-            f"not a directory; choose a writable location for {key}") in err
+    assert (
+        f"mrpo: configuration error: {key}: cannot write 'blocker/out': 'blocker' is a file, "
+        f"not a directory; choose a writable location for {key}"
+    ) in err
     assert sorted(p.name for p in project.iterdir()) == ["blocker", "params.yaml"]  # nothing was started
 
 
@@ -108,12 +136,16 @@ def test_a_read_only_output_dir_fails_naming_the_key(project, capsys):
     readonly.chmod(0o555)
     try:
         if _can_write(readonly):
-            pytest.skip("running as root: modes do not stop writes (the /sys probe below covers a real refusal)")
+            pytest.skip(
+                "running as root: modes do not stop writes (the /sys probe below covers a real refusal)"
+            )
         assert main(["--set", "data.output_dir=readonly/out", "prepare"]) == 2
     finally:
         readonly.chmod(0o755)
     err = capsys.readouterr().err
-    assert "data.output_dir: cannot write 'readonly/out': 'readonly' is not writable (Permission denied)" in err
+    assert (
+        "data.output_dir: cannot write 'readonly/out': 'readonly' is not writable (Permission denied)" in err
+    )
 
 
 def test_check_writable_probes_for_real_where_modes_do_not_tell(tmp_path):
@@ -125,11 +157,16 @@ def test_check_writable_probes_for_real_where_modes_do_not_tell(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ConfigError, match="train.output_dir: cannot write .*: it exists and is a file"):
         check_writable(tmp_path / "f", "train.output_dir")
-    with pytest.raises(ConfigError, match="train.metrics_file: cannot write .*: it exists and is a directory"):
+    with pytest.raises(
+        ConfigError, match="train.metrics_file: cannot write .*: it exists and is a directory"
+    ):
         check_writable(tmp_path, "train.metrics_file", kind="file")
     if Path("/sys").is_dir() and not _can_write(Path("/sys")):  # sysfs refuses new files even to root
-        with pytest.raises(ConfigError, match=r"score.output_dir: cannot write '/sys/mrpo/scores': '/sys' is not "
-                                              r"writable \("):
+        with pytest.raises(
+            ConfigError,
+            match=r"score.output_dir: cannot write '/sys/mrpo/scores': '/sys' is not "
+            r"writable \(",
+        ):
             check_writable("/sys/mrpo/scores", "score.output_dir")
 
 

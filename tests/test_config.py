@@ -121,13 +121,29 @@ BAD_VALUES = [
     ("seed", 2**32, "must be <= 4294967295"),
     ("seed", "abc", "seed: expected an integer"),
     ("references.anchor.model", 5, "references.anchor.model: expected a non-empty string, got 5 (quote it"),
-    ("references.anchor.revision", 1234567, "references.anchor.revision: expected a non-empty string or null"),
-    ("references.anchor.gguf_file", "model.bin", "references.anchor.gguf_file: got 'model.bin'; must name a .gguf"),
-    ("references.anchor.tokenizer", ["a"], "references.anchor.tokenizer: expected a non-empty string or null"),
+    (
+        "references.anchor.revision",
+        1234567,
+        "references.anchor.revision: expected a non-empty string or null",
+    ),
+    (
+        "references.anchor.gguf_file",
+        "model.bin",
+        "references.anchor.gguf_file: got 'model.bin'; must name a .gguf",
+    ),
+    (
+        "references.anchor.tokenizer",
+        ["a"],
+        "references.anchor.tokenizer: expected a non-empty string or null",
+    ),
     ("references.anchor.chat_template", "yes", "references.anchor.chat_template: expected true or false"),
     ("data.source", "s3", "data.source: got 's3'; allowed: synthetic, file, hub, gsm8k"),
-    ("data.paths", "pairs.jsonl", "data.paths: expected a list of strings, e.g. [a, b], got 'pairs.jsonl'; "
-                                  "a single value is written as a list: [pairs.jsonl]"),
+    (
+        "data.paths",
+        "pairs.jsonl",
+        "data.paths: expected a list of strings, e.g. [a, b], got 'pairs.jsonl'; "
+        "a single value is written as a list: [pairs.jsonl]",
+    ),
     ("data.paths", [1], "data.paths[0]: expected a non-empty string, got 1"),
     ("data.paths", ["x.jsonl"], "data.paths: got ['x.jsonl']; data.source 'synthetic' reads no files"),
     ("data.hub_split", "", "data.hub_split: got ''; must be a non-empty string"),
@@ -150,12 +166,24 @@ BAD_VALUES = [
     ("zoo.enabled", 1, "zoo.enabled: expected true or false, got 1"),
     ("zoo.output_dir", None, "zoo.output_dir: got null"),
     ("zoo.members", ["anchor"], "zoo.members: expected a mapping of name -> settings"),
-    ("zoo.members.anchor.architecture", "bert", "zoo.members.anchor.architecture: got 'bert'; allowed: llama, gpt2"),
-    ("zoo.members.anchor.tokenizer", "wordpiece", "zoo.members.anchor.tokenizer: got 'wordpiece'; allowed: bpe, char"),
+    (
+        "zoo.members.anchor.architecture",
+        "bert",
+        "zoo.members.anchor.architecture: got 'bert'; allowed: llama, gpt2",
+    ),
+    (
+        "zoo.members.anchor.tokenizer",
+        "wordpiece",
+        "zoo.members.anchor.tokenizer: got 'wordpiece'; allowed: bpe, char",
+    ),
     ("zoo.members.anchor.hidden_size", 0, "zoo.members.anchor.hidden_size: got 0; must be >= 2"),
-    ("zoo.members.anchor.hidden_size", 50, "zoo.members.anchor.hidden_size: got 50; a zoo model has "
-                                           "max(1, hidden_size // 16) = 3 attention heads, so hidden_size must be a "
-                                           "multiple of 6"),
+    (
+        "zoo.members.anchor.hidden_size",
+        50,
+        "zoo.members.anchor.hidden_size: got 50; a zoo model has "
+        "max(1, hidden_size // 16) = 3 attention heads, so hidden_size must be a "
+        "multiple of 6",
+    ),
     ("zoo.members.anchor.num_layers", 0, "zoo.members.anchor.num_layers: got 0; must be >= 1"),
     ("zoo.members.anchor.train_steps", -1, "zoo.members.anchor.train_steps: got -1; must be >= 0"),
     ("zoo.members.anchor.operations", "+", "zoo.members.anchor.operations: expected a list of strings"),
@@ -170,7 +198,11 @@ BAD_VALUES = [
     ("train.objective", "ppo", "train.objective: got 'ppo'; allowed: mrpo, dpo, multi_dpo"),
     ("train.references", ["gpt2_char"], "train.references: got ['gpt2_char']; must start with the anchor"),
     ("train.references", "anchor", "train.references: expected a list of strings, e.g. [a, b] or null"),
-    ("train.dpo_reference", "nobody", "train.dpo_reference: got 'nobody'; allowed: anchor, gpt2_char, llama_mul"),
+    (
+        "train.dpo_reference",
+        "nobody",
+        "train.dpo_reference: got 'nobody'; allowed: anchor, gpt2_char, llama_mul",
+    ),
     ("train.loss_type", "kto", "train.loss_type: got 'kto'"),
     ("train.beta", INF, "train.beta: got inf; must be a finite number"),
     ("train.beta", 0, "train.beta: got 0; must be > 0"),
@@ -182,14 +214,21 @@ BAD_VALUES = [
     ("train.sft_weight", INF, "train.sft_weight: got inf; must be a finite number"),
     ("train.sft_weight", -1, "train.sft_weight: got -1; must be >= 0"),
     ("train.strategy", "best", "train.strategy: got 'best'; allowed: uniform, fixed"),
-    ("train.fixed_weights", [1, 1, 1], "train.fixed_weights: got [1, 1, 1]; only used by strategy 'fixed', but "
-                                       "train.strategy is 'uniform'"),
+    (
+        "train.fixed_weights",
+        [1, 1, 1],
+        "train.fixed_weights: got [1, 1, 1]; only used by strategy 'fixed', but train.strategy is 'uniform'",
+    ),
     ("train.fixed_weights", [INF, 1, 1], "train.fixed_weights[0]: got inf; must be a finite number"),
     ("train.fixed_weights", ["a", 1, 1], "train.fixed_weights[0]: expected a finite number, got 'a'"),
     ("train.window_size", 0, "train.window_size: got 0; must be >= 1"),
     ("train.learning_rate", INF, "train.learning_rate: got inf; must be a finite number"),
     ("train.learning_rate", 0, "train.learning_rate: got 0; must be > 0"),
-    ("train.lr_scheduler", "bogus", "train.lr_scheduler: got 'bogus'; allowed: linear, cosine, cosine_with_restarts"),
+    (
+        "train.lr_scheduler",
+        "bogus",
+        "train.lr_scheduler: got 'bogus'; allowed: linear, cosine, cosine_with_restarts",
+    ),
     ("train.lr_scheduler", "cosine_with_min_lr", "train.lr_scheduler: got 'cosine_with_min_lr'; allowed:"),
     ("train.warmup_ratio", -0.1, "train.warmup_ratio: got -0.1; must be in [0, 1]"),
     ("train.warmup_ratio", NAN, "train.warmup_ratio: got nan; must be a finite number"),
@@ -224,8 +263,11 @@ BAD_VALUES = [
     ("train.lora.target_modules", "q_proj", "a single value is written as a list: [q_proj]"),
     ("train.lora.merge", "yes", "train.lora.merge: expected true or false"),
     ("evaluate.tasks", "mrpo_arith_gen", "evaluate.tasks: expected a list of strings"),
-    ("evaluate.tasks", ["mrpo_arith_gen", "mrpo_arith_gen"], "evaluate.tasks: got ['mrpo_arith_gen', "
-                                                             "'mrpo_arith_gen']; each task at most once"),
+    (
+        "evaluate.tasks",
+        ["mrpo_arith_gen", "mrpo_arith_gen"],
+        "evaluate.tasks: got ['mrpo_arith_gen', 'mrpo_arith_gen']; each task at most once",
+    ),
     ("evaluate.limit", 0, "evaluate.limit: got 0; must be > 0 or null"),
     ("evaluate.num_fewshot", -1, "evaluate.num_fewshot: got -1; must be >= 0"),
     ("evaluate.batch_size", 0, "evaluate.batch_size: got 0; must be >= 1"),
@@ -258,7 +300,9 @@ def _set(raw, dotted, value):
     return out
 
 
-@pytest.mark.parametrize(("key", "value", "message"), BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in BAD_VALUES])
+@pytest.mark.parametrize(
+    ("key", "value", "message"), BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in BAD_VALUES]
+)
 def test_every_bad_value_is_refused_naming_key_value_and_rule(raw, key, value, message):
     with pytest.raises(ConfigError) as info:
         parse_config(_set(raw, key, value))
@@ -271,12 +315,23 @@ def _leaf_keys():
 
     from mrpo import config as c
 
-    prefixes = {c.ReferenceConfig: "references.anchor", c.DataConfig: "data", c.ZooMember: "zoo.members.anchor",
-                c.ZooConfig: "zoo", c.ScoreConfig: "score", c.LoraConfig: "train.lora", c.TrainConfig: "train",
-                c.EvalConfig: "evaluate", c.TrackingConfig: "tracking", c.Config: ""}
+    prefixes = {
+        c.ReferenceConfig: "references.anchor",
+        c.DataConfig: "data",
+        c.ZooMember: "zoo.members.anchor",
+        c.ZooConfig: "zoo",
+        c.ScoreConfig: "score",
+        c.LoraConfig: "train.lora",
+        c.TrainConfig: "train",
+        c.EvalConfig: "evaluate",
+        c.TrackingConfig: "tracking",
+        c.Config: "",
+    }
     for cls, prefix in prefixes.items():
         for f in dataclasses.fields(cls):
-            if f.name == "name" or f.type.removesuffix(", ...]").removeprefix("tuple[") in {k.__name__ for k in prefixes}:
+            if f.name == "name" or f.type.removesuffix(", ...]").removeprefix("tuple[") in {
+                k.__name__ for k in prefixes
+            }:
                 continue  # names are keys; nested sections are walked themselves
             yield (f"{prefix}.{f.name}" if prefix else f.name), f.type
 
@@ -290,8 +345,10 @@ def test_every_setting_of_every_section_has_a_rejected_value():
     for key, annotation in leaves.items():
         bad = [v for k, v, _ in BAD_VALUES if k == key]
         if "float" in annotation:
-            assert any(not all(math.isfinite(x) for x in (v if isinstance(v, list) else [v]) if isinstance(x, float))
-                       for v in bad), key
+            assert any(
+                not all(math.isfinite(x) for x in (v if isinstance(v, list) else [v]) if isinstance(x, float))
+                for v in bad
+            ), key
 
 
 def test_scheduler_list_is_transformers_own_less_those_needing_kwargs():
@@ -316,7 +373,9 @@ def test_good_values_still_pass(raw, scheduler):
 
 
 def test_strategies_fitted_on_validation_need_a_validation_split(raw):
-    with pytest.raises(ConfigError, match="data.val_fraction: got 0; must be > 0: train.strategy 'vdw' is fitted"):
+    with pytest.raises(
+        ConfigError, match="data.val_fraction: got 0; must be > 0: train.strategy 'vdw' is fitted"
+    ):
         parse_config(_set(_set(raw, "train.strategy", "vdw"), "data.val_fraction", 0))
 
 
@@ -344,5 +403,7 @@ def test_exponent_notation_is_a_number_in_params_and_in_set(tmp_path):
     assert "learning_rate: 5e-4" in path.read_text()
     assert load_config(path).train.learning_rate == 5e-4
     assert _parse_overrides(["train.learning_rate=1e30", "train.beta=2E-1", "tracking.run_name=1e"]) == {
-        "train.learning_rate": 1e30, "train.beta": 0.2, "tracking.run_name": "1e"}
-
+        "train.learning_rate": 1e30,
+        "train.beta": 0.2,
+        "tracking.run_name": "1e",
+    }

@@ -540,25 +540,34 @@ def test_damaged_gzip_files_name_the_file_and_the_fix(tmp_path):
     good = gzip.compress(("".join(json.dumps(r) + "\n" for r in EXPLICIT_ROWS) * 50).encode(), mtime=0)
     damaged = bytearray(good)
     damaged[30:40] = bytes(10)  # zlib.error: invalid literal/lengths set
-    cases = {"damaged.jsonl.gz": bytes(damaged), "truncated.jsonl.gz": good[: len(good) // 2],
-             "plain.jsonl.gz": b'{"prompt": "a"}\n'}
+    cases = {
+        "damaged.jsonl.gz": bytes(damaged),
+        "truncated.jsonl.gz": good[: len(good) // 2],
+        "plain.jsonl.gz": b'{"prompt": "a"}\n',
+    }
     for name, content in cases.items():
         path = tmp_path / name
         path.write_bytes(content)
         with pytest.raises(DataError) as info:
             prepare(make_cfg(tmp_path, source="file", paths=[str(path)]))
         assert str(info.value).startswith(f"{path}: cannot read file: damaged, truncated or not gzip data (")
-        assert "re-create or re-download it, or drop the .gz suffix if it is not compressed" in str(info.value)
+        assert "re-create or re-download it, or drop the .gz suffix if it is not compressed" in str(
+            info.value
+        )
 
 
 def test_csv_rows_with_extra_fields_are_reported_not_dropped_silently(tmp_path, caplog):
     path = tmp_path / "extra.csv"
-    path.write_text("prompt,chosen,rejected\nWhat is 2 + 2?,4,5\nSay hi.,Hi!,No.,surplus,more\nName one.,A,B\n")
+    path.write_text(
+        "prompt,chosen,rejected\nWhat is 2 + 2?,4,5\nSay hi.,Hi!,No.,surplus,more\nName one.,A,B\n"
+    )
     with caplog.at_level(logging.WARNING, logger="mrpo"):
         report = prepare(make_cfg(tmp_path, source="file", paths=[str(path)]))
     assert report["rows_kept"] == 3
     assert report["extra_fields"] == {
-        "rows": 1, "examples": [f'{path} row 2: 2 field(s) beyond the header\'s columns ignored: ["surplus", "more"]']}
+        "rows": 1,
+        "examples": [f'{path} row 2: 2 field(s) beyond the header\'s columns ignored: ["surplus", "more"]'],
+    }
     saved = json.loads((tmp_path / "prepared" / "report.json").read_text())
     assert saved["extra_fields"]["rows"] == 1
     assert "1 row(s) had more fields than the header names" in caplog.text
@@ -570,8 +579,12 @@ def test_csv_with_a_wrong_header_and_an_extra_field_names_the_missing_column(tmp
     # which used to crash format detection with a TypeError)
     path = tmp_path / "header.csv"
     path.write_text("prompt,chosen\nWhat is 2 + 2?,4,5\nSay hi.,Hi!,No.\n")
-    with pytest.raises(DataError, match=re.escape(f"{path}: no column 'rejected' (data.rejected_column); "
-                                                  "columns found: ['chosen', 'prompt']")):
+    with pytest.raises(
+        DataError,
+        match=re.escape(
+            f"{path}: no column 'rejected' (data.rejected_column); columns found: ['chosen', 'prompt']"
+        ),
+    ):
         prepare(make_cfg(tmp_path, source="file", paths=[str(path)]))
 
 
@@ -579,21 +592,35 @@ def _offline_env() -> dict:
     import os
 
     root = str(Path(__file__).resolve().parents[1])
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
 
 
 def test_hub_dataset_offline_is_one_line_naming_the_dataset(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text("references:\n  anchor:\n    model: unused\n"
-                      f"data:\n  source: hub\n  paths: [made-up-org/no-such-dataset]\n"
-                      f"  output_dir: {tmp_path / 'out'}\n")
-    result = subprocess.run([sys.executable, "-m", "mrpo.cli", "--params", str(params), "prepare"],
-                            capture_output=True, text=True, timeout=300, env=_offline_env(), cwd=tmp_path)
+    params.write_text(
+        "references:\n  anchor:\n    model: unused\n"
+        f"data:\n  source: hub\n  paths: [made-up-org/no-such-dataset]\n"
+        f"  output_dir: {tmp_path / 'out'}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mrpo.cli", "--params", str(params), "prepare"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_offline_env(),
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("mrpo prepare: data.paths: dataset 'made-up-org/no-such-dataset' split 'train': cannot load")
+    assert last.startswith(
+        "mrpo prepare: data.paths: dataset 'made-up-org/no-such-dataset' split 'train': cannot load"
+    )
     assert "could not be downloaded from the Hugging Face Hub" in last and "data.source: file" in last
 
 

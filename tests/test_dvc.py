@@ -30,7 +30,13 @@ def edit_params(project, edit) -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-STAGE_MODULES = {"zoo": "zoo", "prepare": "data", "score": "scoring", "train": "train", "evaluate": "evaluate"}
+STAGE_MODULES = {
+    "zoo": "zoo",
+    "prepare": "data",
+    "score": "scoring",
+    "train": "train",
+    "evaluate": "evaluate",
+}
 
 
 def mrpo_imports(module: str) -> set[str]:
@@ -72,7 +78,10 @@ def test_repro_runs_every_stage_in_order_and_writes_the_outputs(tiny_reproduced)
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
     # score@gpt2_char is keyed by its own reference's settings, not the others'
-    assert set(lock["stages"]["score@gpt2_char"]["params"]["params.yaml"]) == {"references.gpt2_char", "score"}
+    assert set(lock["stages"]["score@gpt2_char"]["params"]["params.yaml"]) == {
+        "references.gpt2_char",
+        "score",
+    }
 
     for ref in ("anchor", "gpt2_char", "llama_mul"):
         scores = pd.read_parquet(project / "data" / "scores" / f"{ref}.parquet")
@@ -82,7 +91,14 @@ def test_repro_runs_every_stage_in_order_and_writes_the_outputs(tiny_reproduced)
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
     assert any(k.startswith("policy/mrpo_arith_mc/") for k in evaluation)
     curves = pd.read_csv(project / "plots" / "train.csv")
-    assert {"step", "loss", "rewards/accuracy", "weight/anchor", "weight/gpt2_char", "weight/llama_mul"} <= set(curves)
+    assert {
+        "step",
+        "loss",
+        "rewards/accuracy",
+        "weight/anchor",
+        "weight/gpt2_char",
+        "weight/llama_mul",
+    } <= set(curves)
     # metrics are git-tracked (cache: false), outputs DVC-cached
     assert not (project / "metrics" / ".gitignore").exists()
     assert "/policy" in (project / "models" / ".gitignore").read_text()
@@ -107,7 +123,10 @@ def test_second_repro_changes_nothing_and_says_so(tiny_reproduced, tmp_path):
 @pytest.mark.slow
 def test_changing_one_reference_reruns_only_its_scoring_and_what_follows(tiny_reproduced, tmp_path):
     project = clone_project(tiny_reproduced["path"], tmp_path / "p")
-    before = {r: (project / "data" / "scores" / f"{r}.parquet").read_bytes() for r in ("anchor", "gpt2_char", "llama_mul")}
+    before = {
+        r: (project / "data" / "scores" / f"{r}.parquet").read_bytes()
+        for r in ("anchor", "gpt2_char", "llama_mul")
+    }
 
     edit_params(project, lambda p: p["references"]["llama_mul"].update(tokenizer="models/zoo/llama_mul"))
     assert stale_stages(project) == {"score@llama_mul", "train", "evaluate"}
@@ -147,10 +166,16 @@ def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
     for name, stage in spec["stages"].items():
         body = stage.get("do", stage)
         assert body["cmd"].startswith("mrpo "), name
-        assert body["params"] and body["deps"] and body["outs"], f"{name}: params, deps and outs must be declared"
+        assert body["params"] and body["deps"] and body["outs"], (
+            f"{name}: params, deps and outs must be declared"
+        )
     assert spec["stages"]["score"]["foreach"] == "${references}"
-    assert spec["stages"]["train"]["metrics"] == [{"${train.metrics_file}": {"cache": False, "persist": True}}]
-    assert spec["stages"]["evaluate"]["metrics"] == [{"${evaluate.metrics_file}": {"cache": False, "persist": True}}]
+    assert spec["stages"]["train"]["metrics"] == [
+        {"${train.metrics_file}": {"cache": False, "persist": True}}
+    ]
+    assert spec["stages"]["evaluate"]["metrics"] == [
+        {"${evaluate.metrics_file}": {"cache": False, "persist": True}}
+    ]
     # the weights plot names exactly the default profile's references
     weights = next(p["Reference weights"] for p in spec["plots"] if "Reference weights" in p)
     assert weights["y"]["${train.plots_file}"] == [f"weight/{r.name}" for r in cfg.references]

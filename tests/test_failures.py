@@ -44,36 +44,53 @@ def mlflow_client(cfg):
 # ---------------------------------------------------------------- non-finite training
 
 
-def test_an_exploding_run_stops_at_the_first_non_finite_step_and_keeps_the_previous_policy(scored, tmp_path,
-                                                                                           monkeypatch):
+def test_an_exploding_run_stops_at_the_first_non_finite_step_and_keeps_the_previous_policy(
+    scored, tmp_path, monkeypatch
+):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     good = config(scored, tmp_path, **{"train.max_steps": 2})
     train(good)
-    before = tree_digest(Path(good.train.output_dir), Path(good.train.metrics_file), Path(good.train.plots_file))
+    before = tree_digest(
+        Path(good.train.output_dir), Path(good.train.metrics_file), Path(good.train.plots_file)
+    )
 
     # A finite but absurd learning rate: step 1 is finite, its update makes the weights overflow, step 2 is NaN.
     exploding = config(scored, tmp_path, **{"train.max_steps": 4, "train.learning_rate": 1e30})
-    with pytest.raises(TrainingError, match=r"became non-finite .* at optimizer step 2;.*train\.learning_rate"):
+    with pytest.raises(
+        TrainingError, match=r"became non-finite .* at optimizer step 2;.*train\.learning_rate"
+    ):
         train(exploding)
-    assert tree_digest(Path(good.train.output_dir), Path(good.train.metrics_file),
-                       Path(good.train.plots_file)) == before
-    runs = mlflow_client(good).search_runs([mlflow_client(good).get_experiment_by_name("mrpo").experiment_id],
-                                           order_by=["start_time DESC"])
+    assert (
+        tree_digest(Path(good.train.output_dir), Path(good.train.metrics_file), Path(good.train.plots_file))
+        == before
+    )
+    runs = mlflow_client(good).search_runs(
+        [mlflow_client(good).get_experiment_by_name("mrpo").experiment_id], order_by=["start_time DESC"]
+    )
     assert runs[0].info.status == "FAILED" and runs[1].info.status == "FINISHED"
 
     # Through the CLI: one line, exit 2 (the flows do not retry it).
     params = tmp_path / "params.yaml"
     raw = yaml.safe_load(Path(scored["params"]).read_text())
-    raw["train"].update({k.split(".", 1)[1]: v for k, v in {
-        "train.output_dir": good.train.output_dir, "train.checkpoint_dir": str(tmp_path / "ckpt2"),
-        "train.metrics_file": good.train.metrics_file, "train.plots_file": good.train.plots_file,
-        "train.learning_rate": 1e30,
-    }.items()})
+    raw["train"].update(
+        {
+            k.split(".", 1)[1]: v
+            for k, v in {
+                "train.output_dir": good.train.output_dir,
+                "train.checkpoint_dir": str(tmp_path / "ckpt2"),
+                "train.metrics_file": good.train.metrics_file,
+                "train.plots_file": good.train.plots_file,
+                "train.learning_rate": 1e30,
+            }.items()
+        }
+    )
     raw["tracking"]["tracking_uri"] = good.tracking.tracking_uri
     params.write_text(yaml.safe_dump(raw))
     assert main(["--params", str(params), "train"]) == 2
-    assert tree_digest(Path(good.train.output_dir), Path(good.train.metrics_file),
-                       Path(good.train.plots_file)) == before
+    assert (
+        tree_digest(Path(good.train.output_dir), Path(good.train.metrics_file), Path(good.train.plots_file))
+        == before
+    )
 
 
 # ---------------------------------------------------------------- re-runs
@@ -87,7 +104,9 @@ def test_a_finished_run_is_trained_again_from_scratch_as_a_new_run(scored, tmp_p
     assert first_run["completed"] is True
 
     # Only the logging interval changed: not part of the fingerprint, so before this fix it "resumed" 0 steps.
-    again = train(config(scored, tmp_path, **{"train.max_steps": 3, "train.save_steps": 2, "train.logging_steps": 2}))
+    again = train(
+        config(scored, tmp_path, **{"train.max_steps": 3, "train.save_steps": 2, "train.logging_steps": 2})
+    )
     assert again["resumed"] is False and again["steps"] == 3
     for key in ("train_loss", "val_loss_after", "val_reward_margin_after", "test_reward_accuracy_after"):
         assert again[key] == pytest.approx(first[key], abs=1e-6), key
@@ -112,7 +131,12 @@ def straight_run(scored, tmp_path_factory) -> dict:
     return {"metrics": metrics, "weights": load_file(Path(cfg.train.output_dir) / "model.safetensors")}
 
 
-RESUMABLE = {"train.max_steps": 6, "train.save_steps": 2, "train.strategy": "thompson", "train.logging_steps": 3}
+RESUMABLE = {
+    "train.max_steps": 6,
+    "train.save_steps": 2,
+    "train.strategy": "thompson",
+    "train.logging_steps": 3,
+}
 
 
 def crash_at_step_5(scored, out: Path):
@@ -133,7 +157,9 @@ def assert_same_end(cfg, metrics, straight_run):
 
 
 @pytest.mark.parametrize("damage", ["optimizer.pt deleted", "save cut short"])
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(scored, tmp_path, straight_run, damage, caplog):
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(
+    scored, tmp_path, straight_run, damage, caplog
+):
     cfg, checkpoints = crash_at_step_5(scored, tmp_path)
     latest = checkpoints / "checkpoint-4"
     if damage == "optimizer.pt deleted":
@@ -158,13 +184,19 @@ def test_an_intact_checkpoint_resumes_to_the_same_weights(scored, tmp_path, stra
     assert_same_end(cfg, metrics, straight_run)
 
 
-def test_kill_9_anywhere_after_the_first_checkpoint_resumes_to_the_same_weights(scored, tmp_path, straight_run,
-                                                                                monkeypatch):
+def test_kill_9_anywhere_after_the_first_checkpoint_resumes_to_the_same_weights(
+    scored, tmp_path, straight_run, monkeypatch
+):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = config(scored, tmp_path, **RESUMABLE)
-    overrides = {**RESUMABLE, "train.output_dir": cfg.train.output_dir, "train.checkpoint_dir": cfg.train.checkpoint_dir,
-                 "train.metrics_file": cfg.train.metrics_file, "train.plots_file": cfg.train.plots_file,
-                 "tracking.tracking_uri": cfg.tracking.tracking_uri}
+    overrides = {
+        **RESUMABLE,
+        "train.output_dir": cfg.train.output_dir,
+        "train.checkpoint_dir": cfg.train.checkpoint_dir,
+        "train.metrics_file": cfg.train.metrics_file,
+        "train.plots_file": cfg.train.plots_file,
+        "tracking.tracking_uri": cfg.tracking.tracking_uri,
+    }
     argv = [sys.executable, "-m", "mrpo.cli", "--params", str(scored["params"])]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={value}"]
@@ -194,12 +226,18 @@ with output_lock(sys.argv[1], "train"):
 """
 
 
-def test_a_second_writer_fails_at_once_naming_the_holder_and_a_killed_holder_leaves_no_stale_lock(tmp_path, capsys):
+def test_a_second_writer_fails_at_once_naming_the_holder_and_a_killed_holder_leaves_no_stale_lock(
+    tmp_path, capsys
+):
     policy = tmp_path / "models/policy"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(policy)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(policy)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(OutputLocked, match=rf"{policy} is being written by `mrpo train` \(pid {holder.pid} "):
+        with pytest.raises(
+            OutputLocked, match=rf"{policy} is being written by `mrpo train` \(pid {holder.pid} "
+        ):
             with output_lock(policy, "train"):
                 pass
 
@@ -264,5 +302,7 @@ def test_every_dvc_output_persists_so_dvc_never_deletes_it_before_a_run():
     for name, stage in stages.items():
         body = stage.get("do", stage)
         for entry in body.get("outs", []) + body.get("metrics", []):
-            assert isinstance(entry, dict) and next(iter(entry.values())).get("persist") is True, (name, entry)
-
+            assert isinstance(entry, dict) and next(iter(entry.values())).get("persist") is True, (
+                name,
+                entry,
+            )

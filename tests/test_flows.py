@@ -24,16 +24,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+def wait_for(
+    predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None
+):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: process exited ({proc.returncode}):\n{log.read_text()[-4000:] if log else ''}")
+            raise AssertionError(
+                f"{what}: process exited ({proc.returncode}):\n{log.read_text()[-4000:] if log else ''}"
+            )
         value = predicate()
         if value:
             return value
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{log.read_text()[-4000:] if log else ''}")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}:\n{log.read_text()[-4000:] if log else ''}"
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -52,7 +58,12 @@ def flow_run_artifacts(client, flow_run_id):
     keep only artifacts made inside tasks."""
     from prefect.client.schemas.objects import Artifact
 
-    body = {"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "sort": "KEY_ASC", "limit": 200, "offset": 0}
+    body = {
+        "artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+        "sort": "KEY_ASC",
+        "limit": 200,
+        "offset": 0,
+    }
     response = client._client.post("/artifacts/filter", json=body)
     response.raise_for_status()
     return {a.key: a for a in Artifact.model_validate_list(response.json())}
@@ -63,20 +74,36 @@ def prefect_server(tmp_path):
     """A real Prefect server (sqlite in a tmp PREFECT_HOME) on a free loopback port; yields its env."""
     port = free_port()
     env = dict(os.environ)
-    env.update({
-        "PREFECT_HOME": str(tmp_path / "prefect_home"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_UI_ENABLED": "false",
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-    })
+    env.update(
+        {
+            "PREFECT_HOME": str(tmp_path / "prefect_home"),
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_UI_ENABLED": "false",
+            "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        }
+    )
     log = tmp_path / "prefect_server.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--no-ui", "--analytics-off"],
-        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-ui",
+            "--analytics-off",
+        ],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
     def healthy():
@@ -112,12 +139,27 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
     env = dict(prefect_server, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     log = tmp_path / "serve.log"
     serve = subprocess.Popen(
-        [sys.executable, "-m", "flows.deploy", "--project-dir", str(project), "--only", "pipeline", "--no-schedules"],
-        cwd=project, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "flows.deploy",
+            "--project-dir",
+            str(project),
+            "--only",
+            "pipeline",
+            "--no-schedules",
+        ],
+        cwd=project,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
-        with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}), \
-                get_client(sync_client=True) as client:
+        with (
+            temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}),
+            get_client(sync_client=True) as client,
+        ):
 
             def deployment():
                 try:
@@ -128,26 +170,52 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
             dep = wait_for(deployment, 90, "serve to register pipeline/mrpo-nightly", serve, log)
             assert dep.parameters["project_dir"] == str(project.resolve())
             run = client.create_flow_run_from_deployment(dep.id, parameters={"project_dir": str(project)})
-            final = wait_for(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r,
-                             420, "the flow run to finish", serve, log)
+            final = wait_for(
+                lambda: (r := client.read_flow_run(run.id)).state.is_final() and r,
+                420,
+                "the flow run to finish",
+                serve,
+                log,
+            )
             assert final.state.is_completed(), f"{final.state}\n{log.read_text()[-6000:]}"
 
-            tasks = {t.name: t for t in client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
-                sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)}
+            tasks = {
+                t.name: t
+                for t in client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                    sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+                    limit=200,
+                )
+            }
             stage_tasks = {n for n in tasks if not n.startswith("record_mlflow_lineage")}
-            assert stage_tasks == {"zoo", "prepare", "score@anchor", "score@gpt2_char", "score@llama_mul",
-                                   "train", "evaluate"}
+            assert stage_tasks == {
+                "zoo",
+                "prepare",
+                "score@anchor",
+                "score@gpt2_char",
+                "score@llama_mul",
+                "train",
+                "evaluate",
+            }
             assert all(t.state.is_completed() for t in tasks.values())
             artifacts = flow_run_artifacts(client, run.id)
     finally:
         stop(serve)
 
     # each stage published its metrics; DVC re-ran only what the change made stale
-    for key in ("stage-zoo", "stage-prepare", "stage-score-anchor", "stage-train", "stage-evaluate",
-                "pipeline-summary"):
+    for key in (
+        "stage-zoo",
+        "stage-prepare",
+        "stage-score-anchor",
+        "stage-train",
+        "stage-evaluate",
+        "pipeline-summary",
+    ):
         assert key in artifacts, sorted(artifacts)
-    assert "skipped" in artifacts["stage-score-anchor"].data and "| pairs | 200 |" in artifacts["stage-score-anchor"].data
+    assert (
+        "skipped" in artifacts["stage-score-anchor"].data
+        and "| pairs | 200 |" in artifacts["stage-score-anchor"].data
+    )
     assert "ran" in artifacts["stage-train"].data and "| steps | 4 |" in artifacts["stage-train"].data
     assert "| train | ran |" in artifacts["pipeline-summary"].data
     assert "| zoo | skipped |" in artifacts["pipeline-summary"].data
@@ -160,8 +228,12 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
     from mlflow import MlflowClient
 
     mlflow_run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(record["run_id"])
-    assert mlflow_run.data.tags["mrpo.git_commit"] == subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert (
+        mlflow_run.data.tags["mrpo.git_commit"]
+        == subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True
+        ).stdout.strip()
+    )
     assert mlflow_run.data.params["train.max_steps"] == "4"
 
 
@@ -224,7 +296,7 @@ def test_deployments_and_prefect_yaml_agree():
         assert flow_obj.name == {"mrpo-nightly": "pipeline", "mrpo-weekly": "sweep"}[d["name"]]
 
 
-EPHEMERAL_SCRIPT = r'''
+EPHEMERAL_SCRIPT = r"""
 import json, sys
 from flows.deploy import deployments
 from flows.pipeline import pipeline
@@ -251,24 +323,33 @@ print("RESULT " + json.dumps({
     "tasks": [[t.name, t.run_count, t.state.type.value] for t in tasks],
     "artifacts": {a.key: a.data for a in artifacts}, "deployments": registered,
 }))
-'''
+"""
 
 
 def test_pipeline_flow_and_deployments_on_an_ephemeral_prefect_api(tiny_project, tmp_path):
     """A real flow run and real deployment registration, Prefect's ephemeral API in a tmp PREFECT_HOME."""
     project = clone_project(tiny_project, tmp_path / "project")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update({
-        "PREFECT_HOME": str(tmp_path / "prefect_home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a loaded 2-core CI box
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]),
-    })
-    proc = subprocess.run([sys.executable, "-c", EPHEMERAL_SCRIPT, str(project)], cwd=project, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=420)
+    env.update(
+        {
+            "PREFECT_HOME": str(tmp_path / "prefect_home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a loaded 2-core CI box
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]),
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", EPHEMERAL_SCRIPT, str(project)],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=420,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-6000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = json.loads(lines[-1][len("RESULT ") :])
 
     assert out["state"] == "COMPLETED"
     assert out["summary"]["stages"]["prepare"]["status"] == "ran"

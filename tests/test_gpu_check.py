@@ -17,8 +17,13 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 def test_without_cuda_it_exits_with_one_line(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks/gpu_check.py"), "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks/gpu_check.py"), "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
@@ -33,10 +38,15 @@ def test_scratch_config_is_the_smollm2_profile_on_cuda_in_bf16(tmp_path, k):
 
     args = Namespace(data=tmp_path / "gsm8k.jsonl", pairs=32, max_length=256, batch_pairs=4, steps=3)
     cfg = gpu_check.scratch_config(tmp_path, args, k)
-    assert [r.name for r in cfg.references] == ["smollm2_chat", "smollm2_plain", "smollm2_chat_copy",
-                                                 "smollm2_plain_copy"]
-    assert [r.name for r in cfg.training_references()] == (["smollm2_chat"] if k == 1 else
-                                                            [r.name for r in cfg.references])
+    assert [r.name for r in cfg.references] == [
+        "smollm2_chat",
+        "smollm2_plain",
+        "smollm2_chat_copy",
+        "smollm2_plain_copy",
+    ]
+    assert [r.name for r in cfg.training_references()] == (
+        ["smollm2_chat"] if k == 1 else [r.name for r in cfg.references]
+    )
     assert cfg.references[2].chat_template and not cfg.references[3].chat_template
     assert (cfg.score.device, cfg.score.dtype, cfg.train.device) == ("cuda", "bfloat16", "cuda")
     assert cfg.train.objective == ("dpo" if k == 1 else "mrpo") and not cfg.train.lora.enabled

