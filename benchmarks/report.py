@@ -90,9 +90,12 @@ def b2(res: dict) -> list[str]:
     ]
     for r in res["rows"]:
         out.append(
-            f"| {r['case']} | {', '.join(r['live_references'])} | {r['ours_step_ms']:.1f} | {r['live_step_ms']:.1f} | "
-            f"x{r['ratio_ours_over_live']:.3f}{_paired(r, 'paired_ratio_ours_over_live')} | {r['scoring_both_refs_per_epoch_s']:.1f} s "
-            f"({r['train_pairs']} pairs, measured on {r['scoring_pairs_measured']}) | {r['scoring_per_step_ms']:.1f} ms | "
+            f"| {r['case']} | {', '.join(r['live_references'])} | {r['ours_step_ms']:.1f} | "
+            f"{r['live_step_ms']:.1f} | "
+            f"x{r['ratio_ours_over_live']:.3f}{_paired(r, 'paired_ratio_ours_over_live')} | "
+            f"{r['scoring_both_refs_per_epoch_s']:.1f} s "
+            f"({r['train_pairs']} pairs, measured on {r['scoring_pairs_measured']}) | "
+            f"{r['scoring_per_step_ms']:.1f} ms | "
             f"x{r['ratio_with_scoring_1_epoch']:.3f} | {_break_even(r):.2f} | " + _targets(r) + " |"
         )
     return out
@@ -122,7 +125,8 @@ def b3(res: dict) -> list[str]:
     for r in res["rows"]:
         ms = r["step_ms_median"]
         out.append(
-            f"| {r['case']} (batch {r['batch_pairs']}) | {ms['ours']:.1f} | {ms['trl-pre']:.1f} | {ms['trl-live']:.1f} | "
+            f"| {r['case']} (batch {r['batch_pairs']}) | {ms['ours']:.1f} | {ms['trl-pre']:.1f} | "
+            f"{ms['trl-live']:.1f} | "
             f"x{r['ratio_ours_over_trl_pre']:.3f} | x{r['ratio_ours_over_trl_live']:.3f} | "
             + _targets(r)
             + " |"

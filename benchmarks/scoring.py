@@ -8,7 +8,8 @@ The naive loop is what a straightforward scorer does: sequences in dataset order
 sequences padded to the batch's longest. Both run `mrpo.models.response_logps`
 under inference_mode on the same model, sequences and threads, alternately.
 Reported: real tokens per second of each, their ratio, and each one's padding
-share (padded positions / all positions). Target: ratio >= 1.5, padding < 10% (at the configured score.batch_tokens).
+share (padded positions / all positions). Target: ratio >= 1.5, padding < 10%
+(at the configured score.batch_tokens).
 """
 
 from __future__ import annotations

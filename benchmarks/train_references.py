@@ -165,7 +165,8 @@ def run_case(which: str, args) -> dict | None:
         f"{label}: step ms "
         + ", ".join(f"K={k} {v:.1f}" for k, v in step_ms.items())
         + f"; K={k_hi}/K={k_lo} time x{row['time_ratio_kmax_over_k1']:.3f}, peak RSS x"
-        f"{row['peak_rss_ratio_kmax_over_k1']:.3f} (step peak above start x{row['step_peak_ratio_kmax_over_k1']:.3f})",
+        f"{row['peak_rss_ratio_kmax_over_k1']:.3f} "
+        f"(step peak above start x{row['step_peak_ratio_kmax_over_k1']:.3f})",
         flush=True,
     )
     return row

@@ -1,4 +1,5 @@
-"""B3: our K = 1 training step against TRL's DPOTrainer, with precomputed reference log-probs and with a live reference.
+"""B3: our K = 1 training step against TRL's DPOTrainer,
+with precomputed reference log-probs and with a live reference.
 
     python benchmarks/trl_dpo.py                     # zoo and SmolLM2-135M
     python benchmarks/trl_dpo.py --models zoo --rounds 5
@@ -6,7 +7,8 @@
 Three full `Trainer.train()` loops on the same policy weights (each design
 trains its own copy), data, batch size, optimizer settings and threads:
   ours      MRPOTrainer, objective mrpo with K = 1 stored reference (= DPO)
-  trl-pre   trl.DPOTrainer(precompute_ref_log_probs=True)  (the reference pass runs in its __init__, not timed)
+  trl-pre   trl.DPOTrainer(precompute_ref_log_probs=True)
+            (the reference pass runs in its __init__, not timed)
   trl-live  trl.DPOTrainer with a ref_model copy run every step
 Each round trains `--steps` steps of each design in turn (order alternating);
 a step is timed from `on_step_begin` to `on_step_end` (forward, loss, backward,
@@ -174,8 +176,10 @@ def run_case(which: str, args) -> dict | None:
         "ours/trl-live<=0.7": row["ratio_ours_over_trl_live"] <= 0.7,
     }
     print(
-        f"{label}: step ms ours {ms['ours']:.1f}, trl-pre {ms['trl-pre']:.1f}, trl-live {ms['trl-live']:.1f} -> "
-        f"ours/trl-pre x{row['ratio_ours_over_trl_pre']:.3f}, ours/trl-live x{row['ratio_ours_over_trl_live']:.3f}",
+        f"{label}: step ms ours {ms['ours']:.1f}, trl-pre {ms['trl-pre']:.1f}, "
+        f"trl-live {ms['trl-live']:.1f} -> "
+        f"ours/trl-pre x{row['ratio_ours_over_trl_pre']:.3f}, "
+        f"ours/trl-live x{row['ratio_ours_over_trl_live']:.3f}",
         flush=True,
     )
     return row

@@ -30,8 +30,9 @@ log = logging.getLogger("mrpo")
 
 
 class StageFailed(RuntimeError):
-    """`dvc repro` of a stage (or `dvc exp run` of an experiment) failed. `command_exit` is how the stage's `mrpo` command ended (None when it never
-    reported: it did not start, or it was killed); `transient` says whether a retry may help."""
+    """`dvc repro` of a stage (or `dvc exp run` of an experiment) failed. `command_exit` is how the stage's
+    `mrpo` command ended (None when it never reported: it did not start, or it was killed); `transient` says
+    whether a retry may help."""
 
     def __init__(self, stage: str, returncode: int, output: str, command_exit: int | None = None):
         self.stage = stage
@@ -45,7 +46,8 @@ class StageFailed(RuntimeError):
 
 
 def is_transient(command_exit: int | None) -> bool:
-    """Only a user-fixable error (mrpo's exit 2) is certain to fail again; a killed or crashed command may pass."""
+    """Only a user-fixable error (mrpo's exit 2) is certain to fail again;
+    a killed or crashed command may pass."""
     return command_exit != USER_ERROR_EXIT
 
 
@@ -111,8 +113,8 @@ def classify_repro_output(stage: str, output: str) -> str:
 def dvc_running_mrpo(
     args: list[str], name: str, project_dir: str | Path, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """`dvc <args>` whose stage commands are `mrpo`; raises StageFailed carrying how the failing `mrpo` command
-    exited, which it reports through a status file (DVC itself exits 255 for every failed command)."""
+    """`dvc <args>` whose stage commands are `mrpo`; raises StageFailed carrying how the failing `mrpo`
+    command exited, which it reports through a status file (DVC itself exits 255 for every failed command)."""
     with tempfile.TemporaryDirectory(prefix="mrpo-status-") as tmp:
         status_file = Path(tmp) / "status.json"
         proc = dvc(args, project_dir, env={**(env or {}), STATUS_FILE_ENV: str(status_file)}, check=False)

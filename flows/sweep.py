@@ -358,7 +358,8 @@ def run_members(members: Sequence[SweepMember], root: Path, sweep_id: str, env: 
 def link_member_runs(
     client, experiment_id: str, parent_id: str, sweep_id: str, rows: list[dict], labels: dict[str, str]
 ) -> None:
-    """Tag each member's training run with its sweep and label, add its evaluation scores, note its id in `rows`."""
+    """Tag each member's training run with its sweep and label, add its evaluation scores,
+    note its id in `rows`."""
     children = {
         r.data.tags.get("mlflow.runName"): r
         for r in client.search_runs(

@@ -149,5 +149,6 @@ def resume_point(checkpoint_dir: str | Path, fingerprint: str, clean: bool = Tru
         _discard_checkpoints(checkpoint_dir, clean)
         return ResumePoint()
     checkpoint = latest_complete_checkpoint(checkpoint_dir, clean)
-    # Without a checkpoint the run starts at step 1 again: a new MLflow run, not a second curve in the old one.
+    # Without a checkpoint the run starts at step 1 again:
+    # a new MLflow run, not a second curve in the old one.
     return ResumePoint(checkpoint, state.mlflow_run_id if checkpoint else None)

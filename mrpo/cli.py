@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mrpo",
         description="Multi-Reference Preference Optimization pipeline. Each subcommand is one DVC stage "
         "and reads its settings from params.yaml.",
-        epilog="Typical use: `dvc repro` runs every stage in order; run a single stage with e.g. `mrpo train`.",
+        epilog="Typical use: `dvc repro` runs every stage in order; "
+        "run a single stage with e.g. `mrpo train`.",
     )
     parser.add_argument("--params", default="params.yaml", help="params file to read (default: params.yaml)")
     parser.add_argument(

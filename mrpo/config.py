@@ -313,7 +313,8 @@ def _reject_unknown(raw: Mapping[str, Any], known: set[str], prefix: str) -> Non
 
 
 def _mapping(raw: Any, prefix: str) -> dict:
-    """A section's settings as a dict: null (or an empty section) is {}, anything but a mapping is an error."""
+    """A section's settings as a dict:
+    null (or an empty section) is {}, anything but a mapping is an error."""
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
@@ -336,7 +337,8 @@ def _describe(annotation: str) -> str:
 
 
 def _typed(value: Any, annotation: str, key: str) -> Any:
-    """`value` checked against the field's annotation (the dataclass's own type, as a string); lists become tuples."""
+    """`value` checked against the field's annotation (the dataclass's own type, as a string);
+    lists become tuples."""
     base = annotation.removesuffix(" | None")
     if value is None:
         if annotation.endswith(" | None"):
@@ -537,8 +539,9 @@ def _validate(cfg: Config) -> None:
                 False,
                 f"{key}.hidden_size",
                 m.hidden_size,
-                f"a zoo model has max(1, hidden_size // 16) = {heads} attention heads, so hidden_size must be a "
-                f"multiple of {step} ({'an even head size for llama' if m.architecture == 'llama' else 'gpt2'}); "
+                f"a zoo model has max(1, hidden_size // 16) = {heads} attention heads, "
+                f"so hidden_size must be a multiple of {step} "
+                f"({'an even head size for llama' if m.architecture == 'llama' else 'gpt2'}); "
                 f"nearest valid: {', '.join(str(h) for h in (lower, upper) if h is not None)}",
             )
     _check(len(set(member_names)) == len(member_names), "zoo.members", member_names, "names must be unique")

@@ -92,7 +92,8 @@ class RawRow:
 
 
 def pair_id(prompt: str, chosen: str, rejected: str) -> str:
-    """A stable content hash of the pair (16 hex digits of SHA-256); the same text gives the same id anywhere."""
+    """A stable content hash of the pair (16 hex digits of SHA-256);
+    the same text gives the same id anywhere."""
     payload = json.dumps([prompt, chosen, rejected], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
@@ -126,7 +127,8 @@ def messages_to_text(messages: list[dict[str, str]]) -> str:
 
 
 def transcript_to_messages(transcript: str) -> list[dict[str, str]]:
-    """Parse "\\n\\nHuman: ... \\n\\nAssistant: ..." into role/content messages (text before the first turn is dropped)."""
+    """Parse "\\n\\nHuman: ... \\n\\nAssistant: ..." into role/content messages
+    (text before the first turn is dropped)."""
     parts = _TURN.split(transcript)
     # parts = [preamble, speaker, text, speaker, text, ...]
     return [
@@ -286,7 +288,8 @@ def detect_format(rows: list[RawRow], cfg: DataConfig, origin: str) -> str:
     if isinstance(sample, str) and ASSISTANT in sample:
         return "implicit"
     raise DataError(
-        f"{origin}: no column {cfg.prompt_column!r} (data.prompt_column) and the {cfg.chosen_column!r} values are "
+        f"{origin}: no column {cfg.prompt_column!r} (data.prompt_column) "
+        f"and the {cfg.chosen_column!r} values are "
         f"neither message lists nor Human/Assistant transcripts; columns found: {sorted(columns)}. "
         "Set data.prompt_column to the prompt's column or data.format explicitly."
     )
@@ -316,7 +319,8 @@ def check_pair(pair: Pair, max_chars: int, where: str) -> None:
 
 
 def normalize_gsm8k(row: RawRow, cfg: DataConfig, seed: int) -> Pair:
-    """Question/answer row -> pair: chosen = the reference solution, rejected = it with a wrong final answer."""
+    """Question/answer row -> pair:
+    chosen = the reference solution, rejected = it with a wrong final answer."""
     question = _string_field(row, cfg.question_column)
     answer = _string_field(row, cfg.answer_column)
     # Per-row RNG from the seed and the content: the same row gets the same wrong answer in any order.
@@ -504,7 +508,8 @@ def prepared_digest(output_dir: str | Path) -> str:
 
 
 def _write_atomically(outputs: dict[Path, bytes | pa.Table]) -> None:
-    """Write every output to a temp file first, then rename them all, so a failure leaves old outputs intact."""
+    """Write every output to a temp file first, then rename them all,
+    so a failure leaves old outputs intact."""
     with contextlib.ExitStack() as stack:
         for path, content in outputs.items():
             tmp = stack.enter_context(atomic_file(path))
@@ -593,7 +598,8 @@ def prepare(cfg: Config) -> dict:
             Path(d.output_dir) / "report.json",
         )
     log.info(
-        "prepare: read %d rows from %s (%s), kept %d: train %d / val %d / test %d; dropped: %s; digest %s -> %s",
+        "prepare: read %d rows from %s (%s), kept %d: train %d / val %d / test %d; "
+        "dropped: %s; digest %s -> %s",
         tally.rows_read,
         d.source,
         ", ".join(sorted(set(formats.values()))),

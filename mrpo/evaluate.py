@@ -1,8 +1,8 @@
 """The `evaluate` stage: lm-eval-harness benchmarks for the policy and its anchor, plus preference metrics.
 
-Benchmarks run through mrpo.lmeval (the Hugging Face backend) on the trained policy (`train.output_dir`) and on
-the anchor (the first reference; its results are cached). Preference metrics on the test split come from the
-policy's own log-probs and the anchor's stored scores (`<score.output_dir>/<anchor>.parquet`):
+Benchmarks run through mrpo.lmeval (the Hugging Face backend) on the trained policy (`train.output_dir`)
+and on the anchor (the first reference; its results are cached). Preference metrics on the test split come
+from the policy's own log-probs and the anchor's stored scores (`<score.output_dir>/<anchor>.parquet`):
 margin = beta * ((pi_w - r_w) - (pi_l - r_l)).
 
 Outputs: `evaluate.metrics_file` (flat JSON: `policy/<task>/<metric>`, `anchor/...`, `delta/...`, `pref/...`),
@@ -119,8 +119,9 @@ def policy_preference_metrics(
     max_length = int(meta.get("max_length", cfg.score.max_length))
 
     tokenizer = load_tokenizer(policy_ref)
-    # The precision the anchor was scored in (recorded in its score file), not the evaluation device's default:
-    # fp32 weights under that autocast, as scoring and training run, so the margin compares like with like.
+    # The precision the anchor was scored in (recorded in its score file), not the evaluation device's
+    # default: fp32 weights under that autocast, as scoring and training run, so the margin compares like
+    # with like.
     recorded = meta.get("dtype")
     precision = (
         getattr(torch, recorded)
@@ -178,14 +179,16 @@ class EvaluationReport:
 
 
 def policy_reference(cfg: Config) -> ReferenceConfig:
-    """The trained policy as a reference-like spec: the anchor's tokenizer and chat template settings, its own weights."""
+    """The trained policy as a reference-like spec:
+    the anchor's tokenizer and chat template settings, its own weights."""
     return replace(
         cfg.anchor, name="policy", model=cfg.train.output_dir, revision=None, gguf_file=None, tokenizer=None
     )
 
 
 def log_to_mlflow(cfg: Config, metrics: Mapping[str, float], files: Sequence[Path]) -> str | None:
-    """The metrics (and result files, as artifacts) on the training run; warns and skips when none is recorded."""
+    """The metrics (and result files, as artifacts) on the training run;
+    warns and skips when none is recorded."""
     import mlflow
 
     from mrpo.tracking import open_pipeline_run, read_run_record

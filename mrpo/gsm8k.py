@@ -1,5 +1,6 @@
 """GSM8K solutions turned into preference pairs: the reference solution against the same solution with a
-near-miss final answer, consistent up to its last step. Pure text functions; `data.source: gsm8k` uses them."""
+near-miss final answer, consistent up to its last step.
+Pure text functions; `data.source: gsm8k` uses them."""
 
 from __future__ import annotations
 

@@ -44,7 +44,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """`atomic_file` for a directory: fill the yielded one; it is swapped in whole (see `replace_directory`)."""
+    """`atomic_file` for a directory: fill the yielded one;
+    it is swapped in whole (see `replace_directory`)."""
     path = Path(path)
     tmp = _temp_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -125,7 +126,8 @@ def _lock_path(output: Path) -> Path:
 @contextlib.contextmanager
 def output_lock(output: str | Path, stage: str) -> Iterator[None]:
     """Hold an exclusive lock on `output` for the `with` block; raise OutputLocked at once when another
-    process holds it. The kernel drops the lock when its holder dies, so a killed run never leaves it stale."""
+    process holds it. The kernel drops the lock when its holder dies,
+    so a killed run never leaves it stale."""
     output = Path(output)
     path = _lock_path(output)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -135,7 +137,8 @@ def output_lock(output: str | Path, stage: str) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
             raise OutputLocked(
-                f"{output} is being written by {holder}; wait for it to finish or stop it, then re-run `mrpo {stage}`"
+                f"{output} is being written by {holder}; "
+                f"wait for it to finish or stop it, then re-run `mrpo {stage}`"
             ) from None
         holder = (
             f"`mrpo {stage}` (pid {os.getpid()} on {socket.gethostname()}, started "

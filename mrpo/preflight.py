@@ -1,4 +1,5 @@
-"""Checks a stage makes before it reads any data or loads any model: can it write its outputs, is its device there.
+"""Checks a stage makes before it reads any data or loads any model:
+can it write its outputs, is its device there.
 
 Each failure is a :class:`ConfigError` naming the params key, the value and the fix,
 so a stage fails in its first second rather than after an hour of work (or with a
@@ -49,7 +50,8 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _probe(directory: Path) -> str | None:
-    """Why a file cannot be created in `directory`, or None when it can (tried for real: root ignores modes)."""
+    """Why a file cannot be created in `directory`,
+    or None when it can (tried for real: root ignores modes)."""
     try:
         fd, name = tempfile.mkstemp(dir=directory, prefix=".mrpo-write-test-")
     except OSError as exc:

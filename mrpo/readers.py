@@ -32,7 +32,8 @@ def _open_bytes(path: Path) -> bytes:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; zlib.error: damaged data
         raise DataError(
-            f"{path}: cannot read file: damaged, truncated or not gzip data ({exc}); re-create or re-download it, "
+            f"{path}: cannot read file: damaged, truncated or not gzip data ({exc}); "
+            "re-create or re-download it, "
             "or drop the .gz suffix if it is not compressed"
         ) from exc
 
@@ -136,11 +137,12 @@ def read_hub_rows(dataset_id: str, split: str) -> Iterator[dict]:
         hint = ""
         if isinstance(exc, OSError):  # ConnectionError included: offline mode, no network, unknown id
             hint = (
-                "; it could not be downloaded from the Hugging Face Hub and is not in the local cache (offline "
-                "or no network?): download it once while online, or save it to a file and use "
+                "; it could not be downloaded from the Hugging Face Hub and is not in the local cache "
+                "(offline or no network?): download it once while online, or save it to a file and use "
                 "data.source: file with data.paths: [that file]"
             )
         raise DataError(
-            f"data.paths: dataset {dataset_id!r} split {split!r}: cannot load ({type(exc).__name__}: {first}){hint}"
+            f"data.paths: dataset {dataset_id!r} split {split!r}: "
+            f"cannot load ({type(exc).__name__}: {first}){hint}"
         ) from exc
     return iter(ds)

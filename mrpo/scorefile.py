@@ -65,8 +65,8 @@ def read_scores(path: str | Path, reference: str | None = None) -> tuple[pd.Data
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise ScoreDataError(
-            f"{path}: no b'mrpo' metadata, so it is not a score file as `mrpo score` writes it (its provenance is "
-            f"unknown); {rerun}"
+            f"{path}: no b'mrpo' metadata, so it is not a score file as `mrpo score` writes it "
+            f"(its provenance is unknown); {rerun}"
         )
     try:
         meta = json.loads(raw)
@@ -91,7 +91,8 @@ def read_scores(path: str | Path, reference: str | None = None) -> tuple[pd.Data
 
 
 def check_score_values(frame: pd.DataFrame, path: str | Path, reference: str) -> None:
-    """Refuse a score table whose rows used for training hold impossible values, naming the file, reference, pair.
+    """Refuse a score table whose rows used for training hold impossible values,
+    naming the file, reference, pair.
 
     Rows flagged fits=False carry NaN by design (they were not scored) and are
     never trained on; every row with fits=True must have finite log-probs <= 0
@@ -114,7 +115,8 @@ def check_score_values(frame: pd.DataFrame, path: str | Path, reference: str) ->
                 raise ScoreDataError(
                     f"{path}: reference {reference!r} has a {what} {column} ({values[i]}) for pair_id "
                     f"{frame['pair_id'].iloc[i]!r} ({int(bad.sum())} such pair(s) among those that fit); "
-                    f"log-probs must be finite and <= 0, so the file is damaged or the model's scores are broken: "
+                    "log-probs must be finite and <= 0, "
+                    "so the file is damaged or the model's scores are broken: "
                     f"{rerun} (with score.dtype: float32 if the model overflows)"
                 )
 
@@ -136,7 +138,8 @@ class ReferenceScores:
 def load_reference_scores(
     score_dir: str | Path, names: Sequence[str], prepared_digest: str
 ) -> list[ReferenceScores]:
-    """Read `<score_dir>/<name>.parquet` for each reference and check they were all made from this prepared data.
+    """Read `<score_dir>/<name>.parquet` for each reference
+    and check they were all made from this prepared data.
 
     Raises ScoreDataError naming the file when one is missing, unreadable, without its
     metadata, holds a non-finite or positive log-prob for a pair that fits (see

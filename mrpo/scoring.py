@@ -1,4 +1,5 @@
-"""The `score` stage: log p(chosen | prompt) and log p(rejected | prompt) of every prepared pair under one reference.
+"""The `score` stage: log p(chosen | prompt) and log p(rejected | prompt) of every prepared pair
+under one reference.
 
 Each reference scores with its own tokenizer (and chat template when configured),
 through the same `encode_response` + `response_logps` the trainer uses. Work is
@@ -88,7 +89,8 @@ class ShardStats:
 def plan_batches(
     lengths: Sequence[int], batch_tokens: int, batch_overhead_tokens: int = 128
 ) -> list[list[int]]:
-    """Indices grouped into batches of similar length, each batch's padded size (count x longest) <= batch_tokens.
+    """Indices grouped into batches of similar length,
+    each batch's padded size (count x longest) <= batch_tokens.
 
     Sequences are sorted by length and the sorted run is cut where the total
     cost, padded tokens plus `batch_overhead_tokens` per forward call, is least
@@ -145,8 +147,9 @@ def check_finite(
     if bad.size:
         pair = pairs[int(bad[0])]
         raise ScoringError(
-            f"reference {reference!r}: non-finite {which} log-prob {values[bad[0]]} for pair_id {pair.pair_id!r} "
-            f"(split {pair.split}; {bad.size} such pair(s) in this shard). The model's weights or its dtype are broken: "
+            f"reference {reference!r}: non-finite {which} log-prob {values[bad[0]]} "
+            f"for pair_id {pair.pair_id!r} (split {pair.split}; {bad.size} such pair(s) in this shard). "
+            "The model's weights or its dtype are broken: "
             "check the checkpoint, or score with score.dtype: float32"
         )
 
@@ -154,15 +157,16 @@ def check_finite(
 def check_enough_fit(
     reference: str, pairs: Sequence[PreparedPair], fits: np.ndarray, max_length: int
 ) -> None:
-    """Refuse a scoring run after which nothing could be trained (no pair, or no train pair, fits); warn on any
-    pair that does not fit, with the count: those pairs are left out of training."""
+    """Refuse a scoring run after which nothing could be trained (no pair, or no train pair, fits);
+    warn on any pair that does not fit, with the count: those pairs are left out of training."""
     fix = (
         f"raise score.max_length (now {max_length}; and train.max_length with it) or lower data.max_chars so "
         "fewer long pairs are kept"
     )
     if len(pairs) and not fits.any():
         raise ScoringError(
-            f"reference {reference!r}: none of the {len(pairs)} pairs fits score.max_length={max_length} tokens "
+            f"reference {reference!r}: none of the {len(pairs)} pairs fits "
+            f"score.max_length={max_length} tokens "
             f"(prompt plus the whole response), so there is nothing to train on; {fix}"
         )
     train = np.array([p.split == "train" for p in pairs], dtype=bool)
@@ -173,8 +177,8 @@ def check_enough_fit(
         )
     if not fits.all():
         log.warning(
-            "score %s: %d of %d pairs (%d of %d train) do not fit score.max_length=%d and will be left out of "
-            "training; to keep them, %s",
+            "score %s: %d of %d pairs (%d of %d train) do not fit score.max_length=%d "
+            "and will be left out of training; to keep them, %s",
             reference,
             int((~fits).sum()),
             len(pairs),
@@ -318,8 +322,9 @@ def _open_shard_dir(shard_dir: Path, key: dict) -> None:
         if differs:
             listing = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differs.items())
             raise ScoringError(
-                f"{shard_dir}: an interrupted run left shards scored in other numerics ({listing}); resuming would "
-                "mix them into one score file. Resume with the same score.device, score.dtype and score.batch_tokens, "
+                f"{shard_dir}: an interrupted run left shards scored in other numerics ({listing}); "
+                "resuming would mix them into one score file. "
+                "Resume with the same score.device, score.dtype and score.batch_tokens, "
                 f"or delete {shard_dir} to score from scratch"
             )
         if old != key:
@@ -339,7 +344,8 @@ def score_reference(
     on_shard: Callable[[int, int, Path], None] | None = None,
     padding_side: str = "right",
 ) -> Path:
-    """Score every prepared pair under reference `name`; write `<score.output_dir>/<name>.parquet` and return its path.
+    """Score every prepared pair under reference `name`;
+    write `<score.output_dir>/<name>.parquet` and return its path.
 
     `on_shard(index, n_shards, path)` is called after each shard computed in this
     run (not for shards reused from an interrupted run).
@@ -391,7 +397,8 @@ def score_reference(
     todo = [i for i in range(len(bounds)) if i not in done]
     if todo:
         tokenizer = load_tokenizer(ref)
-        # fp32 weights, `dtype` autocast: the numerics of the policy's forward in training (fp32 master weights).
+        # fp32 weights, `dtype` autocast:
+        # the numerics of the policy's forward in training (fp32 master weights).
         model = load_model(ref, device, torch.float32)
         total = 2 * sum(bounds[i][1] - bounds[i][0] for i in todo)
         with (
@@ -441,7 +448,8 @@ def score_reference(
     )
     shutil.rmtree(shard_dir, ignore_errors=True)
     log.info(
-        "score %s: %d pairs (%d not fitting, %d prompts cut) -> %s; %.1f pairs/s, %.0f tokens/s, padding %.1f%%",
+        "score %s: %d pairs (%d not fitting, %d prompts cut) -> %s; "
+        "%.1f pairs/s, %.0f tokens/s, padding %.1f%%",
         name,
         len(pairs),
         not_fitting,

@@ -132,7 +132,8 @@ def arith_gen_rows(pairs) -> list[dict]:
         if answer is None:
             raise ConfigError(
                 f"evaluate.tasks: mrpo_arith_gen needs synthetic arithmetic prompts, but test row {i} "
-                f"(pair_id {pid}) has {prompt[:80]!r}; use it with data.source: synthetic or drop it from evaluate.tasks"
+                f"(pair_id {pid}) has {prompt[:80]!r}; "
+                "use it with data.source: synthetic or drop it from evaluate.tasks"
             )
         rows.append({"pair_id": pid, "prompt": prompt, "answer": str(answer)})
     return rows

@@ -35,7 +35,8 @@ def render_prompt(tokenizer, prompt: str, messages_json: str | None, chat_templa
         return prompt
     if getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError(
-            f"chat_template is true but tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template;"
+            "chat_template is true but tokenizer "
+            f"{getattr(tokenizer, 'name_or_path', '?')!r} has no chat template;"
             " set chat_template: false for this reference"
         )
     return tokenizer.apply_chat_template(

@@ -70,7 +70,8 @@ def client_for(uri: str):
 def start_pipeline_run(
     cfg: Config, *, resume_run_id: str | None = None, tags: Mapping[str, str] | None = None
 ) -> PipelineRun:
-    """Create the pipeline run in experiment `tracking.experiment`, or reopen `resume_run_id` when it still exists."""
+    """Create the pipeline run in experiment `tracking.experiment`,
+    or reopen `resume_run_id` when it still exists."""
     uri = tracking_uri(cfg)
     client = client_for(uri)
     if resume_run_id:
@@ -100,8 +101,8 @@ def start_pipeline_run(
 def default_run_name(cfg: Config) -> str:
     """What the run is, e.g. `mrpo-vdw-anchor+gpt2_char+llama_mul-b0.1-s0-3f9a1c`.
 
-    MLflow's random names repeat here (the stage seeds Python's RNG before the run exists), and say nothing; the
-    suffix, a hash of the whole configuration, tells apart runs that differ elsewhere.
+    MLflow's random names repeat here (the stage seeds Python's RNG before the run exists), and say nothing;
+    the suffix, a hash of the whole configuration, tells apart runs that differ elsewhere.
     """
     t = cfg.train
     refs = "+".join(r.name for r in cfg.training_references())
@@ -142,7 +143,8 @@ def read_run_record(directory: str | Path) -> PipelineRun | None:
 
 @contextlib.contextmanager
 def open_pipeline_run(cfg: Config) -> Iterator[Any]:
-    """Reopen the run the train stage recorded in `<train.output_dir>/mlflow_run.json` as the active MLflow run.
+    """Reopen the run the train stage recorded in
+    `<train.output_dir>/mlflow_run.json` as the active MLflow run.
 
     Inside the `with`, the fluent API (`mlflow.log_metric`, `mlflow.log_artifact`,
     ...) logs into that run; on exit it is marked finished again. The run's
@@ -179,7 +181,8 @@ def _param_value(value: Any) -> str:
 
 def log_params(run: PipelineRun, params: Mapping[str, Any]) -> None:
     """Log params, skipping those the run already has: a resumed run re-logs its config, and MLflow refuses to
-    change a param's value (a changed one, e.g. a new eval interval on resume, is kept as first logged, with a warning)."""
+    change a param's value (a changed one, e.g. a new eval interval on resume, is kept as first logged,
+    with a warning)."""
     from mlflow.entities import Param
 
     client = client_for(run.tracking_uri)
@@ -208,7 +211,8 @@ def log_config(run: PipelineRun, cfg: Config) -> None:
 
 
 def log_reference_set(run: PipelineRun, references: list[dict[str, Any]]) -> None:
-    """The references (name, model id, revision/content hash, score file sha256) as params and a JSON artifact."""
+    """The references (name, model id, revision/content hash, score file sha256)
+    as params and a JSON artifact."""
     params = {}
     for ref in references:
         for key, value in ref.items():
@@ -237,8 +241,8 @@ def log_metrics(run: PipelineRun, metrics: Mapping[str, Any], step: int | None =
 
 
 def record_policy(run: PipelineRun, policy_dir: str | Path) -> None:
-    """Where the trained policy lives (tag `mrpo.policy_dir`) and what it holds (artifact `policy.json`: files and
-    sizes). The weights stay in DVC's cache, not copied into the MLflow store."""
+    """Where the trained policy lives (tag `mrpo.policy_dir`) and what it holds (artifact `policy.json`: files
+    and sizes). The weights stay in DVC's cache, not copied into the MLflow store."""
     root = Path(policy_dir).resolve()
     files = {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
     client = client_for(run.tracking_uri)
@@ -258,8 +262,8 @@ def pipeline_run(
     resume_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> Iterator[PipelineRun | None]:
-    """The stage's MLflow run for the `with` block (None when not `enabled`): FINISHED when the block completes,
-    FAILED when anything escapes it, an interrupt included."""
+    """The stage's MLflow run for the `with` block (None when not `enabled`):
+    FINISHED when the block completes, FAILED when anything escapes it, an interrupt included."""
     if not enabled:
         yield None
         return
@@ -273,7 +277,8 @@ def pipeline_run(
 
 
 class MLflowStepCallback(TrainerCallback):
-    """Logs every Trainer log (training curves and validation metrics) as MLflow metrics with the global step."""
+    """Logs every Trainer log (training curves and validation metrics)
+    as MLflow metrics with the global step."""
 
     def __init__(self, run: PipelineRun):
         self.run = run

@@ -83,7 +83,8 @@ def _asdict(obj) -> dict:
 
 
 def flat_eval_metrics(metrics: dict[str, float], prefix: str, suffix: str) -> dict[str, float]:
-    """`<prefix>_rewards/accuracy` -> `<prefix>_reward_accuracy_<suffix>` and the like, for metrics/train.json."""
+    """`<prefix>_rewards/accuracy` -> `<prefix>_reward_accuracy_<suffix>` and the like,
+    for metrics/train.json."""
     names = {
         "rewards/accuracy": "reward_accuracy",
         "rewards/margin": "reward_margin",
@@ -100,7 +101,8 @@ def flat_eval_metrics(metrics: dict[str, float], prefix: str, suffix: str) -> di
 
 
 def plot_rows(log_history: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """One row per step from Trainer's log history: training curves, with validation columns where evaluated."""
+    """One row per step from Trainer's log history:
+    training curves, with validation columns where evaluated."""
     by_step: dict[int, dict[str, Any]] = {}
     skip = {
         "epoch",
@@ -137,7 +139,8 @@ def write_plots_csv(path: str | Path, log_history: list[dict[str, Any]]) -> None
 
 
 def optimizer_steps(t, train_pairs: int, world_size: int = 1) -> int:
-    """Optimizer steps the run will take, as Trainer counts them: `max_steps`, else epochs x steps per epoch."""
+    """Optimizer steps the run will take, as Trainer counts them:
+    `max_steps`, else epochs x steps per epoch."""
     if t.max_steps > 0:
         return t.max_steps
     batches = math.ceil(train_pairs / (t.batch_size * world_size))
@@ -146,8 +149,8 @@ def optimizer_steps(t, train_pairs: int, world_size: int = 1) -> int:
 
 
 def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
-    """`train.warmup_ratio` of the run in whole steps (Trainer reads a float >= 1 as a step count, so 1.0 would be
-    one step)."""
+    """`train.warmup_ratio` of the run in whole steps
+    (Trainer reads a float >= 1 as a step count, so 1.0 would be one step)."""
     return math.ceil(warmup_ratio * total_steps)
 
 
@@ -202,7 +205,8 @@ def load_policy(cfg: Config, device: torch.device):
 
 
 def save_policy(model, tokenizer, out_dir: Path, *, merge_lora: bool) -> None:
-    """safetensors + tokenizer; a LoRA policy is merged into plain weights when `merge_lora`, else saved as an adapter."""
+    """safetensors + tokenizer; a LoRA policy is merged into plain weights when `merge_lora`,
+    else saved as an adapter."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel) and merge_lora:
@@ -221,9 +225,9 @@ def training_arguments(
     total_steps: int,
     precision: torch.dtype = torch.float32,
 ) -> TrainingArguments:
-    """`precision` is the anchor's scoring precision; MRPOTrainer runs the policy's forward in it on any device,
-    these flags only let accelerate add its loss scaler (fp16) and autocast on CUDA as well. `total_steps` turns
-    `train.warmup_ratio` into steps."""
+    """`precision` is the anchor's scoring precision; MRPOTrainer runs the policy's forward in it on any
+    device, these flags only let accelerate add its loss scaler (fp16) and autocast on CUDA as well.
+    `total_steps` turns `train.warmup_ratio` into steps."""
     t = cfg.train
     return TrainingArguments(
         output_dir=t.checkpoint_dir,
@@ -292,7 +296,8 @@ class TrainingSetup:
 
 
 def prepare_training(cfg: Config) -> TrainingSetup:
-    """Check and join the K score files with the prepared splits, tokenize them, fit offline weighting on val."""
+    """Check and join the K score files with the prepared splits, tokenize them,
+    fit offline weighting on val."""
     from mrpo.data import prepared_digest
     from mrpo.models import load_tokenizer
     from mrpo.weighting import make_strategy
@@ -304,8 +309,8 @@ def prepare_training(cfg: Config) -> TrainingSetup:
     anchor_meta = next((s.metadata for s in scores if s.name == cfg.anchor.name), None)
     if anchor_meta is not None and anchor_meta.get("max_length") not in (None, t.max_length):
         log.warning(
-            "train: train.max_length=%d differs from the anchor's scoring max_length=%s; pairs cut differently "
-            "will not start at zero implicit reward",
+            "train: train.max_length=%d differs from the anchor's scoring max_length=%s; "
+            "pairs cut differently will not start at zero implicit reward",
             t.max_length,
             anchor_meta.get("max_length"),
         )
@@ -313,9 +318,9 @@ def prepare_training(cfg: Config) -> TrainingSetup:
     precision = scoring_precision(anchor_meta, cfg)
     if anchor_meta is not None and precision != torch.float32 and "weights_dtype" not in anchor_meta:
         log.warning(
-            "train: the anchor was scored in pure %s weights by an earlier mrpo; the policy's forward (fp32 "
-            "weights, autocast) differs slightly, so step-0 rewards are not 0: re-run `mrpo score --reference "
-            "%s`",
+            "train: the anchor was scored in pure %s weights by an earlier mrpo; "
+            "the policy's forward (fp32 weights, autocast) differs slightly, "
+            "so step-0 rewards are not 0: re-run `mrpo score --reference %s`",
             str(precision).removeprefix("torch."),
             cfg.anchor.name,
         )
@@ -328,12 +333,14 @@ def prepare_training(cfg: Config) -> TrainingSetup:
         )
     if len(datasets["train"]) == 0:
         raise TrainingError(
-            f"{cfg.data.output_dir}/train.parquet: no trainable pairs: {datasets['train'].skipped_summary()}; raise "
-            f"score.max_length and train.max_length (now {cfg.score.max_length} and {t.max_length}) or lower "
+            f"{cfg.data.output_dir}/train.parquet: no trainable pairs: "
+            f"{datasets['train'].skipped_summary()}; raise score.max_length and train.max_length "
+            f"(now {cfg.score.max_length} and {t.max_length}) or lower "
             "data.max_chars, then re-run"
         )
     log.info(
-        "train: objective %s, references %s, strategy %s; pairs train %d / val %d / test %d (skipped %d / %d / %d)",
+        "train: objective %s, references %s, strategy %s; "
+        "pairs train %d / val %d / test %d (skipped %d / %d / %d)",
         t.objective,
         names,
         t.strategy,
@@ -357,7 +364,8 @@ def prepare_training(cfg: Config) -> TrainingSetup:
 def build_trainer(
     cfg: Config, setup: TrainingSetup, *, callbacks: Sequence[TrainerCallback] = (), model=None
 ) -> MRPOTrainer:
-    """An MRPOTrainer over the setup's train split (validation on val); the policy is `model` or loaded from the anchor."""
+    """An MRPOTrainer over the setup's train split (validation on val);
+    the policy is `model` or loaded from the anchor."""
     device = resolve_device(cfg.train.device)
     has_eval = len(setup.datasets["val"]) > 0
     return MRPOTrainer(
@@ -382,7 +390,8 @@ def build_trainer(
 
 
 def evaluate_before_training(cfg: Config, setup: TrainingSetup, model) -> dict[str, float]:
-    """`<split>_<metric>_before` on val and test for the untrained policy, leaving `model` ready for DDP training.
+    """`<split>_<metric>_before` on val and test for the untrained policy,
+    leaving `model` ready for DDP training.
 
     Evaluation prepares the model with accelerate, which marks it `_is_accelerate_prepared`; a later
     `Trainer.train()` then skips the DDP wrap, so ranks stop averaging gradients and silently diverge

@@ -1,4 +1,5 @@
-"""MRPO on top of `transformers.Trainer`: the loss step, the callbacks around it, checkpointed weighting state.
+"""MRPO on top of `transformers.Trainer`:
+the loss step, the callbacks around it, checkpointed weighting state.
 
 Only `compute_loss`, `training_step` and `prediction_step` are overridden, so everything users
 expect from `Trainer` keeps working: gradient accumulation, mixed precision,
@@ -42,7 +43,8 @@ STRATEGY_STATE_FILE = "mrpo_strategy_state.json"
 def validation_metrics(
     eval_pred, *, beta: float = 0.1, precision: torch.dtype = torch.float32
 ) -> dict[str, float]:
-    """Validation metrics from the per-pair statistics `prediction_step` returns (chosen reward, rejected reward).
+    """Validation metrics from the per-pair statistics `prediction_step` returns
+    (chosen reward, rejected reward).
 
     Rewards are measured against the objective's combined reference (see docs/metrics.md).
     """
@@ -134,7 +136,8 @@ class MRPOTrainer(Trainer):
         return logps[:n], logps[n:]
 
     def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """All ranks' rows in rank order (uneven last batches padded with NaN and dropped), for shared online state."""
+        """All ranks' rows in rank order (uneven last batches padded with NaN and dropped),
+        for shared online state."""
         if self.accelerator.num_processes == 1:
             return x
         padded = self.accelerator.pad_across_processes(x, dim=0, pad_index=float("nan"))
@@ -196,7 +199,8 @@ class MRPOTrainer(Trainer):
         return loss
 
     def _token_counts(self, inputs, n: int):
-        """Response lengths for loss_type ipo_norm (policy: its response_mask; references: their score files)."""
+        """Response lengths for loss_type ipo_norm
+        (policy: its response_mask; references: their score files)."""
         if self.objective.loss_type != "ipo_norm":
             return None
         from mrpo.losses import TokenCounts
@@ -207,8 +211,9 @@ class MRPOTrainer(Trainer):
         )
 
     def _advance_strategy(self) -> None:
-        """After an optimizer step: online strategies learn from every rank's pairs of that step, in rank order,
-        so all ranks keep the same state and the state moves once per step whatever the accumulation."""
+        """After an optimizer step: online strategies learn from every rank's pairs of that step,
+        in rank order, so all ranks keep the same state and the state moves once per step whatever
+        the accumulation."""
         if not self._step_margins:
             return
         margins = torch.cat(self._step_margins)
@@ -263,7 +268,8 @@ class MRPOTrainer(Trainer):
         super().log(logs, start_time)
 
     def _threads(self):
-        """One intra-op thread for a tiny model on CPU (see mrpo.models.cpu_threads_for); torch's default otherwise."""
+        """One intra-op thread for a tiny model on CPU (see mrpo.models.cpu_threads_for);
+        torch's default otherwise."""
         return torch_threads(cpu_threads_for(self.model, self.args.device))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -332,7 +338,8 @@ class NonFiniteGuard(TrainerCallback):
         losses_finite, self.trainer._losses_finite = self.trainer._losses_finite, None
         grads = [p.grad for p in (model or self.trainer.model).parameters() if p.grad is not None]
         ok = torch.ones((), dtype=torch.bool) if losses_finite is None else losses_finite.cpu()
-        # Gradients are already clipped here; clipping turns an infinite norm into NaN entries, caught the same way.
+        # Gradients are already clipped here;
+        # clipping turns an infinite norm into NaN entries, caught the same way.
         if grads:
             norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads])
             ok = ok & torch.isfinite(norms.sum()).cpu()
@@ -341,8 +348,8 @@ class NonFiniteGuard(TrainerCallback):
             raise TrainingError(
                 f"the {what} became non-finite (NaN or inf) at optimizer step {state.global_step + 1}; "
                 f"stopped before it reached the weights, nothing was saved as the policy. Usual causes: "
-                f"train.learning_rate ({args.learning_rate}) too high for this model, or non-finite reference "
-                f"scores; lower the learning rate or re-run `mrpo score`"
+                f"train.learning_rate ({args.learning_rate}) too high for this model, "
+                "or non-finite reference scores; lower the learning rate or re-run `mrpo score`"
             )
         return control
 

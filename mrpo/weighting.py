@@ -5,7 +5,8 @@ Every strategy sees raw reference margins m_k = r_k^w - r_k^l as a (B, K) tensor
 * ``fit(val_margins)`` once before training (offline strategies learn here),
 * ``weights(margins)`` for a training batch -> (K,) or (B, K) alpha, rows summing to 1,
 * ``eval_weights(margins)`` the same for evaluation batches (a bandit uses its posterior mean, not a draw),
-* ``update(margins)`` once after each optimizer step with all of that step's pairs (online strategies learn here),
+* ``update(margins)`` once after each optimizer step with all of that step's pairs
+  (online strategies learn here),
 * ``state_dict()`` / ``load_state_dict()`` JSON-able, saved with each checkpoint.
 
 Each strategy class registers itself under its ``name`` with its properties (``online``,
@@ -251,7 +252,8 @@ class ThompsonSampling(WeightingStrategy):
         self.steps += 1
 
     def eval_weights(self, margins: torch.Tensor) -> torch.Tensor:
-        """The normalised posterior mean: evaluation should not depend on the next training step's random draw."""
+        """The normalised posterior mean:
+        evaluation should not depend on the next training step's random draw."""
         _as_margins(margins, self.k)
         return _normalise_or_uniform(torch.from_numpy(self.posterior_mean()))
 

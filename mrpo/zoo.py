@@ -143,7 +143,8 @@ def build_model(member, tokenizer, seed: int):
 def sft_train(
     model, tokenizer, pairs: list[dict], steps: int, seed: int, batch_size: int = BATCH_SIZE
 ) -> list[float]:
-    """SFT on the chosen responses (loss on response tokens only), AdamW, linear decay. Returns the loss curve."""
+    """SFT on the chosen responses (loss on response tokens only), AdamW, linear decay.
+    Returns the loss curve."""
     if steps == 0:
         return []
     encoded = [
@@ -235,7 +236,8 @@ def _distinct_pairs(n: int, seed: int, operations: tuple[str, ...]) -> list[dict
 
 
 def build_zoo(cfg) -> list[dict]:
-    """Build every `cfg.zoo.members` entry under `cfg.zoo.output_dir`; with zoo.enabled false write only a marker."""
+    """Build every `cfg.zoo.members` entry under `cfg.zoo.output_dir`;
+    with zoo.enabled false write only a marker."""
     check_stage(cfg, "zoo")
     output_dir = Path(cfg.zoo.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

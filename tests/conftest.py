@@ -44,7 +44,8 @@ def tiny_params(raw: dict) -> dict:
 
 
 def manual_logp(model, ids: list[int], prompt_length: int) -> float:
-    """Sum of log p(token | prefix) over the response, one unbatched, unmasked forward per token (float64 softmax)."""
+    """Sum of log p(token | prefix) over the response,
+    one unbatched, unmasked forward per token (float64 softmax)."""
     import torch
 
     from mrpo.models import torch_threads
@@ -126,12 +127,13 @@ REFERENCES = ("anchor", "gpt2_char", "llama_mul")
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory) -> dict:
-    """The default profile's zoo (anchor: llama/bpe, gpt2_char: gpt2/char, llama_mul: llama/bpe on "*"), built once
-    per session with only 40 SFT steps per member (a few seconds in all) by the real `mrpo.zoo.build_zoo`.
+    """The default profile's zoo (anchor: llama/bpe, gpt2_char: gpt2/char, llama_mul: llama/bpe on "*"), built
+    once per session with only 40 SFT steps per member (a few seconds in all) by the real
+    `mrpo.zoo.build_zoo`.
 
-    Returns {"output_dir": Path of the zoo, "members": {name: Path of its checkpoint}, "cfg": a validated Config whose
-    references point at these checkpoints (anchor first) and whose data/score outputs lie in a fresh temp dir,
-    "seconds": build time}. Treat the checkpoints as read-only; copy one to change it.
+    Returns {"output_dir": Path of the zoo, "members": {name: Path of its checkpoint}, "cfg": a validated
+    Config whose references point at these checkpoints (anchor first) and whose data/score outputs lie in a
+    fresh temp dir, "seconds": build time}. Treat the checkpoints as read-only; copy one to change it.
     """
     from mrpo.config import parse_config
     from mrpo.zoo import build_zoo
@@ -161,8 +163,8 @@ def tiny_zoo(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def scored(tiny_zoo, tmp_path_factory) -> dict:
-    """Prepared data (800 pairs) and the three references' score files, made by the real prepare and score stages;
-    read-only: train into your own dirs with `config(scored, tmp_path)`."""
+    """Prepared data (800 pairs) and the three references' score files, made by the real prepare and score
+    stages; read-only: train into your own dirs with `config(scored, tmp_path)`."""
     from mrpo.config import load_config
     from mrpo.data import prepare
     from mrpo.scoring import score_reference
@@ -198,7 +200,8 @@ def scored(tiny_zoo, tmp_path_factory) -> dict:
 
 
 def config(scored: dict, out: Path, **overrides):
-    """The scored project's config with every train output under `out` and `overrides` (dotted keys) applied."""
+    """The scored project's config with every train output under `out` and `overrides`
+    (dotted keys) applied."""
     base = {
         "train.output_dir": str(out / "policy"),
         "train.checkpoint_dir": str(out / "checkpoints"),
@@ -217,7 +220,8 @@ class SimulatedCrash(RuntimeError):
 
 
 class CrashAtStep:
-    """A TrainerCallback that kills the run at the end of `step` (after an earlier checkpoint, before the next)."""
+    """A TrainerCallback that kills the run at the end of `step`
+    (after an earlier checkpoint, before the next)."""
 
     def __init__(self, step: int):
         from transformers import TrainerCallback
@@ -238,7 +242,8 @@ class CrashAtStep:
 
 @pytest.fixture(scope="session", autouse=True)
 def _stop_prefect_ephemeral_servers():
-    """Stop in-process Prefect servers while pytest still owns stdout; Prefect's atexit hook would log to a closed file."""
+    """Stop in-process Prefect servers while pytest still owns stdout;
+    Prefect's atexit hook would log to a closed file."""
     yield
     if "prefect.server.api.server" in sys.modules:
         from prefect.server.api.server import SubprocessASGIServer

@@ -51,7 +51,7 @@ def torch_cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-# ---------------------------------------------------------------- issue 11: bad knobs and unusable outputs, exit 2
+# ---------------------------------------------------------------- issue 11: bad knobs and outputs, exit 2
 
 
 @pytest.mark.parametrize(
@@ -71,8 +71,8 @@ def torch_cuda_available() -> bool:
         ),
         (
             ["--set", "data.source=file", "--set", "data.paths=pairs.jsonl", "prepare"],
-            "data.paths: expected a list of strings, e.g. [a, b], got 'pairs.jsonl'; a single value is written as a "
-            "list: [pairs.jsonl]",
+            "data.paths: expected a list of strings, e.g. [a, b], got 'pairs.jsonl'; "
+            "a single value is written as a list: [pairs.jsonl]",
         ),
         (
             ["--set", "zoo.members.anchor.hidden_size=0", "zoo"],

@@ -1,4 +1,5 @@
-"""params.yaml is validated once, at the edge: each bad value gets a message naming the key, the value and the rule."""
+"""params.yaml is validated once, at the edge:
+each bad value gets a message naming the key, the value and the rule."""
 
 import copy
 import math
@@ -114,8 +115,9 @@ def test_documented_profiles_are_valid(profile):
 
 INF, NAN = float("inf"), float("nan")
 
-# (dotted key, bad value, fragment of the message). Keys under references / zoo.members use the default profile's
-# first entry (anchor). Every leaf field of every config dataclass must appear here (see the walk below).
+# (dotted key, bad value, fragment of the message). Keys under references / zoo.members use the default
+# profile's first entry (anchor). Every leaf field of every config dataclass must appear here
+# (see the walk below).
 BAD_VALUES = [
     ("seed", -1, "seed: got -1; must be >= 0"),
     ("seed", 2**32, "must be <= 4294967295"),

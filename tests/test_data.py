@@ -1,4 +1,5 @@
-"""The prepare stage: every source, format and file type; determinism; splits; dedupe; bad input; real data."""
+"""The prepare stage: every source, format and file type;
+determinism; splits; dedupe; bad input; real data."""
 
 from __future__ import annotations
 
@@ -282,8 +283,10 @@ def test_conversational_without_prompt_uses_the_shared_history(tmp_path):
 
 HH_ROWS = [
     {
-        "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: What is 2 + 2?\n\nAssistant: It is 4.",
-        "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: What is 2 + 2?\n\nAssistant: It is 5.",
+        "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?"
+        "\n\nHuman: What is 2 + 2?\n\nAssistant: It is 4.",
+        "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?"
+        "\n\nHuman: What is 2 + 2?\n\nAssistant: It is 5.",
     },
     {  # responses that differ from the first character, single turn
         "chosen": "\n\nHuman: Are cats mammals?\n\nAssistant: Yes.",
@@ -658,7 +661,8 @@ def test_real_hh_rlhf_keeps_the_multi_turn_prompt(tmp_path):
     rows = read_all(tmp_path / "prepared")
     (pen,) = [r for r in rows if r["prompt"].startswith("Human: what are some pranks with a pen i can do?")]
     assert pen["prompt"].startswith(
-        "Human: what are some pranks with a pen i can do?\n\nAssistant: Are you looking for practical joke ideas?"
+        "Human: what are some pranks with a pen i can do?"
+        "\n\nAssistant: Are you looking for practical joke ideas?"
         "\n\nHuman: yep\n\nAssistant: Ok, I’ll give you a couple examples"
     )
     assert pen["prompt"].endswith(

@@ -40,7 +40,8 @@ STAGE_MODULES = {
 
 
 def mrpo_imports(module: str) -> set[str]:
-    """The mrpo modules `module` imports anywhere in its text (function-level imports included), transitively."""
+    """The mrpo modules `module` imports anywhere in its text
+    (function-level imports included), transitively."""
     import ast
 
     seen, todo = set(), [module]
@@ -152,7 +153,7 @@ def test_adding_a_reference_scores_only_that_one(tiny_reproduced, tmp_path):
     assert "Running stage 'score@anchor'" not in out and "Running stage 'score@gpt2_char'" not in out
 
 
-# ---------------------------------------------------------------- fast: the pipeline's declaration, a one-stage sweep
+# ---------------------------------------------------------------- fast: pipeline declaration, one-stage sweep
 
 
 def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):

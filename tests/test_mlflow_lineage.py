@@ -258,7 +258,8 @@ def test_sweep_members_and_dvc_set_arguments():
         ("mrpo:uniform", 1),
         ("mrpo:arwc", 1),
     ]
-    # every member overrides what the base params.yaml might set against it (a `fixed` strategy and its weights)
+    # every member overrides what the base params.yaml might set against it
+    # (a `fixed` strategy and its weights)
     assert members[1].overrides == {
         "train.max_steps": 5,
         "seed": 0,

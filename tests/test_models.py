@@ -149,7 +149,8 @@ def test_pickle_weights_are_refused_only_safetensors_load(tiny_zoo, tmp_path):
 
 
 def test_a_hub_id_that_cannot_be_downloaded_is_one_line_naming_the_reference(tmp_path):
-    """With HF_HUB_OFFLINE=1 (read when huggingface_hub is imported, hence a fresh process) and a made-up id."""
+    """With HF_HUB_OFFLINE=1
+    (read when huggingface_hub is imported, hence a fresh process) and a made-up id."""
     import os
     import subprocess
     import sys
@@ -223,7 +224,8 @@ def test_smollm2_gguf_is_found_in_the_wheel_without_importing_it():
 
 @pytest.mark.real_data
 def test_gguf_model_is_a_plain_trainable_model():
-    """transformers marks a GGUF load quantized although its tensors are de-quantized; Trainer then refuses it."""
+    """transformers marks a GGUF load quantized although its tensors are de-quantized;
+    Trainer then refuses it."""
     from transformers.trainer_utils import validate_quantization_for_training
 
     if smollm2_gguf_path() is None:

@@ -139,8 +139,8 @@ def test_scores_do_not_depend_on_batch_size_order_or_padding_side(tiny_zoo, tmp_
 
 
 def test_anchor_scores_equal_the_policys_own_logps_at_step_zero(tiny_zoo, tmp_path):
-    """What training computes for the policy (same encoding, collate, response_logps) equals the stored anchor scores,
-    so the implicit reward starts at exactly zero."""
+    """What training computes for the policy (same encoding, collate, response_logps) equals the stored anchor
+    scores, so the implicit reward starts at exactly zero."""
     splits = synthetic_splits(16)
     cfg = project(tiny_zoo, tmp_path, splits)
     rows = by_pair(read_scores(score_reference(cfg, "anchor"))[0])
@@ -290,7 +290,8 @@ def test_stale_shards_are_discarded_when_the_prepared_data_changes(tiny_zoo, tmp
 
 
 def test_a_resume_in_other_numerics_is_refused_not_mixed(tiny_zoo, tmp_path):
-    """Shards of the same data and model made on another device/dtype/packing would mix numerics in one file."""
+    """Shards of the same data and model made on another device/dtype/packing
+    would mix numerics in one file."""
     cfg = project(tiny_zoo, tmp_path, synthetic_splits(12), shard_size=4)
     shard_dir = Path(cfg.score.output_dir) / ".shards" / "anchor"
 
@@ -336,7 +337,8 @@ def test_a_non_finite_score_fails_naming_the_reference_and_the_pair(tiny_zoo, tm
     first = splits["train"][0]
     with pytest.raises(
         ScoringError,
-        match=rf"reference 'broken'.*pair_id '{pair_id(**{k: first[k] for k in ('prompt', 'chosen', 'rejected')})}'",
+        match=rf"reference 'broken'.*pair_id "
+        rf"'{pair_id(**{k: first[k] for k in ('prompt', 'chosen', 'rejected')})}'",
     ):
         score_reference(cfg, "broken")
 
@@ -383,7 +385,8 @@ def test_batch_plan_covers_every_sequence_once_within_the_token_budget_with_litt
 
 
 def hh_rlhf_pairs(n: int) -> list[dict]:
-    """The first n HH-RLHF rows split at the last shared "Assistant:" turn (prompt keeps the whole history)."""
+    """The first n HH-RLHF rows split at the last shared "Assistant:" turn
+    (prompt keeps the whole history)."""
     from mrpo.data import split_transcripts, transcript_to_messages
 
     out = []
@@ -436,7 +439,7 @@ def test_smollm2_gguf_scores_real_hh_rlhf_pairs_with_its_chat_template(tiny_zoo,
     assert rendered.endswith("<|im_start|>assistant\n") and "<|im_start|>user" in rendered
 
 
-# ---------------------------------------------------------------- issue 11: damaged score files, nothing that fits
+# ---------------------------------------------------------------- issue 11: damaged score files, nothing fits
 
 
 @pytest.fixture(scope="module")
@@ -568,7 +571,8 @@ def test_cli_train_on_a_damaged_score_file_exits_2_with_one_line(scored, tmp_pat
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert (
-        f"mrpo train: {scores / 'llama_mul.parquet'}: reference 'llama_mul' has a non-finite chosen_logp (nan) "
+        f"mrpo train: {scores / 'llama_mul.parquet'}: "
+        "reference 'llama_mul' has a non-finite chosen_logp (nan) "
         f"for pair_id {_set_value.pair!r}"
     ) in err
     assert not (tmp_path / "policy").exists() and not (tmp_path / "mlflow.db").exists()

@@ -30,7 +30,8 @@ from mrpo.train import build_trainer, prepare_training, train
 
 
 def first_step_losses(cfg, steps: int = 1) -> tuple[list[dict], object]:
-    """Train `steps` steps with the Trainer (no outputs besides checkpoints); the per-step logs and the trainer."""
+    """Train `steps` steps with the Trainer (no outputs besides checkpoints);
+    the per-step logs and the trainer."""
     setup = prepare_training(cfg)
     trainer = build_trainer(cfg, setup)
     trainer.args.max_steps = steps
@@ -132,7 +133,8 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored,
 
 
 def test_step0_policy_logps_equal_anchor_scores(scored, tmp_path):
-    """Training tokenizes exactly as scoring did: the untouched policy reproduces the anchor's stored log-probs."""
+    """Training tokenizes exactly as scoring did:
+    the untouched policy reproduces the anchor's stored log-probs."""
     cfg = config(scored, tmp_path)
     setup = prepare_training(cfg)
     trainer = build_trainer(cfg, setup)
@@ -160,7 +162,8 @@ def test_step0_policy_logps_equal_anchor_scores(scored, tmp_path):
 
 
 def trl_loss_on(examples, model, tokenizer, out_dir, beta: float, loss_type: str) -> float:
-    """TRL DPOTrainer's loss on our token ids and our stored (K = 1) reference log-probs, `model` in train mode."""
+    """TRL DPOTrainer's loss on our token ids and our stored (K = 1) reference log-probs,
+    `model` in train mode."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -202,7 +205,8 @@ def trl_loss_on(examples, model, tokenizer, out_dir, beta: float, loss_type: str
 
 
 def test_k1_first_step_loss_equals_trl_dpo(scored, tmp_path):
-    """Objective dpo (reference gpt2_char) == TRL DPOTrainer fed the same token ids and the same precomputed ref log-probs."""
+    """Objective dpo (reference gpt2_char) == TRL DPOTrainer fed the same token ids
+    and the same precomputed ref log-probs."""
     from mrpo.models import load_model
 
     cfg = config(scored, tmp_path, **{"train.objective": "dpo", "train.dpo_reference": "gpt2_char"})
@@ -366,7 +370,8 @@ def test_lora_policy_is_saved_merged_or_as_an_adapter(scored, tmp_path):
 
 
 def test_resume_after_kill_ends_with_the_same_metrics(scored, tmp_path, monkeypatch):
-    """Thompson weighting (seeded RNG + online Beta state) and AdamW state survive a kill between checkpoints."""
+    """Thompson weighting (seeded RNG + online Beta state)
+    and AdamW state survive a kill between checkpoints."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     common = {
         "train.max_steps": 6,
@@ -644,7 +649,8 @@ def test_policy_dropout_is_off_by_default(scored, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_step0_policy_logps_equal_anchor_scores_in_every_precision(scored, tmp_path, dtype):
-    """Scoring records its precision; training's forward runs in it (fp32 weights, autocast), so step 0 is exact."""
+    """Scoring records its precision;
+    training's forward runs in it (fp32 weights, autocast), so step 0 is exact."""
     from mrpo.scorefile import read_scores
     from mrpo.scoring import score_reference
 
@@ -666,7 +672,8 @@ def test_step0_policy_logps_equal_anchor_scores_in_every_precision(scored, tmp_p
     r_w, r_l = batch["ref_chosen_logps"][:, 0], batch["ref_rejected_logps"][:, 0]
     # Same weights, same autocast, same kernels; only the batch's shape differs from scoring's length packing,
     # which changes the GEMM blocking and so the low bits of the bf16/fp16-rounded activations.
-    # Measured max |difference| per sequence: fp32 4e-6, fp16 1.3e-4, bf16 3.2e-3 (pure bf16 weights: see docs).
+    # Measured max |difference| per sequence: fp32 4e-6, fp16 1.3e-4, bf16 3.2e-3
+    # (pure bf16 weights: see docs).
     tolerance = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 1e-2}[dtype]
     print(f"{dtype}: max |policy - stored| {max((pi_w - r_w).abs().max(), (pi_l - r_l).abs().max()):.2e}")
     torch.testing.assert_close(pi_w, r_w, rtol=0, atol=tolerance)

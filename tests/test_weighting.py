@@ -1,4 +1,5 @@
-"""Reference-weighting strategies (spec section 5): hand-computed values, no lookahead, bandit behaviour, state."""
+"""Reference-weighting strategies (spec section 5):
+hand-computed values, no lookahead, bandit behaviour, state."""
 
 import json
 

@@ -1,4 +1,5 @@
-"""The default profile's tiny model zoo: real checkpoints, different architectures and tokenizers, differing tastes."""
+"""The default profile's tiny model zoo:
+real checkpoints, different architectures and tokenizers, differing tastes."""
 
 from __future__ import annotations
 
