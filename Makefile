@@ -11,5 +11,8 @@ test: setup
 setup:
 	bash scripts/setup.sh
 
+# The same paths as tests/test_lint.py, which makes the test suite (and so CI) enforce them.
+LINT_PATHS = mrpo flows evaluation tests benchmarks
+
 lint:
-	. .venv/bin/activate && ruff check mrpo flows evaluation tests benchmarks
+	. .venv/bin/activate && ruff check $(LINT_PATHS) && ruff format --check $(LINT_PATHS)
