@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REFERENCES, REPO_ROOT, CrashAtStep, SimulatedCrash, config
+from conftest import REFERENCES, REPO_ROOT, CrashAtStep, SimulatedCrash, config, trl_dpo_trainer
 
 from mrpo.config import load_config
 from mrpo.errors import ScoreDataError
@@ -159,20 +159,8 @@ def test_step0_policy_logps_equal_anchor_scores(scored, tmp_path):
 # ---------------------------------------------------------------- parity
 
 
-def trl_loss_on(examples, model, tokenizer, out_dir, beta: float, loss_type: str) -> float:
+def trl_loss_on(examples, model, tokenizer, out_dir, beta: float, loss_type: str, **dpo_args) -> float:
     """TRL DPOTrainer's loss on our token ids and our stored (K = 1) reference log-probs, `model` in train mode."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
-    class PrecomputedDPOTrainer(DPOTrainer):
-        """Uses our tokenization and our stored reference log-probs instead of recomputing either."""
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset
-
-        def _precompute_ref_logps(self, dataset, name, batch_size):
-            return dataset
-
     rows = [
         {
             "prompt_ids": e.chosen.input_ids[: e.chosen.prompt_length],
@@ -183,19 +171,7 @@ def trl_loss_on(examples, model, tokenizer, out_dir, beta: float, loss_type: str
         }
         for e in examples
     ]
-    args = DPOConfig(
-        output_dir=str(out_dir),
-        beta=beta,
-        loss_type=[loss_type],
-        precompute_ref_log_probs=True,
-        max_length=None,
-        report_to="none",
-        use_cpu=True,
-        per_device_train_batch_size=len(rows),
-    )
-    trl = PrecomputedDPOTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
-    )
+    trl = trl_dpo_trainer(model, tokenizer, rows, out_dir, beta=beta, loss_type=[loss_type], **dpo_args)
     model.train()
     with torch.no_grad():
         return trl.compute_loss(model, trl.data_collator(rows)).item()
