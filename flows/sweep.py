@@ -29,6 +29,7 @@ from flows.lineage import git_commit
 from flows.stages import dvc_running_mrpo, flatten, markdown_table, numeric_items, retry_if_transient
 from mrpo.config import load_config
 from mrpo.io import file_sha256
+from mrpo.losses import LOSS_TYPES
 from mrpo.tracking import PARENT_RUN_ENV  # MRPO_PARENT_RUN_ID: new training runs nest under it
 from mrpo.weighting import STRATEGIES
 
@@ -70,10 +71,16 @@ def sweep_members(
     seeds: Sequence[int] = (0, 1),
     dpo_references: Sequence[str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    loss_types: Sequence[str | Sequence[str]] | None = None,
 ) -> list[SweepMember]:
     """DPO with each of `dpo_references` (default: every reference) alone, then MRPO with each
-    strategy over all references; every one with each seed and the `extra` params."""
+    strategy over all references; every one with each seed and the `extra` params, and, given
+    `loss_types` (each a loss type or a list of them, weighted by train.loss_weights), once per loss type."""
     extra = dict(extra or {})
+    for loss_type in loss_types or ():
+        for name in [loss_type] if isinstance(loss_type, str) else loss_type:
+            if name not in LOSS_TYPES:
+                raise ValueError(f"loss_types: {name!r} is not one of {list(LOSS_TYPES)}")
     members = []
     for seed in seeds:
         for ref in reference_names if dpo_references is None else dpo_references:
@@ -113,6 +120,16 @@ def sweep_members(
                     },
                 )
             )
+    if loss_types:
+        members = [
+            SweepMember(
+                f"{m.label}:{lt if isinstance(lt, str) else '+'.join(lt)}",
+                m.seed,
+                {**m.overrides, "train.loss_type": lt if isinstance(lt, str) else list(lt)},
+            )
+            for m in members
+            for lt in loss_types
+        ]
     return members
 
 
@@ -392,12 +409,14 @@ def sweep(
     overrides: dict[str, Any] | None = None,
     output_dir: str = "sweeps",
     metric: str | None = None,
+    loss_types: list[str | list[str]] | None = None,
 ) -> dict[str, Any]:
     """Run the sweep's members as DVC experiments under one MLflow parent run; compare them.
 
     Shrink it with `seeds`, `strategies` (default: all but `fixed`), `dpo_references` (default:
     every reference; [] for none) and `overrides` (params for every member, e.g.
-    {"train.max_steps": 50}).
+    {"train.max_steps": 50}). `loss_types` runs every member once per loss type (e.g.
+    ["sigmoid", "robust", ["sigmoid", "sft"]]); their own settings go in `overrides`.
     """
     from mlflow import MlflowClient
 
@@ -407,7 +426,9 @@ def sweep(
     root = Path(project_dir).resolve()
     cfg = load_config(root / "params.yaml")
     strategies = DEFAULT_STRATEGIES if strategies is None else strategies
-    members = sweep_members([r.name for r in cfg.references], strategies, seeds, dpo_references, overrides)
+    members = sweep_members(
+        [r.name for r in cfg.references], strategies, seeds, dpo_references, overrides, loss_types
+    )
     sweep_id = time.strftime("sweep-%Y%m%d-%H%M%S")
     uri = tracking.tracking_uri(cfg, root)  # absolute: members run in DVC temp dirs
     client = MlflowClient(tracking_uri=uri)
@@ -422,6 +443,7 @@ def sweep(
             "members": len(members),
             "overrides": overrides or {},
             "dpo_references": dpo_references if dpo_references is not None else "all",
+            "loss_types": loss_types if loss_types is not None else "params.yaml",
         },
     )
     logger.info("sweep %s: %d members under MLflow run %s (%s)", sweep_id, len(members), parent_id, uri)

@@ -125,12 +125,18 @@ class TrainConfig:
     objective: str = "mrpo"
     references: tuple[str, ...] | None = None  # subset of reference names; None = all
     dpo_reference: str | None = None  # for objective dpo; defaults to the anchor
-    loss_type: str = "sigmoid"
+    loss_type: str | tuple[str, ...] = (
+        "sigmoid"  # one loss type, or a list of them (weighted by loss_weights)
+    )
+    loss_weights: tuple[float, ...] | None = None  # one per loss type; null = 1 each
     beta: float = 0.1
     epsilon: float = 0.1
     adaptive_epsilon: bool = True
     label_smoothing: float = 0.0
     sft_weight: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
     strategy: str = "uniform"
     fixed_weights: tuple[float, ...] | None = None
     window_size: int = 256
@@ -440,7 +446,24 @@ def _zoo(raw: Any) -> ZooConfig:
 def _train(raw: Any) -> TrainConfig:
     raw = _mapping(raw, "train")
     lora = _section(LoraConfig, raw.pop("lora", None), "train.lora")
-    return _section(TrainConfig, raw, "train", lora=lora)
+    fixed: dict[str, Any] = {"lora": lora}
+    if "loss_type" in raw:
+        fixed["loss_type"] = _loss_type(raw.pop("loss_type"))
+    return _section(TrainConfig, raw, "train", **fixed)
+
+
+def _loss_type(value: Any) -> str | tuple[str, ...]:
+    """A loss type, or a list of them (TRL's `loss_type` list); a list of one is that loss type."""
+    if isinstance(value, list | tuple):
+        if not value:
+            raise ConfigError("train.loss_type: got []; name at least one loss type")
+        types = _typed(value, "tuple[str, ...]", "train.loss_type")
+        return types[0] if len(types) == 1 else types
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"train.loss_type: expected a loss type or a list of them, e.g. [sigmoid, sft], got {value!r}"
+        )
+    return _typed(value, "str", "train.loss_type")
 
 
 def _int(value: Any, key: str, minimum: int | None = None) -> int:

@@ -116,8 +116,9 @@ def default_run_name(cfg: Config) -> str:
 def run_description(cfg: Config) -> str:
     t = cfg.train
     refs = ", ".join(f"{r.name} ({r.model})" for r in cfg.training_references())
+    loss = t.loss_type if isinstance(t.loss_type, str) else " + ".join(t.loss_type)
     return (
-        f"{t.objective} ({t.loss_type} loss, beta {t.beta:g}, weighting {t.strategy}) against {refs}; "
+        f"{t.objective} ({loss} loss, beta {t.beta:g}, weighting {t.strategy}) against {refs}; "
         f"anchor {cfg.anchor.name}; data {cfg.data.source}; seed {cfg.seed}."
     )
 

@@ -29,12 +29,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from mrpo.checkpoints import seal_checkpoint
 from mrpo.errors import TrainingError
 from mrpo.io import jsonable
-from mrpo.losses import Objective, reward_accuracy
+from mrpo.losses import Objective, RunningRewardMean, reward_accuracy
 from mrpo.models import cpu_threads_for, response_logps, torch_threads
 
 log = logging.getLogger("mrpo")
 
 STRATEGY_STATE_FILE = "mrpo_strategy_state.json"
+LOSS_STATE_FILE = "mrpo_loss_state.json"  # bco_pair's running reward mean
 
 
 # ---------------------------------------------------------------- the objective
@@ -115,6 +116,10 @@ class MRPOTrainer(Trainer):
         self.precision = precision
         self._train_metrics: dict[str, list[float]] = defaultdict(list)
         self._step_margins: list[torch.Tensor] = []
+        # bco_pair's reward shift: learns after each optimizer step from that step's rewards,
+        # like online weighting
+        self.loss_state = RunningRewardMean() if objective.keeps_reward_mean else None
+        self._step_rewards: list[torch.Tensor] = []
         self._tokens_since_log = 0
         self._last_log_time: float | None = None
         self._losses_finite: torch.Tensor | None = None  # since the last optimizer step; checked before it
@@ -165,7 +170,8 @@ class MRPOTrainer(Trainer):
         strategy_weights = self.strategy.weights if model.training else self.strategy.eval_weights
         weights = torch.as_tensor(strategy_weights(margins), dtype=torch.float32, device=pi_w.device)
         n = ref_w.shape[0]
-        out = self.objective(pi_w, pi_l, ref_w, ref_l, weights, self._token_counts(inputs, n))
+        bco_delta = self.loss_state.mean if self.loss_state is not None else 0.0
+        out = self.objective(pi_w, pi_l, ref_w, ref_l, weights, self._token_counts(inputs, n), bco_delta)
         chosen_tokens = inputs["response_mask"][:n].sum()
         sft_nll = -pi_w.sum() / chosen_tokens.clamp(
             min=1
@@ -182,6 +188,8 @@ class MRPOTrainer(Trainer):
         if model.training:
             if self.strategy.online:
                 self._step_margins.append(margins)
+            if self.loss_state is not None:
+                self._step_rewards.append(torch.cat([out.chosen_rewards, out.rejected_rewards]).detach())
             self._record_train_metrics(out, weights, sft_nll, inputs)
         if return_outputs:
             return loss, {
@@ -199,9 +207,9 @@ class MRPOTrainer(Trainer):
         return loss
 
     def _token_counts(self, inputs, n: int):
-        """Response lengths for loss_type ipo_norm
+        """Response lengths for ipo_norm, sigmoid_norm and sft
         (policy: its response_mask; references: their score files)."""
-        if self.objective.loss_type != "ipo_norm":
+        if not self.objective.needs_tokens:
             return None
         from mrpo.losses import TokenCounts
 
@@ -213,7 +221,12 @@ class MRPOTrainer(Trainer):
     def _advance_strategy(self) -> None:
         """After an optimizer step: online strategies learn from every rank's pairs of that step,
         in rank order, so all ranks keep the same state and the state moves once per step whatever
-        the accumulation."""
+        the accumulation; so does bco_pair's running reward mean (one observation per step: the
+        mean reward of all its pairs)."""
+        if self._step_rewards:
+            rewards = torch.cat(self._step_rewards).float().unsqueeze(-1)
+            self._step_rewards.clear()
+            self.loss_state.update(self._gather_rows(rewards).mean().item())
         if not self._step_margins:
             return
         margins = torch.cat(self._step_margins)
@@ -277,6 +290,8 @@ class MRPOTrainer(Trainer):
             self._last_log_time = time.perf_counter()
         if isinstance(resume_from_checkpoint, str | os.PathLike):
             load_strategy_state(self.strategy, resume_from_checkpoint)
+            if self.loss_state is not None:
+                load_loss_state(self.loss_state, resume_from_checkpoint)
         with self._threads():
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
@@ -299,6 +314,18 @@ def load_strategy_state(strategy, checkpoint_dir: str | os.PathLike) -> None:
     log.info("restored weighting-strategy state from %s", path)
 
 
+def load_loss_state(loss_state: RunningRewardMean, checkpoint_dir: str | os.PathLike) -> None:
+    path = Path(checkpoint_dir) / LOSS_STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: checkpoint has no bco_pair reward-mean state; "
+            "it was written without loss_type bco_pair. "
+            "Delete the checkpoint directory to start over"
+        )
+    loss_state.load_state_dict(json.loads(path.read_text()))
+    log.info("restored bco_pair's running reward mean from %s", path)
+
+
 class StrategyStateCallback(TrainerCallback):
     """Advances online weighting once per optimizer step and writes the strategy's state into each
     checkpoint directory (saving comes after the step's end), so a resumed run continues it."""
@@ -308,6 +335,7 @@ class StrategyStateCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._step_margins.clear()  # margins from compute_loss calls outside the loop are not a step
+        self.trainer._step_rewards.clear()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -320,6 +348,8 @@ class StrategyStateCallback(TrainerCallback):
             ckpt.mkdir(parents=True, exist_ok=True)
             state_dict = self.trainer.strategy.state_dict()
             (ckpt / STRATEGY_STATE_FILE).write_text(json.dumps(jsonable(state_dict)))
+            if self.trainer.loss_state is not None:
+                (ckpt / LOSS_STATE_FILE).write_text(json.dumps(self.trainer.loss_state.state_dict()))
             seal_checkpoint(ckpt)  # last: Trainer has written everything else by now
         return control
 

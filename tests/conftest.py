@@ -215,6 +215,36 @@ def config(scored: dict, out: Path, **overrides):
     return load_config(scored["params"], base)
 
 
+def trl_dpo_trainer(model, tokenizer, rows: list[dict], out_dir: Path, **dpo_args):
+    """TRL's DPOTrainer on our token ids and our stored (K = 1) reference log-probs: `rows` hold prompt_ids,
+    chosen_ids, rejected_ids, ref_chosen_logps, ref_rejected_logps; `dpo_args` go to DPOConfig (beta,
+    loss_type as a list, loss_weights, label_smoothing, f_divergence_type, discopop_tau, ...)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    class PrecomputedDPOTrainer(DPOTrainer):
+        """Uses our tokenization and our stored reference log-probs instead of recomputing either."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            return dataset
+
+    args = DPOConfig(
+        output_dir=str(out_dir),
+        precompute_ref_log_probs=True,
+        max_length=None,
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=len(rows),
+        **dpo_args,
+    )
+    return PrecomputedDPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+
+
 class SimulatedCrash(RuntimeError):
     """What `CrashAtStep` raises."""
 

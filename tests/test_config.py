@@ -213,6 +213,31 @@ BAD_VALUES = [
     ("train.adaptive_epsilon", "true", "train.adaptive_epsilon: expected true or false, got 'true'"),
     ("train.label_smoothing", 0.5, r"train.label_smoothing: got 0.5; must be in [0, 0.5)"),
     ("train.label_smoothing", -INF, "train.label_smoothing: got -inf; must be a finite number"),
+    ("train.loss_type", ["sigmoid", "kto"], "train.loss_type: got ['sigmoid', 'kto']; allowed: sigmoid"),
+    ("train.loss_type", [], "train.loss_type: got []; name at least one loss type"),
+    ("train.loss_type", ["sft", "sft"], "train.loss_type: got ['sft', 'sft']; each loss type at most once"),
+    (
+        "train.loss_type",
+        "exo_pair",
+        "train.label_smoothing: got 0.0; loss_type exo_pair needs it in (0, 0.5)",
+    ),
+    (
+        "train.loss_weights",
+        [1, 2],
+        "train.loss_weights: got [1, 2]; needs one weight per loss type (1: sigmoid)",
+    ),
+    ("train.loss_weights", [NAN], "train.loss_weights[0]: got nan; must be a finite number"),
+    ("train.loss_weights", [-1], "train.loss_weights: got [-1]; must be finite numbers >= 0, not all 0"),
+    ("train.loss_weights", [0], "train.loss_weights: got [0]; must be finite numbers >= 0, not all 0"),
+    (
+        "train.f_divergence_type",
+        "chi2",
+        "train.f_divergence_type: got 'chi2'; allowed: reverse_kl, forward_kl",
+    ),
+    ("train.f_alpha_divergence_coef", INF, "train.f_alpha_divergence_coef: got inf; must be a finite number"),
+    ("train.f_alpha_divergence_coef", 0, "train.f_alpha_divergence_coef: got 0; must be > 0"),
+    ("train.discopop_tau", NAN, "train.discopop_tau: got nan; must be a finite number"),
+    ("train.discopop_tau", -0.05, "train.discopop_tau: got -0.05; must be > 0"),
     ("train.sft_weight", INF, "train.sft_weight: got inf; must be a finite number"),
     ("train.sft_weight", -1, "train.sft_weight: got -1; must be >= 0"),
     ("train.strategy", "best", "train.strategy: got 'best'; allowed: uniform, fixed"),
@@ -409,3 +434,17 @@ def test_exponent_notation_is_a_number_in_params_and_in_set(tmp_path):
         "train.beta": 0.2,
         "tracking.run_name": "1e",
     }
+
+
+def test_loss_type_list_with_weights_as_trl(raw):
+    cfg = parse_config(
+        _set(
+            _set(raw, "train.loss_type", ["sigmoid", "bco_pair", "sft"]), "train.loss_weights", [0.8, 0.2, 1]
+        )
+    )
+    assert cfg.train.loss_type == ("sigmoid", "bco_pair", "sft") and cfg.train.loss_weights == (0.8, 0.2, 1)
+    assert parse_config(_set(raw, "train.loss_type", ["robust"])).train.loss_type == "robust"  # a list of one
+    with pytest.raises(ConfigError, match="nca_pair have no f-divergence form"):
+        parse_config(
+            _set(_set(raw, "train.loss_type", "nca_pair"), "train.f_divergence_type", "js_divergence")
+        )

@@ -290,6 +290,20 @@ def test_sweep_members_and_dvc_set_arguments():
     with pytest.raises(ValueError, match="'nope' is not one of"):
         sweep_members(["anchor"], ["nope"])
 
+    # a list of loss types: every member once per loss type (a list in it is a weighted combination)
+    by_loss = sweep_members(["anchor"], ["uniform"], seeds=[0], loss_types=["robust", ["sigmoid", "sft"]])
+    assert [m.label for m in by_loss] == [
+        "dpo:anchor:robust",
+        "dpo:anchor:sigmoid+sft",
+        "mrpo:uniform:robust",
+        "mrpo:uniform:sigmoid+sft",
+    ]
+    assert by_loss[3].overrides["train.loss_type"] == ["sigmoid", "sft"]
+    assert by_loss[2].overrides["train.objective"] == "mrpo" and by_loss[2].slug == "mrpo-uniform-robust-s0"
+    assert set_param_args(by_loss[3].overrides)[-1] == 'train.loss_type=["sigmoid", "sft"]'
+    with pytest.raises(ValueError, match="loss_types: 'kto' is not one of"):
+        sweep_members(["anchor"], ["uniform"], loss_types=[["sigmoid", "kto"]])
+
 
 def test_comparison_table_aggregates_over_seeds(tmp_path):
     from flows.sweep import aggregate, write_comparison

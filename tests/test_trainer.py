@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REFERENCES, REPO_ROOT, CrashAtStep, SimulatedCrash, config
+from conftest import REFERENCES, REPO_ROOT, CrashAtStep, SimulatedCrash, config, trl_dpo_trainer
 
 from mrpo.config import load_config
 from mrpo.errors import ScoreDataError
@@ -161,21 +161,9 @@ def test_step0_policy_logps_equal_anchor_scores(scored, tmp_path):
 # ---------------------------------------------------------------- parity
 
 
-def trl_loss_on(examples, model, tokenizer, out_dir, beta: float, loss_type: str) -> float:
+def trl_loss_on(examples, model, tokenizer, out_dir, beta: float, loss_type: str | list, **dpo_args) -> float:
     """TRL DPOTrainer's loss on our token ids and our stored (K = 1) reference log-probs,
     `model` in train mode."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
-    class PrecomputedDPOTrainer(DPOTrainer):
-        """Uses our tokenization and our stored reference log-probs instead of recomputing either."""
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset
-
-        def _precompute_ref_logps(self, dataset, name, batch_size):
-            return dataset
-
     rows = [
         {
             "prompt_ids": e.chosen.input_ids[: e.chosen.prompt_length],
@@ -186,19 +174,8 @@ def trl_loss_on(examples, model, tokenizer, out_dir, beta: float, loss_type: str
         }
         for e in examples
     ]
-    args = DPOConfig(
-        output_dir=str(out_dir),
-        beta=beta,
-        loss_type=[loss_type],
-        precompute_ref_log_probs=True,
-        max_length=None,
-        report_to="none",
-        use_cpu=True,
-        per_device_train_batch_size=len(rows),
-    )
-    trl = PrecomputedDPOTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
-    )
+    types = [loss_type] if isinstance(loss_type, str) else loss_type
+    trl = trl_dpo_trainer(model, tokenizer, rows, out_dir, beta=beta, loss_type=types, **dpo_args)
     model.train()
     with torch.no_grad():
         return trl.compute_loss(model, trl.data_collator(rows)).item()
@@ -248,6 +225,50 @@ def test_k1_ipo_norm_equals_trl_ipo(scored, tmp_path):
     ours.objective = Objective.from_train_config(plain.train)
     with torch.no_grad():
         assert ours.compute_loss(ours.model, batch).item() != pytest.approx(trl_loss, abs=1e-2)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"train.loss_type": "robust", "train.label_smoothing": 0.1},
+        {"train.loss_type": "sigmoid_norm", "train.f_divergence_type": "js_divergence"},
+        {"train.loss_type": "apo_down"},
+        {"train.loss_type": "aot"},
+        {"train.loss_type": "bco_pair"},
+        {"train.loss_type": ["sigmoid", "bco_pair", "sft"], "train.loss_weights": [0.8, 0.2, 1.0]},
+    ],
+    ids=lambda s: "-".join(str(v) for v in s.values()),
+)
+def test_k1_family_losses_equal_trl_through_the_model(scored, tmp_path, settings):
+    """The DPO family with K = 1 == TRL's DPOTrainer on the same model, token ids and stored reference
+    log-probs (tests/test_loss_family.py checks every loss type on given log-probs; this, the whole step)."""
+    cfg = config(scored, tmp_path, **{"train.objective": "dpo", **settings})
+    setup = prepare_training(cfg)
+    ours = build_trainer(cfg, setup)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # at the anchor every log-ratio is 0; move the policy off it
+        for p in ours.model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    examples = [setup.datasets["train"][i] for i in range(8)]
+    batch = PreferenceCollator(setup.tokenizer.pad_token_id)(examples)
+    ours.model.train()
+    with torch.no_grad():
+        our_loss = ours.compute_loss(ours.model, batch).item()
+    t = cfg.train
+    types = [t.loss_type] if isinstance(t.loss_type, str) else list(t.loss_type)
+    trl_loss = trl_loss_on(
+        examples,
+        ours.model,
+        setup.tokenizer,
+        tmp_path / "trl",
+        t.beta,
+        types,
+        loss_weights=list(t.loss_weights) if t.loss_weights else None,
+        label_smoothing=t.label_smoothing,
+        f_divergence_type=t.f_divergence_type,
+    )
+    print(f"{types}: ours {our_loss:.8f}, TRL {trl_loss:.8f}, |difference| {abs(our_loss - trl_loss):.1e}")
+    assert our_loss == pytest.approx(trl_loss, abs=1e-5)
 
 
 def test_dpo_with_reference_k_equals_mrpo_with_only_reference_k(scored, tmp_path):
