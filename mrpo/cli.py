@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare", help="read preference data, clean it, split it into data/prepared/")
     p = sub.add_parser("score", help="score every prepared pair under one reference model")
     p.add_argument("--reference", required=True, help="reference name from params.yaml `references`")
+    sub.add_parser(
+        "diagnose",
+        help="reference diagnostics on the validation split: accuracy, margins, agreement, clip, weights",
+    )
     sub.add_parser("train", help="train the policy with MRPO on the precomputed reference scores")
     sub.add_parser("evaluate", help="lm-eval benchmarks and preference metrics for policy and anchor")
     sub.add_parser("show-config", help="print the validated configuration")
@@ -95,6 +99,7 @@ def stage_outputs(cfg, stage: str, reference: str | None = None) -> list[Path]:
         "zoo": [cfg.zoo.output_dir],
         "prepare": [cfg.data.output_dir],
         "score": [Path(cfg.score.output_dir) / f"{reference}.parquet"],
+        "diagnose": [cfg.diagnose.metrics_file],
         "train": [cfg.train.output_dir, cfg.train.checkpoint_dir],
         "evaluate": [cfg.evaluate.results_dir],
     }
@@ -130,6 +135,10 @@ def _dispatch(cfg, args: argparse.Namespace) -> None:
         from mrpo.scoring import score_reference
 
         score_reference(cfg, args.reference)
+    elif args.stage == "diagnose":
+        from mrpo.diagnostics import diagnose
+
+        diagnose(cfg)
     elif args.stage == "train":
         from mrpo.train import train
 
