@@ -433,7 +433,7 @@ def log_to_mlflow(cfg: Config, d: Diagnostics) -> str:
                 "diagnose.split": d.split,
                 "train.epsilon": d.epsilon,
                 "train.adaptive_epsilon": d.adaptive_epsilon,
-                "references": d.names,
+                "reference_set.names": d.names,
                 "seed": cfg.seed,
             },
         )
