@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("train", help="train the policy with MRPO on the precomputed reference scores")
     sub.add_parser("evaluate", help="lm-eval benchmarks and preference metrics for policy and anchor")
+    p = sub.add_parser(
+        "compare",
+        help="DPO per reference, MRPO per strategy and multi_dpo over seeds on few pairs: intervals, paired tests",
+    )
+    p.add_argument("--id", help="comparison id: the output folder and MLflow tag (default compare-<time>)")
     sub.add_parser("show-config", help="print the validated configuration")
     p = sub.add_parser(
         "runs", help="a comparison table of existing MLflow runs, filtered by experiment and tags"
@@ -138,6 +143,10 @@ def _dispatch(cfg, args: argparse.Namespace) -> None:
 
         for key, value in config_to_flat_dict(cfg).items():
             print(f"{key} = {value!r}")
+    elif args.stage == "compare":
+        from mrpo.compare import compare
+
+        compare(cfg, comparison_id=args.id)
     elif args.stage == "runs":
         from mrpo.runs import parse_tags, runs_table
         from mrpo.tracking import tracking_uri

@@ -200,7 +200,7 @@ class CompareConfig:
     strategies: tuple[str, ...] | None = None  # null: every strategy but `fixed`
     dpo_references: tuple[str, ...] | None = None  # null: every reference
     multi_dpo: bool = True
-    lm_eval_limit: int = 0  # documents per lm-eval task per member; 0 skips lm-eval
+    lm_eval_limit: int = 100  # documents per lm-eval task per member; 0 skips lm-eval
     bootstrap: int = 2000
     confidence: float = 0.95
     output_dir: str = "sweeps"
