@@ -148,3 +148,43 @@ def test_a_small_comparison_end_to_end(scored, tmp_path):
     }
     table = runs_table(cfg.tracking.tracking_uri, "mrpo", {"mrpo.kind": "compare-member"})
     assert len(table.splitlines()) == 2 + 4 and "compare/test_reward_accuracy_vs_anchor" in table
+
+
+@pytest.mark.slow
+def test_the_compare_flow_runs_each_member_as_a_task_and_publishes_the_report(scored, tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect_home"))
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a loaded 2-core box
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from prefect.client.orchestration import get_client
+
+    from flows.sweep import compare_flow
+
+    project = tmp_path / "project"
+    project.mkdir()
+    raw = yaml.safe_load(scored["params"].read_text())  # absolute data and score paths: nothing is re-made
+    raw["evaluate"]["device"] = "cpu"
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    overrides = {
+        "compare.seeds": [3],
+        "compare.train_pairs": 16,
+        "compare.num_epochs": 1,
+        "compare.dpo_references": ["anchor", "gpt2_char"],
+        "compare.strategies": [],
+        "compare.multi_dpo": False,
+        "compare.lm_eval_limit": 0,
+        "compare.bootstrap": 100,
+    }
+    out = compare_flow(str(project), overrides, "flow-test")
+    assert out["members"] == 2 and out["failed"] == 0
+    md = (project / "sweeps" / "flow-test" / "comparison.md").read_text()
+    assert "| dpo:gpt2_char | 1 |" in md and "lm-eval: skipped" in md
+    assert (project / "plots" / "comparison.png").is_file() and (project / "mlflow.db").is_file()
+    with get_client(sync_client=True) as client:
+        (run,) = [r for r in client.read_flow_runs() if r.name and r.state.is_completed()][:1]
+        tasks = sorted(t.name for t in client.read_task_runs() if t.flow_run_id == run.id)
+        artifacts = client.read_artifacts()
+    assert tasks == ["dpo:anchor-s3", "dpo:gpt2_char-s3"]
+    assert any(a.key == "comparison" and "dpo:gpt2_char" in a.data for a in artifacts)
