@@ -463,6 +463,27 @@ def table_rows(rows: Sequence[dict], baseline: str) -> tuple[list[str], list[lis
     return header, body
 
 
+def lm_eval_diff_rows(rows: Sequence[dict], baseline: str) -> tuple[list[str], list[list[str]]]:
+    """lm-eval scores' paired differences against the baseline: per metric 'diff [CI] p=...' (t over seeds)."""
+    metrics = lm_eval_metrics(rows)
+    header = ["configuration", *(f"{m.removeprefix('policy/')}: vs {baseline} [95% CI], p" for m in metrics)]
+    body = []
+    for r in rows:
+        if r["label"] == baseline:
+            continue
+        cells = []
+        for m in metrics:
+            key = f"{m} diff"
+            if key not in r:
+                cells.append("-")
+                continue
+            lo, hi = r[f"{key} low"], r[f"{key} high"]
+            ci = f" [{lo:+.3f}, {hi:+.3f}]" if math.isfinite(lo) else ""
+            cells.append(f"{r[key]:+.3f}{ci}, p={_f(r[f'{m} p'])}")
+        body.append([r["label"], *cells])
+    return header, body
+
+
 def text_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
 
@@ -499,7 +520,8 @@ def plot_comparison(rows: Sequence[dict], baseline: str, path: str | Path, confi
         low = np.array([r.get(f"{key}_low", np.nan) for r in rows], dtype=float)
         high = np.array([r.get(f"{key}_high", np.nan) for r in rows], dtype=float)
         err = np.nan_to_num(np.vstack([mean - low, high - mean]))
-        ax.barh(y, np.nan_to_num(mean), xerr=err, color=colors, capsize=3)
+        for i in range(len(rows)):  # points, not bars: an accuracy near 0.5 is not a length from 0
+            ax.errorbar(mean[i], y[i], xerr=err[:, i : i + 1], fmt="o", color=colors[i], capsize=3)
         ax.axvline(0.5 if key == "accuracy" else 0.0, color="grey", lw=0.8, ls="--")
         ax.set_title(f"{title}, mean and {confidence:.0%} CI", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
@@ -565,6 +587,14 @@ def report(comparison: Comparison, results: Sequence[MemberResult], command: str
         f"Difference: paired with `{comparison.baseline}` by seed and test pair; p is the two-sided bootstrap "
         f"p-value that it is 0. {lm}\n",
         markdown_table(header, body),
+        *(
+            [
+                "\nlm-eval scores, paired with the baseline by seed:\n",
+                markdown_table(*lm_eval_diff_rows(rows, comparison.baseline)),
+            ]
+            if lm_eval_metrics(rows)
+            else []
+        ),
         "\n![comparison](comparison.png)\n",
         "\n## Reference diagnostics (before training)\n",
         comparison.diagnostics_md,

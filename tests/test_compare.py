@@ -14,6 +14,7 @@ from mrpo.compare import (
     Member,
     MemberResult,
     comparison_members,
+    lm_eval_diff_rows,
     pair_correct,
     summarise,
     table_rows,
@@ -72,6 +73,9 @@ def test_summary_by_hand():
     assert vdw["policy/t/acc diff"] == pytest.approx(0.075)
     half = 12.706204736 * (0.05 / math.sqrt(2)) / math.sqrt(2)  # t(0.975, 1) * sd / sqrt(n)
     assert vdw["policy/t/acc diff high"] == pytest.approx(0.075 + half)
+    # paired t: t = 0.075 / (sd / sqrt(2)) = 3 with 1 degree of freedom, p = 2 * (1/2 - atan(3) / pi)
+    assert vdw["policy/t/acc p"] == pytest.approx(1 - 2 * math.atan(3) / math.pi)
+    assert lm_eval_diff_rows([base, vdw], "dpo:a")[1] == [["mrpo:vdw", "+0.075 [-0.243, +0.393], p=0.205"]]
     header, body = table_rows([base, vdw], "dpo:a")
     assert header[:5] == ["configuration", "seeds", "test reward acc [95% CI]", "vs dpo:a [95% CI]", "p"]
     assert body[0][3] == "(baseline)" and body[1][3].startswith("+0.250 [")
