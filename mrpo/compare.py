@@ -261,11 +261,6 @@ def start(cfg: Config, comparison_id: str | None = None, track: bool = True) -> 
             )
         )
     members = comparison_members(names, c.seeds, c.strategies, c.dpo_references, c.multi_dpo)
-    if not any(m.label == baseline_label(names) for m in members):
-        raise ConfigError(
-            f"compare.dpo_references: must include the anchor {names[0]!r}: every configuration is compared "
-            "with DPO against it"
-        )
     comparison_id = comparison_id or time.strftime("compare-%Y%m%d-%H%M%S")
     out_dir = Path(c.output_dir) / comparison_id
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -731,6 +731,12 @@ def _validate_diagnose_and_compare(cfg: Config, names: list[str]) -> None:
     )
     for r in c.dpo_references or ():
         _one_of(r, "compare.dpo_references", tuple(names))
+    _check(
+        c.dpo_references is None or names[0] in c.dpo_references,
+        "compare.dpo_references",
+        None if c.dpo_references is None else list(c.dpo_references),
+        f"must include the anchor {names[0]!r}: every configuration is compared with DPO against it",
+    )
     _check(c.lm_eval_limit >= 0, "compare.lm_eval_limit", c.lm_eval_limit, "must be >= 0 (0 skips lm-eval)")
     _check(c.bootstrap >= 100, "compare.bootstrap", c.bootstrap, "must be >= 100 resamples")
     _check(0 < c.confidence < 1, "compare.confidence", c.confidence, "must be in (0, 1), e.g. 0.95")

@@ -290,6 +290,11 @@ BAD_VALUES = [
     ("compare.num_epochs", 0, "compare.num_epochs: got 0; must be > 0"),
     ("compare.strategies", ["best"], "compare.strategies: got 'best'; allowed: uniform"),
     ("compare.dpo_references", ["nope"], "compare.dpo_references: got 'nope'; allowed: anchor"),
+    (
+        "compare.dpo_references",
+        ["gpt2_char"],
+        "compare.dpo_references: got ['gpt2_char']; must include the anchor",
+    ),
     ("compare.multi_dpo", "yes", "compare.multi_dpo: expected true or false, got 'yes'"),
     ("compare.lm_eval_limit", -1, "compare.lm_eval_limit: got -1; must be >= 0"),
     ("compare.bootstrap", 10, "compare.bootstrap: got 10; must be >= 100 resamples"),
