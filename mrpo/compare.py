@@ -444,11 +444,19 @@ def lm_eval_metrics(rows: Sequence[dict]) -> list[str]:
     return sorted({k for r in rows for k in r if k.startswith("policy/") and " " not in k})
 
 
-def table_rows(rows: Sequence[dict], baseline: str) -> tuple[list[str], list[list[str]]]:
-    """The compact table: configuration, seeds, accuracy [CI], difference vs baseline [CI], p, lm-eval scores."""
+def table_rows(
+    rows: Sequence[dict], baseline: str, confidence: float = 0.95, compact: bool = False
+) -> tuple[list[str], list[list[str]]]:
+    """The table: configuration, seeds, accuracy [CI], difference vs baseline [CI], p, lm-eval scores [CI];
+    `compact` (the terminal's) keeps one lm-eval metric per task."""
     metrics = lm_eval_metrics(rows)
-    header = ["configuration", "seeds", "test reward acc [95% CI]", f"vs {baseline} [95% CI]", "p"]
-    header += [f"{m.removeprefix('policy/')} [95% CI]" for m in metrics]
+    if compact:
+        metrics = list({m.split("/")[1]: m for m in reversed(metrics)}.values())[
+            ::-1
+        ]  # the first of each task
+    ci = f"{confidence:.0%} CI"
+    header = ["configuration", "seeds", f"test reward acc [{ci}]", f"vs {baseline} [{ci}]", "p"]
+    header += [f"{m.removeprefix('policy/')} [{ci}]" for m in metrics]
     body = []
     for r in rows:
         line = [r["label"], str(r["seeds"]), _interval(r, "accuracy")]
@@ -461,7 +469,7 @@ def table_rows(rows: Sequence[dict], baseline: str) -> tuple[list[str], list[lis
 def lm_eval_diff_rows(rows: Sequence[dict], baseline: str) -> tuple[list[str], list[list[str]]]:
     """lm-eval scores' paired differences against the baseline: per metric 'diff [CI] p=...' (t over seeds)."""
     metrics = lm_eval_metrics(rows)
-    header = ["configuration", *(f"{m.removeprefix('policy/')}: vs {baseline} [95% CI], p" for m in metrics)]
+    header = ["configuration", *(f"{m.removeprefix('policy/')}: vs {baseline} [CI], p" for m in metrics)]
     body = []
     for r in rows:
         if r["label"] == baseline:
@@ -551,7 +559,7 @@ def report(comparison: Comparison, results: Sequence[MemberResult], command: str
 
     c = comparison.cfg.compare
     rows = summarise(results, comparison.baseline, c.bootstrap, c.confidence)
-    header, body = table_rows(rows, comparison.baseline)
+    header, body = table_rows(rows, comparison.baseline, c.confidence)
     wall = time.perf_counter() - comparison.started
     out = comparison.out_dir
     paths = {
@@ -606,7 +614,8 @@ def report(comparison: Comparison, results: Sequence[MemberResult], command: str
         shutil.copyfile(src, dest)
     if comparison.parent_run is not None:
         _finish_parent_run(comparison, rows, paths, wall)
-    return {"rows": rows, "table": text_table(header, body), "paths": paths, "wall_s": wall}
+    terminal = text_table(*table_rows(rows, comparison.baseline, c.confidence, compact=True))
+    return {"rows": rows, "table": terminal, "paths": paths, "wall_s": wall}
 
 
 def compare(cfg: Config, *, track: bool = True, comparison_id: str | None = None) -> dict:

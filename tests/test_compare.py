@@ -79,6 +79,10 @@ def test_summary_by_hand():
     header, body = table_rows([base, vdw], "dpo:a")
     assert header[:5] == ["configuration", "seeds", "test reward acc [95% CI]", "vs dpo:a [95% CI]", "p"]
     assert body[0][3] == "(baseline)" and body[1][3].startswith("+0.250 [")
+    assert header[5:] == ["t/acc [95% CI]"] and body[1][5].startswith("0.425 [")
+    wide = [dict(r, **{"policy/t/acc_norm": 0.4, "policy/u/em": 0.1}) for r in (base, vdw)]
+    assert table_rows(wide, "dpo:a", 0.9)[0][5:] == ["t/acc [90% CI]", "t/acc_norm [90% CI]", "u/em [90% CI]"]
+    assert table_rows(wide, "dpo:a", compact=True)[0][5:] == ["t/acc [95% CI]", "u/em [95% CI]"]
 
 
 @pytest.mark.slow
