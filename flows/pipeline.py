@@ -25,6 +25,7 @@ from flows.stages import (
     retry_if_transient,
     stage_markdown,
     stage_metrics,
+    stage_report,
 )
 from mrpo.config import load_config
 
@@ -51,6 +52,11 @@ def run_stage(stage: str, project_dir: str, params_file: str = "params.yaml") ->
         markdown=stage_markdown(result, metrics),
         description=f"DVC stage {stage}: {result.status}",
     )
+    report = stage_report(stage, cfg, project_dir)
+    if report:  # the diagnose stage: which references are worth using, readable in the UI
+        create_markdown_artifact(
+            key=artifact_key("reference-diagnostics"), markdown=report, description="Reference diagnostics"
+        )
     return {"stage": stage, "status": result.status, "seconds": round(result.seconds, 2), "metrics": metrics}
 
 

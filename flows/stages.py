@@ -63,7 +63,14 @@ class StageResult:
 
 def pipeline_stages(cfg: Config) -> list[str]:
     """The dvc.yaml stages in execution order; score is one stage per reference (`score@<name>`)."""
-    return ["zoo", "prepare", *(f"score@{ref.name}" for ref in cfg.references), "train", "evaluate"]
+    return [
+        "zoo",
+        "prepare",
+        *(f"score@{ref.name}" for ref in cfg.references),
+        "diagnose",
+        "train",
+        "evaluate",
+    ]
 
 
 def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -220,11 +227,23 @@ def stage_metrics(stage: str, cfg: Config, project_dir: str | Path) -> dict[str,
     if stage.startswith("score@"):
         path = score_path(root / cfg.score.output_dir, stage.split("@", 1)[1])
         return score_summary(path) if path.is_file() else {}
+    if stage == "diagnose":
+        return flatten(_read_json(root / cfg.diagnose.metrics_file))
     if stage == "train":
         return flatten(_read_json(root / cfg.train.metrics_file))
     if stage == "evaluate":
         return flatten(_read_json(root / cfg.evaluate.metrics_file))
-    raise ValueError(f"unknown stage {stage!r}; known: zoo, prepare, score@<reference>, train, evaluate")
+    raise ValueError(
+        f"unknown stage {stage!r}; known: zoo, prepare, score@<reference>, diagnose, train, evaluate"
+    )
+
+
+def stage_report(stage: str, cfg: Config, project_dir: str | Path) -> str | None:
+    """A stage's own markdown report, published as a Prefect artifact of its own (the diagnose stage's)."""
+    if stage == "diagnose":
+        path = Path(project_dir) / cfg.diagnose.report_file
+        return path.read_text() if path.is_file() else None
+    return None
 
 
 def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None) -> str:

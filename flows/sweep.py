@@ -1,4 +1,12 @@
-"""The `sweep` flow: a set of DVC experiments under one MLflow parent run, and a comparison.
+"""The `sweep` flow: a set of DVC experiments under one MLflow parent run, and a comparison; the `compare`
+flow: `mrpo compare` (mrpo/compare.py) with one Prefect task per member and the report as a markdown artifact.
+
+    python -m flows.sweep                      # the DVC-experiment sweep (every member re-runs its stages)
+    python -m flows.sweep --compare            # the comparison, in this process, on the stored scores
+    python -m flows.sweep --compare --set compare.seeds=[0,1]
+
+The comparison is the fast, seeded way to answer "does multi-reference help here?" (see docs/results.md);
+the DVC sweep keeps every member as a DVC experiment with its full pipeline outputs (`dvc exp show`).
 
 Default members: DPO with each reference alone, MRPO with each weighting strategy (all
 references), each over the given seeds. Every member is one `dvc exp run --temp -S ...`, so
@@ -483,5 +491,84 @@ def sweep(
     }
 
 
+# ---------------------------------------------------------------- the comparison as a flow
+
+
+@task(task_run_name="{member.label}-s{member.seed}", cache_policy=None)
+def compare_member(comparison, member):
+    """Train and score one member of the comparison (mrpo.compare.run_member)."""
+    from mrpo.compare import run_member
+
+    return run_member(comparison, member)
+
+
+@flow(name="compare", log_prints=True)
+def compare_flow(
+    project_dir: str = ".", overrides: dict[str, Any] | None = None, comparison_id: str | None = None
+) -> dict[str, Any]:
+    """`mrpo compare` as a flow: each member a task (a failed one is left out of the summary, and
+    logged), the report published as the `comparison` markdown artifact. `overrides`: params, e.g.
+    {"compare.seeds": [0, 1]}."""
+    import contextlib
+
+    from prefect.utilities.annotations import quote
+
+    from mrpo.compare import report, start
+
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    with contextlib.chdir(root):  # params.yaml's paths are relative to the project
+        cfg = load_config("params.yaml", overrides)
+        comparison = start(cfg, comparison_id)
+        results = []
+        for member in comparison.members:
+            try:  # quote: Prefect must not walk the tokenized splits to find upstream tasks
+                results.append(compare_member(quote(comparison), member))
+            except Exception as exc:  # one failed member must not sink the comparison
+                logger.error("member %s seed %d failed: %s", member.label, member.seed, exc)
+        if not results:
+            raise RuntimeError(
+                f"comparison {comparison.comparison_id}: every member failed; see the task logs"
+            )
+        out = report(comparison, results, command="python -m flows.sweep --compare")
+        markdown = out["paths"]["md"].read_text()
+    create_markdown_artifact(
+        key="comparison",
+        markdown=markdown,
+        description=(
+            f"Comparison {comparison.comparison_id}: {len(results)} of {len(comparison.members)} members"
+        ),
+    )
+    print(out["table"])
+    return {
+        "comparison_id": comparison.comparison_id,
+        "output_dir": str(root / comparison.out_dir),
+        "members": len(comparison.members),
+        "failed": len(comparison.members) - len(results),
+        "wall_s": round(out["wall_s"], 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from mrpo.cli import _parse_overrides
+
+    parser = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("--project-dir", default=".")
+    parser.add_argument(
+        "--compare", action="store_true", help="run the `compare` flow instead of the DVC sweep"
+    )
+    parser.add_argument("--id", help="comparison id (with --compare)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a param (with --compare)"
+    )
+    args = parser.parse_args(argv)
+    if args.compare:
+        compare_flow(args.project_dir, _parse_overrides(args.set) or None, args.id)
+    else:
+        sweep(args.project_dir)
+
+
 if __name__ == "__main__":
-    sweep()
+    main()

@@ -54,9 +54,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare", help="read preference data, clean it, split it into data/prepared/")
     p = sub.add_parser("score", help="score every prepared pair under one reference model")
     p.add_argument("--reference", required=True, help="reference name from params.yaml `references`")
+    sub.add_parser(
+        "diagnose",
+        help="reference diagnostics on the validation split: accuracy, margins, agreement, clip, weights",
+    )
     sub.add_parser("train", help="train the policy with MRPO on the precomputed reference scores")
     sub.add_parser("evaluate", help="lm-eval benchmarks and preference metrics for policy and anchor")
+    p = sub.add_parser(
+        "compare",
+        help=(
+            "DPO per reference, MRPO per strategy and multi_dpo over seeds on few pairs: "
+            "intervals, paired tests"
+        ),
+    )
+    p.add_argument("--id", help="comparison id: the output folder and MLflow tag (default compare-<time>)")
     sub.add_parser("show-config", help="print the validated configuration")
+    p = sub.add_parser(
+        "runs", help="a comparison table of existing MLflow runs, filtered by experiment and tags"
+    )
+    p.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
+    p.add_argument(
+        "--tag", action="append", default=[], metavar="KEY=VALUE", help="only runs with this tag (repeatable)"
+    )
+    p.add_argument("--sweep", help="only the members of this sweep or comparison (tag mrpo.sweep)")
+    p.add_argument("--filter", help="an MLflow filter string, e.g. \"params.`train.beta` = '0.1'\"")
+    p.add_argument("--metric", action="append", default=[], help="another metric column (repeatable)")
+    p.add_argument("--param", action="append", default=[], help="another param column (repeatable)")
+    p.add_argument(
+        "--sort", metavar="METRIC", help="order by this metric, best first (default: newest first)"
+    )
+    p.add_argument("--max-results", type=int, default=200, help="at most this many runs (default 200)")
     return parser
 
 
@@ -96,6 +123,7 @@ def stage_outputs(cfg, stage: str, reference: str | None = None) -> list[Path]:
         "zoo": [cfg.zoo.output_dir],
         "prepare": [cfg.data.output_dir],
         "score": [Path(cfg.score.output_dir) / f"{reference}.parquet"],
+        "diagnose": [cfg.diagnose.metrics_file],
         "train": [cfg.train.output_dir, cfg.train.checkpoint_dir],
         "evaluate": [cfg.evaluate.results_dir],
     }
@@ -119,6 +147,30 @@ def _dispatch(cfg, args: argparse.Namespace) -> None:
 
         for key, value in config_to_flat_dict(cfg).items():
             print(f"{key} = {value!r}")
+    elif args.stage == "compare":
+        from mrpo.compare import compare
+
+        compare(cfg, comparison_id=args.id)
+    elif args.stage == "runs":
+        from mrpo.runs import parse_tags, runs_table
+        from mrpo.tracking import tracking_uri
+
+        tags = parse_tags(args.tag)
+        if args.sweep:
+            tags["mrpo.sweep"] = args.sweep
+        print(
+            runs_table(
+                tracking_uri(cfg),
+                args.experiment or cfg.tracking.experiment,
+                tags,
+                args.filter,
+                args.metric,
+                args.param,
+                args.sort,
+                args.max_results,
+            ),
+            end="",
+        )
     elif args.stage == "zoo":
         from mrpo.zoo import build_zoo
 
@@ -131,6 +183,10 @@ def _dispatch(cfg, args: argparse.Namespace) -> None:
         from mrpo.scoring import score_reference
 
         score_reference(cfg, args.reference)
+    elif args.stage == "diagnose":
+        from mrpo.diagnostics import diagnose
+
+        diagnose(cfg)
     elif args.stage == "train":
         from mrpo.train import train
 

@@ -186,6 +186,36 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class DiagnoseConfig:
+    """The `diagnose` stage: the references compared on one split of their stored scores, before training."""
+
+    split: str = "val"
+    metrics_file: str = "metrics/diagnostics.json"
+    plots_file: str = "plots/diagnostics.csv"
+    image_file: str = "plots/diagnostics.png"
+    report_file: str = "metrics/diagnostics.md"
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """`mrpo compare`: DPO per reference, MRPO per strategy and multi_dpo, over seeds, on few training
+    pairs."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    train_pairs: int = 300  # training pairs drawn per seed from the train split (the data-scarce setting)
+    num_epochs: float = 3.0
+    strategies: tuple[str, ...] | None = None  # null: every strategy but `fixed`
+    dpo_references: tuple[str, ...] | None = None  # null: every reference
+    multi_dpo: bool = True
+    lm_eval_limit: int = 100  # documents per lm-eval task per member; 0 skips lm-eval
+    bootstrap: int = 2000
+    confidence: float = 0.95
+    output_dir: str = "sweeps"
+    plots_file: str = "plots/comparison.csv"
+    image_file: str = "plots/comparison.png"
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     references: tuple[ReferenceConfig, ...] = ()
@@ -195,6 +225,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     @property
     def anchor(self) -> ReferenceConfig:
@@ -307,6 +339,8 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         train=_train(raw.get("train")),
         evaluate=_section(EvalConfig, raw.get("evaluate"), "evaluate"),
         tracking=_section(TrackingConfig, raw.get("tracking"), "tracking"),
+        diagnose=_section(DiagnoseConfig, raw.get("diagnose"), "diagnose"),
+        compare=_section(CompareConfig, raw.get("compare"), "compare"),
     )
     _validate(cfg)
     return cfg
@@ -700,6 +734,39 @@ def _validate(cfg: Config) -> None:
     _check(e.max_gen_tokens >= 1, "evaluate.max_gen_tokens", e.max_gen_tokens, "must be >= 1")
     _one_of(e.device, "evaluate.device", DEVICES)
     _check(len(set(e.tasks)) == len(e.tasks), "evaluate.tasks", list(e.tasks), "each task at most once")
+    _validate_diagnose_and_compare(cfg, names)
+
+
+def _validate_diagnose_and_compare(cfg: Config, names: list[str]) -> None:
+    from mrpo.weighting import STRATEGIES
+
+    g, c = cfg.diagnose, cfg.compare
+    _one_of(g.split, "diagnose.split", ("train", "val", "test"))
+    _check(len(c.seeds) > 0, "compare.seeds", list(c.seeds), "needs at least one seed, e.g. [0, 1, 2, 3, 4]")
+    _check(len(set(c.seeds)) == len(c.seeds), "compare.seeds", list(c.seeds), "each seed at most once")
+    for s in c.seeds:
+        _check(0 <= s <= MAX_SEED, "compare.seeds", list(c.seeds), f"each must be in [0, {MAX_SEED}]")
+    _check(c.train_pairs >= 1, "compare.train_pairs", c.train_pairs, "must be >= 1")
+    _check(c.num_epochs > 0, "compare.num_epochs", c.num_epochs, "must be > 0")
+    for s in c.strategies or ():
+        _one_of(s, "compare.strategies", STRATEGIES)
+    _check(
+        "fixed" not in (c.strategies or ()) or cfg.train.fixed_weights is not None,
+        "compare.strategies",
+        list(c.strategies or ()),
+        "'fixed' needs train.fixed_weights (one per reference); drop it or set them",
+    )
+    for r in c.dpo_references or ():
+        _one_of(r, "compare.dpo_references", tuple(names))
+    _check(
+        c.dpo_references is None or names[0] in c.dpo_references,
+        "compare.dpo_references",
+        None if c.dpo_references is None else list(c.dpo_references),
+        f"must include the anchor {names[0]!r}: every configuration is compared with DPO against it",
+    )
+    _check(c.lm_eval_limit >= 0, "compare.lm_eval_limit", c.lm_eval_limit, "must be >= 0 (0 skips lm-eval)")
+    _check(c.bootstrap >= 100, "compare.bootstrap", c.bootstrap, "must be >= 100 resamples")
+    _check(0 < c.confidence < 1, "compare.confidence", c.confidence, "must be in (0, 1), e.g. 0.95")
 
 
 def config_to_flat_dict(cfg: Config) -> dict[str, Any]:

@@ -25,6 +25,12 @@ _OUTPUTS = {
         ("train.metrics_file", "file"),
         ("train.plots_file", "file"),
     ],
+    "diagnose": [
+        ("diagnose.metrics_file", "file"),
+        ("diagnose.plots_file", "file"),
+        ("diagnose.image_file", "file"),
+        ("diagnose.report_file", "file"),
+    ],
     "evaluate": [
         ("evaluate.metrics_file", "file"),
         ("evaluate.results_dir", "dir"),

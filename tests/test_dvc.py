@@ -11,7 +11,16 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, clone_project, run_tool
 
-STAGES = ["zoo", "prepare", "score@anchor", "score@gpt2_char", "score@llama_mul", "train", "evaluate"]
+STAGES = [
+    "zoo",
+    "prepare",
+    "score@anchor",
+    "score@gpt2_char",
+    "score@llama_mul",
+    "diagnose",
+    "train",
+    "evaluate",
+]
 
 
 def dvc(args, cwd, check=True):
@@ -34,6 +43,7 @@ STAGE_MODULES = {
     "zoo": "zoo",
     "prepare": "data",
     "score": "scoring",
+    "diagnose": "diagnostics",
     "train": "train",
     "evaluate": "evaluate",
 }
@@ -75,6 +85,7 @@ def test_repro_runs_every_stage_in_order_and_writes_the_outputs(tiny_reproduced)
     at = {stage: out.index(f"Running stage '{stage}'") for stage in STAGES}
     scores = [at[s] for s in STAGES if s.startswith("score@")]
     assert max(at["zoo"], at["prepare"]) < min(scores) and max(scores) < at["train"] < at["evaluate"]
+    assert max(scores) < at["diagnose"]
 
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
@@ -130,11 +141,11 @@ def test_changing_one_reference_reruns_only_its_scoring_and_what_follows(tiny_re
     }
 
     edit_params(project, lambda p: p["references"]["llama_mul"].update(tokenizer="models/zoo/llama_mul"))
-    assert stale_stages(project) == {"score@llama_mul", "train", "evaluate"}
+    assert stale_stages(project) == {"score@llama_mul", "diagnose", "train", "evaluate"}
 
     out = dvc(["repro"], project).stdout
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"score@llama_mul", "train", "evaluate"}, out[-3000:]
+    assert ran == {"score@llama_mul", "diagnose", "train", "evaluate"}, out[-3000:]
     for stage in ("zoo", "prepare", "score@anchor", "score@gpt2_char"):
         assert f"Stage '{stage}' didn't change, skipping" in out
     after = {r: (project / "data" / "scores" / f"{r}.parquet").read_bytes() for r in before}
@@ -147,7 +158,7 @@ def test_adding_a_reference_scores_only_that_one(tiny_reproduced, tmp_path):
     project = clone_project(tiny_reproduced["path"], tmp_path / "p")
     edit_params(project, lambda p: p["references"].update(anchor_twin={"model": "models/zoo/anchor"}))
     stale = stale_stages(project)
-    assert stale == {"score@anchor_twin", "train", "evaluate"}
+    assert stale == {"score@anchor_twin", "diagnose", "train", "evaluate"}
     out = dvc(["repro", "--dry"], project).stdout
     assert "Running stage 'score@anchor_twin'" in out
     assert "Running stage 'score@anchor'" not in out and "Running stage 'score@gpt2_char'" not in out
@@ -173,6 +184,9 @@ def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
     assert spec["stages"]["score"]["foreach"] == "${references}"
     assert spec["stages"]["train"]["metrics"] == [
         {"${train.metrics_file}": {"cache": False, "persist": True}}
+    ]
+    assert spec["stages"]["diagnose"]["metrics"] == [
+        {"${diagnose.metrics_file}": {"cache": False, "persist": True}}
     ]
     assert spec["stages"]["evaluate"]["metrics"] == [
         {"${evaluate.metrics_file}": {"cache": False, "persist": True}}

@@ -194,6 +194,7 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
                 "score@anchor",
                 "score@gpt2_char",
                 "score@llama_mul",
+                "diagnose",
                 "train",
                 "evaluate",
             }
@@ -207,6 +208,8 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
         "stage-zoo",
         "stage-prepare",
         "stage-score-anchor",
+        "stage-diagnose",
+        "reference-diagnostics",
         "stage-train",
         "stage-evaluate",
         "pipeline-summary",

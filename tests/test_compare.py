@@ -1,0 +1,198 @@
+"""`mrpo compare`: its members, its per-pair scoring, its summary (numbers by hand), and a real small run on
+the tiny zoo's scores (real training, real lm-eval, a real MLflow store)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import config
+
+from mrpo.compare import (
+    Member,
+    MemberResult,
+    comparison_members,
+    lm_eval_diff_rows,
+    pair_correct,
+    summarise,
+    table_rows,
+)
+
+
+def test_members_are_every_configuration_for_every_seed():
+    members = comparison_members(["a", "b", "c"], [0, 1], ["uniform", "vdw"])
+    labels = [m.label for m in members if m.seed == 0]
+    assert labels == ["dpo:a", "dpo:b", "dpo:c", "mrpo:uniform", "mrpo:vdw", "multi_dpo"]
+    assert [m.label for m in members if m.seed == 1] == labels and len(members) == 12
+    dpo_b = members[1]
+    assert (dpo_b.objective, dpo_b.references) == ("dpo", ("b",))
+    assert members[4] == Member("mrpo:vdw", 0, "mrpo", "vdw", ("a", "b", "c"))
+    default = comparison_members(["a", "b"], [0], dpo_references=["a"], multi_dpo=False)
+    assert [m.label for m in default] == ["dpo:a"] + [
+        f"mrpo:{s}" for s in ("uniform", "arwc", "vdw", "vaw", "window", "thompson")
+    ]
+    assert [m.label for m in comparison_members(["a"], [0])] == ["dpo:a"]  # one reference: nothing to combine
+
+
+def test_pair_correct_is_the_reward_accuracy_against_the_anchor_per_pair():
+    pi_w, pi_l = np.array([-5.0, -5.0, -5.0, -7.0]), np.array([-6.0, -5.0, -4.0, -7.0])
+    r_w, r_l = np.array([-5.0, -5.0, -5.0, -6.0]), np.array([-6.5, -5.0, -5.0, -7.5])
+    # gaps / beta: (0 - 0.5)... worked out: pair 0: (-5+5) - (-6+6.5) = -0.5; 1: 0 (a tie); 2: 0 - 1 = -1;
+    # 3: (-7+6) - (-7+7.5) = -1.5
+    assert pair_correct(pi_w, pi_l, r_w, r_l, 0.1).tolist() == [0, 0, 0, 0]
+    assert pair_correct(r_w + 1, r_l, r_w, r_l, 0.1).tolist() == [1, 1, 1, 1]
+    tiny = 0.5e-4  # below fp32's tie tolerance (1e-4 nats): still a tie
+    assert pair_correct(r_w + tiny, r_l, r_w, r_l, 0.1, torch.float32).tolist() == [0, 0, 0, 0]
+
+
+def _result(label, seed, correct, **scores):
+    objective = label.split(":")[0]
+    return MemberResult(
+        Member(label, seed, objective, "uniform", ("a",)), np.array(correct, float), scores, 1.0
+    )
+
+
+def test_summary_by_hand():
+    results = [
+        _result("dpo:a", 0, [1, 0, 0, 1], **{"policy/t/acc": 0.30}),
+        _result("dpo:a", 1, [0, 0, 1, 1], **{"policy/t/acc": 0.40}),
+        _result("mrpo:vdw", 0, [1, 1, 0, 1], **{"policy/t/acc": 0.35}),
+        _result("mrpo:vdw", 1, [1, 0, 1, 1], **{"policy/t/acc": 0.50}),
+    ]
+    base, vdw = summarise(results, "dpo:a", resamples=4000)
+    assert base["label"] == "dpo:a" and base["seeds"] == 2 and base["accuracy"] == 0.5 and "diff" not in base
+    assert base["accuracy_low"] <= 0.5 <= base["accuracy_high"]
+    # vdw wins exactly one pair more than dpo:a on each seed: +1/4, and never loses a pair
+    assert vdw["accuracy"] == 0.75 and vdw["diff"] == 0.25
+    assert 0 <= vdw["diff_low"] <= 0.25 <= vdw["diff_high"]
+    assert vdw["p"] > 0.05  # four pairs: a resample can draw only the pairs where they tie
+    # lm-eval: t interval over two seeds and the paired t-test (differences 0.05 and 0.10)
+    assert vdw["policy/t/acc"] == pytest.approx(0.425)
+    assert vdw["policy/t/acc diff"] == pytest.approx(0.075)
+    half = 12.706204736 * (0.05 / math.sqrt(2)) / math.sqrt(2)  # t(0.975, 1) * sd / sqrt(n)
+    assert vdw["policy/t/acc diff high"] == pytest.approx(0.075 + half)
+    # paired t: t = 0.075 / (sd / sqrt(2)) = 3 with 1 degree of freedom, p = 2 * (1/2 - atan(3) / pi)
+    assert vdw["policy/t/acc p"] == pytest.approx(1 - 2 * math.atan(3) / math.pi)
+    assert lm_eval_diff_rows([base, vdw], "dpo:a")[1] == [["mrpo:vdw", "+0.075 [-0.243, +0.393], p=0.205"]]
+    header, body = table_rows([base, vdw], "dpo:a")
+    assert header[:5] == ["configuration", "seeds", "test reward acc [95% CI]", "vs dpo:a [95% CI]", "p"]
+    assert body[0][3] == "(baseline)" and body[1][3].startswith("+0.250 [")
+    assert header[5:] == ["t/acc [95% CI]"] and body[1][5].startswith("0.425 [")
+    wide = [dict(r, **{"policy/t/acc_norm": 0.4, "policy/u/em": 0.1}) for r in (base, vdw)]
+    assert table_rows(wide, "dpo:a", 0.9)[0][5:] == ["t/acc [90% CI]", "t/acc_norm [90% CI]", "u/em [90% CI]"]
+    assert table_rows(wide, "dpo:a", compact=True)[0][5:] == ["t/acc [95% CI]", "u/em [95% CI]"]
+
+
+@pytest.mark.slow
+def test_a_small_comparison_end_to_end(scored, tmp_path):
+    import dataclasses
+
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from mrpo.compare import policy_logps, report, run_all, start
+    from mrpo.runs import runs_table
+    from mrpo.runtime import resolve_device
+    from mrpo.train import load_policy
+
+    cfg = config(scored, tmp_path)
+    cfg = dataclasses.replace(
+        cfg,
+        evaluate=dataclasses.replace(cfg.evaluate, device="cpu"),
+        compare=dataclasses.replace(
+            cfg.compare,
+            seeds=(0, 1),
+            train_pairs=32,
+            num_epochs=1.0,
+            dpo_references=("anchor",),
+            strategies=("vdw",),
+            multi_dpo=False,
+            lm_eval_limit=4,
+            bootstrap=200,
+            output_dir=str(tmp_path / "sweeps"),
+            plots_file=str(tmp_path / "plots/comparison.csv"),
+            image_file=str(tmp_path / "plots/comparison.png"),
+        ),
+    )
+    comparison = start(cfg, "cmp-test")
+    assert [m.label for m in comparison.members] == ["dpo:anchor", "mrpo:vdw"] * 2
+    # the comparison's policy log-probs are the scoring's: the untrained anchor ties the stored scores
+    test = comparison.datasets["test"]
+    pi_w, _ = policy_logps(
+        load_policy(cfg, resolve_device("cpu")), test, comparison.tokenizer.pad_token_id, torch.float32
+    )
+    stored = np.array([e.ref_chosen_logps[0] for e in test.examples])
+    assert np.abs(pi_w - stored).max() < 1e-4
+
+    results = run_all(comparison)
+    assert [r.steps for r in results] == [4] * 4  # 32 pairs, batch 8, 1 epoch (train.max_steps ignored)
+    out = report(comparison, results)
+    members = pd.read_csv(tmp_path / "sweeps/cmp-test/members.csv")
+    assert len(members) == 4 and set(members["label"]) == {"dpo:anchor", "mrpo:vdw"}
+    assert members["test_reward_accuracy_vs_anchor"].between(0, 1).all()
+    assert any(c.startswith("policy/mrpo_arith_mc/") for c in members.columns)  # lm-eval ran per member
+    summary = pd.read_csv(tmp_path / "sweeps/cmp-test/comparison.csv")
+    vdw = summary.set_index("label").loc["mrpo:vdw"]
+    assert vdw["diff"] == pytest.approx(
+        vdw["accuracy"] - summary.set_index("label").loc["dpo:anchor", "accuracy"]
+    )
+    md = (tmp_path / "sweeps/cmp-test/comparison.md").read_text()
+    assert "Reference diagnostics" in md and "| mrpo:vdw | 2 |" in md
+    assert (tmp_path / "plots/comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert "mrpo:vdw" in out["table"]
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("mrpo").experiment_id], "tags.`mrpo.sweep` = 'cmp-test'"
+    )
+    parent = next(r for r in runs if r.data.tags["mrpo.kind"] == "compare")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and "mrpo.vdw/diff" in parent.data.metrics
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")} >= {
+        "comparison/comparison.md",
+        "comparison/comparison.png",
+    }
+    table = runs_table(cfg.tracking.tracking_uri, "mrpo", {"mrpo.kind": "compare-member"})
+    assert len(table.splitlines()) == 2 + 4 and "compare/test_reward_accuracy_vs_anchor" in table
+
+
+@pytest.mark.slow
+def test_the_compare_flow_runs_each_member_as_a_task_and_publishes_the_report(scored, tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect_home"))
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a loaded 2-core box
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from prefect.client.orchestration import get_client
+
+    from flows.sweep import compare_flow
+
+    project = tmp_path / "project"
+    project.mkdir()
+    raw = yaml.safe_load(scored["params"].read_text())  # absolute data and score paths: nothing is re-made
+    raw["evaluate"]["device"] = "cpu"
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    overrides = {
+        "compare.seeds": [3],
+        "compare.train_pairs": 16,
+        "compare.num_epochs": 1,
+        "compare.dpo_references": ["anchor", "gpt2_char"],
+        "compare.strategies": [],
+        "compare.multi_dpo": False,
+        "compare.lm_eval_limit": 0,
+        "compare.bootstrap": 100,
+    }
+    out = compare_flow(str(project), overrides, "flow-test")
+    assert out["members"] == 2 and out["failed"] == 0
+    md = (project / "sweeps" / "flow-test" / "comparison.md").read_text()
+    assert "| dpo:gpt2_char | 1 |" in md and "lm-eval: skipped" in md
+    assert (project / "plots" / "comparison.png").is_file() and (project / "mlflow.db").is_file()
+    with get_client(sync_client=True) as client:
+        (run,) = [r for r in client.read_flow_runs() if r.name and r.state.is_completed()][:1]
+        tasks = sorted(t.name for t in client.read_task_runs() if t.flow_run_id == run.id)
+        artifacts = client.read_artifacts()
+    assert tasks == ["dpo:anchor-s3", "dpo:gpt2_char-s3"]
+    assert any(a.key == "comparison" and "dpo:gpt2_char" in a.data for a in artifacts)
