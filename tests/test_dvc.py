@@ -202,3 +202,33 @@ def test_exp_run_sets_a_param_and_reruns_only_that_stage(tiny_project, tmp_path)
     # the same -S again: nothing is stale, DVC says so instead of re-running
     again = dvc(["exp", "run", "-S", "data.synthetic_pairs=120", "prepare"], project).stdout
     assert "Running stage 'prepare'" not in again
+
+
+@pytest.mark.slow
+def test_references_scored_at_once_outside_repro_are_committed_and_dvc_then_sees_them_up_to_date(
+    tiny_project, tmp_path
+):
+    """The multi-GPU recipe in the README: DVC says which score stages are stale, they run at the same time
+    (one under torchrun with 2 ranks, one alone; on GPUs each with its own CUDA_VISIBLE_DEVICES), `dvc commit`
+    records them, and `dvc repro` then skips them."""
+    import os
+    import subprocess
+
+    project = clone_project(tiny_project, tmp_path / "p")
+    dvc(["repro", "zoo", "prepare"], project)
+    assert {"score@anchor", "score@gpt2_char"} <= stale_stages(project)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    score = [sys.executable, "-m", "mrpo.cli", "score", "--reference"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    jobs = [
+        subprocess.Popen(
+            [*torchrun, "-m", "mrpo.cli", "score", "--reference", "anchor"], cwd=project, env=env
+        ),
+        subprocess.Popen([*score, "gpt2_char"], cwd=project, env=env),
+    ]
+    assert [job.wait(timeout=600) for job in jobs] == [0, 0]
+    dvc(["commit", "-f", "score@anchor", "score@gpt2_char"], project)
+    stale = stale_stages(project)
+    assert "score@anchor" not in stale and "score@gpt2_char" not in stale and "score@llama_mul" in stale
+    out = dvc(["repro", "--dry", "score@anchor", "score@gpt2_char"], project).stdout
+    assert "Running stage" not in out
