@@ -39,7 +39,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mrpo.data import SPLITS, prepared_digest
-from mrpo.errors import MRPOError
+from mrpo.errors import ConfigError, MRPOError
 from mrpo.io import atomic_file
 from mrpo.models import (
     collate_responses,
@@ -48,6 +48,7 @@ from mrpo.models import (
     load_model,
     load_tokenizer,
     model_fingerprint,
+    placement_kwargs,
     response_logps,
     torch_threads,
 )
@@ -416,10 +417,17 @@ def score_reference(
     pairs = read_prepared(cfg.data.output_dir)
     digest = prepared_digest(cfg.data.output_dir)
     ranks = Ranks.from_env()
+    if ranks.world > 1 and ref.device_map is not None:
+        raise ConfigError(
+            f"references.{name}.device_map: spreads one copy of the model over every visible device, so it "
+            f"cannot run under {ranks.world} ranks; score it in one process (plain `mrpo score`), which spreads "
+            "it over the GPUs CUDA_VISIBLE_DEVICES shows, or remove device_map to score a copy per rank"
+        )
     device = resolve_device(s.device)
     if ranks.world > 1 and device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
     dtype = resolve_dtype(s.dtype, device)
+    placement_kwargs(ref, device)  # refuses bitsandbytes on CPU (or without the package) before any work
     fingerprint = model_fingerprint(ref)
     tokenizer_name = ref.tokenizer or (ref.gguf_file and f"{ref.model}:{ref.gguf_file}") or ref.model
     settings = {
@@ -431,6 +439,8 @@ def score_reference(
         "dtype": str(dtype).removeprefix("torch."),
         "max_length": s.max_length,
         "prepared_digest": digest,
+        # Quantized weights change the scores; spreading or offloading them (device_map) does not.
+        **({"quantization": ref.quantization} if ref.quantization else {}),
     }
     key = {
         **settings,
@@ -499,7 +509,7 @@ def _compute_shards(
     """Score the shards `indices` of this rank, writing each as it finishes."""
     tokenizer = load_tokenizer(ref)
     # fp32 weights, `dtype` autocast: the numerics of the policy's forward in training (fp32 master weights).
-    model = load_model(ref, device, torch.float32)
+    model = load_model(ref, device, torch.float32, placement=True)
     total = 2 * sum(bounds[i][1] - bounds[i][0] for i in indices)
     desc = f"score {ref.name}" + (f" [rank {ranks.rank}]" if ranks.world > 1 else "")
     with (

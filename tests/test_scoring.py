@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import manual_logp
 
-from mrpo.config import ReferenceConfig
+from mrpo.config import ConfigError, ReferenceConfig
 from mrpo.data import pair_id, prepared_digest
 from mrpo.models import (
     collate_responses,
@@ -706,3 +706,50 @@ def test_a_killed_rank_resumes_without_rescoring_finished_shards(tiny_zoo, tmp_p
     assert computed == sorted(set(range(6)) - set(finished))  # every finished shard reused, the rest once
     frame, _ = read_scores(Path(cfg.score.output_dir) / "anchor.parquet")
     assert frame.equals(single)
+
+
+# ---------------------------------------------------------------- references larger than one device
+
+
+def test_a_reference_capped_below_its_size_is_offloaded_and_scores_as_the_plain_load(tiny_zoo, tmp_path):
+    """accelerate's big-model path on CPU: max_memory below the model's size pushes layers to disk."""
+    splits = synthetic_splits(20)
+    plain_cfg = project(tiny_zoo, tmp_path / "plain", splits)
+    plain, plain_meta = read_scores(score_reference(plain_cfg, "anchor"))
+    ref = plain_cfg.reference("anchor")
+    size = sum(p.numel() * p.element_size() for p in load_model(ref).parameters())
+    big = dataclasses.replace(
+        ref, device_map="auto", max_memory={"cpu": int(0.7 * size)}, offload_folder=str(tmp_path / "offload")
+    )
+    placed = set(load_model(big, "cpu", placement=True).hf_device_map.values())
+    assert placed == {"cpu", "disk"}  # part in memory, the rest streamed from disk at each forward
+
+    cfg = project(tiny_zoo, tmp_path / "big", splits)
+    cfg = dataclasses.replace(cfg, references=(big, *cfg.references[1:]))
+    spread, meta = read_scores(score_reference(cfg, "anchor"))
+    assert list(spread["pair_id"]) == list(plain["pair_id"])
+    for column in ("chosen_logp", "rejected_logp"):  # the same fp32 CPU kernels on the same weights
+        assert np.abs(spread[column] - plain[column]).max() <= 1e-6
+    strip = lambda m: {k: v for k, v in m.items() if k not in TIMING_KEYS}  # noqa: E731
+    assert strip(meta) == strip(plain_meta)  # where the weights lived is no part of the scores
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_bitsandbytes_loading_is_refused_on_cpu_naming_the_key(tiny_zoo, tmp_path, bits):
+    cfg = project(tiny_zoo, tmp_path)
+    quantized = dataclasses.replace(cfg.references[0], **{f"load_in_{bits}": True})
+    cfg = dataclasses.replace(cfg, references=(quantized, *cfg.references[1:]))
+    with pytest.raises(
+        ConfigError, match=f"references.anchor.load_in_{bits}: bitsandbytes quantization runs on"
+    ):
+        score_reference(cfg, "anchor")
+    assert not (Path(cfg.score.output_dir) / "anchor.parquet").exists()
+
+
+def test_a_spread_reference_refuses_several_ranks(tiny_zoo, tmp_path, monkeypatch):
+    cfg = project(tiny_zoo, tmp_path)
+    spread = dataclasses.replace(cfg.references[0], device_map="auto")
+    cfg = dataclasses.replace(cfg, references=(spread, *cfg.references[1:]))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group is joined
+    with pytest.raises(ConfigError, match="references.anchor.device_map: spreads one copy of the model over"):
+        score_reference(cfg, "anchor")
