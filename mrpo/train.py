@@ -210,13 +210,14 @@ def policy_from_state_dict(cfg: Config, state_dict: dict[str, torch.Tensor]):
 
 
 def trained_policy(cfg: Config, trainer):
-    """The trained policy as one plain model on the main process (None on the others under FSDP).
+    """The trained policy as one plain model on the main process (None on the others when sharded).
 
-    Under FSDP every rank holds a shard of each parameter, so this is a collective that every rank calls:
-    accelerate gathers the full state dict on rank 0, which loads it into a fresh copy. Otherwise the model is
-    whole on every rank already.
+    Under FSDP or DeepSpeed ZeRO-3 every rank holds a shard of each parameter, so this is a collective that
+    every rank calls: accelerate gathers the full state dict on rank 0, which loads it into a fresh copy.
+    Otherwise (one process, DDP) the model is whole on every rank already.
     """
-    if not getattr(trainer, "is_fsdp_enabled", False):
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    if not sharded:
         return trainer.model
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
     return policy_from_state_dict(cfg, state_dict) if _is_main_process() else None

@@ -729,3 +729,22 @@ def test_lora_with_fsdp_saves_a_usable_merged_policy(scored, tmp_path):
     anchor = load_file(Path(load_config(scored["params"]).anchor.model) / "model.safetensors")
     changed = [k for k in anchor if k in trained and not torch.equal(anchor[k], trained[k])]
     assert changed and all("proj" in k for k in changed)  # the adapters' deltas merged into the projections
+
+
+def test_the_shipped_accelerate_configs_load_as_fsdp2_and_zero3():
+    """What `accelerate launch --config_file` reads: accelerate's own loader, so a misspelt top-level key fails here."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    fsdp = load_config_from_file(str(REPO_ROOT / "configs/accelerate/fsdp.yaml"))
+    assert fsdp.distributed_type == DistributedType.FSDP and fsdp.fsdp_config["fsdp_version"] == 2
+    assert (
+        fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    )  # as tests/fsdp_train.py shards
+    zero3 = load_config_from_file(str(REPO_ROOT / "configs/accelerate/zero3.yaml"))
+    assert zero3.distributed_type == DistributedType.DEEPSPEED and zero3.deepspeed_config["zero_stage"] == 3
+    assert zero3.deepspeed_config["zero3_save_16bit_model"] is True  # the stage gathers the policy to save it
+    readme = (REPO_ROOT / "README.md").read_text()
+    profile = (REPO_ROOT / "profiles/gpu-hub.yaml").read_text()
+    for name in ("configs/accelerate/fsdp.yaml", "configs/accelerate/zero3.yaml"):
+        assert name in readme and name in profile
