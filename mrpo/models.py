@@ -260,13 +260,20 @@ def load_tokenizer(ref):
 
 
 def load_model(
-    ref, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *, placement: bool = False
+    ref,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    placement: bool = False,
+    gpus: Sequence[int] | None = None,
+    rank: int | None = None,
 ):
     """The reference as an eval-mode causal LM on `device` in `dtype` (safetensors or GGUF; no remote code).
 
     With `placement` (scoring), the reference's device_map / max_memory / offload_folder and bitsandbytes
     switches apply (see `placement_kwargs`): the model is then spread by accelerate, not moved to `device`.
-    Training loads the anchor whole, so it can train it.
+    Training loads the anchor whole, so it can train it. `gpus` and `rank`: one data-parallel rank's own GPUs
+    and offload subfolder, when several ranks each spread a copy.
     """
     from transformers import AutoModelForCausalLM
 
@@ -284,7 +291,7 @@ def load_model(
             kwargs["revision"] = ref.revision
         else:
             require_safetensors(ref, source)
-    spread = placement_kwargs(ref, device) if placement else {}
+    spread = placement_kwargs(ref, device, gpus, rank) if placement else {}
     _require_local_or_hub(ref, source)
     with _load_errors(ref, source, "model"):
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **spread)
@@ -296,16 +303,27 @@ def load_model(
     return model
 
 
-def placement_kwargs(ref, device: torch.device | str) -> dict:
+def placement_kwargs(
+    ref, device: torch.device | str, gpus: Sequence[int] | None = None, rank: int | None = None
+) -> dict:
     """`from_pretrained` arguments that spread a reference over devices (accelerate's big-model loading) or
-    quantize it (bitsandbytes); {} for a plain load. Inputs stay on `device`: accelerate's hooks move them."""
+    quantize it (bitsandbytes); {} for a plain load. Inputs stay on `device`: accelerate's hooks move them.
+
+    With `gpus` (a data-parallel rank's own GPUs) the copy may use only those, each up to its `max_memory`
+    cap or its free memory; with `rank`, layers offloaded to disk go to that rank's own subfolder.
+    """
     kwargs: dict = {}
     if ref.device_map is not None:
         kwargs["device_map"] = ref.device_map
-        if ref.max_memory:
-            kwargs["max_memory"] = {int(k) if k.isdigit() else k: v for k, v in ref.max_memory.items()}
+        caps = {int(k) if k.isdigit() else k: v for k, v in (ref.max_memory or {}).items()}
+        if gpus is not None:  # the other GPUs hold the other ranks' copies
+            own = {g: caps.get(g, torch.cuda.mem_get_info(g)[0]) for g in gpus}
+            caps = {**own, **{k: v for k, v in caps.items() if not isinstance(k, int)}}
+        if caps:
+            kwargs["max_memory"] = caps
         if ref.offload_folder:
-            kwargs["offload_folder"] = ref.offload_folder
+            folder = Path(ref.offload_folder)
+            kwargs["offload_folder"] = str(folder if rank is None else folder / f"rank-{rank}")
     if ref.quantization is not None:
         key = f"references.{ref.name}.load_in_{ref.quantization}"
         device = torch.device(device)

@@ -210,15 +210,34 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # ranks on this machine
 
     @classmethod
     def from_env(cls) -> Ranks:
         env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+        world = int(env.get("WORLD_SIZE", 1))
+        return cls(
+            int(env.get("RANK", 0)),
+            world,
+            int(env.get("LOCAL_RANK", 0)),
+            int(env.get("LOCAL_WORLD_SIZE", world)),
+        )
 
     def mine(self, shards: Sequence[int]) -> list[int]:
         """This rank's share of the shards to compute: every world-th one, from its own rank on."""
         return list(shards[self.rank :: self.world])
+
+
+def rank_gpus(n_gpus: int, local_rank: int, local_world: int, reference: str) -> list[int]:
+    """The GPUs one rank spreads its copy of a large reference over: this machine's GPUs cut into
+    `local_world` equal runs of consecutive indices (8 GPUs, 4 ranks: [0, 1], [2, 3], ...); leftovers unused."""
+    per_rank = n_gpus // local_world
+    if per_rank < 1:
+        raise ConfigError(
+            f"references.{reference}.device_map: {local_world} ranks on this machine share {n_gpus} visible "
+            f"GPU(s), and each rank's copy needs at least one; launch at most {n_gpus} ranks per machine"
+        )
+    return list(range(local_rank * per_rank, (local_rank + 1) * per_rank))
 
 
 @contextmanager
@@ -417,17 +436,18 @@ def score_reference(
     pairs = read_prepared(cfg.data.output_dir)
     digest = prepared_digest(cfg.data.output_dir)
     ranks = Ranks.from_env()
-    if ranks.world > 1 and ref.device_map is not None:
-        raise ConfigError(
-            f"references.{name}.device_map: spreads one copy of the model over every visible device, so it "
-            f"cannot run under {ranks.world} ranks; score it in one process (plain `mrpo score`), which spreads "
-            "it over the GPUs CUDA_VISIBLE_DEVICES shows, or remove device_map to score a copy per rank"
-        )
     device = resolve_device(s.device)
+    gpus = None  # a spread reference's GPUs for this rank, when several ranks each spread a copy
     if ranks.world > 1 and device.type == "cuda":
-        device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
+        if ref.device_map is not None:
+            gpus = rank_gpus(torch.cuda.device_count(), ranks.local_rank, ranks.local_world, name)
+            device = torch.device("cuda", gpus[0])
+        else:
+            device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
     dtype = resolve_dtype(s.dtype, device)
-    placement_kwargs(ref, device)  # refuses bitsandbytes on CPU (or without the package) before any work
+    placement = {"gpus": gpus, "rank": ranks.rank if ranks.world > 1 else None}
+    # Refuses bitsandbytes on CPU (or without the package) before any work.
+    placement_kwargs(ref, device, **placement)
     fingerprint = model_fingerprint(ref)
     tokenizer_name = ref.tokenizer or (ref.gguf_file and f"{ref.model}:{ref.gguf_file}") or ref.model
     settings = {
@@ -486,7 +506,18 @@ def score_reference(
             )
         if mine:
             _compute_shards(
-                ref, mine, bounds, shard_paths, pairs, s, device, dtype, padding_side, on_shard, ranks
+                ref,
+                mine,
+                bounds,
+                shard_paths,
+                pairs,
+                s,
+                device,
+                dtype,
+                padding_side,
+                on_shard,
+                ranks,
+                placement,
             )
         _barrier(ranks)  # every rank's shards are on disk
         if ranks.rank == 0:
@@ -504,12 +535,12 @@ def score_reference(
 
 
 def _compute_shards(
-    ref, indices, bounds, shard_paths, pairs, s, device, dtype, padding_side, on_shard, ranks
+    ref, indices, bounds, shard_paths, pairs, s, device, dtype, padding_side, on_shard, ranks, placement
 ):
     """Score the shards `indices` of this rank, writing each as it finishes."""
     tokenizer = load_tokenizer(ref)
     # fp32 weights, `dtype` autocast: the numerics of the policy's forward in training (fp32 master weights).
-    model = load_model(ref, device, torch.float32, placement=True)
+    model = load_model(ref, device, torch.float32, placement=True, **placement)
     total = 2 * sum(bounds[i][1] - bounds[i][0] for i in indices)
     desc = f"score {ref.name}" + (f" [rank {ranks.rank}]" if ranks.world > 1 else "")
     with (

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from conftest import manual_logp
 
 from mrpo.config import ConfigError, ReferenceConfig
@@ -31,7 +32,7 @@ from mrpo.models import (
     smollm2_gguf_path,
 )
 from mrpo.scorefile import read_scores
-from mrpo.scoring import ScoringError, plan_batches, score_reference
+from mrpo.scoring import ScoringError, plan_batches, rank_gpus, score_reference
 from mrpo.synthetic import generate_pairs
 from mrpo.tokenization import encode_response, render_prompt
 
@@ -92,7 +93,6 @@ def by_pair(frame):
 
 def write_params(cfg, path: Path) -> Path:
     """A params.yaml for the CLI (or a launcher) with `cfg`'s references, prepared data and score settings."""
-    import yaml
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     raw["references"] = {r.name: {"model": r.model} for r in cfg.references}
@@ -746,10 +746,34 @@ def test_bitsandbytes_loading_is_refused_on_cpu_naming_the_key(tiny_zoo, tmp_pat
     assert not (Path(cfg.score.output_dir) / "anchor.parquet").exists()
 
 
-def test_a_spread_reference_refuses_several_ranks(tiny_zoo, tmp_path, monkeypatch):
-    cfg = project(tiny_zoo, tmp_path)
-    spread = dataclasses.replace(cfg.references[0], device_map="auto")
-    cfg = dataclasses.replace(cfg, references=(spread, *cfg.references[1:]))
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group is joined
-    with pytest.raises(ConfigError, match="references.anchor.device_map: spreads one copy of the model over"):
-        score_reference(cfg, "anchor")
+def test_each_rank_spreads_its_copy_over_its_own_gpus():
+    assert [rank_gpus(8, r, 4, "big") for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [rank_gpus(8, r, 3, "big") for r in range(3)] == [[0, 1], [2, 3], [4, 5]]  # GPUs 6, 7 unused
+    assert rank_gpus(8, 0, 1, "big") == list(range(8))
+    with pytest.raises(
+        ConfigError, match="references.big.device_map: 4 ranks on this machine share 2 visible"
+    ):
+        rank_gpus(2, 3, 4, "big")
+
+
+def test_two_ranks_each_offloading_their_own_copy_write_the_plain_file(tiny_zoo, tmp_path):
+    """Data-parallel and big-model loading together, on CPU: each gloo rank's copy partly on disk."""
+    splits = synthetic_splits(20)
+    plain, _ = read_scores(
+        score_reference(project(tiny_zoo, tmp_path / "plain", splits, shard_size=5), "anchor")
+    )
+    cfg = project(tiny_zoo, tmp_path / "two", splits, shard_size=5)
+    params = write_params(cfg, tmp_path / "params.yaml")
+    size = sum(p.numel() * p.element_size() for p in load_model(cfg.reference("anchor")).parameters())
+    raw = yaml.safe_load(params.read_text())
+    raw["references"]["anchor"].update(
+        device_map="auto", max_memory={"cpu": int(0.7 * size)}, offload_folder=str(tmp_path / "offload")
+    )
+    params.write_text(yaml.safe_dump(raw))
+    proc = launch_two(["-m", "mrpo.cli", "--params", str(params), "score", "--reference", "anchor"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rank 1 of 2 scores 2 of 4 shards" in proc.stderr and "offloaded to the disk" in proc.stderr
+    frame, _ = read_scores(Path(cfg.score.output_dir) / "anchor.parquet")
+    assert list(frame["pair_id"]) == list(plain["pair_id"])
+    for column in ("chosen_logp", "rejected_logp"):
+        assert np.abs(frame[column] - plain[column]).max() <= 1e-6
