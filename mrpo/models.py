@@ -263,9 +263,22 @@ def load_tokenizer(ref):
     return tokenizer
 
 
-def load_model(ref, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """The reference as an eval-mode causal LM on `device` in `dtype`
-    (safetensors or GGUF; no remote code)."""
+def load_model(
+    ref,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    placement: bool = False,
+    gpus: Sequence[int] | None = None,
+    rank: int | None = None,
+):
+    """The reference as an eval-mode causal LM on `device` in `dtype` (safetensors or GGUF; no remote code).
+
+    With `placement` (scoring), the reference's device_map / max_memory / offload_folder and bitsandbytes
+    switches apply (see `placement_kwargs`): the model is then spread by accelerate, not moved to `device`.
+    Training loads the anchor whole, so it can train it. `gpus` and `rank`: one data-parallel rank's own GPUs
+    and offload subfolder, when several ranks each spread a copy.
+    """
     from transformers import AutoModelForCausalLM
 
     gguf = gguf_location(ref)
@@ -282,14 +295,61 @@ def load_model(ref, device: torch.device | str = "cpu", dtype: torch.dtype = tor
             kwargs["revision"] = ref.revision
         else:
             require_safetensors(ref, source)
+    spread = placement_kwargs(ref, device, gpus, rank) if placement else {}
     _require_local_or_hub(ref, source)
     with _load_errors(ref, source, "model"):
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **spread)
     if gguf:
         model = dequantized_copy(model, dtype)
-    model.to(device)
+    if "device_map" not in spread:
+        model.to(device)
     model.eval()
     return model
+
+
+def placement_kwargs(
+    ref, device: torch.device | str, gpus: Sequence[int] | None = None, rank: int | None = None
+) -> dict:
+    """`from_pretrained` arguments that spread a reference over devices (accelerate's big-model loading) or
+    quantize it (bitsandbytes); {} for a plain load. Inputs stay on `device`: accelerate's hooks move them.
+
+    With `gpus` (a data-parallel rank's own GPUs) the copy may use only those, each up to its `max_memory`
+    cap or its free memory; with `rank`, layers offloaded to disk go to that rank's own subfolder.
+    """
+    kwargs: dict = {}
+    if ref.device_map is not None:
+        kwargs["device_map"] = ref.device_map
+        caps = {int(k) if k.isdigit() else k: v for k, v in (ref.max_memory or {}).items()}
+        if gpus is not None:  # the other GPUs hold the other ranks' copies
+            own = {g: caps.get(g, torch.cuda.mem_get_info(g)[0]) for g in gpus}
+            caps = {**own, **{k: v for k, v in caps.items() if not isinstance(k, int)}}
+        if caps:
+            kwargs["max_memory"] = caps
+        if ref.offload_folder:
+            folder = Path(ref.offload_folder)
+            kwargs["offload_folder"] = str(folder if rank is None else folder / f"rank-{rank}")
+    if ref.quantization is not None:
+        key = f"references.{ref.name}.load_in_{ref.quantization}"
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ConfigError(
+                f"{key}: bitsandbytes quantization runs on CUDA GPUs only, "
+                f"and this stage runs on {device.type}; "
+                f"set {key}: false, or score on a GPU (score.device: cuda)"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(
+                f"{key}: needs the bitsandbytes package: pip install bitsandbytes, or set it false"
+            )
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if ref.load_in_8bit
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+        )
+        kwargs.setdefault("device_map", {"": device.index or 0})  # bitsandbytes places the weights itself
+    return kwargs
 
 
 def dequantized_copy(loaded: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

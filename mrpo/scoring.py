@@ -9,6 +9,13 @@ stopped; a manifest (prepared-data digest, model fingerprint, settings) makes
 stale shards be discarded rather than reused. Within a shard, sequences are
 sorted by length and packed under `score.batch_tokens`, so there is little
 padding.
+
+Under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) the unfinished shards are
+dealt round-robin to the ranks (gloo on CPU, nccl on CUDA, one GPU per rank): each
+rank writes its own shards into the same shard directory, and rank 0 assembles the
+file after a barrier. Shard boundaries and each shard's batches do not depend on the
+number of ranks, so the file is the one a single process writes, and a re-run with
+any number of ranks reuses every finished shard.
 """
 
 from __future__ import annotations
@@ -16,20 +23,24 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mrpo.data import SPLITS, prepared_digest
-from mrpo.errors import MRPOError
+from mrpo.errors import ConfigError, MRPOError
 from mrpo.io import atomic_file
 from mrpo.models import (
     collate_responses,
@@ -38,6 +49,7 @@ from mrpo.models import (
     load_model,
     load_tokenizer,
     model_fingerprint,
+    placement_kwargs,
     response_logps,
     torch_threads,
 )
@@ -52,6 +64,9 @@ SHARD_FORMAT = 2  # bump when the shard layout or the scoring computation change
 # The settings that change a score's numerics but not what is scored: shards made under other values are
 # refused rather than mixed into one file (see _open_shard_dir).
 NUMERICS_KEYS = ("device", "dtype", "batch_tokens", "padding_side")
+# A rank that has finished its shards waits at a barrier for the slowest rank's shards, which for a large
+# reference can take hours; the launcher (torchrun) still stops every rank as soon as one of them dies.
+BARRIER_TIMEOUT = timedelta(hours=48)
 
 
 class ScoringError(MRPOError, RuntimeError):
@@ -187,6 +202,77 @@ def check_enough_fit(
             max_length,
             fix,
         )
+
+
+# ---------------------------------------------------------------- ranks
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun / accelerate launch job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1  # ranks on this machine
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        env = os.environ
+        world = int(env.get("WORLD_SIZE", 1))
+        return cls(
+            int(env.get("RANK", 0)),
+            world,
+            int(env.get("LOCAL_RANK", 0)),
+            int(env.get("LOCAL_WORLD_SIZE", world)),
+        )
+
+    def mine(self, shards: Sequence[int]) -> list[int]:
+        """This rank's share of the shards to compute: every world-th one, from its own rank on."""
+        return list(shards[self.rank :: self.world])
+
+
+def rank_gpus(n_gpus: int, local_rank: int, local_world: int, reference: str) -> list[int]:
+    """The GPUs one rank spreads its copy of a large reference over: this machine's GPUs cut into
+    `local_world` equal runs of consecutive indices (8 GPUs, 4 ranks: [0, 1], [2, 3], ...); leftovers
+    unused."""
+    per_rank = n_gpus // local_world
+    if per_rank < 1:
+        raise ConfigError(
+            f"references.{reference}.device_map: {local_world} ranks on this machine share {n_gpus} visible "
+            f"GPU(s), and each rank's copy needs at least one; launch at most {n_gpus} ranks per machine"
+        )
+    return list(range(local_rank * per_rank, (local_rank + 1) * per_rank))
+
+
+@contextmanager
+def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
+    """Join the launcher's process group for the block (gloo on CPU, nccl on CUDA) unless alone or already in
+    one."""
+    if ranks.world == 1 or dist.is_initialized():
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=BARRIER_TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _from_rank0(ranks: Ranks, value):
+    """`value` as rank 0 has it, on every rank."""
+    if ranks.world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        dist.barrier()
 
 
 # ---------------------------------------------------------------- reading
@@ -357,8 +443,19 @@ def score_reference(
     out_path = score_path(out_dir, name)
     pairs = read_prepared(cfg.data.output_dir)
     digest = prepared_digest(cfg.data.output_dir)
+    ranks = Ranks.from_env()
     device = resolve_device(s.device)
+    gpus = None  # a spread reference's GPUs for this rank, when several ranks each spread a copy
+    if ranks.world > 1 and device.type == "cuda":
+        if ref.device_map is not None:
+            gpus = rank_gpus(torch.cuda.device_count(), ranks.local_rank, ranks.local_world, name)
+            device = torch.device("cuda", gpus[0])
+        else:
+            device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
     dtype = resolve_dtype(s.dtype, device)
+    placement = {"gpus": gpus, "rank": ranks.rank if ranks.world > 1 else None}
+    # Refuses bitsandbytes on CPU (or without the package) before any work.
+    placement_kwargs(ref, device, **placement)
     fingerprint = model_fingerprint(ref)
     tokenizer_name = ref.tokenizer or (ref.gguf_file and f"{ref.model}:{ref.gguf_file}") or ref.model
     settings = {
@@ -370,6 +467,8 @@ def score_reference(
         "dtype": str(dtype).removeprefix("torch."),
         "max_length": s.max_length,
         "prepared_digest": digest,
+        # Quantized weights change the scores; spreading or offloading them (device_map) does not.
+        **({"quantization": ref.quantization} if ref.quantization else {}),
     }
     key = {
         **settings,
@@ -382,40 +481,95 @@ def score_reference(
         "padding_side": padding_side,
     }
     shard_dir = out_dir / ".shards" / name
-    _open_shard_dir(shard_dir, key)
-
     bounds = shard_bounds(len(pairs), s.shard_size)
     shard_paths = [shard_dir / f"shard-{i:05d}.parquet" for i in range(len(bounds))]
     done: dict[int, tuple[pa.Table, ShardStats]] = {}
-    for i, (lo, hi) in enumerate(bounds):
-        loaded = _load_shard(shard_paths[i], pairs[lo:hi])
-        if loaded is not None:
-            done[i] = loaded
-    if done:
-        log.info("score %s: resuming, %d of %d shards already done", name, len(done), len(bounds))
-
-    todo = [i for i in range(len(bounds)) if i not in done]
-    if todo:
-        tokenizer = load_tokenizer(ref)
-        # fp32 weights, `dtype` autocast:
-        # the numerics of the policy's forward in training (fp32 master weights).
-        model = load_model(ref, device, torch.float32)
-        total = 2 * sum(bounds[i][1] - bounds[i][0] for i in todo)
-        with (
-            tqdm(total=total, desc=f"score {name}", unit="seq", dynamic_ncols=True) as progress,
-            torch_threads(cpu_threads_for(model, device)),
-        ):
+    with process_group(ranks, device):
+        # Rank 0 alone discards stale shards and finds the finished ones; every rank then acts on its verdict.
+        verdict: tuple[list[int] | None, str | None] = (None, None)
+        if ranks.rank == 0:
+            try:
+                _open_shard_dir(shard_dir, key)
+                for i, (lo, hi) in enumerate(bounds):
+                    loaded = _load_shard(shard_paths[i], pairs[lo:hi])
+                    if loaded is not None:
+                        done[i] = loaded
+                verdict = ([i for i in range(len(bounds)) if i not in done], None)
+            except ScoringError as exc:
+                verdict = (None, str(exc))
+        todo, error = _from_rank0(ranks, verdict)
+        if error is not None:
+            raise ScoringError(error)
+        if done:
+            log.info("score %s: resuming, %d of %d shards already done", name, len(done), len(bounds))
+        mine = ranks.mine(todo)
+        if ranks.world > 1:
+            log.info(
+                "score %s: rank %d of %d scores %d of %d shards",
+                name,
+                ranks.rank,
+                ranks.world,
+                len(mine),
+                len(todo),
+            )
+        if mine:
+            _compute_shards(
+                ref,
+                mine,
+                bounds,
+                shard_paths,
+                pairs,
+                s,
+                device,
+                dtype,
+                padding_side,
+                on_shard,
+                ranks,
+                placement,
+            )
+        _barrier(ranks)  # every rank's shards are on disk
+        if ranks.rank == 0:
             for i in todo:
                 lo, hi = bounds[i]
-                table, stats = _compute_shard(
-                    model, tokenizer, ref, pairs[lo:hi], s, device, progress, padding_side, dtype
-                )
-                meta = {b"mrpo_shard": json.dumps(stats.__dict__).encode()}
-                _write_parquet_atomically(table.replace_schema_metadata(meta), shard_paths[i])
-                done[i] = (table, stats)
-                if on_shard is not None:
-                    on_shard(i, len(bounds), shard_paths[i])
+                loaded = _load_shard(shard_paths[i], pairs[lo:hi])
+                if loaded is None:
+                    raise ScoringError(
+                        f"{shard_paths[i]}: shard missing after every rank finished; re-run the stage"
+                    )
+                done[i] = loaded
+            _assemble(cfg, name, pairs, bounds, done, settings, device, padding_side, out_path, shard_dir)
+        _barrier(ranks)  # the file is written before any rank reports success
+    return out_path
 
+
+def _compute_shards(
+    ref, indices, bounds, shard_paths, pairs, s, device, dtype, padding_side, on_shard, ranks, placement
+):
+    """Score the shards `indices` of this rank, writing each as it finishes."""
+    tokenizer = load_tokenizer(ref)
+    # fp32 weights, `dtype` autocast: the numerics of the policy's forward in training (fp32 master weights).
+    model = load_model(ref, device, torch.float32, placement=True, **placement)
+    total = 2 * sum(bounds[i][1] - bounds[i][0] for i in indices)
+    desc = f"score {ref.name}" + (f" [rank {ranks.rank}]" if ranks.world > 1 else "")
+    with (
+        tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True) as progress,
+        torch_threads(cpu_threads_for(model, device)),
+    ):
+        for i in indices:
+            lo, hi = bounds[i]
+            table, stats = _compute_shard(
+                model, tokenizer, ref, pairs[lo:hi], s, device, progress, padding_side, dtype
+            )
+            meta = {b"mrpo_shard": json.dumps(stats.__dict__).encode()}
+            _write_parquet_atomically(table.replace_schema_metadata(meta), shard_paths[i])
+            if on_shard is not None:
+                on_shard(i, len(bounds), shard_paths[i])
+
+
+def _assemble(cfg, name, pairs, bounds, done, settings, device, padding_side, out_path, shard_dir) -> None:
+    """The score file from every shard, in order, written atomically; the shards are removed after."""
+    s = cfg.score
+    out_dir = Path(s.output_dir)
     totals = ShardStats()
     for i in range(len(bounds)):
         totals.add(done[i][1])
@@ -459,7 +613,6 @@ def score_reference(
         metadata["tokens_per_second"] or math.nan,
         100 * padding_share,
     )
-    return out_path
 
 
 def _compute_shard(

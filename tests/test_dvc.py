@@ -217,3 +217,118 @@ def test_exp_run_sets_a_param_and_reruns_only_that_stage(tiny_project, tmp_path)
     # the same -S again: nothing is stale, DVC says so instead of re-running
     again = dvc(["exp", "run", "-S", "data.synthetic_pairs=120", "prepare"], project).stdout
     assert "Running stage 'prepare'" not in again
+
+
+@pytest.mark.slow
+def test_references_scored_at_once_outside_repro_are_committed_and_dvc_then_sees_them_up_to_date(
+    tiny_project, tmp_path
+):
+    """The multi-GPU recipe in the README: DVC says which score stages are stale, they run at the same time
+    (one under torchrun with 2 ranks, one alone; on GPUs each with its own CUDA_VISIBLE_DEVICES), `dvc commit`
+    records them, and `dvc repro` then skips them."""
+    import os
+    import subprocess
+
+    project = clone_project(tiny_project, tmp_path / "p")
+    dvc(["repro", "zoo", "prepare"], project)
+    assert {"score@anchor", "score@gpt2_char"} <= stale_stages(project)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    score = [sys.executable, "-m", "mrpo.cli", "score", "--reference"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    jobs = [
+        subprocess.Popen(
+            [*torchrun, "-m", "mrpo.cli", "score", "--reference", "anchor"], cwd=project, env=env
+        ),
+        subprocess.Popen([*score, "gpt2_char"], cwd=project, env=env),
+    ]
+    assert [job.wait(timeout=600) for job in jobs] == [0, 0]
+    dvc(["commit", "-f", "score@anchor", "score@gpt2_char"], project)
+    stale = stale_stages(project)
+    assert "score@anchor" not in stale and "score@gpt2_char" not in stale and "score@llama_mul" in stale
+    out = dvc(["repro", "--dry", "score@anchor", "score@gpt2_char"], project).stdout
+    assert "Running stage" not in out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_checkouts_share_outputs_through_a_dvc_remote_and_runs_through_an_mlflow_server(
+    tiny_reproduced, tmp_path
+):
+    """The several-machines recipe in the README with two checkouts on this machine: checkout A reproduces
+    and pushes to a (local-directory) DVC remote; a fresh git clone B pulls, and its `dvc repro` runs
+    nothing; both log training runs to one `mlflow server` whose artifact store both write through."""
+    import subprocess
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    a = clone_project(tiny_reproduced["path"], tmp_path / "a")
+    dvc(["remote", "add", "-d", "shared", str(tmp_path / "dvc-remote")], a)
+    run_tool(["git", "add", "-A"], a)
+    run_tool(["git", "commit", "-qm", "pipeline outputs (dvc.lock) and the shared DVC remote"], a)
+    dvc(["push"], a)
+
+    b = tmp_path / "b"
+    run_tool(["git", "clone", "-q", str(a), str(b)], tmp_path)
+    assert not (b / "data" / "scores" / "anchor.parquet").exists()  # git holds dvc.lock, not the outputs
+    dvc(["pull"], b)
+    out = dvc(["repro"], b).stdout
+    assert "Running stage" not in out and "Data and pipelines are up to date." in out
+    for path in (
+        "data/scores/anchor.parquet",
+        "data/scores/llama_mul.parquet",
+        "models/policy/model.safetensors",
+    ):
+        assert (b / path).read_bytes() == (a / path).read_bytes(), path
+    assert stale_stages(b) == set()
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ]
+        + ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
+        + ["--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(1)
+        for checkout, beta in ((a, "0.2"), (b, "0.3")):  # a new setting each, so each trains a new run
+            mrpo = [sys.executable, "-m", "mrpo.cli", "--set", f"train.beta={beta}", "train"]
+            run_tool(mrpo, checkout, env={"MLFLOW_TRACKING_URI": uri})
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("mrpo").experiment_id])
+        assert sorted(r.data.params["train.beta"] for r in runs) == ["0.2", "0.3"]
+        for run in runs:
+            assert {"policy.json", "reference_set.json"} <= {
+                f.path for f in client.list_artifacts(run.info.run_id)
+            }
+            assert list((tmp_path / "server-artifacts").rglob(f"{run.info.run_id}/artifacts/policy.json"))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

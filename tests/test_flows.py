@@ -373,3 +373,84 @@ def test_pipeline_flow_and_deployments_on_an_ephemeral_prefect_api(tiny_project,
     assert deps["mrpo-nightly"]["flow"] == "pipeline" and deps["mrpo-nightly"]["crons"] == ["0 2 * * *"]
     assert deps["mrpo-weekly"]["flow"] == "sweep" and deps["mrpo-weekly"]["crons"] == ["0 3 * * 0"]
     assert deps["mrpo-nightly"]["parameters"]["project_dir"] == str(project.resolve())
+
+
+@pytest.mark.slow
+def test_one_work_queue_per_stage_kind_runs_each_kind_on_the_machine_whose_worker_serves_it(
+    prefect_server, tiny_reproduced, tmp_path
+):
+    """The several-machines recipe in the README with two checkouts as two machines: one process work pool,
+    a `score` deployment on queue `scoring` and a `train` deployment on queue `training` (prefect.yaml's pull
+    step runs each flow in $MRPO_PROJECT_DIR); the worker in checkout A serves scoring, the one in B
+    training."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    a = clone_project(tiny_reproduced["path"], tmp_path / "a")
+    b = clone_project(tiny_reproduced["path"], tmp_path / "b")
+    edits = {
+        a: lambda p: p["references"]["anchor"].update(tokenizer="models/zoo/anchor"),  # score@anchor stale
+        b: lambda p: p["train"].update(max_steps=4),  # train stale
+    }
+    for checkout, edit in edits.items():
+        raw = yaml.safe_load((checkout / "params.yaml").read_text())
+        edit(raw)
+        (checkout / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = dict(
+        prefect_server,
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+    )
+
+    def prefect(*args, cwd=a, extra=None, timeout=180):
+        proc = subprocess.run(
+            [sys.executable, "-m", "prefect", *args],
+            cwd=cwd,
+            env={**env, **(extra or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def stale(checkout) -> set[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "dvc", "status", "--json"], cwd=checkout, capture_output=True, text=True
+        )
+        return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    assert "score@anchor" in stale(a) and "score@anchor" not in stale(b) and "train" in stale(b)
+    prefect("work-pool", "create", "mrpo", "--type", "process")
+    for name, queue, stages in (("score", "scoring", ["score@anchor"]), ("train", "training", ["train"])):
+        deploy = [
+            "--no-prompt",
+            "deploy",
+            "flows/pipeline.py:pipeline",
+            "-n",
+            name,
+            "-p",
+            "mrpo",
+            "-q",
+            queue,
+        ]
+        prefect(*deploy, "--param", f"stages={json.dumps(stages)}", "--param", "lineage=false")
+    with (
+        temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        runs = {
+            name: client.create_flow_run_from_deployment(
+                client.read_deployment_by_name(f"pipeline/{name}").id
+            )
+            for name in ("score", "train")
+        }
+        for checkout, queue in ((a, "scoring"), (b, "training")):  # one worker per machine, its own queue
+            worker = ["worker", "start", "--pool", "mrpo", "--work-queue", queue, "--run-once"]
+            prefect(*worker, cwd=checkout, extra={"MRPO_PROJECT_DIR": str(checkout)}, timeout=420)
+        for name, run in runs.items():
+            assert client.read_flow_run(run.id).state.is_completed(), name
+    # Each kind ran where its worker was: A scored (and trained nothing), B trained (and scored nothing).
+    assert "score@anchor" not in stale(a) and "train" in stale(a)
+    assert "train" not in stale(b)
+    assert json.loads((b / "metrics" / "train.json").read_text())["steps"] == 4
+    assert json.loads((a / "metrics" / "train.json").read_text())["steps"] == 6

@@ -6,7 +6,11 @@ import dataclasses
 import gzip
 import json
 import math
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from conftest import manual_logp
 
-from mrpo.config import ReferenceConfig
+from mrpo.config import ConfigError, ReferenceConfig
 from mrpo.data import pair_id, prepared_digest
 from mrpo.models import (
     collate_responses,
@@ -27,7 +32,7 @@ from mrpo.models import (
     smollm2_gguf_path,
 )
 from mrpo.scorefile import read_scores
-from mrpo.scoring import ScoringError, plan_batches, score_reference
+from mrpo.scoring import ScoringError, plan_batches, rank_gpus, score_reference
 from mrpo.synthetic import generate_pairs
 from mrpo.tokenization import encode_response, render_prompt
 
@@ -84,6 +89,17 @@ def project(tiny_zoo, tmp: Path, splits=None, **score) -> object:
 
 def by_pair(frame):
     return frame.set_index("pair_id").sort_index()
+
+
+def write_params(cfg, path: Path) -> Path:
+    """A params.yaml for the CLI (or a launcher) with `cfg`'s references, prepared data and score settings."""
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["references"] = {r.name: {"model": r.model} for r in cfg.references}
+    raw["data"]["output_dir"] = cfg.data.output_dir
+    raw["score"].update(dataclasses.asdict(cfg.score))
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 # ---------------------------------------------------------------- correctness
@@ -351,16 +367,10 @@ def test_missing_prepared_data_names_the_file(tiny_zoo, tmp_path):
 
 
 def test_cli_scores_one_reference_from_a_params_file(tiny_zoo, tmp_path, monkeypatch):
-    import yaml
-
     from mrpo.cli import main
 
     cfg = project(tiny_zoo, tmp_path)
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    raw["references"] = {r.name: {"model": r.model} for r in cfg.references}
-    raw["data"]["output_dir"] = cfg.data.output_dir
-    raw["score"].update({"output_dir": cfg.score.output_dir, "max_length": 64})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_params(cfg, tmp_path / "params.yaml")
     assert main(["--params", str(tmp_path / "params.yaml"), "score", "--reference", "gpt2_char"]) == 0
     frame, meta = read_scores(Path(cfg.score.output_dir) / "gpt2_char.parquet")
     assert len(frame) == 30 and frame["fits"].all() and np.isfinite(frame["chosen_logp"]).all()
@@ -623,3 +633,152 @@ def test_the_dataset_says_which_reference_flagged_the_skipped_pairs(scored, tmp_
     assert data.skipped_summary() == (
         "of 20 pairs, 20 skipped: reference 'gpt2_char' flagged 20 as not fitting score.max_length"
     )
+
+
+# ---------------------------------------------------------------- data-parallel scoring
+
+
+def launch_two(args: list[str], launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """`args` (a script or `-m module ...`) in 2 CPU processes (gloo) under torchrun or `accelerate
+    launch`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if launcher == "torchrun":
+        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:
+        with socket.socket() as sock:  # a free port: other test runs may hold accelerate's default 29500
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        head = [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+        ]
+        head += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        head += ["--main_process_port", str(port)]
+    return subprocess.run([*head, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_ranks_write_the_file_one_process_writes(tiny_zoo, tmp_path, launcher):
+    """7 shards dealt to 2 gloo ranks: the same pair_ids, log-probs and content metadata as one process."""
+    splits = synthetic_splits(33)
+    single, single_meta = read_scores(
+        score_reference(project(tiny_zoo, tmp_path / "one", splits, shard_size=5), "gpt2_char")
+    )
+    cfg = project(tiny_zoo, tmp_path / "two", splits, shard_size=5)
+    params = write_params(cfg, tmp_path / "params.yaml")
+    proc = launch_two(
+        ["-m", "mrpo.cli", "--params", str(params), "score", "--reference", "gpt2_char"], launcher
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rank 1 of 2 scores 3 of 7 shards" in proc.stderr  # both ranks took part
+    frame, meta = read_scores(Path(cfg.score.output_dir) / "gpt2_char.parquet")
+    assert list(frame["pair_id"]) == list(single["pair_id"])
+    # Tolerance 1e-6 (the bar); each shard's batches are the same whichever rank computes them, so in
+    # practice the values are bit-identical.
+    for column in ("chosen_logp", "rejected_logp"):
+        assert np.abs(frame[column] - single[column]).max() <= 1e-6
+    assert frame.drop(columns=["chosen_logp", "rejected_logp"]).equals(
+        single.drop(columns=["chosen_logp", "rejected_logp"])
+    )
+    strip = lambda m: {k: v for k, v in m.items() if k not in TIMING_KEYS}  # noqa: E731
+    assert strip(meta) == strip(single_meta)
+    assert not (Path(cfg.score.output_dir) / ".shards" / "gpt2_char").exists()
+
+
+def test_a_killed_rank_resumes_without_rescoring_finished_shards(tiny_zoo, tmp_path):
+    splits = synthetic_splits(30)
+    single, _ = read_scores(
+        score_reference(project(tiny_zoo, tmp_path / "one", splits, shard_size=5), "anchor")
+    )
+    cfg = project(tiny_zoo, tmp_path / "two", splits, shard_size=5)
+    params = write_params(cfg, tmp_path / "params.yaml")
+    driver = str(Path(__file__).resolve().parent / "ddp_score.py")
+    killed = launch_two([driver, str(params), "anchor", str(tmp_path / "first"), "1"])
+    assert killed.returncode != 0  # rank 1 SIGKILLed itself after its first shard; torchrun stopped rank 0
+    shard_dir = Path(cfg.score.output_dir) / ".shards" / "anchor"
+    finished = sorted(int(p.stem.split("-")[1]) for p in shard_dir.glob("shard-*.parquet"))
+    assert 1 in finished and len(finished) < 6  # rank 1's first shard (1) is done; not everything is
+    assert not (Path(cfg.score.output_dir) / "anchor.parquet").exists()
+
+    resumed = launch_two([driver, str(params), "anchor", str(tmp_path / "second")])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    computed = sorted(
+        int(line) for f in (tmp_path / "second").glob("rank-*.txt") for line in f.read_text().split()
+    )
+    assert computed == sorted(set(range(6)) - set(finished))  # every finished shard reused, the rest once
+    frame, _ = read_scores(Path(cfg.score.output_dir) / "anchor.parquet")
+    assert frame.equals(single)
+
+
+# ---------------------------------------------------------------- references larger than one device
+
+
+def test_a_reference_capped_below_its_size_is_offloaded_and_scores_as_the_plain_load(tiny_zoo, tmp_path):
+    """accelerate's big-model path on CPU: max_memory below the model's size pushes layers to disk."""
+    splits = synthetic_splits(20)
+    plain_cfg = project(tiny_zoo, tmp_path / "plain", splits)
+    plain, plain_meta = read_scores(score_reference(plain_cfg, "anchor"))
+    ref = plain_cfg.reference("anchor")
+    size = sum(p.numel() * p.element_size() for p in load_model(ref).parameters())
+    big = dataclasses.replace(
+        ref, device_map="auto", max_memory={"cpu": int(0.7 * size)}, offload_folder=str(tmp_path / "offload")
+    )
+    placed = set(load_model(big, "cpu", placement=True).hf_device_map.values())
+    assert placed == {"cpu", "disk"}  # part in memory, the rest streamed from disk at each forward
+
+    cfg = project(tiny_zoo, tmp_path / "big", splits)
+    cfg = dataclasses.replace(cfg, references=(big, *cfg.references[1:]))
+    spread, meta = read_scores(score_reference(cfg, "anchor"))
+    assert list(spread["pair_id"]) == list(plain["pair_id"])
+    for column in ("chosen_logp", "rejected_logp"):  # the same fp32 CPU kernels on the same weights
+        assert np.abs(spread[column] - plain[column]).max() <= 1e-6
+    strip = lambda m: {k: v for k, v in m.items() if k not in TIMING_KEYS}  # noqa: E731
+    assert strip(meta) == strip(plain_meta)  # where the weights lived is no part of the scores
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_bitsandbytes_loading_is_refused_on_cpu_naming_the_key(tiny_zoo, tmp_path, bits):
+    cfg = project(tiny_zoo, tmp_path)
+    quantized = dataclasses.replace(cfg.references[0], **{f"load_in_{bits}": True})
+    cfg = dataclasses.replace(cfg, references=(quantized, *cfg.references[1:]))
+    with pytest.raises(
+        ConfigError, match=f"references.anchor.load_in_{bits}: bitsandbytes quantization runs on"
+    ):
+        score_reference(cfg, "anchor")
+    assert not (Path(cfg.score.output_dir) / "anchor.parquet").exists()
+
+
+def test_each_rank_spreads_its_copy_over_its_own_gpus():
+    assert [rank_gpus(8, r, 4, "big") for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [rank_gpus(8, r, 3, "big") for r in range(3)] == [[0, 1], [2, 3], [4, 5]]  # GPUs 6, 7 unused
+    assert rank_gpus(8, 0, 1, "big") == list(range(8))
+    with pytest.raises(
+        ConfigError, match="references.big.device_map: 4 ranks on this machine share 2 visible"
+    ):
+        rank_gpus(2, 3, 4, "big")
+
+
+def test_two_ranks_each_offloading_their_own_copy_write_the_plain_file(tiny_zoo, tmp_path):
+    """Data-parallel and big-model loading together, on CPU: each gloo rank's copy partly on disk."""
+    splits = synthetic_splits(20)
+    plain, _ = read_scores(
+        score_reference(project(tiny_zoo, tmp_path / "plain", splits, shard_size=5), "anchor")
+    )
+    cfg = project(tiny_zoo, tmp_path / "two", splits, shard_size=5)
+    params = write_params(cfg, tmp_path / "params.yaml")
+    size = sum(p.numel() * p.element_size() for p in load_model(cfg.reference("anchor")).parameters())
+    raw = yaml.safe_load(params.read_text())
+    raw["references"]["anchor"].update(
+        device_map="auto", max_memory={"cpu": int(0.7 * size)}, offload_folder=str(tmp_path / "offload")
+    )
+    params.write_text(yaml.safe_dump(raw))
+    proc = launch_two(["-m", "mrpo.cli", "--params", str(params), "score", "--reference", "anchor"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rank 1 of 2 scores 2 of 4 shards" in proc.stderr and "offloaded to the disk" in proc.stderr
+    frame, _ = read_scores(Path(cfg.score.output_dir) / "anchor.parquet")
+    assert list(frame["pair_id"]) == list(plain["pair_id"])
+    for column in ("chosen_logp", "rejected_logp"):
+        assert np.abs(frame[column] - plain[column]).max() <= 1e-6

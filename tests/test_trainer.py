@@ -707,3 +707,74 @@ def test_step0_policy_logps_equal_anchor_scores_in_every_precision(scored, tmp_p
     # rounding noise as wins: a share of about half of the pairs)
     print(f"{dtype}: strict share of step-0 margins > 0: {(margins > 0).double().mean():.2f}")
     assert trainer._train_metrics["rewards/accuracy"] == [0.0]
+
+
+def fsdp_run(scored, out: Path, world: int, mode: str = "run", **overrides) -> dict:
+    """tests/fsdp_train.py under torchrun with `world` gloo ranks; what it wrote into `out`."""
+    base = {
+        "train.device": "cpu",
+        "train.output_dir": str(out / "stage-policy"),
+        "train.checkpoint_dir": str(out / "checkpoints"),
+        "train.metrics_file": str(out / "metrics/train.json"),
+        "train.plots_file": str(out / "plots/train.csv"),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+    cmd += [str(REPO_ROOT / "tests/fsdp_train.py"), str(scored["params"]), json.dumps({**base, **overrides})]
+    proc = subprocess.run([*cmd, str(out), mode], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}
+
+
+def test_fsdp_over_two_gloo_processes_matches_one_process_and_its_checkpoint_resumes(scored, tmp_path):
+    """FSDP2 shards of the policy on 2 CPU ranks x 4 pairs against 1 process x 8 pairs (see
+    tests/fsdp_train.py for why this drives torch's FSDP by hand rather than through accelerate)."""
+    one = fsdp_run(scored, tmp_path / "one", 1)
+    two = fsdp_run(scored, tmp_path / "two", 2)
+    # Tolerance: the gradients are averaged by a reduce-scatter instead of summed in one batch, so only float
+    # re-association differs (1e-6 on the first loss, which no update has touched yet; 1e-5 after one AdamW
+    # step).
+    assert two["losses"][0] == pytest.approx(one["losses"][0], abs=1e-6)
+    assert two["losses"][1] == pytest.approx(one["losses"][1], abs=1e-5)
+    assert (tmp_path / "two" / "ckpt" / ".metadata").is_file()  # a sharded torch.distributed.checkpoint
+    resumed = fsdp_run(scored, tmp_path / "two", 2, mode="resume")
+    assert resumed["resumed"][0] == pytest.approx(two["losses"][1], abs=1e-6)  # the same step, same shards
+    # The gathered policy, saved by the stage's save path and reloaded, scores as the sharded one did.
+    logps = two["logps"]
+    for sharded, saved in zip(logps["sharded"], logps["saved"], strict=True):
+        assert saved == pytest.approx(sharded, abs=1e-5)
+
+
+def test_lora_with_fsdp_saves_a_usable_merged_policy(scored, tmp_path):
+    out = fsdp_run(scored, tmp_path / "lora", 2, **{"train.lora.enabled": True, "train.lora.merge": True})
+    policy = tmp_path / "lora" / "policy"
+    assert (policy / "model.safetensors").is_file() and not (policy / "adapter_config.json").exists()
+    for sharded, saved in zip(out["logps"]["sharded"], out["logps"]["saved"], strict=True):
+        assert saved == pytest.approx(sharded, abs=1e-5)  # merged weights = base + LoRA delta
+    from safetensors.torch import load_file
+
+    trained = load_file(policy / "model.safetensors")
+    anchor = load_file(Path(load_config(scored["params"]).anchor.model) / "model.safetensors")
+    changed = [k for k in anchor if k in trained and not torch.equal(anchor[k], trained[k])]
+    assert changed and all("proj" in k for k in changed)  # the adapters' deltas merged into the projections
+
+
+def test_the_shipped_accelerate_configs_load_as_fsdp2_and_zero3():
+    """What `accelerate launch --config_file` reads: accelerate's own loader, so a misspelt top-level key
+    fails here."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    fsdp = load_config_from_file(str(REPO_ROOT / "configs/accelerate/fsdp.yaml"))
+    assert fsdp.distributed_type == DistributedType.FSDP and fsdp.fsdp_config["fsdp_version"] == 2
+    assert (
+        fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    )  # as tests/fsdp_train.py shards
+    zero3 = load_config_from_file(str(REPO_ROOT / "configs/accelerate/zero3.yaml"))
+    assert zero3.distributed_type == DistributedType.DEEPSPEED and zero3.deepspeed_config["zero_stage"] == 3
+    assert zero3.deepspeed_config["zero3_save_16bit_model"] is True  # the stage gathers the policy to save it
+    readme = (REPO_ROOT / "README.md").read_text()
+    profile = (REPO_ROOT / "profiles/gpu-hub.yaml").read_text()
+    for name in ("configs/accelerate/fsdp.yaml", "configs/accelerate/zero3.yaml"):
+        assert name in readme and name in profile
