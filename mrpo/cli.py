@@ -31,36 +31,138 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mrpo",
-        description="Multi-Reference Preference Optimization pipeline. Each subcommand is one DVC stage "
-        "and reads its settings from params.yaml.",
-        epilog="Typical use: `dvc repro` runs every stage in order; run a single stage with e.g. `mrpo train`.",
+# What each stage reads, writes and which params.yaml keys decide its outputs (the keys dvc.yaml declares for
+# it; tests/test_cli.py checks the two agree). Paths are the params keys, with the default profile's values.
+STAGE_DOCS = {
+    "zoo": (
+        "build the tiny local model zoo (the default profile's anchor and references)",
+        "the synthetic arithmetic task (mrpo/synthetic.py); no data files",
+        "zoo.output_dir (models/zoo/<member>/: safetensors, tokenizer, manifest.json)",
+        "seed, zoo",
+    ),
+    "prepare": (
+        "read preference data, clean it, split it into train/val/test",
+        "data.source: the synthetic task, data.paths (files) or a hub dataset",
+        "data.output_dir (data/prepared/{train,val,test}.parquet, report.json with the data digest)",
+        "seed, data",
+    ),
+    "score": (
+        "score every prepared pair under one reference model",
+        "data.output_dir (the prepared pairs), references.<name>.model (the reference)",
+        "score.output_dir/<name>.parquet (log-probs; content only), score.metrics_dir/<name>.json (timings)",
+        "references.<name>, score",
+    ),
+    "train": (
+        "train the policy on the precomputed reference scores (never loads a reference model)",
+        "data.output_dir, score.output_dir/<reference>.parquet for each training reference, the anchor "
+        "(first of `references`)",
+        "train.output_dir (the policy), train.metrics_file, train.plots_file (per-step curves), "
+        "train.checkpoint_dir (resumable checkpoints), an MLflow run",
+        "seed, references, train.* except the logging/saving cadence and paths, score.dtype",
+    ),
+    "evaluate": (
+        "lm-eval benchmarks and preference metrics for the policy and the anchor",
+        "train.output_dir (the policy), the anchor, score.output_dir/<anchor>.parquet, data.output_dir "
+        "(test split), evaluation/tasks",
+        "evaluate.metrics_file, evaluate.results_dir (lm-eval's full results), evaluate.cache_dir (the "
+        "anchor's cached results), metrics on the MLflow run",
+        "seed, references, evaluate.* except cache_dir, train.beta, score.max_length, score.batch_tokens, "
+        "score.dtype",
+    ),
+    "summary": (
+        "print and write the end-of-pipeline summary: before/after, the policy, how to look further",
+        "train.metrics_file, evaluate.metrics_file, the MLflow run recorded in train.output_dir",
+        "summary.file (markdown)",
+        "train.output_dir, summary, tracking",
+    ),
+}
+
+
+def _stage_description(stage: str) -> str:
+    what, reads, writes, params = STAGE_DOCS[stage]
+    return (
+        f"mrpo {stage}: {what}.\n\n"
+        f"reads:   {reads}\n"
+        f"writes:  {writes}\n"
+        f"params:  {params}\n\n"
+        "Settings come from params.yaml (--params) and --set KEY=VALUE, given before or after the stage name; "
+        f"`mrpo show-config <section>` prints the values in force."
     )
-    parser.add_argument("--params", default="params.yaml", help="params file to read (default: params.yaml)")
+
+
+def _add_common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """--params, --set and -v, accepted before the stage name (top) and after it (the subcommand's own)."""
+    suffix = "" if top else "_after"
+    parser.add_argument(
+        "--params",
+        dest=f"params{suffix}",
+        default="params.yaml" if top else None,
+        help="params file to read (default: params.yaml)",
+    )
     parser.add_argument(
         "--set",
+        dest=f"set{suffix}",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="override a param for this run only, e.g. --set train.beta=0.2 (repeatable)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", dest=f"verbose{suffix}", action="store_true", help="debug logging"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mrpo",
+        description="Multi-Reference Preference Optimization pipeline. Each subcommand is one DVC stage "
+        "and reads its settings from params.yaml.",
+        epilog="Typical use: `dvc repro` runs every stage in order; run a single stage with e.g. `mrpo train`; "
+        "`mrpo <stage> --help` says what it reads, writes and which params matter.",
+    )
+    _add_common_options(parser, top=True)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
-    sub.add_parser("zoo", help="build the tiny local model zoo (default profile's anchor and references)")
-    sub.add_parser("prepare", help="read preference data, clean it, split it into data/prepared/")
-    p = sub.add_parser("score", help="score every prepared pair under one reference model")
-    p.add_argument("--reference", required=True, help="reference name from params.yaml `references`")
-    sub.add_parser("train", help="train the policy with MRPO on the precomputed reference scores")
-    sub.add_parser("evaluate", help="lm-eval benchmarks and preference metrics for policy and anchor")
-    sub.add_parser("show-config", help="print the validated configuration")
+    def stage_parser(name: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=STAGE_DOCS[name][0],
+            description=_stage_description(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_common_options(p, top=False)
+        return p
+
+    stage_parser("zoo")
+    stage_parser("prepare")
+    stage_parser("score").add_argument(
+        "--reference", required=True, help="reference name from params.yaml `references`"
+    )
+    stage_parser("train")
+    stage_parser("evaluate")
+    stage_parser("summary")
+    p = sub.add_parser(
+        "show-config",
+        help="print the validated configuration (all of it, or one section)",
+        description="Print every validated setting as `key = value`, defaults filled in. "
+        "`mrpo show-config train` prints one section, `mrpo show-config train.lora` one subsection.",
+    )
+    p.add_argument("section", nargs="?", help="a section or dotted key prefix, e.g. train or train.lora")
+    _add_common_options(p, top=False)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with --params/--set/-v merged from before and after the stage name (after wins)."""
     args = build_parser().parse_args(argv)
+    args.params = args.params_after or args.params
+    args.set = [*args.set, *args.set_after]
+    args.verbose = args.verbose or args.verbose_after
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     setup_logging(args.verbose)
     try:
         _run_stage(args)
@@ -112,11 +214,23 @@ def _run_stage(args: argparse.Namespace) -> None:
         _dispatch(cfg, args)
 
 
+def config_section(flat: dict, section: str | None) -> dict:
+    """The `section.*` entries of a flat config (all of them for None); ConfigError naming the sections."""
+    if not section:
+        return flat
+    section = section.strip(".")
+    picked = {k: v for k, v in flat.items() if k == section or k.startswith(section + ".")}
+    if not picked:
+        sections = sorted({k.split(".")[0] for k in flat})
+        raise ConfigError(f"show-config {section!r}: no such section or key; sections: {', '.join(sections)}")
+    return picked
+
+
 def _dispatch(cfg, args: argparse.Namespace) -> None:
     if args.stage == "show-config":
         from mrpo.config import config_to_flat_dict
 
-        for key, value in config_to_flat_dict(cfg).items():
+        for key, value in config_section(config_to_flat_dict(cfg), args.section).items():
             print(f"{key} = {value!r}")
     elif args.stage == "zoo":
         from mrpo.zoo import build_zoo
@@ -138,6 +252,10 @@ def _dispatch(cfg, args: argparse.Namespace) -> None:
         from mrpo.evaluate import evaluate
 
         evaluate(cfg)
+    elif args.stage == "summary":
+        from mrpo.summary import summarize
+
+        summarize(cfg)
 
 
 if __name__ == "__main__":

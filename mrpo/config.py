@@ -103,6 +103,7 @@ class ZooConfig:
 @dataclass(frozen=True)
 class ScoreConfig:
     output_dir: str = "data/scores"
+    metrics_dir: str = "metrics/score"  # <reference>.json: each scoring run's timings, kept out of the score file
     max_length: int = 512
     batch_tokens: int = 16384
     shard_size: int = 512
@@ -173,6 +174,11 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SummaryConfig:
+    file: str = "metrics/summary.md"  # the end-of-pipeline summary `mrpo summary` writes (and prints)
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     tracking_uri: str | None = None  # MLFLOW_TRACKING_URI wins; default: sqlite store in the project
     experiment: str = "mrpo"
@@ -189,6 +195,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    summary: SummaryConfig = field(default_factory=SummaryConfig)
 
     @property
     def anchor(self) -> ReferenceConfig:
@@ -301,6 +308,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         train=_train(raw.get("train")),
         evaluate=_section(EvalConfig, raw.get("evaluate"), "evaluate"),
         tracking=_section(TrackingConfig, raw.get("tracking"), "tracking"),
+        summary=_section(SummaryConfig, raw.get("summary"), "summary"),
     )
     _validate(cfg)
     return cfg

@@ -36,6 +36,7 @@ def project_raw(root: Path, **evaluate) -> dict:
     raw["references"] = {"anchor": {"model": str(root / "models/zoo/anchor")}}
     raw["data"]["output_dir"] = str(root / "data/prepared")
     raw["score"]["output_dir"] = str(root / "data/scores")
+    raw["score"]["metrics_dir"] = str(root / "metrics/score")
     raw["train"].update(
         output_dir=str(root / "models/policy"),
         checkpoint_dir=str(root / "models/checkpoints"),
