@@ -107,9 +107,7 @@ def _add_common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
         metavar="KEY=VALUE",
         help="override a param for this run only, e.g. --set train.beta=0.2 (repeatable)",
     )
-    parser.add_argument(
-        "-v", "--verbose", dest=f"verbose{suffix}", action="store_true", help="debug logging"
-    )
+    parser.add_argument("-v", "--verbose", dest=f"verbose{suffix}", action="store_true", help="debug logging")
 
 
 def build_parser() -> argparse.ArgumentParser:

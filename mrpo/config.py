@@ -103,7 +103,9 @@ class ZooConfig:
 @dataclass(frozen=True)
 class ScoreConfig:
     output_dir: str = "data/scores"
-    metrics_dir: str = "metrics/score"  # <reference>.json: each scoring run's timings, kept out of the score file
+    metrics_dir: str = (
+        "metrics/score"  # <reference>.json: each scoring run's timings, kept out of the score file
+    )
     max_length: int = 512
     batch_tokens: int = 16384
     shard_size: int = 512

@@ -179,7 +179,11 @@ def scored(tiny_zoo, tmp_path_factory) -> dict:
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     raw["data"].update({"synthetic_pairs": 800, "output_dir": str(root / "data/prepared")})
     raw["score"].update(
-        {"output_dir": str(root / "data/scores"), "metrics_dir": str(root / "metrics/score"), "max_length": 64}
+        {
+            "output_dir": str(root / "data/scores"),
+            "metrics_dir": str(root / "metrics/score"),
+            "max_length": 64,
+        }
     )
     raw["zoo"]["output_dir"] = str(zoo_dir)
     for name in REFERENCES:
