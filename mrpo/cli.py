@@ -31,63 +31,109 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-# What each stage reads, writes and which params.yaml keys decide its outputs (the keys dvc.yaml declares for
-# it; tests/test_cli.py checks the two agree). Paths are the params keys, with the default profile's values.
+# What each stage reads and writes, and the params.yaml keys that decide its outputs: exactly the keys dvc.yaml
+# declares for it (tests/test_cli.py checks they agree). Paths are named by their params key.
+_TRAIN_KEYS = (
+    "objective references dpo_reference loss_type beta epsilon adaptive_epsilon label_smoothing sft_weight "
+    "strategy fixed_weights window_size learning_rate lr_scheduler warmup_ratio weight_decay num_epochs max_steps "
+    "batch_size gradient_accumulation_steps max_length eval_steps gradient_checkpointing disable_dropout lora "
+    "device"
+).split()
+_EVALUATE_KEYS = "tasks limit num_fewshot batch_size device max_gen_tokens task_data".split()
 STAGE_DOCS = {
     "zoo": (
         "build the tiny local model zoo (the default profile's anchor and references)",
         "the synthetic arithmetic task (mrpo/synthetic.py); no data files",
-        "zoo.output_dir (models/zoo/<member>/: safetensors, tokenizer, manifest.json)",
-        "seed, zoo",
+        "zoo.output_dir/<member>/ (safetensors, tokenizer, manifest.json)",
+        ("seed", "zoo"),
     ),
     "prepare": (
         "read preference data, clean it, split it into train/val/test",
-        "data.source: the synthetic task, data.paths (files) or a hub dataset",
-        "data.output_dir (data/prepared/{train,val,test}.parquet, report.json with the data digest)",
-        "seed, data",
+        "data.source: the synthetic task, data.paths (local files) or a hub dataset",
+        "data.output_dir/{train,val,test}.parquet and report.json (what was dropped, the data digest)",
+        ("seed", "data"),
     ),
     "score": (
         "score every prepared pair under one reference model",
-        "data.output_dir (the prepared pairs), references.<name>.model (the reference)",
-        "score.output_dir/<name>.parquet (log-probs; content only), score.metrics_dir/<name>.json (timings)",
-        "references.<name>, score",
+        "data.output_dir (the prepared pairs), references.<name> (the reference model)",
+        "score.output_dir/<name>.parquet (log-probs and how they were made), "
+        "score.metrics_dir/<name>.json (timings)",
+        ("references.<name>", "score"),
     ),
     "train": (
         "train the policy on the precomputed reference scores (never loads a reference model)",
-        "data.output_dir, score.output_dir/<reference>.parquet for each training reference, the anchor "
-        "(first of `references`)",
-        "train.output_dir (the policy), train.metrics_file, train.plots_file (per-step curves), "
-        "train.checkpoint_dir (resumable checkpoints), an MLflow run",
-        "seed, references, train.* except the logging/saving cadence and paths, score.dtype",
+        "data.output_dir, score.output_dir/<reference>.parquet of each training reference, the anchor "
+        "(the first of `references`)",
+        "train.output_dir (the policy, with train_metrics.json), train.metrics_file, train.plots_file "
+        "(per-step curves), train.checkpoint_dir (resumable checkpoints), an MLflow run",
+        ("seed", "references", *(f"train.{k}" for k in _TRAIN_KEYS), "score.dtype"),
     ),
     "evaluate": (
         "lm-eval benchmarks and preference metrics for the policy and the anchor",
-        "train.output_dir (the policy), the anchor, score.output_dir/<anchor>.parquet, data.output_dir "
-        "(test split), evaluation/tasks",
-        "evaluate.metrics_file, evaluate.results_dir (lm-eval's full results), evaluate.cache_dir (the "
-        "anchor's cached results), metrics on the MLflow run",
-        "seed, references, evaluate.* except cache_dir, train.beta, score.max_length, score.batch_tokens, "
-        "score.dtype",
+        "train.output_dir (the policy), the anchor, score.output_dir/<anchor>.parquet, the test split in "
+        "data.output_dir, evaluation/tasks",
+        "evaluate.metrics_file, evaluate.results_dir (lm-eval's results, metrics.json with the anchor's "
+        "scores), evaluate.cache_dir (the anchor's cached results), metrics on the MLflow run",
+        (
+            "seed",
+            "references",
+            *(f"evaluate.{k}" for k in _EVALUATE_KEYS),
+            "train.beta",
+            "score.max_length",
+            "score.batch_tokens",
+            "score.dtype",
+        ),
     ),
     "summary": (
         "print and write the end-of-pipeline summary: before/after, the policy, how to look further",
-        "train.metrics_file, evaluate.metrics_file, the MLflow run recorded in train.output_dir",
+        "train.metrics_file, evaluate.metrics_file, the full records and MLflow run beside the policy and in "
+        "evaluate.results_dir",
         "summary.file (markdown)",
-        "train.output_dir, summary, tracking",
+        (
+            "seed",
+            "references",
+            "train.objective",
+            "train.references",
+            "train.dpo_reference",
+            "train.strategy",
+            "train.beta",
+            "train.output_dir",
+            "tracking",
+        ),
     ),
 }
+_SHOW = {"prepare": "data", "summary": "summary"}
+
+
+def _params_text(keys: tuple[str, ...]) -> str:
+    """`seed; references; train: objective, beta, ...; score: dtype`: the keys grouped by section."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        section, _, rest = key.partition(".")
+        groups.setdefault(section, [])
+        if rest:
+            groups[section].append(rest)
+    return "; ".join(f"{s}: {', '.join(ks)}" if ks else s for s, ks in groups.items())
 
 
 def _stage_description(stage: str) -> str:
+    import textwrap
+
     what, reads, writes, params = STAGE_DOCS[stage]
-    return (
-        f"mrpo {stage}: {what}.\n\n"
-        f"reads:   {reads}\n"
-        f"writes:  {writes}\n"
-        f"params:  {params}\n\n"
-        "Settings come from params.yaml (--params) and --set KEY=VALUE, given before or after the stage name; "
-        f"`mrpo show-config <section>` prints the values in force."
-    )
+    lines = [f"mrpo {stage}: {what}.", ""]
+    for label, text in (("reads", reads), ("writes", writes), ("params", _params_text(params))):
+        lines += textwrap.wrap(text, 100, initial_indent=f"{label + ':':9}", subsequent_indent=" " * 9)
+    if stage == "train":
+        lines += [
+            " " * 9 + "(logging_steps and save_steps are left out: they never change the weights, so DVC",
+            " " * 9 + "does not re-train for them; `dvc repro -f train` redraws the curves at a new cadence)",
+        ]
+    lines += [
+        "",
+        "Settings come from params.yaml (--params) and --set KEY=VALUE, given before or after the stage",
+        f"name; `mrpo show-config {_SHOW.get(stage, stage)}` prints the values in force.",
+    ]
+    return "\n".join(lines)
 
 
 def _add_common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -97,6 +143,7 @@ def _add_common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
         "--params",
         dest=f"params{suffix}",
         default="params.yaml" if top else None,
+        metavar="FILE",
         help="params file to read (default: params.yaml)",
     )
     parser.add_argument(
