@@ -103,6 +103,12 @@ def mlflow_ui_command(uri: str, project_dir: Path) -> str:
     return f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
 
 
+def mlflow_run_url(run: Any) -> str:
+    """The run's page: on its tracking server when it is one, else on `mlflow ui`'s default address."""
+    base = run.tracking_uri.rstrip("/") if run.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+
+
 def summary_markdown(
     cfg: Config, train_metrics: dict, eval_metrics: dict, run: Any | None, project_dir: Path
 ) -> str:
@@ -142,7 +148,7 @@ def summary_markdown(
     lines += ["", "Look further:", "", "```"]
     if run is not None:
         lines.append(f"{mlflow_ui_command(run.tracking_uri, project_dir)}   # then open the run:")
-        lines.append(f"#   http://127.0.0.1:5000/#/experiments/{run.experiment_id}/runs/{run.run_id}")
+        lines.append(f"#   {mlflow_run_url(run)}")
     lines += [
         "dvc plots show      # training curves and reference weights -> dvc_plots/index.html",
         "dvc metrics show    # the metrics files; `dvc metrics diff` compares with the last commit",

@@ -18,6 +18,10 @@ import yaml
 from conftest import REPO_ROOT, clone_project
 
 
+def record_id(project: Path) -> str:
+    return json.loads((project / "models" / "policy" / "mlflow_run.json").read_text())["run_id"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -187,7 +191,8 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
                     limit=200,
                 )
             }
-            stage_tasks = {n for n in tasks if not n.startswith("record_mlflow_lineage")}
+            assert "mlflow-lineage" in tasks  # a readable name, not the function's
+            stage_tasks = set(tasks) - {"mlflow-lineage"}
             assert stage_tasks == {
                 "zoo",
                 "prepare",
@@ -196,6 +201,7 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
                 "score@llama_mul",
                 "train",
                 "evaluate",
+                "summary",
             }
             assert all(t.state.is_completed() for t in tasks.values())
             artifacts = flow_run_artifacts(client, run.id)
@@ -203,22 +209,33 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
         stop(serve)
 
     # each stage published its metrics; DVC re-ran only what the change made stale
-    for key in (
-        "stage-zoo",
-        "stage-prepare",
-        "stage-score-anchor",
-        "stage-train",
-        "stage-evaluate",
+    # keyed in pipeline order, so sorted by key they read as the pipeline runs
+    assert sorted(artifacts) == [
         "pipeline-summary",
-    ):
-        assert key in artifacts, sorted(artifacts)
+        "stage-01-zoo",
+        "stage-02-prepare",
+        "stage-03-score-anchor",
+        "stage-04-score-gpt2-char",
+        "stage-05-score-llama-mul",
+        "stage-06-train",
+        "stage-07-evaluate",
+    ]
     assert (
-        "skipped" in artifacts["stage-score-anchor"].data
-        and "| pairs | 200 |" in artifacts["stage-score-anchor"].data
+        "skipped" in artifacts["stage-03-score-anchor"].data
+        and "| pairs | 200 |" in artifacts["stage-03-score-anchor"].data
     )
-    assert "ran" in artifacts["stage-train"].data and "| steps | 4 |" in artifacts["stage-train"].data
-    assert "| train | ran |" in artifacts["pipeline-summary"].data
-    assert "| zoo | skipped |" in artifacts["pipeline-summary"].data
+    train_artifact = artifacts["stage-06-train"].data
+    assert "ran" in train_artifact and "Objective **mrpo**, strategy **uniform**, beta 0.1" in train_artifact
+    assert (
+        "| metric | before | after | change |" in train_artifact
+        and "| val reward accuracy |" in train_artifact
+    )
+    assert "| anchor | 0.3333 |" in train_artifact  # the weights, formatted
+    assert "e+0" not in train_artifact
+    summary = artifacts["pipeline-summary"].data
+    assert "| train | ran |" in summary and "| zoo | skipped |" in summary
+    assert "# MRPO pipeline summary" in summary and "| val reward accuracy |" in summary
+    assert f"/runs/{record_id(project)}" in summary  # the MLflow run, linked
 
     # the outputs: a 4-step policy, its metrics, and a lineage-complete MLflow run
     train = json.loads((project / "metrics" / "train.json").read_text())
@@ -357,8 +374,8 @@ def test_pipeline_flow_and_deployments_on_an_ephemeral_prefect_api(tiny_project,
     assert "mlflow_run_id" not in out["summary"]  # lineage needs train, which was not asked for
     assert out["again"]["stages"]["prepare"]["status"] == "skipped"  # DVC, not Prefect, decides
     assert out["tasks"] == [["prepare", 1, "COMPLETED"]]
-    assert set(out["artifacts"]) == {"stage-prepare", "pipeline-summary"}
-    assert "| rows_kept | 200 |" in out["artifacts"]["stage-prepare"]
+    assert set(out["artifacts"]) == {"stage-02-prepare", "pipeline-summary"}
+    assert "| rows_kept | 200 |" in out["artifacts"]["stage-02-prepare"]
     assert "| prepare | ran |" in out["artifacts"]["pipeline-summary"]
     assert (project / "data" / "prepared" / "train.parquet").is_file()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
