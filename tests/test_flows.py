@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, clone_project
+from conftest import REPO_ROOT, clone_project, run_tool
 
 
 def record_id(project: Path) -> str:
@@ -252,6 +252,16 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
         ).stdout.strip()
     )
     assert mlflow_run.data.params["train.max_steps"] == "4"
+
+
+def test_prefect_cli_lists_flows_and_deployments(prefect_server, tmp_path):
+    """`prefect flow ls` and `prefect deployment ls` against a real server: with FastAPI >= 0.151 the Prefect 3.8
+    server refuses the CLI's filter bodies (explicit nulls) with HTTP 422; constraints.txt pins 0.150.0."""
+    for what in ("flow", "deployment"):
+        proc = run_tool(
+            [sys.executable, "-m", "prefect", what, "ls"], tmp_path, env=prefect_server, check=False
+        )
+        assert proc.returncode == 0 and "422" not in proc.stdout, proc.stdout[-3000:]
 
 
 # ---------------------------------------------------------------- fast: one stage through DVC and Prefect
