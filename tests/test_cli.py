@@ -117,6 +117,8 @@ def test_every_profile_and_params_yaml_show_config(capsys):
         (["score", "--reference", "anchor"], "score.output_dir"),
         (["evaluate"], "evaluate.results_dir"),
         (["evaluate"], "evaluate.metrics_file"),
+        (["score", "--reference", "anchor"], "score.metrics_dir"),
+        (["summary"], "summary.file"),
     ],
 )
 def test_an_output_under_a_file_fails_naming_the_key_before_any_work(project, capsys, stage, key):

@@ -190,6 +190,7 @@ BAD_VALUES = [
     ("zoo.members.anchor.operations", [], "zoo.members.anchor.operations: got []; needs at least one"),
     ("zoo.members.anchor.operations", ["/"], "zoo.members.anchor.operations: got '/'; allowed: +, -, *"),
     ("score.output_dir", 5, "score.output_dir: expected a non-empty string, got 5"),
+    ("score.metrics_dir", "", "score.metrics_dir: got ''; must be a non-empty string"),
     ("score.max_length", 4, "score.max_length: got 4; must be >= 8"),
     ("score.batch_tokens", 10, "score.batch_tokens: got 10; must be >= score.max_length"),
     ("score.shard_size", 0, "score.shard_size: got 0; must be >= 1"),
@@ -280,6 +281,7 @@ BAD_VALUES = [
     ("tracking.tracking_uri", 5, "tracking.tracking_uri: expected a non-empty string or null, got 5"),
     ("tracking.experiment", "", "tracking.experiment: got ''; must be a non-empty string"),
     ("tracking.run_name", [1], "tracking.run_name: expected a non-empty string or null"),
+    ("summary.file", 5, "summary.file: expected a non-empty string, got 5"),
     # sections of the wrong type
     ("train", "abc", "train: expected a mapping of settings (key: value lines), got 'abc'"),
     ("data", 5, "data: expected a mapping of settings (key: value lines), got 5"),
@@ -287,6 +289,7 @@ BAD_VALUES = [
     ("score", "x", "score: expected a mapping of settings"),
     ("evaluate", 1.5, "evaluate: expected a mapping of settings"),
     ("tracking", True, "tracking: expected a mapping of settings"),
+    ("summary", [], "summary: expected a mapping of settings"),
     ("references", "abc", "references: expected a mapping of name -> settings"),
     ("zoo.members.anchor", "abc", "zoo.members.anchor: expected a mapping of settings"),
 ]
@@ -325,6 +328,7 @@ def _leaf_keys():
         c.TrainConfig: "train",
         c.EvalConfig: "evaluate",
         c.TrackingConfig: "tracking",
+        c.SummaryConfig: "summary",
         c.Config: "",
     }
     for cls, prefix in prefixes.items():

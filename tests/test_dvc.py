@@ -97,9 +97,9 @@ def lookup(params: dict, dotted: str):
 def test_every_declared_param_key_exists_in_params_yaml_and_every_profile():
     """DVC refuses to run a stage whose declared param is missing from params.yaml ("Parameters ... are
     missing"), and profiles are copied over params.yaml: each must hold every key dvc.yaml declares."""
-    from mrpo.config import read_params
-
     import re
+
+    from mrpo.config import read_params
 
     text = (REPO_ROOT / "dvc.yaml").read_text()
     stages = yaml.safe_load(text)["stages"]
