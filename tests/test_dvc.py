@@ -165,8 +165,11 @@ def dvc_md5(path) -> str:
 
 
 def lock_drift(root) -> list[str]:
-    """How `root`'s dvc.lock differs from its code and params.yaml: source deps (every dep that no stage writes)
-    whose md5 changed, recorded params that changed, stages of dvc.yaml that the lock lacks."""
+    """How `root`'s dvc.lock differs from its code, params.yaml and dvc.yaml: source deps (every dep that no
+    stage writes) whose md5 changed, recorded params whose value changed, stages, params and deps that dvc.yaml
+    declares and the lock lacks (or the other way round). Each makes `dvc status` report the stage changed."""
+    import re
+
     from mrpo.config import parse_yaml_value, read_params
 
     lock = parse_yaml_value((root / "dvc.lock").read_text())["stages"]
@@ -178,6 +181,37 @@ def lock_drift(root) -> list[str]:
         for key in (params["references"] if "foreach" in stage else [None])
     ]
     drift = [f"stage {s}: not in dvc.lock" for s in expected if s not in lock]
+
+    def resolve(text: str, key: str | None) -> str:
+        def value(match) -> str:
+            name = match.group(1)
+            if name == "key":
+                return key
+            if name.startswith("item."):
+                return str(params["references"][key][name.removeprefix("item.")])
+            return str(lookup(params, name))
+
+        return re.sub(r"\$\{([^}]+)\}", value, text)
+
+    for name, stage in spec.items():  # what dvc.yaml declares now, against what the lock recorded
+        body = stage.get("do", stage)
+        for key in params["references"] if "foreach" in stage else [None]:
+            full = f"{name}@{key}" if key else name
+            if full not in lock:
+                continue
+            declared = {resolve(p, key) for p in declared_params(body)}
+            recorded = set(lock[full].get("params", {}).get("params.yaml", {}))
+            deps = {resolve(d, key) for d in body.get("deps", [])}
+            locked = {d["path"] for d in lock[full].get("deps", [])}
+            drift += [
+                f"stage {full}: param {k} declared, not in dvc.lock" for k in sorted(declared - recorded)
+            ]
+            drift += [
+                f"stage {full}: param {k} in dvc.lock, no longer declared"
+                for k in sorted(recorded - declared)
+            ]
+            drift += [f"stage {full}: dep {d} declared, not in dvc.lock" for d in sorted(deps - locked)]
+            drift += [f"stage {full}: dep {d} in dvc.lock, no longer declared" for d in sorted(locked - deps)]
     written = {o["path"] for stage in lock.values() for o in stage.get("outs", [])}
     for name, stage in lock.items():
         for dep in stage.get("deps", []):
@@ -203,9 +237,10 @@ def test_committed_dvc_lock_matches_the_code_and_params():
     """A fresh clone must not re-run stages: dvc.lock records the md5 of the code each stage ran and the params
     it read. Fix: `dvc repro` (it re-runs only what changed) and commit dvc.lock with the metrics it updates."""
     drift = lock_drift(REPO_ROOT)
+    shown = drift[:20] + ([f"... and {len(drift) - 20} more"] if len(drift) > 20 else [])
     assert not drift, (
-        "dvc.lock is out of date with the code or params.yaml; run `dvc repro` and commit dvc.lock:\n  "
-        + "\n  ".join(drift)
+        "dvc.lock is out of date with the code, params.yaml or dvc.yaml; run `dvc repro` and commit dvc.lock "
+        "(and the metrics it updates):\n  " + "\n  ".join(shown)
     )
 
 
@@ -235,6 +270,10 @@ def test_lock_drift_agrees_with_dvc_on_a_real_repo(tmp_path):
     ]
     dvc(["repro"], tmp_path)
     assert lock_drift(tmp_path) == []
+    spec = (tmp_path / "dvc.yaml").read_text()
+    (tmp_path / "dvc.yaml").write_text(spec.replace("params: [step.rate]", "params: [step.rate, step.n]"))
+    assert lock_drift(tmp_path) == ["stage make: param step.n declared, not in dvc.lock"]
+    assert "make" in json.loads(dvc(["status", "--json"], tmp_path).stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -307,11 +346,11 @@ def test_changing_one_reference_reruns_only_its_scoring_and_what_follows(tiny_re
     }
 
     edit_params(project, lambda p: p["references"]["llama_mul"].update(tokenizer="models/zoo/llama_mul"))
-    assert stale_stages(project) == {"score@llama_mul", "train", "evaluate"}
+    assert stale_stages(project) == {"score@llama_mul", "train", "evaluate", "summary"}
 
     out = dvc(["repro"], project).stdout
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"score@llama_mul", "train", "evaluate"}, out[-3000:]
+    assert ran == {"score@llama_mul", "train", "evaluate", "summary"}, out[-3000:]
     for stage in ("zoo", "prepare", "score@anchor", "score@gpt2_char"):
         assert f"Stage '{stage}' didn't change, skipping" in out
     after = {r: (project / "data" / "scores" / f"{r}.parquet").read_bytes() for r in before}
@@ -320,11 +359,27 @@ def test_changing_one_reference_reruns_only_its_scoring_and_what_follows(tiny_re
 
 
 @pytest.mark.slow
+def test_rescoring_and_logging_cadence_leave_training_up_to_date(tiny_reproduced, tmp_path):
+    """Scoring the same pairs again writes the same bytes, and how often training logs or saves never changes the
+    weights: neither makes DVC re-train. The timings of the new scoring run are its metric."""
+    project = clone_project(tiny_reproduced["path"], tmp_path / "p")
+    before = (project / "data" / "scores" / "anchor.parquet").read_bytes()
+    out = dvc(["repro", "--force", "score@anchor"], project).stdout
+    assert "Running stage 'score@anchor'" in out
+    assert (project / "data" / "scores" / "anchor.parquet").read_bytes() == before
+    assert stale_stages(project) == set()
+    edit_params(project, lambda p: p["train"].update(logging_steps=3, save_steps=2))
+    assert stale_stages(project) == set()
+    edit_params(project, lambda p: p["train"].update(beta=0.2))
+    assert stale_stages(project) == {"train", "evaluate", "summary"}
+
+
+@pytest.mark.slow
 def test_adding_a_reference_scores_only_that_one(tiny_reproduced, tmp_path):
     project = clone_project(tiny_reproduced["path"], tmp_path / "p")
     edit_params(project, lambda p: p["references"].update(anchor_twin={"model": "models/zoo/anchor"}))
     stale = stale_stages(project)
-    assert stale == {"score@anchor_twin", "train", "evaluate"}
+    assert stale == {"score@anchor_twin", "train", "evaluate", "summary"}
     out = dvc(["repro", "--dry"], project).stdout
     assert "Running stage 'score@anchor_twin'" in out
     assert "Running stage 'score@anchor'" not in out and "Running stage 'score@gpt2_char'" not in out
