@@ -83,6 +83,14 @@ def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+_PROGRESS = re.compile(r"\b\d{1,3}%\|")
+
+
+def _progress_update(line: str) -> bool:
+    """A tqdm refresh short of 100% (off a terminal each refresh is a line of its own): not worth a log line."""
+    return bool(_PROGRESS.search(line)) and "100%|" not in line
+
+
 def dvc(
     args: list[str],
     project_dir: str | Path,
@@ -104,8 +112,8 @@ def dvc(
         lines = []
         for line in popen.stdout:
             lines.append(line)
-            if on_output is not None and line.strip():
-                on_output(line.rstrip("\n").rsplit("\r", 1)[-1])  # a progress bar's last state only
+            if on_output is not None and line.strip() and not _progress_update(line):
+                on_output(line.rstrip("\n"))
         returncode = popen.wait()
     proc = subprocess.CompletedProcess(popen.args, returncode, "".join(lines))
     if check and proc.returncode != 0:

@@ -413,8 +413,10 @@ def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
     weights = next(p["Reference weights"] for p in spec["plots"] if "Reference weights" in p)
     assert weights["y"]["${train.plots_file}"] == [f"weight/{r.name}" for r in cfg.references]
     # DVC resolves the interpolations against params.yaml: one score stage per reference, its own out
-    described = dvc(["stage", "list", "score@gpt2_char"], tiny_project).stdout.split()
-    assert described[0] == "score@gpt2_char" and "data/scores/gpt2_char.parquet" in described
+    described = dvc(["stage", "list", "score@gpt2_char"], tiny_project).stdout
+    assert described.startswith("score@gpt2_char") and "data/scores/gpt2_char.parquet" in described
+    assert "metrics/score/gpt2_char.json" in described  # its timings: a metric of its own
+    assert spec["stages"]["summary"]["outs"] == [{"${summary.file}": {"cache": False, "persist": True}}]
 
 
 def test_exp_run_sets_a_param_and_reruns_only_that_stage(tiny_project, tmp_path):

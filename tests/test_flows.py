@@ -340,6 +340,10 @@ with get_client(sync_client=True) as client:
     run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
     tasks = client.read_task_runs(flow_run_filter=run_filter, sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=50)
     artifacts = flow_run_artifacts(client, state.state_details.flow_run_id).values()
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    logs = client.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])), limit=200
+    )
     registered = {}
     for dep_id in ids:
         dep = client.read_deployment(dep_id)
@@ -349,6 +353,7 @@ print("RESULT " + json.dumps({
     "state": state.type.value, "summary": state.result(), "again": again,
     "tasks": [[t.name, t.run_count, t.state.type.value] for t in tasks],
     "artifacts": {a.key: a.data for a in artifacts}, "deployments": registered,
+    "logs": [entry.message for entry in logs],
 }))
 """
 
@@ -387,6 +392,9 @@ def test_pipeline_flow_and_deployments_on_an_ephemeral_prefect_api(tiny_project,
     assert set(out["artifacts"]) == {"stage-02-prepare", "pipeline-summary"}
     assert "| rows_kept | 200 |" in out["artifacts"]["stage-02-prepare"]
     assert "| prepare | ran |" in out["artifacts"]["pipeline-summary"]
+    # the stage's own output (DVC's and mrpo's lines) is in the task's Prefect logs
+    assert "Running stage 'prepare':" in out["logs"] and "> mrpo prepare" in out["logs"]
+    assert any("mrpo: prepare:" in m for m in out["logs"]), out["logs"]
     assert (project / "data" / "prepared" / "train.parquet").is_file()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"prepare"}
