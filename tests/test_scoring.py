@@ -372,11 +372,14 @@ def test_cli_scores_one_reference_from_a_params_file(tiny_zoo, tmp_path, monkeyp
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     raw["references"] = {r.name: {"model": r.model} for r in cfg.references}
     raw["data"]["output_dir"] = cfg.data.output_dir
-    raw["score"].update({"output_dir": cfg.score.output_dir, "max_length": 64})
+    raw["score"].update(
+        {"output_dir": cfg.score.output_dir, "metrics_dir": cfg.score.metrics_dir, "max_length": 64}
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     assert main(["--params", str(tmp_path / "params.yaml"), "score", "--reference", "gpt2_char"]) == 0
     frame, meta = read_scores(Path(cfg.score.output_dir) / "gpt2_char.parquet")
     assert len(frame) == 30 and frame["fits"].all() and np.isfinite(frame["chosen_logp"]).all()
+    assert (Path(cfg.score.metrics_dir) / "gpt2_char.json").is_file()
 
 
 # ---------------------------------------------------------------- batching

@@ -705,7 +705,12 @@ def test_step0_policy_logps_equal_anchor_scores_in_every_precision(scored, tmp_p
     cfg = config(
         scored,
         tmp_path,
-        **{"score.output_dir": str(tmp_path / "scores"), "score.dtype": dtype, "train.objective": "dpo"},
+        **{
+            "score.output_dir": str(tmp_path / "scores"),
+            "score.metrics_dir": str(tmp_path / "timings"),
+            "score.dtype": dtype,
+            "train.objective": "dpo",
+        },
     )
     _, meta = read_scores(score_reference(cfg, "anchor"))
     assert (meta["dtype"], meta["weights_dtype"], meta["device"]) == (dtype, "float32", "cpu")
