@@ -180,6 +180,7 @@ def zoo_project(scratch: Path, *, need_scores: bool = True):
         "zoo.output_dir": str(scratch / "zoo"),
         "data.output_dir": str(scratch / "prepared"),
         "score.output_dir": str(scratch / "scores"),
+        "score.metrics_dir": str(scratch / "metrics" / "score"),
         "train.output_dir": str(scratch / "policy"),
         "train.checkpoint_dir": str(scratch / "checkpoints"),
         "train.metrics_file": str(scratch / "metrics" / "train.json"),

@@ -22,6 +22,7 @@ Nothing is claimed until a GPU has run it: the JSON holds the machine, the commi
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -67,6 +68,7 @@ def scratch_config(scratch: Path, args, k: int):
     raw["score"].update(
         {
             "output_dir": str(scratch / "scores"),
+            "metrics_dir": str(scratch / "metrics" / "score"),
             "device": "cuda",
             "dtype": "bfloat16",
             "max_length": args.max_length,
@@ -218,7 +220,7 @@ def run(args) -> dict:
     import torch
 
     from mrpo.data import prepare
-    from mrpo.scorefile import read_scores
+    from mrpo.scorefile import read_scores, score_metrics_path
     from mrpo.scoring import score_reference
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,9 +231,10 @@ def run(args) -> dict:
         for ref in cfg4.references:
             path, peak = peak_memory_mib(lambda name=ref.name: score_reference(cfg4, name))
             _, meta = read_scores(path)
+            timings = json.loads(score_metrics_path(cfg4.score.metrics_dir, ref.name).read_text())
             scoring[ref.name] = {
-                "tokens_per_second": meta["tokens_per_second"],
-                "seconds": meta["seconds"],
+                "tokens_per_second": timings["tokens_per_second"],
+                "seconds": timings["seconds"],
                 "scored_tokens": meta["scored_tokens"],
                 "dtype": meta["dtype"],
                 "peak_memory_mib": peak,

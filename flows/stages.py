@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from mrpo.cli import STATUS_FILE_ENV
 from mrpo.config import Config
 from mrpo.errors import USER_ERROR_EXIT, MRPOError
 from mrpo.scorefile import score_path
+from mrpo.summary import EVAL_RECORD, TRAIN_RECORD, format_change, format_number
 from mrpo.zoo import MANIFEST as ZOO_MANIFEST
 
 log = logging.getLogger("mrpo")
@@ -70,6 +71,7 @@ def pipeline_stages(cfg: Config) -> list[str]:
         "diagnose",
         "train",
         "evaluate",
+        "summary",
     ]
 
 
@@ -84,18 +86,41 @@ def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+_PROGRESS = re.compile(r"\b\d{1,3}%\|")
+
+
+def _progress_update(line: str) -> bool:
+    """A tqdm refresh short of 100% (off a terminal each refresh is a line of its own): not worth a log
+    line."""
+    return bool(_PROGRESS.search(line)) and "100%|" not in line
+
+
 def dvc(
-    args: list[str], project_dir: str | Path, env: Mapping[str, str] | None = None, check: bool = True
+    args: list[str],
+    project_dir: str | Path,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+    on_output: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run `dvc <args>` in the project with this interpreter; output captured (stderr merged)."""
-    proc = subprocess.run(
+    """Run `dvc <args>` in the project with this interpreter; output captured (stderr merged), and passed line
+    by line to `on_output` as it comes (a flow sends it to its logs, so training progress shows while it
+    runs)."""
+    with subprocess.Popen(
         [sys.executable, "-m", "dvc", *args],
         cwd=project_dir,
         env=tool_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-    )
+        errors="replace",
+    ) as popen:
+        lines = []
+        for line in popen.stdout:
+            lines.append(line)
+            if on_output is not None and line.strip() and not _progress_update(line):
+                on_output(line.rstrip("\n"))
+        returncode = popen.wait()
+    proc = subprocess.CompletedProcess(popen.args, returncode, "".join(lines))
     if check and proc.returncode != 0:
         raise RuntimeError(
             f"`dvc {' '.join(args)}` in {project_dir} failed ({proc.returncode}):\n{proc.stdout}"
@@ -118,13 +143,23 @@ def classify_repro_output(stage: str, output: str) -> str:
 
 
 def dvc_running_mrpo(
-    args: list[str], name: str, project_dir: str | Path, env: Mapping[str, str] | None = None
+    args: list[str],
+    name: str,
+    project_dir: str | Path,
+    env: Mapping[str, str] | None = None,
+    on_output: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess:
     """`dvc <args>` whose stage commands are `mrpo`; raises StageFailed carrying how the failing `mrpo`
     command exited, which it reports through a status file (DVC itself exits 255 for every failed command)."""
     with tempfile.TemporaryDirectory(prefix="mrpo-status-") as tmp:
         status_file = Path(tmp) / "status.json"
-        proc = dvc(args, project_dir, env={**(env or {}), STATUS_FILE_ENV: str(status_file)}, check=False)
+        proc = dvc(
+            args,
+            project_dir,
+            env={**(env or {}), STATUS_FILE_ENV: str(status_file)},
+            check=False,
+            on_output=on_output,
+        )
         command_exit = _read_json(status_file).get("exit")
     if proc.returncode != 0:
         raise StageFailed(name, proc.returncode, proc.stdout, command_exit)
@@ -144,10 +179,16 @@ def retry_if_transient(task, task_run, state) -> bool:
     return True
 
 
-def reproduce_stage(stage: str, project_dir: str | Path, env: Mapping[str, str] | None = None) -> StageResult:
-    """`dvc repro --single-item <stage>`: run the stage if DVC finds it stale, else skip it."""
+def reproduce_stage(
+    stage: str,
+    project_dir: str | Path,
+    env: Mapping[str, str] | None = None,
+    on_output: Callable[[str], None] | None = None,
+) -> StageResult:
+    """`dvc repro --single-item <stage>`: run the stage if DVC finds it stale, else skip it; `on_output` gets
+    what it prints, line by line."""
     start = time.perf_counter()
-    proc = dvc_running_mrpo(["repro", "--single-item", stage], stage, project_dir, env)
+    proc = dvc_running_mrpo(["repro", "--single-item", stage], stage, project_dir, env, on_output)
     seconds = time.perf_counter() - start
     status = classify_repro_output(stage, proc.stdout)
     log.info("stage %s: %s in %.1fs", stage, status, seconds)
@@ -229,12 +270,16 @@ def stage_metrics(stage: str, cfg: Config, project_dir: str | Path) -> dict[str,
         return score_summary(path) if path.is_file() else {}
     if stage == "diagnose":
         return flatten(_read_json(root / cfg.diagnose.metrics_file))
-    if stage == "train":
-        return flatten(_read_json(root / cfg.train.metrics_file))
+    if stage == "train":  # the full record (before and after), else the metrics file
+        record = _read_json(root / cfg.train.output_dir / TRAIN_RECORD)
+        return flatten(record or _read_json(root / cfg.train.metrics_file))
     if stage == "evaluate":
-        return flatten(_read_json(root / cfg.evaluate.metrics_file))
+        record = _read_json(root / cfg.evaluate.results_dir / EVAL_RECORD)
+        return flatten(record or _read_json(root / cfg.evaluate.metrics_file))
+    if stage == "summary":
+        return {}  # its markdown is the pipeline's summary artifact
     raise ValueError(
-        f"unknown stage {stage!r}; known: zoo, prepare, score@<reference>, diagnose, train, evaluate"
+        f"unknown stage {stage!r}; known: zoo, prepare, score@<reference>, diagnose, train, evaluate, summary"
     )
 
 
@@ -253,8 +298,8 @@ def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = No
     columns = columns or list(dict.fromkeys(k for row in rows for k in row))
 
     def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4g}"
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return format_number(value)
         return str(value).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -262,12 +307,50 @@ def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = No
     return "\n".join(lines) + "\n"
 
 
-def stage_markdown(result: StageResult, metrics: Mapping[str, Any]) -> str:
-    """The Prefect artifact for one stage: what DVC did, then its metrics as a table."""
+def stage_markdown(result: StageResult, metrics: Mapping[str, Any], cfg: Config | None = None) -> str:
+    """The Prefect artifact for one stage: what DVC did, then its metrics as a table (train: before/after)."""
     head = f"### Stage `{result.stage}`: {result.status} in {result.seconds:.1f}s\n\n"
     if not metrics:
         return head + "_This stage wrote no metrics._\n"
+    if result.stage == "train" and cfg is not None:
+        return head + train_markdown(cfg, metrics)
     return head + markdown_table([{"metric": k, "value": v} for k, v in metrics.items()])
+
+
+_TRAIN_NAMES = {"reward_accuracy": "reward accuracy", "reward_margin": "reward margin", "loss": "loss"}
+
+
+def train_markdown(cfg: Config, metrics: Mapping[str, Any]) -> str:
+    """The training run in three parts: its settings, before/after on val and test, the reference weights."""
+    t = cfg.train
+    names = [r.name for r in cfg.training_references()]
+    text = (
+        f"Objective **{t.objective}**, strategy **{t.strategy}**, beta {t.beta:g}, loss {t.loss_type}; "
+        f"references {', '.join(names)}; {format_number(metrics.get('steps'))} steps on "
+        f"{format_number(metrics.get('train_pairs'))} pairs.\n\n"
+    )
+    rows = []
+    for split in ("val", "test"):
+        for key, label in _TRAIN_NAMES.items():
+            before, after = metrics.get(f"{split}_{key}_before"), metrics.get(f"{split}_{key}_after")
+            if before is not None or after is not None:
+                rows.append(
+                    {
+                        "metric": f"{split} {label}",
+                        "before": format_number(before),
+                        "after": format_number(after),
+                        "change": format_change(before, after),
+                    }
+                )
+    text += markdown_table(rows) if rows else ""
+    weights = {k.removeprefix("weight/"): v for k, v in metrics.items() if k.startswith("weight/")}
+    if weights:
+        text += "\nReference weights at the end of training:\n\n"
+        text += markdown_table([{"reference": n, "weight": format_number(w)} for n, w in weights.items()])
+    extra = {k: metrics[k] for k in ("train_loss", "tokens_per_second", "runtime_s") if k in metrics}
+    if extra:
+        text += "\n" + ", ".join(f"{k} {format_number(v)}" for k, v in extra.items()) + "\n"
+    return text
 
 
 def artifact_key(text: str) -> str:

@@ -118,6 +118,9 @@ class ZooConfig:
 @dataclass(frozen=True)
 class ScoreConfig:
     output_dir: str = "data/scores"
+    metrics_dir: str = (
+        "metrics/score"  # <reference>.json: each scoring run's timings, kept out of the score file
+    )
     max_length: int = 512
     batch_tokens: int = 16384
     shard_size: int = 512
@@ -194,6 +197,11 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SummaryConfig:
+    file: str = "metrics/summary.md"  # the end-of-pipeline summary `mrpo summary` writes (and prints)
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     tracking_uri: str | None = None  # MLFLOW_TRACKING_URI wins; default: sqlite store in the project
     experiment: str = "mrpo"
@@ -242,6 +250,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    summary: SummaryConfig = field(default_factory=SummaryConfig)
 
     @property
     def anchor(self) -> ReferenceConfig:
@@ -356,6 +365,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         tracking=_section(TrackingConfig, raw.get("tracking"), "tracking"),
         diagnose=_section(DiagnoseConfig, raw.get("diagnose"), "diagnose"),
         compare=_section(CompareConfig, raw.get("compare"), "compare"),
+        summary=_section(SummaryConfig, raw.get("summary"), "summary"),
     )
     _validate(cfg)
     return cfg

@@ -5,8 +5,9 @@ and on the anchor (the first reference; its results are cached). Preference metr
 from the policy's own log-probs and the anchor's stored scores (`<score.output_dir>/<anchor>.parquet`):
 margin = beta * ((pi_w - r_w) - (pi_l - r_l)).
 
-Outputs: `evaluate.metrics_file` (flat JSON: `policy/<task>/<metric>`, `anchor/...`, `delta/...`, `pref/...`),
-lm-eval's full results under `evaluate.results_dir`, and the same metrics on the training run's MLflow run.
+Outputs: `evaluate.metrics_file` (flat JSON: `policy/<task>/<metric>` and the policy's `pref/...`), the full
+record with `anchor/...`, `delta/...` and counts (`<evaluate.results_dir>/metrics.json`), lm-eval's full
+results under `evaluate.results_dir`, and all of these metrics on the training run's MLflow run.
 """
 
 from __future__ import annotations
@@ -170,6 +171,17 @@ def policy_preference_metrics(
 # ---------------------------------------------------------------- the stage
 
 
+# `evaluate.metrics_file` (a DVC metric) keeps what differs between trained policies: the policy's scores and
+# its preference metrics. The anchor's scores (the same for every run), the deltas (policy - anchor) and the
+# pair counts are in the full record, `<evaluate.results_dir>/metrics.json`, and on the MLflow run.
+EVAL_RECORD = "metrics.json"
+_METRIC_PREFIXES = ("policy/", "pref/reward_accuracy_vs_anchor", "pref/reward_margin_vs_anchor")
+
+
+def metric_file_view(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k.startswith(_METRIC_PREFIXES)}
+
+
 @dataclass
 class EvaluationReport:
     metrics: dict[str, float]
@@ -252,8 +264,10 @@ def evaluate(cfg: Config) -> EvaluationReport:
     metrics = dict(sorted(metrics.items()))
 
     metrics_file = Path(e.metrics_file)
-    write_json_atomically(metrics_file, metrics)  # NaN becomes null: the key stays for `dvc metrics diff`
-    run_id = log_to_mlflow(cfg, metrics, [metrics_file, *map(Path, results_files.values())])
+    write_json_atomically(metrics_file, metric_file_view(metrics))  # NaN -> null: the key stays for diffs
+    record = results_dir / EVAL_RECORD
+    write_json_atomically(record, metrics)
+    run_id = log_to_mlflow(cfg, metrics, [record, *map(Path, results_files.values())])
     seconds = time.perf_counter() - start
     for key, value in metrics.items():
         log.info("evaluate: %s = %.4f", key, value)

@@ -18,7 +18,7 @@ from mrpo.errors import ConfigError
 _OUTPUTS = {
     "zoo": [("zoo.output_dir", "dir")],
     "prepare": [("data.output_dir", "dir")],
-    "score": [("score.output_dir", "dir")],
+    "score": [("score.output_dir", "dir"), ("score.metrics_dir", "dir")],
     "train": [
         ("train.output_dir", "dir"),
         ("train.checkpoint_dir", "dir"),
@@ -36,6 +36,7 @@ _OUTPUTS = {
         ("evaluate.results_dir", "dir"),
         ("evaluate.cache_dir", "dir"),
     ],
+    "summary": [("summary.file", "file")],
 }
 _DEVICES = {"score": "score.device", "train": "train.device", "evaluate": "evaluate.device"}
 STAGES = tuple(_OUTPUTS)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -34,6 +36,11 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    if not sys.stderr.isatty():
+        # Off a terminal (DVC, CI, Prefect) a progress bar is a line per update: keep the Hugging Face ones
+        # (loading and writing weights at every checkpoint) out of the logs. Read when transformers is
+        # imported.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

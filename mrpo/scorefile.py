@@ -2,8 +2,9 @@
 
 `<score.output_dir>/<reference>.parquet` holds one row per prepared pair (SCHEMA) and, under the
 b"mrpo" schema metadata, how it was made: the reference, its model fingerprint, tokenizer, precision,
-max_length and the digest of the prepared data it scored. Rows flagged fits=False were not scored
-(NaN log-probs); every other row holds finite log-probs <= 0.
+max_length and the digest of the prepared data it scored; only what decides the content, so scoring the same
+pairs again writes the same bytes (timings go to `score_metrics_path`). Rows flagged fits=False were not
+scored (NaN log-probs); every other row holds finite log-probs <= 0.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ SCHEMA = pa.schema(
 
 def score_path(score_dir: str | Path, reference: str) -> Path:
     return Path(score_dir) / f"{reference}.parquet"
+
+
+def score_metrics_path(metrics_dir: str | Path, reference: str) -> Path:
+    """The timings of the run that wrote `reference`'s score file (seconds, pairs/s, tokens/s): a DVC metric,
+    apart from the score file so that re-scoring the same content leaves the file byte-identical."""
+    return Path(metrics_dir) / f"{reference}.json"
 
 
 def read_scores(path: str | Path, reference: str | None = None) -> tuple[pd.DataFrame, dict]:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from mrpo.data import SPLITS, prepared_digest
 from mrpo.errors import ConfigError, MRPOError
-from mrpo.io import atomic_file
+from mrpo.io import atomic_file, write_json_atomically
 from mrpo.models import (
     collate_responses,
     cpu_threads_for,
@@ -55,7 +55,7 @@ from mrpo.models import (
 )
 from mrpo.preflight import check_stage
 from mrpo.runtime import resolve_device, resolve_dtype
-from mrpo.scorefile import METADATA_KEY, SCHEMA, score_path
+from mrpo.scorefile import METADATA_KEY, SCHEMA, score_metrics_path, score_path
 from mrpo.tokenization import EncodedResponse, encode_response, render_prompt
 
 log = logging.getLogger("mrpo")
@@ -587,9 +587,6 @@ def _assemble(cfg, name, pairs, bounds, done, settings, device, padding_side, ou
         "prompts_truncated": totals.prompts_truncated,
         "scored_tokens": totals.tokens,
         "padding_share": round(padding_share, 6),
-        "seconds": round(totals.seconds, 3),
-        "tokens_per_second": round(totals.tokens / totals.seconds, 1) if totals.seconds else None,
-        "pairs_per_second": round(len(pairs) / totals.seconds, 2) if totals.seconds else None,
         "batch_tokens": s.batch_tokens,
         "shard_size": s.shard_size,
         "padding_side": padding_side,
@@ -600,6 +597,14 @@ def _assemble(cfg, name, pairs, bounds, done, settings, device, padding_side, ou
     _write_parquet_atomically(
         table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}), out_path
     )
+    # Timings vary run to run: kept out of the score file (whose hash decides whether train and evaluate are
+    # stale) in a small metrics file of their own.
+    timings = {
+        "seconds": round(totals.seconds, 3),
+        "pairs_per_second": round(len(pairs) / totals.seconds, 2) if totals.seconds else None,
+        "tokens_per_second": round(totals.tokens / totals.seconds, 1) if totals.seconds else None,
+    }
+    write_json_atomically(score_metrics_path(s.metrics_dir, name), timings)
     shutil.rmtree(shard_dir, ignore_errors=True)
     log.info(
         "score %s: %d pairs (%d not fitting, %d prompts cut) -> %s; "
@@ -609,8 +614,8 @@ def _assemble(cfg, name, pairs, bounds, done, settings, device, padding_side, ou
         not_fitting,
         totals.prompts_truncated,
         out_path,
-        metadata["pairs_per_second"] or math.nan,
-        metadata["tokens_per_second"] or math.nan,
+        timings["pairs_per_second"] or math.nan,
+        timings["tokens_per_second"] or math.nan,
         100 * padding_share,
     )
 

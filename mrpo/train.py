@@ -154,6 +154,66 @@ def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
     return math.ceil(warmup_ratio * total_steps)
 
 
+def format_weights(names: Sequence[str], weights: Sequence[float]) -> str:
+    return ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights, strict=True))
+
+
+def static_weights(strategy, k: int) -> list[float] | None:
+    """The weights of a strategy that uses one vector for every pair and step (uniform, fixed, fitted on
+    validation); None for one that learns online or weighs each pair by its own margins."""
+    if strategy.online:
+        return None
+    weights = strategy.weights(torch.zeros(1, k, dtype=torch.float64))
+    return weights.tolist() if weights.dim() == 1 else None
+
+
+def describe_strategy_weights(strategy, names: Sequence[str]) -> str:
+    """The reference weights as the run starts, in words: fixed or fitted ones by value, others by how they
+    move."""
+    weights = static_weights(strategy, len(names))
+    if weights is not None:
+        how = "fitted on the validation split" if strategy.fitted_on_validation else "fixed"
+        return f"reference weights ({strategy.name}, {how}): {format_weights(names, weights)}"
+    if strategy.online:
+        return (
+            f"reference weights ({strategy.name}) are learned during training; "
+            "the final ones are logged at the end"
+        )
+    return (
+        f"reference weights ({strategy.name}) are set per pair from its margins; "
+        "their means are logged at the end"
+    )
+
+
+def final_weights(log_history: list[dict[str, Any]], names: Sequence[str]) -> dict[str, float]:
+    """`weight/<reference>`: the mean weights of the last logging interval, as the curves show them last."""
+    for entry in reversed(log_history):
+        if all(f"weight/{n}" in entry for n in names):
+            return {f"weight/{n}": float(entry[f"weight/{n}"]) for n in names}
+    return {}
+
+
+# What `train.metrics_file` (a DVC metric: `dvc metrics show/diff`, `dvc exp show`) keeps: the trained
+# policy's key numbers. The values before training (the anchor's, the same for every run on this data), the
+# chosen and rejected rewards, counts and timings are in the full record, `TRAIN_RECORD` in the policy
+# directory.
+METRIC_KEYS = (
+    "steps",
+    "train_loss",
+    "final_loss",
+    "val_loss_after",
+    "val_reward_accuracy_after",
+    "val_reward_margin_after",
+    "test_reward_accuracy_after",
+)
+TRAIN_RECORD = "train_metrics.json"
+
+
+def metric_file_view(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers `train.metrics_file` holds (METRIC_KEYS and the final `weight/<reference>`)."""
+    return {k: v for k, v in metrics.items() if k in METRIC_KEYS or k.startswith("weight/")}
+
+
 def check_finite_weights(model, out_dir: str | Path) -> None:
     """Refuse to save a policy with a NaN or infinite weight: it would replace a good one."""
     for name, param in model.named_parameters():
@@ -379,6 +439,7 @@ def prepare_training(cfg: Config) -> TrainingSetup:
             "set data.val_fraction > 0 or choose another strategy"
         )
     strategy.fit(datasets["val"].reference_margins())
+    log.info("train: %s", describe_strategy_weights(strategy, names))
     fingerprint = training_fingerprint(cfg, {s.name: s.sha256 for s in scores}, digest)
     return TrainingSetup(names, scores, digest, tokenizer, datasets, strategy, fingerprint, precision)
 
@@ -462,6 +523,12 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
             write_run_state(
                 checkpoint_dir, RunState(run_state.fingerprint, run_state.mlflow_run_id, completed=True)
             )
+    weights = {k.removeprefix("weight/"): v for k, v in metrics.items() if k.startswith("weight/")}
+    if weights and static_weights(setup.strategy, len(setup.names)) is None:
+        shown = format_weights(list(weights), list(weights.values()))
+        log.info(
+            "train: reference weights at the end (%s, mean of the last logged steps): %s", t.strategy, shown
+        )
     log.info(
         "train: done in %.0fs, %d steps; val reward accuracy %.3f -> %.3f; policy in %s",
         metrics["runtime_s"],
@@ -523,6 +590,7 @@ def _train_and_evaluate(cfg: Config, setup: TrainingSetup, start, callbacks, run
             "references": len(setup.names),
             "resumed": start.checkpoint is not None,
             **({"tokens_per_second": float(sum(tps) / len(tps))} if tps else {}),
+            **final_weights(history, setup.names),
         }
     )
     trainer.accelerator.wait_for_everyone()
@@ -540,9 +608,10 @@ def _write_outputs(
     check_finite_weights(policy, out)
     with atomic_directory(out) as tmp:
         save_policy(policy, tokenizer, tmp, merge_lora=t.lora.merge)
+        write_json_atomically(tmp / TRAIN_RECORD, metrics)
         if run is not None:
             tracking.write_run_record(tmp, run)
-    write_json_atomically(t.metrics_file, metrics)
+    write_json_atomically(t.metrics_file, metric_file_view(metrics))
     write_plots_csv(t.plots_file, trainer.state.log_history)
     if run is not None:
         tracking.log_metrics(

@@ -146,7 +146,14 @@ def tiny_zoo(tmp_path_factory) -> dict:
         member["train_steps"] = TINY_ZOO_TRAIN_STEPS
     raw["references"] = {name: {"model": str(zoo_dir / name)} for name in raw["zoo"]["members"]}
     raw["data"].update({"synthetic_pairs": 200, "output_dir": str(root / "data/prepared")})
-    raw["score"].update({"output_dir": str(root / "data/scores"), "max_length": 64, "device": "cpu"})
+    raw["score"].update(
+        {
+            "output_dir": str(root / "data/scores"),
+            "metrics_dir": str(root / "metrics/score"),
+            "max_length": 64,
+            "device": "cpu",
+        }
+    )
     cfg = parse_config(raw)
     start = time.perf_counter()
     build_zoo(cfg)
@@ -173,7 +180,13 @@ def scored(tiny_zoo, tmp_path_factory) -> dict:
     zoo_dir = Path(tiny_zoo["output_dir"]) if isinstance(tiny_zoo, dict) else Path(tiny_zoo)
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     raw["data"].update({"synthetic_pairs": 800, "output_dir": str(root / "data/prepared")})
-    raw["score"].update({"output_dir": str(root / "data/scores"), "max_length": 64})
+    raw["score"].update(
+        {
+            "output_dir": str(root / "data/scores"),
+            "metrics_dir": str(root / "metrics/score"),
+            "max_length": 64,
+        }
+    )
     raw["zoo"]["output_dir"] = str(zoo_dir)
     for name in REFERENCES:
         raw["references"][name]["model"] = str(zoo_dir / name)

@@ -117,6 +117,8 @@ def test_every_profile_and_params_yaml_show_config(capsys):
         (["score", "--reference", "anchor"], "score.output_dir"),
         (["evaluate"], "evaluate.results_dir"),
         (["evaluate"], "evaluate.metrics_file"),
+        (["score", "--reference", "anchor"], "score.metrics_dir"),
+        (["summary"], "summary.file"),
     ],
 )
 def test_an_output_under_a_file_fails_naming_the_key_before_any_work(project, capsys, stage, key):
@@ -177,3 +179,72 @@ def _can_write(directory: Path) -> bool:
         return False
     (directory / ".probe").unlink()
     return True
+
+
+# ---------------------------------------------------------------- issue 15: stage help, options after the
+# stage
+
+
+def dvc_params(stage: str) -> set[str]:
+    import yaml
+
+    spec = yaml.safe_load((PARAMS.parent / "dvc.yaml").read_text())["stages"][stage]
+    return {p.replace("${key}", "<name>") for p in spec.get("do", spec)["params"]}
+
+
+@pytest.mark.parametrize("stage", ["zoo", "prepare", "score", "train", "evaluate", "summary"])
+def test_stage_help_says_what_it_reads_writes_and_the_params_dvc_declares(stage, capsys):
+    from mrpo.cli import STAGE_DOCS
+
+    with pytest.raises(SystemExit) as exit_:
+        main([stage, "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps; compare the words
+    assert f"mrpo {stage}: " in out and "reads: " in out and "writes: " in out and "params: " in out
+    assert set(STAGE_DOCS[stage][3]) == dvc_params(stage)  # the help lists exactly what DVC tracks
+    for key in STAGE_DOCS[stage][3]:
+        assert key.rpartition(".")[2] in out, key
+    assert "--set KEY=VALUE" in out
+
+
+def test_train_help_names_its_outputs_and_what_does_not_retrain(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for key in ("train.output_dir", "train.metrics_file", "train.plots_file", "train.checkpoint_dir"):
+        assert key in out
+    assert "logging_steps and save_steps are left out" in out
+
+
+def test_set_and_params_work_after_the_stage_name_too(project, capsys, tmp_path):
+    assert main(["show-config", "--set", "train.beta=0.3", "train"]) == 0
+    assert "train.beta = 0.3" in capsys.readouterr().out
+    # both places at once: all overrides apply, the later wins for the same key
+    assert main(["--set", "train.beta=0.2", "show-config", "--set", "train.epsilon=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "train.beta = 0.2" in out and "train.epsilon = 0.5" in out
+    assert main(["--set", "train.beta=0.2", "show-config", "--set", "train.beta=0.4", "train"]) == 0
+    assert "train.beta = 0.4" in capsys.readouterr().out
+    other = tmp_path / "other.yaml"
+    other.write_text((project / "params.yaml").read_text().replace("seed: 0", "seed: 7"))
+    assert main(["show-config", "--params", str(other), "seed"]) == 0
+    assert capsys.readouterr().out == "seed = 7\n"
+    # a bad override after the stage is the same user error as before it
+    assert main(["train", "--set", "train.beta=-1"]) == 2
+    assert "mrpo: configuration error: train.beta: got -1; must be > 0" in capsys.readouterr().err
+
+
+def test_show_config_filters_by_section_and_names_the_sections_when_unknown(project, capsys):
+    assert main(["show-config", "train.lora"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith("train.lora.") for line in lines)
+    assert "train.lora.r = 8" in lines
+    assert main(["show-config", "score"]) == 0
+    out = capsys.readouterr().out
+    assert "score.metrics_dir = 'metrics/score'" in out and "train." not in out
+    assert main(["show-config", "trian"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "show-config 'trian': no such section or key; "
+        "sections: compare, data, diagnose, evaluate, references, score" in err
+    )

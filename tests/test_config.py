@@ -225,6 +225,7 @@ BAD_VALUES = [
     ("zoo.members.anchor.operations", [], "zoo.members.anchor.operations: got []; needs at least one"),
     ("zoo.members.anchor.operations", ["/"], "zoo.members.anchor.operations: got '/'; allowed: +, -, *"),
     ("score.output_dir", 5, "score.output_dir: expected a non-empty string, got 5"),
+    ("score.metrics_dir", "", "score.metrics_dir: got ''; must be a non-empty string"),
     ("score.max_length", 4, "score.max_length: got 4; must be >= 8"),
     ("score.batch_tokens", 10, "score.batch_tokens: got 10; must be >= score.max_length"),
     ("score.shard_size", 0, "score.shard_size: got 0; must be >= 1"),
@@ -364,6 +365,7 @@ BAD_VALUES = [
     ("compare.output_dir", "", "compare.output_dir: got ''"),
     ("compare.plots_file", None, "compare.plots_file: got null"),
     ("compare.image_file", "", "compare.image_file: got ''"),
+    ("summary.file", 5, "summary.file: expected a non-empty string, got 5"),
     # sections of the wrong type
     ("diagnose", 1, "diagnose: expected a mapping of settings"),
     ("compare", "x", "compare: expected a mapping of settings"),
@@ -373,6 +375,7 @@ BAD_VALUES = [
     ("score", "x", "score: expected a mapping of settings"),
     ("evaluate", 1.5, "evaluate: expected a mapping of settings"),
     ("tracking", True, "tracking: expected a mapping of settings"),
+    ("summary", [], "summary: expected a mapping of settings"),
     ("references", "abc", "references: expected a mapping of name -> settings"),
     ("zoo.members.anchor", "abc", "zoo.members.anchor: expected a mapping of settings"),
 ]
@@ -413,6 +416,7 @@ def _leaf_keys():
         c.TrackingConfig: "tracking",
         c.DiagnoseConfig: "diagnose",
         c.CompareConfig: "compare",
+        c.SummaryConfig: "summary",
         c.Config: "",
     }
     for cls, prefix in prefixes.items():

@@ -20,6 +20,7 @@ STAGES = [
     "diagnose",
     "train",
     "evaluate",
+    "summary",
 ]
 
 
@@ -46,6 +47,7 @@ STAGE_MODULES = {
     "diagnose": "diagnostics",
     "train": "train",
     "evaluate": "evaluate",
+    "summary": "summary",
 }
 
 
@@ -79,6 +81,209 @@ def test_each_stage_depends_on_every_module_its_command_runs():
         assert listed == mrpo_imports(module), stage
 
 
+# ---------------------------------------------------------------- params per key; dvc.lock in step with the
+# code
+
+
+def declared_params(stage_body: dict) -> list[str]:
+    return [p for p in stage_body.get("params", []) if isinstance(p, str)]
+
+
+def lookup(params: dict, dotted: str):
+    node = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def test_every_declared_param_key_exists_in_params_yaml_and_every_profile():
+    """DVC refuses to run a stage whose declared param is missing from params.yaml ("Parameters ... are
+    missing"), and profiles are copied over params.yaml: each must hold every key dvc.yaml declares."""
+    import re
+
+    from mrpo.config import read_params
+
+    text = (REPO_ROOT / "dvc.yaml").read_text()
+    stages = yaml.safe_load(text)["stages"]
+    interpolated = set(re.findall(r"\$\{([a-z_]+\.[a-z_.]+)\}", text)) - {"item.model"}
+    for params_file in [REPO_ROOT / "params.yaml", *sorted((REPO_ROOT / "profiles").glob("*.yaml"))]:
+        params = read_params(params_file)
+        unresolved = []
+        for key in sorted(interpolated):
+            try:
+                lookup(params, key)
+            except KeyError:
+                unresolved.append(key)
+        assert not unresolved, f"{params_file.name}: dvc.yaml interpolates keys it lacks: {unresolved}"
+        for name, stage in stages.items():
+            body = stage.get("do", stage)
+            keys = declared_params(body)
+            if "foreach" in stage:
+                keys = [k.replace("${key}", ref) for k in keys for ref in params["references"]]
+            missing = []
+            for key in keys:
+                try:
+                    lookup(params, key)
+                except KeyError:
+                    missing.append(key)
+            assert not missing, f"{params_file.name}: stage {name} declares params missing from it: {missing}"
+
+
+def test_train_params_leave_out_only_what_cannot_change_the_weights():
+    """Changing how often curves are logged or checkpoints saved does not re-train; every other train key
+    (each one that can change the weights) is declared."""
+    import dataclasses
+
+    from mrpo.config import TrainConfig
+
+    train = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    declared = {k.removeprefix("train.") for k in declared_params(train) if k.startswith("train.")}
+    left_out = {f.name for f in dataclasses.fields(TrainConfig)} - declared
+    assert left_out == {
+        "logging_steps",
+        "save_steps",
+        "checkpoint_dir",
+        "output_dir",
+        "metrics_file",
+        "plots_file",
+    }
+
+
+def dvc_md5(path) -> str:
+    """DVC 3's md5 of a file (of its bytes) or a directory (`.dir`: of the sorted listing of its files'
+    md5s)."""
+    import hashlib
+
+    if path.is_file():
+        return hashlib.md5(path.read_bytes()).hexdigest()
+    entries = sorted(
+        (
+            {"md5": hashlib.md5(p.read_bytes()).hexdigest(), "relpath": p.relative_to(path).as_posix()}
+            for p in path.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        ),
+        key=lambda e: e["relpath"],
+    )
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def lock_drift(root) -> list[str]:
+    """How `root`'s dvc.lock differs from its code, params.yaml and dvc.yaml: source deps (every dep that no
+    stage writes) whose md5 changed, recorded params whose value changed, stages, params and deps that
+    dvc.yaml declares and the lock lacks (or the other way round). Each makes `dvc status` report the stage
+    changed."""
+    import re
+
+    from mrpo.config import parse_yaml_value, read_params
+
+    lock = parse_yaml_value((root / "dvc.lock").read_text())["stages"]
+    params = read_params(root / "params.yaml")
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    expected = [
+        f"{name}@{key}" if "foreach" in stage else name
+        for name, stage in spec.items()
+        for key in (params["references"] if "foreach" in stage else [None])
+    ]
+    drift = [f"stage {s}: not in dvc.lock" for s in expected if s not in lock]
+
+    def resolve(text: str, key: str | None) -> str:
+        def value(match) -> str:
+            name = match.group(1)
+            if name == "key":
+                return key
+            if name.startswith("item."):
+                return str(params["references"][key][name.removeprefix("item.")])
+            return str(lookup(params, name))
+
+        return re.sub(r"\$\{([^}]+)\}", value, text)
+
+    for name, stage in spec.items():  # what dvc.yaml declares now, against what the lock recorded
+        body = stage.get("do", stage)
+        for key in params["references"] if "foreach" in stage else [None]:
+            full = f"{name}@{key}" if key else name
+            if full not in lock:
+                continue
+            declared = {resolve(p, key) for p in declared_params(body)}
+            recorded = set(lock[full].get("params", {}).get("params.yaml", {}))
+            deps = {resolve(d, key) for d in body.get("deps", [])}
+            locked = {d["path"] for d in lock[full].get("deps", [])}
+            drift += [
+                f"stage {full}: param {k} declared, not in dvc.lock" for k in sorted(declared - recorded)
+            ]
+            drift += [
+                f"stage {full}: param {k} in dvc.lock, no longer declared"
+                for k in sorted(recorded - declared)
+            ]
+            drift += [f"stage {full}: dep {d} declared, not in dvc.lock" for d in sorted(deps - locked)]
+            drift += [f"stage {full}: dep {d} in dvc.lock, no longer declared" for d in sorted(locked - deps)]
+    written = {o["path"] for stage in lock.values() for o in stage.get("outs", [])}
+    for name, stage in lock.items():
+        for dep in stage.get("deps", []):
+            path = root / dep["path"]
+            if dep["path"] in written or any(dep["path"].startswith(w.rstrip("/") + "/") for w in written):
+                continue  # another stage's output: DVC tracks it, not the code
+            if not path.exists():
+                drift.append(f"stage {name}: {dep['path']} is gone")
+            elif dvc_md5(path) != dep["md5"]:
+                drift.append(f"stage {name}: {dep['path']} changed")
+        for key, value in stage.get("params", {}).get("params.yaml", {}).items():
+            try:
+                now = lookup(params, key)
+            except KeyError:
+                drift.append(f"stage {name}: param {key} is no longer in params.yaml")
+                continue
+            if now != value:
+                drift.append(f"stage {name}: param {key} is {now!r}, dvc.lock has {value!r}")
+    return drift
+
+
+def test_committed_dvc_lock_matches_the_code_and_params():
+    """A fresh clone must not re-run stages: dvc.lock records the md5 of the code each stage ran and the
+    params it read. Fix: `dvc repro` (it re-runs only what changed) and commit dvc.lock with the metrics it
+    updates."""
+    drift = lock_drift(REPO_ROOT)
+    shown = drift[:20] + ([f"... and {len(drift) - 20} more"] if len(drift) > 20 else [])
+    assert not drift, (
+        "dvc.lock is out of date with the code, params.yaml or dvc.yaml; run `dvc repro` and commit dvc.lock "
+        "(and the metrics it updates):\n  " + "\n  ".join(shown)
+    )
+
+
+def test_lock_drift_agrees_with_dvc_on_a_real_repo(tmp_path):
+    """The check reads md5s as DVC writes them: clean right after `dvc repro`, a changed file or param is
+    named."""
+    run_tool(["git", "init", "-q"], tmp_path)
+    dvc(["init", "-q"], tmp_path)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tool.py").write_text("print('hello')\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "a.yaml").write_text("task: a\n")
+    (tmp_path / "params.yaml").write_text("references:\n  r: {model: m}\nstep:\n  rate: 1.0e-4\n  n: 3\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  make:\n    cmd: python src/tool.py > out.txt\n    params: [step.rate]\n"
+        "    deps: [src/tool.py, tasks]\n    outs: [out.txt]\n"
+        "  use:\n    cmd: cat out.txt > used.txt\n    deps: [out.txt]\n    outs: [used.txt]\n"
+    )
+    dvc(["repro"], tmp_path)
+    assert lock_drift(tmp_path) == []
+    (tmp_path / "src" / "tool.py").write_text("print('changed')\n")
+    (tmp_path / "tasks" / "b.yaml").write_text("task: b\n")
+    (tmp_path / "params.yaml").write_text("references:\n  r: {model: m}\nstep:\n  rate: 2.0e-4\n  n: 3\n")
+    assert lock_drift(tmp_path) == [
+        "stage make: src/tool.py changed",
+        "stage make: tasks changed",
+        "stage make: param step.rate is 0.0002, dvc.lock has 0.0001",
+    ]
+    dvc(["repro"], tmp_path)
+    assert lock_drift(tmp_path) == []
+    spec = (tmp_path / "dvc.yaml").read_text()
+    (tmp_path / "dvc.yaml").write_text(spec.replace("params: [step.rate]", "params: [step.rate, step.n]"))
+    assert lock_drift(tmp_path) == ["stage make: param step.n declared, not in dvc.lock"]
+    assert "make" in json.loads(dvc(["status", "--json"], tmp_path).stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_repro_runs_every_stage_in_order_and_writes_the_outputs(tiny_reproduced):
     out, project = tiny_reproduced["output"], tiny_reproduced["path"]
@@ -86,6 +291,7 @@ def test_repro_runs_every_stage_in_order_and_writes_the_outputs(tiny_reproduced)
     scores = [at[s] for s in STAGES if s.startswith("score@")]
     assert max(at["zoo"], at["prepare"]) < min(scores) and max(scores) < at["train"] < at["evaluate"]
     assert max(scores) < at["diagnose"]
+    assert at["evaluate"] < at["summary"] and "# MRPO pipeline summary" in out[at["summary"] :]
 
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
@@ -99,7 +305,15 @@ def test_repro_runs_every_stage_in_order_and_writes_the_outputs(tiny_reproduced)
         scores = pd.read_parquet(project / "data" / "scores" / f"{ref}.parquet")
         assert len(scores) == 200 and scores["fits"].all()
     train = json.loads((project / "metrics" / "train.json").read_text())
-    assert train["steps"] == 6 and train["references"] == 3
+    assert train["steps"] == 6 and {"weight/anchor", "weight/gpt2_char", "weight/llama_mul"} <= set(train)
+    record = json.loads((project / "models" / "policy" / "train_metrics.json").read_text())
+    assert record["references"] == 3 and "val_reward_accuracy_before" in record
+    # timings apart from the score files, as metrics of the score stages
+    for ref in ("anchor", "gpt2_char", "llama_mul"):
+        timings = json.loads((project / "metrics" / "score" / f"{ref}.json").read_text())
+        assert timings["seconds"] > 0 and timings["pairs_per_second"] > 0
+    summary = (project / "metrics" / "summary.md").read_text()
+    assert "| val reward accuracy |" in summary and "models/policy" in summary
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
     assert any(k.startswith("policy/mrpo_arith_mc/") for k in evaluation)
     curves = pd.read_csv(project / "plots" / "train.csv")
@@ -141,11 +355,11 @@ def test_changing_one_reference_reruns_only_its_scoring_and_what_follows(tiny_re
     }
 
     edit_params(project, lambda p: p["references"]["llama_mul"].update(tokenizer="models/zoo/llama_mul"))
-    assert stale_stages(project) == {"score@llama_mul", "diagnose", "train", "evaluate"}
+    assert stale_stages(project) == {"score@llama_mul", "diagnose", "train", "evaluate", "summary"}
 
     out = dvc(["repro"], project).stdout
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"score@llama_mul", "diagnose", "train", "evaluate"}, out[-3000:]
+    assert ran == {"score@llama_mul", "diagnose", "train", "evaluate", "summary"}, out[-3000:]
     for stage in ("zoo", "prepare", "score@anchor", "score@gpt2_char"):
         assert f"Stage '{stage}' didn't change, skipping" in out
     after = {r: (project / "data" / "scores" / f"{r}.parquet").read_bytes() for r in before}
@@ -154,11 +368,27 @@ def test_changing_one_reference_reruns_only_its_scoring_and_what_follows(tiny_re
 
 
 @pytest.mark.slow
+def test_rescoring_and_logging_cadence_leave_training_up_to_date(tiny_reproduced, tmp_path):
+    """Scoring the same pairs again writes the same bytes, and how often training logs or saves never changes
+    the weights: neither makes DVC re-train. The timings of the new scoring run are its metric."""
+    project = clone_project(tiny_reproduced["path"], tmp_path / "p")
+    before = (project / "data" / "scores" / "anchor.parquet").read_bytes()
+    out = dvc(["repro", "--force", "score@anchor"], project).stdout
+    assert "Running stage 'score@anchor'" in out
+    assert (project / "data" / "scores" / "anchor.parquet").read_bytes() == before
+    assert stale_stages(project) == set()
+    edit_params(project, lambda p: p["train"].update(logging_steps=3, save_steps=2))
+    assert stale_stages(project) == set()
+    edit_params(project, lambda p: p["train"].update(beta=0.2))
+    assert stale_stages(project) == {"train", "evaluate", "summary"}
+
+
+@pytest.mark.slow
 def test_adding_a_reference_scores_only_that_one(tiny_reproduced, tmp_path):
     project = clone_project(tiny_reproduced["path"], tmp_path / "p")
     edit_params(project, lambda p: p["references"].update(anchor_twin={"model": "models/zoo/anchor"}))
     stale = stale_stages(project)
-    assert stale == {"score@anchor_twin", "diagnose", "train", "evaluate"}
+    assert stale == {"score@anchor_twin", "diagnose", "train", "evaluate", "summary"}
     out = dvc(["repro", "--dry"], project).stdout
     assert "Running stage 'score@anchor_twin'" in out
     assert "Running stage 'score@anchor'" not in out and "Running stage 'score@gpt2_char'" not in out
@@ -195,8 +425,10 @@ def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
     weights = next(p["Reference weights"] for p in spec["plots"] if "Reference weights" in p)
     assert weights["y"]["${train.plots_file}"] == [f"weight/{r.name}" for r in cfg.references]
     # DVC resolves the interpolations against params.yaml: one score stage per reference, its own out
-    described = dvc(["stage", "list", "score@gpt2_char"], tiny_project).stdout.split()
-    assert described[0] == "score@gpt2_char" and "data/scores/gpt2_char.parquet" in described
+    described = dvc(["stage", "list", "score@gpt2_char"], tiny_project).stdout
+    assert described.startswith("score@gpt2_char") and "data/scores/gpt2_char.parquet" in described
+    assert "metrics/score/gpt2_char.json" in described  # its timings: a metric of its own
+    assert spec["stages"]["summary"]["outs"] == [{"${summary.file}": {"cache": False, "persist": True}}]
 
 
 def test_exp_run_sets_a_param_and_reruns_only_that_stage(tiny_project, tmp_path):

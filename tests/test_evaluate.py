@@ -37,6 +37,7 @@ def project_raw(root: Path, **evaluate) -> dict:
     raw["references"] = {"anchor": {"model": str(root / "models/zoo/anchor")}}
     raw["data"]["output_dir"] = str(root / "data/prepared")
     raw["score"]["output_dir"] = str(root / "data/scores")
+    raw["score"]["metrics_dir"] = str(root / "metrics/score")
     raw["train"].update(
         output_dir=str(root / "models/policy"),
         checkpoint_dir=str(root / "models/checkpoints"),
@@ -352,8 +353,14 @@ def test_local_tasks_score_a_tiny_model_and_identical_policy_matches_anchor(proj
     )
 
     # Outputs: the flat metrics file, lm-eval's full results, the same numbers on the training run in MLflow.
+    # the metrics file keeps what differs between policies; the full record has the anchor, deltas and counts
     on_disk = json.loads(Path(cfg.evaluate.metrics_file).read_text())
-    assert on_disk == pytest.approx(m)
+    assert on_disk == pytest.approx(ev.metric_file_view(m))
+    assert set(on_disk) == {k for k in m if k.startswith("policy/")} | {
+        "pref/reward_accuracy_vs_anchor",
+        "pref/reward_margin_vs_anchor",
+    }
+    assert json.loads((Path(cfg.evaluate.results_dir) / "metrics.json").read_text()) == pytest.approx(m)
     full = json.loads(Path(first_eval.results_files["policy"]).read_text())
     assert set(full["results"]) == set(tasks)
     assert all(n["effective"] == limit for n in full["n-samples"].values())

@@ -83,7 +83,9 @@ def project(tiny_zoo, tmp: Path, splits=None, **score) -> object:
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, output_dir=str(tmp / "prepared")),
-        score=dataclasses.replace(cfg.score, output_dir=str(tmp / "scores"), **score),
+        score=dataclasses.replace(
+            cfg.score, output_dir=str(tmp / "scores"), metrics_dir=str(tmp / "metrics"), **score
+        ),
     )
 
 
@@ -217,7 +219,9 @@ def test_metadata_names_model_hash_tokenizer_template_dtype_and_prepared_digest(
     # the numerics: fp32 weights under `dtype` autocast on `device` (training reads `dtype` to match them)
     assert (meta["device"], meta["dtype"], meta["weights_dtype"]) == ("cpu", "float32", "float32")
     assert (meta["batch_tokens"], meta["padding_side"]) == (cfg.score.batch_tokens, "right")
-    assert 0 <= meta["padding_share"] < 0.2 and meta["tokens_per_second"] > 0
+    assert 0 <= meta["padding_share"] < 0.2 and not TIMING_KEYS & set(meta)  # timings: a file of their own
+    timings = json.loads((Path(cfg.score.metrics_dir) / "llama_mul.json").read_text())
+    assert set(timings) == TIMING_KEYS and timings["seconds"] > 0 and timings["tokens_per_second"] > 0
     assert meta["scored_tokens"] == int((frame["chosen_tokens"] + frame["rejected_tokens"]).sum()) + sum(
         1 + len(load_tokenizer(ref)(p["prompt"], add_special_tokens=False)["input_ids"])
         for split in synthetic_splits().values()
@@ -263,8 +267,19 @@ def test_interrupted_run_resumes_without_recomputing_finished_shards_and_matches
     frame, meta = read_scores(score_reference(cfg, "anchor", on_shard=record))
     assert computed == [2, 3, 4] and all(untouched)
     assert frame.equals(full)  # bit for bit
-    strip = lambda m: {k: v for k, v in m.items() if k not in TIMING_KEYS}  # noqa: E731
-    assert strip(meta) == strip(full_meta)
+    assert meta == full_meta
+
+
+def test_scoring_again_writes_a_byte_identical_score_file_and_only_new_timings(tiny_zoo, tmp_path):
+    """The score file is a dependency of train and evaluate: the same content must hash the same, or
+    re-scoring would make DVC re-train. Timings change run to run, so they live in the metrics file."""
+    cfg = project(tiny_zoo, tmp_path, synthetic_splits(12), shard_size=4)
+    first = score_reference(cfg, "anchor").read_bytes()
+    timings = Path(cfg.score.metrics_dir) / "anchor.json"
+    first_timings = json.loads(timings.read_text())
+    second = score_reference(cfg, "anchor").read_bytes()
+    assert second == first
+    assert json.loads(timings.read_text())["pairs_per_second"] > 0 and set(first_timings) == TIMING_KEYS
 
 
 def test_a_failed_rerun_leaves_the_finished_output_byte_identical_and_no_temp_files(tiny_zoo, tmp_path):
@@ -374,6 +389,7 @@ def test_cli_scores_one_reference_from_a_params_file(tiny_zoo, tmp_path, monkeyp
     assert main(["--params", str(tmp_path / "params.yaml"), "score", "--reference", "gpt2_char"]) == 0
     frame, meta = read_scores(Path(cfg.score.output_dir) / "gpt2_char.parquet")
     assert len(frame) == 30 and frame["fits"].all() and np.isfinite(frame["chosen_logp"]).all()
+    assert (Path(cfg.score.metrics_dir) / "gpt2_char.json").is_file()
 
 
 # ---------------------------------------------------------------- batching

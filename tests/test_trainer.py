@@ -7,6 +7,7 @@ built once per module; each test trains a handful of steps into its own dirs.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -44,8 +45,11 @@ def first_step_losses(cfg, steps: int = 1) -> tuple[list[dict], object]:
 # ---------------------------------------------------------------- learning and outputs
 
 
-def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored, tmp_path, monkeypatch):
+def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
+    scored, tmp_path, monkeypatch, caplog, capfd
+):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    caplog.set_level(logging.INFO, logger="mrpo")
     cfg = config(
         scored,
         tmp_path,
@@ -67,7 +71,26 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored,
 
     on_disk = json.loads(Path(cfg.train.metrics_file).read_text())
     assert on_disk["val_reward_accuracy_after"] == pytest.approx(metrics["val_reward_accuracy_after"])
+    # the DVC metric keeps the key numbers and the final weights; the full record lies beside the policy
+    from mrpo.train import METRIC_KEYS, TRAIN_RECORD
+
+    assert set(on_disk) == set(METRIC_KEYS) | {f"weight/{n}" for n in REFERENCES}
+    assert on_disk["weight/anchor"] == pytest.approx(1 / 3, abs=1e-6)
     policy = Path(cfg.train.output_dir)
+    assert json.loads((policy / TRAIN_RECORD).read_text()) == pytest.approx(metrics)
+
+    # Progress in the logs is compact: a line about every 5% of the run and per evaluation, never a dict per
+    # step; the (uniform) reference weights once, readably.
+    messages = [r.getMessage() for r in caplog.records if r.name == "mrpo"]
+    steps = [m for m in messages if m.startswith("train: step ") and ": loss" not in m and " val:" not in m]
+    assert 10 <= len(steps) <= 21 and steps[-1].startswith("train: step 40/40  loss 0."), steps
+    assert sum(" val: loss" in m for m in messages) == 2 + 2  # at steps 20 and 40, before and after
+    weight_lines = [m for m in messages if "reference weights" in m]
+    assert weight_lines == [
+        "train: reference weights (uniform, fixed): anchor 0.333, gpt2_char 0.333, llama_mul 0.333"
+    ]
+    printed = capfd.readouterr()
+    assert "{'loss'" not in printed.out + printed.err
     assert (policy / "model.safetensors").is_file() and (policy / "tokenizer.json").is_file()
     assert not list(policy.glob("*.bin"))
 
@@ -130,6 +153,37 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored,
         assert active.info.run_id == record.run_id
         mlflow.log_metric("eval_probe", 1.0)
     assert client.get_run(record.run_id).data.metrics["eval_probe"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        ("uniform", "reference weights (uniform, fixed): anchor 0.333, gpt2_char 0.333, llama_mul 0.333"),
+        ("fixed", "reference weights (fixed, fixed): anchor 0.500, gpt2_char 0.250, llama_mul 0.250"),
+        ("vdw", "reference weights (vdw, fitted on the validation split): anchor "),
+        (
+            "arwc",
+            "reference weights (arwc) are set per pair from its margins; their means are logged at the end",
+        ),
+        (
+            "window",
+            "reference weights (window) are learned during training; the final ones are logged at the end",
+        ),
+    ],
+)
+def test_the_reference_weights_are_described_once_as_they_start(strategy, expected):
+    import torch
+
+    from mrpo.train import describe_strategy_weights
+    from mrpo.weighting import make_strategy
+
+    made = make_strategy(strategy, 3, fixed_weights=[2, 1, 1] if strategy == "fixed" else None, window_size=8)
+    made.fit(torch.tensor([[1.0, 0.5, -0.2], [0.3, 0.1, 0.4], [0.8, -0.1, 0.2]], dtype=torch.float64))
+    text = describe_strategy_weights(made, list(REFERENCES))
+    assert text.startswith(expected)
+    if strategy == "vdw":  # fitted values, not uniform ones, three decimals each
+        values = [float(part.split()[-1]) for part in text.split(": ", 1)[1].split(", ")]
+        assert sum(values) == pytest.approx(1.0, abs=2e-3) and values != pytest.approx([1 / 3] * 3, abs=1e-3)
 
 
 def test_step0_policy_logps_equal_anchor_scores(scored, tmp_path):
@@ -678,7 +732,12 @@ def test_step0_policy_logps_equal_anchor_scores_in_every_precision(scored, tmp_p
     cfg = config(
         scored,
         tmp_path,
-        **{"score.output_dir": str(tmp_path / "scores"), "score.dtype": dtype, "train.objective": "dpo"},
+        **{
+            "score.output_dir": str(tmp_path / "scores"),
+            "score.metrics_dir": str(tmp_path / "timings"),
+            "score.dtype": dtype,
+            "train.objective": "dpo",
+        },
     )
     _, meta = read_scores(score_reference(cfg, "anchor"))
     assert (meta["dtype"], meta["weights_dtype"], meta["device"]) == (dtype, "float32", "cpu")
