@@ -220,7 +220,11 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     assert not any(k.endswith(".score_digest") for k in tags)  # nothing scored yet: no digest claimed
     assert set(config_to_flat_dict(cfg)) <= set(params)
     assert params["data.synthetic_pairs"] == "200" and params["train.max_steps"] == "6"
-    assert metrics == {"eval.policy/mrpo_arith_mc/acc": 0.625, "eval.pref.n": 18.0}
+    # the scores under the evaluate stage's own names (it logs them itself when it has a run): one name each
+    assert metrics == {"policy/mrpo_arith_mc/acc": 0.625, "pref.n": 18.0}
+    assert tags["mrpo.score.policy/mrpo_arith_mc/acc"] == "0.6250" and tags["mrpo.flow"] == "pipeline"
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert tags["mrpo.dvc_out.data/prepared"] == lock["stages"]["prepare"]["outs"][0]["md5"]
     files = {
         f.path
         for d in ("plots", "metrics", "lineage", "data", "lm_eval")

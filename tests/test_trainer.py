@@ -118,9 +118,66 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored,
         Path(client.download_artifacts(record.run_id, "policy.json", str(tmp_path))).read_text()
     )
     assert listing["files"]["model.safetensors"] == (policy / "model.safetensors").stat().st_size
-    assert run.data.metrics["final/val_reward_accuracy_after"] == pytest.approx(
-        metrics["val_reward_accuracy_after"]
+    # One name per quantity: validation is eval_* from step 0 (before training) to the last step (after), test
+    # is test_* at both ends; nothing under final/ or val_*; epoch once per logged step.
+    val_curve = client.get_metric_history(record.run_id, "eval_rewards/accuracy")
+    assert [m.step for m in val_curve] == [0, 20, 40]
+    assert val_curve[0].value == pytest.approx(metrics["val_reward_accuracy_before"])
+    assert val_curve[-1].value == pytest.approx(metrics["val_reward_accuracy_after"])
+    test_curve = client.get_metric_history(record.run_id, "test_loss")
+    assert [(m.step, m.value) for m in test_curve] == [
+        (0, pytest.approx(metrics["test_loss_before"])),
+        (40, pytest.approx(metrics["test_loss_after"])),
+    ]
+    names = set(run.data.metrics)
+    assert not {n for n in names if n.startswith(("final/", "val_")) or n.endswith("_runtime")}, names
+    assert {"train_loss", "train_pairs", "runtime_s"} <= names
+    assert run.data.metrics["train_loss"] == pytest.approx(metrics["train_loss"])
+    assert len(client.get_metric_history(record.run_id, "train_loss")) == 1
+    epochs = [m.step for m in client.get_metric_history(record.run_id, "epoch")]
+    assert epochs == list(range(1, 41))
+    # Key settings and scores as tags (runs-table columns), and the lineage whatever started the run.
+    tags = run.data.tags
+    assert tags["mrpo.strategy"] == "uniform" and tags["mrpo.beta"] == "0.1" and tags["mrpo.seed"] == "0"
+    assert tags["mrpo.score.val_reward_accuracy_after"] == f"{metrics['val_reward_accuracy_after']:.4f}"
+    assert tags["mrpo.launcher"] == "mrpo" and "mrpo.git_commit" in tags
+    from mrpo.data import prepared_digest
+
+    assert tags["mrpo.prepared_digest"] == prepared_digest(cfg.data.output_dir)
+    assert tags["mrpo.reference.anchor.score_sha256"] == score_sha
+    artifacts = {f.path for d in ("plots", "metrics") for f in client.list_artifacts(record.run_id, d)}
+    assert {
+        "plots/train.csv",
+        "plots/loss.png",
+        "plots/reference_weights.png",
+        "metrics/train.json",
+    } <= artifacts
+    # The Datasets column: the three prepared splits with their digests and source files.
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"prepared/train", "prepared/val", "prepared/test"}
+    train_input = inputs["prepared/train"]
+    train_file = Path(cfg.data.output_dir) / "train.parquet"
+    assert train_input.dataset.digest == hashlib.sha256(train_file.read_bytes()).hexdigest()[:32]
+    assert json.loads(train_input.dataset.source)["uri"] == str(train_file.resolve())
+    assert {t.key: t.value for t in train_input.tags}["mlflow.data.context"] == "training"
+    assert json.loads(train_input.dataset.profile)["num_rows"] == len(pd.read_parquet(train_file))
+    # The Models column: the policy as a logged (external) model with its card, linked as the run's output.
+    [output] = run.outputs.model_outputs
+    assert output.step == 40 and tags["mrpo.model_id"] == output.model_id
+    model = client.get_logged_model(output.model_id)
+    assert model.name == "policy" and model.source_run_id == record.run_id
+    assert model.tags["mrpo.policy_dir"] == str(policy.resolve()) and model.params["train.beta"] == "0.1"
+    assert {a.path for a in client.list_logged_model_artifacts(output.model_id)} >= {"MLmodel", "README.md"}
+    # The model card: anchor, references with hashes, hyperparameters, data digest, metrics, the MLflow run.
+    card = (policy / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert f"`{score_sha}`" in card and record.run_id in card and prepared_digest(cfg.data.output_dir) in card
+    assert "| `train.strategy` | uniform |" in card
+    val_row = (
+        f"| val | reward accuracy | {metrics['val_reward_accuracy_before']:.4f} | "
+        f"{metrics['val_reward_accuracy_after']:.4f} |"
     )
+    assert val_row in card
     artifact = client.download_artifacts(record.run_id, "reference_set.json", str(tmp_path))
     assert [r["name"] for r in json.loads(Path(artifact).read_text())["references"]] == list(REFERENCES)
     import mlflow
