@@ -58,14 +58,17 @@ def _git(root: Path, *args: str) -> bytes | None:
 def git_state(root: str | Path, ignore: Iterable[str] = ()) -> GitState | None:
     """HEAD and the uncommitted changes to tracked files, `ignore`d paths left out; None outside git.
 
-    Untracked files do not count. `ignore` is for what the pipeline itself rewrites (dvc.lock, git-tracked
-    metrics and curves): a run would otherwise call its own outputs from the previous stage a dirty tree.
+    Untracked files and .gitignore files do not count. `ignore` is for what the pipeline itself rewrites
+    (dvc.lock, git-tracked metrics and curves): a run would otherwise call its own outputs from the previous
+    stage a dirty tree.
     """
     root = Path(root)
     head = _git(root, "rev-parse", "HEAD")
     if head is None:
         return None
-    spec = ["--", ".", *(f":(exclude){p}" for p in sorted(set(ignore)))]
+    # .gitignore files too: DVC writes (and with core.autostage stages) one next to each output it adds
+    excluded = [":(exclude,glob)**/.gitignore", *(f":(exclude){p}" for p in sorted(set(ignore)))]
+    spec = ["--", ".", *excluded]
     names = _git(root, "diff", "HEAD", "--name-only", *spec) or b""
     changed = tuple(n for n in names.decode().splitlines() if n)
     diff = _git(root, "diff", "HEAD", "--binary", *spec) if changed else None

@@ -262,6 +262,12 @@ BAD_VALUES = [
     ("train.lora.target_modules", [], "train.lora.target_modules: got (); must name at least one module"),
     ("train.lora.target_modules", "q_proj", "a single value is written as a list: [q_proj]"),
     ("train.lora.merge", "yes", "train.lora.merge: expected true or false"),
+    ("train.report_to", ["wandb"], "train.report_to[0]: got 'wandb'; allowed: tensorboard"),
+    ("train.report_to", "tensorboard", "a single value is written as a list: [tensorboard]"),
+    ("train.push_to_hub", True, "train.push_to_hub: expected a mapping of settings"),
+    ("train.push_to_hub.enabled", "yes", "train.push_to_hub.enabled: expected true or false"),
+    ("train.push_to_hub.repo_id", 5, "train.push_to_hub.repo_id: expected a non-empty string or null, got 5"),
+    ("train.push_to_hub.private", None, "train.push_to_hub.private: got null; expected true or false"),
     ("evaluate.tasks", "mrpo_arith_gen", "evaluate.tasks: expected a list of strings"),
     (
         "evaluate.tasks",
@@ -280,6 +286,7 @@ BAD_VALUES = [
     ("tracking.tracking_uri", 5, "tracking.tracking_uri: expected a non-empty string or null, got 5"),
     ("tracking.experiment", "", "tracking.experiment: got ''; must be a non-empty string"),
     ("tracking.run_name", [1], "tracking.run_name: expected a non-empty string or null"),
+    ("tracking.registered_model", "", "tracking.registered_model: got ''; must be a non-empty string"),
     # sections of the wrong type
     ("train", "abc", "train: expected a mapping of settings (key: value lines), got 'abc'"),
     ("data", 5, "data: expected a mapping of settings (key: value lines), got 5"),
@@ -322,6 +329,7 @@ def _leaf_keys():
         c.ZooConfig: "zoo",
         c.ScoreConfig: "score",
         c.LoraConfig: "train.lora",
+        c.PushToHubConfig: "train.push_to_hub",
         c.TrainConfig: "train",
         c.EvalConfig: "evaluate",
         c.TrackingConfig: "tracking",
@@ -407,3 +415,13 @@ def test_exponent_notation_is_a_number_in_params_and_in_set(tmp_path):
         "train.beta": 0.2,
         "tracking.run_name": "1e",
     }
+
+
+@pytest.mark.parametrize("repo_id", [None, "no-owner", "me/", "me/a b", "a/b/c"])
+def test_push_to_hub_needs_an_owner_and_name_only_when_enabled(raw, repo_id):
+    off = _set(raw, "train.push_to_hub", {"enabled": False, "repo_id": repo_id})
+    assert parse_config(off).train.push_to_hub.enabled is False
+    with pytest.raises(ConfigError, match=r"train.push_to_hub.repo_id: got .*'<owner>/<name>'"):
+        parse_config(_set(off, "train.push_to_hub.enabled", True))
+    ok = parse_config(_set(off, "train.push_to_hub", {"enabled": True, "repo_id": "me/mrpo-policy.v1"}))
+    assert ok.train.push_to_hub.repo_id == "me/mrpo-policy.v1" and ok.train.push_to_hub.private is True

@@ -736,3 +736,78 @@ def test_step0_policy_logps_equal_anchor_scores_in_every_precision(scored, tmp_p
     # rounding noise as wins: a share of about half of the pairs)
     print(f"{dtype}: strict share of step-0 margins > 0: {(margins > 0).double().mean():.2f}")
     assert trainer._train_metrics["rewards/accuracy"] == [0.0]
+
+
+def test_tensorboard_reporting_and_push_to_hub_up_to_the_upload(scored, tmp_path, monkeypatch):
+    """`train.report_to: [tensorboard]` writes real event files next to the checkpoints (and none into the
+    working directory); `train.push_to_hub` uploads the policy directory with its card. Offline, only the two
+    network calls of huggingface_hub are replaced, recording what would be sent."""
+    from huggingface_hub import HfApi
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        files = sorted(p.name for p in folder.iterdir())  # what would be uploaded, as it is at the call
+        calls.append(("upload_folder", kwargs["repo_id"], {**kwargs, "files": files}))
+        return type("CommitInfo", (), {"commit_url": "https://huggingface.co/me/mrpo-policy/commit/0"})()
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.chdir(tmp_path)
+    cfg = config(
+        scored,
+        tmp_path,
+        **{
+            "train.report_to": ["tensorboard"],
+            "train.push_to_hub": {"enabled": True, "repo_id": "me/mrpo-policy", "private": True},
+        },
+    )
+    train(cfg)
+
+    events = list((Path(cfg.train.checkpoint_dir) / "runs").rglob("events.out.tfevents.*"))
+    # one run directory (the evaluation after training reopens the writer there: a second events file)
+    assert len({e.parent for e in events}) == 1 and events, events
+    assert not (tmp_path / "runs").exists()
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    loss = accumulator.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    assert {"train/weight/llama_mul", "eval/rewards/accuracy"} <= set(accumulator.Tags()["scalars"])
+
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    assert calls[0][1] == "me/mrpo-policy" and calls[0][2]["private"] is True
+    upload = calls[1][2]
+    assert Path(upload["folder_path"]).resolve() == Path(cfg.train.output_dir).resolve()
+    assert {"README.md", "model.safetensors", "tokenizer.json", "config.json"} <= set(upload["files"])
+    assert upload["ignore_patterns"] == ["mlflow_run.json"]  # the local run record is not uploaded
+    assert "mrpo train: mrpo-uniform-" in upload["commit_message"]
+    from mlflow import MlflowClient
+
+    from mrpo.tracking import read_run_record
+
+    record = read_run_record(cfg.train.output_dir)
+    tags = MlflowClient(record.tracking_uri).get_run(record.run_id).data.tags
+    assert tags["mrpo.hub_commit"] == "https://huggingface.co/me/mrpo-policy/commit/0"
+
+
+def test_a_failed_upload_is_a_user_error_and_keeps_the_policy(scored, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from mrpo.errors import MRPOError
+
+    def refuse(self, repo_id, **kwargs):
+        raise PermissionError("401 Unauthorized")
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    cfg = config(scored, tmp_path, **{"train.push_to_hub.enabled": True, "train.push_to_hub.repo_id": "me/p"})
+    with pytest.raises(
+        MRPOError, match=r"train.push_to_hub: uploading .* to 'me/p' failed \(401 Unauthorized\)"
+    ):
+        train(cfg, track=False)
+    assert (Path(cfg.train.output_dir) / "model.safetensors").is_file()
+    assert (Path(cfg.train.output_dir) / "README.md").read_text().count("Not tracked in MLflow.") == 1
