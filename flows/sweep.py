@@ -29,8 +29,10 @@ from flows.lineage import git_commit
 from flows.stages import dvc_running_mrpo, flatten, markdown_table, numeric_items, retry_if_transient
 from mrpo.config import load_config
 from mrpo.io import file_sha256
-from mrpo.lmeval import metric_name
-from mrpo.tracking import PARENT_RUN_ENV  # MRPO_PARENT_RUN_ID: new training runs nest under it
+from mrpo.tracking import (
+    PARENT_RUN_ENV,  # MRPO_PARENT_RUN_ID: new training runs nest under it
+    metric_name,
+)
 from mrpo.weighting import STRATEGIES
 
 DEFAULT_STRATEGIES = tuple(s for s in STRATEGIES if s != "fixed")  # fixed needs weights: pass them explicitly

@@ -322,8 +322,7 @@ def complete_lineage(
 
     from mlflow.entities import Metric
 
-    from mrpo.lmeval import metric_name
-    from mrpo.tracking import client_for
+    from mrpo.tracking import client_for, metric_name
 
     root = Path(project_dir).resolve()
     client = client_for(run.tracking_uri)

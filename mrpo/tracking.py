@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -170,6 +171,14 @@ def open_pipeline_run(cfg: Config) -> Iterator[Any]:
             yield run
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+_METRIC_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+def metric_name(key: str) -> str:
+    """A name MLflow accepts (letters, digits, _ - . / and space): anything else becomes '_'."""
+    return _METRIC_NAME_BAD.sub("_", key)
 
 
 def _param_value(value: Any) -> str:
