@@ -411,7 +411,7 @@ def evaluate_before_training(
 
 def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool = True) -> dict[str, Any]:
     """Run the train stage end to end; returns the metrics it wrote to `train.metrics_file`."""
-    from mrpo import lineage, tracking
+    from mrpo import tracking
 
     t = cfg.train
     check_stage(cfg, "train")
@@ -428,12 +428,12 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
         cfg,
         enabled=track and main,
         resume_run_id=start.mlflow_run_id,
-        tags={"mrpo.stage": "train", **lineage.start_tags(cfg)},
+        tags={"mrpo.stage": "train"},
     ) as run:
         run_state = RunState(setup.fingerprint, run.run_id if run else None)
         if main:
             write_run_state(checkpoint_dir, run_state)
-        references = reference_records(cfg, setup)
+        references = reference_records(cfg, setup) if main else []  # hashes local models: once, on rank 0
         if run is not None:
             _log_inputs(cfg, setup, run, references)
         trainer, metrics = _train_and_evaluate(cfg, setup, start, callbacks, run)
@@ -479,7 +479,7 @@ def _log_inputs(cfg: Config, setup: TrainingSetup, run, references: list[dict[st
     tracking.set_tags(
         run,
         {
-            **lineage.start_tags(cfg),  # again: a resumed run records the state it resumed in
+            **lineage.start_tags(cfg),  # a resumed run: the state it resumed in
             "mrpo.prepared_digest": setup.prepared_digest,
             "mrpo.train_fingerprint": setup.fingerprint,
             **{f"mrpo.reference.{r['name']}.score_sha256": r["score_sha256"] for r in references},

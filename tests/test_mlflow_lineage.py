@@ -137,6 +137,10 @@ def test_runs_are_searchable_by_reference_set_and_score(
     assert len(member) == 1
     assert member[0].data.tags["mlflow.parentRunId"] == result["parent_run_id"]
     assert member[0].data.params["train.objective"] == "dpo"
+    # DVC passes its experiment to the stage's command: the run says `dvc exp run` launched it, and which
+    assert member[0].data.tags["mrpo.launcher"] == "dvc exp run"
+    assert member[0].data.tags["mrpo.dvc_experiment"] == member[0].info.run_name
+    assert tags["mrpo.launcher"] == "dvc repro" and tags["mrpo.dvc_stage"] == "train"
 
     # compare by score: both runs carry the downstream metrics, ordered by them
     metric = "policy/mrpo_arith_mc/acc"
