@@ -765,6 +765,7 @@ def test_tensorboard_reporting_and_push_to_hub_up_to_the_upload(scored, tmp_path
         **{
             "train.report_to": ["tensorboard"],
             "train.push_to_hub": {"enabled": True, "repo_id": "me/mrpo-policy", "private": True},
+            "tracking.registered_model": "mrpo-policy",
         },
     )
     train(cfg)
@@ -793,6 +794,10 @@ def test_tensorboard_reporting_and_push_to_hub_up_to_the_upload(scored, tmp_path
     record = read_run_record(cfg.train.output_dir)
     tags = MlflowClient(record.tracking_uri).get_run(record.run_id).data.tags
     assert tags["mrpo.hub_commit"] == "https://huggingface.co/me/mrpo-policy/commit/0"
+    # tracking.registered_model: the logged policy model is version 1 of that registered model
+    assert tags["mrpo.registered_model"] == "mrpo-policy/1"
+    version = MlflowClient(record.tracking_uri).get_model_version("mrpo-policy", "1")
+    assert version.source == f"models:/{tags['mrpo.model_id']}" and version.run_id == record.run_id
 
 
 def test_a_failed_upload_is_a_user_error_and_keeps_the_policy(scored, tmp_path, monkeypatch):
