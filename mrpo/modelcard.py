@@ -58,7 +58,9 @@ def _is_hub_id(model: str) -> bool:
 def _number(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return "" if value is None else str(value)
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.4f}"
+    return str(int(value))  # counts (pairs, steps), also when stored as floats
 
 
 def model_card(
@@ -81,7 +83,8 @@ def model_card(
     front = ["---", f"library_name: {'peft' if adapter else 'transformers'}"]
     if _is_hub_id(anchor.model):
         front.append(f"base_model: {anchor.model}")
-    front += ["tags:", "- mrpo", "- preference-optimization", f"- {t.objective}", "---", ""]
+    tags = ["mrpo", "preference-optimization", *([t.objective] if t.objective != "mrpo" else [])]
+    front += ["tags:", *(f"- {tag}" for tag in tags), "---", ""]
 
     lines = [f"# {run_name or 'MRPO policy'}", ""]
     lines += [
