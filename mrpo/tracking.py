@@ -142,6 +142,29 @@ def read_run_record(directory: str | Path) -> PipelineRun | None:
 
 
 @contextlib.contextmanager
+def fluent_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at `uri` for the `with` block, then exactly as before.
+
+    `mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in os.environ (for subprocesses), which
+    `tracking_uri` reads first: restoring with `set_tracking_uri(mlflow.get_tracking_uri())` would leave every
+    later run of this process in that store (or in the default one), so restore the setting and the variable.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_setting, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_setting)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+@contextlib.contextmanager
 def open_pipeline_run(cfg: Config) -> Iterator[Any]:
     """Reopen the run the train stage recorded in `<train.output_dir>/mlflow_run.json` as the active MLflow run.
 
@@ -164,13 +187,8 @@ def open_pipeline_run(cfg: Config) -> Iterator[Any]:
             record.tracking_uri,
             current,
         )
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(record.tracking_uri)
-    try:
-        with mlflow.start_run(run_id=record.run_id) as run:
-            yield run
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with fluent_store(record.tracking_uri), mlflow.start_run(run_id=record.run_id) as run:
+        yield run
 
 
 _METRIC_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-./ ]")
@@ -312,9 +330,7 @@ def log_policy_model(
 
     root = Path(policy_dir).resolve()
     client = client_for(run.tracking_uri)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(run.tracking_uri)  # create_external_model uses the fluent client
-    try:
+    with fluent_store(run.tracking_uri):  # create_external_model and register_model use the fluent client
         model = mlflow.create_external_model(
             name="policy",
             source_run_id=run.run_id,
@@ -330,8 +346,6 @@ def log_policy_model(
         if registered_model:
             version = mlflow.register_model(f"models:/{model.model_id}", registered_model)
             client.set_tag(run.run_id, "mrpo.registered_model", f"{registered_model}/{version.version}")
-    finally:
-        mlflow.set_tracking_uri(previous)
     client.set_tag(run.run_id, "mrpo.model_id", model.model_id)
     return model.model_id
 

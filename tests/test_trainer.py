@@ -186,6 +186,9 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored,
         assert active.info.run_id == record.run_id
         mlflow.log_metric("eval_probe", 1.0)
     assert client.get_run(record.run_id).data.metrics["eval_probe"] == 1.0
+    # MLflow's fluent calls (logged model, reopening the run) leave no MLFLOW_TRACKING_URI behind, which would
+    # send this process's later runs to that store
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_step0_policy_logps_equal_anchor_scores(scored, tmp_path):
