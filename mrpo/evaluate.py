@@ -187,8 +187,8 @@ def policy_reference(cfg: Config) -> ReferenceConfig:
 
 
 def write_scored_card(cfg: Config, metrics: Mapping[str, float]) -> Path | None:
-    """The policy's model card with this evaluation's scores, as `<results_dir>/model_card.md` (the card in the
-    policy directory is the train stage's output and stays as it wrote it)."""
+    """The policy's model card with this evaluation's scores, as `<results_dir>/model_card.md` (the card in
+    the policy directory is the train stage's output and stays as it wrote it)."""
     from mrpo.modelcard import CARD, with_evaluation
 
     card = Path(cfg.train.output_dir) / CARD

@@ -107,7 +107,7 @@ def git_tags(state: GitState | None) -> dict[str, str]:
 
 
 def _resolve(text: str, params: Mapping[str, Any]) -> str | None:
-    """`${a.b}` in a dvc.yaml path from params.yaml; None when a name does not resolve (a foreach `${key}`)."""
+    """`${a.b}` in a dvc.yaml path from params.yaml; None when a name does not resolve (`${key}`)."""
 
     def lookup(match: re.Match) -> str:
         value: Any = params
@@ -213,7 +213,7 @@ def reference_lineage(cfg: Config, project_dir: str | Path) -> dict[str, str]:
 
 
 def start_tags(cfg: Config, project_dir: str | Path = ".") -> dict[str, str]:
-    """Everything known before training: git state, launcher, the dvc.lock the run started from, key params."""
+    """What is known before training: git state, launcher, the dvc.lock the run started from, key params."""
     root = Path(project_dir)
     tags = {**launch_tags(), **git_tags(git_state(root, pipeline_outputs(root))), **key_tags(cfg)}
     if (root / "dvc.lock").is_file():
@@ -222,7 +222,7 @@ def start_tags(cfg: Config, project_dir: str | Path = ".") -> dict[str, str]:
 
 
 def score_tags(metrics: Mapping[str, Any], names: Iterable[str]) -> dict[str, str]:
-    """The headline scores as `mrpo.score.<name>` tags (4 decimals), so the runs table shows them at a glance."""
+    """The headline scores as `mrpo.score.<name>` tags (4 decimals): the runs table shows them at a glance."""
     out = {}
     for name in names:
         value = metrics.get(name)

@@ -1,4 +1,4 @@
-"""The trained policy's model card (`<train.output_dir>/README.md`) and the optional upload to the Hugging Face Hub.
+"""The trained policy's model card (`<train.output_dir>/README.md`) and the optional upload to the Hub.
 
 The train stage writes the card into the policy directory before it is swapped in, so card and weights always
 belong together: base anchor, references with their revisions or content hashes and score digests, objective
@@ -123,8 +123,8 @@ def model_card(
         "",
         "## Results",
         "",
-        "Implicit-reward metrics against the objective's combined reference (see docs/metrics.md), before and "
-        "after training:",
+        "Implicit-reward metrics against the objective's combined reference (see docs/metrics.md), "
+        "before and after training:",
         "",
         "| split | metric | before | after |",
         "|---|---|---|---|",
@@ -161,8 +161,8 @@ def with_evaluation(card: str, scores: Mapping[str, float]) -> str:
         EVALUATION_MARK,
         "## Evaluation",
         "",
-        "`policy/` lm-eval scores of this policy, `anchor/` of its anchor, `delta/` their difference, `pref/` "
-        "test-split preference metrics against the anchor (docs/metrics.md).",
+        "`policy/` lm-eval scores of this policy, `anchor/` of its anchor, `delta/` their difference, "
+        "`pref/` test-split preference metrics against the anchor (docs/metrics.md).",
         "",
         "| metric | value |",
         "|---|---|",
@@ -189,8 +189,8 @@ def push_to_hub(settings: PushToHubConfig, policy_dir: str | Path, commit_messag
         )
     except Exception as exc:  # auth, network, permissions: the policy itself is saved; say what to fix
         raise MRPOError(
-            f"train.push_to_hub: uploading {policy_dir} to {settings.repo_id!r} failed ({exc}); the policy is "
-            "saved locally. Log in (`hf auth login` or HF_TOKEN) and check the repo id, or set "
+            f"train.push_to_hub: uploading {policy_dir} to {settings.repo_id!r} failed ({exc}); the policy "
+            "is saved locally. Log in (`hf auth login` or HF_TOKEN) and check the repo id, or set "
             "train.push_to_hub.enabled: false"
         ) from exc
     url = getattr(info, "commit_url", None) or str(info)

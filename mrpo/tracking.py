@@ -281,9 +281,9 @@ def set_tags(run: PipelineRun, tags: Mapping[str, str]) -> None:
 
 def log_datasets(run: PipelineRun, data_dir: str | Path, prepared_digest: str) -> None:
     """The prepared splits as the run's dataset inputs (the Datasets column): name `prepared/<split>`, the
-    parquet file as source, its sha256 (first 32 hex digits, MLflow's limit) as digest, and the split as context;
-    the prepared data's full digest (mrpo.data.prepared_digest) as a tag on each. MLflow records a dataset once
-    per run, so a resumed run does not repeat them."""
+    parquet file as source, its sha256 (first 32 hex digits, MLflow's limit) as digest, the split as
+    context; the prepared data's full digest (mrpo.data.prepared_digest) as a tag on each. MLflow records a
+    dataset once per run, so a resumed run does not repeat them."""
     import warnings
 
     import mlflow.data
@@ -398,7 +398,7 @@ def curve_metrics(logs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def log_evaluation(run: PipelineRun, metrics: Mapping[str, Any], step: int) -> None:
-    """An evaluation's metrics (`val_*` / `test_*` from `Trainer.evaluate`) at `step`, named as the curves are."""
+    """An evaluation's metrics (`val_*`, `test_*` from `Trainer.evaluate`) at `step`, named as curves."""
     log_metrics(run, curve_metrics(metrics), step=step)
 
 

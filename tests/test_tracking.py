@@ -41,8 +41,9 @@ def test_runs_are_named_by_what_they_are_and_two_configurations_never_share_a_na
 
 
 def test_git_state_hashes_the_uncommitted_diff_but_not_what_the_pipeline_rewrites(tmp_path, monkeypatch):
-    """A real git repo: a changed source file makes the tree dirty (with the hash of exactly its diff); changed
-    pipeline outputs (dvc.yaml outs with `${...}` from params.yaml, dvc.lock) and DVC's .gitignore files do not."""
+    """A real git repo: a changed source file makes the tree dirty (with the hash of exactly its diff);
+    changed pipeline outputs (dvc.yaml outs with `${...}` from params.yaml, dvc.lock) and DVC's .gitignore
+    files do not."""
     import hashlib
     import subprocess
 
