@@ -1,125 +1,28 @@
-"""MLflow lineage for one pipeline run; no Prefect here.
+"""MLflow lineage at the end of a Prefect pipeline run; the logic is the library's (mrpo.lineage).
 
-The train stage opens the pipeline's MLflow run and records its id in
-`<train.output_dir>/mlflow_run.json`. After evaluate, `record_lineage` completes that run with
-what only the whole pipeline knows: the git commit, the `dvc.lock` digest, the prepared data
-digest, the reference set with each score file's digest, the downstream scores, and the
-artifacts (metrics files, training plots as PNG, lm-eval results). Values that identify a
-pipeline state go into tags (searchable, and re-recordable when `dvc repro` re-uses a cached
-training run); every params.yaml value goes into params.
+The train stage records the run's git state, launcher and starting `dvc.lock` digest, evaluate completes it;
+the flow calls `record_lineage` once more after every stage, when `dvc.lock` holds the whole pipeline's
+final entries. Re-exports the helpers other flows use.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from flows.stages import flatten, numeric_items
-from mrpo.config import Config, config_to_flat_dict
-from mrpo.io import file_sha256
+from mrpo.config import Config
+from mrpo.lineage import (  # noqa: F401  (re-exported)
+    complete_lineage,
+    dvc_lock_stage_digests,
+    git_commit,
+    reference_lineage,
+    render_training_plots,
+)
 from mrpo.tracking import RUN_RECORD, PipelineRun, read_run_record, tracking_uri
-
-log = logging.getLogger("mrpo")
-
-
-def git_commit(project_dir: str | Path) -> tuple[str | None, bool]:
-    """(HEAD commit, whether the work tree has uncommitted changes); (None, False) outside git."""
-
-    def git(*args: str) -> str | None:
-        proc = subprocess.run(["git", *args], cwd=project_dir, capture_output=True, text=True)
-        return proc.stdout.strip() if proc.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return commit, bool(status)
-
-
-def dvc_lock_stage_digests(project_dir: str | Path) -> dict[str, str]:
-    """Output path -> md5 as recorded in dvc.lock (the digests DVC versions the data by)."""
-    lock = Path(project_dir) / "dvc.lock"
-    if not lock.is_file():
-        return {}
-    data = yaml.safe_load(lock.read_text()) or {}
-    out = {}
-    for stage in (data.get("stages") or {}).values():
-        for entry in stage.get("outs") or []:
-            if entry.get("md5"):
-                out[entry["path"]] = entry["md5"]
-    return out
 
 
 def read_run(cfg: Config, project_dir: str | Path) -> PipelineRun | None:
     """The MLflow run (id and store) the train stage recorded, or None when it recorded none."""
     return read_run_record(Path(project_dir) / cfg.train.output_dir)
-
-
-def reference_lineage(cfg: Config, project_dir: str | Path) -> dict[str, str]:
-    """Tags naming the reference set: names, model ids or revisions, and each score file's digest."""
-    digests = dvc_lock_stage_digests(project_dir)
-    training = [r.name for r in cfg.training_references()]
-    tags = {
-        "mrpo.reference_set": ",".join(training),
-        "mrpo.references": ",".join(r.name for r in cfg.references),
-        "mrpo.anchor": cfg.anchor.name,
-        "mrpo.objective": cfg.train.objective,
-        "mrpo.strategy": cfg.train.strategy,
-    }
-    for ref in cfg.references:
-        tags[f"mrpo.reference.{ref.name}.model"] = ref.model
-        if ref.revision:
-            tags[f"mrpo.reference.{ref.name}.revision"] = ref.revision
-        score_path = f"{cfg.score.output_dir}/{ref.name}.parquet"
-        digest = digests.get(score_path)
-        if digest is None and (Path(project_dir) / score_path).is_file():
-            digest = file_sha256(Path(project_dir) / score_path)
-        if digest:
-            tags[f"mrpo.reference.{ref.name}.score_digest"] = digest
-    return tags
-
-
-def render_training_plots(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
-    """PNG figures of the training curves in `plots/train.csv` (mrpo.train.write_plots_csv): loss, reward
-    accuracy and reference weights against `step`, one file per panel that has columns."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    frame = pd.read_csv(csv_path)
-    numeric = [c for c in frame.columns if c != "step" and pd.api.types.is_numeric_dtype(frame[c])]
-    panels = {
-        "loss": [c for c in numeric if "loss" in c.lower()],
-        "reward_accuracy": [c for c in numeric if "accuracy" in c.lower()],
-        "reference_weights": [c for c in numeric if c.startswith("weight/")],
-    }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, columns in panels.items():
-        if not columns:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for column in columns:
-            series = frame[["step", column]].dropna()
-            ax.plot(series["step"], series[column], label=column)
-        ax.set_xlabel("step")
-        ax.set_ylabel(name.replace("_", " "))
-        ax.set_title(name.replace("_", " ").capitalize())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
 
 
 def record_lineage(cfg: Config, project_dir: str | Path, run_id: str | None = None) -> str:
@@ -128,7 +31,7 @@ def record_lineage(cfg: Config, project_dir: str | Path, run_id: str | None = No
     `run_id` defaults to the one the train stage recorded. Raises FileNotFoundError naming the
     file when the train stage recorded none (run `dvc repro train` first).
     """
-    from mlflow.tracking import MlflowClient
+    from mlflow import MlflowClient
 
     root = Path(project_dir).resolve()
     record = read_run(cfg, root)
@@ -137,83 +40,10 @@ def record_lineage(cfg: Config, project_dir: str | Path, run_id: str | None = No
             f"{root / cfg.train.output_dir / RUN_RECORD}: the train stage recorded no MLflow run; "
             "run `dvc repro train` (or the pipeline flow) first"
         )
-    run_id = run_id or record.run_id
-    uri = record.tracking_uri if record is not None and record.run_id == run_id else tracking_uri(cfg, root)
-    client = MlflowClient(tracking_uri=uri)
-    run = client.get_run(run_id)
-
-    commit, dirty = git_commit(root)
-    tags: dict[str, str] = {"mrpo.pipeline": "dvc"}
-    if commit:
-        tags.update(
-            {"mlflow.source.git.commit": commit, "mrpo.git_commit": commit, "mrpo.git_dirty": str(dirty)}
-        )
-    if (root / "dvc.lock").is_file():
-        tags["mrpo.dvc_lock_digest"] = file_sha256(root / "dvc.lock")
-    report = root / cfg.data.output_dir / "report.json"
-    try:
-        from mrpo.data import prepared_digest
-
-        tags["mrpo.prepared_digest"] = prepared_digest(root / cfg.data.output_dir)
-    except (ImportError, FileNotFoundError, OSError):
-        if report.is_file():
-            tags["mrpo.prepared_digest"] = str(json.loads(report.read_text()).get("digest"))
-    tags.update(reference_lineage(cfg, root))
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
-
-    # params: every params.yaml value not already logged (MLflow params are immutable; a cached
-    # training run re-used by a later `dvc repro` already holds identical values)
-    logged = run.data.params
-    params = {k: _param_value(v) for k, v in config_to_flat_dict(cfg).items() if k not in logged}
-    from mlflow.entities import Metric, Param
-
-    if params:
-        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
-
-    # downstream scores: eval metrics under `eval.` unless the evaluate stage logged them already
-    eval_metrics = numeric_items(flatten(_read_json(root / cfg.evaluate.metrics_file)))
-    have = set(run.data.metrics)
-    new = {f"eval.{k}": v for k, v in eval_metrics.items() if k not in have and f"eval.{k}" not in have}
-    if new:
-        import time
-
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in new.items()])
-
-    _log_artifacts(client, run_id, cfg, root)
-    log.info("lineage recorded on MLflow run %s (%s)", run_id, uri)
-    return run_id
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _param_value(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, list | dict) else str(value)
-    return text[:6000]  # MLflow's param value limit
-
-
-def _log_artifacts(client, run_id: str, cfg: Config, root: Path) -> None:
-    for metrics_file in (cfg.train.metrics_file, cfg.evaluate.metrics_file):
-        if (root / metrics_file).is_file():
-            client.log_artifact(run_id, str(root / metrics_file), "metrics")
-    for name in ("params.yaml", "dvc.yaml", "dvc.lock"):
-        if (root / name).is_file():
-            client.log_artifact(run_id, str(root / name), "lineage")
-    report = root / cfg.data.output_dir / "report.json"
-    if report.is_file():
-        client.log_artifact(run_id, str(report), "data")
-    plots_csv = root / cfg.train.plots_file
-    if plots_csv.is_file():
-        client.log_artifact(run_id, str(plots_csv), "plots")
-        with tempfile.TemporaryDirectory() as tmp:
-            for png in render_training_plots(plots_csv, tmp):
-                client.log_artifact(run_id, str(png), "plots")
-    results = root / cfg.evaluate.results_dir
-    if results.is_dir() and any(results.iterdir()):
-        client.log_artifacts(run_id, str(results), "lm_eval")
+    if record is not None and (run_id is None or record.run_id == run_id):
+        run = record
+    else:
+        uri = tracking_uri(cfg, root)
+        run = PipelineRun(run_id, MlflowClient(uri).get_run(run_id).info.experiment_id, uri)
+    complete_lineage(cfg, run, root, extra_tags={"mrpo.flow": "pipeline"})
+    return run.run_id

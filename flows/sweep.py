@@ -38,7 +38,10 @@ from flows.stages import dvc_running_mrpo, flatten, markdown_table, numeric_item
 from mrpo.config import load_config
 from mrpo.io import file_sha256
 from mrpo.losses import LOSS_TYPES
-from mrpo.tracking import PARENT_RUN_ENV  # MRPO_PARENT_RUN_ID: new training runs nest under it
+from mrpo.tracking import (
+    PARENT_RUN_ENV,  # MRPO_PARENT_RUN_ID: new training runs nest under it
+    metric_name,
+)
 from mrpo.weighting import STRATEGIES
 
 DEFAULT_STRATEGIES = tuple(s for s in STRATEGIES if s != "fixed")  # fixed needs weights: pass them explicitly
@@ -402,7 +405,12 @@ def link_member_runs(
             "mrpo.dvc_experiment": row["experiment"],
         }.items():
             client.set_tag(child.info.run_id, key, value)
-        evals = {k: v for k, v in row.items() if k.startswith("eval.") and isinstance(v, int | float)}
+        # under the names the evaluate stage logs them by, so a member that logged them has each once
+        evals = {
+            metric_name(k.removeprefix("eval.")): v
+            for k, v in row.items()
+            if k.startswith("eval.") and isinstance(v, int | float)
+        }
         for key, value in numeric_items(evals).items():
             if key not in child.data.metrics:
                 client.log_metric(child.info.run_id, key, value)

@@ -43,6 +43,7 @@ LR_SCHEDULERS = (
 )
 LR_SCHEDULERS_NEEDING_KWARGS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 MAX_SEED = 2**32 - 1  # numpy's seed range
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def zoo_attention_heads(hidden_size: int) -> int:
@@ -139,6 +140,20 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class PushToHubConfig:
+    """Upload the trained policy (weights, tokenizer, model card) to the Hugging Face Hub; off by default."""
+
+    enabled: bool = False
+    repo_id: str | None = None  # "<owner>/<name>"
+    private: bool = True
+
+
+REPORT_TO = (
+    "tensorboard",
+)  # Trainer integrations `train.report_to` may name; MLflow is always on (tracking)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     objective: str = "mrpo"
     references: tuple[str, ...] | None = None  # subset of reference names; None = all
@@ -175,6 +190,8 @@ class TrainConfig:
         True  # like TRL: the policy's log-probs are then deterministic and match the scores
     )
     lora: LoraConfig = field(default_factory=LoraConfig)
+    report_to: tuple[str, ...] = ()  # extra Trainer loggers; tensorboard writes to <checkpoint_dir>/runs
+    push_to_hub: PushToHubConfig = field(default_factory=PushToHubConfig)
     device: str = "auto"
     output_dir: str = "models/policy"
     checkpoint_dir: str = "models/checkpoints"
@@ -206,6 +223,7 @@ class TrackingConfig:
     tracking_uri: str | None = None  # MLFLOW_TRACKING_URI wins; default: sqlite store in the project
     experiment: str = "mrpo"
     run_name: str | None = None
+    registered_model: str | None = None  # also register the trained policy under this MLflow model name
 
 
 @dataclass(frozen=True)
@@ -536,7 +554,8 @@ def _zoo(raw: Any) -> ZooConfig:
 def _train(raw: Any) -> TrainConfig:
     raw = _mapping(raw, "train")
     lora = _section(LoraConfig, raw.pop("lora", None), "train.lora")
-    fixed: dict[str, Any] = {"lora": lora}
+    push = _section(PushToHubConfig, raw.pop("push_to_hub", None), "train.push_to_hub")
+    fixed: dict[str, Any] = {"lora": lora, "push_to_hub": push}
     if "loss_type" in raw:
         fixed["loss_type"] = _loss_type(raw.pop("loss_type"))
     return _section(TrainConfig, raw, "train", **fixed)
@@ -762,6 +781,19 @@ def _validate(cfg: Config) -> None:
         t.lora.target_modules,
         "must name at least one module, or be null to let peft choose",
     )
+    for i, name in enumerate(t.report_to):
+        _one_of(name, f"train.report_to[{i}]", REPORT_TO)
+    _check(
+        len(set(t.report_to)) == len(t.report_to), "train.report_to", list(t.report_to), "each at most once"
+    )
+    push = t.push_to_hub
+    if push.enabled:
+        _check(
+            push.repo_id is not None and _HUB_REPO_ID.fullmatch(push.repo_id) is not None,
+            "train.push_to_hub.repo_id",
+            push.repo_id,
+            "push_to_hub is enabled: set it to the hub repository, '<owner>/<name>' (letters, digits, - _ .)",
+        )
     if t.references is not None:
         for n in t.references:
             _check(n in names, "train.references", list(t.references), f"each must be one of {names}")

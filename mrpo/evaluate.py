@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -198,26 +200,57 @@ def policy_reference(cfg: Config) -> ReferenceConfig:
     )
 
 
-def log_to_mlflow(cfg: Config, metrics: Mapping[str, float], files: Sequence[Path]) -> str | None:
-    """The metrics (and result files, as artifacts) on the training run;
-    warns and skips when none is recorded."""
-    import mlflow
+def write_scored_card(cfg: Config, metrics: Mapping[str, float]) -> Path | None:
+    """The policy's model card with this evaluation's scores, as `<results_dir>/model_card.md` (the card in
+    the policy directory is the train stage's output and stays as it wrote it)."""
+    from mrpo.modelcard import CARD, with_evaluation
 
-    from mrpo.tracking import open_pipeline_run, read_run_record
+    card = Path(cfg.train.output_dir) / CARD
+    if not card.is_file():
+        return None
+    path = Path(cfg.evaluate.results_dir) / "model_card.md"
+    write_text_atomically(path, with_evaluation(card.read_text(), metrics))
+    return path
 
-    if read_run_record(cfg.train.output_dir) is None:
+
+def log_to_mlflow(cfg: Config, metrics: Mapping[str, float], card: Path | None = None) -> str | None:
+    """The metrics on the training run and its logged policy model, the card with scores on that model, then
+    the run's lineage completed (mrpo.lineage); warns and skips when no run is recorded."""
+    import time
+
+    from mlflow.entities import Metric
+
+    from mrpo.lineage import complete_lineage
+    from mrpo.tracking import client_for, read_run_record, tracking_uri
+
+    run = read_run_record(cfg.train.output_dir)
+    if run is None:
         log.warning(
             "evaluate: no MLflow run recorded in %s; metrics are only in %s",
             cfg.train.output_dir,
             cfg.evaluate.metrics_file,
         )
         return None
-    finite = {metric_name(k): v for k, v in metrics.items() if math.isfinite(v)}
-    with open_pipeline_run(cfg) as run:
-        mlflow.log_metrics(finite)
-        for path in files:
-            mlflow.log_artifact(str(path), artifact_path="evaluation")
-        return run.info.run_id
+    if tracking_uri(cfg) != run.tracking_uri:
+        log.warning("mlflow: run %s lives in %s; logging there", run.run_id, run.tracking_uri)
+    client = client_for(run.tracking_uri)
+    model_id = client.get_run(run.run_id).data.tags.get("mrpo.model_id")
+    now = int(time.time() * 1000)
+    finite = [
+        Metric(metric_name(k), float(v), now, 0, model_id=model_id)
+        for k, v in metrics.items()
+        if math.isfinite(v)
+    ]
+    for i in range(0, len(finite), 1000):
+        client.log_batch(run.run_id, metrics=finite[i : i + 1000])
+    if model_id and card is not None:
+        from mrpo.modelcard import CARD
+
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copyfile(card, Path(tmp) / CARD)
+            client.log_model_artifact(model_id, str(Path(tmp) / CARD))
+    complete_lineage(cfg, run, ".")
+    return run.run_id
 
 
 def evaluate(cfg: Config) -> EvaluationReport:
@@ -265,9 +298,8 @@ def evaluate(cfg: Config) -> EvaluationReport:
 
     metrics_file = Path(e.metrics_file)
     write_json_atomically(metrics_file, metric_file_view(metrics))  # NaN -> null: the key stays for diffs
-    record = results_dir / EVAL_RECORD
-    write_json_atomically(record, metrics)
-    run_id = log_to_mlflow(cfg, metrics, [record, *map(Path, results_files.values())])
+    write_json_atomically(results_dir / EVAL_RECORD, metrics)
+    run_id = log_to_mlflow(cfg, metrics, write_scored_card(cfg, metrics))
     seconds = time.perf_counter() - start
     for key, value in metrics.items():
         log.info("evaluate: %s = %.4f", key, value)

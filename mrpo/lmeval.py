@@ -18,7 +18,6 @@ import functools
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +28,13 @@ from mrpo.data import read_split, split_path
 from mrpo.io import file_sha256, write_text_atomically
 from mrpo.runtime import resolve_device, resolve_dtype
 from mrpo.synthetic import arith_gen_rows, arith_mc_rows
+from mrpo.tracking import metric_name  # noqa: F401  (also the name evaluate imports from here)
 
 log = logging.getLogger("mrpo")
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "evaluation" / "tasks"
 HELD_OUT_TASKS = ("mrpo_arith_gen", "mrpo_arith_mc")  # data written from the prepared test split
 BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics; mean metrics use the closed form
-_METRIC_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-./ ]")
 _RESULT_INFO_KEYS = {"alias", "name", "sample_len", " ", "samples"}
 
 
@@ -384,11 +383,6 @@ def cached_lm_eval(
 
 
 # ---------------------------------------------------------------- flat metrics
-
-
-def metric_name(key: str) -> str:
-    """A name MLflow accepts (letters, digits, _ - . / and space): anything else becomes '_'."""
-    return _METRIC_NAME_BAD.sub("_", key)
 
 
 def flatten_results(results: Mapping[str, Any], prefix: str) -> dict[str, float]:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,6 +144,29 @@ def read_run_record(directory: str | Path) -> PipelineRun | None:
 
 
 @contextlib.contextmanager
+def fluent_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at `uri` for the `with` block, then exactly as before.
+
+    `mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in os.environ (for subprocesses), which
+    `tracking_uri` reads first: restoring with `set_tracking_uri(mlflow.get_tracking_uri())` would leave every
+    later run of this process in that store (or in the default one), so restore the setting and the variable.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_setting, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_setting)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+@contextlib.contextmanager
 def open_pipeline_run(cfg: Config) -> Iterator[Any]:
     """Reopen the run the train stage recorded in
     `<train.output_dir>/mlflow_run.json` as the active MLflow run.
@@ -166,13 +190,16 @@ def open_pipeline_run(cfg: Config) -> Iterator[Any]:
             record.tracking_uri,
             current,
         )
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(record.tracking_uri)
-    try:
-        with mlflow.start_run(run_id=record.run_id) as run:
-            yield run
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with fluent_store(record.tracking_uri), mlflow.start_run(run_id=record.run_id) as run:
+        yield run
+
+
+_METRIC_NAME_BAD = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+def metric_name(key: str) -> str:
+    """A name MLflow accepts (letters, digits, _ - . / and space): anything else becomes '_'."""
+    return _METRIC_NAME_BAD.sub("_", key)
 
 
 def _param_value(value: Any) -> str:
@@ -251,6 +278,83 @@ def record_policy(run: PipelineRun, policy_dir: str | Path) -> None:
     client.log_dict(run.run_id, {"policy_dir": str(root), "files": files}, "policy.json")
 
 
+def set_tags(run: PipelineRun, tags: Mapping[str, str]) -> None:
+    client = client_for(run.tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run.run_id, key, str(value)[:_MAX_PARAM_CHARS])
+
+
+def log_datasets(run: PipelineRun, data_dir: str | Path, prepared_digest: str) -> None:
+    """The prepared splits as the run's dataset inputs (the Datasets column): name `prepared/<split>`, the
+    parquet file as source, its sha256 (first 32 hex digits, MLflow's limit) as digest, the split as
+    context; the prepared data's full digest (mrpo.data.prepared_digest) as a tag on each. MLflow records a
+    dataset once per run, so a resumed run does not repeat them."""
+    import warnings
+
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    from mrpo.data import SPLITS, read_split, split_path
+    from mrpo.io import file_sha256
+
+    contexts = {"train": "training", "val": "validation", "test": "testing"}
+    inputs = []
+    for split in SPLITS:
+        path = split_path(data_dir, split).resolve()
+        with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways" (two equal ones)
+            warnings.simplefilter("ignore")
+            dataset = mlflow.data.from_pandas(
+                read_split(data_dir, split),
+                source=str(path),
+                name=f"prepared/{split}",
+                digest=file_sha256(path)[:32],
+            )
+        tags = [
+            InputTag("mlflow.data.context", contexts[split]),
+            InputTag("mrpo.prepared_digest", prepared_digest),
+        ]
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
+    client_for(run.tracking_uri).log_inputs(run.run_id, datasets=inputs)
+
+
+def log_policy_model(
+    run: PipelineRun,
+    policy_dir: str | Path,
+    *,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    step: int,
+    registered_model: str | None = None,
+) -> str:
+    """The trained policy as an MLflow logged model (the Models column): an *external* model, since its
+    weights stay where DVC versions them (`policy_dir`, tag `mrpo.policy_dir`); its model card is copied in
+    as an artifact. Registered under `registered_model` when one is named. Returns the model id, also
+    tagged on the run as `mrpo.model_id`."""
+    import mlflow
+    from mlflow.entities import LoggedModelOutput
+
+    root = Path(policy_dir).resolve()
+    client = client_for(run.tracking_uri)
+    with fluent_store(run.tracking_uri):  # create_external_model and register_model use the fluent client
+        model = mlflow.create_external_model(
+            name="policy",
+            source_run_id=run.run_id,
+            experiment_id=run.experiment_id,
+            model_type="mrpo-policy",
+            params={k: _param_value(v) for k, v in params.items()},
+            tags={"mrpo.policy_dir": str(root), **tags},
+        )
+        client.log_outputs(run.run_id, [LoggedModelOutput(model.model_id, step)])
+        card = root / "README.md"
+        if card.is_file():
+            client.log_model_artifact(model.model_id, str(card))
+        if registered_model:
+            version = mlflow.register_model(f"models:/{model.model_id}", registered_model)
+            client.set_tag(run.run_id, "mrpo.registered_model", f"{registered_model}/{version.version}")
+    client.set_tag(run.run_id, "mrpo.model_id", model.model_id)
+    return model.model_id
+
+
 def finish_run(run: PipelineRun, status: str = "FINISHED") -> None:
     client_for(run.tracking_uri).set_terminated(run.run_id, status=status)
 
@@ -277,14 +381,45 @@ def pipeline_run(
     finish_run(run)
 
 
+# Trainer's bookkeeping, not curves: wall-clock of each evaluation, and its end-of-training summary (whose
+# `train_loss` is over the resumed part only; the train stage logs the whole run's as `train_loss` itself).
+_SKIPPED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
+_SKIPPED = {"total_flos", "train_loss"}
+
+
+def curve_metrics(logs: Mapping[str, Any]) -> dict[str, Any]:
+    """One Trainer log as MLflow metrics, one name per quantity.
+
+    Validation is `eval_*` whether Trainer evaluated on schedule or the stage evaluated after training
+    (`val_*`), test is `test_*`; `epoch` only with the training curves (Trainer adds it to every log).
+    """
+    training = "loss" in logs
+    out = {}
+    for key, value in logs.items():
+        if key in _SKIPPED or key.endswith(_SKIPPED_SUFFIXES) or (key == "epoch" and not training):
+            continue
+        out["eval_" + key[len("val_") :] if key.startswith("val_") else key] = value
+    return out
+
+
+def log_evaluation(run: PipelineRun, metrics: Mapping[str, Any], step: int) -> None:
+    """An evaluation's metrics (`val_*`, `test_*` from `Trainer.evaluate`) at `step`, named as curves."""
+    log_metrics(run, curve_metrics(metrics), step=step)
+
+
 class MLflowStepCallback(TrainerCallback):
-    """Logs every Trainer log (training curves and validation metrics)
-    as MLflow metrics with the global step."""
+    """Logs every Trainer log (training curves and validation metrics) as MLflow metrics with the global step;
+    a value already logged at that step under that name (the evaluation after training, when the last step
+    was also a scheduled one) is not logged twice."""
 
     def __init__(self, run: PipelineRun):
         self.run = run
+        self._logged: set[tuple[str, int]] = set()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            log_metrics(self.run, logs, step=state.global_step)
+            step = state.global_step
+            metrics = {k: v for k, v in curve_metrics(logs).items() if (k, step) not in self._logged}
+            self._logged.update((k, step) for k in metrics)
+            log_metrics(self.run, metrics, step=step)
         return control

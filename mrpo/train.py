@@ -63,6 +63,8 @@ def training_fingerprint(cfg: Config, score_sha256: dict[str, str], prepared_dig
         "eval_steps",
         "logging_steps",
         "save_steps",
+        "report_to",
+        "push_to_hub",
     }
     train = {k: v for k, v in _asdict(t).items() if k not in ignored}
     payload = {
@@ -333,7 +335,7 @@ def training_arguments(
         use_cpu=device.type == "cpu",
         bf16=device.type == "cuda" and precision == torch.bfloat16,
         fp16=device.type == "cuda" and precision == torch.float16,
-        report_to="none",
+        report_to=list(t.report_to) or "none",  # TensorBoard: event files under <checkpoint_dir>/runs
         remove_unused_columns=False,
     )
 
@@ -472,24 +474,30 @@ def build_trainer(
     )
 
 
-def evaluate_before_training(cfg: Config, setup: TrainingSetup, model) -> dict[str, float]:
-    """`<split>_<metric>_before` on val and test for the untrained policy,
-    leaving `model` ready for DDP training.
+def evaluate_before_training(
+    cfg: Config, setup: TrainingSetup, model
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """`<split>_<metric>_before` on val and test for the untrained policy, and Trainer's own metrics per split
+    (for the step-0 point of the MLflow curves), leaving `model` ready for DDP training.
 
     Evaluation prepares the model with accelerate, which marks it `_is_accelerate_prepared`; a later
     `Trainer.train()` then skips the DDP wrap, so ranks stop averaging gradients and silently diverge
     (measured: 2 gloo ranks drifted apart from step 1). So evaluate with a throw-away Trainer (its own
     Accelerator) and clear the mark afterwards.
     """
+    from transformers.integrations import TensorBoardCallback
+
     probe = build_trainer(cfg, setup, model=model)
+    probe.remove_callback(TensorBoardCallback)  # outside training it would write to ./runs
     metrics: dict[str, float] = {}
+    raw: dict[str, dict[str, float]] = {}
     for split in ("val", "test"):
         if len(setup.datasets[split]):
-            before = probe.evaluate(setup.datasets[split], metric_key_prefix=split)
-            metrics.update(flat_eval_metrics(before, split, "before"))
+            raw[split] = probe.evaluate(setup.datasets[split], metric_key_prefix=split)
+            metrics.update(flat_eval_metrics(raw[split], split, "before"))
     if getattr(model, "_is_accelerate_prepared", False):
         del model._is_accelerate_prepared
-    return metrics
+    return metrics, raw
 
 
 def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool = True) -> dict[str, Any]:
@@ -508,18 +516,22 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
     )  # ranks of one job share the directory
 
     with tracking.pipeline_run(
-        cfg, enabled=track and main, resume_run_id=start.mlflow_run_id, tags={"mrpo.stage": "train"}
+        cfg,
+        enabled=track and main,
+        resume_run_id=start.mlflow_run_id,
+        tags={"mrpo.stage": "train"},
     ) as run:
         run_state = RunState(setup.fingerprint, run.run_id if run else None)
         if main:
             write_run_state(checkpoint_dir, run_state)
+        references = reference_records(cfg, setup) if main else []  # hashes local models: once, on rank 0
         if run is not None:
-            _log_inputs(cfg, setup, run)
+            _log_inputs(cfg, setup, run, references)
         trainer, metrics = _train_and_evaluate(cfg, setup, start, callbacks, run)
         metrics["runtime_s"] = time.perf_counter() - started
         policy = trained_policy(cfg, trainer)  # every rank: under FSDP it gathers the shards
         if main:
-            _write_outputs(cfg, trainer, policy, setup.tokenizer, metrics, run)
+            _write_outputs(cfg, setup, trainer, policy, metrics, run, references)
             write_run_state(
                 checkpoint_dir, RunState(run_state.fingerprint, run_state.mlflow_run_id, completed=True)
             )
@@ -540,25 +552,38 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
     return metrics
 
 
-def _log_inputs(cfg: Config, setup: TrainingSetup, run) -> None:
-    from mrpo import tracking
+def reference_records(cfg: Config, setup: TrainingSetup) -> list[dict[str, Any]]:
+    """Per training reference: name, model, revision or content hash, score file and its sha256."""
     from mrpo.models import model_fingerprint
 
+    return [
+        {
+            "name": s.name,
+            "model": cfg.reference(s.name).model,
+            **model_fingerprint(cfg.reference(s.name)),
+            "score_file": str(s.path),
+            "score_sha256": s.sha256,
+            "prepared_digest": setup.prepared_digest,
+        }
+        for s in setup.scores
+    ]
+
+
+def _log_inputs(cfg: Config, setup: TrainingSetup, run, references: list[dict[str, Any]]) -> None:
+    from mrpo import lineage, tracking
+
     tracking.log_config(run, cfg)
-    tracking.log_reference_set(
+    tracking.log_reference_set(run, references)
+    tracking.set_tags(
         run,
-        [
-            {
-                "name": s.name,
-                "model": cfg.reference(s.name).model,
-                **model_fingerprint(cfg.reference(s.name)),
-                "score_file": str(s.path),
-                "score_sha256": s.sha256,
-                "prepared_digest": setup.prepared_digest,
-            }
-            for s in setup.scores
-        ],
+        {
+            **lineage.start_tags(cfg),  # a resumed run: the state it resumed in
+            "mrpo.prepared_digest": setup.prepared_digest,
+            "mrpo.train_fingerprint": setup.fingerprint,
+            **{f"mrpo.reference.{r['name']}.score_sha256": r["score_sha256"] for r in references},
+        },
     )
+    tracking.log_datasets(run, cfg.data.output_dir, setup.prepared_digest)
 
 
 def _train_and_evaluate(cfg: Config, setup: TrainingSetup, start, callbacks, run) -> tuple[MRPOTrainer, dict]:
@@ -569,7 +594,10 @@ def _train_and_evaluate(cfg: Config, setup: TrainingSetup, start, callbacks, run
     trainer = build_trainer(
         cfg, setup, callbacks=[*callbacks, *([tracking.MLflowStepCallback(run)] if run else [])]
     )
-    metrics: dict[str, Any] = evaluate_before_training(cfg, setup, trainer.model)
+    metrics, before = evaluate_before_training(cfg, setup, trainer.model)
+    if run is not None and not start.checkpoint:  # a resumed run logged its step-0 point already
+        for split_metrics in before.values():
+            tracking.log_evaluation(run, split_metrics, step=0)
     if start.checkpoint:
         log.info("train: resuming from %s", start.checkpoint)
     trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
@@ -598,23 +626,58 @@ def _train_and_evaluate(cfg: Config, setup: TrainingSetup, start, callbacks, run
 
 
 def _write_outputs(
-    cfg: Config, trainer: MRPOTrainer, policy, tokenizer, metrics: dict[str, Any], run
+    cfg: Config, setup: TrainingSetup, trainer: MRPOTrainer, policy, metrics: dict[str, Any], run, references
 ) -> None:
-    """The policy (swapped in whole, checked finite first), metrics and curves; then the MLflow record."""
-    from mrpo import tracking
+    """The policy with its model card (swapped in whole, checked finite first), metrics and curves; then the
+    MLflow record, and the upload when `train.push_to_hub` is enabled."""
+    from mrpo import lineage, modelcard, tracking
 
     t = cfg.train
     out = Path(t.output_dir)
     check_finite_weights(policy, out)
+    run_name = None
+    if run is not None:
+        run_name = tracking.client_for(run.tracking_uri).get_run(run.run_id).info.run_name
+    git = lineage.git_state(".", lineage.pipeline_outputs("."))
+    card = modelcard.model_card(
+        cfg,
+        references=references,
+        prepared_digest=setup.prepared_digest,
+        pairs={split: len(setup.datasets[split]) for split in SPLITS},
+        metrics=metrics,
+        run=run,
+        run_name=run_name,
+        git_commit=git.commit + (" (with uncommitted changes)" if git.dirty else "") if git else None,
+    )
     with atomic_directory(out) as tmp:
-        save_policy(policy, tokenizer, tmp, merge_lora=t.lora.merge)
+        save_policy(policy, setup.tokenizer, tmp, merge_lora=t.lora.merge)
+        write_text_atomically(Path(tmp) / modelcard.CARD, card)
         write_json_atomically(tmp / TRAIN_RECORD, metrics)
         if run is not None:
             tracking.write_run_record(tmp, run)
     write_json_atomically(t.metrics_file, metric_file_view(metrics))
     write_plots_csv(t.plots_file, trainer.state.log_history)
     if run is not None:
+        step = trainer.state.global_step
+        # The before/after split metrics are the eval_*/test_* curves' first and last points; these are not.
         tracking.log_metrics(
-            run, {f"final/{k}": v for k, v in metrics.items()}, step=trainer.state.global_step
+            run,
+            {k: metrics[k] for k in ("train_loss", "train_pairs", "skipped_pairs", "runtime_s")},
+            step=step,
         )
+        tracking.set_tags(run, {"mrpo.resumed": str(metrics["resumed"])})
+        tracking.set_tags(run, lineage.score_tags(metrics, lineage.TRAIN_SCORES))
         tracking.record_policy(run, out)
+        tracking.log_policy_model(
+            run,
+            out,
+            params={f"train.{k}": getattr(t, k) for k in modelcard.HYPERPARAMETERS},
+            tags=lineage.key_tags(cfg),
+            step=step,
+            registered_model=cfg.tracking.registered_model,
+        )
+        lineage.record_training_outputs(cfg, run)
+    if t.push_to_hub.enabled:
+        url = modelcard.push_to_hub(t.push_to_hub, out, f"mrpo train: {run_name or t.objective}")
+        if run is not None:
+            tracking.set_tags(run, {"mrpo.hub_commit": url})

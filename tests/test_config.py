@@ -323,6 +323,12 @@ BAD_VALUES = [
     ("train.lora.target_modules", [], "train.lora.target_modules: got (); must name at least one module"),
     ("train.lora.target_modules", "q_proj", "a single value is written as a list: [q_proj]"),
     ("train.lora.merge", "yes", "train.lora.merge: expected true or false"),
+    ("train.report_to", ["wandb"], "train.report_to[0]: got 'wandb'; allowed: tensorboard"),
+    ("train.report_to", "tensorboard", "a single value is written as a list: [tensorboard]"),
+    ("train.push_to_hub", True, "train.push_to_hub: expected a mapping of settings"),
+    ("train.push_to_hub.enabled", "yes", "train.push_to_hub.enabled: expected true or false"),
+    ("train.push_to_hub.repo_id", 5, "train.push_to_hub.repo_id: expected a non-empty string or null, got 5"),
+    ("train.push_to_hub.private", None, "train.push_to_hub.private: got null; expected true or false"),
     ("evaluate.tasks", "mrpo_arith_gen", "evaluate.tasks: expected a list of strings"),
     (
         "evaluate.tasks",
@@ -366,6 +372,7 @@ BAD_VALUES = [
     ("compare.plots_file", None, "compare.plots_file: got null"),
     ("compare.image_file", "", "compare.image_file: got ''"),
     ("summary.file", 5, "summary.file: expected a non-empty string, got 5"),
+    ("tracking.registered_model", "", "tracking.registered_model: got ''; must be a non-empty string"),
     # sections of the wrong type
     ("diagnose", 1, "diagnose: expected a mapping of settings"),
     ("compare", "x", "compare: expected a mapping of settings"),
@@ -411,6 +418,7 @@ def _leaf_keys():
         c.ZooConfig: "zoo",
         c.ScoreConfig: "score",
         c.LoraConfig: "train.lora",
+        c.PushToHubConfig: "train.push_to_hub",
         c.TrainConfig: "train",
         c.EvalConfig: "evaluate",
         c.TrackingConfig: "tracking",
@@ -527,3 +535,13 @@ def test_loss_type_list_with_weights_as_trl(raw):
         parse_config(
             _set(_set(raw, "train.loss_type", "nca_pair"), "train.f_divergence_type", "js_divergence")
         )
+
+
+@pytest.mark.parametrize("repo_id", [None, "no-owner", "me/", "me/a b", "a/b/c"])
+def test_push_to_hub_needs_an_owner_and_name_only_when_enabled(raw, repo_id):
+    off = _set(raw, "train.push_to_hub", {"enabled": False, "repo_id": repo_id})
+    assert parse_config(off).train.push_to_hub.enabled is False
+    with pytest.raises(ConfigError, match=r"train.push_to_hub.repo_id: got .*'<owner>/<name>'"):
+        parse_config(_set(off, "train.push_to_hub.enabled", True))
+    ok = parse_config(_set(off, "train.push_to_hub", {"enabled": True, "repo_id": "me/mrpo-policy.v1"}))
+    assert ok.train.push_to_hub.repo_id == "me/mrpo-policy.v1" and ok.train.push_to_hub.private is True

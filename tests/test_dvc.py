@@ -148,6 +148,8 @@ def test_train_params_leave_out_only_what_cannot_change_the_weights():
         "output_dir",
         "metrics_file",
         "plots_file",
+        "report_to",
+        "push_to_hub",
     }
 
 

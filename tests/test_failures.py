@@ -117,7 +117,7 @@ def test_a_finished_run_is_trained_again_from_scratch_as_a_new_run(scored, tmp_p
     assert second_run != first_run["mlflow_run_id"]
     finished = client.get_run(first_run["mlflow_run_id"])
     assert finished.info.status == "FINISHED"
-    assert len(client.get_metric_history(first_run["mlflow_run_id"], "final/train_loss")) == 1
+    assert len(client.get_metric_history(first_run["mlflow_run_id"], "train_loss")) == 1
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -137,6 +137,10 @@ def test_runs_are_searchable_by_reference_set_and_score(
     assert len(member) == 1
     assert member[0].data.tags["mlflow.parentRunId"] == result["parent_run_id"]
     assert member[0].data.params["train.objective"] == "dpo"
+    # DVC passes its experiment to the stage's command: the run says `dvc exp run` launched it, and which
+    assert member[0].data.tags["mrpo.launcher"] == "dvc exp run"
+    assert member[0].data.tags["mrpo.dvc_experiment"] == member[0].info.run_name
+    assert tags["mrpo.launcher"] == "dvc repro" and tags["mrpo.dvc_stage"] == "train"
 
     # compare by score: both runs carry the downstream metrics, ordered by them
     metric = "policy/mrpo_arith_mc/acc"
@@ -220,7 +224,11 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     assert not any(k.endswith(".score_digest") for k in tags)  # nothing scored yet: no digest claimed
     assert set(config_to_flat_dict(cfg)) <= set(params)
     assert params["data.synthetic_pairs"] == "200" and params["train.max_steps"] == "6"
-    assert metrics == {"eval.policy/mrpo_arith_mc/acc": 0.625, "eval.pref.n": 18.0}
+    # the scores under the evaluate stage's own names (it logs them itself when it has a run): one name each
+    assert metrics == {"policy/mrpo_arith_mc/acc": 0.625, "pref.n": 18.0}
+    assert tags["mrpo.score.policy/mrpo_arith_mc/acc"] == "0.6250" and tags["mrpo.flow"] == "pipeline"
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert tags["mrpo.dvc_out.data/prepared"] == lock["stages"]["prepare"]["outs"][0]["md5"]
     files = {
         f.path
         for d in ("plots", "metrics", "lineage", "data", "lm_eval")
@@ -242,6 +250,79 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     # a second recording (e.g. `dvc repro` restored training from the run-cache) is idempotent
     assert record_lineage(cfg, project) == run.run_id
     assert client.get_run(run.run_id).data.metrics == metrics
+
+
+@pytest.mark.slow
+def test_a_dvc_repro_run_records_its_own_lineage_and_evaluate_completes_it(tiny_project, tmp_path):
+    """No Prefect: plain `dvc repro` in a work tree with an uncommitted change. Train records the git state
+    (dirty, with the diff's hash), that DVC launched it and the dvc.lock it started from; evaluate completes
+    the run (outputs' DVC digests, scores, artifacts, the card with scores) without touching train's outputs;
+    `python -m mrpo.lineage` afterwards records the final dvc.lock."""
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    from mrpo.config import load_config
+    from mrpo.data import prepared_digest
+    from mrpo.tracking import read_run_record
+
+    project = clone_project(tiny_project, tmp_path / "project")
+    with (project / "prefect.yaml").open("a") as f:
+        f.write("# a local change, not committed\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_tool([sys.executable, "-m", "dvc", "repro"], project, env={"MLFLOW_TRACKING_URI": uri})
+    assert "up to date" in run_tool([sys.executable, "-m", "dvc", "status"], project).stdout  # nothing stale
+
+    cfg = load_config(project / "params.yaml")
+    record = read_run_record(project / cfg.train.output_dir)
+    client = MlflowClient(uri)
+    run = client.get_run(record.run_id)
+    tags = run.data.tags
+    head = run_tool(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    diff = subprocess.run(
+        ["git", "diff", "HEAD", "--binary", "--", "prefect.yaml"],
+        cwd=project,
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert tags["mrpo.launcher"] == "dvc repro" and tags["mrpo.dvc_stage"] == "train"
+    assert tags["mrpo.git_commit"] == head and tags["mlflow.source.git.commit"] == head
+    assert tags["mrpo.git_dirty"] == "True" and tags["mrpo.git_changed"] == "prefect.yaml"
+    assert tags["mrpo.git_diff_sha256"] == hashlib.sha256(diff).hexdigest()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    policy_md5 = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "models/policy")
+    assert tags["mrpo.dvc_out.models/policy"] == policy_md5  # train's entry, written before evaluate ran
+    final_lock = hashlib.sha256((project / "dvc.lock").read_bytes()).hexdigest()
+    assert tags["mrpo.dvc_lock_digest_at_start"] != tags["mrpo.dvc_lock_digest"] != final_lock
+    assert tags["mrpo.prepared_digest"] == prepared_digest(project / cfg.data.output_dir)
+    assert tags["mrpo.strategy"] == "uniform" and "mrpo.score.pref/reward_accuracy_vs_anchor" in tags
+
+    # the scores once each, under the evaluate stage's names; artifacts once each
+    metrics = run.data.metrics
+    assert "policy/mrpo_arith_mc/acc" in metrics and not [
+        m for m in metrics if m.startswith(("eval.", "final/"))
+    ]
+    top = {f.path for f in client.list_artifacts(record.run_id)}
+    assert "evaluation" not in top and {"plots", "metrics", "lm_eval", "lineage", "data"} <= top
+    lm_eval = {f.path for f in client.list_artifacts(record.run_id, "lm_eval")}
+    assert {"lm_eval/policy.json", "lm_eval/anchor.json", "lm_eval/model_card.md"} <= lm_eval
+    assert len(client.list_artifacts(record.run_id, "plots")) >= 4  # train.csv and the PNGs
+
+    # datasets and the logged model; the model carries the card with the evaluation's scores
+    assert len(run.inputs.dataset_inputs) == 3
+    [output] = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.metrics and {m.key for m in model.metrics} >= {"policy/mrpo_arith_mc/acc"}
+    card = Path(client.download_artifacts(record.run_id, "lm_eval/model_card.md", str(tmp_path)))
+    scored_card = card.read_text()
+    assert scored_card.startswith((project / "models/policy/README.md").read_text().rstrip("\n"))
+    assert "## Evaluation" in scored_card and "| `policy/mrpo_arith_mc/acc` |" in scored_card
+    assert "## Evaluation" not in (project / "models/policy/README.md").read_text()
+
+    # after `dvc repro` has written the final dvc.lock, one command records it
+    out = run_tool([sys.executable, "-m", "mrpo.lineage"], project, env={"MLFLOW_TRACKING_URI": uri}).stdout
+    assert f"lineage recorded on MLflow run {record.run_id}" in out
+    assert client.get_run(record.run_id).data.tags["mrpo.dvc_lock_digest"] == final_lock
 
 
 def test_sweep_members_and_dvc_set_arguments():

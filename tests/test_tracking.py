@@ -38,3 +38,63 @@ def test_runs_are_named_by_what_they_are_and_two_configurations_never_share_a_na
     cfg = load_config(REPO_ROOT / "params.yaml", {**store, "tracking.run_name": "my-baseline"})
     run = start_pipeline_run(cfg)
     assert MlflowClient(run.tracking_uri).get_run(run.run_id).info.run_name == "my-baseline"
+
+
+def test_git_state_hashes_the_uncommitted_diff_but_not_what_the_pipeline_rewrites(tmp_path, monkeypatch):
+    """A real git repo: a changed source file makes the tree dirty (with the hash of exactly its diff);
+    changed pipeline outputs (dvc.yaml outs with `${...}` from params.yaml, dvc.lock) and DVC's .gitignore
+    files do not."""
+    import hashlib
+    import subprocess
+
+    from conftest import run_tool
+
+    from mrpo.lineage import git_state, git_tags, launch_tags, pipeline_outputs
+
+    (tmp_path / "params.yaml").write_text("train:\n  metrics_file: metrics/train.json\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  train:\n    cmd: mrpo train\n    metrics:\n      - ${train.metrics_file}:\n"
+        "          cache: false\n  score:\n    foreach: [a]\n    do:\n      cmd: x\n"
+        "      outs:\n        - scores/${key}.parquet\n"
+    )
+    for name, text in {"code.py": "x = 1\n", "metrics/train.json": "{}\n", "dvc.lock": "a\n"}.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    run_tool(["git", "init", "-q"], tmp_path)
+    run_tool(
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init", "--allow-empty"],
+        tmp_path,
+    )
+    run_tool(["git", "add", "-A"], tmp_path)
+    run_tool(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "files"], tmp_path)
+    ignore = pipeline_outputs(tmp_path)
+    assert ignore == ["dvc.lock", "metrics/train.json"]  # the foreach output does not resolve: left out
+
+    (tmp_path / "metrics/train.json").write_text('{"a": 1}\n')
+    (tmp_path / "dvc.lock").write_text("b\n")
+    (tmp_path / "metrics/.gitignore").write_text("/x\n")
+    run_tool(["git", "add", "metrics/.gitignore"], tmp_path)
+    (tmp_path / "untracked.txt").write_text("new\n")
+    clean = git_state(tmp_path, ignore)
+    assert not clean.dirty and clean.diff_sha256 is None and git_tags(clean)["mrpo.git_dirty"] == "False"
+
+    (tmp_path / "code.py").write_text("x = 2\n")
+    state = git_state(tmp_path, ignore)
+    diff = subprocess.run(
+        ["git", "diff", "HEAD", "--binary", "--", "code.py"], cwd=tmp_path, capture_output=True
+    )
+    assert state.dirty and state.changed == ("code.py",)
+    assert state.diff_sha256 == hashlib.sha256(diff.stdout).hexdigest()
+    tags = git_tags(state)
+    assert tags["mrpo.git_changed"] == "code.py" and tags["mrpo.git_commit"] == state.commit
+    outside = tmp_path.parent / f"{tmp_path.name}-not-git"
+    outside.mkdir()
+    assert git_state(outside) is None
+
+    for var in ("DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(var, raising=False)
+    assert launch_tags() == {"mrpo.launcher": "mrpo"}
+    monkeypatch.setenv("DVC_STAGE", "train")
+    assert launch_tags() == {"mrpo.launcher": "dvc repro", "mrpo.dvc_stage": "train"}
+    monkeypatch.setenv("DVC_EXP_NAME", "small")
+    assert launch_tags()["mrpo.launcher"] == "dvc exp run" and launch_tags()["mrpo.dvc_experiment"] == "small"

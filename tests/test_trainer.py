@@ -142,9 +142,66 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
         Path(client.download_artifacts(record.run_id, "policy.json", str(tmp_path))).read_text()
     )
     assert listing["files"]["model.safetensors"] == (policy / "model.safetensors").stat().st_size
-    assert run.data.metrics["final/val_reward_accuracy_after"] == pytest.approx(
-        metrics["val_reward_accuracy_after"]
+    # One name per quantity: validation is eval_* from step 0 (before training) to the last step (after), test
+    # is test_* at both ends; nothing under final/ or val_*; epoch once per logged step.
+    val_curve = client.get_metric_history(record.run_id, "eval_rewards/accuracy")
+    assert [m.step for m in val_curve] == [0, 20, 40]
+    assert val_curve[0].value == pytest.approx(metrics["val_reward_accuracy_before"])
+    assert val_curve[-1].value == pytest.approx(metrics["val_reward_accuracy_after"])
+    test_curve = client.get_metric_history(record.run_id, "test_loss")
+    assert [(m.step, m.value) for m in test_curve] == [
+        (0, pytest.approx(metrics["test_loss_before"])),
+        (40, pytest.approx(metrics["test_loss_after"])),
+    ]
+    names = set(run.data.metrics)
+    assert not {n for n in names if n.startswith(("final/", "val_")) or n.endswith("_runtime")}, names
+    assert {"train_loss", "train_pairs", "runtime_s"} <= names
+    assert run.data.metrics["train_loss"] == pytest.approx(metrics["train_loss"])
+    assert len(client.get_metric_history(record.run_id, "train_loss")) == 1
+    epochs = [m.step for m in client.get_metric_history(record.run_id, "epoch")]
+    assert epochs == list(range(1, 41))
+    # Key settings and scores as tags (runs-table columns), and the lineage whatever started the run.
+    tags = run.data.tags
+    assert tags["mrpo.strategy"] == "uniform" and tags["mrpo.beta"] == "0.1" and tags["mrpo.seed"] == "0"
+    assert tags["mrpo.score.val_reward_accuracy_after"] == f"{metrics['val_reward_accuracy_after']:.4f}"
+    assert tags["mrpo.launcher"] == "mrpo" and "mrpo.git_commit" in tags
+    from mrpo.data import prepared_digest
+
+    assert tags["mrpo.prepared_digest"] == prepared_digest(cfg.data.output_dir)
+    assert tags["mrpo.reference.anchor.score_sha256"] == score_sha
+    artifacts = {f.path for d in ("plots", "metrics") for f in client.list_artifacts(record.run_id, d)}
+    assert {
+        "plots/train.csv",
+        "plots/loss.png",
+        "plots/reference_weights.png",
+        "metrics/train.json",
+    } <= artifacts
+    # The Datasets column: the three prepared splits with their digests and source files.
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"prepared/train", "prepared/val", "prepared/test"}
+    train_input = inputs["prepared/train"]
+    train_file = Path(cfg.data.output_dir) / "train.parquet"
+    assert train_input.dataset.digest == hashlib.sha256(train_file.read_bytes()).hexdigest()[:32]
+    assert json.loads(train_input.dataset.source)["uri"] == str(train_file.resolve())
+    assert {t.key: t.value for t in train_input.tags}["mlflow.data.context"] == "training"
+    assert json.loads(train_input.dataset.profile)["num_rows"] == len(pd.read_parquet(train_file))
+    # The Models column: the policy as a logged (external) model with its card, linked as the run's output.
+    [output] = run.outputs.model_outputs
+    assert output.step == 40 and tags["mrpo.model_id"] == output.model_id
+    model = client.get_logged_model(output.model_id)
+    assert model.name == "policy" and model.source_run_id == record.run_id
+    assert model.tags["mrpo.policy_dir"] == str(policy.resolve()) and model.params["train.beta"] == "0.1"
+    assert {a.path for a in client.list_logged_model_artifacts(output.model_id)} >= {"MLmodel", "README.md"}
+    # The model card: anchor, references with hashes, hyperparameters, data digest, metrics, the MLflow run.
+    card = (policy / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert f"`{score_sha}`" in card and record.run_id in card and prepared_digest(cfg.data.output_dir) in card
+    assert "| `train.strategy` | uniform |" in card
+    val_row = (
+        f"| val | reward accuracy | {metrics['val_reward_accuracy_before']:.4f} | "
+        f"{metrics['val_reward_accuracy_after']:.4f} |"
     )
+    assert val_row in card
     artifact = client.download_artifacts(record.run_id, "reference_set.json", str(tmp_path))
     assert [r["name"] for r in json.loads(Path(artifact).read_text())["references"]] == list(REFERENCES)
     import mlflow
@@ -153,6 +210,9 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
         assert active.info.run_id == record.run_id
         mlflow.log_metric("eval_probe", 1.0)
     assert client.get_run(record.run_id).data.metrics["eval_probe"] == 1.0
+    # MLflow's fluent calls (logged model, reopening the run) leave no MLFLOW_TRACKING_URI behind, which would
+    # send this process's later runs to that store
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 @pytest.mark.parametrize(
@@ -837,3 +897,83 @@ def test_the_shipped_accelerate_configs_load_as_fsdp2_and_zero3():
     profile = (REPO_ROOT / "profiles/gpu-hub.yaml").read_text()
     for name in ("configs/accelerate/fsdp.yaml", "configs/accelerate/zero3.yaml"):
         assert name in readme and name in profile
+
+
+def test_tensorboard_reporting_and_push_to_hub_up_to_the_upload(scored, tmp_path, monkeypatch):
+    """`train.report_to: [tensorboard]` writes real event files next to the checkpoints (and none into the
+    working directory); `train.push_to_hub` uploads the policy directory with its card. Offline, only the two
+    network calls of huggingface_hub are replaced, recording what would be sent."""
+    from huggingface_hub import HfApi
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        files = sorted(p.name for p in folder.iterdir())  # what would be uploaded, as it is at the call
+        calls.append(("upload_folder", kwargs["repo_id"], {**kwargs, "files": files}))
+        return type("CommitInfo", (), {"commit_url": "https://huggingface.co/me/mrpo-policy/commit/0"})()
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.chdir(tmp_path)
+    cfg = config(
+        scored,
+        tmp_path,
+        **{
+            "train.report_to": ["tensorboard"],
+            "train.push_to_hub": {"enabled": True, "repo_id": "me/mrpo-policy", "private": True},
+            "tracking.registered_model": "mrpo-policy",
+        },
+    )
+    train(cfg)
+
+    events = list((Path(cfg.train.checkpoint_dir) / "runs").rglob("events.out.tfevents.*"))
+    # one run directory (the evaluation after training reopens the writer there: a second events file)
+    assert len({e.parent for e in events}) == 1 and events, events
+    assert not (tmp_path / "runs").exists()
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    loss = accumulator.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    assert {"train/weight/llama_mul", "eval/rewards/accuracy"} <= set(accumulator.Tags()["scalars"])
+
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    assert calls[0][1] == "me/mrpo-policy" and calls[0][2]["private"] is True
+    upload = calls[1][2]
+    assert Path(upload["folder_path"]).resolve() == Path(cfg.train.output_dir).resolve()
+    assert {"README.md", "model.safetensors", "tokenizer.json", "config.json"} <= set(upload["files"])
+    assert upload["ignore_patterns"] == ["mlflow_run.json"]  # the local run record is not uploaded
+    assert "mrpo train: mrpo-uniform-" in upload["commit_message"]
+    from mlflow import MlflowClient
+
+    from mrpo.tracking import read_run_record
+
+    record = read_run_record(cfg.train.output_dir)
+    tags = MlflowClient(record.tracking_uri).get_run(record.run_id).data.tags
+    assert tags["mrpo.hub_commit"] == "https://huggingface.co/me/mrpo-policy/commit/0"
+    # tracking.registered_model: the logged policy model is version 1 of that registered model
+    assert tags["mrpo.registered_model"] == "mrpo-policy/1"
+    version = MlflowClient(record.tracking_uri).get_model_version("mrpo-policy", "1")
+    assert version.source == f"models:/{tags['mrpo.model_id']}" and version.run_id == record.run_id
+
+
+def test_a_failed_upload_is_a_user_error_and_keeps_the_policy(scored, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from mrpo.errors import MRPOError
+
+    def refuse(self, repo_id, **kwargs):
+        raise PermissionError("401 Unauthorized")
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    cfg = config(scored, tmp_path, **{"train.push_to_hub.enabled": True, "train.push_to_hub.repo_id": "me/p"})
+    with pytest.raises(
+        MRPOError, match=r"train.push_to_hub: uploading .* to 'me/p' failed \(401 Unauthorized\)"
+    ):
+        train(cfg, track=False)
+    assert (Path(cfg.train.output_dir) / "model.safetensors").is_file()
+    assert (Path(cfg.train.output_dir) / "README.md").read_text().count("Not tracked in MLflow.") == 1
