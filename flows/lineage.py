@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import yaml
 from flows.stages import flatten, numeric_items
 from mrpo.config import Config, config_to_flat_dict
 from mrpo.io import file_sha256
+from mrpo.plots import PNG_FILES, VALIDATION_FILE
 from mrpo.tracking import RUN_RECORD, PipelineRun, read_run_record, tracking_uri
 
 log = logging.getLogger("mrpo")
@@ -81,45 +81,6 @@ def reference_lineage(cfg: Config, project_dir: str | Path) -> dict[str, str]:
         if digest:
             tags[f"mrpo.reference.{ref.name}.score_digest"] = digest
     return tags
-
-
-def render_training_plots(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
-    """PNG figures of the training curves in `plots/train.csv` (mrpo.train.write_plots_csv): loss, reward
-    accuracy and reference weights against `step`, one file per panel that has columns."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    frame = pd.read_csv(csv_path)
-    numeric = [c for c in frame.columns if c != "step" and pd.api.types.is_numeric_dtype(frame[c])]
-    panels = {
-        "loss": [c for c in numeric if "loss" in c.lower()],
-        "reward_accuracy": [c for c in numeric if "accuracy" in c.lower()],
-        "reference_weights": [c for c in numeric if c.startswith("weight/")],
-    }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, columns in panels.items():
-        if not columns:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for column in columns:
-            series = frame[["step", column]].dropna()
-            ax.plot(series["step"], series[column], label=column)
-        ax.set_xlabel("step")
-        ax.set_ylabel(name.replace("_", " "))
-        ax.set_title(name.replace("_", " ").capitalize())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
 
 
 def record_lineage(cfg: Config, project_dir: str | Path, run_id: str | None = None) -> str:
@@ -208,12 +169,11 @@ def _log_artifacts(client, run_id: str, cfg: Config, root: Path) -> None:
     report = root / cfg.data.output_dir / "report.json"
     if report.is_file():
         client.log_artifact(run_id, str(report), "data")
-    plots_csv = root / cfg.train.plots_file
-    if plots_csv.is_file():
-        client.log_artifact(run_id, str(plots_csv), "plots")
-        with tempfile.TemporaryDirectory() as tmp:
-            for png in render_training_plots(plots_csv, tmp):
-                client.log_artifact(run_id, str(png), "plots")
+    # The curves and their PNG renders, as the train stage wrote them (mrpo.train.write_plots).
+    curves = [root / cfg.train.plots_file, root / cfg.train.plots_dir / VALIDATION_FILE]
+    for path in [*curves, *(root / cfg.train.plots_dir / name for name in PNG_FILES)]:
+        if path.is_file():
+            client.log_artifact(run_id, str(path), "plots")
     results = root / cfg.evaluate.results_dir
     if results.is_dir() and any(results.iterdir()):
         client.log_artifacts(run_id, str(results), "lm_eval")

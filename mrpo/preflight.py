@@ -23,6 +23,7 @@ _OUTPUTS = {
         ("train.checkpoint_dir", "dir"),
         ("train.metrics_file", "file"),
         ("train.plots_file", "file"),
+        ("train.plots_dir", "dir"),
     ],
     "evaluate": [
         ("evaluate.metrics_file", "file"),

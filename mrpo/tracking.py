@@ -98,7 +98,7 @@ def start_pipeline_run(
 
 
 def default_run_name(cfg: Config) -> str:
-    """What the run is, e.g. `mrpo-vdw-anchor+gpt2_char+llama_mul-b0.1-s0-3f9a1c`.
+    """What the run is, e.g. `mrpo-vdw-anchor+gpt2_char+llama_expert-b0.1-s0-3f9a1c`.
 
     MLflow's random names repeat here (the stage seeds Python's RNG before the run exists), and say nothing; the
     suffix, a hash of the whole configuration, tells apart runs that differ elsewhere.
@@ -234,6 +234,13 @@ def log_metrics(run: PipelineRun, metrics: Mapping[str, Any], step: int | None =
     client = client_for(run.tracking_uri)
     for i in range(0, len(items), 1000):
         client.log_batch(run.run_id, metrics=items[i : i + 1000])
+
+
+def log_files(run: PipelineRun, paths, artifact_path: str) -> None:
+    """Copy `paths` (files) into the run's artifacts under `artifact_path`."""
+    client = client_for(run.tracking_uri)
+    for path in paths:
+        client.log_artifact(run.run_id, str(path), artifact_path)
 
 
 def record_policy(run: PipelineRun, policy_dir: str | Path) -> None:

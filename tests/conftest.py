@@ -121,13 +121,14 @@ def clone_project(src: Path, dest: Path) -> Path:
 
 
 TINY_ZOO_TRAIN_STEPS = 40
-REFERENCES = ("anchor", "gpt2_char", "llama_mul")
+REFERENCES = ("anchor", "gpt2_char", "llama_expert")
 
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory) -> dict:
-    """The default profile's zoo (anchor: llama/bpe, gpt2_char: gpt2/char, llama_mul: llama/bpe on "*"), built once
-    per session with only 40 SFT steps per member (a few seconds in all) by the real `mrpo.zoo.build_zoo`.
+    """The default profile's zoo (anchor: llama/bpe, gpt2_char: gpt2/char, llama_expert: llama/bpe), built once per
+    session with only 40 SFT steps per member (a few seconds in all; too few to learn the facts, enough to learn
+    the wordings) by the real `mrpo.zoo.build_zoo`.
 
     Returns {"output_dir": Path of the zoo, "members": {name: Path of its checkpoint}, "cfg": a validated Config whose
     references point at these checkpoints (anchor first) and whose data/score outputs lie in a fresh temp dir,
@@ -204,6 +205,7 @@ def config(scored: dict, out: Path, **overrides):
         "train.checkpoint_dir": str(out / "checkpoints"),
         "train.metrics_file": str(out / "metrics/train.json"),
         "train.plots_file": str(out / "plots/train.csv"),
+        "train.plots_dir": str(out / "plots"),
         "tracking.tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
     }
     base.update(overrides)

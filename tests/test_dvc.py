@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, clone_project, run_tool
 
-STAGES = ["zoo", "prepare", "score@anchor", "score@gpt2_char", "score@llama_mul", "train", "evaluate"]
+STAGES = ["zoo", "prepare", "score@anchor", "score@gpt2_char", "score@llama_expert", "train", "evaluate"]
 
 
 def dvc(args, cwd, check=True):
@@ -83,13 +83,13 @@ def test_repro_runs_every_stage_in_order_and_writes_the_outputs(tiny_reproduced)
         "score",
     }
 
-    for ref in ("anchor", "gpt2_char", "llama_mul"):
+    for ref in ("anchor", "gpt2_char", "llama_expert"):
         scores = pd.read_parquet(project / "data" / "scores" / f"{ref}.parquet")
         assert len(scores) == 200 and scores["fits"].all()
     train = json.loads((project / "metrics" / "train.json").read_text())
     assert train["steps"] == 6 and train["references"] == 3
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
-    assert any(k.startswith("policy/mrpo_arith_mc/") for k in evaluation)
+    assert any(k.startswith("policy/mrpo_facts_mc/") for k in evaluation)
     curves = pd.read_csv(project / "plots" / "train.csv")
     assert {
         "step",
@@ -97,7 +97,7 @@ def test_repro_runs_every_stage_in_order_and_writes_the_outputs(tiny_reproduced)
         "rewards/accuracy",
         "weight/anchor",
         "weight/gpt2_char",
-        "weight/llama_mul",
+        "weight/llama_expert",
     } <= set(curves)
     # metrics are git-tracked (cache: false), outputs DVC-cached
     assert not (project / "metrics" / ".gitignore").exists()
@@ -125,15 +125,17 @@ def test_changing_one_reference_reruns_only_its_scoring_and_what_follows(tiny_re
     project = clone_project(tiny_reproduced["path"], tmp_path / "p")
     before = {
         r: (project / "data" / "scores" / f"{r}.parquet").read_bytes()
-        for r in ("anchor", "gpt2_char", "llama_mul")
+        for r in ("anchor", "gpt2_char", "llama_expert")
     }
 
-    edit_params(project, lambda p: p["references"]["llama_mul"].update(tokenizer="models/zoo/llama_mul"))
-    assert stale_stages(project) == {"score@llama_mul", "train", "evaluate"}
+    edit_params(
+        project, lambda p: p["references"]["llama_expert"].update(tokenizer="models/zoo/llama_expert")
+    )
+    assert stale_stages(project) == {"score@llama_expert", "train", "evaluate"}
 
     out = dvc(["repro"], project).stdout
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"score@llama_mul", "train", "evaluate"}, out[-3000:]
+    assert ran == {"score@llama_expert", "train", "evaluate"}, out[-3000:]
     for stage in ("zoo", "prepare", "score@anchor", "score@gpt2_char"):
         assert f"Stage '{stage}' didn't change, skipping" in out
     after = {r: (project / "data" / "scores" / f"{r}.parquet").read_bytes() for r in before}
@@ -178,7 +180,16 @@ def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
     ]
     # the weights plot names exactly the default profile's references
     weights = next(p["Reference weights"] for p in spec["plots"] if "Reference weights" in p)
-    assert weights["y"]["${train.plots_file}"] == [f"weight/{r.name}" for r in cfg.references]
+    assert weights["y"]["${train.plots_file}"] == [f"weight/{r.name}_smooth" for r in cfg.references]
+    assert weights["y_label"].startswith("reference weight") and weights["x_label"] == "training step"
+    # every curve has its validation counterpart, and the PNG renders are image plots and train outputs
+    for name, column in (("Loss", "val_loss"), ("Reward accuracy", "val_reward_accuracy")):
+        plot = next(p[name] for p in spec["plots"] if isinstance(p, dict) and name in p)
+        assert plot["y"]["${train.plots_dir}/validation.csv"] == [column]
+    pngs = [f"${{train.plots_dir}}/{n}" for n in ("loss.png", "reward_accuracy.png", "reference_weights.png")]
+    assert [p for p in spec["plots"] if isinstance(p, str)] == pngs
+    train_outs = [next(iter(o)) for o in spec["stages"]["train"]["outs"]]
+    assert set(pngs) <= set(train_outs) and "${train.plots_dir}/validation.csv" in train_outs
     # DVC resolves the interpolations against params.yaml: one score stage per reference, its own out
     described = dvc(["stage", "list", "score@gpt2_char"], tiny_project).stdout.split()
     assert described[0] == "score@gpt2_char" and "data/scores/gpt2_char.parquet" in described

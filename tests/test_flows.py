@@ -193,7 +193,7 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
                 "prepare",
                 "score@anchor",
                 "score@gpt2_char",
-                "score@llama_mul",
+                "score@llama_expert",
                 "train",
                 "evaluate",
             }

@@ -83,10 +83,10 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored,
         "tokens_per_second",
         "weight/anchor",
         "weight/gpt2_char",
-        "weight/llama_mul",
+        "weight/llama_expert",
     ):
         assert train_rows[column].notna().all(), column
-    weights = train_rows[["weight/anchor", "weight/gpt2_char", "weight/llama_mul"]]
+    weights = train_rows[["weight/anchor", "weight/gpt2_char", "weight/llama_expert"]]
     assert weights.sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-5)
     assert weights.to_numpy() == pytest.approx(1 / 3, abs=1e-6)  # uniform
     assert plots["eval_rewards/accuracy"].notna().sum() == 2  # validation at steps 20 and 40
@@ -112,7 +112,7 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored,
     )
     curve = client.get_metric_history(record.run_id, "loss")
     assert [m.step for m in curve] == list(range(1, 41))
-    assert len(client.get_metric_history(record.run_id, "weight/llama_mul")) == 40
+    assert len(client.get_metric_history(record.run_id, "weight/llama_expert")) == 40
     assert run.data.tags["mrpo.policy_dir"] == str(policy.resolve())
     listing = json.loads(
         Path(client.download_artifacts(record.run_id, "policy.json", str(tmp_path))).read_text()
@@ -248,14 +248,14 @@ def test_k1_ipo_norm_equals_trl_ipo(scored, tmp_path):
 
 def test_dpo_with_reference_k_equals_mrpo_with_only_reference_k(scored, tmp_path):
     cfg_dpo = config(
-        scored, tmp_path / "dpo", **{"train.objective": "dpo", "train.dpo_reference": "llama_mul"}
+        scored, tmp_path / "dpo", **{"train.objective": "dpo", "train.dpo_reference": "llama_expert"}
     )
     dpo_logs, _ = first_step_losses(cfg_dpo, steps=3)
 
     # mrpo restricted to reference k: the same trainer, its data joined with k's scores only.
     cfg_mrpo = config(scored, tmp_path / "mrpo")
     setup = prepare_training(cfg_mrpo)
-    only_k = [s for s in setup.scores if s.name == "llama_mul"]
+    only_k = [s for s in setup.scores if s.name == "llama_expert"]
     for split in ("train", "val", "test"):
         pairs = pd.read_parquet(Path(cfg_mrpo.data.output_dir) / f"{split}.parquet")
         setup.datasets[split] = build_preference_dataset(
@@ -265,7 +265,7 @@ def test_dpo_with_reference_k_equals_mrpo_with_only_reference_k(scored, tmp_path
 
     setup.strategy, setup.names = (
         make_strategy("uniform", 1, fixed_weights=None, window_size=16, seed=0),
-        ["llama_mul"],
+        ["llama_expert"],
     )
     trainer = build_trainer(cfg_mrpo, setup)
     trainer.args.max_steps, trainer.args.save_strategy, trainer.args.eval_strategy = 3, "no", "no"
@@ -442,6 +442,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(scored,
         "train.checkpoint_dir": str(out / "checkpoints"),
         "train.metrics_file": str(out / "metrics/train.json"),
         "train.plots_file": str(out / "plots/train.csv"),
+        "train.plots_dir": str(out / "plots"),
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -506,8 +507,10 @@ def test_refuses_a_pair_without_a_score(scored, tmp_path):
     ):
         prepare_training(cfg)
     # and a whole missing file
-    (tmp_path / "llama_mul.parquet").unlink()
-    with pytest.raises(ScoreDataError, match=r"llama_mul\.parquet: no scores for reference 'llama_mul'"):
+    (tmp_path / "llama_expert.parquet").unlink()
+    with pytest.raises(
+        ScoreDataError, match=r"llama_expert\.parquet: no scores for reference 'llama_expert'"
+    ):
         load_reference_scores(tmp_path, REFERENCES, prepared_digest(cfg.data.output_dir))
 
 
@@ -517,11 +520,11 @@ def test_refuses_score_files_from_different_prepared_data(scored, tmp_path):
         _rewrite_scores(
             src / f"{name}.parquet",
             tmp_path / "mixed" / f"{name}.parquet",
-            digest="0" * 64 if name == "llama_mul" else None,
+            digest="0" * 64 if name == "llama_expert" else None,
         )
         _rewrite_scores(src / f"{name}.parquet", tmp_path / "stale" / f"{name}.parquet", digest="f" * 64)
     mixed = config(scored, tmp_path / "out", **{"score.output_dir": str(tmp_path / "mixed")})
-    with pytest.raises(ScoreDataError, match=r"different prepared data.*llama_mul.*000000000000"):
+    with pytest.raises(ScoreDataError, match=r"different prepared data.*llama_expert.*000000000000"):
         prepare_training(mixed)
     stale = config(scored, tmp_path / "out", **{"score.output_dir": str(tmp_path / "stale")})
     with pytest.raises(
