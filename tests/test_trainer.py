@@ -51,7 +51,9 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored,
         **{
             "train.max_steps": 40,
             "train.batch_size": 16,
-            "train.learning_rate": 1e-3,
+            # The tiny zoo knows no facts yet; pure preference learning at a high rate shows learning in 40 steps.
+            "train.learning_rate": 3e-3,
+            "train.sft_weight": 0.0,
             "train.eval_steps": 20,
             "train.save_steps": 20,
         },
@@ -92,6 +94,17 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored,
     assert plots["eval_rewards/accuracy"].notna().sum() == 2  # validation at steps 20 and 40
     losses = train_rows["loss"].to_numpy()
     assert losses[-10:].mean() < losses[:10].mean() - 0.02, losses  # the training loss goes down
+    # Trailing 10-step means beside the raw curves, and the validation curve from step 0 (before training).
+    assert train_rows["loss_smooth"].iloc[9] == pytest.approx(losses[:10].mean())
+    assert train_rows["rewards/accuracy_smooth"].iloc[-1] == pytest.approx(
+        train_rows["rewards/accuracy"].iloc[-10:].mean()
+    )
+    validation = pd.read_csv(Path(cfg.train.plots_dir) / "validation.csv")
+    assert list(validation["step"]) == [0, 20, 40]
+    assert validation["val_reward_accuracy"].iloc[0] == pytest.approx(metrics["val_reward_accuracy_before"])
+    assert validation["val_reward_accuracy"].iloc[-1] == pytest.approx(metrics["val_reward_accuracy_after"])
+    for png in ("loss.png", "reward_accuracy.png", "reference_weights.png"):
+        assert (Path(cfg.train.plots_dir) / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
     # The MLflow run: every param, the reference set, per-step curves; evaluate reopens the same run.
     from mlflow import MlflowClient
@@ -118,6 +131,16 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(scored,
         Path(client.download_artifacts(record.run_id, "policy.json", str(tmp_path))).read_text()
     )
     assert listing["files"]["model.safetensors"] == (policy / "model.safetensors").stat().st_size
+    assert {f.path for f in client.list_artifacts(record.run_id, "plots")} == {
+        f"plots/{name}"
+        for name in (
+            "train.csv",
+            "validation.csv",
+            "loss.png",
+            "reward_accuracy.png",
+            "reference_weights.png",
+        )
+    }
     assert run.data.metrics["final/val_reward_accuracy_after"] == pytest.approx(
         metrics["val_reward_accuracy_after"]
     )
