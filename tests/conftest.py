@@ -90,6 +90,7 @@ def make_tiny_project(dest: Path) -> Path:
     run_tool(["git", "config", "user.email", "tests@mrpo.invalid"], dest)
     run_tool(["git", "config", "user.name", "mrpo tests"], dest)
     run_tool([sys.executable, "-m", "dvc", "init", "-q"], dest)
+    shutil.copytree(REPO_ROOT / ".dvc" / "plots", dest / ".dvc" / "plots")  # the plots' vega template
     run_tool([sys.executable, "-m", "dvc", "config", "core.autostage", "true"], dest)
     run_tool([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
     run_tool(["git", "add", "-A"], dest)
@@ -181,6 +182,11 @@ def scored(tiny_zoo, tmp_path_factory) -> dict:
             "max_steps": 4,
             "batch_size": 8,
             "max_length": 64,
+            # The objective's library defaults (the paper's epsilon, no SFT term), not the default profile's
+            # (docs/default-task.md): the trainer tests compare against TRL's pure DPO loss and the authors' code.
+            "learning_rate": 5e-4,
+            "epsilon": 0.1,
+            "sft_weight": 0.0,
             "eval_steps": 1000,
             "save_steps": 1000,
             "logging_steps": 1,

@@ -105,6 +105,26 @@ def test_repro_runs_every_stage_in_order_and_writes_the_outputs(tiny_reproduced)
 
 
 @pytest.mark.slow
+def test_plots_show_colours_each_series_and_includes_the_png_renders(tiny_reproduced, tmp_path):
+    import json
+
+    out = dvc(["plots", "show", "--json", "-o", str(tmp_path / "dvc_plots")], tiny_reproduced["path"]).stdout
+    plots = json.loads(out)["data"]
+    for name, series in (
+        ("Loss", {"loss", "loss_smooth", "val_loss"}),
+        ("Reward accuracy", {"rewards/accuracy", "rewards/accuracy_smooth", "val_reward_accuracy"}),
+        ("Reference weights", {f"weight/{r}_smooth" for r in ("anchor", "gpt2_char", "llama_expert")}),
+    ):
+        spec = plots[name][0]["content"]
+        # .dvc/plots/lines.json: one colour per series (DVC's own templates colour by revision only)
+        assert spec["encoding"]["color"]["field"] == "field"
+        assert {row["field"] for row in spec["data"]["values"]} == series
+        assert spec["encoding"]["x"]["title"] == "training step" and spec["encoding"]["y"]["title"]
+    for png in ("loss.png", "reward_accuracy.png", "reference_weights.png"):
+        assert plots[f"plots/{png}"][0]["type"] == "image"
+
+
+@pytest.mark.slow
 def test_second_repro_changes_nothing_and_says_so(tiny_reproduced, tmp_path):
     project = clone_project(tiny_reproduced["path"], tmp_path / "p")
     lock_before = (project / "dvc.lock").read_text()
@@ -182,6 +202,7 @@ def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
     weights = next(p["Reference weights"] for p in spec["plots"] if "Reference weights" in p)
     assert weights["y"]["${train.plots_file}"] == [f"weight/{r.name}_smooth" for r in cfg.references]
     assert weights["y_label"].startswith("reference weight") and weights["x_label"] == "training step"
+    assert weights["template"] == "lines" and (REPO_ROOT / ".dvc" / "plots" / "lines.json").is_file()
     # every curve has its validation counterpart, and the PNG renders are image plots and train outputs
     for name, column in (("Loss", "val_loss"), ("Reward accuracy", "val_reward_accuracy")):
         plot = next(p[name] for p in spec["plots"] if isinstance(p, dict) and name in p)
