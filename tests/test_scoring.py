@@ -575,7 +575,10 @@ def test_cli_train_on_a_damaged_score_file_exits_2_with_one_line(scored, tmp_pat
 
 
 def test_a_scoring_run_where_no_pair_fits_fails_naming_reference_count_and_knob(tiny_zoo, tmp_path):
-    cfg = project(tiny_zoo, tmp_path, max_length=8, batch_tokens=64)
+    # Answers of more than 8 characters: none fits 8 character tokens, however the prompt is cut.
+    pairs = [p for p in generate_pairs(200, 11) if min(len(p["chosen"]), len(p["rejected"])) > 8][:30]
+    splits = {"train": pairs[:20], "val": pairs[20:25], "test": pairs[25:]}
+    cfg = project(tiny_zoo, tmp_path, splits, max_length=8, batch_tokens=64)
     with pytest.raises(ScoringError) as info:
         score_reference(cfg, "gpt2_char")
     assert str(info.value).startswith(
