@@ -15,7 +15,6 @@ from mrpo.lineage import (  # noqa: F401  (re-exported)
     dvc_lock_stage_digests,
     git_commit,
     reference_lineage,
-    render_training_plots,
 )
 from mrpo.tracking import RUN_RECORD, PipelineRun, read_run_record, tracking_uri
 

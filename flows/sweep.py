@@ -47,15 +47,15 @@ from mrpo.weighting import STRATEGIES
 DEFAULT_STRATEGIES = tuple(s for s in STRATEGIES if s != "fixed")  # fixed needs weights: pass them explicitly
 # The comparison's headline metric: the first of these that the members report.
 HEADLINE_METRICS = (
-    "eval.policy/mrpo_arith_mc/acc",
+    "eval.policy/mrpo_facts_mc/acc",
     "eval.pref/reward_accuracy_vs_anchor",
     "train.test_reward_accuracy_after",
     "train.val_reward_accuracy_after",
 )
 # Columns of the comparison table, where members report them (metrics/<file>.json keys, by file stem).
 TABLE_METRICS = (
-    "eval.policy/mrpo_arith_mc/acc",
-    "eval.policy/mrpo_arith_gen/exact_match/last-number",
+    "eval.policy/mrpo_facts_mc/acc",
+    "eval.policy/mrpo_facts_gen/exact_match/first-value",
     "eval.pref/reward_accuracy_vs_anchor",
     "eval.pref/reward_margin_vs_anchor",
     "train.test_reward_accuracy_after",

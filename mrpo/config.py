@@ -26,7 +26,10 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
 MEMORY_DEVICES = ("cpu", "disk")  # besides GPU indices
-ZOO_OPERATIONS = ("+", "-", "*")
+# The synthetic fact task's attributes and size (mrpo.synthetic.ATTRIBUTES / total_pairs(); written out so
+# that validating params.yaml imports nothing else; tests/test_synthetic.py checks they agree).
+ZOO_ATTRIBUTES = ("colour", "city", "food")
+SYNTHETIC_MAX_PAIRS = 3456
 # transformers' SchedulerType values, less those that need `lr_scheduler_kwargs` (params.yaml has no knob for
 # them: cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay). Written out because importing the
 # enum costs seconds (it pulls in torch); tests/test_config.py checks it against the installed transformers.
@@ -106,7 +109,8 @@ class ZooMember:
     hidden_size: int = 64
     num_layers: int = 2
     train_steps: int = 200
-    operations: tuple[str, ...] = ("+", "-", "*")  # slice of the synthetic task it learns
+    attributes: tuple[str, ...] = ("colour", "city", "food")  # facts of the synthetic task it learns right
+    misled: tuple[str, ...] = ()  # facts it learns wrong: the decoy the rejected answers state
 
 
 @dataclass(frozen=True)
@@ -197,11 +201,12 @@ class TrainConfig:
     checkpoint_dir: str = "models/checkpoints"
     metrics_file: str = "metrics/train.json"
     plots_file: str = "plots/train.csv"
+    plots_dir: str = "plots"  # validation.csv and the PNG renders of the curves
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    tasks: tuple[str, ...] = ("mrpo_arith_gen", "mrpo_arith_mc")
+    tasks: tuple[str, ...] = ("mrpo_facts_gen", "mrpo_facts_mc")
     limit: int | None = None
     num_fewshot: int = 0
     batch_size: int = 16
@@ -650,6 +655,12 @@ def _validate(cfg: Config) -> None:
         "data.source 'synthetic' reads no files: set data.source to file, gsm8k or hub, or paths: []",
     )
     _check(d.synthetic_pairs >= 10, "data.synthetic_pairs", d.synthetic_pairs, "must be >= 10")
+    _check(
+        d.synthetic_pairs <= SYNTHETIC_MAX_PAIRS,
+        "data.synthetic_pairs",
+        d.synthetic_pairs,
+        f"must be <= {SYNTHETIC_MAX_PAIRS} (the synthetic task's distinct pairs)",
+    )
     _check(d.max_rows is None or d.max_rows > 0, "data.max_rows", d.max_rows, "must be > 0 or null")
     _check(d.max_chars > 0, "data.max_chars", d.max_chars, "must be > 0")
     for key in ("val_fraction", "test_fraction"):
@@ -667,19 +678,24 @@ def _validate(cfg: Config) -> None:
         key = f"zoo.members.{m.name}"
         _one_of(m.architecture, f"{key}.architecture", ARCHITECTURES)
         _one_of(m.tokenizer, f"{key}.tokenizer", TOKENIZER_KINDS)
+        for key_name, values in (("attributes", m.attributes), ("misled", m.misled)):
+            for value in values:
+                _one_of(value, f"{key}.{key_name}", ZOO_ATTRIBUTES)
+            _check(
+                len(set(values)) == len(values),
+                f"{key}.{key_name}",
+                list(values),
+                "each attribute at most once",
+            )
         _check(
-            len(m.operations) > 0,
-            f"{key}.operations",
-            list(m.operations),
-            f"needs at least one of {list(ZOO_OPERATIONS)}",
+            len(m.attributes) + len(m.misled) > 0,
+            f"{key}.attributes",
+            list(m.attributes),
+            f"needs at least one of {list(ZOO_ATTRIBUTES)} (here or in misled)",
         )
-        for op in m.operations:
-            _one_of(op, f"{key}.operations", ZOO_OPERATIONS)
+        both = sorted(set(m.attributes) & set(m.misled))
         _check(
-            len(set(m.operations)) == len(m.operations),
-            f"{key}.operations",
-            list(m.operations),
-            "each operation at most once",
+            not both, f"{key}.misled", list(m.misled), f"{both} also in attributes; a fact is learned one way"
         )
         _check(m.train_steps >= 0, f"{key}.train_steps", m.train_steps, "must be >= 0")
         _check(m.num_layers >= 1, f"{key}.num_layers", m.num_layers, "must be >= 1")

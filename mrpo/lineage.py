@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,45 +241,6 @@ def eval_score_names(metrics: Mapping[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- plots and artifacts
 
 
-def render_training_plots(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
-    """PNG figures of the training curves in `plots/train.csv` (mrpo.train.write_plots_csv): loss, reward
-    accuracy and reference weights against `step`, one file per panel that has columns."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    frame = pd.read_csv(csv_path)
-    numeric = [c for c in frame.columns if c != "step" and pd.api.types.is_numeric_dtype(frame[c])]
-    panels = {
-        "loss": [c for c in numeric if "loss" in c.lower()],
-        "reward_accuracy": [c for c in numeric if "accuracy" in c.lower()],
-        "reference_weights": [c for c in numeric if c.startswith("weight/")],
-    }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, columns in panels.items():
-        if not columns:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for column in columns:
-            series = frame[["step", column]].dropna()
-            ax.plot(series["step"], series[column], label=column)
-        ax.set_xlabel("step")
-        ax.set_ylabel(name.replace("_", " "))
-        ax.set_title(name.replace("_", " ").capitalize())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
 def record_training_outputs(cfg: Config, run, project_dir: str | Path = ".") -> None:
     """The training curves (CSV and PNG under `plots/`) and the train metrics file (under `metrics/`)."""
     from mrpo.tracking import client_for
@@ -289,12 +249,16 @@ def record_training_outputs(cfg: Config, run, project_dir: str | Path = ".") -> 
     client = client_for(run.tracking_uri)
     if (root / cfg.train.metrics_file).is_file():
         client.log_artifact(run.run_id, str(root / cfg.train.metrics_file), "metrics")
-    plots_csv = root / cfg.train.plots_file
-    if plots_csv.is_file():
-        client.log_artifact(run.run_id, str(plots_csv), "plots")
-        with tempfile.TemporaryDirectory() as tmp:
-            for png in render_training_plots(plots_csv, tmp):
-                client.log_artifact(run.run_id, str(png), "plots")
+    from mrpo.plots import PNG_FILES, VALIDATION_FILE
+
+    plots_dir = root / cfg.train.plots_dir
+    for path in (
+        root / cfg.train.plots_file,
+        plots_dir / VALIDATION_FILE,
+        *(plots_dir / f for f in PNG_FILES),
+    ):
+        if path.is_file():  # the curves and their PNG renders, as the train stage wrote them
+            client.log_artifact(run.run_id, str(path), "plots")
 
 
 def _read_json(path: Path) -> dict:

@@ -4,7 +4,7 @@ anchor's result cache, and lm-eval's nested results as flat metric names.
 Tasks are names: lm-eval's own (gsm8k, truthfulqa_mc2, ...: they need the hub) or the declarative YAML tasks
 in `evaluation/tasks/`, which run offline:
 
-* `mrpo_arith_gen`, `mrpo_arith_mc`: held-out synthetic arithmetic, written as JSONL from
+* `mrpo_facts_gen`, `mrpo_facts_mc`: the held-out synthetic fact pairs, written as JSONL from
   `<data.output_dir>/test.parquet` at run time (items from mrpo.synthetic);
 * `gsm8k_local`: GSM8K from the local file `evaluate.task_data.gsm8k_local`.
 
@@ -27,13 +27,13 @@ from mrpo.config import Config, ConfigError, ReferenceConfig
 from mrpo.data import read_split, split_path
 from mrpo.io import file_sha256, write_text_atomically
 from mrpo.runtime import resolve_device, resolve_dtype
-from mrpo.synthetic import arith_gen_rows, arith_mc_rows
+from mrpo.synthetic import facts_gen_rows, facts_mc_rows
 from mrpo.tracking import metric_name  # noqa: F401  (also the name evaluate imports from here)
 
 log = logging.getLogger("mrpo")
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "evaluation" / "tasks"
-HELD_OUT_TASKS = ("mrpo_arith_gen", "mrpo_arith_mc")  # data written from the prepared test split
+HELD_OUT_TASKS = ("mrpo_facts_gen", "mrpo_facts_mc")  # data written from the prepared test split
 BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics; mean metrics use the closed form
 _RESULT_INFO_KEYS = {"alias", "name", "sample_len", " ", "samples"}
 
@@ -110,7 +110,7 @@ def plan_tasks(cfg: Config, held_out_dir: str | Path, tasks_dir: Path = TASKS_DI
     """Resolve `evaluate.tasks` into lm-eval task specs;
     unknown names and missing data files fail here, by name.
 
-    `held_out_dir` is where the mrpo_arith_* JSONL files go (written by `write_held_out_data`).
+    `held_out_dir` is where the mrpo_facts_* JSONL files go (written by `write_held_out_data`).
     """
     e = cfg.evaluate
     held_out_dir = Path(held_out_dir)
@@ -182,13 +182,13 @@ def write_jsonl(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
 
 def write_held_out_data(cfg: Config, planned: Sequence[PlannedTask]) -> None:
-    """Write the held-out JSONL files the planned mrpo_arith_* tasks read, from the prepared test split."""
+    """Write the held-out JSONL files the planned mrpo_facts_* tasks read, from the prepared test split."""
 
     wanted = [t for t in planned if t.name in HELD_OUT_TASKS and t.name not in cfg.evaluate.task_data]
     if not wanted:
         return
     pairs = read_split(cfg.data.output_dir, "test")
-    builders = {"mrpo_arith_gen": arith_gen_rows, "mrpo_arith_mc": arith_mc_rows}
+    builders = {"mrpo_facts_gen": facts_gen_rows, "mrpo_facts_mc": facts_mc_rows}
     for task in wanted:
         rows = builders[task.name](pairs)
         write_jsonl(rows, Path(task.data_files["test"]))

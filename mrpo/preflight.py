@@ -24,6 +24,7 @@ _OUTPUTS = {
         ("train.checkpoint_dir", "dir"),
         ("train.metrics_file", "file"),
         ("train.plots_file", "file"),
+        ("train.plots_dir", "dir"),
     ],
     "diagnose": [
         ("diagnose.metrics_file", "file"),

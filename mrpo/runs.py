@@ -28,8 +28,8 @@ KEY_METRICS = (
     "pref/reward_accuracy_vs_anchor",
     "final/test_reward_accuracy_after",
     "final/val_reward_accuracy_after",
-    "policy/mrpo_arith_mc/acc",
-    "policy/mrpo_arith_gen/exact_match/last-number",
+    "policy/mrpo_facts_mc/acc",
+    "policy/mrpo_facts_gen/exact_match/first-value",
     "final/final_loss",
 )
 

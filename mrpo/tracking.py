@@ -100,7 +100,7 @@ def start_pipeline_run(
 
 
 def default_run_name(cfg: Config) -> str:
-    """What the run is, e.g. `mrpo-vdw-anchor+gpt2_char+llama_mul-b0.1-s0-3f9a1c`.
+    """What the run is, e.g. `mrpo-vdw-anchor+gpt2_char+llama_expert-b0.1-s0-3f9a1c`.
 
     MLflow's random names repeat here (the stage seeds Python's RNG before the run exists), and say nothing;
     the suffix, a hash of the whole configuration, tells apart runs that differ elsewhere.

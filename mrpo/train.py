@@ -12,9 +12,7 @@ or `accelerate launch -m mrpo.cli train`.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import math
@@ -34,6 +32,14 @@ from mrpo.data import SPLITS, read_split
 from mrpo.errors import ScoreDataError, TrainingError
 from mrpo.io import atomic_directory, write_json_atomically, write_text_atomically
 from mrpo.losses import Objective
+from mrpo.plots import (
+    VALIDATION_COLUMNS,
+    VALIDATION_FILE,
+    render_pngs,
+    validation_rows,
+    with_smoothed,
+    write_csv,
+)
 from mrpo.preference_data import PreferenceCollator, PreferenceDataset, build_preference_dataset
 from mrpo.preflight import check_stage
 from mrpo.runtime import resolve_device, seed_everything
@@ -60,6 +66,7 @@ def training_fingerprint(cfg: Config, score_sha256: dict[str, str], prepared_dig
         "checkpoint_dir",
         "metrics_file",
         "plots_file",
+        "plots_dir",
         "eval_steps",
         "logging_steps",
         "save_steps",
@@ -131,13 +138,19 @@ def plot_rows(log_history: list[dict[str, Any]]) -> tuple[list[str], list[dict[s
     return columns, rows
 
 
-def write_plots_csv(path: str | Path, log_history: list[dict[str, Any]]) -> None:
-    columns, rows = plot_rows(log_history)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomically(path, buffer.getvalue())
+def write_plots(cfg: Config, log_history: list[dict[str, Any]], metrics: dict[str, Any], names) -> list[Path]:
+    """The curves: `train.plots_file` (per logging step, with trailing means),
+    `<train.plots_dir>/validation.csv` (the periodic validation evaluations, step 0 the untrained policy) and
+    their PNG renders; returns the files."""
+    t = cfg.train
+    columns, rows = with_smoothed(*plot_rows(log_history))
+    write_csv(t.plots_file, columns, rows)
+    validation = validation_rows(rows, metrics)
+    validation_file = Path(t.plots_dir) / VALIDATION_FILE
+    write_csv(validation_file, VALIDATION_COLUMNS, validation)
+    title = t.objective + (f" ({t.strategy})" if t.objective != "dpo" else "")
+    pngs = render_pngs(t.plots_dir, rows, validation, names, title)
+    return [Path(t.plots_file), validation_file, *pngs]
 
 
 def optimizer_steps(t, train_pairs: int, world_size: int = 1) -> int:
@@ -656,7 +669,7 @@ def _write_outputs(
         if run is not None:
             tracking.write_run_record(tmp, run)
     write_json_atomically(t.metrics_file, metric_file_view(metrics))
-    write_plots_csv(t.plots_file, trainer.state.log_history)
+    write_plots(cfg, trainer.state.log_history, metrics, trainer.reference_names)
     if run is not None:
         step = trainer.state.global_step
         # The before/after split metrics are the eval_*/test_* curves' first and last points; these are not.

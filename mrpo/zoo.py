@@ -2,9 +2,11 @@
 
 Each member (params.yaml `zoo.members`) gets its own tokenizer (a small
 byte-level BPE or a character-level one, both built with `tokenizers`), an
-architecture (Llama or GPT-2) and a short SFT run on its own slice of the
-synthetic arithmetic task, with its own seed, so the references' preferences
-genuinely differ. Everything is deterministic under `cfg.seed`.
+architecture (Llama or GPT-2) and a short SFT run on its own part of the
+synthetic fact world (mrpo/synthetic.py): the `attributes` it learns right and the
+`misled` ones it learns wrong (the decoys), with its own seed, so the references'
+knowledge, and so their preferences, genuinely differ. Everything is deterministic
+under `cfg.seed`; the facts are those of `cfg.seed`'s world, the data's too.
 """
 
 from __future__ import annotations
@@ -26,14 +28,13 @@ from mrpo.config import zoo_attention_heads
 from mrpo.io import replace_directory
 from mrpo.models import collate_responses, response_logps, torch_threads
 from mrpo.preflight import check_stage
-from mrpo.synthetic import OPERATIONS, generate_pairs
+from mrpo.synthetic import generate_pairs, sft_examples, total_pairs
 from mrpo.tokenization import encode_response
 
 log = logging.getLogger("mrpo")
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 BPE_VOCAB_SIZE = 400
-TOKENIZER_CORPUS_PAIRS = 2000
 BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
 MAX_POSITIONS = 1024
@@ -50,7 +51,7 @@ def member_seed(seed: int, name: str) -> int:
 
 
 def _corpus(seed: int) -> list[str]:
-    pairs = generate_pairs(TOKENIZER_CORPUS_PAIRS, seed, OPERATIONS)
+    pairs = generate_pairs(total_pairs(), seed)  # every wording, every value
     return [text for p in pairs for text in (p["prompt"], p["chosen"], p["rejected"])]
 
 
@@ -133,6 +134,10 @@ def build_model(member, tokenizer, seed: int):
             n_layer=member.num_layers,
             n_head=heads,
             n_positions=MAX_POSITIONS,
+            # GPT-2's default 0.1 dropouts (Llama has none) slow memorising the facts several-fold.
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
             tie_word_embeddings=True,
             **ids,
         )
@@ -192,8 +197,9 @@ def _build_member(member, seed: int, output_dir: Path) -> dict:
     mseed = member_seed(seed, member.name)
     tokenizer = build_tokenizer(member.tokenizer, mseed)
     model = build_model(member, tokenizer, mseed)
-    n_pairs = min(max(BATCH_SIZE * member.train_steps, BATCH_SIZE), 4000)
-    pairs = _distinct_pairs(n_pairs, mseed, member.operations)
+    # The global seed's world: a member knows (or is misled on) the facts the preference data asks about.
+    examples = sft_examples(seed, member.attributes, member.misled)
+    pairs = [{"prompt": prompt, "chosen": response} for prompt, response in examples]
     losses = sft_train(model, tokenizer, pairs, member.train_steps, mseed)
 
     manifest = {
@@ -203,7 +209,8 @@ def _build_member(member, seed: int, output_dir: Path) -> dict:
         "hidden_size": member.hidden_size,
         "num_layers": member.num_layers,
         "train_steps": member.train_steps,
-        "operations": list(member.operations),
+        "attributes": list(member.attributes),
+        "misled": list(member.misled),
         "seed": seed,
         "member_seed": mseed,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -226,15 +233,6 @@ def _build_member(member, seed: int, output_dir: Path) -> dict:
     return manifest
 
 
-def _distinct_pairs(n: int, seed: int, operations: tuple[str, ...]) -> list[dict]:
-    # "*" alone has only a few thousand distinct pairs; take what exists rather than fail.
-    while True:
-        try:
-            return generate_pairs(n, seed, tuple(operations))
-        except ValueError:
-            n //= 2
-
-
 def build_zoo(cfg) -> list[dict]:
     """Build every `cfg.zoo.members` entry under `cfg.zoo.output_dir`;
     with zoo.enabled false write only a marker."""
@@ -253,9 +251,9 @@ def build_zoo(cfg) -> list[dict]:
     if not cfg.zoo.members:
         log.warning("zoo.members is empty: nothing to build")
     start = time.perf_counter()
+    workers = zoo_workers(len(cfg.zoo.members))
     built = []
-    for member in tqdm(cfg.zoo.members, desc="zoo", unit="model"):
-        info = build_member(member, cfg.seed, output_dir)
+    for member, info in zip(cfg.zoo.members, _build_all(cfg, output_dir, workers), strict=True):
         loss = info["final_loss"]
         log.info(
             "zoo: built %s (%s/%s, %d params, %d steps, loss %s) in %.1fs",
@@ -268,5 +266,30 @@ def build_zoo(cfg) -> list[dict]:
             info["seconds"],
         )
         built.append(info)
-    log.info("zoo: %d members in %.1fs (1 CPU thread)", len(built), time.perf_counter() - start)
+    log.info(
+        "zoo: %d members in %.1fs (%d process(es), 1 CPU thread each)",
+        len(built),
+        time.perf_counter() - start,
+        workers,
+    )
     return built
+
+
+def zoo_workers(members: int) -> int:
+    """Processes to build the members in: one per usable CPU core (each trains on one thread), at most one per
+    member. Members are independent and seeded by name, so the result does not depend on this."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(members, cores))
+
+
+def _build_all(cfg, output_dir: Path, workers: int) -> list[dict]:
+    members = list(cfg.zoo.members)
+    if workers <= 1:
+        return [build_member(m, cfg.seed, output_dir) for m in tqdm(members, desc="zoo", unit="model")]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: a fresh interpreter per worker (forking a process that has used torch's thread pool can hang).
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(build_member, m, cfg.seed, output_dir) for m in members]
+        return [f.result() for f in tqdm(futures, desc="zoo", unit="model")]

@@ -132,7 +132,7 @@ def test_a_small_comparison_end_to_end(scored, tmp_path):
     members = pd.read_csv(tmp_path / "sweeps/cmp-test/members.csv")
     assert len(members) == 4 and set(members["label"]) == {"dpo:anchor", "mrpo:vdw"}
     assert members["test_reward_accuracy_vs_anchor"].between(0, 1).all()
-    assert any(c.startswith("policy/mrpo_arith_mc/") for c in members.columns)  # lm-eval ran per member
+    assert any(c.startswith("policy/mrpo_facts_mc/") for c in members.columns)  # lm-eval ran per member
     summary = pd.read_csv(tmp_path / "sweeps/cmp-test/comparison.csv")
     vdw = summary.set_index("label").loc["mrpo:vdw"]
     assert vdw["diff"] == pytest.approx(

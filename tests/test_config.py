@@ -31,9 +31,10 @@ def with_(raw, dotted, value):
 
 def test_default_profile_parses(raw):
     cfg = parse_config(raw)
-    assert [r.name for r in cfg.references] == ["anchor", "gpt2_char", "llama_mul"]
+    assert [r.name for r in cfg.references] == ["anchor", "gpt2_char", "llama_expert"]
     assert cfg.anchor.name == "anchor"
-    assert cfg.train.beta == 0.1 and cfg.train.epsilon == 0.1 and cfg.train.strategy == "uniform"
+    # epsilon 0.9, not the paper's 0.1: see docs/default-task.md (0.1 clips every non-anchor reference here)
+    assert cfg.train.beta == 0.1 and cfg.train.epsilon == 0.9 and cfg.train.strategy == "uniform"
     assert config_to_flat_dict(cfg)["train.beta"] == 0.1
 
 
@@ -190,6 +191,7 @@ BAD_VALUES = [
     ("data.answer_column", True, "data.answer_column: expected a non-empty string"),
     ("data.synthetic_pairs", 5, "data.synthetic_pairs: got 5; must be >= 10"),
     ("data.synthetic_pairs", 10.5, "data.synthetic_pairs: expected an integer, got 10.5"),
+    ("data.synthetic_pairs", 4000, "data.synthetic_pairs: got 4000; must be <= 3456 (the synthetic task's"),
     ("data.max_rows", 0, "data.max_rows: got 0; must be > 0 or null"),
     ("data.max_chars", 0, "data.max_chars: got 0; must be > 0"),
     ("data.val_fraction", INF, "data.val_fraction: got inf; must be a finite number"),
@@ -221,9 +223,28 @@ BAD_VALUES = [
     ),
     ("zoo.members.anchor.num_layers", 0, "zoo.members.anchor.num_layers: got 0; must be >= 1"),
     ("zoo.members.anchor.train_steps", -1, "zoo.members.anchor.train_steps: got -1; must be >= 0"),
-    ("zoo.members.anchor.operations", "+", "zoo.members.anchor.operations: expected a list of strings"),
-    ("zoo.members.anchor.operations", [], "zoo.members.anchor.operations: got []; needs at least one"),
-    ("zoo.members.anchor.operations", ["/"], "zoo.members.anchor.operations: got '/'; allowed: +, -, *"),
+    ("zoo.members.anchor.attributes", "colour", "zoo.members.anchor.attributes: expected a list of strings"),
+    ("zoo.members.anchor.attributes", [], "zoo.members.anchor.attributes: got []; needs at least one of"),
+    (
+        "zoo.members.anchor.attributes",
+        ["+"],
+        "zoo.members.anchor.attributes: got '+'; allowed: colour, city, food",
+    ),
+    (
+        "zoo.members.anchor.attributes",
+        ["city", "city"],
+        "zoo.members.anchor.attributes: got ['city', 'city']; each attribute at most once",
+    ),
+    (
+        "zoo.members.anchor.misled",
+        ["city"],
+        "zoo.members.anchor.misled: got ['city']; ['city'] also in attributes; a fact is learned one way",
+    ),
+    (
+        "zoo.members.anchor.misled",
+        ["age"],
+        "zoo.members.anchor.misled: got 'age'; allowed: colour, city, food",
+    ),
     ("score.output_dir", 5, "score.output_dir: expected a non-empty string, got 5"),
     ("score.metrics_dir", "", "score.metrics_dir: got ''; must be a non-empty string"),
     ("score.max_length", 4, "score.max_length: got 4; must be >= 8"),
@@ -237,7 +258,7 @@ BAD_VALUES = [
     (
         "train.dpo_reference",
         "nobody",
-        "train.dpo_reference: got 'nobody'; allowed: anchor, gpt2_char, llama_mul",
+        "train.dpo_reference: got 'nobody'; allowed: anchor, gpt2_char, llama_expert",
     ),
     ("train.loss_type", "kto", "train.loss_type: got 'kto'"),
     ("train.beta", INF, "train.beta: got inf; must be a finite number"),
@@ -315,6 +336,7 @@ BAD_VALUES = [
     ("train.checkpoint_dir", "models/policy", "train.checkpoint_dir: got 'models/policy'; must differ from"),
     ("train.metrics_file", None, "train.metrics_file: got null"),
     ("train.plots_file", 3, "train.plots_file: expected a non-empty string, got 3"),
+    ("train.plots_dir", "", "train.plots_dir: got ''; must be a non-empty string"),
     ("train.lora.enabled", 1, "train.lora.enabled: expected true or false, got 1"),
     ("train.lora.r", 0, "train.lora.r: got 0; must be >= 1"),
     ("train.lora.alpha", -1, "train.lora.alpha: got -1; must be > 0"),
@@ -329,11 +351,11 @@ BAD_VALUES = [
     ("train.push_to_hub.enabled", "yes", "train.push_to_hub.enabled: expected true or false"),
     ("train.push_to_hub.repo_id", 5, "train.push_to_hub.repo_id: expected a non-empty string or null, got 5"),
     ("train.push_to_hub.private", None, "train.push_to_hub.private: got null; expected true or false"),
-    ("evaluate.tasks", "mrpo_arith_gen", "evaluate.tasks: expected a list of strings"),
+    ("evaluate.tasks", "mrpo_facts_gen", "evaluate.tasks: expected a list of strings"),
     (
         "evaluate.tasks",
-        ["mrpo_arith_gen", "mrpo_arith_gen"],
-        "evaluate.tasks: got ['mrpo_arith_gen', 'mrpo_arith_gen']; each task at most once",
+        ["mrpo_facts_gen", "mrpo_facts_gen"],
+        "evaluate.tasks: got ['mrpo_facts_gen', 'mrpo_facts_gen']; each task at most once",
     ),
     ("evaluate.limit", 0, "evaluate.limit: got 0; must be > 0 or null"),
     ("evaluate.num_fewshot", -1, "evaluate.num_fewshot: got -1; must be >= 0"),
@@ -513,9 +535,9 @@ def test_exponent_notation_is_a_number_in_params_and_in_set(tmp_path):
 
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw).replace("learning_rate: 0.0005", "learning_rate: 5e-4"))
-    assert "learning_rate: 5e-4" in path.read_text()
-    assert load_config(path).train.learning_rate == 5e-4
+    path.write_text(yaml.safe_dump(raw).replace("learning_rate: 0.003", "learning_rate: 3e-3"))
+    assert "learning_rate: 3e-3" in path.read_text()
+    assert load_config(path).train.learning_rate == 3e-3
     assert _parse_overrides(["train.learning_rate=1e30", "train.beta=2E-1", "tracking.run_name=1e"]) == {
         "train.learning_rate": 1e30,
         "train.beta": 0.2,

@@ -30,7 +30,6 @@ from mrpo.data import (
     split_transcripts,
 )
 from mrpo.gsm8k import corrupt_final_answer
-from mrpo.synthetic import final_number
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH_FILE = SHARED / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -42,6 +41,12 @@ EXPLICIT_ROWS = [
     {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."},
     {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome"},
 ]
+
+
+def final_number(text: str) -> int | None:
+    """The last integer in a GSM8K-style answer."""
+    found = re.findall(r"-?\d+", text)
+    return int(found[-1]) if found else None
 
 
 def make_cfg(tmp_path: Path, seed: int = 0, **data):

@@ -16,7 +16,7 @@ STAGES = [
     "prepare",
     "score@anchor",
     "score@gpt2_char",
-    "score@llama_mul",
+    "score@llama_expert",
     "diagnose",
     "train",
     "evaluate",
@@ -148,6 +148,7 @@ def test_train_params_leave_out_only_what_cannot_change_the_weights():
         "output_dir",
         "metrics_file",
         "plots_file",
+        "plots_dir",
         "report_to",
         "push_to_hub",
     }
@@ -303,21 +304,21 @@ def test_repro_runs_every_stage_in_order_and_writes_the_outputs(tiny_reproduced)
         "score",
     }
 
-    for ref in ("anchor", "gpt2_char", "llama_mul"):
+    for ref in ("anchor", "gpt2_char", "llama_expert"):
         scores = pd.read_parquet(project / "data" / "scores" / f"{ref}.parquet")
         assert len(scores) == 200 and scores["fits"].all()
     train = json.loads((project / "metrics" / "train.json").read_text())
-    assert train["steps"] == 6 and {"weight/anchor", "weight/gpt2_char", "weight/llama_mul"} <= set(train)
+    assert train["steps"] == 6 and {"weight/anchor", "weight/gpt2_char", "weight/llama_expert"} <= set(train)
     record = json.loads((project / "models" / "policy" / "train_metrics.json").read_text())
     assert record["references"] == 3 and "val_reward_accuracy_before" in record
     # timings apart from the score files, as metrics of the score stages
-    for ref in ("anchor", "gpt2_char", "llama_mul"):
+    for ref in ("anchor", "gpt2_char", "llama_expert"):
         timings = json.loads((project / "metrics" / "score" / f"{ref}.json").read_text())
         assert timings["seconds"] > 0 and timings["pairs_per_second"] > 0
     summary = (project / "metrics" / "summary.md").read_text()
     assert "| val reward accuracy |" in summary and "models/policy" in summary
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
-    assert any(k.startswith("policy/mrpo_arith_mc/") for k in evaluation)
+    assert any(k.startswith("policy/mrpo_facts_mc/") for k in evaluation)
     curves = pd.read_csv(project / "plots" / "train.csv")
     assert {
         "step",
@@ -325,11 +326,31 @@ def test_repro_runs_every_stage_in_order_and_writes_the_outputs(tiny_reproduced)
         "rewards/accuracy",
         "weight/anchor",
         "weight/gpt2_char",
-        "weight/llama_mul",
+        "weight/llama_expert",
     } <= set(curves)
     # metrics are git-tracked (cache: false), outputs DVC-cached
     assert not (project / "metrics" / ".gitignore").exists()
     assert "/policy" in (project / "models" / ".gitignore").read_text()
+
+
+@pytest.mark.slow
+def test_plots_show_colours_each_series_and_includes_the_png_renders(tiny_reproduced, tmp_path):
+    import json
+
+    out = dvc(["plots", "show", "--json", "-o", str(tmp_path / "dvc_plots")], tiny_reproduced["path"]).stdout
+    plots = json.loads(out)["data"]
+    for name, series in (
+        ("Loss", {"loss", "loss_smooth", "val_loss"}),
+        ("Reward accuracy", {"rewards/accuracy", "rewards/accuracy_smooth", "val_reward_accuracy"}),
+        ("Reference weights", {f"weight/{r}_smooth" for r in ("anchor", "gpt2_char", "llama_expert")}),
+    ):
+        spec = plots[name][0]["content"]
+        # .dvc/plots/lines.json: one colour per series (DVC's own templates colour by revision only)
+        assert spec["encoding"]["color"]["field"] == "field"
+        assert {row["field"] for row in spec["data"]["values"]} == series
+        assert spec["encoding"]["x"]["title"] == "training step" and spec["encoding"]["y"]["title"]
+    for png in ("loss.png", "reward_accuracy.png", "reference_weights.png"):
+        assert plots[f"plots/{png}"][0]["type"] == "image"
 
 
 @pytest.mark.slow
@@ -353,15 +374,17 @@ def test_changing_one_reference_reruns_only_its_scoring_and_what_follows(tiny_re
     project = clone_project(tiny_reproduced["path"], tmp_path / "p")
     before = {
         r: (project / "data" / "scores" / f"{r}.parquet").read_bytes()
-        for r in ("anchor", "gpt2_char", "llama_mul")
+        for r in ("anchor", "gpt2_char", "llama_expert")
     }
 
-    edit_params(project, lambda p: p["references"]["llama_mul"].update(tokenizer="models/zoo/llama_mul"))
-    assert stale_stages(project) == {"score@llama_mul", "diagnose", "train", "evaluate", "summary"}
+    edit_params(
+        project, lambda p: p["references"]["llama_expert"].update(tokenizer="models/zoo/llama_expert")
+    )
+    assert stale_stages(project) == {"score@llama_expert", "diagnose", "train", "evaluate", "summary"}
 
     out = dvc(["repro"], project).stdout
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"score@llama_mul", "diagnose", "train", "evaluate", "summary"}, out[-3000:]
+    assert ran == {"score@llama_expert", "diagnose", "train", "evaluate", "summary"}, out[-3000:]
     for stage in ("zoo", "prepare", "score@anchor", "score@gpt2_char"):
         assert f"Stage '{stage}' didn't change, skipping" in out
     after = {r: (project / "data" / "scores" / f"{r}.parquet").read_bytes() for r in before}
@@ -425,7 +448,18 @@ def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
     ]
     # the weights plot names exactly the default profile's references
     weights = next(p["Reference weights"] for p in spec["plots"] if "Reference weights" in p)
-    assert weights["y"]["${train.plots_file}"] == [f"weight/{r.name}" for r in cfg.references]
+    assert weights["y"]["${train.plots_file}"] == [f"weight/{r.name}_smooth" for r in cfg.references]
+    assert weights["y_label"].startswith("reference weight") and weights["x_label"] == "training step"
+    assert weights["template"] == "lines" and (REPO_ROOT / ".dvc" / "plots" / "lines.json").is_file()
+    # every curve has its validation counterpart, and the PNG renders are image plots and train outputs
+    for name, column in (("Loss", "val_loss"), ("Reward accuracy", "val_reward_accuracy")):
+        plot = next(p[name] for p in spec["plots"] if isinstance(p, dict) and name in p)
+        assert plot["y"]["${train.plots_dir}/validation.csv"] == [column]
+    pngs = [f"${{train.plots_dir}}/{n}" for n in ("loss.png", "reward_accuracy.png", "reference_weights.png")]
+    images = [*pngs, "${diagnose.image_file}", "${compare.image_file}"]
+    assert [p for p in spec["plots"] if isinstance(p, str)] == images
+    train_outs = [next(iter(o)) for o in spec["stages"]["train"]["outs"]]
+    assert set(pngs) <= set(train_outs) and "${train.plots_dir}/validation.csv" in train_outs
     # DVC resolves the interpolations against params.yaml: one score stage per reference, its own out
     described = dvc(["stage", "list", "score@gpt2_char"], tiny_project).stdout
     assert described.startswith("score@gpt2_char") and "data/scores/gpt2_char.parquet" in described
@@ -478,7 +512,7 @@ def test_references_scored_at_once_outside_repro_are_committed_and_dvc_then_sees
     assert [job.wait(timeout=600) for job in jobs] == [0, 0]
     dvc(["commit", "-f", "score@anchor", "score@gpt2_char"], project)
     stale = stale_stages(project)
-    assert "score@anchor" not in stale and "score@gpt2_char" not in stale and "score@llama_mul" in stale
+    assert "score@anchor" not in stale and "score@gpt2_char" not in stale and "score@llama_expert" in stale
     out = dvc(["repro", "--dry", "score@anchor", "score@gpt2_char"], project).stdout
     assert "Running stage" not in out
 
@@ -517,7 +551,7 @@ def test_two_checkouts_share_outputs_through_a_dvc_remote_and_runs_through_an_ml
     assert "Running stage" not in out and "Data and pipelines are up to date." in out
     for path in (
         "data/scores/anchor.parquet",
-        "data/scores/llama_mul.parquet",
+        "data/scores/llama_expert.parquet",
         "models/policy/model.safetensors",
     ):
         assert (b / path).read_bytes() == (a / path).read_bytes(), path

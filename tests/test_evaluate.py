@@ -18,11 +18,11 @@ from mrpo import evaluate as ev
 from mrpo import lmeval, losses, models, synthetic
 from mrpo.config import ConfigError, parse_config
 from mrpo.io import file_sha256
-from mrpo.synthetic import final_number, generate_pairs, is_correct
+from mrpo.synthetic import first_value, generate_pairs, is_correct
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 GSM8K_TEST = SHARED_DATA / "gsm8k-test.jsonl"
-ANCHOR_STEPS = 150  # enough SFT for the tiny anchor to answer some held-out sums, ~3 s
+ANCHOR_STEPS = 300  # enough SFT for the tiny anchor to know some held-out facts, ~10 s
 
 
 def project_raw(root: Path, **evaluate) -> dict:
@@ -43,6 +43,7 @@ def project_raw(root: Path, **evaluate) -> dict:
         checkpoint_dir=str(root / "models/checkpoints"),
         metrics_file=str(root / "metrics/train.json"),
         plots_file=str(root / "plots/train.csv"),
+        plots_dir=str(root / "plots"),
     )
     raw["evaluate"].update(
         metrics_file=str(root / "metrics/eval.json"),
@@ -56,10 +57,10 @@ def project_raw(root: Path, **evaluate) -> dict:
 
 
 def write_gsm8k_style(path: Path, n: int) -> Path:
-    """GSM8K-format rows ("#### N" answers) made from synthetic sums, so the tiny model has a chance."""
+    """GSM8K-format rows ("#### N" answers) made from synthetic questions: the task only has to run."""
     rows = [
-        {"question": p["prompt"], "answer": f"{p['chosen']}\n#### {p['answer']}"}
-        for p in generate_pairs(n, 7)
+        {"question": p["prompt"], "answer": f"{p['chosen']}\n#### {i}"}
+        for i, p in enumerate(generate_pairs(n, 7))
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -78,7 +79,7 @@ def project(tmp_path_factory, monkeypatch_module):
     root = tmp_path_factory.mktemp("evaluate")
     gsm8k = write_gsm8k_style(root / "gsm8k-test.jsonl", 12)
     raw = project_raw(
-        root, tasks=["mrpo_arith_gen", "mrpo_arith_mc", "gsm8k_local"], task_data={"gsm8k_local": str(gsm8k)}
+        root, tasks=["mrpo_facts_gen", "mrpo_facts_mc", "gsm8k_local"], task_data={"gsm8k_local": str(gsm8k)}
     )
     cfg = parse_config(raw)
     build_zoo(cfg)
@@ -102,32 +103,6 @@ def first_eval(project):
 
 
 # ---------------------------------------------------------------- pure pieces
-
-
-def test_arithmetic_answer_and_final_number_replacement():
-    assert synthetic.arithmetic_answer("What is 12 * 11?") == 132
-    assert synthetic.arithmetic_answer("Q: 50 - 25 = ?") == 25
-    assert synthetic.arithmetic_answer("Tell me a story") is None
-    assert synthetic.replace_final_number("3 + 4 = 7", 9) == "3 + 4 = 9"
-    assert synthetic.replace_final_number("The answer is 17.", 7) == "The answer is 7."
-
-
-def test_mc_choices_hold_the_right_answer_and_distinct_near_misses():
-    golds = set()
-    for i, p in enumerate(generate_pairs(60, 3)):
-        choices, gold = synthetic.mc_choices(f"id{i}", p["prompt"], p["chosen"], p["rejected"])
-        assert choices[gold] == p["chosen"]
-        assert p["rejected"] in choices
-        assert len(choices) == synthetic.MC_CHOICES == len(set(choices))
-        assert sum(is_correct(p["prompt"], c) for c in choices) == 1
-        # Near misses differ from the right answer only in the final number.
-        for c in choices:
-            assert synthetic.replace_final_number(c, 0) == synthetic.replace_final_number(p["chosen"], 0)
-        assert synthetic.mc_choices(f"id{i}", p["prompt"], p["chosen"], p["rejected"]) == (choices, gold)
-        golds.add(gold)
-    assert golds == set(range(synthetic.MC_CHOICES))  # the right answer is not always in the same place
-    choices, gold = synthetic.mc_choices("x", "Tell me a joke", "A good one", "A bad one")
-    assert sorted(choices) == ["A bad one", "A good one"] and choices[gold] == "A good one"
 
 
 def test_flatten_results_names_and_deltas():
@@ -223,7 +198,7 @@ def test_gguf_references_reach_lm_eval_as_directory_and_file(tmp_path):
 
 
 def test_unknown_task_name_fails_naming_it(project, tmp_path):
-    raw = project_raw(project["root"], tasks=["mrpo_arith_mc", "no_such_task_xyz"])
+    raw = project_raw(project["root"], tasks=["mrpo_facts_mc", "no_such_task_xyz"])
     raw["evaluate"]["metrics_file"] = str(tmp_path / "eval.json")
     with pytest.raises(ConfigError, match="unknown task 'no_such_task_xyz'"):
         ev.evaluate(parse_config(raw))
@@ -243,7 +218,7 @@ def test_missing_data_file_fails_naming_it(project, tmp_path):
     raw = project_raw(project["root"], tasks=["gsm8k_local"])
     with pytest.raises(ConfigError, match="set evaluate.task_data.gsm8k_local"):
         ev.evaluate(parse_config(raw))
-    raw = project_raw(project["root"], tasks=["mrpo_arith_gen"])
+    raw = project_raw(project["root"], tasks=["mrpo_facts_gen"])
     raw["data"]["output_dir"] = str(tmp_path / "not_prepared")
     with pytest.raises(ConfigError, match=f"{tmp_path / 'not_prepared' / 'test.parquet'}.*mrpo prepare"):
         ev.evaluate(parse_config(raw))
@@ -299,8 +274,8 @@ def test_local_tasks_score_a_tiny_model_and_identical_policy_matches_anchor(proj
     cfg, m = project["cfg"], first_eval.metrics
     limit = cfg.evaluate.limit
     tasks = {
-        "mrpo_arith_gen": ["exact_match/last-number"],
-        "mrpo_arith_mc": ["acc", "acc_norm"],
+        "mrpo_facts_gen": ["exact_match/first-value"],
+        "mrpo_facts_mc": ["acc", "acc_norm"],
         "gsm8k_local": ["exact_match/strict-match", "exact_match/flexible-extract"],
     }
     for task, names in tasks.items():
@@ -311,32 +286,30 @@ def test_local_tasks_score_a_tiny_model_and_identical_policy_matches_anchor(proj
             assert m[f"policy/{task}/{name}"] == m[f"anchor/{task}/{name}"]
             assert m[f"delta/{task}/{name}"] == 0.0
 
-    # Held-out data written from the test split, with the arithmetic truth.
+    # Held-out data written from the test split, with the facts' truth.
     test = pd.read_parquet(Path(cfg.data.output_dir) / "test.parquet")
     data_dir = Path(cfg.evaluate.results_dir) / "data"
-    gen = [json.loads(line) for line in (data_dir / "mrpo_arith_gen.jsonl").read_text().splitlines()]
-    mc = [json.loads(line) for line in (data_dir / "mrpo_arith_mc.jsonl").read_text().splitlines()]
+    gen = [json.loads(line) for line in (data_dir / "mrpo_facts_gen.jsonl").read_text().splitlines()]
+    mc = [json.loads(line) for line in (data_dir / "mrpo_facts_mc.jsonl").read_text().splitlines()]
     assert [r["pair_id"] for r in gen] == test["pair_id"].tolist() == [r["pair_id"] for r in mc]
-    assert all(is_correct(r["prompt"], r["answer"]) for r in gen)
+    assert all(is_correct(r["prompt"], r["answer"], cfg.seed) for r in gen)
     assert all(r["choices"][r["gold"]] == c for r, c in zip(mc, test["chosen"], strict=True))
 
     # lm-eval's numbers equal a direct computation with the model: the tasks feed the prompts as trained.
-    assert m["anchor/mrpo_arith_mc/acc"] == pytest.approx(_expected_mc_accuracy(cfg, mc, limit))
-    gen_task = [t for t in lmeval.plan_tasks(cfg, data_dir) if t.name == "mrpo_arith_gen"]
+    assert m["anchor/mrpo_facts_mc/acc"] == pytest.approx(_expected_mc_accuracy(cfg, mc, limit))
+    gen_task = [t for t in lmeval.plan_tasks(cfg, data_dir) if t.name == "mrpo_facts_gen"]
     settings = lmeval.EvalSettings.from_config(cfg)
     samples = lmeval.run_lm_eval(
         lmeval.lm_eval_model_args(cfg.anchor, settings.dtype), gen_task, settings, log_samples=True
-    )["samples"]["mrpo_arith_gen"]
+    )["samples"]["mrpo_facts_gen"]
     by_hand = _greedy_generations(cfg, gen, limit, cfg.evaluate.max_gen_tokens)
     assert [s["resps"][0][0].strip() for s in samples] == [t.strip() for t in by_hand]
-    numbers = [final_number(t) for t in by_hand]
-    assert [s["filtered_resps"][0] for s in samples] == [
-        str(n) if n is not None else "[invalid]" for n in numbers
-    ]
-    assert m["anchor/mrpo_arith_gen/exact_match/last-number"] == pytest.approx(
-        sum(n == int(r["answer"]) for n, r in zip(numbers, gen, strict=False)) / limit
+    values = [first_value(t) for t in by_hand]
+    assert [s["filtered_resps"][0] for s in samples] == [v if v is not None else "[invalid]" for v in values]
+    assert m["anchor/mrpo_facts_gen/exact_match/first-value"] == pytest.approx(
+        sum(v == r["answer"] for v, r in zip(values, gen, strict=False)) / limit
     )
-    assert m["anchor/mrpo_arith_mc/acc"] > 1 / synthetic.MC_CHOICES  # the SFT'd anchor beats chance
+    assert m["anchor/mrpo_facts_mc/acc"] > 1 / synthetic.MC_CHOICES  # the SFT'd anchor beats chance
 
     # Preference metrics: zero margin against itself; the anchor's accuracy straight from its score file.
     from mrpo.scorefile import read_scores

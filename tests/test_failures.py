@@ -81,6 +81,7 @@ def test_an_exploding_run_stops_at_the_first_non_finite_step_and_keeps_the_previ
                 "train.checkpoint_dir": str(tmp_path / "ckpt2"),
                 "train.metrics_file": good.train.metrics_file,
                 "train.plots_file": good.train.plots_file,
+                "train.plots_dir": good.train.plots_dir,
                 "train.learning_rate": 1e30,
             }.items()
         }
@@ -196,6 +197,7 @@ def test_kill_9_anywhere_after_the_first_checkpoint_resumes_to_the_same_weights(
         "train.checkpoint_dir": cfg.train.checkpoint_dir,
         "train.metrics_file": cfg.train.metrics_file,
         "train.plots_file": cfg.train.plots_file,
+        "train.plots_dir": cfg.train.plots_dir,
         "tracking.tracking_uri": cfg.tracking.tracking_uri,
     }
     argv = [sys.executable, "-m", "mrpo.cli", "--params", str(scored["params"])]

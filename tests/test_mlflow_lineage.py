@@ -16,6 +16,8 @@ import pytest
 import yaml
 from conftest import clone_project, run_tool
 
+from mrpo import plots
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -93,9 +95,9 @@ def test_runs_are_searchable_by_reference_set_and_score(
     cfg = load_config(project / "params.yaml")
     pipeline_run_id = record_lineage(cfg, project)
 
-    # 2) a one-member sweep (DPO on llama_mul alone) under an MLflow parent run
+    # 2) a one-member sweep (DPO on llama_expert alone) under an MLflow parent run
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect_home"))
-    result = sweep(project_dir=str(project), seeds=[0], strategies=[], dpo_references=["llama_mul"])
+    result = sweep(project_dir=str(project), seeds=[0], strategies=[], dpo_references=["llama_expert"])
     assert result["members"] == 1 and result["failed"] == 0
 
     client = MlflowClient(mlflow_server)
@@ -133,7 +135,7 @@ def test_runs_are_searchable_by_reference_set_and_score(
     # search by reference set: exactly the pipeline run, then exactly the sweep member
     by_set = client.search_runs(ids, "tags.`mrpo.reference_set` = 'anchor,gpt2_char'")
     assert [r.info.run_id for r in by_set] == [pipeline_run_id]
-    member = client.search_runs(ids, "params.`reference_set.names` = '[\"llama_mul\"]'")
+    member = client.search_runs(ids, "params.`reference_set.names` = '[\"llama_expert\"]'")
     assert len(member) == 1
     assert member[0].data.tags["mlflow.parentRunId"] == result["parent_run_id"]
     assert member[0].data.params["train.objective"] == "dpo"
@@ -143,7 +145,7 @@ def test_runs_are_searchable_by_reference_set_and_score(
     assert tags["mrpo.launcher"] == "dvc repro" and tags["mrpo.dvc_stage"] == "train"
 
     # compare by score: both runs carry the downstream metrics, ordered by them
-    metric = "policy/mrpo_arith_mc/acc"
+    metric = "policy/mrpo_facts_mc/acc"
     ranked = client.search_runs(ids, f"metrics.`{metric}` >= 0", order_by=[f"metrics.`{metric}` DESC"])
     assert {pipeline_run_id, member[0].info.run_id} <= {r.info.run_id for r in ranked}
     values = [r.data.metrics[metric] for r in ranked]
@@ -152,7 +154,7 @@ def test_runs_are_searchable_by_reference_set_and_score(
     # the sweep wrote its comparison and logged it on the parent
     out_dir = Path(result["output_dir"])
     table = (out_dir / "comparison.md").read_text()
-    assert "dpo:llama_mul" in table
+    assert "dpo:llama_expert" in table
     assert (out_dir / "comparison.csv").is_file() and (out_dir / "comparison.png").stat().st_size > 1000
     parent_files = {f.path for f in client.list_artifacts(result["parent_run_id"], "comparison")}
     assert {
@@ -194,11 +196,11 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     client.log_param(run.run_id, "train.beta", "0.1")  # already logged by train: must not be re-logged
     (project / "metrics").mkdir()
     (project / "metrics" / "eval.json").write_text(
-        json.dumps({"policy/mrpo_arith_mc/acc": 0.625, "pref": {"n": 18}})
+        json.dumps({"policy/mrpo_facts_mc/acc": 0.625, "pref": {"n": 18}})
     )
     (project / "metrics" / "train.json").write_text(json.dumps({"steps": 3, "final_loss": 0.69}))
-    (project / "plots").mkdir()
-    pd.DataFrame(
+    # The curves as the train stage writes them (mrpo.train.write_plots), from a three-step log.
+    frame = pd.DataFrame(
         {
             "step": [1, 2, 3],
             "loss": [0.69, 0.6, 0.5],
@@ -206,7 +208,12 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
             "weight/anchor": [0.4, 0.5, 0.6],
             "weight/gpt2_char": [0.6, 0.5, 0.4],
         }
-    ).to_csv(project / "plots" / "train.csv", index=False)
+    )
+    columns, rows = plots.with_smoothed(list(frame.columns), frame.to_dict("records"))
+    plots.write_csv(project / "plots" / "train.csv", columns, rows)
+    validation = plots.validation_rows(rows, {"val_loss_before": 0.7, "val_reward_accuracy_before": 0.3})
+    plots.write_csv(project / "plots" / "validation.csv", plots.VALIDATION_COLUMNS, validation)
+    plots.render_pngs(project / "plots", rows, validation, ["anchor", "gpt2_char"], "mrpo (uniform)")
     (project / cfg.evaluate.results_dir).mkdir(parents=True)
     (project / cfg.evaluate.results_dir / "results_policy.json").write_text("{}")
 
@@ -219,14 +226,14 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     )  # only untracked files added
     assert tags["mrpo.dvc_lock_digest"] == hashlib.sha256((project / "dvc.lock").read_bytes()).hexdigest()
     assert tags["mrpo.prepared_digest"] == prepared_digest(project / "data" / "prepared")
-    assert tags["mrpo.reference_set"] == "anchor,gpt2_char,llama_mul" and tags["mrpo.anchor"] == "anchor"
+    assert tags["mrpo.reference_set"] == "anchor,gpt2_char,llama_expert" and tags["mrpo.anchor"] == "anchor"
     assert tags["mrpo.reference.gpt2_char.model"] == "models/zoo/gpt2_char"
     assert not any(k.endswith(".score_digest") for k in tags)  # nothing scored yet: no digest claimed
     assert set(config_to_flat_dict(cfg)) <= set(params)
     assert params["data.synthetic_pairs"] == "200" and params["train.max_steps"] == "6"
     # the scores under the evaluate stage's own names (it logs them itself when it has a run): one name each
-    assert metrics == {"policy/mrpo_arith_mc/acc": 0.625, "pref.n": 18.0}
-    assert tags["mrpo.score.policy/mrpo_arith_mc/acc"] == "0.6250" and tags["mrpo.flow"] == "pipeline"
+    assert metrics == {"policy/mrpo_facts_mc/acc": 0.625, "pref.n": 18.0}
+    assert tags["mrpo.score.policy/mrpo_facts_mc/acc"] == "0.6250" and tags["mrpo.flow"] == "pipeline"
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert tags["mrpo.dvc_out.data/prepared"] == lock["stages"]["prepare"]["outs"][0]["md5"]
     files = {
@@ -236,6 +243,7 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     }
     assert {
         "plots/train.csv",
+        "plots/validation.csv",
         "plots/loss.png",
         "plots/reward_accuracy.png",
         "plots/reference_weights.png",
@@ -299,7 +307,7 @@ def test_a_dvc_repro_run_records_its_own_lineage_and_evaluate_completes_it(tiny_
 
     # the scores once each, under the evaluate stage's names; artifacts once each
     metrics = run.data.metrics
-    assert "policy/mrpo_arith_mc/acc" in metrics and not [
+    assert "policy/mrpo_facts_mc/acc" in metrics and not [
         m for m in metrics if m.startswith(("eval.", "final/"))
     ]
     top = {f.path for f in client.list_artifacts(record.run_id)}
@@ -312,11 +320,11 @@ def test_a_dvc_repro_run_records_its_own_lineage_and_evaluate_completes_it(tiny_
     assert len(run.inputs.dataset_inputs) == 3
     [output] = run.outputs.model_outputs
     model = client.get_logged_model(output.model_id)
-    assert model.metrics and {m.key for m in model.metrics} >= {"policy/mrpo_arith_mc/acc"}
+    assert model.metrics and {m.key for m in model.metrics} >= {"policy/mrpo_facts_mc/acc"}
     card = Path(client.download_artifacts(record.run_id, "lm_eval/model_card.md", str(tmp_path)))
     scored_card = card.read_text()
     assert scored_card.startswith((project / "models/policy/README.md").read_text().rstrip("\n"))
-    assert "## Evaluation" in scored_card and "| `policy/mrpo_arith_mc/acc` |" in scored_card
+    assert "## Evaluation" in scored_card and "| `policy/mrpo_facts_mc/acc` |" in scored_card
     assert "## Evaluation" not in (project / "models/policy/README.md").read_text()
 
     # after `dvc repro` has written the final dvc.lock, one command records it
@@ -389,7 +397,7 @@ def test_sweep_members_and_dvc_set_arguments():
 def test_comparison_table_aggregates_over_seeds(tmp_path):
     from flows.sweep import aggregate, write_comparison
 
-    m = "eval.policy/mrpo_arith_mc/acc"
+    m = "eval.policy/mrpo_facts_mc/acc"
     rows = [
         {"experiment": "e1", "label": "dpo:anchor", "seed": 0, "status": "ok", m: 0.5},
         {"experiment": "e2", "label": "dpo:anchor", "seed": 1, "status": "ok", m: 0.7},

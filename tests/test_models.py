@@ -187,7 +187,7 @@ def test_a_hub_id_that_cannot_be_downloaded_is_one_line_naming_the_reference(tmp
 
 
 def test_fingerprint_hashes_local_content_and_pins_hub_revisions(tiny_zoo, tmp_path):
-    a, b = ref(tiny_zoo, "anchor"), ref(tiny_zoo, "llama_mul")
+    a, b = ref(tiny_zoo, "anchor"), ref(tiny_zoo, "llama_expert")
     fa = model_fingerprint(a)
     assert set(fa) == {"content_hash"} and len(fa["content_hash"]) == 64
     assert model_fingerprint(a) == fa and model_fingerprint(b) != fa

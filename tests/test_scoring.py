@@ -209,9 +209,9 @@ def test_long_prompts_are_cut_from_the_left_and_unfit_responses_flagged_not_cut(
 
 def test_metadata_names_model_hash_tokenizer_template_dtype_and_prepared_digest(tiny_zoo, tmp_path):
     cfg = project(tiny_zoo, tmp_path)
-    path = score_reference(cfg, "llama_mul")
+    path = score_reference(cfg, "llama_expert")
     frame, meta = read_scores(path)
-    ref = cfg.reference("llama_mul")
+    ref = cfg.reference("llama_expert")
     assert meta["model"] == ref.model and meta["tokenizer"] == ref.model
     assert meta["content_hash"] == model_fingerprint(ref)["content_hash"]
     assert meta["prepared_digest"] == prepared_digest(cfg.data.output_dir)
@@ -220,7 +220,7 @@ def test_metadata_names_model_hash_tokenizer_template_dtype_and_prepared_digest(
     assert (meta["device"], meta["dtype"], meta["weights_dtype"]) == ("cpu", "float32", "float32")
     assert (meta["batch_tokens"], meta["padding_side"]) == (cfg.score.batch_tokens, "right")
     assert 0 <= meta["padding_share"] < 0.2 and not TIMING_KEYS & set(meta)  # timings: a file of their own
-    timings = json.loads((Path(cfg.score.metrics_dir) / "llama_mul.json").read_text())
+    timings = json.loads((Path(cfg.score.metrics_dir) / "llama_expert.json").read_text())
     assert set(timings) == TIMING_KEYS and timings["seconds"] > 0 and timings["tokens_per_second"] > 0
     assert meta["scored_tokens"] == int((frame["chosen_tokens"] + frame["rejected_tokens"]).sum()) + sum(
         1 + len(load_tokenizer(ref)(p["prompt"], add_special_tokens=False)["input_ids"])
@@ -230,7 +230,7 @@ def test_metadata_names_model_hash_tokenizer_template_dtype_and_prepared_digest(
     )
     schema = pq.read_schema(path)
     assert schema.field("chosen_logp").type == pa.float64() and schema.field("fits").type == pa.bool_()
-    assert not (Path(cfg.score.output_dir) / ".shards" / "llama_mul").exists()
+    assert not (Path(cfg.score.output_dir) / ".shards" / "llama_expert").exists()
 
 
 class Interrupt(Exception):
@@ -584,7 +584,7 @@ def test_cli_train_on_a_damaged_score_file_exits_2_with_one_line(scored, tmp_pat
     from mrpo.cli import main
 
     scores = _copy_scores(scored, tmp_path / "scores")
-    _rewrite(scores / "llama_mul.parquet", _set_value("chosen_logp", float("nan")))
+    _rewrite(scores / "llama_expert.parquet", _set_value("chosen_logp", float("nan")))
     raw = {**scored["raw"], "score": {**scored["raw"]["score"], "output_dir": str(scores)}}
     raw["train"] = {
         **raw["train"],
@@ -597,15 +597,18 @@ def test_cli_train_on_a_damaged_score_file_exits_2_with_one_line(scored, tmp_pat
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert (
-        f"mrpo train: {scores / 'llama_mul.parquet'}: "
-        "reference 'llama_mul' has a non-finite chosen_logp (nan) "
+        f"mrpo train: {scores / 'llama_expert.parquet'}: "
+        "reference 'llama_expert' has a non-finite chosen_logp (nan) "
         f"for pair_id {_set_value.pair!r}"
     ) in err
     assert not (tmp_path / "policy").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_scoring_run_where_no_pair_fits_fails_naming_reference_count_and_knob(tiny_zoo, tmp_path):
-    cfg = project(tiny_zoo, tmp_path, max_length=8, batch_tokens=64)
+    # Answers of more than 8 characters: none fits 8 character tokens, however the prompt is cut.
+    pairs = [p for p in generate_pairs(200, 11) if min(len(p["chosen"]), len(p["rejected"])) > 8][:30]
+    splits = {"train": pairs[:20], "val": pairs[20:25], "test": pairs[25:]}
+    cfg = project(tiny_zoo, tmp_path, splits, max_length=8, batch_tokens=64)
     with pytest.raises(ScoringError) as info:
         score_reference(cfg, "gpt2_char")
     assert str(info.value).startswith(
@@ -638,14 +641,14 @@ def test_the_dataset_says_which_reference_flagged_the_skipped_pairs(scored, tmp_
     scores_dir = _copy_scores(scored, tmp_path / "scores")
     _rewrite(scores_dir / "gpt2_char.parquet", lambda f: f.assign(fits=False, chosen_logp=np.nan))
     scores = load_reference_scores(
-        scores_dir, ["anchor", "gpt2_char", "llama_mul"], prepared_digest(cfg.data.output_dir)
+        scores_dir, ["anchor", "gpt2_char", "llama_expert"], prepared_digest(cfg.data.output_dir)
     )
     pairs = pd.read_parquet(Path(cfg.data.output_dir) / "train.parquet")
     data = build_preference_dataset(
         pairs, "train", scores, load_tokenizer(cfg.anchor), max_length=64, chat_template=False
     )
     assert len(data) == 0 and data.skipped == 20
-    assert data.skipped_by_reference == {"anchor": 0, "gpt2_char": 20, "llama_mul": 0}
+    assert data.skipped_by_reference == {"anchor": 0, "gpt2_char": 20, "llama_expert": 0}
     assert data.skipped_summary() == (
         "of 20 pairs, 20 skipped: reference 'gpt2_char' flagged 20 as not fitting score.max_length"
     )

@@ -26,12 +26,12 @@ TRAIN_RECORD = {
     "test_reward_accuracy_after": 0.5529,
     "weight/anchor": 0.5,
     "weight/gpt2_char": 0.25,
-    "weight/llama_mul": 0.25,
+    "weight/llama_expert": 0.25,
 }
 EVAL_RECORD = {
-    "anchor/mrpo_arith_mc/acc": 0.39,
-    "policy/mrpo_arith_mc/acc": 0.44,
-    "delta/mrpo_arith_mc/acc": 0.05,
+    "anchor/mrpo_facts_mc/acc": 0.39,
+    "policy/mrpo_facts_mc/acc": 0.44,
+    "delta/mrpo_facts_mc/acc": 0.05,
     "pref/reward_accuracy_vs_anchor": 0.5666,
     "pref/reward_margin_vs_anchor": 0.0398,
     "pref/anchor_likelihood_accuracy": 0.604,
@@ -63,17 +63,17 @@ def test_summary_prints_and_writes_before_after_the_policy_and_how_to_look_furth
     written = (project / "metrics/summary.md").read_text()
     assert printed.strip() == written.strip()
     assert (
-        "Objective **mrpo**, strategy **uniform**, beta 0.1; references anchor, gpt2_char, llama_mul"
+        "Objective **mrpo**, strategy **uniform**, beta 0.1; references anchor, gpt2_char, llama_expert"
         in written
     )
     assert "152 steps" in written
     assert (
-        "Reference weights at the end of training: anchor 0.5000, gpt2_char 0.2500, llama_mul 0.2500"
+        "Reference weights at the end of training: anchor 0.5000, gpt2_char 0.2500, llama_expert 0.2500"
         in written
     )
     assert "| val reward accuracy | 0.4035 | 0.5053 | +0.1018 |" in written
     assert "| val loss | 0.6958 | 0.6796 | -0.0162 |" in written
-    assert "| mrpo_arith_mc acc | 0.3900 | 0.4400 | +0.0500 |" in written
+    assert "| mrpo_facts_mc acc | 0.3900 | 0.4400 | +0.0500 |" in written
     assert "on 56.7% of them (mean reward margin 0.0398)" in written
     assert "Policy: `models/policy` (MLflow run `abc123`)" in written
     # the sqlite store in the project is named relative to it, so the file reads the same on every machine

@@ -31,7 +31,7 @@ def test_runs_are_named_by_what_they_are_and_two_configurations_never_share_a_na
         assert info.info.run_name == default_run_name(cfg)
         assert cfg.train.strategy in info.data.tags["mlflow.note.content"]
     assert len(set(names)) == len(names), names
-    assert names[0].startswith("mrpo-uniform-anchor+gpt2_char+llama_mul-b0.1-s0-")
+    assert names[0].startswith("mrpo-uniform-anchor+gpt2_char+llama_expert-b0.1-s0-")
     assert names[1].startswith("mrpo-vdw-") and names[2].split("-")[3] == "b0.2" and "-s1-" in names[3]
     assert names[5].startswith("dpo-gpt2_char-b0.1-s0-")
     # An explicit tracking.run_name still wins.

@@ -1,5 +1,5 @@
-"""The default profile's tiny model zoo:
-real checkpoints, different architectures and tokenizers, differing tastes."""
+"""The default profile's tiny model zoo: real checkpoints, different architectures and tokenizers, different
+knowledge."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mrpo.config import ReferenceConfig, ZooMember
+from mrpo.config import ReferenceConfig, ZooMember, parse_config
 from mrpo.models import collate_responses, load_model, load_tokenizer, model_fingerprint, response_logps
 from mrpo.synthetic import generate_pairs
 from mrpo.tokenization import encode_response
@@ -23,6 +23,8 @@ from mrpo.zoo import (
     build_zoo,
     member_seed,
 )
+
+KNOWLEDGE_STEPS = 300
 
 
 def margins(tiny_zoo, name: str, pairs: list[dict]) -> np.ndarray:
@@ -41,7 +43,7 @@ def margins(tiny_zoo, name: str, pairs: list[dict]) -> np.ndarray:
 
 def test_every_member_is_a_real_safetensors_checkpoint_with_its_own_tokenizer(tiny_zoo):
     cfg = tiny_zoo["cfg"]
-    assert [m.name for m in cfg.zoo.members] == ["anchor", "gpt2_char", "llama_mul"]
+    assert [m.name for m in cfg.zoo.members] == ["anchor", "gpt2_char", "llama_expert"]
     manifests = {}
     for member in cfg.zoo.members:
         path = tiny_zoo["members"][member.name]
@@ -50,7 +52,7 @@ def test_every_member_is_a_real_safetensors_checkpoint_with_its_own_tokenizer(ti
         manifests[member.name] = json.loads((path / MANIFEST).read_text())
         m = manifests[member.name]
         assert (m["architecture"], m["tokenizer"]) == (member.architecture, member.tokenizer)
-        assert m["operations"] == list(member.operations)
+        assert (m["attributes"], m["misled"]) == (list(member.attributes), list(member.misled))
         # The short SFT really learned something: the loss on chosen responses fell a lot.
         assert m["final_loss"] < 0.6 * m["first_loss"]
     assert manifests["gpt2_char"]["vocab_size"] < manifests["anchor"]["vocab_size"]
@@ -58,18 +60,35 @@ def test_every_member_is_a_real_safetensors_checkpoint_with_its_own_tokenizer(ti
     assert tiny_zoo["seconds"] < 120, f"tiny zoo took {tiny_zoo['seconds']:.0f}s"
 
 
-def test_members_prefer_differently_each_best_on_its_own_slice(tiny_zoo):
-    pairs = generate_pairs(240, seed=12345)
-    ops = np.array([p["operation"] for p in pairs])
-    m = {name: margins(tiny_zoo, name, pairs) for name in ("anchor", "gpt2_char", "llama_mul")}
-    # llama_mul was trained on "*" only: it separates multiplication pairs far better than the others.
-    mul = ops == "*"
-    assert (m["llama_mul"][mul] > 0).mean() > 0.65
-    assert m["llama_mul"][mul].mean() > m["llama_mul"][~mul].mean() + 0.5
-    assert m["llama_mul"][mul].mean() > max(m["anchor"][mul].mean(), m["gpt2_char"][mul].mean())
+def test_members_prefer_differently(tiny_zoo):
+    pairs = generate_pairs(240, seed=tiny_zoo["cfg"].seed)
+    m = {name: margins(tiny_zoo, name, pairs) for name in ("anchor", "gpt2_char", "llama_expert")}
     # Their per-pair preferences are genuinely different signals, not rescaled copies of one another.
-    for a, b in (("anchor", "gpt2_char"), ("anchor", "llama_mul"), ("gpt2_char", "llama_mul")):
+    for a, b in (("anchor", "gpt2_char"), ("anchor", "llama_expert"), ("gpt2_char", "llama_expert")):
         assert abs(np.corrcoef(m[a], m[b])[0, 1]) < 0.9, (a, b)
+
+
+@pytest.mark.slow
+def test_members_know_what_they_were_taught_and_guess_the_rest(tmp_path):
+    """Three members that differ only in what they learned about foods: the truth, the decoys, nothing."""
+    cfg = parse_config(
+        {
+            "zoo": {
+                "output_dir": str(tmp_path / "zoo"),
+                "members": {
+                    "knows": {"train_steps": KNOWLEDGE_STEPS, "attributes": ["food"]},
+                    "misled": {"train_steps": KNOWLEDGE_STEPS, "attributes": [], "misled": ["food"]},
+                    "guesses": {"train_steps": KNOWLEDGE_STEPS, "attributes": ["colour"]},
+                },
+            },
+            "references": {"knows": {"model": "x"}},
+        }
+    )
+    build_zoo(cfg)
+    food = [p for p in generate_pairs(3456, cfg.seed) if p["attribute"] == "food"][:200]
+    zoo = {"members": {name: tmp_path / "zoo" / name for name in ("knows", "misled", "guesses")}}
+    acc = {name: float((margins(zoo, name, food) > 0).mean()) for name in zoo["members"]}
+    assert acc["knows"] > 0.8 and acc["misled"] < 0.2 and 0.3 < acc["guesses"] < 0.7, acc
 
 
 def test_a_member_is_deterministic_under_the_seed_and_differs_under_another(tmp_path):
@@ -80,7 +99,7 @@ def test_a_member_is_deterministic_under_the_seed_and_differs_under_another(tmp_
         hidden_size=32,
         num_layers=1,
         train_steps=3,
-        operations=("+",),
+        attributes=("colour",),
     )
     first = build_member(member, 7, tmp_path / "a")
     again = build_member(member, 7, tmp_path / "b")
@@ -100,7 +119,7 @@ def test_a_member_is_deterministic_under_the_seed_and_differs_under_another(tmp_
 
 def test_tokenizers_round_trip_any_text_and_the_char_one_is_one_token_per_character():
     char, bpe = build_tokenizer("char", 0), build_tokenizer("bpe", 0)
-    text = "What is 17 * 23?\nThe answer is 391."
+    text = "What colour is Abel?\nAbel is red, 17 * 23."
     assert len(char(text, add_special_tokens=False)["input_ids"]) == len(text)
     assert char.decode(char(text, add_special_tokens=False)["input_ids"]) == text
     unusual = "Ünïcode ✓ and emoji 🙂"  # byte-level BPE still encodes it losslessly
