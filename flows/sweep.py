@@ -336,14 +336,7 @@ def start_parent_run(client, cfg, root: Path, sweep_id: str, params: dict[str, A
     """(experiment id, parent run id): the MLflow run every member's training run nests under."""
     from mrpo import tracking
 
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = (
-        exp.experiment_id
-        if exp
-        else client.create_experiment(
-            cfg.tracking.experiment, artifact_location=tracking.artifact_root(client.tracking_uri)
-        )
-    )
+    experiment_id = tracking.ensure_experiment(client, cfg.tracking.experiment, client.tracking_uri)
     commit, _ = git_commit(root)
     parent = client.create_run(
         experiment_id,

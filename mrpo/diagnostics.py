@@ -417,12 +417,7 @@ def log_to_mlflow(cfg: Config, d: Diagnostics) -> str:
 
     uri = tracking.tracking_uri(cfg)
     client = tracking.client_for(uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = (
-        exp.experiment_id
-        if exp
-        else client.create_experiment(cfg.tracking.experiment, artifact_location=tracking.artifact_root(uri))
-    )
+    experiment_id = tracking.ensure_experiment(client, cfg.tracking.experiment, uri)
     run = client.create_run(
         experiment_id,
         run_name=f"diagnose-{'+'.join(d.names)}-{d.split}-s{cfg.seed}",

@@ -68,6 +68,14 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def ensure_experiment(client, name: str, uri: str) -> str:
+    """The id of experiment `name`, created (with artifacts beside a local store) when it does not exist."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root(uri))
+
+
 def start_pipeline_run(
     cfg: Config, *, resume_run_id: str | None = None, tags: Mapping[str, str] | None = None
 ) -> PipelineRun:
@@ -83,13 +91,7 @@ def start_pipeline_run(
             return PipelineRun(resume_run_id, run.info.experiment_id, uri)
         except Exception as exc:  # the store was moved or wiped: start a fresh run rather than fail training
             log.warning("mlflow: cannot reopen run %s (%s); starting a new one", resume_run_id, exc)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    if experiment is None:
-        experiment_id = client.create_experiment(
-            cfg.tracking.experiment, artifact_location=artifact_root(uri)
-        )
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = ensure_experiment(client, cfg.tracking.experiment, uri)
     tags = dict(tags or {})
     if os.environ.get(PARENT_RUN_ENV):  # a sweep member: nest under the sweep's parent run
         tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]

@@ -277,10 +277,11 @@ def test_a_failing_stage_under_dvc_repro_and_the_flow_keeps_the_previous_outputs
     before = tree_digest(*train_outputs, *score_outputs)
     params = (project / "params.yaml").read_text()
 
-    # A typo in a train key: only train is stale, and it fails.
-    (project / "params.yaml").write_text(params.replace("  beta: 0.1\n", "  bta: 0.1\n"))
+    # A bad train value: only train is stale, and it fails. (A misspelt key DVC declares, `bta` for `beta`,
+    # is refused by DVC itself before mrpo runs: "Parameters 'train.beta' are missing from 'params.yaml'".)
+    (project / "params.yaml").write_text(params.replace("  beta: 0.1\n", "  beta: -0.1\n"))
     proc = dvc(["repro"], project, check=False)
-    assert proc.returncode != 0 and "train.bta: unknown key" in proc.stdout
+    assert proc.returncode != 0 and "train.beta: got -0.1; must be > 0" in proc.stdout
     with pytest.raises(StageFailed) as failed:
         reproduce_stage("train", project)
     assert failed.value.command_exit == 2 and not failed.value.transient
