@@ -627,19 +627,33 @@ def _validate_placement(r: ReferenceConfig) -> None:
 
 
 def _validate(cfg: Config) -> None:
-    """Every range and cross-field rule (types and finiteness were checked field by field in `_typed`)."""
-    t, d, s, e = cfg.train, cfg.data, cfg.score, cfg.evaluate
-    names = [r.name for r in cfg.references]
-
+    """Every range and cross-field rule (types and finiteness were checked field by field in `_typed`),
+    section by section in the order params.yaml lists them: the first problem reported is the first there."""
     for r in cfg.references:
-        _check(
-            r.gguf_file is None or r.gguf_file.endswith(".gguf"),
-            f"references.{r.name}.gguf_file",
-            r.gguf_file,
-            "must name a .gguf file inside `model` (or be null)",
-        )
-        _validate_placement(r)
+        _validate_reference(r)
+    _validate_data(cfg.data)
+    for m in cfg.zoo.members:
+        _validate_zoo_member(m)
+    member_names = [m.name for m in cfg.zoo.members]
+    _check(len(set(member_names)) == len(member_names), "zoo.members", member_names, "names must be unique")
+    _validate_score(cfg.score)
+    _validate_train(cfg.train)
+    _validate_training_references(cfg)
+    _validate_evaluate(cfg.evaluate)
+    _validate_diagnose_and_compare(cfg, [r.name for r in cfg.references])
 
+
+def _validate_reference(r: ReferenceConfig) -> None:
+    _check(
+        r.gguf_file is None or r.gguf_file.endswith(".gguf"),
+        f"references.{r.name}.gguf_file",
+        r.gguf_file,
+        "must name a .gguf file inside `model` (or be null)",
+    )
+    _validate_placement(r)
+
+
+def _validate_data(d: DataConfig) -> None:
     _one_of(d.source, "data.source", DATA_SOURCES)
     _one_of(d.format, "data.format", DATA_FORMATS)
     _check(
@@ -673,56 +687,55 @@ def _validate(cfg: Config) -> None:
         "must be < 1 so a training split remains",
     )
 
-    member_names = [m.name for m in cfg.zoo.members]
-    for m in cfg.zoo.members:
-        key = f"zoo.members.{m.name}"
-        _one_of(m.architecture, f"{key}.architecture", ARCHITECTURES)
-        _one_of(m.tokenizer, f"{key}.tokenizer", TOKENIZER_KINDS)
-        for key_name, values in (("attributes", m.attributes), ("misled", m.misled)):
-            for value in values:
-                _one_of(value, f"{key}.{key_name}", ZOO_ATTRIBUTES)
-            _check(
-                len(set(values)) == len(values),
-                f"{key}.{key_name}",
-                list(values),
-                "each attribute at most once",
-            )
-        _check(
-            len(m.attributes) + len(m.misled) > 0,
-            f"{key}.attributes",
-            list(m.attributes),
-            f"needs at least one of {list(ZOO_ATTRIBUTES)} (here or in misled)",
-        )
-        both = sorted(set(m.attributes) & set(m.misled))
-        _check(
-            not both, f"{key}.misled", list(m.misled), f"{both} also in attributes; a fact is learned one way"
-        )
-        _check(m.train_steps >= 0, f"{key}.train_steps", m.train_steps, "must be >= 0")
-        _check(m.num_layers >= 1, f"{key}.num_layers", m.num_layers, "must be >= 1")
-        _check(m.hidden_size >= 2, f"{key}.hidden_size", m.hidden_size, "must be >= 2")
-        heads = zoo_attention_heads(m.hidden_size)
-        step = (
-            2 * heads if m.architecture == "llama" else heads
-        )  # llama's rotary embedding needs an even head size
-        if m.hidden_size % step:
-            valid = [
-                h
-                for h in range(max(2, m.hidden_size - 64), m.hidden_size + 65)
-                if h % ((2 if m.architecture == "llama" else 1) * zoo_attention_heads(h)) == 0
-            ]
-            lower = max((h for h in valid if h < m.hidden_size), default=None)
-            upper = min(h for h in valid if h > m.hidden_size)
-            _check(
-                False,
-                f"{key}.hidden_size",
-                m.hidden_size,
-                f"a zoo model has max(1, hidden_size // 16) = {heads} attention heads, "
-                f"so hidden_size must be a multiple of {step} "
-                f"({'an even head size for llama' if m.architecture == 'llama' else 'gpt2'}); "
-                f"nearest valid: {', '.join(str(h) for h in (lower, upper) if h is not None)}",
-            )
-    _check(len(set(member_names)) == len(member_names), "zoo.members", member_names, "names must be unique")
 
+def _validate_zoo_member(m: ZooMember) -> None:
+    key = f"zoo.members.{m.name}"
+    _one_of(m.architecture, f"{key}.architecture", ARCHITECTURES)
+    _one_of(m.tokenizer, f"{key}.tokenizer", TOKENIZER_KINDS)
+    for key_name, values in (("attributes", m.attributes), ("misled", m.misled)):
+        for value in values:
+            _one_of(value, f"{key}.{key_name}", ZOO_ATTRIBUTES)
+        _check(
+            len(set(values)) == len(values),
+            f"{key}.{key_name}",
+            list(values),
+            "each attribute at most once",
+        )
+    _check(
+        len(m.attributes) + len(m.misled) > 0,
+        f"{key}.attributes",
+        list(m.attributes),
+        f"needs at least one of {list(ZOO_ATTRIBUTES)} (here or in misled)",
+    )
+    both = sorted(set(m.attributes) & set(m.misled))
+    _check(not both, f"{key}.misled", list(m.misled), f"{both} also in attributes; a fact is learned one way")
+    _check(m.train_steps >= 0, f"{key}.train_steps", m.train_steps, "must be >= 0")
+    _check(m.num_layers >= 1, f"{key}.num_layers", m.num_layers, "must be >= 1")
+    _check(m.hidden_size >= 2, f"{key}.hidden_size", m.hidden_size, "must be >= 2")
+    heads = zoo_attention_heads(m.hidden_size)
+    step = (
+        2 * heads if m.architecture == "llama" else heads
+    )  # llama's rotary embedding needs an even head size
+    if m.hidden_size % step:
+        valid = [
+            h
+            for h in range(max(2, m.hidden_size - 64), m.hidden_size + 65)
+            if h % ((2 if m.architecture == "llama" else 1) * zoo_attention_heads(h)) == 0
+        ]
+        lower = max((h for h in valid if h < m.hidden_size), default=None)
+        upper = min(h for h in valid if h > m.hidden_size)
+        _check(
+            False,
+            f"{key}.hidden_size",
+            m.hidden_size,
+            f"a zoo model has max(1, hidden_size // 16) = {heads} attention heads, "
+            f"so hidden_size must be a multiple of {step} "
+            f"({'an even head size for llama' if m.architecture == 'llama' else 'gpt2'}); "
+            f"nearest valid: {', '.join(str(h) for h in (lower, upper) if h is not None)}",
+        )
+
+
+def _validate_score(s: ScoreConfig) -> None:
     _check(s.max_length >= 8, "score.max_length", s.max_length, "must be >= 8")
     _check(
         s.batch_tokens >= s.max_length,
@@ -734,10 +747,12 @@ def _validate(cfg: Config) -> None:
     _one_of(s.device, "score.device", DEVICES)
     _one_of(s.dtype, "score.dtype", DTYPES)
 
+
+def _validate_train(t: TrainConfig) -> None:
     # The objective's own settings are validated by the objective itself (mrpo.losses.Objective), and the
     # strategy names come from the strategies' registry: one place each.
     from mrpo.losses import Objective
-    from mrpo.weighting import REGISTRY, STRATEGIES
+    from mrpo.weighting import STRATEGIES
 
     try:
         Objective.from_train_config(t)
@@ -810,6 +825,14 @@ def _validate(cfg: Config) -> None:
             push.repo_id,
             "push_to_hub is enabled: set it to the hub repository, '<owner>/<name>' (letters, digits, - _ .)",
         )
+
+
+def _validate_training_references(cfg: Config) -> None:
+    """Which references train, and the settings that depend on them or on the validation split."""
+    t, d = cfg.train, cfg.data
+    names = [r.name for r in cfg.references]
+    from mrpo.weighting import REGISTRY
+
     if t.references is not None:
         for n in t.references:
             _check(n in names, "train.references", list(t.references), f"each must be one of {names}")
@@ -861,13 +884,14 @@ def _validate(cfg: Config) -> None:
             "must be > 0: train.lr_scheduler 'reduce_lr_on_plateau' steps on the validation loss",
         )
 
+
+def _validate_evaluate(e: EvalConfig) -> None:
     _check(e.limit is None or e.limit > 0, "evaluate.limit", e.limit, "must be > 0 or null")
     _check(e.num_fewshot >= 0, "evaluate.num_fewshot", e.num_fewshot, "must be >= 0")
     _check(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "must be >= 1")
     _check(e.max_gen_tokens >= 1, "evaluate.max_gen_tokens", e.max_gen_tokens, "must be >= 1")
     _one_of(e.device, "evaluate.device", DEVICES)
     _check(len(set(e.tasks)) == len(e.tasks), "evaluate.tasks", list(e.tasks), "each task at most once")
-    _validate_diagnose_and_compare(cfg, names)
 
 
 def _validate_diagnose_and_compare(cfg: Config, names: list[str]) -> None:
