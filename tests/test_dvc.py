@@ -225,8 +225,9 @@ def lock_drift(root) -> list[str]:
     for name, stage in lock.items():
         for dep in stage.get("deps", []):
             path = root / dep["path"]
-            if dep["path"] in written or any(dep["path"].startswith(w.rstrip("/") + "/") for w in written):
-                continue  # another stage's output: DVC tracks it, not the code
+            inside = [(dep["path"], w) for w in written] + [(w, dep["path"]) for w in written]
+            if dep["path"] in written or any(a.startswith(b.rstrip("/") + "/") for a, b in inside):
+                continue  # another stage's output, or a folder of them (data/scores): DVC's, not the code
             if not path.exists():
                 drift.append(f"stage {name}: {dep['path']} is gone")
             elif dvc_md5(path) != dep["md5"]:
