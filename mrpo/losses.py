@@ -688,24 +688,17 @@ def mrpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     tokens: TokenCounts | None = None,
+    bco_delta: float = 0.0,
     **settings,
 ) -> PreferenceLossOutput:
     """MRPO: the DPO-form loss against the clipped, weighted harmonic-mean reference (spec sections 1-3).
 
     h = (pi_w - pi_l) - (log pi_ref(y_w|x) - log pi_ref(y_l|x)). With K = 1 this is DPO exactly. `settings`
-    are the other Objective fields (loss_weights, f_divergence_type, discopop_tau, ...) and `bco_delta`.
+    are the other Objective fields (loss_weights, f_divergence_type, discopop_tau, ...).
     """
-    bco_delta = settings.pop("bco_delta", 0.0)
     o = Objective("mrpo", loss_type, beta, epsilon, adaptive_epsilon, label_smoothing, **settings)
-    return o(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        weights,
-        tokens,
-        bco_delta,
-    )
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return o(*logps, weights, tokens, bco_delta)
 
 
 def multi_dpo_loss(
@@ -721,6 +714,7 @@ def multi_dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     tokens: TokenCounts | None = None,
+    bco_delta: float = 0.0,
     **settings,
 ) -> PreferenceLossOutput:
     """The naive multi-reference baseline (spec section 4): sum_k alpha_k * DPO(pi, r~_k).
@@ -730,14 +724,6 @@ def multi_dpo_loss(
     arithmetic mean of the clipped references, the reference this loss implies
     for the sigmoid form's first-order behaviour. Every loss type is summed the same way over the references.
     """
-    bco_delta = settings.pop("bco_delta", 0.0)
     o = Objective("multi_dpo", loss_type, beta, epsilon, adaptive_epsilon, label_smoothing, **settings)
-    return o(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        weights,
-        tokens,
-        bco_delta,
-    )
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return o(*logps, weights, tokens, bco_delta)

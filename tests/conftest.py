@@ -19,6 +19,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 _PROJECT_FILES = ("dvc.yaml", ".dvcignore", "prefect.yaml")
 _PROJECT_DIRS = ("mrpo", "flows", "evaluation/tasks")
 
+# The default pipeline's DVC stages, in the order `dvc repro` runs them
+STAGES = [
+    "zoo",
+    "prepare",
+    "score@anchor",
+    "score@gpt2_char",
+    "score@llama_expert",
+    "diagnose",
+    "train",
+    "evaluate",
+    "summary",
+]
+
 
 def tiny_params(raw: dict) -> dict:
     """The default profile shrunk so the whole pipeline runs in about a minute on 2 CPU cores:

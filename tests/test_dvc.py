@@ -9,19 +9,7 @@ import time
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO_ROOT, clone_project, run_tool
-
-STAGES = [
-    "zoo",
-    "prepare",
-    "score@anchor",
-    "score@gpt2_char",
-    "score@llama_expert",
-    "diagnose",
-    "train",
-    "evaluate",
-    "summary",
-]
+from conftest import REPO_ROOT, STAGES, clone_project, run_tool
 
 
 def dvc(args, cwd, check=True):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, clone_project, run_tool
+from conftest import REPO_ROOT, STAGES, clone_project, run_tool
 
 
 def record_id(project: Path) -> str:
@@ -193,17 +193,7 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
             }
             assert "mlflow-lineage" in tasks  # a readable name, not the function's
             stage_tasks = set(tasks) - {"mlflow-lineage"}
-            assert stage_tasks == {
-                "zoo",
-                "prepare",
-                "score@anchor",
-                "score@gpt2_char",
-                "score@llama_expert",
-                "diagnose",
-                "train",
-                "evaluate",
-                "summary",
-            }
+            assert stage_tasks == set(STAGES)
             assert all(t.state.is_completed() for t in tasks.values())
             artifacts = flow_run_artifacts(client, run.id)
     finally:
