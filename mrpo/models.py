@@ -352,6 +352,15 @@ def placement_kwargs(
     return kwargs
 
 
+def placement_summary(device_map: dict) -> str:
+    """Where a spread model's modules went, e.g. "3 on cpu, 5 on disk", devices in a fixed order."""
+    counts: dict[str, int] = {}
+    for where in device_map.values():
+        name = f"cuda:{where}" if isinstance(where, int) else str(where)
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{n} on {where}" for where, n in sorted(counts.items()))
+
+
 def dequantized_copy(loaded: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """The same weights in a plain model: the GGUF loader de-quantizes every tensor but still marks the
     model quantized, and transformers then refuses to fine-tune or save it."""

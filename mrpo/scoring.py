@@ -50,6 +50,7 @@ from mrpo.models import (
     load_tokenizer,
     model_fingerprint,
     placement_kwargs,
+    placement_summary,
     response_logps,
     torch_threads,
 )
@@ -549,6 +550,9 @@ def _compute_shards(
     tokenizer = load_tokenizer(ref)
     # fp32 weights, `dtype` autocast: the numerics of the policy's forward in training (fp32 master weights).
     model = load_model(ref, device, torch.float32, placement=True, **placement)
+    if getattr(model, "hf_device_map", None):
+        rank = f" rank {ranks.rank}" if ranks.world > 1 else ""
+        log.info("score %s%s: modules %s", ref.name, rank, placement_summary(model.hf_device_map))
     total = 2 * sum(bounds[i][1] - bounds[i][0] for i in indices)
     desc = f"score {ref.name}" + (f" [rank {ranks.rank}]" if ranks.world > 1 else "")
     with (

@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from mrpo.models import (
     load_model,
     load_tokenizer,
     model_fingerprint,
+    placement_summary,
     response_logps,
     smollm2_gguf_path,
 )
@@ -745,8 +747,11 @@ def test_a_reference_capped_below_its_size_is_offloaded_and_scores_as_the_plain_
     big = dataclasses.replace(
         ref, device_map="auto", max_memory={"cpu": int(0.7 * size)}, offload_folder=str(tmp_path / "offload")
     )
-    placed = set(load_model(big, "cpu", placement=True).hf_device_map.values())
-    assert placed == {"cpu", "disk"}  # part in memory, the rest streamed from disk at each forward
+    device_map = load_model(big, "cpu", placement=True).hf_device_map
+    assert set(device_map.values()) == {"cpu", "disk"}  # part in memory, the rest streamed from disk
+    on = {where: n for n, where in (part.split(" on ") for part in placement_summary(device_map).split(", "))}
+    assert list(on) == ["cpu", "disk"]
+    assert sum(map(int, on.values())) == len(device_map)
 
     cfg = project(tiny_zoo, tmp_path / "big", splits)
     cfg = dataclasses.replace(cfg, references=(big, *cfg.references[1:]))
@@ -796,7 +801,11 @@ def test_two_ranks_each_offloading_their_own_copy_write_the_plain_file(tiny_zoo,
     params.write_text(yaml.safe_dump(raw))
     proc = launch_two(["-m", "mrpo.cli", "--params", str(params), "score", "--reference", "anchor"])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "rank 1 of 2 scores 2 of 4 shards" in proc.stderr and "offloaded to the disk" in proc.stderr
+    assert "rank 1 of 2 scores 2 of 4 shards" in proc.stderr
+    for rank in (0, 1):
+        placed = re.search(rf"score anchor rank {rank}: modules (.*)", proc.stderr)
+        assert placed and re.search(r"\d+ on disk", placed.group(1)), proc.stderr[-2000:]
+        assert (tmp_path / "offload" / f"rank-{rank}").is_dir()  # its own folder, in case of re-saves
     frame, _ = read_scores(Path(cfg.score.output_dir) / "anchor.parquet")
     assert list(frame["pair_id"]) == list(plain["pair_id"])
     for column in ("chosen_logp", "rejected_logp"):
