@@ -52,9 +52,12 @@ F_DIVERGENCE_LOSSES = (
 )
 
 # Two sequence log-probs closer than this (nats) are a tie in reward accuracy: their difference is rounding
-# noise of the precision the forward ran in, not a preference. fp32 sums over hundreds of tokens differ by
-# ~1e-6 between batch shapes; fp16/bf16 autocast by up to 1.3e-4/3.2e-3 (tests/test_trainer.py, step 0).
-LOGP_TIE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# noise of the precision the forward ran in, not a preference. Between batch shapes (scoring's length packing,
+# training's batches), fp32 sums differ by ~4e-6; under fp16/bf16 autocast most pairs differ by ~1e-5, but now
+# and then one token's logit lands on the other side of a rounding step: up to 4.8e-3 (fp16) and 2.8e-2 (bf16)
+# on a pair's log-prob gap, measured on 256 fact-task pairs (tests/test_trainer.py, step 0), with no trend in
+# the sequence's length or log-prob. Each tolerance is about twice its measured maximum.
+LOGP_TIE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def reward_accuracy(
