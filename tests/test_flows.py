@@ -475,6 +475,65 @@ def test_the_captured_dvc_wordings_are_what_this_dvc_prints(tmp_path):
         assert proc.returncode != 0 and not verdict.transient and says in verdict.reason, (case, proc.stdout)
 
 
+MISSING_PARAM_SCRIPT = r"""
+import json, sys, time
+from flows.pipeline import pipeline
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+start = time.monotonic()
+state = pipeline(project_dir=sys.argv[1], stages=["prepare"], lineage=False, return_state=True)
+seconds = time.monotonic() - start
+run_id = state.state_details.flow_run_id
+with get_client(sync_client=True) as client:
+    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200)
+print("RESULT " + json.dumps({
+    "state": state.type.value, "seconds": seconds, "logs": [entry.message for entry in logs],
+    "tasks": [[t.name, t.run_count, t.state.type.value, t.state.message] for t in tasks],
+}))
+"""
+
+
+def test_a_param_dvc_yaml_declares_but_params_yaml_lacks_fails_the_stage_once(tiny_project, tmp_path):
+    """DVC refuses the stage before mrpo runs (mrpo never reports an exit): the flow's stage task fails on
+    its first attempt, with no retry, and says which key is missing and how to fix it."""
+    project = clone_project(tiny_project, tmp_path / "project")
+    dvc_yaml = project / "dvc.yaml"
+    declared = "    cmd: mrpo prepare\n    params:\n      - seed\n      - data\n"
+    assert declared in dvc_yaml.read_text()
+    dvc_yaml.write_text(dvc_yaml.read_text().replace(declared, declared + "      - data.foo\n"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        {
+            "PREFECT_HOME": str(tmp_path / "prefect_home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", MISSING_PARAM_SCRIPT, str(project)],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-6000:]
+    out = json.loads(lines[-1][len("RESULT ") :])
+
+    assert out["state"] == "FAILED"
+    [[name, run_count, state, message]] = out["tasks"]
+    assert (name, run_count, state) == ("prepare", 1, "FAILED"), out["tasks"]  # one attempt, no retry
+    assert not any("Retry" in m for m in out["logs"]), out["logs"]
+    assert "not transient" in message and "Parameters 'data.foo' are missing from 'params.yaml'" in message
+    assert "Fix: add data.foo to params.yaml, or drop it from the stage's params in dvc.yaml." in message
+    assert not (project / "data" / "prepared").exists()  # mrpo prepare never ran
+
+
 def test_deployments_and_prefect_yaml_agree():
     from prefect.client.schemas.schedules import CronSchedule
 
