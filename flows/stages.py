@@ -108,11 +108,12 @@ _PERMANENT_DVC_ERRORS: list[tuple[re.Pattern, str]] = [
         "the stage's command was not found: install the project (`pip install -e .`) in this environment",
     ),
 ]
-# dvc.yaml (or params.yaml) that DVC cannot parse: a header line of its own, details on the lines below.
+# A dvc.yaml DVC cannot parse or validate: a header line of its own (no `ERROR:`), details on the lines below.
 _INVALID_FILE = re.compile(r"^'(?P<file>[^']+)' (is invalid|validation failed)\.$")
 # Kept transient on purpose: DVC's repo lock and its per-path rwlock are held by a live process (DVC drops
-# a dead process's entry itself), so a later try finds them free; a signal is memory pressure or a
-# preemption, not the stage's settings. Anything not recognised stays transient too (a lost connection).
+# a dead process's entry itself; the repo lock's wording is dvc/lock.py's), so a later try finds them free;
+# a signal is memory pressure or a preemption, not the stage's settings. Anything not recognised stays
+# transient too (a lost connection).
 _TRANSIENT_DVC_ERRORS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"Unable to acquire lock"), "another DVC process holds the repository's lock"),
     (re.compile(r"is busy, it is being blocked by"), "another DVC process is using the stage's paths"),
