@@ -33,23 +33,126 @@ log = logging.getLogger("mrpo")
 class StageFailed(RuntimeError):
     """`dvc repro` of a stage (or `dvc exp run` of an experiment) failed. `command_exit` is how the stage's
     `mrpo` command ended (None when it never reported: it did not start, or it was killed); `transient` says
-    whether a retry may help."""
+    whether a retry may help, `reason` why (for DVC's own errors: its ERROR line and the fix)."""
 
     def __init__(self, stage: str, returncode: int, output: str, command_exit: int | None = None):
         self.stage = stage
         self.returncode = returncode
         self.output = output
         self.command_exit = command_exit
-        self.transient = is_transient(command_exit)
-        tail = "\n".join(output.strip().splitlines()[-15:])
+        verdict = classify_failure(output, command_exit)
+        self.transient = verdict.transient
+        self.reason = verdict.reason
+        # DVC's error line is the headline already; the rest is the context (mrpo's own output, DVC's details)
+        lines = [ln for ln in output.strip().splitlines() if ln.strip() and ln.strip() != verdict.quoted]
+        tail = "\n".join(lines[-15:])
         kind = "transient, will retry" if self.transient else "not transient: fix the cause and re-run"
-        super().__init__(f"dvc repro of stage {stage!r} failed with exit {returncode} ({kind}):\n{tail}")
+        super().__init__(
+            f"dvc repro of stage {stage!r} failed with exit {returncode} ({kind}): {verdict.reason}"
+            + (f"\n{tail}" if tail else "")
+        )
 
 
-def is_transient(command_exit: int | None) -> bool:
-    """Only a user-fixable error (mrpo's exit 2) is certain to fail again;
-    a killed or crashed command may pass."""
-    return command_exit != USER_ERROR_EXIT
+@dataclass(frozen=True)
+class FailureVerdict:
+    """Whether a retry may help, why in one line, and the line of DVC's output that it quotes."""
+
+    transient: bool
+    reason: str
+    quoted: str = ""
+
+
+# DVC's own errors that no retry can change, as DVC 3.67 words them (tests/test_flows.py holds the real
+# outputs), each with the fix. DVC raises them before (or, for a missing output, after) the stage's command.
+_PERMANENT_DVC_ERRORS: list[tuple[re.Pattern, str]] = [
+    (
+        re.compile(r"Parameters '(?P<keys>[^']+)' are missing from '(?P<file>[^']+)'"),
+        "add {keys} to {file}, or drop it from the stage's params in dvc.yaml",
+    ),
+    (
+        re.compile(r"Stage '(?P<stage>[^']+)' not found inside '(?P<file>[^']+)'"),
+        "no stage {stage} in {file}: check the name against `dvc stage list`",
+    ),
+    (
+        re.compile(r"failed to parse '(?P<where>[^']+)' in '(?P<file>[^']+)'"),
+        "fix {where} in {file}: a ${{...}} it uses is not in params.yaml",
+    ),
+    (
+        re.compile(r"unable to read: '(?P<file>[^']+)'"),
+        "fix the syntax of {file}",
+    ),
+    (
+        # a dep that is missing: no stage wrote it yet, and --single-item does not run the one that would
+        re.compile(r"failed to reproduce '[^']+': \[Errno 2\] No such file or directory: '(?P<path>[^']+)'"),
+        "a dependency is missing: create {path}, or reproduce the stage that writes it first",
+    ),
+    (
+        re.compile(r"output '(?P<path>[^']+)' does not exist"),
+        "the command ended without writing {path}: make it write it, or fix the stage's outs in dvc.yaml",
+    ),
+    (
+        re.compile(r"'(?P<file>[^']*dvc\.yaml)' does not exist"),
+        "run from the project's root, where dvc.yaml is",
+    ),
+    (
+        re.compile(r"you are not inside of a DVC repository"),
+        "run from the project's root (a git + DVC repository)",
+    ),
+    (
+        re.compile(r"Invalid `--set-param` value: Could not override '(?P<key>[^']+)'"),
+        "{key} is not in params.yaml: fix the override's key",
+    ),
+    (
+        # the shell's "command not found" (127) or "not executable" (126): the environment, not the stage
+        re.compile(r"failed to run: .*, exited with 12[67]$"),
+        "the stage's command was not found: install the project (`pip install -e .`) in this environment",
+    ),
+]
+# A dvc.yaml DVC cannot parse or validate: a header line of its own (no `ERROR:`), details on the lines below.
+_INVALID_FILE = re.compile(r"^'(?P<file>[^']+)' (is invalid|validation failed)\.$")
+# Kept transient on purpose: DVC's repo lock and its per-path rwlock are held by a live process (DVC drops
+# a dead process's entry itself; the repo lock's wording is dvc/lock.py's), so a later try finds them free;
+# a signal is memory pressure or a preemption, not the stage's settings. Anything not recognised stays
+# transient too (a lost connection).
+_TRANSIENT_DVC_ERRORS: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"Unable to acquire lock"), "another DVC process holds the repository's lock"),
+    (re.compile(r"is busy, it is being blocked by"), "another DVC process is using the stage's paths"),
+    (
+        re.compile(r"failed to run: .*, exited with -(?P<signal>\d+)$"),
+        "the command was killed by signal {signal}",
+    ),
+]
+
+
+def classify_failure(output: str, command_exit: int | None) -> FailureVerdict:
+    """Whether a failed `dvc repro`/`dvc exp run` may pass on a retry, and why, from DVC's output and how the
+    stage's `mrpo` command ended (None: it never reported). Only mrpo's exit 2 (a user-fixable error) and
+    DVC's own errors about the pipeline's files are certain to fail again; a crash or a kill may pass."""
+    if command_exit == USER_ERROR_EXIT:
+        return FailureVerdict(
+            False, f"mrpo exited {USER_ERROR_EXIT}: a user-fixable error (its message below)"
+        )
+    lines = [ln.strip() for ln in output.splitlines()]
+    # DVC's error is its last `ERROR:` line; only those are read, never the command's own output
+    errors = [ln for ln in lines if ln.startswith("ERROR: ")]
+    error = errors[-1] if errors else ""
+    for pattern, hint in _PERMANENT_DVC_ERRORS:
+        if match := pattern.search(error):
+            return FailureVerdict(False, f"{error} Fix: {hint.format(**match.groupdict())}.", error)
+    if not errors:  # a dvc.yaml DVC cannot parse: its header line, no `ERROR:`, and no command ran
+        for line in lines:
+            if match := _INVALID_FILE.match(line):
+                hint = f"correct {match['file']} where DVC's details below point"
+                return FailureVerdict(False, f"{line} Fix: {hint}.", line)
+    for pattern, why in _TRANSIENT_DVC_ERRORS:
+        if match := pattern.search(error):
+            why = why.format(**match.groupdict())
+            return FailureVerdict(True, f"{error} ({why}; a retry may pass)", error)
+    if command_exit is not None:
+        return FailureVerdict(True, f"mrpo exited {command_exit}, not a user error: a retry may pass")
+    return FailureVerdict(
+        True, f"{error or 'DVC printed no error'} (mrpo never reported an exit; a retry may pass)", error
+    )
 
 
 @dataclass(frozen=True)

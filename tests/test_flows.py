@@ -291,6 +291,249 @@ def test_a_configuration_error_is_not_retried(tiny_project, tmp_path):
     assert retry_if_transient(None, None, Failed(data=ConfigError("train.beta: got 0"))) is False
 
 
+# What DVC 3.67 prints (stdout and stderr merged, as flows.stages.dvc reads it) when a stage fails, captured
+# from real `dvc repro --single-item` / `dvc exp run` runs in a throwaway repo; (output, mrpo's exit or None,
+# transient?, what the reason must say).
+DVC_FAILURES = {
+    "missing param": (
+        "ERROR: failed to reproduce 'train': Parameters 'train.foo' are missing from 'params.yaml'.\n",
+        None,
+        False,
+        "Fix: add train.foo to params.yaml, or drop it from the stage's params in dvc.yaml.",
+    ),
+    "missing param, dvc exp run": (
+        "Reproducing experiment 'e1'\n"
+        "WARNING: No file hash info found for '/tmp/r/.dvc/tmp/exps/standalone/tmpj3bs1qa2/out.txt'. "
+        "It won't be created.\n"
+        "ERROR: failed to reproduce 'train': Parameters 'train.foo' are missing from 'params.yaml'.\n"
+        "ERROR: failed to reproduce 'train': Parameters 'train.foo' are missing from 'params.yaml'.\n",
+        None,
+        False,
+        "add train.foo to params.yaml",
+    ),
+    "dvc.yaml syntax": (
+        "'./dvc.yaml' is invalid.\n\nWhile parsing a block mapping, in line 2, column 3\n"
+        "  2   train:\n\nDid not find expected key, in line 4, column 4\n  4    outs: [\n",
+        None,
+        False,
+        "'./dvc.yaml' is invalid. Fix: correct ./dvc.yaml",
+    ),
+    "dvc.yaml schema": (
+        "'./dvc.yaml' validation failed.\n\n"
+        "extra keys not allowed, in stages -> train -> outz, line 5, column 7\n"
+        "  4 \u2502   outz:\n  5 \u2502     - out.txt\n",
+        None,
+        False,
+        "'./dvc.yaml' validation failed.",
+    ),
+    "unknown stage": (
+        "ERROR: Stage 'score@nope' not found inside 'dvc.yaml' file\n",
+        None,
+        False,
+        "no stage score@nope in dvc.yaml",
+    ),
+    "missing dependency": (
+        "ERROR: failed to reproduce 'train': [Errno 2] No such file or directory: '/tmp/r/data.csv'\n",
+        None,
+        False,
+        "a dependency is missing: create /tmp/r/data.csv",
+    ),
+    "undefined ${...}": (
+        "ERROR: failed to parse 'stages.train.cmd' in 'dvc.yaml': Could not find 'train.nope'\n",
+        None,
+        False,
+        "fix stages.train.cmd in dvc.yaml",
+    ),
+    "params.yaml syntax": (
+        "ERROR: unable to read: 'params.yaml', YAML file structure is corrupted: "
+        "while parsing a flow sequence\n"
+        '  in "<unicode string>", line 2, column 7\n'
+        "did not find expected ',' or ']'\n"
+        '  in "<unicode string>", line 3, column 1\n',
+        None,
+        False,
+        "fix the syntax of params.yaml",
+    ),
+    "no dvc.yaml": ("ERROR: 'dvc.yaml' does not exist\n", None, False, "run from the project's root"),
+    "not a DVC repository": (
+        "ERROR: you are not inside of a DVC repository (checked up to mount point '/')\n",
+        None,
+        False,
+        "run from the project's root",
+    ),
+    "sweep override of a missing key": (
+        "ERROR: Invalid `--set-param` value: Could not override 'train.nokey'.\n"
+        "To append to your config use +train.nokey=1: Key 'nokey' is not in struct\n"
+        "    full_key: train.nokey\n    object_type=dict\n",
+        None,
+        False,
+        "train.nokey is not in params.yaml",
+    ),
+    "command not found": (
+        "Running stage 'train':\n> mrpo train\n/bin/bash: line 1: mrpo: command not found\n"
+        "ERROR: failed to reproduce 'train': failed to run: mrpo train, exited with 127\n",
+        None,
+        False,
+        "the stage's command was not found",
+    ),
+    "declared output not written": (
+        "Running stage 'train':\n> mrpo train\n"
+        "ERROR: failed to reproduce 'train': output 'out.txt' does not exist\n",
+        0,
+        False,
+        "the command ended without writing out.txt",
+    ),
+    # retried: the cause is outside the pipeline's files and may be gone on the next try
+    "killed": (
+        "Running stage 'train':\n> mrpo train\n"
+        "ERROR: failed to reproduce 'train': failed to run: mrpo train, exited with -9\n",
+        None,
+        True,
+        "killed by signal 9",
+    ),
+    "path locked by another dvc": (
+        "ERROR: '/tmp/r/a.txt' is busy, it is being blocked by:\n"
+        "  (PID 21437): /venv/bin/dvc repro --single-item slow\n\n"
+        "If there are no processes with such PIDs, you can manually remove '/tmp/r/.dvc/tmp/rwlock' and try "
+        "again.\n",
+        None,
+        True,
+        "another DVC process is using the stage's paths",
+    ),
+    "crash": (
+        "Running stage 'train':\n> mrpo train\nTraceback (most recent call last):\n"
+        "FileNotFoundError: [Errno 2] No such file or directory: 'x'\n"
+        "ERROR: failed to reproduce 'train': failed to run: mrpo train, exited with 1\n",
+        1,
+        True,
+        "mrpo exited 1, not a user error",
+    ),
+    "no error line": ("Running stage 'train':\n> mrpo train\n", None, True, "mrpo never reported an exit"),
+    "user error": (
+        "mrpo: configuration error: train.beta: got -0.1; must be > 0\n"
+        "ERROR: failed to reproduce 'train': failed to run: mrpo train, exited with 2\n",
+        2,
+        False,
+        "a user-fixable error",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DVC_FAILURES)
+def test_dvc_failures_are_classified_from_dvcs_own_words(case):
+    from prefect.states import Failed
+
+    from flows.stages import StageFailed, classify_failure, retry_if_transient
+
+    output, command_exit, transient, says = DVC_FAILURES[case]
+    verdict = classify_failure(output, command_exit)
+    assert (verdict.transient, says in verdict.reason) == (transient, True), verdict
+    exc = StageFailed("train", 255, output, command_exit)
+    assert retry_if_transient(None, None, Failed(data=exc)) is transient
+    headline = str(exc).splitlines()[0]
+    assert says in headline and ("will retry" in headline) is transient
+    if verdict.quoted:  # DVC's error line reads once, in the headline, not again in the tail
+        assert str(exc).count(verdict.quoted) == 1
+
+
+def test_the_captured_dvc_wordings_are_what_this_dvc_prints(tmp_path):
+    """The permanent cases above, live: if a DVC upgrade rewords one, this fails rather than the flows
+    quietly retrying it again."""
+    from flows.stages import classify_failure, dvc
+
+    dvc(["init", "--no-scm", "-q"], tmp_path)
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.1\n")
+    stage = "stages:\n  train:\n    cmd: {cmd}\n{extra}    outs:\n      - out.txt\n"
+    cases = {  # name: (cmd, more of the stage, the stage to reproduce, what the reason must say)
+        "missing param": (
+            "echo hi > out.txt",
+            "    params:\n      - train.lr\n      - train.foo\n",
+            "train",
+            "Parameters 'train.foo' are missing from 'params.yaml'. Fix: add train.foo to params.yaml",
+        ),
+        "unknown stage": ("echo hi > out.txt", "", "trian", "no stage trian in dvc.yaml"),
+        "missing dependency": (
+            "echo hi > out.txt",
+            "    deps:\n      - data.csv\n",
+            "train",
+            f"create {tmp_path / 'data.csv'}",
+        ),
+        "undefined ${...}": ("echo ${train.nope} > out.txt", "", "train", "fix stages.train.cmd in dvc.yaml"),
+        "command not found": ("no-such-command-xyz", "", "train", "the stage's command was not found"),
+        "declared output not written": ("echo hi", "", "train", "without writing out.txt"),
+        "dvc.yaml schema": (
+            "echo hi > out.txt",
+            "    outz: []\n",
+            "train",
+            "'./dvc.yaml' validation failed.",
+        ),
+    }
+    for case, (cmd, extra, target, says) in cases.items():
+        (tmp_path / "dvc.yaml").write_text(stage.format(cmd=cmd, extra=extra))
+        proc = dvc(["repro", "--single-item", target], tmp_path, check=False)
+        verdict = classify_failure(proc.stdout, None)
+        assert proc.returncode != 0 and not verdict.transient and says in verdict.reason, (case, proc.stdout)
+
+
+MISSING_PARAM_SCRIPT = r"""
+import json, sys, time
+from flows.pipeline import pipeline
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+start = time.monotonic()
+state = pipeline(project_dir=sys.argv[1], stages=["prepare"], lineage=False, return_state=True)
+seconds = time.monotonic() - start
+run_id = state.state_details.flow_run_id
+with get_client(sync_client=True) as client:
+    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200)
+print("RESULT " + json.dumps({
+    "state": state.type.value, "seconds": seconds, "logs": [entry.message for entry in logs],
+    "tasks": [[t.name, t.run_count, t.state.type.value, t.state.message] for t in tasks],
+}))
+"""
+
+
+def test_a_param_dvc_yaml_declares_but_params_yaml_lacks_fails_the_stage_once(tiny_project, tmp_path):
+    """DVC refuses the stage before mrpo runs (mrpo never reports an exit): the flow's stage task fails on
+    its first attempt, with no retry, and says which key is missing and how to fix it."""
+    project = clone_project(tiny_project, tmp_path / "project")
+    dvc_yaml = project / "dvc.yaml"
+    declared = "    cmd: mrpo prepare\n    params:\n      - seed\n      - data\n"
+    assert declared in dvc_yaml.read_text()
+    dvc_yaml.write_text(dvc_yaml.read_text().replace(declared, declared + "      - data.foo\n"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        {
+            "PREFECT_HOME": str(tmp_path / "prefect_home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", MISSING_PARAM_SCRIPT, str(project)],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-6000:]
+    out = json.loads(lines[-1][len("RESULT ") :])
+
+    assert out["state"] == "FAILED"
+    [[name, run_count, state, message]] = out["tasks"]
+    assert (name, run_count, state) == ("prepare", 1, "FAILED"), out["tasks"]  # one attempt, no retry
+    assert not any("Retry" in m for m in out["logs"]), out["logs"]
+    assert "not transient" in message and "Parameters 'data.foo' are missing from 'params.yaml'" in message
+    assert "Fix: add data.foo to params.yaml, or drop it from the stage's params in dvc.yaml." in message
+    assert not (project / "data" / "prepared").exists()  # mrpo prepare never ran
+
+
 def test_deployments_and_prefect_yaml_agree():
     from prefect.client.schemas.schedules import CronSchedule
 
