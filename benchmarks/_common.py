@@ -178,6 +178,7 @@ def zoo_project(scratch: Path, *, need_scores: bool = True):
     )
     overrides = {
         "zoo.output_dir": str(scratch / "zoo"),
+        "zoo.metrics_file": str(scratch / "metrics" / "zoo.json"),
         "data.output_dir": str(scratch / "prepared"),
         "score.output_dir": str(scratch / "scores"),
         "score.metrics_dir": str(scratch / "metrics" / "score"),

@@ -44,8 +44,9 @@ _EVALUATE_KEYS = "tasks limit num_fewshot batch_size device max_gen_tokens task_
 STAGE_DOCS = {
     "zoo": (
         "build the tiny local model zoo (the default profile's anchor and references)",
-        "the synthetic arithmetic task (mrpo/synthetic.py); no data files",
-        "zoo.output_dir/<member>/ (safetensors, tokenizer, manifest.json)",
+        "the synthetic fact task (mrpo/synthetic.py); no data files",
+        "zoo.output_dir/<member>/ (safetensors, tokenizer, mrpo_zoo.json: its settings and losses), "
+        "zoo.metrics_file (timings)",
         ("seed", "zoo"),
     ),
     "prepare": (

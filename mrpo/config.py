@@ -117,6 +117,8 @@ class ZooMember:
 class ZooConfig:
     enabled: bool = True
     output_dir: str = "models/zoo"
+    # how long the build took: a DVC metric outside output_dir, so a rebuild leaves the zoo byte-identical
+    metrics_file: str = "metrics/zoo.json"
     members: tuple[ZooMember, ...] = ()
 
 

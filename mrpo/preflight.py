@@ -16,7 +16,7 @@ from mrpo.errors import ConfigError
 
 # Per stage: (params key, "dir" or "file") of what it writes, and the key of the device it runs on.
 _OUTPUTS = {
-    "zoo": [("zoo.output_dir", "dir")],
+    "zoo": [("zoo.output_dir", "dir"), ("zoo.metrics_file", "file")],
     "prepare": [("data.output_dir", "dir")],
     "score": [("score.output_dir", "dir"), ("score.metrics_dir", "dir")],
     "train": [

@@ -6,7 +6,10 @@ architecture (Llama or GPT-2) and a short SFT run on its own part of the
 synthetic fact world (mrpo/synthetic.py): the `attributes` it learns right and the
 `misled` ones it learns wrong (the decoys), with its own seed, so the references'
 knowledge, and so their preferences, genuinely differ. Everything is deterministic
-under `cfg.seed`; the facts are those of `cfg.seed`'s world, the data's too.
+under `cfg.seed`; the facts are those of `cfg.seed`'s world, the data's too: building
+again with the same settings writes the same bytes. How long it took varies run to
+run, so it goes to `zoo.metrics_file` (a DVC metric), never into the zoo folder that
+the score stages depend on.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mrpo.config import zoo_attention_heads
-from mrpo.io import replace_directory
+from mrpo.io import replace_directory, write_json_atomically
 from mrpo.models import collate_responses, response_logps, torch_threads
 from mrpo.preflight import check_stage
 from mrpo.synthetic import generate_pairs, sft_examples, total_pairs
@@ -193,6 +196,7 @@ def build_member(member, seed: int, output_dir: Path) -> dict:
 
 
 def _build_member(member, seed: int, output_dir: Path) -> dict:
+    """The member's manifest, as written to output_dir/<name>/mrpo_zoo.json, plus "seconds" (not written)."""
     start = time.perf_counter()
     mseed = member_seed(seed, member.name)
     tokenizer = build_tokenizer(member.tokenizer, mseed)
@@ -218,7 +222,7 @@ def _build_member(member, seed: int, output_dir: Path) -> dict:
         "train_pairs": len(pairs),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
-    }
+    }  # settings and seeded results only: anything run-varying here would re-run every score stage
     final = output_dir / member.name
     tmp = output_dir / f".{member.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -234,8 +238,8 @@ def _build_member(member, seed: int, output_dir: Path) -> dict:
 
 
 def build_zoo(cfg) -> list[dict]:
-    """Build every `cfg.zoo.members` entry under `cfg.zoo.output_dir`;
-    with zoo.enabled false write only a marker."""
+    """Build every `cfg.zoo.members` entry under `cfg.zoo.output_dir` and the build's timings to
+    `cfg.zoo.metrics_file`; with zoo.enabled false write only a marker (and timings of nothing)."""
     check_stage(cfg, "zoo")
     output_dir = Path(cfg.zoo.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +247,7 @@ def build_zoo(cfg) -> list[dict]:
     if not cfg.zoo.enabled:
         marker.write_text("zoo.enabled is false in params.yaml; references come from elsewhere\n")
         log.info("zoo disabled: wrote %s", marker)
+        write_json_atomically(cfg.zoo.metrics_file, zoo_timings([], 0.0, 0))
         return []
     marker.unlink(missing_ok=True)
     # Leftovers of a killed build would otherwise become part of the stage's (DVC-hashed) output.
@@ -266,13 +271,26 @@ def build_zoo(cfg) -> list[dict]:
             info["seconds"],
         )
         built.append(info)
+    seconds = time.perf_counter() - start
+    write_json_atomically(cfg.zoo.metrics_file, zoo_timings(built, seconds, workers))
     log.info(
-        "zoo: %d members in %.1fs (%d process(es), 1 CPU thread each)",
+        "zoo: %d members in %.1fs (%d process(es), 1 CPU thread each); timings in %s",
         len(built),
-        time.perf_counter() - start,
+        seconds,
         workers,
+        cfg.zoo.metrics_file,
     )
     return built
+
+
+def zoo_timings(built: list[dict], seconds: float, workers: int) -> dict:
+    """The `zoo.metrics_file` payload: wall-clock seconds of the whole build and of each member, and the
+    processes it used. Kept apart from the zoo folder because it differs on every run."""
+    return {
+        "seconds": round(seconds, 2),
+        "workers": workers,
+        "members": {info["name"]: {"seconds": info["seconds"]} for info in built},
+    }
 
 
 def zoo_workers(members: int) -> int:

@@ -155,7 +155,7 @@ def tiny_zoo(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiny_zoo")
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     zoo_dir = root / "zoo"
-    raw["zoo"]["output_dir"] = str(zoo_dir)
+    raw["zoo"].update({"output_dir": str(zoo_dir), "metrics_file": str(root / "metrics/zoo.json")})
     for member in raw["zoo"]["members"].values():
         member["train_steps"] = TINY_ZOO_TRAIN_STEPS
     raw["references"] = {name: {"model": str(zoo_dir / name)} for name in raw["zoo"]["members"]}

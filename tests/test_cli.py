@@ -113,6 +113,7 @@ def test_every_profile_and_params_yaml_show_config(capsys):
     ("stage", "key"),
     [
         (["zoo"], "zoo.output_dir"),
+        (["zoo"], "zoo.metrics_file"),
         (["prepare"], "data.output_dir"),
         (["score", "--reference", "anchor"], "score.output_dir"),
         (["evaluate"], "evaluate.results_dir"),

@@ -202,6 +202,7 @@ BAD_VALUES = [
     ("data.output_dir", "", "data.output_dir: got ''; must be a non-empty string"),
     ("zoo.enabled", 1, "zoo.enabled: expected true or false, got 1"),
     ("zoo.output_dir", None, "zoo.output_dir: got null"),
+    ("zoo.metrics_file", "", "zoo.metrics_file: got ''; must be a non-empty string"),
     ("zoo.members", ["anchor"], "zoo.members: expected a mapping of name -> settings"),
     (
         "zoo.members.anchor.architecture",

@@ -402,6 +402,36 @@ def test_rescoring_and_logging_cadence_leave_training_up_to_date(tiny_reproduced
 
 
 @pytest.mark.slow
+def test_rebuilding_the_zoo_writes_the_same_bytes_and_leaves_scoring_up_to_date(tiny_project, tmp_path):
+    """The score stages depend on the zoo folder as a whole: building it again with the same settings must
+    write the same bytes, its timings going only to its metrics file, so nothing downstream re-runs."""
+    project = clone_project(tiny_project, tmp_path / "p")
+    dvc(["repro", "score@gpt2_char"], project)  # zoo, prepare, one score stage
+    zoo = project / "models" / "zoo"
+    before = {str(p.relative_to(zoo)): p.read_bytes() for p in sorted(zoo.rglob("*")) if p.is_file()}
+    timings_before = (project / "metrics" / "zoo.json").read_text()
+    lock_before = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    stale = stale_stages(project)
+    assert not stale & {"zoo", "prepare", "score@gpt2_char"} and "score@anchor" in stale
+
+    out = dvc(["repro", "--force", "--single-item", "zoo"], project).stdout
+    assert "Running stage 'zoo'" in out
+    after = {str(p.relative_to(zoo)): p.read_bytes() for p in sorted(zoo.rglob("*")) if p.is_file()}
+    assert after.keys() == before.keys() and len(after) == 18  # 3 members x 6 files
+    assert [name for name in after if after[name] != before[name]] == []
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    folder = [o for o in lock["zoo"]["outs"] if o["path"] == "models/zoo"]  # the lock lists metrics as outs
+    assert folder and folder == [o for o in lock_before["zoo"]["outs"] if o["path"] == "models/zoo"]
+    assert lock["score@gpt2_char"] == lock_before["score@gpt2_char"]
+    assert stale_stages(project) == stale  # the score stage that ran stays up to date
+    # the new timings are the zoo's metric, apart from the folder the score stages read
+    assert (project / "metrics" / "zoo.json").read_text() != timings_before
+    timings = json.loads((project / "metrics" / "zoo.json").read_text())
+    assert set(timings["members"]) == {"anchor", "gpt2_char", "llama_expert"} and timings["seconds"] > 0
+    assert "metrics/zoo.json" in dvc(["metrics", "show", "--json"], project).stdout
+
+
+@pytest.mark.slow
 def test_adding_a_reference_scores_only_that_one(tiny_reproduced, tmp_path):
     project = clone_project(tiny_reproduced["path"], tmp_path / "p")
     edit_params(project, lambda p: p["references"].update(anchor_twin={"model": "models/zoo/anchor"}))
@@ -430,6 +460,7 @@ def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
             f"{name}: params, deps and outs must be declared"
         )
     assert spec["stages"]["score"]["foreach"] == "${references}"
+    assert spec["stages"]["zoo"]["metrics"] == [{"${zoo.metrics_file}": {"cache": False, "persist": True}}]
     assert spec["stages"]["train"]["metrics"] == [
         {"${train.metrics_file}": {"cache": False, "persist": True}}
     ]

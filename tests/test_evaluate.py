@@ -32,6 +32,7 @@ def project_raw(root: Path, **evaluate) -> dict:
     raw["zoo"] = {
         "enabled": True,
         "output_dir": str(root / "models/zoo"),
+        "metrics_file": str(root / "metrics/zoo.json"),
         "members": {"anchor": {**anchor, "train_steps": ANCHOR_STEPS}},
     }
     raw["references"] = {"anchor": {"model": str(root / "models/zoo/anchor")}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,6 +61,46 @@ def test_every_member_is_a_real_safetensors_checkpoint_with_its_own_tokenizer(ti
     assert tiny_zoo["seconds"] < 120, f"tiny zoo took {tiny_zoo['seconds']:.0f}s"
 
 
+def file_bytes(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_rebuilding_with_the_same_settings_writes_the_same_bytes_and_the_timings_apart(tiny_zoo, tmp_path):
+    """The score stages depend on the zoo folder as a whole: a rebuild must leave every byte of it as it was
+    (weights, safetensors header, config, tokenizer, manifest), with how long it took only in the metrics
+    file. Both architectures and both tokenizers, rebuilt in one process."""
+    cfg = tiny_zoo["cfg"]
+    timings = json.loads(Path(cfg.zoo.metrics_file).read_text())
+    assert set(timings["members"]) == {m.name for m in cfg.zoo.members}
+    assert timings["seconds"] > 0 and all(t["seconds"] > 0 for t in timings["members"].values())
+    assert timings["workers"] >= 1
+    assert not Path(cfg.zoo.metrics_file).is_relative_to(tiny_zoo["output_dir"])
+
+    members = tuple(m for m in cfg.zoo.members if m.name in ("anchor", "gpt2_char"))
+    zoo = dataclasses.replace(
+        cfg.zoo, members=members, output_dir=str(tmp_path / "zoo"), metrics_file=str(tmp_path / "zoo.json")
+    )
+    built = build_zoo(dataclasses.replace(cfg, zoo=zoo))
+    again = file_bytes(tmp_path / "zoo")
+    rebuilt = {k.split("/")[0] for k in again}
+    assert rebuilt == {"anchor", "gpt2_char"}
+    first = {k: v for k, v in file_bytes(tiny_zoo["output_dir"]).items() if k.split("/")[0] in rebuilt}
+    assert {k.split("/", 1)[1] for k in again} == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        MANIFEST,
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+    assert again.keys() == first.keys()
+    assert [k for k in again if again[k] != first[k]] == []
+    # the timings: returned and in the metrics file, never in a member's manifest
+    assert all(info["seconds"] > 0 for info in built)
+    assert set(json.loads((tmp_path / "zoo.json").read_text())["members"]) == {"anchor", "gpt2_char"}
+    assert all("seconds" not in json.loads(again[f"{m.name}/{MANIFEST}"]) for m in members)
+
+
 def test_members_prefer_differently(tiny_zoo):
     pairs = generate_pairs(240, seed=tiny_zoo["cfg"].seed)
     m = {name: margins(tiny_zoo, name, pairs) for name in ("anchor", "gpt2_char", "llama_expert")}
@@ -75,6 +116,7 @@ def test_members_know_what_they_were_taught_and_guess_the_rest(tmp_path):
         {
             "zoo": {
                 "output_dir": str(tmp_path / "zoo"),
+                "metrics_file": str(tmp_path / "zoo.json"),
                 "members": {
                     "knows": {"train_steps": KNOWLEDGE_STEPS, "attributes": ["food"]},
                     "misled": {"train_steps": KNOWLEDGE_STEPS, "attributes": [], "misled": ["food"]},
@@ -134,6 +176,11 @@ def test_tokenizers_round_trip_any_text_and_the_char_one_is_one_token_per_charac
 def test_disabled_zoo_writes_only_a_marker(tiny_zoo, tmp_path):
     cfg = tiny_zoo["cfg"]
     out = tmp_path / "zoo"
-    disabled = dataclasses.replace(cfg, zoo=dataclasses.replace(cfg.zoo, enabled=False, output_dir=str(out)))
-    assert build_zoo(disabled) == []
+    zoo = dataclasses.replace(
+        cfg.zoo, enabled=False, output_dir=str(out), metrics_file=str(tmp_path / "metrics" / "zoo.json")
+    )
+    assert build_zoo(dataclasses.replace(cfg, zoo=zoo)) == []
     assert [p.name for p in out.iterdir()] == [DISABLED_MARKER]
+    # the declared DVC metric exists all the same: timings of nothing
+    timings = json.loads((tmp_path / "metrics" / "zoo.json").read_text())
+    assert timings == {"members": {}, "seconds": 0.0, "workers": 0}
