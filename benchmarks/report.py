@@ -151,6 +151,20 @@ def b5(res: dict) -> list[str]:
     return out
 
 
+def b6(res: dict) -> list[str]:
+    from scoring_ranks import markdown_row
+
+    one, two = res["designs"]
+    out = [
+        _header(res),
+        "",
+        f"| reference | pairs | wall {one} | wall {two} | {two} / 1 wall | forwards {one} "
+        f"| forwards {two} (sum over ranks) | wall outside the forwards 1 / {two} | identical file |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    return out + [markdown_row(r, one, two) for r in res["rows"]]
+
+
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     for title, name, fn in (
@@ -159,6 +173,8 @@ def main() -> None:
         ("B3", "b3_trl_dpo", b3),
         ("B4", "b4_scoring", b4),
         ("B5", "b5_pipeline", b5),
+        ("B6", "b6_scoring_ranks", b6),
+        ("B6, larger data", "b6_scoring_ranks_large", b6),
     ):
         res = _load(name)
         print(f"### {title}\n")
