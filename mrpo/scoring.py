@@ -439,6 +439,7 @@ def score_reference(
     """
     ref = cfg.reference(name)
     check_stage(cfg, "score")
+    started = time.perf_counter()
     s = cfg.score
     out_dir = Path(s.output_dir)
     out_path = score_path(out_dir, name)
@@ -538,7 +539,10 @@ def score_reference(
                         f"{shard_paths[i]}: shard missing after every rank finished; re-run the stage"
                     )
                 done[i] = loaded
-            _assemble(cfg, name, pairs, bounds, done, settings, device, padding_side, out_path, shard_dir)
+            run = {"ranks": ranks.world, "wall_seconds": time.perf_counter() - started}
+            _assemble(
+                cfg, name, pairs, bounds, done, settings, device, padding_side, out_path, shard_dir, run
+            )
         _barrier(ranks)  # the file is written before any rank reports success
     return out_path
 
@@ -570,8 +574,11 @@ def _compute_shards(
                 on_shard(i, len(bounds), shard_paths[i])
 
 
-def _assemble(cfg, name, pairs, bounds, done, settings, device, padding_side, out_path, shard_dir) -> None:
-    """The score file from every shard, in order, written atomically; the shards are removed after."""
+def _assemble(
+    cfg, name, pairs, bounds, done, settings, device, padding_side, out_path, shard_dir, run
+) -> None:
+    """The score file from every shard, in order, written atomically; the shards are removed after.
+    `run`: this run's rank count and wall seconds so far, for the timings file."""
     s = cfg.score
     out_dir = Path(s.output_dir)
     totals = ShardStats()
@@ -602,17 +609,20 @@ def _assemble(cfg, name, pairs, bounds, done, settings, device, padding_side, ou
         table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}), out_path
     )
     # Timings vary run to run: kept out of the score file (whose hash decides whether train and evaluate are
-    # stale) in a small metrics file of their own.
+    # stale) in a small metrics file of their own. `seconds` is forward time summed over every shard (and so
+    # over ranks, and over earlier runs when resumed): the rates are per device, the wall is this run's.
     timings = {
         "seconds": round(totals.seconds, 3),
         "pairs_per_second": round(len(pairs) / totals.seconds, 2) if totals.seconds else None,
         "tokens_per_second": round(totals.tokens / totals.seconds, 1) if totals.seconds else None,
+        "ranks": run["ranks"],
+        "wall_seconds": round(run["wall_seconds"], 3),
     }
     write_json_atomically(score_metrics_path(s.metrics_dir, name), timings)
     shutil.rmtree(shard_dir, ignore_errors=True)
     log.info(
         "score %s: %d pairs (%d not fitting, %d prompts cut) -> %s; "
-        "%.1f pairs/s, %.0f tokens/s, padding %.1f%%",
+        "%.1f pairs/s, %.0f tokens/s per %s, padding %.1f%%; %.1f s wall on %d rank(s)",
         name,
         len(pairs),
         not_fitting,
@@ -620,7 +630,10 @@ def _assemble(cfg, name, pairs, bounds, done, settings, device, padding_side, ou
         out_path,
         timings["pairs_per_second"] or math.nan,
         timings["tokens_per_second"] or math.nan,
+        device.type.replace("cuda", "GPU").replace("cpu", "process"),
         100 * padding_share,
+        timings["wall_seconds"],
+        run["ranks"],
     )
 
 

@@ -39,7 +39,7 @@ from mrpo.synthetic import generate_pairs
 from mrpo.tokenization import encode_response, render_prompt
 
 HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-TIMING_KEYS = {"seconds", "tokens_per_second", "pairs_per_second"}
+TIMING_KEYS = {"seconds", "tokens_per_second", "pairs_per_second", "ranks", "wall_seconds"}
 
 
 # ---------------------------------------------------------------- helpers
@@ -224,6 +224,7 @@ def test_metadata_names_model_hash_tokenizer_template_dtype_and_prepared_digest(
     assert 0 <= meta["padding_share"] < 0.2 and not TIMING_KEYS & set(meta)  # timings: a file of their own
     timings = json.loads((Path(cfg.score.metrics_dir) / "llama_expert.json").read_text())
     assert set(timings) == TIMING_KEYS and timings["seconds"] > 0 and timings["tokens_per_second"] > 0
+    assert timings["ranks"] == 1 and timings["wall_seconds"] >= timings["seconds"]
     assert meta["scored_tokens"] == int((frame["chosen_tokens"] + frame["rejected_tokens"]).sum()) + sum(
         1 + len(load_tokenizer(ref)(p["prompt"], add_special_tokens=False)["input_ids"])
         for split in synthetic_splits().values()
@@ -695,6 +696,8 @@ def test_two_ranks_write_the_file_one_process_writes(tiny_zoo, tmp_path, launche
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "rank 1 of 2 scores 3 of 7 shards" in proc.stderr  # both ranks took part
+    assert re.search(r"s wall on 2 rank\(s\)", proc.stderr)
+    assert json.loads((Path(cfg.score.metrics_dir) / "gpt2_char.json").read_text())["ranks"] == 2
     frame, meta = read_scores(Path(cfg.score.output_dir) / "gpt2_char.parquet")
     assert list(frame["pair_id"]) == list(single["pair_id"])
     # Tolerance 1e-6 (the bar); each shard's batches are the same whichever rank computes them, so in
