@@ -176,6 +176,7 @@ class TrainConfig:
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
     discopop_tau: float = 0.05
+    use_weighting: bool = False  # WPO (TRL's use_weighting): each pair's loss times the policy's pair weight
     strategy: str = "uniform"
     fixed_weights: tuple[float, ...] | None = None
     window_size: int = 256

@@ -8,6 +8,7 @@ are detached, so gradients reach only the policy log-probs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -412,6 +413,31 @@ class RunningRewardMean:
         self.mean, self.count = float(state["mean"]), int(state["count"])
 
 
+# Losses whose rows are quantiles of the batch, not pairs: a pair's weight would land on another pair's loss.
+NO_PAIR_WEIGHTS = ("aot", "aot_unpaired")
+
+
+def wpo_weights(
+    token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Each response's WPO weight (Zhou et al. 2024, 'WPO: Enhancing RLHF with Weighted Preference
+    Optimization', arXiv 2406.11827, eq. 2 with its weight alignment), as TRL 1.16's `use_weighting`:
+
+        w(x, y) = exp( 1/|y| sum_t [ log pi(y_t | x, y_<t) - log sum_v pi(v | x, y_<t)^2 ] )
+
+    (N, T) x (N, T) x (N, T) -> (N,), without gradient. `token_logps` are the policy's per-token log-probs,
+    `log_sum_sq_probs` log sum_v p_v^2 of its next-token distribution at the same positions, `mask` 1 on the
+    response tokens; |y| is clamped to 1. The adjustment is the paper's weight alignment: for a token sampled
+    from the policy itself, E[p(y_t) / sum_v p_v^2] = 1 whatever the distribution's shape (a raw p(y_t)
+    would favour positions where the policy is peaked). Not clamped: TRL 1.16 does not clamp, and each
+    token's term is at most log V (sum_v p_v^2 >= 1/V), so w <= V. A pair's weight is w(x, y_w) * w(x, y_l)
+    (`Objective(..., pair_weights=...)`)."""
+    with torch.no_grad():
+        mask = mask.to(token_logps.dtype)
+        aligned = (token_logps.detach() - log_sum_sq_probs.to(token_logps.dtype)) * mask
+        return torch.exp(aligned.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1))
+
+
 @dataclass(frozen=True)
 class Objective:
     """What the trainer optimises (spec sections 1-4): which combination of the references, which pair loss
@@ -429,6 +455,7 @@ class Objective:
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
     discopop_tau: float = 0.05
+    use_weighting: bool = False  # WPO: each pair's loss times its pair weight (`pair_weights`, wpo_weights)
 
     @property
     def loss_types(self) -> tuple[str, ...]:
@@ -507,6 +534,14 @@ class Objective:
             "must be > 0",
         )
         check(finite("discopop_tau") and self.discopop_tau > 0, "discopop_tau", "must be > 0")
+        check(isinstance(self.use_weighting, bool), "use_weighting", "must be true or false")
+        sorted_types = [t for t in types if t in NO_PAIR_WEIGHTS]
+        check(
+            not (self.use_weighting and sorted_types),
+            "use_weighting",
+            f"not with loss_type {', '.join(sorted_types)}: it sorts the batch, so a pair's WPO weight would "
+            "land on another pair's loss (TRL refuses it too); set use_weighting false or change loss_type",
+        )
 
     @classmethod
     def from_train_config(cls, t) -> Objective:
@@ -522,6 +557,7 @@ class Objective:
             f_divergence_type=t.f_divergence_type,
             f_alpha_divergence_coef=t.f_alpha_divergence_coef,
             discopop_tau=t.discopop_tau,
+            use_weighting=t.use_weighting,
         )
 
     def __call__(
@@ -533,9 +569,12 @@ class Objective:
         weights: torch.Tensor,
         tokens: TokenCounts | None = None,
         bco_delta: float = 0.0,
+        pair_weights: torch.Tensor | None = None,
     ) -> PreferenceLossOutput:
         """The objective's per-pair losses and rewards. `tokens` is needed by ipo_norm, sigmoid_norm and sft;
-        `bco_delta` is bco_pair's reward shift (the RunningRewardMean's mean; 0 is TRL 1.16's bco_pair)."""
+        `bco_delta` is bco_pair's reward shift (the RunningRewardMean's mean; 0 is TRL 1.16's bco_pair);
+        `pair_weights` (B,), needed exactly when use_weighting, multiply each pair's loss (of every loss type,
+        as TRL) and are constants (detached); rewards do not change."""
         if self.objective == "dpo" and ref_chosen_logps.shape[-1] != 1:
             raise ValueError(f"objective 'dpo' takes exactly one reference, got {ref_chosen_logps.shape[-1]}")
         if self.needs_tokens and tokens is None:
@@ -544,13 +583,28 @@ class Objective:
                 f"loss_type {', '.join(map(repr, needing))} needs the response token counts "
                 "(tokens=TokenCounts(...))"
             )
-        return _objective(
+        if self.use_weighting != (pair_weights is not None):
+            raise ValueError(
+                "use_weighting needs pair_weights (wpo_weights(...) of the chosen times the rejected)"
+                if self.use_weighting
+                else "pair_weights given but use_weighting is off"
+            )
+        if pair_weights is not None and pair_weights.shape != policy_chosen_logps.shape[:1]:
+            raise ValueError(
+                f"pair_weights: expected shape {tuple(policy_chosen_logps.shape[:1])}, "
+                f"got {tuple(pair_weights.shape)}"
+            )
+        out = _objective(
             self,
             (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps),
             weights,
             tokens,
             bco_delta,
         )
+        if pair_weights is None:
+            return out
+        weighted = out.losses * pair_weights.detach().to(out.losses.dtype)
+        return dataclasses.replace(out, losses=weighted)
 
 
 @dataclass(frozen=True)
@@ -692,6 +746,7 @@ def mrpo_loss(
     label_smoothing: float = 0.0,
     tokens: TokenCounts | None = None,
     bco_delta: float = 0.0,
+    pair_weights: torch.Tensor | None = None,
     **settings,
 ) -> PreferenceLossOutput:
     """MRPO: the DPO-form loss against the clipped, weighted harmonic-mean reference (spec sections 1-3).
@@ -701,7 +756,7 @@ def mrpo_loss(
     """
     o = Objective("mrpo", loss_type, beta, epsilon, adaptive_epsilon, label_smoothing, **settings)
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    return o(*logps, weights, tokens, bco_delta)
+    return o(*logps, weights, tokens, bco_delta, pair_weights)
 
 
 def multi_dpo_loss(
@@ -718,6 +773,7 @@ def multi_dpo_loss(
     label_smoothing: float = 0.0,
     tokens: TokenCounts | None = None,
     bco_delta: float = 0.0,
+    pair_weights: torch.Tensor | None = None,
     **settings,
 ) -> PreferenceLossOutput:
     """The naive multi-reference baseline (spec section 4): sum_k alpha_k * DPO(pi, r~_k).
@@ -729,4 +785,4 @@ def multi_dpo_loss(
     """
     o = Objective("multi_dpo", loss_type, beta, epsilon, adaptive_epsilon, label_smoothing, **settings)
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    return o(*logps, weights, tokens, bco_delta)
+    return o(*logps, weights, tokens, bco_delta, pair_weights)

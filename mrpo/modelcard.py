@@ -31,6 +31,7 @@ HYPERPARAMETERS = (
     "adaptive_epsilon",
     "label_smoothing",
     "sft_weight",
+    "use_weighting",
     "strategy",
     "fixed_weights",
     "learning_rate",

@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -126,6 +127,23 @@ def token_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor, mask: to
     return out
 
 
+def token_logps_and_log_sum_sq_probs(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logps_from_logits` plus log sum_v p_v^2 of each next-token distribution (WPO's weight
+    alignment, mrpo.losses.wpo_weights), both (B, T) fp32 and 0 where `mask` is 0; the second without
+    gradient. One selection of the masked-in logits serves both; only WPO weighting pays for the second."""
+    keep = mask.bool()
+    token_logps = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    log_sum_sq = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    if keep.any():
+        selected = logits[keep].float()  # (N, V)
+        token_logps[keep] = -F.cross_entropy(selected, labels[keep], reduction="none")
+        with torch.no_grad():
+            log_sum_sq[keep] = torch.logsumexp(2 * selected, dim=-1) - 2 * torch.logsumexp(selected, dim=-1)
+    return token_logps, log_sum_sq
+
+
 def sequence_logps_from_logits(
     logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -147,6 +165,35 @@ def response_logps(
     from the first response position on: with a 50k vocabulary the prompt's logits
     would otherwise dominate memory.
     """
+    return sequence_logps_from_logits(*_response_logits(model, input_ids, attention_mask, response_mask))
+
+
+@dataclass(frozen=True)
+class ResponseTokens:
+    """What WPO weighting needs of one forward, besides the sequence log-probs: per-token log-probs and
+    log sum_v p_v^2 at the response positions (B, T'), and the mask of those positions (B, T')."""
+
+    logps: torch.Tensor  # (B,) exactly response_logps
+    token_logps: torch.Tensor
+    log_sum_sq_probs: torch.Tensor
+    mask: torch.Tensor
+
+
+def response_token_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> ResponseTokens:
+    """`response_logps` (the same forward and the same numbers) plus the per-token terms of WPO's weights."""
+    logits, ids, mask = _response_logits(model, input_ids, attention_mask, response_mask)
+    token_logps, log_sum_sq = token_logps_and_log_sum_sq_probs(logits[:, :-1], ids[:, 1:], mask[:, 1:])
+    return ResponseTokens(token_logps.sum(-1), token_logps, log_sum_sq, mask[:, 1:])
+
+
+def _response_logits(model, input_ids, attention_mask, response_mask):
+    """The forward: unshifted logits (B, T', V) from the first response position on, with the input ids and
+    response mask cut to the same T' trailing positions."""
     keep = _logit_positions_needed(response_mask) if _accepts_logits_to_keep(model) else 0
     kwargs = {"logits_to_keep": keep} if keep else {}
     out = model(
@@ -157,7 +204,7 @@ def response_logps(
         **kwargs,
     )
     width = out.logits.shape[1]
-    return sequence_logps_from_logits(out.logits, input_ids[:, -width:], response_mask[:, -width:])
+    return out.logits, input_ids[:, -width:], response_mask[:, -width:]
 
 
 def _logit_positions_needed(response_mask: torch.Tensor) -> int:

@@ -32,8 +32,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from mrpo.checkpoints import seal_checkpoint
 from mrpo.errors import TrainingError
 from mrpo.io import jsonable
-from mrpo.losses import Objective, RunningRewardMean, reward_accuracy
-from mrpo.models import cpu_threads_for, response_logps, torch_threads
+from mrpo.losses import Objective, RunningRewardMean, reward_accuracy, wpo_weights
+from mrpo.models import cpu_threads_for, response_logps, response_token_logps, torch_threads
 
 log = logging.getLogger("mrpo")
 
@@ -138,14 +138,24 @@ class MRPOTrainer(Trainer):
 
     def _policy_logps(self, model, inputs):
         """ONE forward pass over chosen and rejected together -> (chosen (B,), rejected (B,))."""
+        return self._policy_forward(model, inputs)[:2]
+
+    def _policy_forward(self, model, inputs):
+        """The policy's forward -> (chosen (B,), rejected (B,), WPO pair weights (B,) or None).
+
+        The per-token terms of the WPO weights are computed only with use_weighting: otherwise this is
+        exactly `response_logps`, at no extra cost."""
         from mrpo.models import forward_precision
 
-        with forward_precision(self.precision, inputs["input_ids"].device):
-            logps = response_logps(
-                model, inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"]
-            )
+        args = (inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"])
         n = inputs["ref_chosen_logps"].shape[0]
-        return logps[:n], logps[n:]
+        with forward_precision(self.precision, inputs["input_ids"].device):
+            if not self.objective.use_weighting:
+                logps = response_logps(model, *args)
+                return logps[:n], logps[n:], None
+            t = response_token_logps(model, *args)
+        w = wpo_weights(t.token_logps, t.log_sum_sq_probs, t.mask)
+        return t.logps[:n], t.logps[n:], w[:n] * w[n:]
 
     def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """All ranks' rows in rank order (uneven last batches padded with NaN and dropped),
@@ -172,13 +182,14 @@ class MRPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ref_w, ref_l = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        pi_w, pi_l = self._policy_logps(model, inputs)
+        pi_w, pi_l, pair_weights = self._policy_forward(model, inputs)
         margins = (ref_w - ref_l).detach()
         strategy_weights = self.strategy.weights if model.training else self.strategy.eval_weights
         weights = torch.as_tensor(strategy_weights(margins), dtype=torch.float32, device=pi_w.device)
         n = ref_w.shape[0]
         bco_delta = self.loss_state.mean if self.loss_state is not None else 0.0
-        out = self.objective(pi_w, pi_l, ref_w, ref_l, weights, self._token_counts(inputs, n), bco_delta)
+        tokens = self._token_counts(inputs, n)
+        out = self.objective(pi_w, pi_l, ref_w, ref_l, weights, tokens, bco_delta, pair_weights)
         chosen_tokens = inputs["response_mask"][:n].sum()
         sft_nll = -pi_w.sum() / chosen_tokens.clamp(
             min=1
@@ -197,7 +208,7 @@ class MRPOTrainer(Trainer):
                 self._step_margins.append(margins)
             if self.loss_state is not None:
                 self._step_rewards.append(torch.cat([out.chosen_rewards, out.rejected_rewards]).detach())
-            self._record_train_metrics(out, weights, sft_nll, inputs)
+            self._record_train_metrics(out, weights, sft_nll, inputs, pair_weights)
         if return_outputs:
             return loss, {
                 "chosen_rewards": out.chosen_rewards.detach(),
@@ -240,7 +251,7 @@ class MRPOTrainer(Trainer):
         self._step_margins.clear()
         self.strategy.update(self._gather_rows(margins))
 
-    def _record_train_metrics(self, out, weights, sft_nll, inputs) -> None:
+    def _record_train_metrics(self, out, weights, sft_nll, inputs, pair_weights=None) -> None:
         gather = self.accelerator.gather_for_metrics
         chosen, rejected = (
             gather(out.chosen_rewards.detach().float()),
@@ -254,6 +265,8 @@ class MRPOTrainer(Trainer):
             reward_accuracy(chosen, rejected, self.objective.beta, self.precision).item()
         )
         m["sft_nll"].append(gather(sft_nll.detach().reshape(1)).mean().item())
+        if pair_weights is not None:  # WPO: the mean weight of the step's pairs
+            m["wpo_weight"].append(gather(pair_weights.detach().float()).mean().item())
         clipped = torch.as_tensor(out.clipped_fraction, dtype=torch.float32, device=chosen.device).reshape(1)
         m["clipped_fraction"].append(gather(clipped).mean().item())
         w = weights.detach().float()

@@ -28,6 +28,7 @@ from mrpo.losses import (
     bco_pair_loss,
     discopop_loss,
     ipo_loss,
+    wpo_weights,
 )
 
 D = torch.float64
@@ -44,14 +45,20 @@ class GivenLogProbs(torch.nn.Module):
     """A policy whose per-token log-probs are given (what TRL's fused LM head returns), for TRL's loss
     code."""
 
-    def __init__(self, per_token: torch.Tensor):
+    def __init__(self, per_token: torch.Tensor, log_sum_sq_probs: torch.Tensor | None = None):
         super().__init__()
         self.per_token = per_token
+        self.log_sum_sq_probs = log_sum_sq_probs  # what TRL's fused head returns for use_weighting
 
     def forward(self, input_ids, **_):
         zeros = torch.zeros_like(self.per_token)
         return SimpleNamespace(
-            log_probs=self.per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(), aux_loss=None
+            log_probs=self.per_token,
+            entropy=zeros,
+            mean_logits=zeros,
+            is_top1=zeros.bool(),
+            log_sum_sq_probs=self.log_sum_sq_probs,
+            aux_loss=None,
         )
 
 
@@ -264,6 +271,192 @@ def test_discopop_is_finite_where_trls_product_is_nan():
     torch.testing.assert_close(loss.detach()[1:], trl_form[1:], rtol=1e-6, atol=0)
 
 
+# ---------------------------------------------------------------- WPO weighting (use_weighting)
+
+WPO_CASES = [
+    {"loss_type": ["sigmoid"]},
+    {"loss_type": ["ipo_norm"]},
+    {"loss_type": ["robust"], "label_smoothing": 0.1},
+    {"loss_type": ["nca_pair"]},
+    {"loss_type": ["apo_down"]},
+    {"loss_type": ["discopop"]},
+    {"loss_type": ["sigmoid_norm"], "f_divergence_type": "js_divergence"},
+    {"loss_type": ["sigmoid", "bco_pair", "apo_zero"], "loss_weights": [0.8, 0.2, 1.0]},
+]
+
+
+def token_batch(seed: int, b: int = 6, dtype=D):
+    """Per-token inputs for TRL's fused-head outputs, [chosen; rejected] rows: the policy's log-probs
+    (0 off the response, as TRL's head returns them), log sum_v p_v^2 (junk off the response: it must be
+    masked), the completion mask (one prompt token, 2-15 response tokens), and the reference's sequence
+    log-probs near the policy's."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 16, (2 * b,), generator=g)
+    width = int(lengths.max()) + 2
+    completion = torch.zeros(2 * b, width, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        completion[i, 1 : 1 + n] = 1
+    mask = completion[:, 1:].to(dtype)
+    token_logps = -6 * torch.rand(2 * b, width - 1, generator=g, dtype=dtype) * mask
+    log_sum_sq = -4 * torch.rand(2 * b, width - 1, generator=g, dtype=dtype) * mask + 7.0 * (1 - mask)
+    seq = token_logps.sum(-1)
+    ref = seq + 3 * (2 * torch.rand(2 * b, generator=g, dtype=dtype) - 1)
+    return token_logps, log_sum_sq, completion, ref[:b], ref[b:]
+
+
+def trl_wpo_loss_and_grad(trainer, token_logps, log_sum_sq, completion, ref_w, ref_l, settings):
+    """TRL 1.16's `_compute_loss` with use_weighting=True on given per-token outputs: the loss and its
+    gradient with respect to the per-token log-probs."""
+    trainer.loss_types = [TRL_NAME.get(t, t) for t in settings["loss_type"]]
+    trainer.loss_weights = list(settings.get("loss_weights") or [1.0] * len(trainer.loss_types))
+    trainer.beta = settings.get("beta", 0.1)
+    trainer.label_smoothing = settings.get("label_smoothing", 0.0)
+    trainer.f_divergence_type = settings.get("f_divergence_type", "reverse_kl")
+    trainer.f_alpha_divergence_coef = 0.5
+    trainer.args.discopop_tau = 0.05
+    per_token = token_logps.detach().clone().requires_grad_(True)
+    inputs = {
+        "input_ids": torch.ones_like(completion),
+        "attention_mask": torch.ones_like(completion),
+        "completion_mask": completion,
+        "ref_chosen_logps": ref_w,
+        "ref_rejected_logps": ref_l,
+    }
+    trainer.use_weighting = True
+    try:
+        loss = trainer._compute_loss(GivenLogProbs(per_token, log_sum_sq), inputs, return_outputs=False)
+    finally:
+        trainer.use_weighting = False  # the module's TRL trainer is shared with the unweighted cases
+    loss.backward()
+    return loss.detach(), per_token.grad
+
+
+def our_wpo_loss_and_grad(token_logps, log_sum_sq, completion, ref_w, ref_l, settings):
+    """Ours: the sequence log-probs, the pair weights from `wpo_weights`, the objective with use_weighting."""
+    per_token = token_logps.detach().clone().requires_grad_(True)
+    mask = completion[:, 1:]
+    b = ref_w.shape[0]
+    w = wpo_weights(per_token, log_sum_sq, mask)
+    pi = per_token.sum(-1)
+    n = mask.sum(-1).to(pi.dtype)
+    types = tuple(settings["loss_type"])
+    objective = Objective(
+        "dpo",
+        types[0] if len(types) == 1 else types,
+        settings.get("beta", 0.1),
+        label_smoothing=settings.get("label_smoothing", 0.0),
+        loss_weights=settings.get("loss_weights"),
+        f_divergence_type=settings.get("f_divergence_type", "reverse_kl"),
+        use_weighting=True,
+    )
+    tokens = TokenCounts(n[:b], n[b:], n[:b, None], n[b:, None])
+    out = objective(
+        pi[:b],
+        pi[b:],
+        ref_w[:, None],
+        ref_l[:, None],
+        torch.ones(1, dtype=pi.dtype),
+        tokens,
+        0.0,
+        w[:b] * w[b:],
+    )
+    loss = out.losses.mean()
+    loss.backward()
+    return loss.detach(), per_token.grad, w
+
+
+@pytest.mark.parametrize("settings", WPO_CASES, ids=case_id)
+def test_wpo_weighting_equals_trl_use_weighting_on_random_tensors(trl, settings):
+    """`wpo_weights` and the weighted objective (K = 1) == TRL 1.16's use_weighting code, loss and gradient
+    with respect to every per-token log-prob, on random per-token log-probs, log sum p^2 and lengths."""
+    worst = 0.0
+    for seed in range(3):
+        batch = token_batch(seed)
+        ours, ours_grad, w = our_wpo_loss_and_grad(*batch, settings)
+        theirs, trl_grad = trl_wpo_loss_and_grad(trl, *batch, settings)
+        unweighted = trl_loss_and_grads_plain(trl, batch, settings)
+        diff = max((ours - theirs).abs().item(), (ours_grad - trl_grad).abs().max().item())
+        worst = max(worst, diff)
+        assert diff <= 1e-12, (settings, ours.item(), theirs.item())
+        assert ours.item() != pytest.approx(unweighted, rel=1e-3)  # the weights do change the loss
+        assert (w > 0).all() and (w != 1).all()
+    print(f"WPO K=1 max |ours - TRL| {case_id(settings)}: {worst:.1e}")
+
+
+def test_wpo_weighting_of_the_sft_loss_type_is_trls_formula(trl):
+    """TRL 1.16 cannot weight `sft` (its in-place `*=` on the expanded batch mean raises); ours weights it as
+    that code reads: the batch's token-mean NLL times each pair's weight, so the MPO list is TRL's weighted
+    [sigmoid, bco_pair] plus the SFT term times the mean pair weight."""
+    mpo = {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}
+    batch = token_batch(5)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        trl_wpo_loss_and_grad(trl, *batch, mpo)
+    ours, _, w = our_wpo_loss_and_grad(*batch, mpo)
+    theirs, _ = trl_wpo_loss_and_grad(
+        trl, *batch, {"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [0.8, 0.2]}
+    )
+    token_logps, _, completion, _, _ = batch
+    b = completion.shape[0] // 2
+    sft = -token_logps[:b].sum() / completion[:b, 1:].sum()
+    expected = theirs + sft * (w[:b] * w[b:]).mean()
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-12)
+
+
+def trl_loss_and_grads_plain(trainer, batch, settings) -> float:
+    """TRL's loss on the same per-token batch without weighting (the weights must matter)."""
+    token_logps, log_sum_sq, completion, ref_w, ref_l = batch
+    trainer.use_weighting = False
+    inputs = {
+        "input_ids": torch.ones_like(completion),
+        "attention_mask": torch.ones_like(completion),
+        "completion_mask": completion,
+        "ref_chosen_logps": ref_w,
+        "ref_rejected_logps": ref_l,
+    }
+    with torch.no_grad():
+        return trainer._compute_loss(GivenLogProbs(token_logps), inputs, return_outputs=False).item()
+
+
+def test_log_sum_sq_probs_equal_trls_fused_head_kernel():
+    """The per-token adjustment log sum_v p_v^2 (and the log-probs beside it) == TRL's chunked fused-head
+    kernel, which computes it by an online logsumexp over vocabulary tiles, on random logits up to +-300."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from mrpo.models import token_logps_and_log_sum_sq_probs
+
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 64, 16, 300
+    worst = 0.0
+    for scale in (0.1, 1.0, 30.0):
+        hidden = scale * torch.randn(n, h, generator=g)
+        weight = torch.randn(v, h, generator=g)
+        targets = torch.randint(0, v, (n,), generator=g)
+        log_probs, _, log_sum_sq, _, _ = ChunkedLogProbFunction.apply(
+            hidden, weight, None, targets, 1.0, 37, None, 1.0, ("log_sum_sq_probs",)
+        )
+        logits = hidden @ weight.T
+        mask = torch.ones(1, n, dtype=torch.long)
+        ours_logps, ours = token_logps_and_log_sum_sq_probs(logits[None], targets[None], mask)
+        tol = 2e-6 * max(1.0, logits.abs().max().item())  # fp32 sums in another order
+        diff = (ours[0] - log_sum_sq).abs().max().item()
+        worst = max(worst, diff / max(1.0, logits.abs().max().item()))
+        assert diff <= tol, (scale, diff)
+        assert (ours_logps[0] - log_probs).abs().max().item() <= tol
+        assert (ours <= 1e-6).all() and (ours >= -math.log(v) - 1e-5).all()  # log sum p^2 in [-log V, 0]
+    print(f"log sum p^2 vs TRL's kernel: max |difference| / max(1, |logit|) {worst:.1e}")
+
+
+def test_wpo_weights_by_hand_and_without_gradient():
+    """exp of the masked mean of (log p - log sum p^2); length 0 gives exp(0) = 1; no gradient flows."""
+    token_logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    log_sum_sq = torch.tensor([[-0.5, -1.0, 9.0], [-0.25, 9.0, 9.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    w = wpo_weights(token_logps, log_sum_sq, mask)
+    expected = torch.tensor([math.exp((-0.5 - 1.0) / 2), math.exp(-0.25), 1.0])
+    torch.testing.assert_close(w, expected, rtol=1e-6, atol=0)
+    assert not w.requires_grad
+
+
 # ---------------------------------------------------------------- K > 1
 
 # Every loss type, and f-divergences on losses that admit them. forward_kl's 1 - exp(-lr) overflows at
@@ -310,6 +503,71 @@ def test_extremes_zero_weight_and_single_pair_stay_finite(kind, settings):
         assert torch.isfinite(pi_w.grad).all()
         assert pi_l.grad is None if o.loss_types == ("sft",) else torch.isfinite(pi_l.grad).all()
         pi_w.grad = pi_l.grad = None
+
+
+@pytest.mark.parametrize("kind", ["mrpo", "multi_dpo"])
+@pytest.mark.parametrize(
+    "settings",
+    [s for s in K_CASES if s["loss_type"] not in ("aot", "aot_unpaired")],
+    ids=lambda s: case_id(
+        {**s, "loss_type": list(s["loss_type"] if isinstance(s["loss_type"], tuple) else [s["loss_type"]])}
+    ),
+)
+def test_wpo_weighting_at_extremes_stays_finite_for_k_above_1(kind, settings):
+    """use_weighting with K = 3 at the spec's extremes (log-probs of -1e4, a zero reference weight, B = 1 and
+    B = 3) and at the weights' own extremes: a response whose adjusted log-probs underflow the weight to 0,
+    one at the upper bound log V per token, an empty response. Losses and gradients finite; each pair's loss
+    is the unweighted one times its weight."""
+    token_logps = torch.tensor(
+        [[-1e4 / 3] * 3 + [0.0], [-30.0, -40.0, 0.0, 0.0], [0.0] * 4, [-0.1] * 4, [-2.0] * 4, [0.0] * 4]
+    )
+    log_sum_sq = torch.tensor(
+        [[-1e-3] * 4, [-1e-3] * 4, [0.0] * 4, [-math.log(5e4)] * 4, [-1.0] * 4, [-1.0] * 4]
+    )
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]])
+    w = wpo_weights(token_logps, log_sum_sq, mask)
+    assert torch.isfinite(w).all() and w[0] == 0.0 and w[2] == 1.0 and w[3] > 1e4
+    pair = w[:3] * w[3:]
+    pi_w = torch.tensor([-1e4, -2.0, -5.0], requires_grad=True)
+    pi_l = torch.tensor([-2.0, -1e4, -5.0], requires_grad=True)
+    ref_w = torch.tensor([[-1e4, -3.0, -9e3], [-1.0, -1e4, -2.0], [-5.0, -5.0, -5.0]])
+    ref_l = torch.tensor([[-1.0, -1e4, -2.0], [-1e4, -3.0, -9e3], [-5.0, -5.0, -5.0]])
+    tokens = TokenCounts(
+        torch.tensor([40.0, 3, 1]),
+        torch.tensor([3.0, 40, 1]),
+        torch.tensor([[40.0, 38, 41], [3, 4, 3], [1, 1, 1]]),
+        torch.tensor([[3.0, 4, 3], [40, 38, 41], [1, 1, 1]]),
+    )
+    o = objective_for(kind, {**settings, "use_weighting": True})
+    plain = objective_for(kind, settings)
+    weights = torch.tensor([0.0, 0.5, 0.5])
+    for rows in (slice(0, 1), slice(0, 3)):
+        args = (pi_w[rows], pi_l[rows], ref_w[rows], ref_l[rows], weights)
+        t = TokenCounts(
+            *(x[rows] for x in (tokens.chosen, tokens.rejected, tokens.ref_chosen, tokens.ref_rejected))
+        )
+        out = o(*args, t, 0.0, pair[rows])
+        assert torch.isfinite(out.losses).all() and torch.isfinite(out.chosen_rewards).all()
+        torch.testing.assert_close(out.losses, plain(*args, t, 0.0).losses * pair[rows], rtol=1e-6, atol=0)
+        out.losses.sum().backward()
+        assert torch.isfinite(pi_w.grad).all()
+        assert pi_l.grad is None if o.loss_types == ("sft",) else torch.isfinite(pi_l.grad).all()
+        pi_w.grad = pi_l.grad = None
+
+
+def test_use_weighting_refuses_the_sorting_losses_and_needs_its_weights():
+    for types in ("aot", "aot_unpaired", ("sigmoid", "aot")):
+        with pytest.raises(ValueError, match="use_weighting: got True; not with loss_type aot"):
+            Objective(loss_type=types, use_weighting=True)
+    with pytest.raises(ValueError, match="use_weighting: got 1; must be true or false"):
+        Objective(use_weighting=1)
+    pi, ref = torch.zeros(2), torch.zeros(2, 1)
+    with pytest.raises(ValueError, match="use_weighting needs pair_weights"):
+        Objective("dpo", use_weighting=True)(pi, pi, ref, ref, torch.ones(1))
+    with pytest.raises(ValueError, match="pair_weights given but use_weighting is off"):
+        Objective("dpo")(pi, pi, ref, ref, torch.ones(1), pair_weights=torch.ones(2))
+    with pytest.raises(ValueError, match=r"pair_weights: expected shape \(2,\), got \(3,\)"):
+        Objective("dpo", use_weighting=True)(pi, pi, ref, ref, torch.ones(1), pair_weights=torch.ones(3))
 
 
 @pytest.mark.parametrize("kind", ["mrpo", "multi_dpo"])
