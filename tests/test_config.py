@@ -294,6 +294,9 @@ BAD_VALUES = [
     ("train.f_alpha_divergence_coef", 0, "train.f_alpha_divergence_coef: got 0; must be > 0"),
     ("train.discopop_tau", NAN, "train.discopop_tau: got nan; must be a finite number"),
     ("train.discopop_tau", -0.05, "train.discopop_tau: got -0.05; must be > 0"),
+    ("train.use_weighting", "yes", "train.use_weighting: expected true or false, got 'yes'"),
+    ("train.use_weighting", 1, "train.use_weighting: expected true or false, got 1"),
+    ("train.use_weighting", None, "train.use_weighting: got null; expected true or false"),
     ("train.sft_weight", INF, "train.sft_weight: got inf; must be a finite number"),
     ("train.sft_weight", -1, "train.sft_weight: got -1; must be >= 0"),
     ("train.strategy", "best", "train.strategy: got 'best'; allowed: uniform, fixed"),
@@ -558,6 +561,17 @@ def test_loss_type_list_with_weights_as_trl(raw):
         parse_config(
             _set(_set(raw, "train.loss_type", "nca_pair"), "train.f_divergence_type", "js_divergence")
         )
+
+
+def test_use_weighting_is_off_by_default_and_refused_with_the_sorting_losses(raw):
+    assert parse_config(raw).train.use_weighting is False
+    on = _set(raw, "train.use_weighting", True)
+    assert parse_config(on).train.use_weighting is True
+    assert parse_config(_set(on, "train.objective", "multi_dpo")).train.use_weighting is True
+    for types in ("aot", "aot_unpaired", ["sigmoid", "aot"]):
+        with pytest.raises(ConfigError, match=r"^train.use_weighting: got True; not with loss_type aot"):
+            parse_config(_set(on, "train.loss_type", types))
+    assert parse_config(_set(raw, "train.loss_type", "aot")).train.loss_type == "aot"  # fine unweighted
 
 
 @pytest.mark.parametrize("repo_id", [None, "no-owner", "me/", "me/a b", "a/b/c"])

@@ -18,6 +18,7 @@ from mrpo.models import (
     model_fingerprint,
     position_ids_from_mask,
     response_logps,
+    response_token_logps,
     smollm2_gguf_path,
     token_logps_from_logits,
     torch_threads,
@@ -92,6 +93,31 @@ def test_batched_response_logps_equal_a_naive_per_example_loop(tiny_zoo, name):
         assert got.dtype == torch.float32 and got.shape == (len(TEXTS),)
         for value, e in zip(got.tolist(), enc, strict=True):
             assert value == pytest.approx(manual_logp(model, e.input_ids, e.prompt_length), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["anchor", "gpt2_char"])
+def test_response_token_logps_are_response_logps_plus_wpos_per_token_terms(tiny_zoo, name):
+    """The WPO path gives bit-identical sequence log-probs (use_weighting changes no log-prob), per-token
+    log-probs summing to them, and log sum_v p_v^2 equal to a float64 softmax per position, 0 off the
+    response; either padding side."""
+    tokenizer, model = load_tokenizer(ref(tiny_zoo, name)), load_model(ref(tiny_zoo, name))
+    enc = [encode_response(tokenizer, p, r, 128, chat_template=False) for p, r in TEXTS]
+    for side in ("right", "left"):
+        batch = collate_responses(enc, tokenizer.pad_token_id, padding_side=side)
+        with torch.inference_mode():
+            got = response_token_logps(model, **batch)
+            assert torch.equal(got.logps, response_logps(model, **batch))
+            positions = position_ids_from_mask(batch["attention_mask"])  # GPT-2 under left padding
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions)
+            logits = logits.logits[:, :-1].double()
+        assert torch.equal(got.token_logps.sum(-1), got.logps)
+        mask = batch["response_mask"][:, 1:]
+        width = got.mask.shape[1]
+        assert torch.equal(got.mask, mask[:, -width:])
+        probs = torch.softmax(logits[:, -width:], dim=-1)
+        expected = torch.log((probs**2).sum(-1)) * mask[:, -width:]
+        torch.testing.assert_close(got.log_sum_sq_probs.double(), expected, atol=2e-6, rtol=0)
+        assert (got.log_sum_sq_probs[got.mask == 0] == 0).all() and not got.log_sum_sq_probs.requires_grad
 
 
 def test_response_logps_carry_gradients_for_training(tiny_zoo):

@@ -403,6 +403,51 @@ def test_k1_family_losses_equal_trl_through_the_model(scored, tmp_path, settings
     assert our_loss == pytest.approx(trl_loss, abs=1e-5)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"train.dpo_reference": "gpt2_char"},
+        {"train.loss_type": "ipo_norm"},
+        {"train.loss_type": ["sigmoid", "bco_pair"], "train.loss_weights": [0.8, 0.2]},
+    ],
+    ids=lambda s: "-".join(str(v) if not isinstance(v, list) else "+".join(map(str, v)) for v in s.values()),
+)
+def test_k1_wpo_weighting_equals_trl_use_weighting(scored, tmp_path, settings):
+    """train.use_weighting with K = 1 == TRL's DPOTrainer with use_weighting=True on the same model, token ids
+    and stored reference log-probs: the whole step, the policy's log sum p^2 from our logits against TRL's
+    fused head."""
+    cfg = config(scored, tmp_path, **{"train.objective": "dpo", "train.use_weighting": True, **settings})
+    setup = prepare_training(cfg)
+    ours = build_trainer(cfg, setup)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # move the policy off the anchor, so that the log-ratios are not all 0
+        for p in ours.model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    examples = [setup.datasets["train"][i] for i in range(8)]
+    batch = PreferenceCollator(setup.tokenizer.pad_token_id)(examples)
+    ours.model.train()
+    with torch.no_grad():
+        our_loss = ours.compute_loss(ours.model, batch).item()
+        _, _, pair_weights = ours._policy_forward(ours.model, batch)
+    t = cfg.train
+    types = [t.loss_type] if isinstance(t.loss_type, str) else list(t.loss_type)
+    types = [{"ipo_norm": "ipo"}.get(x, x) for x in types]  # TRL's ipo is the per-token one
+    trl_args = {"loss_weights": list(t.loss_weights) if t.loss_weights else None}
+    trl_loss = trl_loss_on(
+        examples, ours.model, setup.tokenizer, tmp_path / "trl", t.beta, types, use_weighting=True, **trl_args
+    )
+    unweighted = trl_loss_on(
+        examples, ours.model, setup.tokenizer, tmp_path / "trl0", t.beta, types, **trl_args
+    )
+    print(
+        f"WPO {types}: ours {our_loss:.8f}, TRL {trl_loss:.8f}, |difference| {abs(our_loss - trl_loss):.1e}"
+    )
+    # 1e-6, or 2 float32 ulps of the loss where that is more (IPO's weighted loss is ~103: 1 ulp is 7.6e-6)
+    assert our_loss == pytest.approx(trl_loss, abs=max(1e-6, 2 * torch.finfo(torch.float32).eps * trl_loss))
+    assert our_loss != pytest.approx(unweighted, rel=1e-2)  # the weights matter here
+    assert (pair_weights > 0).all() and pair_weights.std() > 0
+
+
 def test_dpo_with_reference_k_equals_mrpo_with_only_reference_k(scored, tmp_path):
     cfg_dpo = config(
         scored, tmp_path / "dpo", **{"train.objective": "dpo", "train.dpo_reference": "llama_expert"}
@@ -450,6 +495,8 @@ def test_dpo_with_reference_k_equals_mrpo_with_only_reference_k(scored, tmp_path
         {"train.loss_type": "hinge", "train.label_smoothing": 0.0, "train.sft_weight": 0.5},
         {"train.label_smoothing": 0.2, "train.gradient_accumulation_steps": 2},
         {"train.lora.enabled": True, "train.gradient_checkpointing": True},
+        {"train.use_weighting": True},
+        {"train.use_weighting": True, "train.objective": "multi_dpo", "train.gradient_accumulation_steps": 2},
     ],
     ids=lambda o: "-".join(f"{k.split('.')[-1]}={v}" for k, v in o.items()),
 )
@@ -489,6 +536,8 @@ def test_each_objective_and_strategy_trains_and_logs_weights(scored, tmp_path, o
         assert trainable and all("lora_" in n for n in trainable)
     if cfg.train.sft_weight > 0:
         assert logs[0]["sft_nll"] > 0
+    # WPO: the mean pair weight is logged, positive (and only with use_weighting)
+    assert all(e["wpo_weight"] > 0 for e in logs) if cfg.train.use_weighting else "wpo_weight" not in logs[0]
 
 
 def test_lora_policy_is_saved_merged_or_as_an_adapter(scored, tmp_path):
