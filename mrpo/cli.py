@@ -36,8 +36,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
 _TRAIN_KEYS = (
     "objective references dpo_reference loss_type loss_weights f_divergence_type "
     "f_alpha_divergence_coef discopop_tau use_weighting beta epsilon adaptive_epsilon label_smoothing "
-    "sft_weight "
-    "strategy fixed_weights window_size learning_rate lr_scheduler warmup_ratio weight_decay "
+    "sft_weight strategy fixed_weights window_size learning_rate lr_scheduler warmup_ratio weight_decay "
     "num_epochs max_steps batch_size gradient_accumulation_steps max_length eval_steps "
     "gradient_checkpointing disable_dropout lora device"
 ).split()
