@@ -126,14 +126,21 @@ def reset_rss_peak() -> bool:
         return False
 
 
-def rss_peak_mib() -> float:
-    """VmHWM from /proc/self/status, else getrusage's peak (the whole process's life), MiB."""
+def _proc_status_mib(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024  # kB
     except OSError:
         pass
+    return None
+
+
+def rss_peak_mib() -> float:
+    """VmHWM from /proc/self/status, else getrusage's peak (the whole process's life), MiB."""
+    peak = _proc_status_mib("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
@@ -150,23 +157,34 @@ def memory_label(device: str) -> str:
 
 
 def peak_memory(fn, device: str) -> tuple[object, dict]:
-    """(fn(), {field: MiB}): peak CUDA memory allocated while it ran on cuda, peak process RSS on cpu."""
+    """(fn(), {field: MiB}): peak CUDA memory allocated while it ran on cuda, peak process RSS on cpu; each
+    beside what was held when it began (a peak includes it: what an earlier phase left behind shows there)."""
     import torch
 
     if device != "cuda":
         reset_rss_peak()
+        start = _proc_status_mib("VmRSS")
         out = fn()
-        return out, {"peak_rss_mib": rss_peak_mib()}
+        return out, {"peak_rss_mib": rss_peak_mib(), "rss_at_start_mib": start}
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated() / 2**20
     out = fn()
     torch.cuda.synchronize()
-    return out, {"peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20}
+    return out, {
+        "peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20,
+        "allocated_at_start_mib": start,
+    }
 
 
-def empty_cache(device: str) -> None:
+def release(device: str) -> None:
+    """Free the last phase's models before the next is measured: a Trainer sits in reference cycles (its
+    callbacks hold it), so `del` alone leaves its weights and optimizer state allocated until a collection."""
+    import gc
+
     import torch
 
+    gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -316,7 +334,7 @@ def trl_runs(cfg, args) -> dict:
         init_s = time.perf_counter() - start
         out[name] = {**timed_training(trainer, args.steps, args.device), "init_s_incl_precompute": init_s}
         del trainer
-        empty_cache(args.device)
+        release(args.device)
     return out
 
 
@@ -347,6 +365,7 @@ def run(args) -> dict:
         prepare(cfg4)
         scoring = {}
         for ref in cfg4.references:
+            release(args.device)
             path, mem = peak_memory(lambda name=ref.name: score_reference(cfg4, name), args.device)
             _, meta = read_scores(path)
             timings = json.loads(score_metrics_path(cfg4.score.metrics_dir, ref.name).read_text())
@@ -360,9 +379,9 @@ def run(args) -> dict:
         rows = []
         for k in (1, 4):
             rows.append(ours(scratch_config(scratch, args, k), k, args))
-            empty_cache(args.device)
+            release(args.device)
         control = fp32_control(scratch, args)
-        empty_cache(args.device)
+        release(args.device)
         trl_result = trl_runs(scratch_config(scratch, args, 1), args)
     k1 = rows[0]["training"]["tokens_per_second"]
     rehearsal = args.device == "cpu"
