@@ -315,6 +315,16 @@ def save_policy(model, tokenizer, out_dir: Path, *, merge_lora: bool) -> None:
 # ---------------------------------------------------------------- the stage
 
 
+# transformers renamed TrainingArguments.gradient_checkpointing to activation_checkpointing after 5.17
+# (which has only the old name and refuses the new; where both exist the old is deprecated): use whichever
+# this one has.
+CHECKPOINTING_ARG = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
+
+
 def training_arguments(
     cfg: Config,
     device: torch.device,
@@ -344,7 +354,7 @@ def training_arguments(
         save_steps=t.save_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        activation_checkpointing=t.gradient_checkpointing,
+        **{CHECKPOINTING_ARG: t.gradient_checkpointing},
         use_cpu=device.type == "cpu",
         bf16=device.type == "cuda" and precision == torch.bfloat16,
         fp16=device.type == "cuda" and precision == torch.float16,

@@ -33,11 +33,14 @@ def test_without_cuda_it_exits_with_one_line(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
 @pytest.mark.parametrize("k", [1, 4])
-def test_scratch_config_is_the_smollm2_profile_on_cuda_in_bf16(tmp_path, k):
+def test_scratch_config_is_the_smollm2_profile_in_bf16(tmp_path, k, device):
     import gpu_check
 
-    args = Namespace(data=tmp_path / "gsm8k.jsonl", pairs=32, max_length=256, batch_pairs=4, steps=3)
+    args = Namespace(
+        data=tmp_path / "gsm8k.jsonl", pairs=32, max_length=256, batch_pairs=4, steps=3, device=device
+    )
     cfg = gpu_check.scratch_config(tmp_path, args, k)
     assert [r.name for r in cfg.references] == [
         "smollm2_chat",
@@ -49,7 +52,45 @@ def test_scratch_config_is_the_smollm2_profile_on_cuda_in_bf16(tmp_path, k):
         ["smollm2_chat"] if k == 1 else [r.name for r in cfg.references]
     )
     assert cfg.references[2].chat_template and not cfg.references[3].chat_template
-    assert (cfg.score.device, cfg.score.dtype, cfg.train.device) == ("cuda", "bfloat16", "cuda")
+    assert (cfg.score.device, cfg.score.dtype, cfg.train.device) == (device, "bfloat16", device)
     assert cfg.train.objective == ("dpo" if k == 1 else "mrpo") and not cfg.train.lora.enabled
     assert cfg.train.disable_dropout and cfg.data.max_rows == 32 and cfg.data.source == "gsm8k"
     assert Path(cfg.score.output_dir).parent == tmp_path
+    # the float32 step-0 control scores into its own files: the bf16 ones stay what training reads
+    control = gpu_check.scratch_config(tmp_path, args, k, dtype="float32")
+    assert control.score.dtype == "float32" and control.data.output_dir == cfg.data.output_dir
+    assert control.score.output_dir != cfg.score.output_dir
+    assert control.train.checkpoint_dir != cfg.train.checkpoint_dir
+
+
+def test_cpu_rehearsal_passes_the_gpu_gate_and_writes_its_own_file(tmp_path, capsys):
+    import gpu_check
+
+    assert gpu_check.no_gpu_message("cpu") is None
+    assert gpu_check.default_out("cpu").name == "gpu_check_cpu_rehearsal.json"
+    assert gpu_check.default_out("cuda").name == "gpu_check.json"
+    # past the gate, the next check runs: the data file (missing here)
+    missing = tmp_path / "missing.jsonl"
+    assert gpu_check.main(["--device", "cpu", "--data", str(missing), "--out", str(tmp_path / "o.json")]) == 1
+    assert f"{missing} not found" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_cpu_peak_memory_is_the_process_rss_peak_of_the_phase():
+    import gpu_check
+
+    if not gpu_check.reset_rss_peak():
+        pytest.skip("this kernel refuses to reset the RSS peak (/proc/self/clear_refs)")
+    before = gpu_check.rss_peak_mib()
+
+    def touch_256_mib():
+        block = bytes(range(256)) * 2**20  # 256 MiB, every page written, so resident
+        return len(block)
+
+    out, memory = gpu_check.peak_memory(touch_256_mib, "cpu")
+    assert out == 256 * 2**20 and sorted(memory) == ["peak_rss_mib", "rss_at_start_mib"]
+    assert memory["rss_at_start_mib"] < memory["peak_rss_mib"] - 200
+    assert memory["peak_rss_mib"] >= before + 200
+    # reset: a phase that allocates nothing reports about the resident set, not the earlier peak
+    _, quiet = gpu_check.peak_memory(lambda: None, "cpu")
+    assert quiet["peak_rss_mib"] < memory["peak_rss_mib"] - 200

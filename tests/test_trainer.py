@@ -856,6 +856,22 @@ def test_policy_dropout_is_off_by_default(scored, tmp_path):
     assert (a - b).abs().max().item() > 1e-2
 
 
+def test_gradient_checkpointing_reaches_training_arguments_under_this_transformers_name(tmp_path):
+    """transformers renamed the flag after 5.17 (a GPU image's version) and refuses the other name."""
+    from transformers import TrainingArguments
+
+    from mrpo.train import CHECKPOINTING_ARG, training_arguments
+
+    assert CHECKPOINTING_ARG in TrainingArguments.__dataclass_fields__
+    for on in (True, False):
+        cfg = load_config(
+            REPO_ROOT / "params.yaml",
+            {"train.gradient_checkpointing": on, "train.checkpoint_dir": str(tmp_path / "ckpt")},
+        )
+        args = training_arguments(cfg, torch.device("cpu"), has_eval=False, total_steps=10)
+        assert getattr(args, CHECKPOINTING_ARG) is on
+
+
 # ---------------------------------------------------------------- precision
 
 
