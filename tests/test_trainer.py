@@ -331,20 +331,25 @@ def test_k1_first_step_loss_equals_trl_dpo(scored, tmp_path):
     assert our_loss != pytest.approx(math.log(2), abs=1e-3)  # a non-anchor reference: not the trivial value
 
 
-def test_k1_ipo_norm_equals_trl_ipo(scored, tmp_path):
-    """loss_type ipo_norm with K = 1 == TRL's ipo (per-token log-ratios), on a policy moved off the anchor."""
-    cfg = config(scored, tmp_path, **{"train.objective": "dpo", "train.loss_type": "ipo_norm"})
+def moved_off_anchor(cfg, pairs: int = 8):
+    """The trainer with its policy moved off the anchor (where every log-ratio is 0 and a loss says little),
+    the first `pairs` training examples and their batch, in training mode."""
     setup = prepare_training(cfg)
     ours = build_trainer(cfg, setup)
     g = torch.Generator().manual_seed(0)
-    with (
-        torch.no_grad()
-    ):  # at the anchor every log-ratio is 0; move the policy so the loss has something to say
+    with torch.no_grad():
         for p in ours.model.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
-    examples = [setup.datasets["train"][i] for i in range(8)]
+    examples = [setup.datasets["train"][i] for i in range(pairs)]
     batch = PreferenceCollator(setup.tokenizer.pad_token_id)(examples)
     ours.model.train()
+    return setup, ours, examples, batch
+
+
+def test_k1_ipo_norm_equals_trl_ipo(scored, tmp_path):
+    """loss_type ipo_norm with K = 1 == TRL's ipo (per-token log-ratios), on a policy moved off the anchor."""
+    cfg = config(scored, tmp_path, **{"train.objective": "dpo", "train.loss_type": "ipo_norm"})
+    setup, ours, examples, batch = moved_off_anchor(cfg)
     with torch.no_grad():
         our_loss = ours.compute_loss(ours.model, batch).item()
 
@@ -375,15 +380,7 @@ def test_k1_family_losses_equal_trl_through_the_model(scored, tmp_path, settings
     """The DPO family with K = 1 == TRL's DPOTrainer on the same model, token ids and stored reference
     log-probs (tests/test_loss_family.py checks every loss type on given log-probs; this, the whole step)."""
     cfg = config(scored, tmp_path, **{"train.objective": "dpo", **settings})
-    setup = prepare_training(cfg)
-    ours = build_trainer(cfg, setup)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # at the anchor every log-ratio is 0; move the policy off it
-        for p in ours.model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
-    examples = [setup.datasets["train"][i] for i in range(8)]
-    batch = PreferenceCollator(setup.tokenizer.pad_token_id)(examples)
-    ours.model.train()
+    setup, ours, examples, batch = moved_off_anchor(cfg)
     with torch.no_grad():
         our_loss = ours.compute_loss(ours.model, batch).item()
     t = cfg.train
@@ -417,15 +414,7 @@ def test_k1_wpo_weighting_equals_trl_use_weighting(scored, tmp_path, settings):
     and stored reference log-probs: the whole step, the policy's log sum p^2 from our logits against TRL's
     fused head."""
     cfg = config(scored, tmp_path, **{"train.objective": "dpo", "train.use_weighting": True, **settings})
-    setup = prepare_training(cfg)
-    ours = build_trainer(cfg, setup)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # move the policy off the anchor, so that the log-ratios are not all 0
-        for p in ours.model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
-    examples = [setup.datasets["train"][i] for i in range(8)]
-    batch = PreferenceCollator(setup.tokenizer.pad_token_id)(examples)
-    ours.model.train()
+    setup, ours, examples, batch = moved_off_anchor(cfg)
     with torch.no_grad():
         our_loss = ours.compute_loss(ours.model, batch).item()
         _, _, pair_weights = ours._policy_forward(ours.model, batch)
