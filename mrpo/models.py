@@ -127,21 +127,16 @@ def token_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor, mask: to
     return out
 
 
-def token_logps_and_log_sum_sq_probs(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`token_logps_from_logits` plus log sum_v p_v^2 of each next-token distribution (WPO's weight
-    alignment, mrpo.losses.wpo_weights), both (B, T) fp32 and 0 where `mask` is 0; the second without
-    gradient. One selection of the masked-in logits serves both; only WPO weighting pays for the second."""
+@torch.no_grad()
+def log_sum_sq_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log sum_v p_v^2 of each next-token distribution (WPO's weight alignment, mrpo.losses.wpo_weights),
+    (B, T, V) -> (B, T) fp32, 0 where `mask` is 0, without gradient."""
     keep = mask.bool()
-    token_logps = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-    log_sum_sq = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
     if keep.any():
         selected = logits[keep].float()  # (N, V)
-        token_logps[keep] = -F.cross_entropy(selected, labels[keep], reduction="none")
-        with torch.no_grad():
-            log_sum_sq[keep] = torch.logsumexp(2 * selected, dim=-1) - 2 * torch.logsumexp(selected, dim=-1)
-    return token_logps, log_sum_sq
+        out[keep] = torch.logsumexp(2 * selected, dim=-1) - 2 * torch.logsumexp(selected, dim=-1)
+    return out
 
 
 def sequence_logps_from_logits(
@@ -170,13 +165,17 @@ def response_logps(
 
 @dataclass(frozen=True)
 class ResponseTokens:
-    """What WPO weighting needs of one forward, besides the sequence log-probs: per-token log-probs and
-    log sum_v p_v^2 at the response positions (B, T'), and the mask of those positions (B, T')."""
+    """What WPO weighting needs of one forward: per-token log-probs and log sum_v p_v^2 at the response
+    positions (B, T'), and the mask of those positions (B, T')."""
 
-    logps: torch.Tensor  # (B,) exactly response_logps
     token_logps: torch.Tensor
     log_sum_sq_probs: torch.Tensor
     mask: torch.Tensor
+
+    @property
+    def logps(self) -> torch.Tensor:
+        """(B,) exactly response_logps: the same per-token log-probs, summed the same way."""
+        return self.token_logps.sum(-1)
 
 
 def response_token_logps(
@@ -187,8 +186,8 @@ def response_token_logps(
 ) -> ResponseTokens:
     """`response_logps` (the same forward and the same numbers) plus the per-token terms of WPO's weights."""
     logits, ids, mask = _response_logits(model, input_ids, attention_mask, response_mask)
-    token_logps, log_sum_sq = token_logps_and_log_sum_sq_probs(logits[:, :-1], ids[:, 1:], mask[:, 1:])
-    return ResponseTokens(token_logps.sum(-1), token_logps, log_sum_sq, mask[:, 1:])
+    logits, labels, mask = logits[:, :-1], ids[:, 1:], mask[:, 1:]
+    return ResponseTokens(token_logps_from_logits(logits, labels, mask), log_sum_sq_probs(logits, mask), mask)
 
 
 def _response_logits(model, input_ids, attention_mask, response_mask):

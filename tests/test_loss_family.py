@@ -115,11 +115,10 @@ def trl_loss_and_grads(trainer, batch, settings: dict):
     return loss.detach(), pi.grad[:b], pi.grad[b:]
 
 
-def our_loss_and_grads(batch, settings: dict, bco_delta: float = 0.0):
-    pi_w, pi_l, ref_w, ref_l, n_w, n_l = batch
-    pi_w, pi_l = pi_w.clone().requires_grad_(True), pi_l.clone().requires_grad_(True)
+def k1_objective(settings: dict, use_weighting: bool = False) -> Objective:
+    """The `dpo` objective of a TRL-style settings dict (loss_type a list, TRL's defaults for the rest)."""
     types = tuple(settings["loss_type"])
-    objective = Objective(
+    return Objective(
         "dpo",
         types[0] if len(types) == 1 else types,
         settings.get("beta", 0.1),
@@ -128,7 +127,14 @@ def our_loss_and_grads(batch, settings: dict, bco_delta: float = 0.0):
         f_divergence_type=settings.get("f_divergence_type", "reverse_kl"),
         f_alpha_divergence_coef=settings.get("f_alpha_divergence_coef", 0.5),
         discopop_tau=settings.get("discopop_tau", 0.05),
+        use_weighting=use_weighting,
     )
+
+
+def our_loss_and_grads(batch, settings: dict, bco_delta: float = 0.0):
+    pi_w, pi_l, ref_w, ref_l, n_w, n_l = batch
+    pi_w, pi_l = pi_w.clone().requires_grad_(True), pi_l.clone().requires_grad_(True)
+    objective = k1_objective(settings)
     tokens = TokenCounts(n_w, n_l, n_w.unsqueeze(-1), n_l.unsqueeze(-1))
     out = objective(
         pi_w, pi_l, ref_w.unsqueeze(-1), ref_l.unsqueeze(-1), torch.ones(1, dtype=D), tokens, bco_delta
@@ -339,16 +345,7 @@ def our_wpo_loss_and_grad(token_logps, log_sum_sq, completion, ref_w, ref_l, set
     w = wpo_weights(per_token, log_sum_sq, mask)
     pi = per_token.sum(-1)
     n = mask.sum(-1).to(pi.dtype)
-    types = tuple(settings["loss_type"])
-    objective = Objective(
-        "dpo",
-        types[0] if len(types) == 1 else types,
-        settings.get("beta", 0.1),
-        label_smoothing=settings.get("label_smoothing", 0.0),
-        loss_weights=settings.get("loss_weights"),
-        f_divergence_type=settings.get("f_divergence_type", "reverse_kl"),
-        use_weighting=True,
-    )
+    objective = k1_objective(settings, use_weighting=True)
     tokens = TokenCounts(n[:b], n[b:], n[:b, None], n[b:, None])
     out = objective(
         pi[:b],
@@ -422,7 +419,7 @@ def test_log_sum_sq_probs_equal_trls_fused_head_kernel():
     kernel, which computes it by an online logsumexp over vocabulary tiles, on random logits up to +-300."""
     from trl.kernels import ChunkedLogProbFunction
 
-    from mrpo.models import token_logps_and_log_sum_sq_probs
+    from mrpo.models import log_sum_sq_probs, token_logps_from_logits
 
     g = torch.Generator().manual_seed(0)
     n, h, v = 64, 16, 300
@@ -436,7 +433,10 @@ def test_log_sum_sq_probs_equal_trls_fused_head_kernel():
         )
         logits = hidden @ weight.T
         mask = torch.ones(1, n, dtype=torch.long)
-        ours_logps, ours = token_logps_and_log_sum_sq_probs(logits[None], targets[None], mask)
+        ours_logps, ours = (
+            token_logps_from_logits(logits[None], targets[None], mask),
+            log_sum_sq_probs(logits[None], mask),
+        )
         tol = 2e-6 * max(1.0, logits.abs().max().item())  # fp32 sums in another order
         diff = (ours[0] - log_sum_sq).abs().max().item()
         worst = max(worst, diff / max(1.0, logits.abs().max().item()))
