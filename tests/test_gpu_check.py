@@ -3,6 +3,7 @@ its scratch config is the profile's."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import sys
@@ -83,11 +84,20 @@ def test_cpu_peak_memory_is_the_process_rss_peak_of_the_phase():
         pytest.skip("this kernel refuses to reset the RSS peak (/proc/self/clear_refs)")
     before = gpu_check.rss_peak_mib()
 
+    held = []
+
     def touch_256_mib():
-        block = bytes(range(256)) * 2**20  # 256 MiB, every page written, so resident
+        # fresh anonymous pages, every one written, so resident: a malloc'd block may reuse memory
+        # the process already holds (after other tests it did, and the RSS did not move); held until the
+        # peak is read
+        block = mmap.mmap(-1, 256 * 2**20)
+        for offset in range(0, len(block), mmap.PAGESIZE):
+            block[offset] = 1
+        held.append(block)
         return len(block)
 
     out, memory = gpu_check.peak_memory(touch_256_mib, "cpu")
+    held.pop().close()
     assert out == 256 * 2**20 and sorted(memory) == ["peak_rss_mib", "rss_at_start_mib"]
     assert memory["rss_at_start_mib"] < memory["peak_rss_mib"] - 200
     assert memory["peak_rss_mib"] >= before + 200
