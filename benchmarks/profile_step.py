@@ -25,8 +25,8 @@ def run_case(which: str, args) -> dict | None:
     """Phase medians (ms) for one model; None when it is not available."""
     import torch
 
-    from mrpo.models import collate_responses, load_model, load_tokenizer, response_logps
-    from mrpo.preference_data import PreferenceCollator
+    from mrpo.data.preference import PreferenceCollator
+    from mrpo.modeling.models import collate_responses, load_model, load_tokenizer, response_logps
 
     batch_pairs = args.batch_pairs or (16 if which == "zoo" else 2)
     with tempfile.TemporaryDirectory() as tmp:

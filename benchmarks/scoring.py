@@ -29,7 +29,7 @@ def naive_score(model, encoded, pad_token_id: int, batch_size: int) -> tuple[int
     """Dataset order, fixed batches: returns (real tokens, padded positions computed)."""
     import torch
 
-    from mrpo.models import collate_responses, response_logps
+    from mrpo.modeling.models import collate_responses, response_logps
 
     real = padded = 0
     for start in range(0, len(encoded), batch_size):
@@ -46,7 +46,7 @@ def compare(
 ) -> dict:
     import torch
 
-    from mrpo.scoring import score_sequences
+    from mrpo.stages.score import score_sequences
 
     stats: dict[str, tuple[int, int]] = {}
 
@@ -121,7 +121,7 @@ def main() -> None:
     args = p.parse_args()
 
     C.set_threads(args.threads)
-    from mrpo.models import load_model, load_tokenizer
+    from mrpo.modeling.models import load_model, load_tokenizer
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

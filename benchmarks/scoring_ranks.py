@@ -46,8 +46,9 @@ def scaled_data(cfg, scratch: Path, n_pairs: int | None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mrpo.config import SYNTHETIC_MAX_PAIRS
-    from mrpo.data import SPLITS, prepare
+    from mrpo.config.schema import SYNTHETIC_MAX_PAIRS
+    from mrpo.data.prepared import SPLITS
+    from mrpo.stages.prepare import prepare
 
     base_n = cfg.data.synthetic_pairs
     if n_pairs is None or n_pairs == base_n:
@@ -136,7 +137,7 @@ def compare_files(one: Path, two: Path) -> dict:
     """How the 2-rank score file differs from the 1-process one: pair_ids, fits, log-probs, metadata."""
     import numpy as np
 
-    from mrpo.scorefile import read_scores
+    from mrpo.data.scorefile import read_scores
 
     a, meta_a = read_scores(one)
     b, meta_b = read_scores(two)
@@ -291,7 +292,7 @@ def main() -> None:
 
 def _scratch_config(scratch: Path):
     """The Config zoo_project made for `scratch`, without copying or building again."""
-    from mrpo.config import load_config
+    from mrpo.config.schema import load_config
 
     base = load_config(C.REPO / "params.yaml")
     sets = {f"references.{r.name}.model": str(scratch / "zoo" / Path(r.model).name) for r in base.references}

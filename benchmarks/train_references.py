@@ -32,8 +32,8 @@ def setup(which: str, scratch: Path, ks: list[int], batch_pairs: int, max_length
     """(label, policy, {k: trainer}, {k: batch}, optimizer) with one shared policy and optimizer."""
     import torch
 
-    from mrpo.models import load_model, load_tokenizer
-    from mrpo.preference_data import PreferenceCollator, PreferenceExample
+    from mrpo.data.preference import PreferenceCollator, PreferenceExample
+    from mrpo.modeling.models import load_model, load_tokenizer
 
     found = C.policy_source(which, scratch)
     if found is None:

@@ -71,8 +71,8 @@ def run_case(which: str, args) -> dict | None:
     import trl
     from trl import DPOConfig, DPOTrainer
 
-    from mrpo.models import load_model, load_tokenizer
-    from mrpo.preference_data import PreferenceDataset
+    from mrpo.data.preference import PreferenceDataset
+    from mrpo.modeling.models import load_model, load_tokenizer
 
     batch_pairs = args.batch_pairs or (16 if which == "zoo" else 2)
     steps = args.steps or (11 if which == "zoo" else 3)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mrpo.config import Config
-from mrpo.lineage import (  # noqa: F401  (re-exported)
+from mrpo.config.schema import Config
+from mrpo.tracking.lineage import (  # noqa: F401  (re-exported)
     complete_lineage,
     dvc_lock_stage_digests,
     git_commit,
     reference_lineage,
 )
-from mrpo.tracking import RUN_RECORD, PipelineRun, read_run_record, tracking_uri
+from mrpo.tracking.tracker import RUN_RECORD, PipelineRun, read_run_record, tracking_uri
 
 
 def read_run(cfg: Config, project_dir: str | Path) -> PipelineRun | None:

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from mrpo.cli import STATUS_FILE_ENV
-from mrpo.config import Config
+from mrpo.config.schema import Config
+from mrpo.data.scorefile import score_path
 from mrpo.errors import USER_ERROR_EXIT, MRPOError
-from mrpo.scorefile import score_path
-from mrpo.summary import EVAL_RECORD, TRAIN_RECORD, format_change, format_number
-from mrpo.zoo import MANIFEST as ZOO_MANIFEST
+from mrpo.stages.summary import EVAL_RECORD, TRAIN_RECORD, format_change, format_number
+from mrpo.stages.zoo import MANIFEST as ZOO_MANIFEST
 
 log = logging.getLogger("mrpo")
 
@@ -336,7 +336,7 @@ def _read_json(path: Path) -> dict:
 
 def score_summary(path: Path) -> dict[str, Any]:
     """Rows, fit rate and the mean log-prob margin (chosen - rejected) of one score file."""
-    from mrpo.scorefile import read_scores
+    from mrpo.data.scorefile import read_scores
 
     frame, meta = read_scores(path)
     margin = frame["chosen_logp"] - frame["rejected_logp"]

@@ -1,5 +1,6 @@
 """The `sweep` flow: a set of DVC experiments under one MLflow parent run, and a comparison; the `compare`
-flow: `mrpo compare` (mrpo/compare.py) with one Prefect task per member and the report as a markdown artifact.
+flow: `mrpo compare` (mrpo/stages/compare.py) with one Prefect task per member and the report as a
+markdown artifact.
 
     python -m flows.sweep                      # the DVC-experiment sweep (every member re-runs its stages)
     python -m flows.sweep --compare            # the comparison, in this process, on the stored scores
@@ -35,14 +36,14 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.lineage import git_commit
 from flows.stages import dvc_running_mrpo, flatten, markdown_table, numeric_items, retry_if_transient
-from mrpo.config import load_config
+from mrpo.config.schema import load_config
+from mrpo.core.losses import LOSS_TYPES
+from mrpo.core.weighting import STRATEGIES
 from mrpo.io import file_sha256
-from mrpo.losses import LOSS_TYPES
-from mrpo.tracking import (
+from mrpo.tracking.tracker import (
     PARENT_RUN_ENV,  # MRPO_PARENT_RUN_ID: new training runs nest under it
     metric_name,
 )
-from mrpo.weighting import STRATEGIES
 
 DEFAULT_STRATEGIES = tuple(s for s in STRATEGIES if s != "fixed")  # fixed needs weights: pass them explicitly
 # The comparison's headline metric: the first of these that the members report.
@@ -334,7 +335,7 @@ def run_member(member: SweepMember, project_dir: str, experiment: str, env: dict
 
 def start_parent_run(client, cfg, root: Path, sweep_id: str, params: dict[str, Any]) -> tuple[str, str]:
     """(experiment id, parent run id): the MLflow run every member's training run nests under."""
-    from mrpo import tracking
+    from mrpo.tracking import tracker as tracking
 
     experiment_id = tracking.ensure_experiment(client, cfg.tracking.experiment, client.tracking_uri)
     commit, _ = git_commit(root)
@@ -429,7 +430,7 @@ def sweep(
     """
     from mlflow import MlflowClient
 
-    from mrpo import tracking
+    from mrpo.tracking import tracker as tracking
 
     logger = get_run_logger()
     root = Path(project_dir).resolve()
@@ -498,7 +499,7 @@ def sweep(
 @task(task_run_name="{member.label}-s{member.seed}", cache_policy=None)
 def compare_member(comparison, member):
     """Train and score one member of the comparison (mrpo.compare.run_member)."""
-    from mrpo.compare import run_member
+    from mrpo.stages.compare import run_member
 
     return run_member(comparison, member)
 
@@ -514,7 +515,7 @@ def compare_flow(
 
     from prefect.utilities.annotations import quote
 
-    from mrpo.compare import report, start
+    from mrpo.stages.compare import report, start
 
     logger = get_run_logger()
     root = Path(project_dir).resolve()

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from mrpo.config import load_config, parse_yaml_value
+from mrpo.config.schema import load_config, parse_yaml_value
 from mrpo.errors import USER_ERROR_EXIT, ConfigError, MRPOError
 from mrpo.io import output_lock
 from mrpo.runtime import setup_logging
@@ -44,7 +44,7 @@ _EVALUATE_KEYS = "tasks limit num_fewshot batch_size device max_gen_tokens task_
 STAGE_DOCS = {
     "zoo": (
         "build the tiny local model zoo (the default profile's anchor and references)",
-        "the synthetic fact task (mrpo/synthetic.py); no data files",
+        "the synthetic fact task (mrpo/data/synthetic.py); no data files",
         "zoo.output_dir/<member>/ (safetensors, tokenizer, mrpo_zoo.json: its settings and losses), "
         "zoo.metrics_file (timings)",
         ("seed", "zoo"),
@@ -321,17 +321,17 @@ def config_section(flat: dict, section: str | None) -> dict:
 
 def _dispatch(cfg, args: argparse.Namespace) -> None:
     if args.stage == "show-config":
-        from mrpo.config import config_to_flat_dict
+        from mrpo.config.schema import config_to_flat_dict
 
         for key, value in config_section(config_to_flat_dict(cfg), args.section).items():
             print(f"{key} = {value!r}")
     elif args.stage == "compare":
-        from mrpo.compare import compare
+        from mrpo.stages.compare import compare
 
         compare(cfg, comparison_id=args.id)
     elif args.stage == "runs":
-        from mrpo.runs import parse_tags, runs_table
-        from mrpo.tracking import tracking_uri
+        from mrpo.tracking.runs import parse_tags, runs_table
+        from mrpo.tracking.tracker import tracking_uri
 
         tags = parse_tags(args.tag)
         if args.sweep:
@@ -350,31 +350,31 @@ def _dispatch(cfg, args: argparse.Namespace) -> None:
             end="",
         )
     elif args.stage == "zoo":
-        from mrpo.zoo import build_zoo
+        from mrpo.stages.zoo import build_zoo
 
         build_zoo(cfg)
     elif args.stage == "prepare":
-        from mrpo.data import prepare
+        from mrpo.stages.prepare import prepare
 
         prepare(cfg)
     elif args.stage == "score":
-        from mrpo.scoring import score_reference
+        from mrpo.stages.score import score_reference
 
         score_reference(cfg, args.reference)
     elif args.stage == "diagnose":
-        from mrpo.diagnostics import diagnose
+        from mrpo.stages.diagnose import diagnose
 
         diagnose(cfg)
     elif args.stage == "train":
-        from mrpo.train import train
+        from mrpo.stages.train import train
 
         train(cfg)
     elif args.stage == "evaluate":
-        from mrpo.evaluate import evaluate
+        from mrpo.stages.evaluate import evaluate
 
         evaluate(cfg)
     elif args.stage == "summary":
-        from mrpo.summary import summarize
+        from mrpo.stages.summary import summarize
 
         summarize(cfg)
 

@@ -61,7 +61,7 @@ def manual_logp(model, ids: list[int], prompt_length: int) -> float:
     one unbatched, unmasked forward per token (float64 softmax)."""
     import torch
 
-    from mrpo.models import torch_threads
+    from mrpo.modeling.models import torch_threads
 
     total = 0.0
     with torch.inference_mode(), torch_threads(1):  # many tiny forwards: one thread is fastest
@@ -149,8 +149,8 @@ def tiny_zoo(tmp_path_factory) -> dict:
     Config whose references point at these checkpoints (anchor first) and whose data/score outputs lie in a
     fresh temp dir, "seconds": build time}. Treat the checkpoints as read-only; copy one to change it.
     """
-    from mrpo.config import parse_config
-    from mrpo.zoo import build_zoo
+    from mrpo.config.schema import parse_config
+    from mrpo.stages.zoo import build_zoo
 
     root = tmp_path_factory.mktemp("tiny_zoo")
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
@@ -186,9 +186,9 @@ def tiny_zoo(tmp_path_factory) -> dict:
 def scored(tiny_zoo, tmp_path_factory) -> dict:
     """Prepared data (800 pairs) and the three references' score files, made by the real prepare and score
     stages; read-only: train into your own dirs with `config(scored, tmp_path)`."""
-    from mrpo.config import load_config
-    from mrpo.data import prepare
-    from mrpo.scoring import score_reference
+    from mrpo.config.schema import load_config
+    from mrpo.stages.prepare import prepare
+    from mrpo.stages.score import score_reference
 
     root = tmp_path_factory.mktemp("train_project")
     zoo_dir = Path(tiny_zoo["output_dir"]) if isinstance(tiny_zoo, dict) else Path(tiny_zoo)
@@ -244,7 +244,7 @@ def config(scored: dict, out: Path, **overrides):
         "tracking.tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
     }
     base.update(overrides)
-    from mrpo.config import load_config
+    from mrpo.config.schema import load_config
 
     return load_config(scored["params"], base)
 
@@ -314,3 +314,42 @@ def _stop_prefect_ephemeral_servers():
 
         for server in list(SubprocessASGIServer._instances.values()):
             server.stop()
+
+
+def _module_file(module: str) -> Path | None:
+    base = REPO_ROOT / module.replace(".", "/")
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def mrpo_import_files(module: str) -> set[str]:
+    """The files of every mrpo module `module` imports anywhere in its text (function-level imports
+    included), transitively, with the ``__init__.py`` of every package on the way (Python runs them too),
+    as repository-relative paths."""
+    import ast
+
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        parts = todo.pop().split(".")
+        for i in range(1, len(parts) + 1):
+            path = _module_file(".".join(parts[:i]))
+            if path is None:
+                continue
+            rel = path.relative_to(REPO_ROOT).as_posix()
+            if rel in seen:
+                continue
+            seen.add(rel)
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mrpo":
+                    todo.append(node.module)
+                    todo += [
+                        f"{node.module}.{a.name}"
+                        for a in node.names
+                        if _module_file(f"{node.module}.{a.name}")
+                    ]
+                elif isinstance(node, ast.Import):
+                    todo += [a.name for a in node.names if a.name.split(".")[0] == "mrpo"]
+    return seen

@@ -14,9 +14,9 @@ import signal
 import sys
 from pathlib import Path
 
-from mrpo.config import load_config
+from mrpo.config.schema import load_config
 from mrpo.runtime import setup_logging
-from mrpo.scoring import score_reference
+from mrpo.stages.score import score_reference
 
 
 def main() -> None:

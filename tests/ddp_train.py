@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import sys
 
-from mrpo.config import load_config
+from mrpo.config.schema import load_config
 from mrpo.runtime import setup_logging
-from mrpo.train import train
+from mrpo.stages.train import train
 
 
 def main() -> None:

@@ -152,7 +152,7 @@ def test_a_read_only_output_dir_fails_naming_the_key(project, capsys):
 
 
 def test_check_writable_probes_for_real_where_modes_do_not_tell(tmp_path):
-    from mrpo.config import ConfigError
+    from mrpo.config.schema import ConfigError
     from mrpo.preflight import check_writable
 
     check_writable(tmp_path / "new" / "dir", "data.output_dir")  # creatable: fine, and nothing is created

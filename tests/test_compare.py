@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import config
 
-from mrpo.compare import (
+from mrpo.stages.compare import (
     Member,
     MemberResult,
     comparison_members,
@@ -92,10 +92,10 @@ def test_a_small_comparison_end_to_end(scored, tmp_path):
     import pandas as pd
     from mlflow import MlflowClient
 
-    from mrpo.compare import policy_logps, report, run_all, start
-    from mrpo.runs import runs_table
     from mrpo.runtime import resolve_device
-    from mrpo.train import load_policy
+    from mrpo.stages.compare import policy_logps, report, run_all, start
+    from mrpo.stages.train import load_policy
+    from mrpo.tracking.runs import runs_table
 
     cfg = config(scored, tmp_path)
     cfg = dataclasses.replace(

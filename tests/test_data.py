@@ -18,18 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mrpo.config import parse_config
-from mrpo.data import (
-    COLUMNS,
-    SPLITS,
-    DataError,
-    pair_id,
-    prepare,
-    prepared_digest,
-    split_of,
-    split_transcripts,
-)
-from mrpo.gsm8k import corrupt_final_answer
+from mrpo.config.schema import parse_config
+from mrpo.data.gsm8k import corrupt_final_answer
+from mrpo.data.prepared import COLUMNS, SPLITS, prepared_digest
+from mrpo.stages.prepare import DataError, pair_id, prepare, split_of, split_transcripts
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH_FILE = SHARED / "hh-rlhf-harmless-base-test.jsonl.gz"

@@ -43,7 +43,7 @@ def margins() -> np.ndarray:
 
 
 def test_pure_functions_match_the_hand_computed_values():
-    from mrpo.diagnostics import (
+    from mrpo.stages.diagnose import (
         clip_fractions,
         margin_correlation,
         margin_summary,
@@ -85,9 +85,10 @@ def test_pure_functions_match_the_hand_computed_values():
 def project(tmp_path):
     """Real prepared synthetic data; score files for a, b, c in the contract's format with LOGPS on four
     validation pairs, every other validation pair flagged as not scored by c (so skipped)."""
-    from mrpo.config import load_config
-    from mrpo.data import SPLITS, prepare, prepared_digest, read_split
-    from mrpo.scorefile import METADATA_KEY, SCHEMA
+    from mrpo.config.schema import load_config
+    from mrpo.data.prepared import SPLITS, prepared_digest, read_split
+    from mrpo.data.scorefile import METADATA_KEY, SCHEMA
+    from mrpo.stages.prepare import prepare
 
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     raw["references"] = {n: {"model": str(tmp_path / "models" / n)} for n in NAMES}
@@ -148,7 +149,7 @@ def test_stage_writes_metrics_plots_report_and_an_mlflow_run(project):
     import pandas as pd
     from mlflow import MlflowClient
 
-    from mrpo.diagnostics import diagnose
+    from mrpo.stages.diagnose import diagnose
 
     cfg = project["cfg"]
     d = diagnose(cfg)

@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO_ROOT, STAGES, clone_project, run_tool
+from conftest import REPO_ROOT, STAGES, clone_project, mrpo_import_files, run_tool
 
 
 def dvc(args, cwd, check=True):
@@ -29,35 +29,14 @@ def edit_params(project, edit) -> None:
 
 
 STAGE_MODULES = {
-    "zoo": "zoo",
-    "prepare": "data",
-    "score": "scoring",
-    "diagnose": "diagnostics",
-    "train": "train",
-    "evaluate": "evaluate",
-    "summary": "summary",
+    "zoo": "mrpo.stages.zoo",
+    "prepare": "mrpo.stages.prepare",
+    "score": "mrpo.stages.score",
+    "diagnose": "mrpo.stages.diagnose",
+    "train": "mrpo.stages.train",
+    "evaluate": "mrpo.stages.evaluate",
+    "summary": "mrpo.stages.summary",
 }
-
-
-def mrpo_imports(module: str) -> set[str]:
-    """The mrpo modules `module` imports anywhere in its text
-    (function-level imports included), transitively."""
-    import ast
-
-    seen, todo = set(), [module]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for node in ast.walk(ast.parse((REPO_ROOT / "mrpo" / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "mrpo":
-                todo += [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mrpo."):
-                todo.append(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("mrpo.")]
-    return seen
 
 
 def test_each_stage_depends_on_every_module_its_command_runs():
@@ -65,8 +44,8 @@ def test_each_stage_depends_on_every_module_its_command_runs():
     stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
     for stage, module in STAGE_MODULES.items():
         body = stages[stage].get("do", stages[stage])
-        listed = {d.removeprefix("mrpo/").removesuffix(".py") for d in body["deps"] if d.startswith("mrpo/")}
-        assert listed == mrpo_imports(module), stage
+        listed = {d for d in body["deps"] if d.startswith("mrpo/")}
+        assert listed == mrpo_import_files(module), stage
 
 
 # ---------------------------------------------------------------- params per key; dvc.lock in step with the
@@ -91,7 +70,7 @@ def test_every_declared_param_key_exists_in_params_yaml_and_every_profile():
     missing"), and profiles are copied over params.yaml: each must hold every key dvc.yaml declares."""
     import re
 
-    from mrpo.config import read_params
+    from mrpo.config.schema import read_params
 
     text = (REPO_ROOT / "dvc.yaml").read_text()
     stages = yaml.safe_load(text)["stages"]
@@ -124,7 +103,7 @@ def test_train_params_leave_out_only_what_cannot_change_the_weights():
     (each one that can change the weights) is declared."""
     import dataclasses
 
-    from mrpo.config import TrainConfig
+    from mrpo.config.schema import TrainConfig
 
     train = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["train"]
     declared = {k.removeprefix("train.") for k in declared_params(train) if k.startswith("train.")}
@@ -167,7 +146,7 @@ def lock_drift(root) -> list[str]:
     changed."""
     import re
 
-    from mrpo.config import parse_yaml_value, read_params
+    from mrpo.config.schema import parse_yaml_value, read_params
 
     lock = parse_yaml_value((root / "dvc.lock").read_text())["stages"]
     params = read_params(root / "params.yaml")
@@ -447,7 +426,7 @@ def test_adding_a_reference_scores_only_that_one(tiny_reproduced, tmp_path):
 
 def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
     from flows.stages import pipeline_stages
-    from mrpo.config import load_config
+    from mrpo.config.schema import load_config
 
     cfg = load_config(REPO_ROOT / "params.yaml")
     listed = dvc(["stage", "list", "--name-only"], tiny_project).stdout.split()

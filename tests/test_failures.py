@@ -17,11 +17,11 @@ import yaml
 from conftest import CrashAtStep, SimulatedCrash, clone_project, config, run_tool
 from safetensors.torch import load_file
 
-from mrpo.checkpoints import SEAL_FILE, checkpoint_problem
 from mrpo.cli import main
 from mrpo.errors import OutputLocked, TrainingError
 from mrpo.io import output_lock
-from mrpo.train import train
+from mrpo.stages.train import train
+from mrpo.training.checkpoints import SEAL_FILE, checkpoint_problem
 
 
 def tree_digest(*paths: Path) -> dict[str, str]:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import REFERENCES, config, trl_dpo_trainer
 
-from mrpo.losses import (
+from mrpo.core.losses import (
     F_DIVERGENCE_LOSSES,
     LOSS_TYPES,
     Objective,
@@ -64,8 +64,8 @@ class GivenLogProbs(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def trl(tiny_zoo, tmp_path_factory):
-    from mrpo.config import ReferenceConfig
-    from mrpo.models import load_model, load_tokenizer
+    from mrpo.config.schema import ReferenceConfig
+    from mrpo.modeling.models import load_model, load_tokenizer
 
     ref = ReferenceConfig("anchor", str(tiny_zoo["members"]["anchor"]))
     model, tokenizer = load_model(ref, "cpu", torch.float32), load_tokenizer(ref)
@@ -419,7 +419,7 @@ def test_log_sum_sq_probs_equal_trls_fused_head_kernel():
     kernel, which computes it by an online logsumexp over vocabulary tiles, on random logits up to +-300."""
     from trl.kernels import ChunkedLogProbFunction
 
-    from mrpo.models import log_sum_sq_probs, token_logps_from_logits
+    from mrpo.modeling.models import log_sum_sq_probs, token_logps_from_logits
 
     g = torch.Generator().manual_seed(0)
     n, h, v = 64, 16, 300
@@ -628,7 +628,7 @@ def test_running_reward_mean():
 
 
 def train_steps(cfg, steps: int):
-    from mrpo.train import build_trainer, prepare_training
+    from mrpo.stages.train import build_trainer, prepare_training
 
     trainer = build_trainer(cfg, prepare_training(cfg))
     trainer.args.max_steps, trainer.args.save_strategy, trainer.args.eval_strategy = steps, "no", "no"
@@ -669,8 +669,8 @@ def test_each_loss_trains(scored, tmp_path, overrides):
 def test_bco_reward_mean_is_checkpointed_and_resumed(scored, tmp_path):
     """The running mean is saved with each checkpoint and restored on resume: a run resumed from step 2 ends
     with the state and loss of the straight run."""
-    from mrpo.train import build_trainer, prepare_training
-    from mrpo.trainer import LOSS_STATE_FILE
+    from mrpo.stages.train import build_trainer, prepare_training
+    from mrpo.training.trainer import LOSS_STATE_FILE
 
     common = {
         "train.loss_type": "bco_pair",

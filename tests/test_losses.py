@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mrpo.losses import clip_to_anchor, harmonic_reference, mrpo_loss, multi_dpo_loss, trust_region_bands
+from mrpo.core.losses import clip_to_anchor, harmonic_reference, mrpo_loss, multi_dpo_loss, trust_region_bands
 
 D = torch.float64
 
@@ -311,7 +311,7 @@ def test_bf16_policy_is_computed_in_fp32():
 
 def test_ipo_norm_is_ipo_on_per_token_log_probs():
     """Each log-prob divided by its own length (each reference's in its own tokenizer), then IPO."""
-    from mrpo.losses import TokenCounts
+    from mrpo.core.losses import TokenCounts
 
     pi_w, pi_l = t(-10.0, -30.0), t(-12.0, -20.0)
     ref_w, ref_l = t(-11.0, -14.0, -29.0, -33.0).reshape(2, 2), t(-11.5, -10.0, -21.0, -19.0).reshape(2, 2)

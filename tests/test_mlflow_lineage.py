@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import clone_project, run_tool
 
-from mrpo import plots
+from mrpo.reporting import plots
 
 
 def free_port() -> int:
@@ -79,7 +79,7 @@ def test_runs_are_searchable_by_reference_set_and_score(
 
     from flows.lineage import record_lineage
     from flows.sweep import sweep
-    from mrpo.config import load_config
+    from mrpo.config.schema import load_config
 
     project = clone_project(tiny_reproduced["path"], tmp_path / "project")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -115,7 +115,7 @@ def test_runs_are_searchable_by_reference_set_and_score(
     assert (
         tags["mrpo.reference.gpt2_char.score_digest"] == lock["stages"]["score@gpt2_char"]["outs"][0]["md5"]
     )
-    from mrpo.data import prepared_digest
+    from mrpo.data.prepared import prepared_digest
 
     assert tags["mrpo.prepared_digest"] == prepared_digest(project / "data" / "prepared")
     assert run_params["train.max_steps"] == "6" and run_params["data.synthetic_pairs"] == "200"
@@ -178,9 +178,9 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     from mlflow import MlflowClient
 
     from flows.lineage import record_lineage
-    from mrpo.config import config_to_flat_dict, load_config
-    from mrpo.data import prepared_digest
-    from mrpo.tracking import start_pipeline_run, write_run_record
+    from mrpo.config.schema import config_to_flat_dict, load_config
+    from mrpo.data.prepared import prepared_digest
+    from mrpo.tracking.tracker import start_pipeline_run, write_run_record
 
     project = clone_project(tiny_project, tmp_path / "project")
     run_tool([sys.executable, "-m", "dvc", "repro", "prepare"], project)
@@ -270,9 +270,9 @@ def test_a_dvc_repro_run_records_its_own_lineage_and_evaluate_completes_it(tiny_
 
     from mlflow import MlflowClient
 
-    from mrpo.config import load_config
-    from mrpo.data import prepared_digest
-    from mrpo.tracking import read_run_record
+    from mrpo.config.schema import load_config
+    from mrpo.data.prepared import prepared_digest
+    from mrpo.tracking.tracker import read_run_record
 
     project = clone_project(tiny_project, tmp_path / "project")
     with (project / "prefect.yaml").open("a") as f:

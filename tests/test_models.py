@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import manual_logp
 
-from mrpo.config import ConfigError, ReferenceConfig
-from mrpo.models import (
+from mrpo.config.schema import ConfigError, ReferenceConfig
+from mrpo.data.tokenization import EncodedResponse, encode_response
+from mrpo.modeling.models import (
     collate_responses,
     cpu_threads_for,
     is_local,
@@ -23,7 +24,6 @@ from mrpo.models import (
     token_logps_from_logits,
     torch_threads,
 )
-from mrpo.tokenization import EncodedResponse, encode_response
 
 TEXTS = [
     ("What is 2 + 3?", "It is 5."),
@@ -168,7 +168,7 @@ def test_pickle_weights_are_refused_only_safetensors_load(tiny_zoo, tmp_path):
     ):
         load_model(ReferenceConfig("legacy", str(legacy)))
     # evaluate refuses it too (lm-eval would load the pickle): as anchor and as policy
-    from mrpo.evaluate import check_model_exists
+    from mrpo.stages.evaluate import check_model_exists
 
     with pytest.raises(ConfigError, match="reference 'legacy': .* has no safetensors weights"):
         check_model_exists(ReferenceConfig("legacy", str(legacy)), "anchor", "hint")

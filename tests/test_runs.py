@@ -42,7 +42,7 @@ def store(tmp_path_factory):
 
 
 def test_table_of_one_sweep_with_key_params_and_scores_sorted_by_a_metric(store):
-    from mrpo.runs import runs_table
+    from mrpo.tracking.runs import runs_table
 
     text = runs_table(store, "mrpo", {"mrpo.sweep": "s1"}, sort="compare/test_reward_accuracy_vs_anchor")
     lines = text.splitlines()
@@ -65,7 +65,7 @@ def test_table_of_one_sweep_with_key_params_and_scores_sorted_by_a_metric(store)
 
 
 def test_filters_extra_columns_and_a_run_without_a_value(store):
-    from mrpo.runs import runs_table
+    from mrpo.tracking.runs import runs_table
 
     text = runs_table(
         store, "mrpo", filter_string="params.`train.strategy` != 'vdw'", metrics=["extra/score"]

@@ -22,9 +22,12 @@ import torch
 import yaml
 from conftest import manual_logp
 
-from mrpo.config import ConfigError, ReferenceConfig
-from mrpo.data import pair_id, prepared_digest
-from mrpo.models import (
+from mrpo.config.schema import ConfigError, ReferenceConfig
+from mrpo.data.prepared import prepared_digest
+from mrpo.data.scorefile import read_scores
+from mrpo.data.synthetic import generate_pairs
+from mrpo.data.tokenization import encode_response, render_prompt
+from mrpo.modeling.models import (
     collate_responses,
     load_model,
     load_tokenizer,
@@ -33,10 +36,8 @@ from mrpo.models import (
     response_logps,
     smollm2_gguf_path,
 )
-from mrpo.scorefile import read_scores
-from mrpo.scoring import ScoringError, plan_batches, rank_gpus, score_reference
-from mrpo.synthetic import generate_pairs
-from mrpo.tokenization import encode_response, render_prompt
+from mrpo.stages.prepare import pair_id
+from mrpo.stages.score import ScoringError, plan_batches, rank_gpus, score_reference
 
 HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 TIMING_KEYS = {"seconds", "tokens_per_second", "pairs_per_second", "ranks", "wall_seconds"}
@@ -416,7 +417,7 @@ def test_batch_plan_covers_every_sequence_once_within_the_token_budget_with_litt
 def hh_rlhf_pairs(n: int) -> list[dict]:
     """The first n HH-RLHF rows split at the last shared "Assistant:" turn
     (prompt keeps the whole history)."""
-    from mrpo.data import split_transcripts, transcript_to_messages
+    from mrpo.stages.prepare import split_transcripts, transcript_to_messages
 
     out = []
     with gzip.open(HH_RLHF, "rt") as f:
@@ -524,8 +525,8 @@ def _set_value(column, value, fits=True):
 def test_impossible_log_probs_are_refused_naming_file_reference_and_pair(
     scored, tmp_path, column, value, what
 ):
+    from mrpo.data.scorefile import load_reference_scores
     from mrpo.errors import ScoreDataError
-    from mrpo.scorefile import load_reference_scores
 
     scores = _copy_scores(scored, tmp_path / "scores")
     path = scores / "gpt2_char.parquet"
@@ -636,9 +637,9 @@ def test_some_pairs_not_fitting_is_a_loud_warning_with_the_count(tiny_zoo, tmp_p
 def test_the_dataset_says_which_reference_flagged_the_skipped_pairs(scored, tmp_path):
     import pandas as pd
 
-    from mrpo.models import load_tokenizer
-    from mrpo.preference_data import build_preference_dataset
-    from mrpo.scorefile import load_reference_scores
+    from mrpo.data.preference import build_preference_dataset
+    from mrpo.data.scorefile import load_reference_scores
+    from mrpo.modeling.models import load_tokenizer
 
     cfg = scored["cfg"]
     scores_dir = _copy_scores(scored, tmp_path / "scores")

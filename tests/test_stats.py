@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp
 
-from mrpo.stats import (
+from mrpo.core.stats import (
     bootstrap_means,
     bootstrap_p_value,
     bootstrap_summary,

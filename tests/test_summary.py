@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mrpo.cli import main
-from mrpo.summary import format_number
+from mrpo.stages.summary import format_number
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -96,7 +96,7 @@ def test_summary_reads_the_short_metrics_files_when_the_records_are_missing(proj
 
 
 def test_the_record_names_agree_with_the_stages_that_write_them():
-    from mrpo import evaluate, summary, train
+    from mrpo.stages import evaluate, summary, train
 
     assert summary.TRAIN_RECORD == train.TRAIN_RECORD and summary.EVAL_RECORD == evaluate.EVAL_RECORD
 

@@ -9,10 +9,9 @@ from collections import Counter
 import pytest
 import yaml
 
-from mrpo import config, synthetic
-from mrpo.errors import ConfigError
-from mrpo.lmeval import TASKS_DIR
-from mrpo.synthetic import (
+from mrpo.config import schema as config
+from mrpo.data import synthetic
+from mrpo.data.synthetic import (
     ATTRIBUTES,
     ENTITIES,
     PROMPTS,
@@ -25,6 +24,8 @@ from mrpo.synthetic import (
     sft_examples,
     world,
 )
+from mrpo.errors import ConfigError
+from mrpo.evaluation.lmeval import TASKS_DIR
 
 
 def test_the_world_is_deterministic_under_the_seed_and_differs_under_another():
@@ -86,8 +87,9 @@ def test_zoo_examples_teach_truth_decoys_or_guesses_on_the_zoo_wordings_only():
 
 
 def test_prepared_splits_are_disjoint_and_test_facts_are_taught_in_other_words(tmp_path):
-    from mrpo.config import parse_config
-    from mrpo.data import prepare, read_split
+    from mrpo.config.schema import parse_config
+    from mrpo.data.prepared import read_split
+    from mrpo.stages.prepare import prepare
 
     raw = yaml.safe_load((TASKS_DIR.parent.parent / "params.yaml").read_text())
     raw["data"]["output_dir"] = str(tmp_path / "prepared")

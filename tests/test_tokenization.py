@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from mrpo.data.tokenization import encode_response, prompt_messages, render_prompt
 from mrpo.errors import ConfigError
-from mrpo.tokenization import encode_response, prompt_messages, render_prompt
-from mrpo.zoo import build_char_tokenizer
+from mrpo.stages.zoo import build_char_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from conftest import REPO_ROOT
 from mlflow import MlflowClient
 
-from mrpo.config import load_config
+from mrpo.config.schema import load_config
 from mrpo.runtime import seed_everything
-from mrpo.tracking import default_run_name, start_pipeline_run
+from mrpo.tracking.tracker import default_run_name, start_pipeline_run
 
 
 def test_runs_are_named_by_what_they_are_and_two_configurations_never_share_a_name(tmp_path, monkeypatch):
@@ -49,7 +49,7 @@ def test_git_state_hashes_the_uncommitted_diff_but_not_what_the_pipeline_rewrite
 
     from conftest import run_tool
 
-    from mrpo.lineage import git_state, git_tags, launch_tags, pipeline_outputs
+    from mrpo.tracking.lineage import git_state, git_tags, launch_tags, pipeline_outputs
 
     (tmp_path / "params.yaml").write_text("train:\n  metrics_file: metrics/train.json\n")
     (tmp_path / "dvc.yaml").write_text(

@@ -20,12 +20,12 @@ import pytest
 import torch
 from conftest import REFERENCES, REPO_ROOT, CrashAtStep, SimulatedCrash, config, trl_dpo_trainer
 
-from mrpo.config import load_config
+from mrpo.config.schema import load_config
+from mrpo.core.losses import LOGP_TIE_TOLERANCE, Objective
+from mrpo.data.preference import PreferenceCollator, build_preference_dataset
+from mrpo.data.scorefile import load_reference_scores
 from mrpo.errors import ScoreDataError
-from mrpo.losses import LOGP_TIE_TOLERANCE, Objective
-from mrpo.preference_data import PreferenceCollator, build_preference_dataset
-from mrpo.scorefile import load_reference_scores
-from mrpo.train import build_trainer, prepare_training, train
+from mrpo.stages.train import build_trainer, prepare_training, train
 
 # ---------------------------------------------------------------- fixtures
 
@@ -76,7 +76,7 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
     on_disk = json.loads(Path(cfg.train.metrics_file).read_text())
     assert on_disk["val_reward_accuracy_after"] == pytest.approx(metrics["val_reward_accuracy_after"])
     # the DVC metric keeps the key numbers and the final weights; the full record lies beside the policy
-    from mrpo.train import METRIC_KEYS, TRAIN_RECORD
+    from mrpo.stages.train import METRIC_KEYS, TRAIN_RECORD
 
     assert set(on_disk) == set(METRIC_KEYS) | {f"weight/{n}" for n in REFERENCES}
     assert on_disk["weight/anchor"] == pytest.approx(1 / 3, abs=1e-6)
@@ -135,7 +135,7 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
     # The MLflow run: every param, the reference set, per-step curves; evaluate reopens the same run.
     from mlflow import MlflowClient
 
-    from mrpo.tracking import open_pipeline_run, read_run_record
+    from mrpo.tracking.tracker import open_pipeline_run, read_run_record
 
     record = read_run_record(policy)
     client = MlflowClient(record.tracking_uri)
@@ -180,7 +180,7 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
     assert tags["mrpo.strategy"] == "uniform" and tags["mrpo.beta"] == "0.1" and tags["mrpo.seed"] == "0"
     assert tags["mrpo.score.val_reward_accuracy_after"] == f"{metrics['val_reward_accuracy_after']:.4f}"
     assert tags["mrpo.launcher"] == "mrpo" and "mrpo.git_commit" in tags
-    from mrpo.data import prepared_digest
+    from mrpo.data.prepared import prepared_digest
 
     assert tags["mrpo.prepared_digest"] == prepared_digest(cfg.data.output_dir)
     assert tags["mrpo.reference.anchor.score_sha256"] == score_sha
@@ -251,8 +251,8 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
 def test_the_reference_weights_are_described_once_as_they_start(strategy, expected):
     import torch
 
-    from mrpo.train import describe_strategy_weights
-    from mrpo.weighting import make_strategy
+    from mrpo.core.weighting import make_strategy
+    from mrpo.stages.train import describe_strategy_weights
 
     made = make_strategy(strategy, 3, fixed_weights=[2, 1, 1] if strategy == "fixed" else None, window_size=8)
     made.fit(torch.tensor([[1.0, 0.5, -0.2], [0.3, 0.1, 0.4], [0.8, -0.1, 0.2]], dtype=torch.float64))
@@ -315,7 +315,7 @@ def trl_loss_on(examples, model, tokenizer, out_dir, beta: float, loss_type: str
 def test_k1_first_step_loss_equals_trl_dpo(scored, tmp_path):
     """Objective dpo (reference gpt2_char) == TRL DPOTrainer fed the same token ids
     and the same precomputed ref log-probs."""
-    from mrpo.models import load_model
+    from mrpo.modeling.models import load_model
 
     cfg = config(scored, tmp_path, **{"train.objective": "dpo", "train.dpo_reference": "gpt2_char"})
     setup = prepare_training(cfg)
@@ -452,7 +452,7 @@ def test_dpo_with_reference_k_equals_mrpo_with_only_reference_k(scored, tmp_path
         setup.datasets[split] = build_preference_dataset(
             pairs, split, only_k, setup.tokenizer, max_length=64, chat_template=False
         )
-    from mrpo.weighting import make_strategy
+    from mrpo.core.weighting import make_strategy
 
     setup.strategy, setup.names = (
         make_strategy("uniform", 1, fixed_weights=None, window_size=16, seed=0),
@@ -592,7 +592,7 @@ def test_resume_after_kill_ends_with_the_same_metrics(scored, tmp_path, monkeypa
 
     resumed = train(cfg)
     assert resumed["resumed"] is True
-    from mrpo.tracking import read_run_record
+    from mrpo.tracking.tracker import read_run_record
 
     assert read_run_record(cfg.train.output_dir).run_id == killed_run  # the same MLflow run, continued
     assert client.get_run(killed_run).info.status == "FINISHED"
@@ -688,7 +688,7 @@ def _rewrite_scores(path: Path, dest: Path, *, drop_rows: int = 0, digest: str |
 
 
 def test_refuses_a_pair_without_a_score(scored, tmp_path):
-    from mrpo.data import prepared_digest
+    from mrpo.data.prepared import prepared_digest
 
     src = Path(scored["root"]) / "data/scores"
     for name in REFERENCES:
@@ -732,7 +732,7 @@ def test_refuses_score_files_from_different_prepared_data(scored, tmp_path):
 
 
 def test_tracking_uri_precedence(scored, tmp_path, monkeypatch):
-    from mrpo.tracking import tracking_uri
+    from mrpo.tracking.tracker import tracking_uri
 
     cfg = load_config(scored["params"])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -806,9 +806,9 @@ def test_policy_dropout_is_off_by_default(scored, tmp_path):
     import dataclasses
     import shutil
 
-    from mrpo.models import collate_responses, load_tokenizer, response_logps
-    from mrpo.tokenization import encode_response
-    from mrpo.train import load_policy
+    from mrpo.data.tokenization import encode_response
+    from mrpo.modeling.models import collate_responses, load_tokenizer, response_logps
+    from mrpo.stages.train import load_policy
 
     cfg = config(scored, tmp_path)
     with_dropout = shutil.copytree(cfg.reference("gpt2_char").model, tmp_path / "gpt2_dropout")
@@ -849,7 +849,7 @@ def test_gradient_checkpointing_reaches_training_arguments_under_this_transforme
     """transformers renamed the flag after 5.17 (a GPU image's version) and refuses the other name."""
     from transformers import TrainingArguments
 
-    from mrpo.train import CHECKPOINTING_ARG, training_arguments
+    from mrpo.stages.train import CHECKPOINTING_ARG, training_arguments
 
     assert CHECKPOINTING_ARG in TrainingArguments.__dataclass_fields__
     for on in (True, False):
@@ -868,8 +868,8 @@ def test_gradient_checkpointing_reaches_training_arguments_under_this_transforme
 def test_step0_policy_logps_equal_anchor_scores_in_every_precision(scored, tmp_path, dtype):
     """Scoring records its precision;
     training's forward runs in it (fp32 weights, autocast), so step 0 is exact."""
-    from mrpo.scorefile import read_scores
-    from mrpo.scoring import score_reference
+    from mrpo.data.scorefile import read_scores
+    from mrpo.stages.score import score_reference
 
     cfg = config(
         scored,
@@ -1032,7 +1032,7 @@ def test_tensorboard_reporting_and_push_to_hub_up_to_the_upload(scored, tmp_path
     assert "mrpo train: mrpo-uniform-" in upload["commit_message"]
     from mlflow import MlflowClient
 
-    from mrpo.tracking import read_run_record
+    from mrpo.tracking.tracker import read_run_record
 
     record = read_run_record(cfg.train.output_dir)
     tags = MlflowClient(record.tracking_uri).get_run(record.run_id).data.tags

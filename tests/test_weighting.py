@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from mrpo.weighting import make_strategy
+from mrpo.core.weighting import make_strategy
 
 D = torch.float64
 

@@ -11,11 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from mrpo.config import ReferenceConfig, ZooMember, parse_config
-from mrpo.models import collate_responses, load_model, load_tokenizer, model_fingerprint, response_logps
-from mrpo.synthetic import generate_pairs
-from mrpo.tokenization import encode_response
-from mrpo.zoo import (
+from mrpo.config.schema import ReferenceConfig, ZooMember, parse_config
+from mrpo.data.synthetic import generate_pairs
+from mrpo.data.tokenization import encode_response
+from mrpo.modeling.models import (
+    collate_responses,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    response_logps,
+)
+from mrpo.stages.zoo import (
     DISABLED_MARKER,
     MANIFEST,
     build_member,

@@ -39,10 +39,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from mrpo.data import SPLITS, prepared_digest
+from mrpo.data.prepared import SPLITS, prepared_digest
+from mrpo.data.scorefile import METADATA_KEY, SCHEMA, score_metrics_path, score_path
+from mrpo.data.tokenization import EncodedResponse, encode_response, render_prompt
 from mrpo.errors import ConfigError, MRPOError
 from mrpo.io import atomic_file, write_json_atomically
-from mrpo.models import (
+from mrpo.modeling.models import (
     collate_responses,
     cpu_threads_for,
     forward_precision,
@@ -56,8 +58,6 @@ from mrpo.models import (
 )
 from mrpo.preflight import check_stage
 from mrpo.runtime import resolve_device, resolve_dtype
-from mrpo.scorefile import METADATA_KEY, SCHEMA, score_metrics_path, score_path
-from mrpo.tokenization import EncodedResponse, encode_response, render_prompt
 
 log = logging.getLogger("mrpo")
 

@@ -8,7 +8,7 @@ decoy, in the same words, so only knowing the fact tells them apart.
 
 A tiny model can memorise 144 facts, so the preference is learnable: the prepared
 test pairs are new (prompt, answer) wordings of facts whose other wordings are in
-the training split. The zoo (mrpo/zoo.py) teaches each reference a different part
+the training split. The zoo (mrpo/stages/zoo.py) teaches each reference a different part
 of the world: `attributes` it knows, `misled` ones it learned the decoys for.
 The zoo only ever sees `ZOO_PROMPTS` of the prompt wordings; the rest are wordings
 no reference was trained on. Deterministic under the seed; no network.

@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrpo.config import Config
+from mrpo.config.schema import Config
+from mrpo.core.losses import clip_to_anchor, trust_region_bands
+from mrpo.core.weighting import REGISTRY, make_strategy
 from mrpo.errors import ScoreDataError
 from mrpo.io import atomic_file, write_json_atomically, write_text_atomically
-from mrpo.losses import clip_to_anchor, trust_region_bands
-from mrpo.weighting import REGISTRY, make_strategy
 
 log = logging.getLogger("mrpo")
 
@@ -323,8 +323,8 @@ def split_scores(cfg: Config, split: str) -> tuple[list[str], np.ndarray, np.nda
     All references of params.yaml, anchor first; the score files are checked against each other and the
     prepared data as training checks them.
     """
-    from mrpo.data import prepared_digest, read_split
-    from mrpo.scorefile import load_reference_scores
+    from mrpo.data.prepared import prepared_digest, read_split
+    from mrpo.data.scorefile import load_reference_scores
 
     names = [r.name for r in cfg.references]
     scores = load_reference_scores(cfg.score.output_dir, names, prepared_digest(cfg.data.output_dir))
@@ -413,7 +413,7 @@ def flat_metrics(d: Diagnostics) -> dict[str, float]:
 def log_to_mlflow(cfg: Config, d: Diagnostics) -> str:
     """One run (tag mrpo.stage=diagnose) in the pipeline's experiment: the numbers and the four output
     files."""
-    from mrpo import tracking
+    from mrpo.tracking import tracker as tracking
 
     uri = tracking.tracking_uri(cfg)
     client = tracking.client_for(uri)

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mrpo.config import Config
+from mrpo.config.schema import Config
 from mrpo.io import write_text_atomically
 
 # Where train and evaluate keep their full records (mrpo.train.TRAIN_RECORD, mrpo.evaluate.EVAL_RECORD); named
@@ -164,7 +164,7 @@ def summary_markdown(
 def summarize(cfg: Config, project_dir: str | Path = ".") -> str:
     """Write `summary.file` and print it; returns the markdown."""
     from mrpo.preflight import check_stage
-    from mrpo.tracking import read_run_record
+    from mrpo.tracking.tracker import read_run_record
 
     check_stage(cfg, "summary")
     root = Path(project_dir)

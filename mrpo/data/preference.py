@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mrpo.data.scorefile import ReferenceScores
+from mrpo.data.tokenization import EncodedResponse, encode_response, render_prompt
 from mrpo.errors import ScoreDataError
-from mrpo.models import collate_responses
-from mrpo.scorefile import ReferenceScores
-from mrpo.tokenization import EncodedResponse, encode_response, render_prompt
+from mrpo.modeling.models import collate_responses
 
 log = logging.getLogger("mrpo")
 

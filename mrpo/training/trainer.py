@@ -29,11 +29,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from mrpo.checkpoints import seal_checkpoint
+from mrpo.core.losses import Objective, RunningRewardMean, reward_accuracy, wpo_weights
 from mrpo.errors import TrainingError
 from mrpo.io import jsonable
-from mrpo.losses import Objective, RunningRewardMean, reward_accuracy, wpo_weights
-from mrpo.models import cpu_threads_for, response_logps, response_token_logps, torch_threads
+from mrpo.modeling.models import cpu_threads_for, response_logps, response_token_logps, torch_threads
+from mrpo.training.checkpoints import seal_checkpoint
 
 log = logging.getLogger("mrpo")
 
@@ -145,7 +145,7 @@ class MRPOTrainer(Trainer):
 
         The per-token terms of the WPO weights are computed only with use_weighting: otherwise this is
         exactly `response_logps`, at no extra cost."""
-        from mrpo.models import forward_precision
+        from mrpo.modeling.models import forward_precision
 
         args = (inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"])
         n = inputs["ref_chosen_logps"].shape[0]
@@ -229,7 +229,7 @@ class MRPOTrainer(Trainer):
         (policy: its response_mask; references: their score files)."""
         if not self.objective.needs_tokens:
             return None
-        from mrpo.losses import TokenCounts
+        from mrpo.core.losses import TokenCounts
 
         lengths = inputs["response_mask"].sum(dim=-1)
         return TokenCounts(

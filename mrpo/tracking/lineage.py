@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from mrpo.config import Config
+from mrpo.config.schema import Config
 from mrpo.io import file_sha256
 
 log = logging.getLogger("mrpo")
@@ -243,13 +243,13 @@ def eval_score_names(metrics: Mapping[str, Any]) -> list[str]:
 
 def record_training_outputs(cfg: Config, run, project_dir: str | Path = ".") -> None:
     """The training curves (CSV and PNG under `plots/`) and the train metrics file (under `metrics/`)."""
-    from mrpo.tracking import client_for
+    from mrpo.tracking.tracker import client_for
 
     root = Path(project_dir)
     client = client_for(run.tracking_uri)
     if (root / cfg.train.metrics_file).is_file():
         client.log_artifact(run.run_id, str(root / cfg.train.metrics_file), "metrics")
-    from mrpo.plots import PNG_FILES, VALIDATION_FILE
+    from mrpo.reporting.plots import PNG_FILES, VALIDATION_FILE
 
     plots_dir = root / cfg.train.plots_dir
     for path in (
@@ -286,7 +286,7 @@ def complete_lineage(
 
     from mlflow.entities import Metric
 
-    from mrpo.tracking import client_for, metric_name
+    from mrpo.tracking.tracker import client_for, metric_name
 
     root = Path(project_dir).resolve()
     client = client_for(run.tracking_uri)
@@ -299,7 +299,7 @@ def complete_lineage(
     if "mrpo.git_commit" not in current.data.tags:  # a run from before this module: record git state now
         tags.update(git_tags(git_state(root, pipeline_outputs(root))))
     try:
-        from mrpo.data import prepared_digest
+        from mrpo.data.prepared import prepared_digest
 
         tags["mrpo.prepared_digest"] = prepared_digest(root / cfg.data.output_dir)
     except (OSError, ValueError):  # mrpo.errors.DataError included: nothing prepared here
@@ -316,8 +316,8 @@ def complete_lineage(
     # are immutable, so values already there stay
     from mlflow.entities import Param
 
-    from mrpo.config import config_to_flat_dict
-    from mrpo.tracking import _param_value
+    from mrpo.config.schema import config_to_flat_dict
+    from mrpo.tracking.tracker import _param_value
 
     params = [
         Param(k, _param_value(v)) for k, v in config_to_flat_dict(cfg).items() if k not in current.data.params
@@ -354,9 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     after `dvc repro` has written the final dvc.lock."""
     import sys
 
-    from mrpo.config import load_config
+    from mrpo.config.schema import load_config
     from mrpo.runtime import setup_logging
-    from mrpo.tracking import RUN_RECORD, read_run_record
+    from mrpo.tracking.tracker import RUN_RECORD, read_run_record
 
     args = sys.argv[1:] if argv is None else argv
     setup_logging()

@@ -25,7 +25,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from mrpo.config import Config, config_to_flat_dict
+from mrpo.config.schema import Config, config_to_flat_dict
 
 log = logging.getLogger("mrpo")
 
@@ -296,7 +296,7 @@ def log_datasets(run: PipelineRun, data_dir: str | Path, prepared_digest: str) -
     import mlflow.data
     from mlflow.entities import DatasetInput, InputTag
 
-    from mrpo.data import SPLITS, read_split, split_path
+    from mrpo.data.prepared import SPLITS, read_split, split_path
     from mrpo.io import file_sha256
 
     contexts = {"train": "training", "val": "validation", "test": "testing"}

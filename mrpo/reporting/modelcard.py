@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mrpo.config import Config, PushToHubConfig
+from mrpo.config.schema import Config, PushToHubConfig
 from mrpo.errors import MRPOError
 
 log = logging.getLogger("mrpo")

@@ -3,7 +3,7 @@
 Each member (params.yaml `zoo.members`) gets its own tokenizer (a small
 byte-level BPE or a character-level one, both built with `tokenizers`), an
 architecture (Llama or GPT-2) and a short SFT run on its own part of the
-synthetic fact world (mrpo/synthetic.py): the `attributes` it learns right and the
+synthetic fact world (mrpo/data/synthetic.py): the `attributes` it learns right and the
 `misled` ones it learns wrong (the decoys), with its own seed, so the references'
 knowledge, and so their preferences, genuinely differ. Everything is deterministic
 under `cfg.seed`; the facts are those of `cfg.seed`'s world, the data's too: building
@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mrpo.config import zoo_attention_heads
+from mrpo.config.schema import zoo_attention_heads
+from mrpo.data.synthetic import generate_pairs, sft_examples, total_pairs
+from mrpo.data.tokenization import encode_response
 from mrpo.io import replace_directory, write_json_atomically
-from mrpo.models import collate_responses, response_logps, torch_threads
+from mrpo.modeling.models import collate_responses, response_logps, torch_threads
 from mrpo.preflight import check_stage
-from mrpo.synthetic import generate_pairs, sft_examples, total_pairs
-from mrpo.tokenization import encode_response
 
 log = logging.getLogger("mrpo")
 

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mrpo.config import Config, ReferenceConfig
-from mrpo.data import read_split
+from mrpo.config.schema import Config, ReferenceConfig
+from mrpo.core.losses import reward_accuracy
+from mrpo.data.prepared import read_split
 from mrpo.errors import ScoreDataError
-from mrpo.io import write_json_atomically, write_text_atomically
-from mrpo.lmeval import (
+from mrpo.evaluation.lmeval import (
     EvalSettings,
     cached_lm_eval,
     check_model_exists,
@@ -42,7 +42,7 @@ from mrpo.lmeval import (
     run_lm_eval,
     write_held_out_data,
 )
-from mrpo.losses import reward_accuracy
+from mrpo.io import write_json_atomically, write_text_atomically
 from mrpo.runtime import resolve_dtype
 
 log = logging.getLogger("mrpo")
@@ -95,10 +95,10 @@ def policy_preference_metrics(
 ) -> dict[str, float]:
     """Reward accuracy and margin of the policy on the test split, against the anchor's stored scores."""
 
-    from mrpo.models import cpu_threads_for, load_model, load_tokenizer, torch_threads
-    from mrpo.scorefile import read_scores, score_path
-    from mrpo.scoring import score_sequences
-    from mrpo.tokenization import encode_response, render_prompt
+    from mrpo.data.scorefile import read_scores, score_path
+    from mrpo.data.tokenization import encode_response, render_prompt
+    from mrpo.modeling.models import cpu_threads_for, load_model, load_tokenizer, torch_threads
+    from mrpo.stages.score import score_sequences
 
     anchor = cfg.anchor
     anchor_scores = score_path(cfg.score.output_dir, anchor.name)
@@ -203,7 +203,7 @@ def policy_reference(cfg: Config) -> ReferenceConfig:
 def write_scored_card(cfg: Config, metrics: Mapping[str, float]) -> Path | None:
     """The policy's model card with this evaluation's scores, as `<results_dir>/model_card.md` (the card in
     the policy directory is the train stage's output and stays as it wrote it)."""
-    from mrpo.modelcard import CARD, with_evaluation
+    from mrpo.reporting.modelcard import CARD, with_evaluation
 
     card = Path(cfg.train.output_dir) / CARD
     if not card.is_file():
@@ -220,8 +220,8 @@ def log_to_mlflow(cfg: Config, metrics: Mapping[str, float], card: Path | None =
 
     from mlflow.entities import Metric
 
-    from mrpo.lineage import complete_lineage
-    from mrpo.tracking import client_for, read_run_record, tracking_uri
+    from mrpo.tracking.lineage import complete_lineage
+    from mrpo.tracking.tracker import client_for, read_run_record, tracking_uri
 
     run = read_run_record(cfg.train.output_dir)
     if run is None:
@@ -244,7 +244,7 @@ def log_to_mlflow(cfg: Config, metrics: Mapping[str, float], card: Path | None =
     for i in range(0, len(finite), 1000):
         client.log_batch(run.run_id, metrics=finite[i : i + 1000])
     if model_id and card is not None:
-        from mrpo.modelcard import CARD
+        from mrpo.reporting.modelcard import CARD
 
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copyfile(card, Path(tmp) / CARD)

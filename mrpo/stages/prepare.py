@@ -33,17 +33,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from mrpo import gsm8k
-from mrpo.config import Config, DataConfig
+from mrpo.config.schema import Config, DataConfig
+from mrpo.data import gsm8k
+from mrpo.data.prepared import SCHEMA, SPLITS, split_path, table_digest
+from mrpo.data.readers import read_file_rows, read_hub_rows
 from mrpo.errors import DataError
 from mrpo.io import atomic_file
-from mrpo.readers import read_file_rows, read_hub_rows
 
 log = logging.getLogger("mrpo")
 
-SPLITS = ("train", "val", "test")
-COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "prompt_messages")
-SCHEMA = pa.schema([(name, pa.string()) for name in COLUMNS])
 DROP_REASONS = ("missing_field", "not_string", "malformed", "identical", "too_long", "duplicate")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 _TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -335,7 +333,7 @@ def normalize_gsm8k(row: RawRow, cfg: DataConfig, seed: int) -> Pair:
 
 
 def read_synthetic_rows(n_pairs: int, seed: int) -> Iterator[dict]:
-    from mrpo.synthetic import generate_pairs
+    from mrpo.data.synthetic import generate_pairs
 
     return iter(generate_pairs(n_pairs, seed))
 
@@ -468,43 +466,6 @@ def split_table(pairs: list[Pair]) -> pa.Table:
         "prompt_messages": [p.prompt_messages for p in pairs],
     }
     return pa.table(columns, schema=SCHEMA)
-
-
-def table_digest(tables: dict[str, pa.Table]) -> str:
-    """SHA-256 over the split names and every cell, in order: independent of parquet encoding details."""
-    h = hashlib.sha256()
-    for split in SPLITS:
-        table = tables[split]
-        h.update(f"{split}\0{table.num_rows}\0".encode())
-        for row in table.select(list(COLUMNS)).to_pylist():
-            h.update(json.dumps([row[c] for c in COLUMNS], ensure_ascii=False).encode("utf-8"))
-            h.update(b"\n")
-    return h.hexdigest()
-
-
-def split_path(output_dir: str | Path, split: str) -> Path:
-    """Where the prepare stage writes `split` (one of SPLITS)."""
-    return Path(output_dir) / f"{split}.parquet"
-
-
-def existing_split(output_dir: str | Path, split: str) -> Path:
-    """`split_path`, refused with the fix when the prepare stage has not written it."""
-    path = split_path(output_dir, split)
-    if not path.is_file():
-        raise DataError(f"{path}: prepared data not found; run `mrpo prepare` first")
-    return path
-
-
-def read_split(output_dir: str | Path, split: str):
-    """One prepared split as a pandas DataFrame (the output contract's columns)."""
-    import pandas as pd
-
-    return pd.read_parquet(existing_split(output_dir, split))
-
-
-def prepared_digest(output_dir: str | Path) -> str:
-    """THE digest of the prepared data in `output_dir` (hex): scoring records it, training compares it."""
-    return table_digest({split: pq.read_table(existing_split(output_dir, split)) for split in SPLITS})
 
 
 def _write_atomically(outputs: dict[Path, bytes | pa.Table]) -> None:

@@ -754,8 +754,8 @@ def _validate_score(s: ScoreConfig) -> None:
 def _validate_train(t: TrainConfig) -> None:
     # The objective's own settings are validated by the objective itself (mrpo.losses.Objective), and the
     # strategy names come from the strategies' registry: one place each.
-    from mrpo.losses import Objective
-    from mrpo.weighting import STRATEGIES
+    from mrpo.core.losses import Objective
+    from mrpo.core.weighting import STRATEGIES
 
     try:
         Objective.from_train_config(t)
@@ -834,7 +834,7 @@ def _validate_training_references(cfg: Config) -> None:
     """Which references train, and the settings that depend on them or on the validation split."""
     t, d = cfg.train, cfg.data
     names = [r.name for r in cfg.references]
-    from mrpo.weighting import REGISTRY
+    from mrpo.core.weighting import REGISTRY
 
     if t.references is not None:
         for n in t.references:
@@ -898,7 +898,7 @@ def _validate_evaluate(e: EvalConfig) -> None:
 
 
 def _validate_diagnose_and_compare(cfg: Config, names: list[str]) -> None:
-    from mrpo.weighting import STRATEGIES
+    from mrpo.core.weighting import STRATEGIES
 
     g, c = cfg.diagnose, cfg.compare
     _one_of(g.split, "diagnose.split", ("train", "val", "test"))

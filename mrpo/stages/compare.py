@@ -35,13 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrpo.config import Config
+from mrpo.config.schema import Config
+from mrpo.core.losses import LOGP_TIE_TOLERANCE
+from mrpo.core.stats import bootstrap_summary, paired_t_p_value, t_interval
+from mrpo.core.weighting import STRATEGIES
+from mrpo.data.preference import PreferenceCollator, PreferenceDataset
 from mrpo.errors import ConfigError
 from mrpo.io import atomic_file, write_text_atomically
-from mrpo.losses import LOGP_TIE_TOLERANCE
-from mrpo.preference_data import PreferenceCollator, PreferenceDataset
-from mrpo.stats import bootstrap_summary, paired_t_p_value, t_interval
-from mrpo.weighting import STRATEGIES
 
 log = logging.getLogger("mrpo")
 
@@ -163,7 +163,7 @@ def policy_logps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(chosen, rejected) sequence log-probs of the policy on every pair, computed as training computes
     them."""
-    from mrpo.models import cpu_threads_for, forward_precision, response_logps, torch_threads
+    from mrpo.modeling.models import cpu_threads_for, forward_precision, response_logps, torch_threads
 
     collate = PreferenceCollator(pad_token_id)
     device = next(model.parameters()).device
@@ -228,8 +228,8 @@ class Comparison:
 def start(cfg: Config, comparison_id: str | None = None, track: bool = True) -> Comparison:
     """Read and tokenize the splits once (all references), compute the diagnostics, open the MLflow parent
     run."""
-    from mrpo.diagnostics import diagnose_scores, report_markdown
-    from mrpo.train import prepare_training
+    from mrpo.stages.diagnose import diagnose_scores, report_markdown
+    from mrpo.stages.train import prepare_training
 
     c = cfg.compare
     names = [r.name for r in cfg.references]
@@ -296,7 +296,7 @@ def start(cfg: Config, comparison_id: str | None = None, track: bool = True) -> 
 
 
 def _plan_lm_eval(cfg: Config, out_dir: Path) -> list:
-    from mrpo.lmeval import plan_tasks, write_held_out_data
+    from mrpo.evaluation.lmeval import plan_tasks, write_held_out_data
 
     planned = plan_tasks(cfg, out_dir / "lm_eval_data")
     write_held_out_data(cfg, planned)
@@ -307,10 +307,10 @@ def run_member(comparison: Comparison, member: Member) -> MemberResult:
     """Train one member from the anchor on its seed's draw; score it on the test split against the anchor."""
     from transformers.trainer_callback import ProgressCallback
 
+    from mrpo.core.weighting import make_strategy
     from mrpo.runtime import resolve_device, seed_everything
-    from mrpo.train import TrainingSetup, build_trainer, load_policy
-    from mrpo.trainer import mean_training_loss
-    from mrpo.weighting import make_strategy
+    from mrpo.stages.train import TrainingSetup, build_trainer, load_policy
+    from mrpo.training.trainer import mean_training_loss
 
     started = time.perf_counter()
     cfg, ds = comparison.cfg, comparison.datasets
@@ -364,9 +364,9 @@ def run_member(comparison: Comparison, member: Member) -> MemberResult:
 def _lm_eval_member(comparison: Comparison, mcfg: Config, model) -> dict[str, float]:
     """The evaluate stage's lm-eval tasks on `compare.lm_eval_limit` documents each, for the member's
     policy."""
-    from mrpo.evaluate import policy_reference
-    from mrpo.lmeval import EvalSettings, flatten_results, lm_eval_model_args, run_lm_eval
-    from mrpo.train import save_policy
+    from mrpo.evaluation.lmeval import EvalSettings, flatten_results, lm_eval_model_args, run_lm_eval
+    from mrpo.stages.evaluate import policy_reference
+    from mrpo.stages.train import save_policy
 
     save_policy(model, comparison.tokenizer, Path(mcfg.train.output_dir), merge_lora=True)
     settings = dataclasses.replace(EvalSettings.from_config(mcfg), limit=mcfg.compare.lm_eval_limit)
@@ -645,7 +645,7 @@ def compare(cfg: Config, *, track: bool = True, comparison_id: str | None = None
 
 
 def _start_parent_run(comparison: Comparison):
-    from mrpo import tracking
+    from mrpo.tracking import tracker as tracking
 
     cfg = comparison.cfg
     uri = tracking.tracking_uri(cfg)
@@ -666,7 +666,7 @@ def _start_parent_run(comparison: Comparison):
 
 
 def _log_member(comparison: Comparison, mcfg: Config, result: MemberResult) -> str:
-    from mrpo import tracking
+    from mrpo.tracking import tracker as tracking
 
     parent = comparison.parent_run
     client = tracking.client_for(parent.tracking_uri)
@@ -710,7 +710,7 @@ def _log_member(comparison: Comparison, mcfg: Config, result: MemberResult) -> s
 
 
 def _finish_parent_run(comparison: Comparison, rows: list[dict], paths: dict, wall: float) -> None:
-    from mrpo import tracking
+    from mrpo.tracking import tracker as tracking
 
     parent = comparison.parent_run
     metrics = {"compare/wall_s": wall}

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mrpo.data.tokenization import EncodedResponse
 from mrpo.errors import ConfigError
-from mrpo.tokenization import EncodedResponse
 
 log = logging.getLogger("mrpo")
 
@@ -488,7 +488,7 @@ def convert_gguf_checkpoint(gguf_path: str | Path, out_dir: str | Path) -> Path:
     load; the converted directory loads in about a second. transformers refuses to
     save a model loaded from GGUF, so `load_model` hands back a plain copy.
     """
-    from mrpo.config import ReferenceConfig
+    from mrpo.config.schema import ReferenceConfig
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     ref = ReferenceConfig("gguf", str(gguf_path))

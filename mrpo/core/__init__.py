@@ -1,0 +1,3 @@
+"""The objective: losses, the reference combination, WPO, weighting strategies, statistics. Pure tensors;
+imports nothing else from mrpo.
+"""

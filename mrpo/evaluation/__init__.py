@@ -1,0 +1,1 @@
+"""lm-eval-harness: task data, running it on a model, reading its results."""

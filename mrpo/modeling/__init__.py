@@ -1,0 +1,1 @@
+"""Loading models (hub, local, GGUF, placement, quantization) and computing response log-probs."""

@@ -1,0 +1,1 @@
+"""Experiment tracking: the only code that imports mlflow; lineage; the runs table."""
