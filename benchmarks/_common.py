@@ -238,7 +238,7 @@ def prepared_pairs(cfg, split: str = "train", limit: int | None = None):
 
 
 def prepare_hh_rlhf(scratch: Path, max_rows: int):
-    """Prepare the first `max_rows` HH-RLHF harmless-base pairs with `mrpo.data.prepare`;
+    """Prepare the first `max_rows` HH-RLHF harmless-base pairs with `mrpo.stages.prepare.prepare`;
     Config or None when absent."""
     if not HH_RLHF.is_file():
         return None

@@ -262,7 +262,7 @@ def timed_training(trainer, steps: int, device: str) -> dict:
 
 
 def ours(cfg, k: int, args) -> dict:
-    from mrpo.stages.train import build_trainer, prepare_training
+    from mrpo.training.setup import build_trainer, prepare_training
 
     setup = prepare_training(cfg)
     trainer = build_trainer(cfg, setup)
@@ -283,7 +283,7 @@ def fp32_control(scratch: Path, args) -> dict:
     """Step-0 margins of K = 1 with the anchor scored and trained in float32: the code path's exactness
     (a bf16 miss of the bar with this within it is bf16 rounding, not a bug)."""
     from mrpo.stages.score import score_reference
-    from mrpo.stages.train import build_trainer, prepare_training
+    from mrpo.training.setup import build_trainer, prepare_training
 
     cfg = scratch_config(scratch, args, 1, dtype="float32")
     score_reference(cfg, cfg.anchor.name)

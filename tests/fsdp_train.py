@@ -37,7 +37,7 @@ from torch.distributed.fsdp import fully_shard
 from mrpo.config.schema import ReferenceConfig, load_config
 from mrpo.modeling.models import load_model
 from mrpo.runtime import seed_everything, setup_logging
-from mrpo.stages.train import build_trainer, policy_from_state_dict, prepare_training, save_policy
+from mrpo.training.setup import build_trainer, policy_from_state_dict, prepare_training, save_policy
 
 GLOBAL_BATCH = 8
 

@@ -43,7 +43,7 @@ def margins() -> np.ndarray:
 
 
 def test_pure_functions_match_the_hand_computed_values():
-    from mrpo.stages.diagnose import (
+    from mrpo.reporting.diagnostics import (
         clip_fractions,
         margin_correlation,
         margin_summary,

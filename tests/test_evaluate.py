@@ -18,7 +18,7 @@ from mrpo.config.schema import ConfigError, parse_config
 from mrpo.core import losses
 from mrpo.data import synthetic
 from mrpo.data.synthetic import first_value, generate_pairs, is_correct
-from mrpo.evaluation import lmeval
+from mrpo.evaluation import lmeval, preference
 from mrpo.io import file_sha256
 from mrpo.modeling import models
 from mrpo.stages import evaluate as ev
@@ -137,7 +137,7 @@ def test_flatten_results_names_and_deltas():
 def test_preference_metrics_numbers():
     pi_w, pi_l = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-2.0, -1.0, -3.0])
     r_w, r_l = torch.tensor([-1.5, -1.5, -3.0]), torch.tensor([-1.5, -1.0, -4.0])
-    m = ev.preference_metrics(pi_w, pi_l, r_w, r_l, beta=0.5)
+    m = preference.preference_metrics(pi_w, pi_l, r_w, r_l, beta=0.5)
     # margins: 0.5*((0.5)-(-0.5)) = 0.5, 0.5*((-0.5)-0) = -0.25, 0.5*(0-1) = -0.5
     assert m["pref/reward_accuracy_vs_anchor"] == pytest.approx(1 / 3)
     assert m["pref/reward_margin_vs_anchor"] == pytest.approx((0.5 - 0.25 - 0.5) / 3)
@@ -145,14 +145,17 @@ def test_preference_metrics_numbers():
     assert m["pref/pairs"] == 3
     # fp32 noise between batchings is a tie, not a win; a real preference is not.
     tiny = losses.LOGP_TIE_TOLERANCE[torch.float32] / 10
-    ties = ev.preference_metrics(r_w + tiny, r_l, r_w, r_l, beta=0.5)
+    ties = preference.preference_metrics(r_w + tiny, r_l, r_w, r_l, beta=0.5)
     assert ties["pref/reward_accuracy_vs_anchor"] == 0.0 and ties[
         "pref/reward_margin_vs_anchor"
     ] == pytest.approx(0.5 * tiny, rel=1e-2)
-    assert ev.preference_metrics(r_w + 0.01, r_l, r_w, r_l, beta=0.5)["pref/reward_accuracy_vs_anchor"] == 1.0
+    assert (
+        preference.preference_metrics(r_w + 0.01, r_l, r_w, r_l, beta=0.5)["pref/reward_accuracy_vs_anchor"]
+        == 1.0
+    )
     # in bf16 numerics a tie is wider (step-0 noise reaches 3e-3 nats): 0.005 nats is noise there
     assert (
-        ev.preference_metrics(r_w + 0.005, r_l, r_w, r_l, beta=0.5, precision=torch.bfloat16)[
+        preference.preference_metrics(r_w + 0.005, r_l, r_w, r_l, beta=0.5, precision=torch.bfloat16)[
             "pref/reward_accuracy_vs_anchor"
         ]
         == 0.0

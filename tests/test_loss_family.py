@@ -628,7 +628,7 @@ def test_running_reward_mean():
 
 
 def train_steps(cfg, steps: int):
-    from mrpo.stages.train import build_trainer, prepare_training
+    from mrpo.training.setup import build_trainer, prepare_training
 
     trainer = build_trainer(cfg, prepare_training(cfg))
     trainer.args.max_steps, trainer.args.save_strategy, trainer.args.eval_strategy = steps, "no", "no"
@@ -669,7 +669,7 @@ def test_each_loss_trains(scored, tmp_path, overrides):
 def test_bco_reward_mean_is_checkpointed_and_resumed(scored, tmp_path):
     """The running mean is saved with each checkpoint and restored on resume: a run resumed from step 2 ends
     with the state and loss of the straight run."""
-    from mrpo.stages.train import build_trainer, prepare_training
+    from mrpo.training.setup import build_trainer, prepare_training
     from mrpo.training.trainer import LOSS_STATE_FILE
 
     common = {

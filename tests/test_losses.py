@@ -20,7 +20,7 @@ def scalar_mrpo(
     pi_w, pi_l, refs_w, refs_l, alpha, *, beta, eps, adaptive, loss_type, s=0.0, combine="harmonic"
 ):
     """Spec sections 1-4 for ONE pair with the math module only:
-    an implementation independent of mrpo.losses."""
+    an implementation independent of mrpo.core.losses."""
     k = len(refs_w)
     if adaptive:
         b_w, b_l = abs(sum(refs_w) / k), abs(sum(refs_l) / k)

@@ -199,7 +199,7 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
         json.dumps({"policy/mrpo_facts_mc/acc": 0.625, "pref": {"n": 18}})
     )
     (project / "metrics" / "train.json").write_text(json.dumps({"steps": 3, "final_loss": 0.69}))
-    # The curves as the train stage writes them (mrpo.train.write_plots), from a three-step log.
+    # The curves as the train stage writes them (mrpo.stages.train.write_plots), from a three-step log.
     frame = pd.DataFrame(
         {
             "step": [1, 2, 3],
@@ -265,7 +265,7 @@ def test_a_dvc_repro_run_records_its_own_lineage_and_evaluate_completes_it(tiny_
     """No Prefect: plain `dvc repro` in a work tree with an uncommitted change. Train records the git state
     (dirty, with the diff's hash), that DVC launched it and the dvc.lock it started from; evaluate completes
     the run (outputs' DVC digests, scores, artifacts, the card with scores) without touching train's outputs;
-    `python -m mrpo.lineage` afterwards records the final dvc.lock."""
+    `python -m mrpo.tracking.lineage` afterwards records the final dvc.lock."""
     import hashlib
 
     from mlflow import MlflowClient

@@ -25,7 +25,8 @@ from mrpo.core.losses import LOGP_TIE_TOLERANCE, Objective
 from mrpo.data.preference import PreferenceCollator, build_preference_dataset
 from mrpo.data.scorefile import load_reference_scores
 from mrpo.errors import ScoreDataError
-from mrpo.stages.train import build_trainer, prepare_training, train
+from mrpo.stages.train import train
+from mrpo.training.setup import build_trainer, prepare_training
 
 # ---------------------------------------------------------------- fixtures
 
@@ -252,7 +253,7 @@ def test_the_reference_weights_are_described_once_as_they_start(strategy, expect
     import torch
 
     from mrpo.core.weighting import make_strategy
-    from mrpo.stages.train import describe_strategy_weights
+    from mrpo.training.setup import describe_strategy_weights
 
     made = make_strategy(strategy, 3, fixed_weights=[2, 1, 1] if strategy == "fixed" else None, window_size=8)
     made.fit(torch.tensor([[1.0, 0.5, -0.2], [0.3, 0.1, 0.4], [0.8, -0.1, 0.2]], dtype=torch.float64))
@@ -808,7 +809,7 @@ def test_policy_dropout_is_off_by_default(scored, tmp_path):
 
     from mrpo.data.tokenization import encode_response
     from mrpo.modeling.models import collate_responses, load_tokenizer, response_logps
-    from mrpo.stages.train import load_policy
+    from mrpo.training.setup import load_policy
 
     cfg = config(scored, tmp_path)
     with_dropout = shutil.copytree(cfg.reference("gpt2_char").model, tmp_path / "gpt2_dropout")
@@ -849,7 +850,7 @@ def test_gradient_checkpointing_reaches_training_arguments_under_this_transforme
     """transformers renamed the flag after 5.17 (a GPU image's version) and refuses the other name."""
     from transformers import TrainingArguments
 
-    from mrpo.stages.train import CHECKPOINTING_ARG, training_arguments
+    from mrpo.training.setup import CHECKPOINTING_ARG, training_arguments
 
     assert CHECKPOINTING_ARG in TrainingArguments.__dataclass_fields__
     for on in (True, False):

@@ -26,7 +26,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
 MEMORY_DEVICES = ("cpu", "disk")  # besides GPU indices
-# The synthetic fact task's attributes and size (mrpo.synthetic.ATTRIBUTES / total_pairs(); written out so
+# The synthetic fact task's attributes and size (mrpo.data.synthetic.ATTRIBUTES / total_pairs(); written out
+# so
 # that validating params.yaml imports nothing else; tests/test_synthetic.py checks they agree).
 ZOO_ATTRIBUTES = ("colour", "city", "food")
 SYNTHETIC_MAX_PAIRS = 3456
@@ -752,7 +753,7 @@ def _validate_score(s: ScoreConfig) -> None:
 
 
 def _validate_train(t: TrainConfig) -> None:
-    # The objective's own settings are validated by the objective itself (mrpo.losses.Objective), and the
+    # The objective's own settings are validated by the objective itself (mrpo.core.losses.Objective), and the
     # strategy names come from the strategies' registry: one place each.
     from mrpo.core.losses import Objective
     from mrpo.core.weighting import STRATEGIES

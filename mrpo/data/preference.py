@@ -1,5 +1,6 @@
 """The training data: prepared pairs joined by pair_id with their K references' stored log-probs, tokenized
-for the policy with the anchor's tokenizer (`mrpo.tokenization.encode_response`, exactly as scoring did, so at
+for the policy with the anchor's tokenizer (`mrpo.data.tokenization.encode_response`, exactly as scoring
+did, so at
 step 0 the policy's log-probs equal the anchor's scores), and collated into one 2B-row batch per step.
 """
 

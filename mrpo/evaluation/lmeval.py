@@ -5,7 +5,7 @@ Tasks are names: lm-eval's own (gsm8k, truthfulqa_mc2, ...: they need the hub) o
 in `evaluation/tasks/`, which run offline:
 
 * `mrpo_facts_gen`, `mrpo_facts_mc`: the held-out synthetic fact pairs, written as JSONL from
-  `<data.output_dir>/test.parquet` at run time (items from mrpo.synthetic);
+  `<data.output_dir>/test.parquet` at run time (items from mrpo.data.synthetic);
 * `gsm8k_local`: GSM8K from the local file `evaluate.task_data.gsm8k_local`.
 
 The anchor does not change between runs, so its results are cached under `evaluate.cache_dir`, keyed by its
@@ -220,7 +220,7 @@ class EvalSettings:
 def lm_eval_model_args(ref: ReferenceConfig, dtype: str) -> dict[str, Any]:
     """HF-backend arguments for a reference: a local directory, a hub id (pinned revision) or a GGUF file.
 
-    Raw prompts get the tokenizer's BOS, as `mrpo.tokenization.encode_response`
+    Raw prompts get the tokenizer's BOS, as `mrpo.data.tokenization.encode_response`
     gives it in scoring and training, so lm-eval sees prompts the way the models
     were trained; with a chat template, the template supplies its own start tokens.
     """

@@ -77,7 +77,7 @@ def model_card(
 ) -> str:
     """The card's markdown. `references`: name, model, revision or content_hash, score_sha256 per training
     reference (as logged to MLflow); `pairs`: trainable pairs per split; `metrics`: metrics/train.json;
-    `run`: the mrpo.tracking.PipelineRun, when tracked."""
+    `run`: the mrpo.tracking.tracker.PipelineRun, when tracked."""
     t = cfg.train
     anchor = cfg.anchor
     adapter = t.lora.enabled and not t.lora.merge

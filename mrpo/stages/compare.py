@@ -9,7 +9,8 @@ split and the scores are those of `seed` in params.yaml, and a comparison seed v
 the training order only.
 
 Each member is scored on the whole test split against the anchor (the standard DPO reward accuracy, as the
-evaluate stage: mrpo.losses.reward_accuracy), pair by pair; mrpo.stats turns the (seeds x pairs) matrices
+evaluate stage: mrpo.core.losses.reward_accuracy), pair by pair; mrpo.core.stats turns the (seeds x pairs)
+matrices
 into intervals and paired differences against DPO with the anchor. With `compare.lm_eval_limit` > 0 each
 member also runs the evaluate stage's lm-eval tasks on that many documents.
 
@@ -42,6 +43,7 @@ from mrpo.core.weighting import STRATEGIES
 from mrpo.data.preference import PreferenceCollator, PreferenceDataset
 from mrpo.errors import ConfigError
 from mrpo.io import atomic_file, write_text_atomically
+from mrpo.reporting.tables import markdown_table, text_table
 
 log = logging.getLogger("mrpo")
 
@@ -152,7 +154,7 @@ def pair_correct(
     precision: torch.dtype = torch.float32,
 ) -> np.ndarray:
     """Per pair 1.0 when the policy's reward against the anchor prefers the chosen response beyond a tie, else
-    0.0: the per-pair form of mrpo.losses.reward_accuracy (its mean is the evaluate stage's
+    0.0: the per-pair form of mrpo.core.losses.reward_accuracy (its mean is the evaluate stage's
     reward_accuracy_vs_anchor)."""
     gap = beta * ((policy_chosen - anchor_chosen) - (policy_rejected - anchor_rejected))
     return (gap > beta * LOGP_TIE_TOLERANCE[precision]).astype(np.float64)
@@ -217,7 +219,7 @@ class Comparison:
     members: list[Member]
     diagnostics_md: str
     lm_eval_tasks: list = field(default_factory=list)
-    parent_run: Any = None  # mrpo.tracking.PipelineRun
+    parent_run: Any = None  # mrpo.tracking.tracker.PipelineRun
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -228,8 +230,8 @@ class Comparison:
 def start(cfg: Config, comparison_id: str | None = None, track: bool = True) -> Comparison:
     """Read and tokenize the splits once (all references), compute the diagnostics, open the MLflow parent
     run."""
-    from mrpo.stages.diagnose import diagnose_scores, report_markdown
-    from mrpo.stages.train import prepare_training
+    from mrpo.reporting.diagnostics import diagnose_scores, report_markdown
+    from mrpo.training.setup import prepare_training
 
     c = cfg.compare
     names = [r.name for r in cfg.references]
@@ -309,7 +311,7 @@ def run_member(comparison: Comparison, member: Member) -> MemberResult:
 
     from mrpo.core.weighting import make_strategy
     from mrpo.runtime import resolve_device, seed_everything
-    from mrpo.stages.train import TrainingSetup, build_trainer, load_policy
+    from mrpo.training.setup import TrainingSetup, build_trainer, load_policy
     from mrpo.training.trainer import mean_training_loss
 
     started = time.perf_counter()
@@ -365,8 +367,8 @@ def _lm_eval_member(comparison: Comparison, mcfg: Config, model) -> dict[str, fl
     """The evaluate stage's lm-eval tasks on `compare.lm_eval_limit` documents each, for the member's
     policy."""
     from mrpo.evaluation.lmeval import EvalSettings, flatten_results, lm_eval_model_args, run_lm_eval
-    from mrpo.stages.evaluate import policy_reference
-    from mrpo.stages.train import save_policy
+    from mrpo.evaluation.preference import policy_reference
+    from mrpo.training.setup import save_policy
 
     save_policy(model, comparison.tokenizer, Path(mcfg.train.output_dir), merge_lora=True)
     settings = dataclasses.replace(EvalSettings.from_config(mcfg), limit=mcfg.compare.lm_eval_limit)
@@ -493,20 +495,6 @@ def lm_eval_diff_rows(rows: Sequence[dict], baseline: str) -> tuple[list[str], l
             cells.append(f"{r[key]:+.3f}{ci}, p={_f(r[f'{m} p'])}")
         body.append([r["label"], *cells])
     return header, body
-
-
-def text_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)]) + "\n"
-
-
-def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body]) + "\n"
 
 
 def plot_comparison(rows: Sequence[dict], baseline: str, path: str | Path, confidence: float) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 from mrpo.config.schema import Config
 from mrpo.io import write_text_atomically
 
-# Where train and evaluate keep their full records (mrpo.train.TRAIN_RECORD, mrpo.evaluate.EVAL_RECORD); named
+# Where train and evaluate keep their full records (mrpo.stages.train.TRAIN_RECORD,
+# mrpo.stages.evaluate.EVAL_RECORD); named
 # here so the summary does not import those stages (and their torch and lm-eval imports).
 TRAIN_RECORD = "train_metrics.json"
 EVAL_RECORD = "metrics.json"

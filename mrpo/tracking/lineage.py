@@ -7,7 +7,8 @@ Three moments, because DVC writes a stage's `dvc.lock` entry only after the stag
   `git diff HEAD`), what launched the run, the `dvc.lock` digest as it was before training, the key params;
 * train ends (`record_training_outputs`): the training curves (CSV and PNG) and `metrics/train.json`;
 * evaluate ends, and again when the Prefect flow ends (`complete_lineage`): the `dvc.lock` digest as it is
-  then (after `dvc repro`, evaluate sees train's entry; the flow, or `python -m mrpo.lineage` run after
+  then (after `dvc repro`, evaluate sees train's entry; the flow, or `python -m mrpo.tracking.lineage` run
+  after
   `dvc repro`, sees the final one), the DVC digest of every stage output, the score and data digests, the
   downstream scores and the artifacts. Each call re-records the same tags and files, so it is idempotent.
 """
@@ -281,7 +282,8 @@ def _flat_numbers(data: Any, prefix: str = "") -> dict[str, float]:
 def complete_lineage(
     cfg: Config, run, project_dir: str | Path = ".", extra_tags: Mapping[str, str] | None = None
 ) -> None:
-    """Everything the pipeline's outputs tell about `run` (a mrpo.tracking.PipelineRun) once they exist."""
+    """Everything the pipeline's outputs tell about `run` (a mrpo.tracking.tracker.PipelineRun) once they
+    exist."""
     import time
 
     from mlflow.entities import Metric
@@ -350,7 +352,8 @@ def complete_lineage(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m mrpo.lineage [params.yaml]`: complete the lineage of the run the train stage recorded, e.g.
+    """`python -m mrpo.tracking.lineage [params.yaml]`: complete the lineage of the run the train stage
+    recorded, e.g.
     after `dvc repro` has written the final dvc.lock."""
     import sys
 

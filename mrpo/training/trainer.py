@@ -4,7 +4,7 @@ the loss step, the callbacks around it, checkpointed weighting state.
 Only `compute_loss`, `training_step` and `prediction_step` are overridden, so everything users
 expect from `Trainer` keeps working: gradient accumulation, mixed precision,
 checkpoints and resume, DDP/FSDP/DeepSpeed through accelerate or torchrun,
-schedulers and evaluation at intervals. Batches come from mrpo.preference_data:
+schedulers and evaluation at intervals. Batches come from mrpo.data.preference:
 reference log-probs from the K score files, never from a reference model.
 """
 
@@ -86,10 +86,10 @@ class MRPOTrainer(Trainer):
     """`transformers.Trainer` whose loss is the MRPO objective over precomputed reference log-probs.
 
     Extra arguments: `objective` (Objective), `strategy` (from
-    `mrpo.weighting.make_strategy`), `reference_names` (K names, anchor first,
+    `mrpo.core.weighting.make_strategy`), `reference_names` (K names, anchor first,
     used for the `weight/<name>` metrics), `precision` (the dtype the anchor was
     scored in: the policy's forward runs in the same numerics, see
-    `mrpo.models.forward_precision`). Batches come from PreferenceCollator.
+    `mrpo.modeling.models.forward_precision`). Batches come from PreferenceCollator.
 
     One optimizer step is one unit whatever the gradient accumulation: the loss is
     a mean over the step's whole batch (pairs for the preference term, chosen
@@ -301,7 +301,7 @@ class MRPOTrainer(Trainer):
         super().log(logs, start_time)
 
     def _threads(self):
-        """One intra-op thread for a tiny model on CPU (see mrpo.models.cpu_threads_for);
+        """One intra-op thread for a tiny model on CPU (see mrpo.modeling.models.cpu_threads_for);
         torch's default otherwise."""
         return torch_threads(cpu_threads_for(self.model, self.args.device))
 

@@ -1,0 +1,121 @@
+"""Sequence log-probs of many responses under one model: length-sorted batches within a token budget."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mrpo.data.tokenization import EncodedResponse
+from mrpo.modeling.models import (
+    collate_responses,
+    forward_precision,
+    response_logps,
+)
+
+
+@dataclass
+class ShardStats:
+    """What one shard cost: real tokens, padded tokens, seconds, sequences, prompts cut from the left."""
+
+    tokens: int = 0
+    padded_tokens: int = 0
+    seconds: float = 0.0
+    sequences: int = 0
+    prompts_truncated: int = 0
+
+    def add(self, other: ShardStats) -> None:
+        for key in ("tokens", "padded_tokens", "seconds", "sequences", "prompts_truncated"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+
+
+def plan_batches(
+    lengths: Sequence[int], batch_tokens: int, batch_overhead_tokens: int = 128
+) -> list[list[int]]:
+    """Indices grouped into batches of similar length,
+    each batch's padded size (count x longest) <= batch_tokens.
+
+    Sequences are sorted by length and the sorted run is cut where the total
+    cost, padded tokens plus `batch_overhead_tokens` per forward call, is least
+    (a dynamic programme over the distinct lengths), so there is little padding
+    without many tiny batches. A sequence longer than batch_tokens gets a batch
+    of its own.
+    """
+    if not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    # Runs of equal length, ascending: (length, count).
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and groups[-1][0] == lengths[i]:
+            groups[-1][1] += 1
+        else:
+            groups.append([lengths[i], 1])
+    g = len(groups)
+    prefix = [0]
+    for _, count in groups:
+        prefix.append(prefix[-1] + count)
+    best = [0.0] + [math.inf] * g  # best[j]: least cost of the first j groups
+    cut = [0] * (g + 1)
+    for j in range(1, g + 1):
+        longest = groups[j - 1][0]
+        per_batch = max(1, batch_tokens // longest)
+        for i in range(j - 1, -1, -1):
+            count = prefix[j] - prefix[i]
+            cost = best[i] + count * longest + math.ceil(count / per_batch) * batch_overhead_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    spans = []
+    j = g
+    while j > 0:
+        spans.append((prefix[cut[j]], prefix[j], groups[j - 1][0]))
+        j = cut[j]
+    batches: list[list[int]] = []
+    for lo, hi, longest in reversed(spans):
+        per_batch = max(1, batch_tokens // longest)
+        members = order[lo:hi]
+        batches.extend(members[k : k + per_batch] for k in range(0, len(members), per_batch))
+    return batches
+
+
+def score_sequences(
+    model,
+    encoded: Sequence[EncodedResponse],
+    pad_token_id: int,
+    batch_tokens: int,
+    device: torch.device,
+    progress: tqdm | None = None,
+    padding_side: str = "right",
+    precision: torch.dtype = torch.float32,
+) -> tuple[np.ndarray, ShardStats]:
+    """log p(response | prompt) for each encoded sequence (NaN where it does not fit), and what it cost.
+
+    `precision` is the forward's numerics over the model's (fp32) weights, as in training: see
+    `mrpo.modeling.models.forward_precision`.
+    """
+    stats = ShardStats()
+    out = np.full(len(encoded), np.nan, dtype=np.float64)
+    todo = [i for i, e in enumerate(encoded) if e.fits]
+    start = time.perf_counter()
+    for batch in plan_batches([len(encoded[i].input_ids) for i in todo], batch_tokens):
+        idx = [todo[j] for j in batch]
+        inputs = collate_responses([encoded[i] for i in idx], pad_token_id, padding_side)
+        with torch.inference_mode(), forward_precision(precision, device):
+            logps = response_logps(model, **{k: v.to(device) for k, v in inputs.items()})
+        out[idx] = logps.double().cpu().numpy()
+        real = int(inputs["attention_mask"].sum())
+        stats.tokens += real
+        stats.padded_tokens += inputs["input_ids"].numel()
+        stats.sequences += len(idx)
+        if progress is not None:
+            progress.update(len(idx))
+            elapsed = time.perf_counter() - start
+            progress.set_postfix_str(f"{stats.tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
+    stats.seconds = time.perf_counter() - start
+    stats.prompts_truncated = sum(e.prompt_truncated for e in encoded)
+    return out, stats

@@ -1,0 +1,422 @@
+"""What the train stage and the comparison share: the training fingerprint, loading the policy, the
+TrainingArguments, building the MRPOTrainer over prepared data and stored scores, and saving the policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from mrpo.config.schema import Config, ConfigError
+from mrpo.core.losses import Objective
+from mrpo.data.preference import PreferenceCollator, PreferenceDataset, build_preference_dataset
+from mrpo.data.prepared import SPLITS, read_split
+from mrpo.data.scorefile import load_reference_scores
+from mrpo.errors import ScoreDataError, TrainingError
+from mrpo.runtime import resolve_device
+from mrpo.training.trainer import MRPOTrainer
+
+log = logging.getLogger("mrpo")
+
+
+def optimizer_steps(t, train_pairs: int, world_size: int = 1) -> int:
+    """Optimizer steps the run will take, as Trainer counts them:
+    `max_steps`, else epochs x steps per epoch."""
+    if t.max_steps > 0:
+        return t.max_steps
+    batches = math.ceil(train_pairs / (t.batch_size * world_size))
+    per_epoch = batches // t.gradient_accumulation_steps + int(batches % t.gradient_accumulation_steps > 0)
+    return math.ceil(t.num_epochs * per_epoch)
+
+
+def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
+    """`train.warmup_ratio` of the run in whole steps
+    (Trainer reads a float >= 1 as a step count, so 1.0 would be one step)."""
+    return math.ceil(warmup_ratio * total_steps)
+
+
+def check_finite_weights(model, out_dir: str | Path) -> None:
+    """Refuse to save a policy with a NaN or infinite weight: it would replace a good one."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param.detach()).all():
+            raise TrainingError(
+                f"the trained weights hold NaN or inf (first in {name}); not saving them, so "
+                f"{out_dir} keeps the previous policy. Lower train.learning_rate and re-run"
+            )
+
+
+def load_policy(cfg: Config, device: torch.device):
+    """The anchor as a trainable causal LM: full fine-tuning, or a LoRA adapter on it (peft)."""
+    from mrpo.modeling.models import disable_dropout, load_model
+
+    # fp32 master weights; on CUDA the Trainer runs the forward in bf16 autocast.
+    model = load_model(cfg.anchor, device="cpu", dtype=torch.float32)
+    if cfg.train.disable_dropout:
+        # Before LoRA wraps it: an adapter's own dropout (train.lora.dropout) is the user's explicit choice.
+        n = disable_dropout(model)
+        if n:
+            log.info("train: disabled %d dropout layer(s) of the policy (train.disable_dropout)", n)
+    model.train()
+    lora = cfg.train.lora
+    if lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        peft_cfg = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules) if lora.target_modules else None,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, peft_cfg)
+        if cfg.train.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info(
+            "train: LoRA r=%d on %s: %d of %d parameters trainable",
+            lora.r,
+            sorted(model.peft_config["default"].target_modules),
+            trainable,
+            total,
+        )
+    return model
+
+
+def policy_from_state_dict(cfg: Config, state_dict: dict[str, torch.Tensor]):
+    """A fresh, plain copy of the policy (LoRA-wrapped when configured) holding `state_dict`: how a policy
+    whose parameters were sharded (FSDP) becomes one model again, to merge and save."""
+    model = load_policy(cfg, torch.device("cpu"))
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def trained_policy(cfg: Config, trainer):
+    """The trained policy as one plain model on the main process (None on the others when sharded).
+
+    Under FSDP or DeepSpeed ZeRO-3 every rank holds a shard of each parameter, so this is a collective that
+    every rank calls: accelerate gathers the full state dict on rank 0, which loads it into a fresh copy.
+    Otherwise (one process, DDP) the model is whole on every rank already.
+    """
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    if not sharded:
+        return trainer.model
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    return policy_from_state_dict(cfg, state_dict) if _is_main_process() else None
+
+
+def save_policy(model, tokenizer, out_dir: Path, *, merge_lora: bool) -> None:
+    """safetensors + tokenizer; a LoRA policy is merged into plain weights when `merge_lora`,
+    else saved as an adapter."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) and merge_lora:
+        model = model.merge_and_unload()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+# transformers renamed TrainingArguments.gradient_checkpointing to activation_checkpointing after 5.17
+# (which has only the old name and refuses the new; where both exist the old is deprecated): use whichever
+# this one has.
+CHECKPOINTING_ARG = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
+
+
+def training_arguments(
+    cfg: Config,
+    device: torch.device,
+    has_eval: bool,
+    total_steps: int,
+    precision: torch.dtype = torch.float32,
+) -> TrainingArguments:
+    """`precision` is the anchor's scoring precision; MRPOTrainer runs the policy's forward in it on any
+    device, these flags only let accelerate add its loss scaler (fp16) and autocast on CUDA as well.
+    `total_steps` turns `train.warmup_ratio` into steps."""
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=t.checkpoint_dir,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=warmup_steps(t.warmup_ratio, total_steps),
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        **{CHECKPOINTING_ARG: t.gradient_checkpointing},
+        use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda" and precision == torch.bfloat16,
+        fp16=device.type == "cuda" and precision == torch.float16,
+        report_to=list(t.report_to) or "none",  # TensorBoard: event files under <checkpoint_dir>/runs
+        remove_unused_columns=False,
+    )
+
+
+def scoring_precision(anchor_meta: dict | None, cfg: Config) -> torch.dtype:
+    """The precision the anchor was scored in (its score file's `dtype`), so the policy's step-0 forward
+    reproduces those scores; without the anchor's file (objective dpo against another reference), what
+    score.dtype resolves to on the training device."""
+    recorded = (anchor_meta or {}).get("dtype")
+    if recorded is None:
+        from mrpo.runtime import resolve_dtype
+
+        return resolve_dtype(cfg.score.dtype, resolve_device(cfg.train.device))
+    if recorded not in ("float32", "bfloat16", "float16"):
+        raise ScoreDataError(
+            f"{cfg.score.output_dir}/{cfg.anchor.name}.parquet: unknown scoring dtype {recorded!r}; "
+            f"re-run `mrpo score --reference {cfg.anchor.name}`"
+        )
+    return getattr(torch, recorded)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class TrainingSetup:
+    """Everything the stage reads before building a Trainer: scores, tokenized splits, the fitted strategy."""
+
+    names: list[str]
+    scores: list
+    prepared_digest: str
+    tokenizer: Any
+    datasets: dict[str, PreferenceDataset]
+    strategy: Any
+    fingerprint: str
+    precision: torch.dtype = torch.float32  # the anchor's scoring precision: the policy's forward runs in it
+
+
+def prepare_training(cfg: Config) -> TrainingSetup:
+    """Check and join the K score files with the prepared splits, tokenize them,
+    fit offline weighting on val."""
+    from mrpo.core.weighting import make_strategy
+    from mrpo.data.prepared import prepared_digest
+    from mrpo.modeling.models import load_tokenizer
+
+    t = cfg.train
+    names = [r.name for r in cfg.training_references()]
+    digest = prepared_digest(cfg.data.output_dir)
+    scores = load_reference_scores(cfg.score.output_dir, names, digest)
+    anchor_meta = next((s.metadata for s in scores if s.name == cfg.anchor.name), None)
+    if anchor_meta is not None and anchor_meta.get("max_length") not in (None, t.max_length):
+        log.warning(
+            "train: train.max_length=%d differs from the anchor's scoring max_length=%s; "
+            "pairs cut differently will not start at zero implicit reward",
+            t.max_length,
+            anchor_meta.get("max_length"),
+        )
+
+    precision = scoring_precision(anchor_meta, cfg)
+    if anchor_meta is not None and precision != torch.float32 and "weights_dtype" not in anchor_meta:
+        log.warning(
+            "train: the anchor was scored in pure %s weights by an earlier mrpo; "
+            "the policy's forward (fp32 weights, autocast) differs slightly, "
+            "so step-0 rewards are not 0: re-run `mrpo score --reference %s`",
+            str(precision).removeprefix("torch."),
+            cfg.anchor.name,
+        )
+    tokenizer = load_tokenizer(cfg.anchor)
+    datasets: dict[str, PreferenceDataset] = {}
+    for split in SPLITS:
+        pairs = read_split(cfg.data.output_dir, split)
+        datasets[split] = build_preference_dataset(
+            pairs, split, scores, tokenizer, max_length=t.max_length, chat_template=cfg.anchor.chat_template
+        )
+    if len(datasets["train"]) == 0:
+        raise TrainingError(
+            f"{cfg.data.output_dir}/train.parquet: no trainable pairs: "
+            f"{datasets['train'].skipped_summary()}; raise score.max_length and train.max_length "
+            f"(now {cfg.score.max_length} and {t.max_length}) or lower "
+            "data.max_chars, then re-run"
+        )
+    log.info(
+        "train: objective %s, references %s, strategy %s; "
+        "pairs train %d / val %d / test %d (skipped %d / %d / %d)",
+        t.objective,
+        names,
+        t.strategy,
+        *(len(datasets[s]) for s in SPLITS),
+        *(datasets[s].skipped for s in SPLITS),
+    )
+
+    strategy = make_strategy(
+        t.strategy, len(names), fixed_weights=t.fixed_weights, window_size=t.window_size, seed=cfg.seed
+    )
+    if strategy.fitted_on_validation and len(datasets["val"]) == 0:
+        raise ConfigError(
+            f"train.strategy {t.strategy!r} is fitted on the validation split, which is empty; "
+            "set data.val_fraction > 0 or choose another strategy"
+        )
+    strategy.fit(datasets["val"].reference_margins())
+    log.info("train: %s", describe_strategy_weights(strategy, names))
+    fingerprint = training_fingerprint(cfg, {s.name: s.sha256 for s in scores}, digest)
+    return TrainingSetup(names, scores, digest, tokenizer, datasets, strategy, fingerprint, precision)
+
+
+def build_trainer(
+    cfg: Config, setup: TrainingSetup, *, callbacks: Sequence[TrainerCallback] = (), model=None
+) -> MRPOTrainer:
+    """An MRPOTrainer over the setup's train split (validation on val);
+    the policy is `model` or loaded from the anchor."""
+    device = resolve_device(cfg.train.device)
+    has_eval = len(setup.datasets["val"]) > 0
+    return MRPOTrainer(
+        model=model if model is not None else load_policy(cfg, device),
+        args=training_arguments(
+            cfg,
+            device,
+            has_eval,
+            optimizer_steps(cfg.train, len(setup.datasets["train"]), _world_size()),
+            setup.precision,
+        ),
+        data_collator=PreferenceCollator(setup.tokenizer.pad_token_id),
+        train_dataset=setup.datasets["train"],
+        eval_dataset=setup.datasets["val"] if has_eval else None,
+        processing_class=setup.tokenizer,
+        callbacks=list(callbacks),
+        objective=Objective.from_train_config(cfg.train),
+        strategy=setup.strategy,
+        reference_names=setup.names,
+        precision=setup.precision,
+    )
+
+
+def evaluate_before_training(
+    cfg: Config, setup: TrainingSetup, model
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """`<split>_<metric>_before` on val and test for the untrained policy, and Trainer's own metrics per split
+    (for the step-0 point of the MLflow curves), leaving `model` ready for DDP training.
+
+    Evaluation prepares the model with accelerate, which marks it `_is_accelerate_prepared`; a later
+    `Trainer.train()` then skips the DDP wrap, so ranks stop averaging gradients and silently diverge
+    (measured: 2 gloo ranks drifted apart from step 1). So evaluate with a throw-away Trainer (its own
+    Accelerator) and clear the mark afterwards.
+    """
+    from transformers.integrations import TensorBoardCallback
+
+    probe = build_trainer(cfg, setup, model=model)
+    probe.remove_callback(TensorBoardCallback)  # outside training it would write to ./runs
+    metrics: dict[str, float] = {}
+    raw: dict[str, dict[str, float]] = {}
+    for split in ("val", "test"):
+        if len(setup.datasets[split]):
+            raw[split] = probe.evaluate(setup.datasets[split], metric_key_prefix=split)
+            metrics.update(flat_eval_metrics(raw[split], split, "before"))
+    if getattr(model, "_is_accelerate_prepared", False):
+        del model._is_accelerate_prepared
+    return metrics, raw
+
+
+# Trainer's evaluation bookkeeping: wall-clock noise, not curves worth plotting.
+_TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
+
+
+def training_fingerprint(cfg: Config, score_sha256: dict[str, str], prepared_digest: str) -> str:
+    """What decides the training trajectory; checkpoints are only resumed when it is unchanged.
+
+    Output paths, logging and evaluation intervals are left out: they do not change the weights.
+    """
+    t = cfg.train
+    ignored = {
+        "output_dir",
+        "checkpoint_dir",
+        "metrics_file",
+        "plots_file",
+        "plots_dir",
+        "eval_steps",
+        "logging_steps",
+        "save_steps",
+        "report_to",
+        "push_to_hub",
+    }
+    train = {k: v for k, v in _asdict(t).items() if k not in ignored}
+    payload = {
+        "seed": cfg.seed,
+        "train": train,
+        "anchor": _asdict(cfg.anchor),
+        "references": [r.name for r in cfg.training_references()],
+        "scores": score_sha256,
+        "prepared_digest": prepared_digest,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _asdict(obj) -> dict:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+
+
+def flat_eval_metrics(metrics: dict[str, float], prefix: str, suffix: str) -> dict[str, float]:
+    """`<prefix>_rewards/accuracy` -> `<prefix>_reward_accuracy_<suffix>` and the like,
+    for metrics/train.json."""
+    names = {
+        "rewards/accuracy": "reward_accuracy",
+        "rewards/margin": "reward_margin",
+        "rewards/chosen": "reward_chosen",
+        "rewards/rejected": "reward_rejected",
+        "loss": "loss",
+    }
+    out = {}
+    for key, name in names.items():
+        value = metrics.get(f"{prefix}_{key}")
+        if value is not None:
+            out[f"{prefix}_{name}_{suffix}"] = float(value)
+    return out
+
+
+def format_weights(names: Sequence[str], weights: Sequence[float]) -> str:
+    return ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights, strict=True))
+
+
+def static_weights(strategy, k: int) -> list[float] | None:
+    """The weights of a strategy that uses one vector for every pair and step (uniform, fixed, fitted on
+    validation); None for one that learns online or weighs each pair by its own margins."""
+    if strategy.online:
+        return None
+    weights = strategy.weights(torch.zeros(1, k, dtype=torch.float64))
+    return weights.tolist() if weights.dim() == 1 else None
+
+
+def describe_strategy_weights(strategy, names: Sequence[str]) -> str:
+    """The reference weights as the run starts, in words: fixed or fitted ones by value, others by how they
+    move."""
+    weights = static_weights(strategy, len(names))
+    if weights is not None:
+        how = "fitted on the validation split" if strategy.fitted_on_validation else "fixed"
+        return f"reference weights ({strategy.name}, {how}): {format_weights(names, weights)}"
+    if strategy.online:
+        return (
+            f"reference weights ({strategy.name}) are learned during training; "
+            "the final ones are logged at the end"
+        )
+    return (
+        f"reference weights ({strategy.name}) are set per pair from its margins; "
+        "their means are logged at the end"
+    )
