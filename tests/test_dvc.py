@@ -410,6 +410,32 @@ def test_rebuilding_the_zoo_writes_the_same_bytes_and_leaves_scoring_up_to_date(
     assert "metrics/zoo.json" in dvc(["metrics", "show", "--json"], project).stdout
 
 
+UPSTREAM = {"zoo", "prepare", *(f"score@{r}" for r in ("anchor", "gpt2_char", "llama_expert"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "package, must_stay_up_to_date, must_rerun",
+    [
+        ("core", UPSTREAM, {"diagnose", "train"}),
+        ("tracking", UPSTREAM | {"train"}, set()),
+    ],
+)
+def test_editing_a_package_reruns_only_the_stages_that_use_it(
+    tiny_reproduced, tmp_path, package, must_stay_up_to_date, must_rerun
+):
+    """A comment appended to every module of the objective leaves the zoo, the prepared data and every score up
+    to date (re-scoring references is the cost the design exists to avoid); one in the tracking code, which
+    writes no DVC output, does not re-train either."""
+    project = clone_project(tiny_reproduced["path"], tmp_path / "p")
+    assert stale_stages(project) == set()
+    for module in sorted((project / "mrpo" / package).glob("*.py")):
+        module.write_text(module.read_text() + "# an edit that changes nothing\n")
+    stale = stale_stages(project)
+    assert not stale & must_stay_up_to_date, stale
+    assert must_rerun <= stale, stale
+
+
 @pytest.mark.slow
 def test_adding_a_reference_scores_only_that_one(tiny_reproduced, tmp_path):
     project = clone_project(tiny_reproduced["path"], tmp_path / "p")
