@@ -424,9 +424,9 @@ UPSTREAM = {"zoo", "prepare", *(f"score@{r}" for r in ("anchor", "gpt2_char", "l
 def test_editing_a_package_reruns_only_the_stages_that_use_it(
     tiny_reproduced, tmp_path, package, must_stay_up_to_date, must_rerun
 ):
-    """A comment appended to every module of the objective leaves the zoo, the prepared data and every score up
-    to date (re-scoring references is the cost the design exists to avoid); one in the tracking code, which
-    writes no DVC output, does not re-train either."""
+    """A comment appended to every module of the objective leaves the zoo, the prepared data and every score
+    up to date (re-scoring references is the cost the design exists to avoid); one in the tracking code,
+    which writes no DVC output, does not re-train either."""
     project = clone_project(tiny_reproduced["path"], tmp_path / "p")
     assert stale_stages(project) == set()
     for module in sorted((project / "mrpo" / package).glob("*.py")):
