@@ -12,6 +12,7 @@ from mrpo.core.stats import (
     bootstrap_means,
     bootstrap_p_value,
     bootstrap_summary,
+    holm_adjusted,
     paired_t_p_value,
     percentile_interval,
     t_interval,
@@ -70,3 +71,16 @@ def test_p_value_and_summary_of_a_sure_difference_and_of_none():
     assert sure == {"mean": 1.0, "low": 1.0, "high": 1.0, "p": pytest.approx(2 / (b + 1))}
     none = bootstrap_summary(np.tile([1.0, -1.0], (5, 50)), resamples=2000)
     assert none["mean"] == 0 and none["low"] < 0 < none["high"] and none["p"] > 0.5
+
+
+def test_holm_adjustment_matches_a_hand_computed_example():
+    """m = 4 finite p-values, sorted 0.01 < 0.02 < 0.03 < 0.04: 4 x 0.01 = 0.04; 3 x 0.02 = 0.06;
+    2 x 0.03 = 0.06 (max with 0.06); 1 x 0.04 = 0.04, raised to the running max 0.06. A NaN stays NaN and does
+    not count in m; 4 x 0.3 caps at 1."""
+    adjusted = holm_adjusted([0.03, float("nan"), 0.01, 0.04, 0.02])
+    assert adjusted[0] == pytest.approx(0.06)
+    assert math.isnan(adjusted[1])
+    assert adjusted[2:] == pytest.approx([0.04, 0.06, 0.06])
+    assert holm_adjusted([0.3, 0.5]) == pytest.approx([0.6, 0.6])
+    assert holm_adjusted([0.3, 0.3, 0.3, 0.3]) == pytest.approx([1.0] * 4)
+    assert holm_adjusted([]) == []

@@ -87,3 +87,21 @@ def bootstrap_summary(
     samples = bootstrap_means(scores, resamples, np.random.default_rng(seed))
     low, high = percentile_interval(samples, confidence)
     return {"mean": float(np.mean(scores)), "low": low, "high": high, "p": bootstrap_p_value(samples)}
+
+
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (Holm 1979) of a family of p-values, in their given order.
+
+    Sorted ascending, the i-th smallest (1-based) becomes max over j <= i of min(1, (m - j + 1) p_(j)), with m
+    the number of tests: rejecting where the adjusted p <= alpha controls the family-wise error rate at alpha
+    under any dependence. NaN p-values (a test that could not be run) stay NaN and do not count in m.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    finite = np.flatnonzero(~np.isnan(p))
+    adjusted = np.full(p.shape, math.nan)
+    m = finite.size
+    running = 0.0
+    for rank, index in enumerate(finite[np.argsort(p[finite], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted.tolist()
