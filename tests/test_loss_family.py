@@ -19,19 +19,14 @@ import pytest
 import torch
 from conftest import REFERENCES, config, trl_dpo_trainer
 
-from mrpo.core.losses import (
-    F_DIVERGENCE_LOSSES,
-    LOSS_TYPES,
-    Objective,
-    RunningRewardMean,
-    TokenCounts,
-    bco_pair_loss,
-    discopop_loss,
-    ipo_loss,
-    wpo_weights,
-)
+from mrpo.core.inputs import TokenCounts
+from mrpo.core.loss_types import LOSS_TYPES, LOSSES, RunningRewardMean
+from mrpo.core.losses import bco_pair_loss, discopop_loss, ipo_loss
+from mrpo.core.objective import Objective
+from mrpo.core.wpo import wpo_weights
 
 D = torch.float64
+F_DIVERGENCE_LOSSES = tuple(t for t, entry in LOSSES.items() if entry.f_divergence)
 TRL_NAME = {
     "ipo_norm": "ipo"
 }  # TRL's ipo averages per token: ours is ipo_norm; our token-summed ipo is not TRL's
