@@ -357,7 +357,7 @@ def mrpo_trainer(
     with K references and a uniform strategy."""
     from transformers import TrainingArguments
 
-    from mrpo.core.losses import Objective
+    from mrpo.core.objective import Objective
     from mrpo.core.weighting import make_strategy
     from mrpo.data.preference import PreferenceCollator, PreferenceDataset
     from mrpo.training.trainer import MRPOTrainer

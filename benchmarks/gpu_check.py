@@ -202,7 +202,7 @@ def step0_margins(trainer, dataset, beta: float, n_pairs: int, batch_pairs: int)
     """
     import torch
 
-    from mrpo.core.losses import LOGP_TIE_TOLERANCE
+    from mrpo.core.metrics import LOGP_TIE_TOLERANCE
 
     trainer.model.train()  # the training forward: bf16 autocast over fp32 weights, dropout off
     margins = []

@@ -15,7 +15,7 @@ import yaml
 from conftest import REPO_ROOT, tiny_params
 
 from mrpo.config.schema import ConfigError, parse_config
-from mrpo.core import losses
+from mrpo.core.metrics import LOGP_TIE_TOLERANCE
 from mrpo.data import synthetic
 from mrpo.data.synthetic import first_value, generate_pairs, is_correct
 from mrpo.evaluation import lmeval, preference
@@ -144,7 +144,7 @@ def test_preference_metrics_numbers():
     assert m["pref/anchor_likelihood_accuracy"] == pytest.approx(1 / 3)
     assert m["pref/pairs"] == 3
     # fp32 noise between batchings is a tie, not a win; a real preference is not.
-    tiny = losses.LOGP_TIE_TOLERANCE[torch.float32] / 10
+    tiny = LOGP_TIE_TOLERANCE[torch.float32] / 10
     ties = preference.preference_metrics(r_w + tiny, r_l, r_w, r_l, beta=0.5)
     assert ties["pref/reward_accuracy_vs_anchor"] == 0.0 and ties[
         "pref/reward_margin_vs_anchor"
@@ -329,7 +329,7 @@ def test_local_tasks_score_a_tiny_model_and_identical_policy_matches_anchor(proj
     assert m["pref/reward_accuracy_vs_anchor"] == 0.0
     gap = s["chosen_logp"] - s["rejected_logp"]
     assert m["pref/anchor_likelihood_accuracy"] == pytest.approx(
-        float((gap > losses.LOGP_TIE_TOLERANCE[torch.float32]).mean())
+        float((gap > LOGP_TIE_TOLERANCE[torch.float32]).mean())
     )
 
     # Outputs: the flat metrics file, lm-eval's full results, the same numbers on the training run in MLflow.

@@ -10,6 +10,7 @@ objective.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,19 +20,14 @@ import pytest
 import torch
 from conftest import REFERENCES, config, trl_dpo_trainer
 
-from mrpo.core.losses import (
-    F_DIVERGENCE_LOSSES,
-    LOSS_TYPES,
-    Objective,
-    RunningRewardMean,
-    TokenCounts,
-    bco_pair_loss,
-    discopop_loss,
-    ipo_loss,
-    wpo_weights,
-)
+from mrpo.core.inputs import TokenCounts
+from mrpo.core.loss_types import LOSS_TYPES, LOSSES, RunningRewardMean
+from mrpo.core.losses import bco_pair_loss, discopop_loss, ipo_loss
+from mrpo.core.objective import Objective
+from mrpo.core.wpo import wpo_weights
 
 D = torch.float64
+F_DIVERGENCE_LOSSES = tuple(t for t, entry in LOSSES.items() if entry.f_divergence)
 TRL_NAME = {
     "ipo_norm": "ipo"
 }  # TRL's ipo averages per token: ours is ipo_norm; our token-summed ipo is not TRL's
@@ -610,6 +606,63 @@ def test_settings_are_validated_with_the_key_and_what_is_allowed():
     for settings, message in cases:
         with pytest.raises(ValueError, match=message):
             Objective(**settings)
+
+
+@pytest.mark.parametrize("name", LOSS_TYPES)
+def test_registry_properties_agree_with_what_each_loss_does(name):
+    """Each entry's declared properties against its losses: token counts matter exactly for the losses that
+    need them, a margin loss sees only the margin, the running mean matters exactly for the stateful losses,
+    a hyperparameter matters exactly for the losses that read it, and f-divergences and pair weights are
+    refused exactly where the entry says."""
+    entry = LOSSES[name]
+    pi_w, pi_l, ref_w, ref_l, n_w, n_l = log_probs(5)
+    tokens = TokenCounts(n_w, n_l, n_w[:, None], n_l[:, None])
+
+    def loss(pw=pi_w, pl=pi_l, tokens=tokens, delta=0.3, **settings):
+        o = Objective("dpo", name, **{"label_smoothing": 0.1, **settings})
+        return o(pw, pl, ref_w[:, None], ref_l[:, None], torch.ones(1, dtype=D), tokens, delta).losses
+
+    base = loss()
+
+    def changed(losses):
+        return not torch.allclose(losses, base, rtol=1e-12, atol=0)
+
+    longer = TokenCounts(n_w + 3, n_l + 1, n_w[:, None] + 3, n_l[:, None] + 1)
+    assert changed(loss(tokens=longer)) == entry.needs_tokens
+    if entry.needs_tokens:
+        with pytest.raises(ValueError, match="needs the response token counts"):
+            loss(tokens=None)
+    if entry.margin:  # the same shift of both log-ratios (per token where the loss is) leaves h unchanged
+        shift_w, shift_l = (2.0 * n_w, 2.0 * n_l) if entry.per_token else (2.0, 2.0)
+        torch.testing.assert_close(loss(pw=pi_w + shift_w, pl=pi_l + shift_l), base, rtol=1e-9, atol=1e-9)
+    assert changed(loss(delta=-0.5)) == entry.keeps_state
+    for setting, other in (("label_smoothing", 0.2), ("discopop_tau", 0.5)):
+        assert changed(loss(**{setting: other})) == (setting in entry.reads), setting
+    for setting, value, admitted in (
+        ("f_divergence_type", "js_divergence", entry.f_divergence),
+        ("use_weighting", True, entry.pair_weights),
+    ):
+        if admitted:
+            Objective(loss_type=name, label_smoothing=0.1, **{setting: value})
+        else:
+            with pytest.raises(ValueError, match=f"^{setting}: got"):
+                Objective(loss_type=name, label_smoothing=0.1, **{setting: value})
+
+
+def test_objective_reads_every_field_of_the_train_config_by_name():
+    from mrpo.config.schema import TrainConfig
+
+    train = TrainConfig(
+        objective="multi_dpo",
+        loss_type=("sigmoid", "sft"),
+        loss_weights=(1.0, 0.5),
+        beta=0.3,
+        label_smoothing=0.1,
+        discopop_tau=0.2,
+        use_weighting=True,
+    )
+    o = Objective.from_train_config(train)
+    assert all(getattr(o, f.name) == getattr(train, f.name) for f in dataclasses.fields(Objective))
 
 
 def test_running_reward_mean():

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mrpo.core.losses import clip_to_anchor, harmonic_reference, mrpo_loss, multi_dpo_loss, trust_region_bands
+from mrpo.core.objective import mrpo_loss, multi_dpo_loss
+from mrpo.core.reference import clip_to_anchor, harmonic_reference, trust_region_bands
 
 D = torch.float64
 
@@ -20,7 +21,7 @@ def scalar_mrpo(
     pi_w, pi_l, refs_w, refs_l, alpha, *, beta, eps, adaptive, loss_type, s=0.0, combine="harmonic"
 ):
     """Spec sections 1-4 for ONE pair with the math module only:
-    an implementation independent of mrpo.core.losses."""
+    an implementation independent of mrpo.core."""
     k = len(refs_w)
     if adaptive:
         b_w, b_l = abs(sum(refs_w) / k), abs(sum(refs_l) / k)
@@ -311,7 +312,7 @@ def test_bf16_policy_is_computed_in_fp32():
 
 def test_ipo_norm_is_ipo_on_per_token_log_probs():
     """Each log-prob divided by its own length (each reference's in its own tokenizer), then IPO."""
-    from mrpo.core.losses import TokenCounts
+    from mrpo.core.inputs import TokenCounts
 
     pi_w, pi_l = t(-10.0, -30.0), t(-12.0, -20.0)
     ref_w, ref_l = t(-11.0, -14.0, -29.0, -33.0).reshape(2, 2), t(-11.5, -10.0, -21.0, -19.0).reshape(2, 2)

@@ -21,7 +21,8 @@ import torch
 from conftest import REFERENCES, REPO_ROOT, CrashAtStep, SimulatedCrash, config, trl_dpo_trainer
 
 from mrpo.config.schema import load_config
-from mrpo.core.losses import LOGP_TIE_TOLERANCE, Objective
+from mrpo.core.metrics import LOGP_TIE_TOLERANCE
+from mrpo.core.objective import Objective
 from mrpo.data.preference import PreferenceCollator, build_preference_dataset
 from mrpo.data.scorefile import load_reference_scores
 from mrpo.errors import ScoreDataError
@@ -895,7 +896,7 @@ def test_step0_policy_logps_equal_anchor_scores_in_every_precision(scored, tmp_p
     r_w, r_l = batch["ref_chosen_logps"][:, 0], batch["ref_rejected_logps"][:, 0]
     # Same weights, same autocast, same kernels; only the batch's shape differs from scoring's length packing,
     # which changes the GEMM blocking and so the low bits of the bf16/fp16-rounded activations.
-    # Measured max |difference| on a pair's log-prob gap: fp32 4e-6, fp16 4.8e-3, bf16 2.8e-2 (losses.py).
+    # Measured max |difference| on a pair's log-prob gap: fp32 4e-6, fp16 4.8e-3, bf16 2.8e-2 (metrics.py).
     tolerance = LOGP_TIE_TOLERANCE[setup.precision]
     gaps = (pi_w - r_w) - (pi_l - r_l)
     print(f"{dtype}: max |policy - stored| {max((pi_w - r_w).abs().max(), (pi_l - r_l).abs().max()):.2e}")

@@ -753,9 +753,9 @@ def _validate_score(s: ScoreConfig) -> None:
 
 
 def _validate_train(t: TrainConfig) -> None:
-    # The objective's own settings are validated by the objective itself (mrpo.core.losses.Objective), and the
-    # strategy names come from the strategies' registry: one place each.
-    from mrpo.core.losses import Objective
+    # The objective's own settings are validated by the objective itself (mrpo.core.objective.Objective), and
+    # the strategy names come from the strategies' registry: one place each.
+    from mrpo.core.objective import Objective
     from mrpo.core.weighting import STRATEGIES
 
     try:

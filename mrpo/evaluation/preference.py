@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mrpo.config.schema import Config, ReferenceConfig
-from mrpo.core.losses import reward_accuracy
+from mrpo.core.metrics import reward_accuracy
 from mrpo.data.prepared import read_split
 from mrpo.errors import ScoreDataError
 from mrpo.evaluation.lmeval import (
@@ -32,7 +32,7 @@ def preference_metrics(
 
     The policy's implicit rewards are measured against the ANCHOR (the model it started from), whatever
     the training objective's reference was: reward_margin_vs_anchor = mean of beta * ((pi_w - r_w) -
-    (pi_l - r_l)), reward_accuracy_vs_anchor its share above a tie (mrpo.core.losses.reward_accuracy).
+    (pi_l - r_l)), reward_accuracy_vs_anchor its share above a tie (mrpo.core.metrics.reward_accuracy).
     anchor_likelihood_accuracy is not a reward accuracy: the share of pairs whose chosen response the
     anchor itself finds more likely (r_w > r_l, same tie rule), the bar the policy's training started at.
     """

@@ -129,7 +129,7 @@ def token_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor, mask: to
 
 @torch.no_grad()
 def log_sum_sq_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log sum_v p_v^2 of each next-token distribution (WPO's weight alignment, mrpo.core.losses.wpo_weights),
+    """log sum_v p_v^2 of each next-token distribution (WPO's weight alignment, mrpo.core.wpo.wpo_weights),
     (B, T, V) -> (B, T) fp32, 0 where `mask` is 0, without gradient."""
     keep = mask.bool()
     out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)

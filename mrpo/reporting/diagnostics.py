@@ -4,7 +4,7 @@ raw margin m_k = r_k^w - r_k^l (sequence log-probs, docs/mrpo-spec.md section 5)
 
 * preference accuracy: the share of pairs with m_k > 0 (what `vaw` weights by);
 * the mean and standard deviation of m_k;
-* how often the trust-region clip (mrpo.core.losses, at train.epsilon / train.adaptive_epsilon) moves its
+* how often the trust-region clip (mrpo.core.reference, at train.epsilon / train.adaptive_epsilon) moves its
   log-probs: the share of its (pair, response) values clipped, as the trainer's `clipped_fraction`
   (on sequence log-probs; with loss_type ipo_norm training clips per-token log-probs instead);
 * for each pair of references, the share of pairs both order alike (m_i > 0 == m_j > 0) and the
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrpo.core.losses import clip_to_anchor, trust_region_bands
+from mrpo.core.reference import clip_to_anchor, trust_region_bands
 from mrpo.core.weighting import REGISTRY, make_strategy
 from mrpo.io import atomic_file
 
@@ -71,7 +71,7 @@ def margin_correlation(margins: np.ndarray) -> np.ndarray:
 def clip_fractions(chosen: np.ndarray, rejected: np.ndarray, epsilon: float, adaptive: bool) -> np.ndarray:
     """Share of each reference's (pair, response) log-probs the CTRO clip moves, (N, K) x (N, K) -> (K,).
 
-    The clip of the objective itself (mrpo.core.losses); the anchor (column 0) is never clipped.
+    The clip of the objective itself (mrpo.core.reference); the anchor (column 0) is never clipped.
     """
     if chosen.shape[0] == 0:
         return np.full(chosen.shape[1], np.nan)

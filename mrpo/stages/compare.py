@@ -9,7 +9,7 @@ split and the scores are those of `seed` in params.yaml, and a comparison seed v
 the training order only.
 
 Each member is scored on the whole test split against the anchor (the standard DPO reward accuracy, as the
-evaluate stage: mrpo.core.losses.reward_accuracy), pair by pair; mrpo.core.stats turns the (seeds x pairs)
+evaluate stage: mrpo.core.metrics.reward_accuracy), pair by pair; mrpo.core.stats turns the (seeds x pairs)
 matrices
 into intervals and paired differences against DPO with the anchor. With `compare.lm_eval_limit` > 0 each
 member also runs the evaluate stage's lm-eval tasks on that many documents.
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from mrpo.config.schema import Config
-from mrpo.core.losses import LOGP_TIE_TOLERANCE
+from mrpo.core.metrics import LOGP_TIE_TOLERANCE
 from mrpo.core.stats import bootstrap_summary, paired_t_p_value, t_interval
 from mrpo.core.weighting import STRATEGIES
 from mrpo.data.preference import PreferenceCollator, PreferenceDataset
@@ -154,7 +154,7 @@ def pair_correct(
     precision: torch.dtype = torch.float32,
 ) -> np.ndarray:
     """Per pair 1.0 when the policy's reward against the anchor prefers the chosen response beyond a tie, else
-    0.0: the per-pair form of mrpo.core.losses.reward_accuracy (its mean is the evaluate stage's
+    0.0: the per-pair form of mrpo.core.metrics.reward_accuracy (its mean is the evaluate stage's
     reward_accuracy_vs_anchor)."""
     gap = beta * ((policy_chosen - anchor_chosen) - (policy_rejected - anchor_rejected))
     return (gap > beta * LOGP_TIE_TOLERANCE[precision]).astype(np.float64)

@@ -5,7 +5,7 @@ raw margin m_k = r_k^w - r_k^l (sequence log-probs, docs/mrpo-spec.md section 5)
 
 * preference accuracy: the share of pairs with m_k > 0 (what `vaw` weights by);
 * the mean and standard deviation of m_k;
-* how often the trust-region clip (mrpo.core.losses, at train.epsilon / train.adaptive_epsilon) moves its
+* how often the trust-region clip (mrpo.core.reference, at train.epsilon / train.adaptive_epsilon) moves its
   log-probs: the share of its (pair, response) values clipped, as the trainer's `clipped_fraction`
   (on sequence log-probs; with loss_type ipo_norm training clips per-token log-probs instead);
 * for each pair of references, the share of pairs both order alike (m_i > 0 == m_j > 0) and the

@@ -18,7 +18,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from mrpo.config.schema import Config, ConfigError
-from mrpo.core.losses import Objective
+from mrpo.core.objective import Objective
 from mrpo.data.preference import PreferenceCollator, PreferenceDataset, build_preference_dataset
 from mrpo.data.prepared import SPLITS, read_split
 from mrpo.data.scorefile import load_reference_scores

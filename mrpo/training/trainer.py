@@ -29,7 +29,10 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from mrpo.core.losses import Objective, RunningRewardMean, reward_accuracy, wpo_weights
+from mrpo.core.loss_types import RunningRewardMean
+from mrpo.core.metrics import reward_accuracy
+from mrpo.core.objective import Objective
+from mrpo.core.wpo import wpo_weights
 from mrpo.errors import TrainingError
 from mrpo.io import jsonable
 from mrpo.modeling.models import cpu_threads_for, response_logps, response_token_logps, torch_threads
@@ -229,7 +232,7 @@ class MRPOTrainer(Trainer):
         (policy: its response_mask; references: their score files)."""
         if not self.objective.needs_tokens:
             return None
-        from mrpo.core.losses import TokenCounts
+        from mrpo.core.inputs import TokenCounts
 
         lengths = inputs["response_mask"].sum(dim=-1)
         return TokenCounts(
