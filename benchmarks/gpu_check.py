@@ -72,7 +72,7 @@ def scratch_config(scratch: Path, args, k: int, dtype: str = "bfloat16"):
     step-0 control, with its own score files), with K references (anchor first)."""
     import yaml
 
-    from mrpo.config.schema import parse_config
+    from mrpo.config.load import parse_config
 
     raw = yaml.safe_load(PROFILE.read_text())
     refs = raw["references"]

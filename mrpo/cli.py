@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from mrpo.config.schema import load_config, parse_yaml_value
+from mrpo.config.load import load_config, parse_yaml_value
 from mrpo.errors import USER_ERROR_EXIT, ConfigError, MRPOError
 from mrpo.io import output_lock
 from mrpo.runtime import setup_logging

@@ -9,7 +9,8 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
-from mrpo.config.schema import ConfigError, config_to_flat_dict, load_config, parse_config, read_params
+from mrpo.config.load import load_config, parse_config, read_params
+from mrpo.config.schema import ConfigError, config_to_flat_dict
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -415,7 +416,7 @@ BAD_VALUES = [
 
 
 def _set(raw, dotted, value):
-    from mrpo.config.schema import set_dotted
+    from mrpo.config.load import set_dotted
 
     out = copy.deepcopy(raw)
     set_dotted(out, dotted, value)
@@ -494,7 +495,7 @@ def test_big_reference_settings_parse_and_combine_only_where_they_can(raw):
 def test_scheduler_list_is_transformers_own_less_those_needing_kwargs():
     from transformers import SchedulerType
 
-    from mrpo.config.schema import LR_SCHEDULERS, LR_SCHEDULERS_NEEDING_KWARGS
+    from mrpo.config.knobs import LR_SCHEDULERS, LR_SCHEDULERS_NEEDING_KWARGS
 
     assert set(LR_SCHEDULERS) | set(LR_SCHEDULERS_NEEDING_KWARGS) == {s.value for s in SchedulerType}
     assert not set(LR_SCHEDULERS) & set(LR_SCHEDULERS_NEEDING_KWARGS)
@@ -520,7 +521,7 @@ def test_strategies_fitted_on_validation_need_a_validation_split(raw):
 
 
 def test_set_into_a_value_that_is_not_a_section():
-    from mrpo.config.schema import set_dotted
+    from mrpo.config.load import set_dotted
 
     with pytest.raises(ConfigError, match=r"--set train.beta.x: train.beta is 0.1, not a section"):
         set_dotted({"train": {"beta": 0.1}}, "train.beta.x", 1)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import REFERENCES, REPO_ROOT, CrashAtStep, SimulatedCrash, config, trl_dpo_trainer
 
-from mrpo.config.schema import load_config
+from mrpo.config.load import load_config
 from mrpo.core.losses import LOGP_TIE_TOLERANCE, Objective
 from mrpo.data.preference import PreferenceCollator, build_preference_dataset
 from mrpo.data.scorefile import load_reference_scores
