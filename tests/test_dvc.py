@@ -67,7 +67,8 @@ def lookup(params: dict, dotted: str):
 
 def test_every_declared_param_key_exists_in_params_yaml_and_every_profile():
     """DVC refuses to run a stage whose declared param is missing from params.yaml ("Parameters ... are
-    missing"), and profiles are copied over params.yaml: each must hold every key dvc.yaml declares."""
+    missing"), and a profile is applied to params.yaml (`mrpo profile apply`): params.yaml with each profile
+    overlay merged in (read_params applies it) must hold every key dvc.yaml declares."""
     import re
 
     from mrpo.config.load import read_params
