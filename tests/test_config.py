@@ -687,3 +687,10 @@ def test_profile_apply_refuses_a_complete_params_file_and_a_bad_overlay(tmp_path
     with pytest.raises(ConfigError, match="train.beta: got -1; must be > 0"):
         apply_profile(bad, params)
     assert params.read_text() == PARAMS.read_text()  # nothing written
+
+
+def test_the_splits_diagnose_may_name_are_the_prepared_data_contracts():
+    from mrpo.config.knobs import SPLITS
+    from mrpo.data.prepared import SPLITS as PREPARED_SPLITS
+
+    assert tuple(SPLITS) == tuple(PREPARED_SPLITS)
