@@ -168,7 +168,7 @@ def zoo_project(scratch: Path, *, need_scores: bool = True):
     when present (so the benchmark never races a running `dvc repro`), else builds
     them with `mrpo zoo`, `mrpo prepare` and `mrpo score` into `scratch`.
     """
-    from mrpo.config.schema import load_config
+    from mrpo.config.load import load_config
 
     base = load_config(REPO / "params.yaml")
     zoo_src, data_src, score_src = (
@@ -242,7 +242,7 @@ def prepare_hh_rlhf(scratch: Path, max_rows: int):
     Config or None when absent."""
     if not HH_RLHF.is_file():
         return None
-    from mrpo.config.schema import load_config
+    from mrpo.config.load import load_config
     from mrpo.stages.prepare import prepare
 
     cfg = load_config(

@@ -70,11 +70,9 @@ def no_gpu_message(device: str = "cuda") -> str | None:
 def scratch_config(scratch: Path, args, k: int, dtype: str = "bfloat16"):
     """The SmolLM2 GSM8K profile pointed at `scratch`, on `args.device` in `dtype` (bf16; float32 for the
     step-0 control, with its own score files), with K references (anchor first)."""
-    import yaml
+    from mrpo.config.load import parse_config, read_params
 
-    from mrpo.config.schema import parse_config
-
-    raw = yaml.safe_load(PROFILE.read_text())
+    raw = read_params(PROFILE)  # the overlay merged onto params.yaml
     refs = raw["references"]
     names = list(refs)
     for i in range(2, 4):  # copies of the two profile references: K = 4 with real scoring and loss work

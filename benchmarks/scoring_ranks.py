@@ -46,7 +46,7 @@ def scaled_data(cfg, scratch: Path, n_pairs: int | None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mrpo.config.schema import SYNTHETIC_MAX_PAIRS
+    from mrpo.config.knobs import SYNTHETIC_MAX_PAIRS
     from mrpo.data.prepared import SPLITS
     from mrpo.stages.prepare import prepare
 
@@ -292,7 +292,7 @@ def main() -> None:
 
 def _scratch_config(scratch: Path):
     """The Config zoo_project made for `scratch`, without copying or building again."""
-    from mrpo.config.schema import load_config
+    from mrpo.config.load import load_config
 
     base = load_config(C.REPO / "params.yaml")
     sets = {f"references.{r.name}.model": str(scratch / "zoo" / Path(r.model).name) for r in base.references}

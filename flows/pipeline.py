@@ -27,7 +27,7 @@ from flows.stages import (
     stage_metrics,
     stage_report,
 )
-from mrpo.config.schema import load_config
+from mrpo.config.load import load_config
 from mrpo.stages.summary import mlflow_run_url
 
 STAGE_RETRIES = 2

@@ -36,7 +36,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.lineage import git_commit
 from flows.stages import dvc_running_mrpo, flatten, markdown_table, numeric_items, retry_if_transient
-from mrpo.config.schema import load_config
+from mrpo.config.load import load_config
 from mrpo.core.loss_types import LOSS_TYPES
 from mrpo.core.weighting import STRATEGIES
 from mrpo.io import file_sha256

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from mrpo.config.schema import load_config, parse_yaml_value
+from mrpo.config.load import load_config, parse_yaml_value
 from mrpo.errors import USER_ERROR_EXIT, ConfigError, MRPOError
 from mrpo.io import output_lock
 from mrpo.runtime import setup_logging
@@ -174,6 +174,28 @@ def _add_common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     parser.add_argument("-v", "--verbose", dest=f"verbose{suffix}", action="store_true", help="debug logging")
 
 
+def _add_config_commands(sub) -> None:
+    """`show-config` and `profile apply`: the configuration's own commands."""
+    p = sub.add_parser(
+        "show-config",
+        help="print the validated configuration (all of it, or one section), each key with its help",
+        description="Print every validated setting as `key = value`, defaults filled in, each followed by "
+        "an indented line with its help, bounds and choices. "
+        "`mrpo show-config train` prints one section, `mrpo show-config train.lora` one subsection.",
+    )
+    p.add_argument("section", nargs="?", help="a section or dotted key prefix, e.g. train or train.lora")
+    _add_common_options(p, top=False)
+    p = sub.add_parser(
+        "profile",
+        help="apply a profile overlay (profiles/*.yaml) to params.yaml",
+        description="`mrpo profile apply profiles/<name>.yaml` writes params.yaml (or --params) merged with "
+        "the overlay, keeping its comments; `git checkout params.yaml` restores the default.",
+    )
+    p.add_argument("action", choices=["apply"])
+    p.add_argument("overlay", help="a profile overlay, e.g. profiles/smollm2-gsm8k.yaml")
+    _add_common_options(p, top=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mrpo",
@@ -217,14 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--id", help="comparison id: the output folder and MLflow tag (default compare-<time>)")
     _add_common_options(p, top=False)
-    p = sub.add_parser(
-        "show-config",
-        help="print the validated configuration (all of it, or one section)",
-        description="Print every validated setting as `key = value`, defaults filled in. "
-        "`mrpo show-config train` prints one section, `mrpo show-config train.lora` one subsection.",
-    )
-    p.add_argument("section", nargs="?", help="a section or dotted key prefix, e.g. train or train.lora")
-    _add_common_options(p, top=False)
+    _add_config_commands(sub)
     p = sub.add_parser(
         "runs", help="a comparison table of existing MLflow runs, filtered by experiment and tags"
     )
@@ -307,24 +322,21 @@ def _run_stage(args: argparse.Namespace) -> None:
         _dispatch(cfg, args)
 
 
-def config_section(flat: dict, section: str | None) -> dict:
-    """The `section.*` entries of a flat config (all of them for None); ConfigError naming the sections."""
-    if not section:
-        return flat
-    section = section.strip(".")
-    picked = {k: v for k, v in flat.items() if k == section or k.startswith(section + ".")}
-    if not picked:
-        sections = sorted({k.split(".")[0] for k in flat})
-        raise ConfigError(f"show-config {section!r}: no such section or key; sections: {', '.join(sections)}")
-    return picked
+def _config_command(cfg, args: argparse.Namespace) -> None:
+    if args.stage == "show-config":
+        from mrpo.config.show import show_config
+
+        print(show_config(cfg, args.section), end="")
+    else:
+        from mrpo.config.profiles import apply_profile
+
+        name = apply_profile(args.overlay, args.params)
+        print(f"{args.params}: profile {name!r} applied (git checkout {args.params} restores the default)")
 
 
 def _dispatch(cfg, args: argparse.Namespace) -> None:
-    if args.stage == "show-config":
-        from mrpo.config.schema import config_to_flat_dict
-
-        for key, value in config_section(config_to_flat_dict(cfg), args.section).items():
-            print(f"{key} = {value!r}")
+    if args.stage in ("show-config", "profile"):
+        _config_command(cfg, args)
     elif args.stage == "compare":
         from mrpo.stages.compare import compare
 

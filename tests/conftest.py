@@ -149,7 +149,7 @@ def tiny_zoo(tmp_path_factory) -> dict:
     Config whose references point at these checkpoints (anchor first) and whose data/score outputs lie in a
     fresh temp dir, "seconds": build time}. Treat the checkpoints as read-only; copy one to change it.
     """
-    from mrpo.config.schema import parse_config
+    from mrpo.config.load import parse_config
     from mrpo.stages.zoo import build_zoo
 
     root = tmp_path_factory.mktemp("tiny_zoo")
@@ -186,7 +186,7 @@ def tiny_zoo(tmp_path_factory) -> dict:
 def scored(tiny_zoo, tmp_path_factory) -> dict:
     """Prepared data (800 pairs) and the three references' score files, made by the real prepare and score
     stages; read-only: train into your own dirs with `config(scored, tmp_path)`."""
-    from mrpo.config.schema import load_config
+    from mrpo.config.load import load_config
     from mrpo.stages.prepare import prepare
     from mrpo.stages.score import score_reference
 
@@ -244,7 +244,7 @@ def config(scored: dict, out: Path, **overrides):
         "tracking.tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
     }
     base.update(overrides)
-    from mrpo.config.schema import load_config
+    from mrpo.config.load import load_config
 
     return load_config(scored["params"], base)
 

@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from mrpo.config.schema import load_config
+from mrpo.config.load import load_config
 from mrpo.runtime import setup_logging
 from mrpo.stages.score import score_reference
 

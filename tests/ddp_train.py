@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from mrpo.config.schema import load_config
+from mrpo.config.load import load_config
 from mrpo.runtime import setup_logging
 from mrpo.stages.train import train
 

@@ -34,7 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 
-from mrpo.config.schema import ReferenceConfig, load_config
+from mrpo.config.load import load_config
+from mrpo.config.schema import ReferenceConfig
 from mrpo.modeling.models import load_model
 from mrpo.runtime import seed_everything, setup_logging
 from mrpo.training.setup import build_trainer, policy_from_state_dict, prepare_training, save_policy

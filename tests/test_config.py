@@ -9,7 +9,8 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
-from mrpo.config.schema import ConfigError, config_to_flat_dict, load_config, parse_config, read_params
+from mrpo.config.load import load_config, parse_config, read_params
+from mrpo.config.schema import ConfigError, config_to_flat_dict
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -415,7 +416,7 @@ BAD_VALUES = [
 
 
 def _set(raw, dotted, value):
-    from mrpo.config.schema import set_dotted
+    from mrpo.config.load import set_dotted
 
     out = copy.deepcopy(raw)
     set_dotted(out, dotted, value)
@@ -494,7 +495,7 @@ def test_big_reference_settings_parse_and_combine_only_where_they_can(raw):
 def test_scheduler_list_is_transformers_own_less_those_needing_kwargs():
     from transformers import SchedulerType
 
-    from mrpo.config.schema import LR_SCHEDULERS, LR_SCHEDULERS_NEEDING_KWARGS
+    from mrpo.config.knobs import LR_SCHEDULERS, LR_SCHEDULERS_NEEDING_KWARGS
 
     assert set(LR_SCHEDULERS) | set(LR_SCHEDULERS_NEEDING_KWARGS) == {s.value for s in SchedulerType}
     assert not set(LR_SCHEDULERS) & set(LR_SCHEDULERS_NEEDING_KWARGS)
@@ -520,7 +521,7 @@ def test_strategies_fitted_on_validation_need_a_validation_split(raw):
 
 
 def test_set_into_a_value_that_is_not_a_section():
-    from mrpo.config.schema import set_dotted
+    from mrpo.config.load import set_dotted
 
     with pytest.raises(ConfigError, match=r"--set train.beta.x: train.beta is 0.1, not a section"):
         set_dotted({"train": {"beta": 0.1}}, "train.beta.x", 1)
@@ -582,3 +583,114 @@ def test_push_to_hub_needs_an_owner_and_name_only_when_enabled(raw, repo_id):
         parse_config(_set(off, "train.push_to_hub.enabled", True))
     ok = parse_config(_set(off, "train.push_to_hub", {"enabled": True, "repo_id": "me/mrpo-policy.v1"}))
     assert ok.train.push_to_hub.repo_id == "me/mrpo-policy.v1" and ok.train.push_to_hub.private is True
+
+
+# ---------------------------------------------------------------- issue 21: the config documents itself
+
+
+def _params_keys(node, prefix=""):
+    """Every key params.yaml spells, nested ones included (a section's, a reference's, a zoo member's)."""
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        yield dotted
+        if isinstance(value, dict):
+            yield from _params_keys(value, dotted + ".")
+
+
+def test_every_key_in_params_yaml_has_help_and_show_config_prints_it(raw, capsys):
+    from mrpo.cli import main
+    from mrpo.config.schema import field_at
+    from mrpo.config.show import key_help
+
+    keys = list(_params_keys(raw))
+    assert len(keys) > 130
+    undocumented = [k for k in keys if field_at(k) is None or not field_at(k).metadata.get("help")]
+    assert undocumented == []
+    assert main(["--params", str(PARAMS), "show-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shown = {line.split(" = ")[0]: lines[i + 1] for i, line in enumerate(lines) if not line.startswith(" ")}
+    for key in ("train.beta", "train.lora.r", "references.anchor.model", "zoo.members.gpt2_char.misled"):
+        assert shown[key] == "    " + key_help(key) and field_at(key).metadata["help"] in shown[key]
+    assert (
+        "must be > 0" in shown["train.learning_rate"] and "allowed: auto, cpu, cuda" in shown["score.device"]
+    )
+    assert "allowed: uniform, fixed" in shown["train.strategy"]  # the strategies' registry, shown too
+    assert "checked by the objective" in shown["train.beta"]
+
+
+def test_every_field_of_every_section_has_help_and_readable_bounds():
+    import dataclasses
+
+    from mrpo.config import schema
+    from mrpo.config.load import _within
+
+    classes = [c for c in vars(schema).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
+    assert len(classes) == 14
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name}"
+            for bound in f.metadata["bounds"]:
+                _within(0, bound)  # every bound is one the checker reads (a typo raises ValueError)
+
+
+# ---------------------------------------------------------------- profiles are overlays on params.yaml
+
+
+PROFILES = sorted((PARAMS.parent / "profiles").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
+def test_a_profile_holds_only_what_differs_from_params_yaml(raw, profile):
+    from mrpo.config.load import OVERLAY_KEY, read_yaml_mapping
+
+    overlay = read_yaml_mapping(profile)
+    assert overlay.pop(OVERLAY_KEY) == "../params.yaml"
+    same = []
+    for section, settings in overlay.items():
+        if section == "references" or not isinstance(settings, dict):
+            assert settings != raw.get(section), section
+            continue
+        for key, value in settings.items():
+            if isinstance(value, dict) and key not in ("members", "task_data"):
+                same += [f"{section}.{key}.{k}" for k, v in value.items() if raw[section][key].get(k) == v]
+            elif raw[section].get(key) == value:
+                same.append(f"{section}.{key}")
+    assert same == []
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
+def test_profile_apply_writes_params_yaml_merged_with_the_overlay_keeping_its_comments(profile, tmp_path):
+    from mrpo.config.profiles import apply_profile
+
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS.read_text())
+    assert apply_profile(profile, params) == profile.stem
+    applied = read_params(params)
+    assert applied.pop("profile") == profile.stem
+    assert applied == read_params(profile)  # what `--params profiles/<name>.yaml` reads
+    assert config_to_flat_dict(load_config(params)) == config_to_flat_dict(load_config(profile))
+    text = params.read_text()
+    assert text.startswith(PARAMS.read_text().splitlines()[0]) and "# `mrpo compare` (and the sweep" in text
+    with pytest.raises(ConfigError, match="already holds profile .*; restore the default first"):
+        apply_profile(profile, params)
+
+
+def test_profile_apply_refuses_a_complete_params_file_and_a_bad_overlay(tmp_path):
+    from mrpo.config.profiles import apply_profile
+
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS.read_text())
+    with pytest.raises(ConfigError, match="not a profile overlay"):
+        apply_profile(PARAMS, params)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: params.yaml\ntrain:\n  beta: -1\n")
+    with pytest.raises(ConfigError, match="train.beta: got -1; must be > 0"):
+        apply_profile(bad, params)
+    assert params.read_text() == PARAMS.read_text()  # nothing written
+
+
+def test_the_splits_diagnose_may_name_are_the_prepared_data_contracts():
+    from mrpo.config.knobs import SPLITS
+    from mrpo.data.prepared import SPLITS as PREPARED_SPLITS
+
+    assert tuple(SPLITS) == tuple(PREPARED_SPLITS)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mrpo.config.schema import parse_config
+from mrpo.config.load import parse_config
 from mrpo.data.gsm8k import corrupt_final_answer
 from mrpo.data.prepared import COLUMNS, SPLITS, prepared_digest
 from mrpo.stages.prepare import DataError, pair_id, prepare, split_of, split_transcripts

@@ -85,7 +85,7 @@ def test_pure_functions_match_the_hand_computed_values():
 def project(tmp_path):
     """Real prepared synthetic data; score files for a, b, c in the contract's format with LOGPS on four
     validation pairs, every other validation pair flagged as not scored by c (so skipped)."""
-    from mrpo.config.schema import load_config
+    from mrpo.config.load import load_config
     from mrpo.data.prepared import SPLITS, prepared_digest, read_split
     from mrpo.data.scorefile import METADATA_KEY, SCHEMA
     from mrpo.stages.prepare import prepare

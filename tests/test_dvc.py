@@ -67,10 +67,11 @@ def lookup(params: dict, dotted: str):
 
 def test_every_declared_param_key_exists_in_params_yaml_and_every_profile():
     """DVC refuses to run a stage whose declared param is missing from params.yaml ("Parameters ... are
-    missing"), and profiles are copied over params.yaml: each must hold every key dvc.yaml declares."""
+    missing"), and a profile is applied to params.yaml (`mrpo profile apply`): params.yaml with each profile
+    overlay merged in (read_params applies it) must hold every key dvc.yaml declares."""
     import re
 
-    from mrpo.config.schema import read_params
+    from mrpo.config.load import read_params
 
     text = (REPO_ROOT / "dvc.yaml").read_text()
     stages = yaml.safe_load(text)["stages"]
@@ -146,7 +147,7 @@ def lock_drift(root) -> list[str]:
     changed."""
     import re
 
-    from mrpo.config.schema import parse_yaml_value, read_params
+    from mrpo.config.load import parse_yaml_value, read_params
 
     lock = parse_yaml_value((root / "dvc.lock").read_text())["stages"]
     params = read_params(root / "params.yaml")
@@ -452,7 +453,7 @@ def test_adding_a_reference_scores_only_that_one(tiny_reproduced, tmp_path):
 
 def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
     from flows.stages import pipeline_stages
-    from mrpo.config.schema import load_config
+    from mrpo.config.load import load_config
 
     cfg = load_config(REPO_ROOT / "params.yaml")
     listed = dvc(["stage", "list", "--name-only"], tiny_project).stdout.split()

@@ -14,7 +14,8 @@ import torch
 import yaml
 from conftest import REPO_ROOT, tiny_params
 
-from mrpo.config.schema import ConfigError, parse_config
+from mrpo.config.load import parse_config
+from mrpo.config.schema import ConfigError
 from mrpo.core.metrics import LOGP_TIE_TOLERANCE
 from mrpo.data import synthetic
 from mrpo.data.synthetic import first_value, generate_pairs, is_correct

@@ -79,7 +79,7 @@ def test_runs_are_searchable_by_reference_set_and_score(
 
     from flows.lineage import record_lineage
     from flows.sweep import sweep
-    from mrpo.config.schema import load_config
+    from mrpo.config.load import load_config
 
     project = clone_project(tiny_reproduced["path"], tmp_path / "project")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -178,7 +178,8 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     from mlflow import MlflowClient
 
     from flows.lineage import record_lineage
-    from mrpo.config.schema import config_to_flat_dict, load_config
+    from mrpo.config.load import load_config
+    from mrpo.config.schema import config_to_flat_dict
     from mrpo.data.prepared import prepared_digest
     from mrpo.tracking.tracker import start_pipeline_run, write_run_record
 
@@ -270,7 +271,7 @@ def test_a_dvc_repro_run_records_its_own_lineage_and_evaluate_completes_it(tiny_
 
     from mlflow import MlflowClient
 
-    from mrpo.config.schema import load_config
+    from mrpo.config.load import load_config
     from mrpo.data.prepared import prepared_digest
     from mrpo.tracking.tracker import read_run_record
 

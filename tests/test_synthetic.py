@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import yaml
 
-from mrpo.config import schema as config
+from mrpo.config import knobs as config
 from mrpo.data import synthetic
 from mrpo.data.synthetic import (
     ATTRIBUTES,
@@ -87,7 +87,7 @@ def test_zoo_examples_teach_truth_decoys_or_guesses_on_the_zoo_wordings_only():
 
 
 def test_prepared_splits_are_disjoint_and_test_facts_are_taught_in_other_words(tmp_path):
-    from mrpo.config.schema import parse_config
+    from mrpo.config.load import parse_config
     from mrpo.data.prepared import read_split
     from mrpo.stages.prepare import prepare
 

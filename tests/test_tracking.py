@@ -5,7 +5,7 @@ from __future__ import annotations
 from conftest import REPO_ROOT
 from mlflow import MlflowClient
 
-from mrpo.config.schema import load_config
+from mrpo.config.load import load_config
 from mrpo.runtime import seed_everything
 from mrpo.tracking.tracker import default_run_name, start_pipeline_run
 

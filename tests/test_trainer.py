@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import REFERENCES, REPO_ROOT, CrashAtStep, SimulatedCrash, config, trl_dpo_trainer
 
-from mrpo.config.schema import load_config
+from mrpo.config.load import load_config
 from mrpo.core.metrics import LOGP_TIE_TOLERANCE
 from mrpo.core.objective import Objective
 from mrpo.data.preference import PreferenceCollator, build_preference_dataset

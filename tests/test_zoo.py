@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from mrpo.config.schema import ReferenceConfig, ZooMember, parse_config
+from mrpo.config.load import parse_config
+from mrpo.config.schema import ReferenceConfig, ZooMember
 from mrpo.data.synthetic import generate_pairs
 from mrpo.data.tokenization import encode_response
 from mrpo.modeling.models import (

@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     after `dvc repro` has written the final dvc.lock."""
     import sys
 
-    from mrpo.config.schema import load_config
+    from mrpo.config.load import load_config
     from mrpo.runtime import setup_logging
     from mrpo.tracking.tracker import RUN_RECORD, read_run_record
 
