@@ -24,6 +24,7 @@ from mrpo.cli import STATUS_FILE_ENV
 from mrpo.config.schema import Config
 from mrpo.data.scorefile import score_path
 from mrpo.errors import USER_ERROR_EXIT, MRPOError
+from mrpo.pipeline import dvc_stage_names
 from mrpo.stages.summary import EVAL_RECORD, TRAIN_RECORD, format_change, format_number
 from mrpo.stages.zoo import MANIFEST as ZOO_MANIFEST
 
@@ -167,15 +168,7 @@ class StageResult:
 
 def pipeline_stages(cfg: Config) -> list[str]:
     """The dvc.yaml stages in execution order; score is one stage per reference (`score@<name>`)."""
-    return [
-        "zoo",
-        "prepare",
-        *(f"score@{ref.name}" for ref in cfg.references),
-        "diagnose",
-        "train",
-        "evaluate",
-        "summary",
-    ]
+    return dvc_stage_names([ref.name for ref in cfg.references])
 
 
 def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -195,15 +195,15 @@ def dvc_params(stage: str) -> set[str]:
 
 @pytest.mark.parametrize("stage", ["zoo", "prepare", "score", "train", "evaluate", "summary"])
 def test_stage_help_says_what_it_reads_writes_and_the_params_dvc_declares(stage, capsys):
-    from mrpo.cli import STAGE_DOCS
+    from mrpo.pipeline import stage as pipeline_stage
 
     with pytest.raises(SystemExit) as exit_:
         main([stage, "--help"])
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps; compare the words
     assert f"mrpo {stage}: " in out and "reads: " in out and "writes: " in out and "params: " in out
-    assert set(STAGE_DOCS[stage][3]) == dvc_params(stage)  # the help lists exactly what DVC tracks
-    for key in STAGE_DOCS[stage][3]:
+    assert set(pipeline_stage(stage).params) == dvc_params(stage)  # the help lists exactly what DVC tracks
+    for key in pipeline_stage(stage).params:
         assert key.rpartition(".")[2] in out, key
     assert "--set KEY=VALUE" in out
 
