@@ -28,7 +28,7 @@ from flows.stages import (
     stage_report,
 )
 from mrpo.config.schema import load_config
-from mrpo.stages.summary import mlflow_run_url
+from mrpo.reporting.summary import mlflow_run_url
 
 STAGE_RETRIES = 2
 STAGE_RETRY_DELAYS = [10, 60]

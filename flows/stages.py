@@ -6,7 +6,6 @@ a stage writes: a task never runs `mrpo <stage>` itself, it asks DVC to reproduc
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -25,8 +24,10 @@ from mrpo.config.schema import Config
 from mrpo.data.scorefile import score_path
 from mrpo.errors import USER_ERROR_EXIT, MRPOError
 from mrpo.pipeline import dvc_stage_names
-from mrpo.stages.summary import EVAL_RECORD, TRAIN_RECORD, format_change, format_number
-from mrpo.stages.zoo import MANIFEST as ZOO_MANIFEST
+from mrpo.reporting.records import EVAL_RECORD, TRAIN_RECORD, ZOO_MANIFEST
+from mrpo.reporting.records import read_record as _read_json
+from mrpo.reporting.summary import format_change, format_number
+from mrpo.reporting.tables import markdown_table as _markdown_table
 
 log = logging.getLogger("mrpo")
 
@@ -320,13 +321,6 @@ def numeric_items(flat: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def score_summary(path: Path) -> dict[str, Any]:
     """Rows, fit rate and the mean log-prob margin (chosen - rejected) of one score file."""
     from mrpo.data.scorefile import read_scores
@@ -398,9 +392,7 @@ def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = No
             return format_number(value)
         return str(value).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return _markdown_table(columns, [[cell(row.get(c, "")) for c in columns] for row in rows])
 
 
 def stage_markdown(result: StageResult, metrics: Mapping[str, Any], cfg: Config | None = None) -> str:

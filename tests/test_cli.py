@@ -249,3 +249,45 @@ def test_show_config_filters_by_section_and_names_the_sections_when_unknown(proj
         "show-config 'trian': no such section or key; "
         "sections: compare, data, diagnose, evaluate, references, score" in err
     )
+
+
+# ---------------------------------------------------------------- issue 21: one stage registry
+
+
+def test_every_registered_stage_has_a_command_and_an_entry_point(capsys):
+    from mrpo.pipeline import STAGES
+
+    for stage in STAGES:
+        assert callable(stage.entry_point()), stage.name
+        with pytest.raises(SystemExit):
+            main([stage.name, "--help"])
+        assert f"mrpo {stage.name}: {stage.what}" in " ".join(capsys.readouterr().out.split())
+
+
+def stage_imports(path: Path) -> list[str]:
+    """The mrpo.stages modules `path` imports anywhere in its text (function-level imports included)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found += [n for n in names if n == "mrpo.stages" or n.startswith("mrpo.stages.")]
+    return found
+
+
+def test_nothing_in_the_library_imports_a_stage():
+    """Stages are recipes: what two of them share lives in a library package. Only the command line runs
+    them (through the registry's lazy entry points)."""
+    root = Path(__file__).resolve().parents[1]
+    allowed = {root / "mrpo" / "cli.py"}
+    offenders = {
+        str(path.relative_to(root)): imports
+        for path in sorted((root / "mrpo").rglob("*.py"))
+        if path not in allowed and (imports := stage_imports(path))
+    }
+    assert offenders == {}

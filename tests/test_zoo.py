@@ -21,9 +21,9 @@ from mrpo.modeling.models import (
     model_fingerprint,
     response_logps,
 )
+from mrpo.reporting.records import ZOO_MANIFEST as MANIFEST
 from mrpo.stages.zoo import (
     DISABLED_MARKER,
-    MANIFEST,
     build_member,
     build_model,
     build_tokenizer,
