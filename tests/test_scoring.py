@@ -23,6 +23,7 @@ import yaml
 from conftest import manual_logp
 
 from mrpo.config.schema import ConfigError, ReferenceConfig
+from mrpo.data.normalize import pair_id
 from mrpo.data.prepared import prepared_digest
 from mrpo.data.scorefile import read_scores
 from mrpo.data.synthetic import generate_pairs
@@ -37,7 +38,6 @@ from mrpo.modeling.models import (
     smollm2_gguf_path,
 )
 from mrpo.modeling.scoring import plan_batches
-from mrpo.stages.prepare import pair_id
 from mrpo.stages.score import ScoringError, rank_gpus, score_reference
 
 HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -418,7 +418,7 @@ def test_batch_plan_covers_every_sequence_once_within_the_token_budget_with_litt
 def hh_rlhf_pairs(n: int) -> list[dict]:
     """The first n HH-RLHF rows split at the last shared "Assistant:" turn
     (prompt keeps the whole history)."""
-    from mrpo.stages.prepare import split_transcripts, transcript_to_messages
+    from mrpo.data.normalize import split_transcripts, transcript_to_messages
 
     out = []
     with gzip.open(HH_RLHF, "rt") as f:
