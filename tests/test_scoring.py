@@ -38,7 +38,9 @@ from mrpo.modeling.models import (
     smollm2_gguf_path,
 )
 from mrpo.modeling.scoring import plan_batches
-from mrpo.stages.score import ScoringError, rank_gpus, score_reference
+from mrpo.data.shards import ScoringError
+from mrpo.modeling.ranks import rank_gpus
+from mrpo.stages.score import score_reference
 
 HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 TIMING_KEYS = {"seconds", "tokens_per_second", "pairs_per_second", "ranks", "wall_seconds"}
