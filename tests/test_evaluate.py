@@ -259,7 +259,8 @@ def _greedy_generations(cfg, rows: list[dict], limit: int, max_new_tokens: int) 
 def _expected_mc_accuracy(cfg, rows: list[dict], limit: int) -> float:
     """Argmax of log p(choice | BOS + prompt) computed directly with the model: what lm-eval's acc must be."""
     from mrpo.data.tokenization import EncodedResponse
-    from mrpo.modeling.models import collate_responses, load_model, load_tokenizer, response_logps
+    from mrpo.modeling.logprobs import collate_responses, response_logps
+    from mrpo.modeling.models import load_model, load_tokenizer
 
     tok, model = load_tokenizer(cfg.anchor), load_model(cfg.anchor)
     hits = 0

@@ -26,20 +26,19 @@ from mrpo.config.schema import ConfigError, ReferenceConfig
 from mrpo.data.normalize import pair_id
 from mrpo.data.prepared import prepared_digest
 from mrpo.data.scorefile import read_scores
+from mrpo.data.shards import ScoringError
 from mrpo.data.synthetic import generate_pairs
 from mrpo.data.tokenization import encode_response, render_prompt
+from mrpo.modeling.logprobs import collate_responses, response_logps
 from mrpo.modeling.models import (
-    collate_responses,
     load_model,
     load_tokenizer,
     model_fingerprint,
     placement_summary,
-    response_logps,
     smollm2_gguf_path,
 )
-from mrpo.modeling.scoring import plan_batches
-from mrpo.data.shards import ScoringError
 from mrpo.modeling.ranks import rank_gpus
+from mrpo.modeling.scoring import plan_batches
 from mrpo.stages.score import score_reference
 
 HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"

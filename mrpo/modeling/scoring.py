@@ -14,11 +14,7 @@ from tqdm.auto import tqdm
 
 from mrpo.data.shards import ScoringError, ShardStats, shard_table
 from mrpo.data.tokenization import EncodedResponse, encode_response, render_prompt
-from mrpo.modeling.models import (
-    collate_responses,
-    forward_precision,
-    response_logps,
-)
+from mrpo.modeling.logprobs import collate_responses, forward_precision, response_logps
 
 
 def plan_batches(
@@ -83,7 +79,7 @@ def score_sequences(
     """log p(response | prompt) for each encoded sequence (NaN where it does not fit), and what it cost.
 
     `precision` is the forward's numerics over the model's (fp32) weights, as in training: see
-    `mrpo.modeling.models.forward_precision`.
+    `mrpo.modeling.logprobs.forward_precision`.
     """
     stats = ShardStats()
     out = np.full(len(encoded), np.nan, dtype=np.float64)

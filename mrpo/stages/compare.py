@@ -165,7 +165,8 @@ def policy_logps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(chosen, rejected) sequence log-probs of the policy on every pair, computed as training computes
     them."""
-    from mrpo.modeling.models import cpu_threads_for, forward_precision, response_logps, torch_threads
+    from mrpo.modeling.logprobs import forward_precision, response_logps
+    from mrpo.modeling.models import cpu_threads_for, torch_threads
 
     collate = PreferenceCollator(pad_token_id)
     device = next(model.parameters()).device

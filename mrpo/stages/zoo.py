@@ -31,7 +31,8 @@ from mrpo.config.schema import zoo_attention_heads
 from mrpo.data.synthetic import generate_pairs, sft_examples, total_pairs
 from mrpo.data.tokenization import encode_response
 from mrpo.io import replace_directory, write_json_atomically
-from mrpo.modeling.models import collate_responses, response_logps, torch_threads
+from mrpo.modeling.logprobs import collate_responses, response_logps
+from mrpo.modeling.models import torch_threads
 from mrpo.preflight import check_stage
 from mrpo.reporting.records import ZOO_MANIFEST
 
