@@ -299,7 +299,7 @@ def start(cfg: Config, comparison_id: str | None = None, track: bool = True) -> 
 
 
 def _plan_lm_eval(cfg: Config, out_dir: Path) -> list:
-    from mrpo.evaluation.lmeval import plan_tasks, write_held_out_data
+    from mrpo.evaluation.lmeval_tasks import plan_tasks, write_held_out_data
 
     planned = plan_tasks(cfg, out_dir / "lm_eval_data")
     write_held_out_data(cfg, planned)

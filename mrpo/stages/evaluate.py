@@ -32,10 +32,9 @@ from mrpo.evaluation.lmeval import (
     flatten_results,
     lm_eval_model_args,
     metric_name,
-    plan_tasks,
     run_lm_eval,
-    write_held_out_data,
 )
+from mrpo.evaluation.lmeval_tasks import plan_tasks, write_held_out_data
 from mrpo.evaluation.preference import (
     policy_preference_metrics,
     policy_reference,
