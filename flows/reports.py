@@ -11,6 +11,7 @@ from typing import Any
 from flows.stages import StageResult
 from mrpo.config.schema import Config
 from mrpo.data.scorefile import score_path
+from mrpo.pipeline import STAGES
 from mrpo.reporting.records import EVAL_RECORD, TRAIN_RECORD, ZOO_MANIFEST, read_record
 from mrpo.reporting.summary import format_change, format_number
 from mrpo.reporting.tables import markdown_table as _markdown_table
@@ -89,9 +90,8 @@ def stage_metrics(stage: str, cfg: Config, project_dir: str | Path) -> dict[str,
         return flatten(record or read_record(root / cfg.evaluate.metrics_file))
     if stage == "summary":
         return {}  # its markdown is the pipeline's summary artifact
-    raise ValueError(
-        f"unknown stage {stage!r}; known: zoo, prepare, score@<reference>, diagnose, train, evaluate, summary"
-    )
+    known = ", ".join(f"{s.name}@<reference>" if s.per_reference else s.name for s in STAGES)
+    raise ValueError(f"unknown stage {stage!r}; known: {known}")
 
 
 def stage_report(stage: str, cfg: Config, project_dir: str | Path) -> str | None:

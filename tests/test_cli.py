@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from mrpo.cli import main
+from mrpo.pipeline import STAGE_NAMES
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -193,7 +194,7 @@ def dvc_params(stage: str) -> set[str]:
     return {p.replace("${key}", "<name>") for p in spec.get("do", spec)["params"]}
 
 
-@pytest.mark.parametrize("stage", ["zoo", "prepare", "score", "train", "evaluate", "summary"])
+@pytest.mark.parametrize("stage", STAGE_NAMES)
 def test_stage_help_says_what_it_reads_writes_and_the_params_dvc_declares(stage, capsys):
     from mrpo.pipeline import stage as pipeline_stage
 
