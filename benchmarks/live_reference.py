@@ -40,7 +40,8 @@ def run_case(which: str, args) -> dict | None:
     import torch
 
     from mrpo.data.preference import PreferenceCollator
-    from mrpo.modeling.models import load_model, load_tokenizer, response_logps
+    from mrpo.modeling.logprobs import response_logps
+    from mrpo.modeling.models import load_model, load_tokenizer
     from mrpo.modeling.scoring import score_sequences
 
     batch_pairs = args.batch_pairs or (16 if which == "zoo" else 2)
@@ -68,7 +69,7 @@ def run_case(which: str, args) -> dict | None:
         for ref in refs:
             tok = load_tokenizer(ref)
             chosen, rejected = C.encode_pairs(tok, kept, args.max_length, ref.chat_template)
-            from mrpo.modeling.models import collate_responses
+            from mrpo.modeling.logprobs import collate_responses
 
             ref_batches.append(collate_responses(chosen + rejected, tok.pad_token_id))
             ref_models.append(load_model(ref, "cpu", torch.float32))

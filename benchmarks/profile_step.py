@@ -26,7 +26,8 @@ def run_case(which: str, args) -> dict | None:
     import torch
 
     from mrpo.data.preference import PreferenceCollator
-    from mrpo.modeling.models import collate_responses, load_model, load_tokenizer, response_logps
+    from mrpo.modeling.logprobs import collate_responses, response_logps
+    from mrpo.modeling.models import load_model, load_tokenizer
 
     batch_pairs = args.batch_pairs or (16 if which == "zoo" else 2)
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@
 
 The naive loop is what a straightforward scorer does: sequences in dataset order
 (each pair's chosen, then its rejected), fixed batches of `--naive-batch`
-sequences padded to the batch's longest. Both run `mrpo.modeling.models.response_logps`
+sequences padded to the batch's longest. Both run `mrpo.modeling.logprobs.response_logps`
 under inference_mode on the same model, sequences and threads, alternately.
 Reported: real tokens per second of each, their ratio, and each one's padding
 share (padded positions / all positions). Target: ratio >= 1.5, padding < 10%
@@ -29,7 +29,7 @@ def naive_score(model, encoded, pad_token_id: int, batch_size: int) -> tuple[int
     """Dataset order, fixed batches: returns (real tokens, padded positions computed)."""
     import torch
 
-    from mrpo.modeling.models import collate_responses, response_logps
+    from mrpo.modeling.logprobs import collate_responses, response_logps
 
     real = padded = 0
     for start in range(0, len(encoded), batch_size):

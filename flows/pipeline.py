@@ -18,17 +18,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.lineage import record_lineage
-from flows.stages import (
-    artifact_key,
-    pipeline_stages,
-    reproduce_stage,
-    retry_if_transient,
-    stage_markdown,
-    stage_metrics,
-    stage_report,
-)
+from flows.reports import artifact_key, stage_markdown, stage_metrics, stage_report
+from flows.stages import pipeline_stages, reproduce_stage, retry_if_transient
 from mrpo.config.load import load_config
-from mrpo.stages.summary import mlflow_run_url
+from mrpo.reporting.summary import mlflow_run_url
 
 STAGE_RETRIES = 2
 STAGE_RETRY_DELAYS = [10, 60]

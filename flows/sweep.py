@@ -35,7 +35,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.lineage import git_commit
-from flows.stages import dvc_running_mrpo, flatten, markdown_table, numeric_items, retry_if_transient
+from flows.reports import flatten, markdown_table, numeric_items
+from flows.stages import dvc_running_mrpo, retry_if_transient
 from mrpo.config.load import load_config
 from mrpo.core.loss_types import LOSS_TYPES
 from mrpo.core.weighting import STRATEGIES

@@ -15,6 +15,8 @@ from pathlib import Path
 from mrpo.config.load import load_config, parse_yaml_value
 from mrpo.errors import USER_ERROR_EXIT, ConfigError, MRPOError
 from mrpo.io import output_lock
+from mrpo.pipeline import STAGE_NAMES, STAGES, Stage, config_value
+from mrpo.pipeline import stage as pipeline_stage
 from mrpo.runtime import setup_logging
 
 STATUS_FILE_ENV = "MRPO_STATUS_FILE"
@@ -31,97 +33,6 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-# What each stage reads and writes, and the params.yaml keys that decide its outputs: exactly the keys
-# dvc.yaml declares for it (tests/test_cli.py checks they agree). Paths are named by their params key.
-_TRAIN_KEYS = (
-    "objective references dpo_reference loss_type loss_weights f_divergence_type "
-    "f_alpha_divergence_coef discopop_tau use_weighting beta epsilon adaptive_epsilon label_smoothing "
-    "sft_weight strategy fixed_weights window_size learning_rate lr_scheduler warmup_ratio weight_decay "
-    "num_epochs max_steps batch_size gradient_accumulation_steps max_length eval_steps "
-    "gradient_checkpointing disable_dropout lora device"
-).split()
-_EVALUATE_KEYS = "tasks limit num_fewshot batch_size device max_gen_tokens task_data".split()
-STAGE_DOCS = {
-    "zoo": (
-        "build the tiny local model zoo (the default profile's anchor and references)",
-        "the synthetic fact task (mrpo/data/synthetic.py); no data files",
-        "zoo.output_dir/<member>/ (safetensors, tokenizer, mrpo_zoo.json: its settings and losses), "
-        "zoo.metrics_file (timings)",
-        ("seed", "zoo"),
-    ),
-    "prepare": (
-        "read preference data, clean it, split it into train/val/test",
-        "data.source: the synthetic task, data.paths (local files) or a hub dataset",
-        "data.output_dir/{train,val,test}.parquet and report.json (what was dropped, the data digest)",
-        ("seed", "data"),
-    ),
-    "score": (
-        "score every prepared pair under one reference model",
-        "data.output_dir (the prepared pairs), references.<name> (the reference model)",
-        "score.output_dir/<name>.parquet (log-probs and how they were made), "
-        "score.metrics_dir/<name>.json (timings)",
-        ("references.<name>", "score"),
-    ),
-    "train": (
-        "train the policy on the precomputed reference scores (never loads a reference model)",
-        "data.output_dir, score.output_dir/<reference>.parquet of each training reference, the anchor "
-        "(the first of `references`)",
-        "train.output_dir (the policy, with train_metrics.json), train.metrics_file, train.plots_file "
-        "(per-step curves), train.checkpoint_dir (resumable checkpoints), an MLflow run",
-        ("seed", "references", *(f"train.{k}" for k in _TRAIN_KEYS), "score.dtype"),
-    ),
-    "evaluate": (
-        "lm-eval benchmarks and preference metrics for the policy and the anchor",
-        "train.output_dir (the policy), the anchor, score.output_dir/<anchor>.parquet, the test split in "
-        "data.output_dir, evaluation/tasks",
-        "evaluate.metrics_file, evaluate.results_dir (lm-eval's results, metrics.json with the anchor's "
-        "scores), evaluate.cache_dir (the anchor's cached results), metrics on the MLflow run",
-        (
-            "seed",
-            "references",
-            *(f"evaluate.{k}" for k in _EVALUATE_KEYS),
-            "train.beta",
-            "score.max_length",
-            "score.batch_tokens",
-            "score.dtype",
-        ),
-    ),
-    "diagnose": (
-        "reference diagnostics before training: accuracy, margins, agreement, clip rate, strategy weights",
-        "score.output_dir/<reference>.parquet of every reference, the prepared split diagnose.split",
-        "diagnose.metrics_file, diagnose.report_file (markdown), diagnose.plots_file and "
-        "diagnose.image_file, an MLflow run",
-        (
-            "seed",
-            "references",
-            "diagnose",
-            "train.epsilon",
-            "train.adaptive_epsilon",
-            "train.fixed_weights",
-            "train.window_size",
-        ),
-    ),
-    "summary": (
-        "print and write the end-of-pipeline summary: before/after, the policy, how to look further",
-        "train.metrics_file, evaluate.metrics_file, the full records and MLflow run beside the policy and in "
-        "evaluate.results_dir",
-        "summary.file (markdown)",
-        (
-            "seed",
-            "references",
-            "train.objective",
-            "train.references",
-            "train.dpo_reference",
-            "train.strategy",
-            "train.beta",
-            "train.output_dir",
-            "tracking",
-        ),
-    ),
-}
-_SHOW = {"prepare": "data", "summary": "summary"}
-
-
 def _params_text(keys: tuple[str, ...]) -> str:
     """`seed; references; train: objective, beta, ...; score: dtype`: the keys grouped by section."""
     groups: dict[str, list[str]] = {}
@@ -133,22 +44,18 @@ def _params_text(keys: tuple[str, ...]) -> str:
     return "; ".join(f"{s}: {', '.join(ks)}" if ks else s for s, ks in groups.items())
 
 
-def _stage_description(stage: str) -> str:
+def _stage_description(stage: Stage) -> str:
     import textwrap
 
-    what, reads, writes, params = STAGE_DOCS[stage]
-    lines = [f"mrpo {stage}: {what}.", ""]
-    for label, text in (("reads", reads), ("writes", writes), ("params", _params_text(params))):
+    lines = [f"mrpo {stage.name}: {stage.what}.", ""]
+    parts = (("reads", stage.reads), ("writes", stage.writes), ("params", _params_text(stage.params)))
+    for label, text in parts:
         lines += textwrap.wrap(text, 100, initial_indent=f"{label + ':':9}", subsequent_indent=" " * 9)
-    if stage == "train":
-        lines += [
-            " " * 9 + "(logging_steps and save_steps are left out: they never change the weights, so DVC",
-            " " * 9 + "does not re-train for them; `dvc repro -f train` redraws the curves at a new cadence)",
-        ]
+    lines += [" " * 9 + line for line in stage.note]
     lines += [
         "",
         "Settings come from params.yaml (--params) and --set KEY=VALUE, given before or after the stage",
-        f"name; `mrpo show-config {_SHOW.get(stage, stage)}` prints the values in force.",
+        f"name; `mrpo show-config {stage.section or stage.name}` prints the values in force.",
     ]
     return "\n".join(lines)
 
@@ -208,25 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_options(parser, top=True)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
-    def stage_parser(name: str) -> argparse.ArgumentParser:
+    for stage in STAGES:
         p = sub.add_parser(
-            name,
-            help=STAGE_DOCS[name][0],
-            description=_stage_description(name),
+            stage.name,
+            help=stage.what,
+            description=_stage_description(stage),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _add_common_options(p, top=False)
-        return p
-
-    stage_parser("zoo")
-    stage_parser("prepare")
-    stage_parser("score").add_argument(
-        "--reference", required=True, help="reference name from params.yaml `references`"
-    )
-    stage_parser("diagnose")
-    stage_parser("train")
-    stage_parser("evaluate")
-    stage_parser("summary")
+        if stage.per_reference:
+            p.add_argument("--reference", required=True, help="reference name from params.yaml `references`")
     p = sub.add_parser(
         "compare",
         help=(
@@ -299,16 +197,12 @@ def _exit(stage: str, code: int, message: str | None = None) -> int:
 
 
 def stage_outputs(cfg, stage: str, reference: str | None = None) -> list[Path]:
-    """What a stage writes, and so locks while it runs."""
-    outputs = {
-        "zoo": [cfg.zoo.output_dir],
-        "prepare": [cfg.data.output_dir],
-        "score": [Path(cfg.score.output_dir) / f"{reference}.parquet"],
-        "diagnose": [cfg.diagnose.metrics_file],
-        "train": [cfg.train.output_dir, cfg.train.checkpoint_dir],
-        "evaluate": [cfg.evaluate.results_dir],
-    }
-    return [Path(p) for p in outputs.get(stage, [])]
+    """What a stage writes, and so locks while it runs (nothing for a command that is not a stage)."""
+    if stage not in STAGE_NAMES:
+        return []
+    entry = pipeline_stage(stage)
+    paths = [Path(config_value(cfg, key)) for key in entry.locks]
+    return [p / f"{reference}.parquet" for p in paths] if entry.per_reference else paths
 
 
 def _run_stage(args: argparse.Namespace) -> None:
@@ -361,34 +255,13 @@ def _dispatch(cfg, args: argparse.Namespace) -> None:
             ),
             end="",
         )
-    elif args.stage == "zoo":
-        from mrpo.stages.zoo import build_zoo
-
-        build_zoo(cfg)
-    elif args.stage == "prepare":
-        from mrpo.stages.prepare import prepare
-
-        prepare(cfg)
-    elif args.stage == "score":
-        from mrpo.stages.score import score_reference
-
-        score_reference(cfg, args.reference)
-    elif args.stage == "diagnose":
-        from mrpo.stages.diagnose import diagnose
-
-        diagnose(cfg)
-    elif args.stage == "train":
-        from mrpo.stages.train import train
-
-        train(cfg)
-    elif args.stage == "evaluate":
-        from mrpo.stages.evaluate import evaluate
-
-        evaluate(cfg)
-    elif args.stage == "summary":
-        from mrpo.stages.summary import summarize
-
-        summarize(cfg)
+    else:
+        entry = pipeline_stage(args.stage)
+        run = entry.entry_point()
+        if entry.per_reference:
+            run(cfg, args.reference)
+        else:
+            run(cfg)
 
 
 if __name__ == "__main__":

@@ -13,41 +13,8 @@ import tempfile
 from pathlib import Path
 
 from mrpo.errors import ConfigError
-
-# Per stage: (params key, "dir" or "file") of what it writes, and the key of the device it runs on.
-_OUTPUTS = {
-    "zoo": [("zoo.output_dir", "dir"), ("zoo.metrics_file", "file")],
-    "prepare": [("data.output_dir", "dir")],
-    "score": [("score.output_dir", "dir"), ("score.metrics_dir", "dir")],
-    "train": [
-        ("train.output_dir", "dir"),
-        ("train.checkpoint_dir", "dir"),
-        ("train.metrics_file", "file"),
-        ("train.plots_file", "file"),
-        ("train.plots_dir", "dir"),
-    ],
-    "diagnose": [
-        ("diagnose.metrics_file", "file"),
-        ("diagnose.plots_file", "file"),
-        ("diagnose.image_file", "file"),
-        ("diagnose.report_file", "file"),
-    ],
-    "evaluate": [
-        ("evaluate.metrics_file", "file"),
-        ("evaluate.results_dir", "dir"),
-        ("evaluate.cache_dir", "dir"),
-    ],
-    "summary": [("summary.file", "file")],
-}
-_DEVICES = {"score": "score.device", "train": "train.device", "evaluate": "evaluate.device"}
-STAGES = tuple(_OUTPUTS)
-
-
-def _value(cfg, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
+from mrpo.pipeline import config_value
+from mrpo.pipeline import stage as pipeline_stage
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -121,10 +88,8 @@ def check_device(name: str, key: str) -> None:
 
 def check_stage(cfg, stage: str) -> None:
     """Everything a stage can check before it starts: its outputs are writable and its device exists."""
-    if stage not in _OUTPUTS:
-        raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
-    if stage in _DEVICES:
-        key = _DEVICES[stage]
-        check_device(_value(cfg, key), key)
-    for key, kind in _OUTPUTS[stage]:
-        check_writable(_value(cfg, key), key, kind)
+    entry = pipeline_stage(stage)
+    if entry.device is not None:
+        check_device(config_value(cfg, entry.device), entry.device)
+    for key, kind in entry.outputs:
+        check_writable(config_value(cfg, key), key, kind)

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mrpo.pipeline import dvc_stage_names
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # What a tiny copy of the project needs: the code DVC hashes as deps, the pipeline, the flows.
@@ -20,17 +22,7 @@ _PROJECT_FILES = ("dvc.yaml", ".dvcignore", "prefect.yaml")
 _PROJECT_DIRS = ("mrpo", "flows", "evaluation/tasks")
 
 # The default pipeline's DVC stages, in the order `dvc repro` runs them
-STAGES = [
-    "zoo",
-    "prepare",
-    "score@anchor",
-    "score@gpt2_char",
-    "score@llama_expert",
-    "diagnose",
-    "train",
-    "evaluate",
-    "summary",
-]
+STAGES = dvc_stage_names(yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["references"])
 
 
 def tiny_params(raw: dict) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from mrpo.cli import main
+from mrpo.pipeline import STAGE_NAMES
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -193,17 +194,17 @@ def dvc_params(stage: str) -> set[str]:
     return {p.replace("${key}", "<name>") for p in spec.get("do", spec)["params"]}
 
 
-@pytest.mark.parametrize("stage", ["zoo", "prepare", "score", "train", "evaluate", "summary"])
+@pytest.mark.parametrize("stage", STAGE_NAMES)
 def test_stage_help_says_what_it_reads_writes_and_the_params_dvc_declares(stage, capsys):
-    from mrpo.cli import STAGE_DOCS
+    from mrpo.pipeline import stage as pipeline_stage
 
     with pytest.raises(SystemExit) as exit_:
         main([stage, "--help"])
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps; compare the words
     assert f"mrpo {stage}: " in out and "reads: " in out and "writes: " in out and "params: " in out
-    assert set(STAGE_DOCS[stage][3]) == dvc_params(stage)  # the help lists exactly what DVC tracks
-    for key in STAGE_DOCS[stage][3]:
+    assert set(pipeline_stage(stage).params) == dvc_params(stage)  # the help lists exactly what DVC tracks
+    for key in pipeline_stage(stage).params:
         assert key.rpartition(".")[2] in out, key
     assert "--set KEY=VALUE" in out
 
@@ -249,3 +250,45 @@ def test_show_config_filters_by_section_and_names_the_sections_when_unknown(proj
         "show-config 'trian': no such section or key; "
         "sections: compare, data, diagnose, evaluate, references, score" in err
     )
+
+
+# ---------------------------------------------------------------- issue 21: one stage registry
+
+
+def test_every_registered_stage_has_a_command_and_an_entry_point(capsys):
+    from mrpo.pipeline import STAGES
+
+    for stage in STAGES:
+        assert callable(stage.entry_point()), stage.name
+        with pytest.raises(SystemExit):
+            main([stage.name, "--help"])
+        assert f"mrpo {stage.name}: {stage.what}" in " ".join(capsys.readouterr().out.split())
+
+
+def stage_imports(path: Path) -> list[str]:
+    """The mrpo.stages modules `path` imports anywhere in its text (function-level imports included)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found += [n for n in names if n == "mrpo.stages" or n.startswith("mrpo.stages.")]
+    return found
+
+
+def test_nothing_in_the_library_imports_a_stage():
+    """Stages are recipes: what two of them share lives in a library package. Only the command line runs
+    them (through the registry's lazy entry points)."""
+    root = Path(__file__).resolve().parents[1]
+    allowed = {root / "mrpo" / "cli.py"}
+    offenders = {
+        str(path.relative_to(root)): imports
+        for path in sorted((root / "mrpo").rglob("*.py"))
+        if path not in allowed and (imports := stage_imports(path))
+    }
+    assert offenders == {}

@@ -19,9 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from mrpo.config.load import parse_config
+from mrpo.data.cleaning import split_of
 from mrpo.data.gsm8k import corrupt_final_answer
+from mrpo.data.normalize import pair_id, split_transcripts
 from mrpo.data.prepared import COLUMNS, SPLITS, prepared_digest
-from mrpo.stages.prepare import DataError, pair_id, prepare, split_of, split_transcripts
+from mrpo.errors import DataError
+from mrpo.stages.prepare import prepare
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH_FILE = SHARED / "hh-rlhf-harmless-base-test.jsonl.gz"

@@ -11,6 +11,8 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, STAGES, clone_project, mrpo_import_files, run_tool
 
+from mrpo.pipeline import STAGES as PIPELINE_STAGES
+
 
 def dvc(args, cwd, check=True):
     return run_tool([sys.executable, "-m", "dvc", *args], cwd, check=check)
@@ -28,15 +30,7 @@ def edit_params(project, edit) -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-STAGE_MODULES = {
-    "zoo": "mrpo.stages.zoo",
-    "prepare": "mrpo.stages.prepare",
-    "score": "mrpo.stages.score",
-    "diagnose": "mrpo.stages.diagnose",
-    "train": "mrpo.stages.train",
-    "evaluate": "mrpo.stages.evaluate",
-    "summary": "mrpo.stages.summary",
-}
+STAGE_MODULES = {stage.name: stage.module for stage in PIPELINE_STAGES}
 
 
 def test_each_stage_depends_on_every_module_its_command_runs():

@@ -19,7 +19,7 @@ from mrpo.config.schema import ConfigError
 from mrpo.core.metrics import LOGP_TIE_TOLERANCE
 from mrpo.data import synthetic
 from mrpo.data.synthetic import first_value, generate_pairs, is_correct
-from mrpo.evaluation import lmeval, preference
+from mrpo.evaluation import lmeval, lmeval_tasks, preference
 from mrpo.io import file_sha256
 from mrpo.modeling import models
 from mrpo.stages import evaluate as ev
@@ -165,8 +165,8 @@ def test_preference_metrics_numbers():
 
 def test_anchor_cache_key_tracks_data_and_settings(project):
     cfg = project["cfg"]
-    planned = lmeval.plan_tasks(cfg, project["root"] / "keys")
-    lmeval.write_held_out_data(cfg, planned)
+    planned = lmeval_tasks.plan_tasks(cfg, project["root"] / "keys")
+    lmeval_tasks.write_held_out_data(cfg, planned)
     settings = lmeval.EvalSettings.from_config(cfg)
     key = lmeval.anchor_cache_key(cfg.anchor, planned, settings, False)
     assert key == lmeval.anchor_cache_key(cfg.anchor, planned, settings, False)
@@ -212,10 +212,10 @@ def test_unknown_task_name_fails_naming_it(project, tmp_path):
         ev.evaluate(parse_config(raw))
     assert not (tmp_path / "eval.json").exists()
     # The quick text scan that rejects it still finds lm-eval's real task names.
-    assert lmeval._mentioned_in_lm_eval_tasks("gsm8k") and lmeval._mentioned_in_lm_eval_tasks(
+    assert lmeval_tasks._mentioned_in_lm_eval_tasks("gsm8k") and lmeval_tasks._mentioned_in_lm_eval_tasks(
         "truthfulqa_mc2"
     )
-    assert not lmeval._mentioned_in_lm_eval_tasks("no_such_task_xyz")
+    assert not lmeval_tasks._mentioned_in_lm_eval_tasks("no_such_task_xyz")
 
 
 def test_missing_data_file_fails_naming_it(project, tmp_path):
@@ -260,7 +260,8 @@ def _greedy_generations(cfg, rows: list[dict], limit: int, max_new_tokens: int) 
 def _expected_mc_accuracy(cfg, rows: list[dict], limit: int) -> float:
     """Argmax of log p(choice | BOS + prompt) computed directly with the model: what lm-eval's acc must be."""
     from mrpo.data.tokenization import EncodedResponse
-    from mrpo.modeling.models import collate_responses, load_model, load_tokenizer, response_logps
+    from mrpo.modeling.logprobs import collate_responses, response_logps
+    from mrpo.modeling.models import load_model, load_tokenizer
 
     tok, model = load_tokenizer(cfg.anchor), load_model(cfg.anchor)
     hits = 0
@@ -305,7 +306,7 @@ def test_local_tasks_score_a_tiny_model_and_identical_policy_matches_anchor(proj
 
     # lm-eval's numbers equal a direct computation with the model: the tasks feed the prompts as trained.
     assert m["anchor/mrpo_facts_mc/acc"] == pytest.approx(_expected_mc_accuracy(cfg, mc, limit))
-    gen_task = [t for t in lmeval.plan_tasks(cfg, data_dir) if t.name == "mrpo_facts_gen"]
+    gen_task = [t for t in lmeval_tasks.plan_tasks(cfg, data_dir) if t.name == "mrpo_facts_gen"]
     settings = lmeval.EvalSettings.from_config(cfg)
     samples = lmeval.run_lm_eval(
         lmeval.lm_eval_model_args(cfg.anchor, settings.dtype), gen_task, settings, log_samples=True
@@ -396,7 +397,7 @@ def test_gsm8k_local_on_smollm2_is_deterministic(smollm2_dir, tmp_path):
     )
     raw["references"] = {"smollm2": {"model": str(smollm2_dir)}}
     cfg = parse_config(raw)
-    planned = lmeval.plan_tasks(cfg, tmp_path)
+    planned = lmeval_tasks.plan_tasks(cfg, tmp_path)
     assert (
         planned[0].data_files["train"].endswith("gsm8k-train.jsonl")
         or not (SHARED_DATA / "gsm8k-train.jsonl").exists()

@@ -415,7 +415,7 @@ def test_log_sum_sq_probs_equal_trls_fused_head_kernel():
     kernel, which computes it by an online logsumexp over vocabulary tiles, on random logits up to +-300."""
     from trl.kernels import ChunkedLogProbFunction
 
-    from mrpo.modeling.models import log_sum_sq_probs, token_logps_from_logits
+    from mrpo.modeling.logprobs import log_sum_sq_probs, token_logps_from_logits
 
     g = torch.Generator().manual_seed(0)
     n, h, v = 64, 16, 300

@@ -10,18 +10,20 @@ from conftest import manual_logp
 
 from mrpo.config.schema import ConfigError, ReferenceConfig
 from mrpo.data.tokenization import EncodedResponse, encode_response
-from mrpo.modeling.models import (
+from mrpo.modeling.logprobs import (
     collate_responses,
+    position_ids_from_mask,
+    response_logps,
+    response_token_logps,
+    token_logps_from_logits,
+)
+from mrpo.modeling.models import (
     cpu_threads_for,
     is_local,
     load_model,
     load_tokenizer,
     model_fingerprint,
-    position_ids_from_mask,
-    response_logps,
-    response_token_logps,
     smollm2_gguf_path,
-    token_logps_from_logits,
     torch_threads,
 )
 

@@ -23,22 +23,23 @@ import yaml
 from conftest import manual_logp
 
 from mrpo.config.schema import ConfigError, ReferenceConfig
+from mrpo.data.normalize import pair_id
 from mrpo.data.prepared import prepared_digest
 from mrpo.data.scorefile import read_scores
+from mrpo.data.shards import ScoringError
 from mrpo.data.synthetic import generate_pairs
 from mrpo.data.tokenization import encode_response, render_prompt
+from mrpo.modeling.logprobs import collate_responses, response_logps
 from mrpo.modeling.models import (
-    collate_responses,
     load_model,
     load_tokenizer,
     model_fingerprint,
     placement_summary,
-    response_logps,
     smollm2_gguf_path,
 )
+from mrpo.modeling.ranks import rank_gpus
 from mrpo.modeling.scoring import plan_batches
-from mrpo.stages.prepare import pair_id
-from mrpo.stages.score import ScoringError, rank_gpus, score_reference
+from mrpo.stages.score import score_reference
 
 HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 TIMING_KEYS = {"seconds", "tokens_per_second", "pairs_per_second", "ranks", "wall_seconds"}
@@ -418,7 +419,7 @@ def test_batch_plan_covers_every_sequence_once_within_the_token_budget_with_litt
 def hh_rlhf_pairs(n: int) -> list[dict]:
     """The first n HH-RLHF rows split at the last shared "Assistant:" turn
     (prompt keeps the whole history)."""
-    from mrpo.stages.prepare import split_transcripts, transcript_to_messages
+    from mrpo.data.normalize import split_transcripts, transcript_to_messages
 
     out = []
     with gzip.open(HH_RLHF, "rt") as f:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mrpo.cli import main
-from mrpo.stages.summary import format_number
+from mrpo.reporting.summary import format_number
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

@@ -25,7 +25,7 @@ from mrpo.data.synthetic import (
     world,
 )
 from mrpo.errors import ConfigError
-from mrpo.evaluation.lmeval import TASKS_DIR
+from mrpo.evaluation.lmeval_tasks import TASKS_DIR
 
 
 def test_the_world_is_deterministic_under_the_seed_and_differs_under_another():

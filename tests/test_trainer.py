@@ -809,7 +809,8 @@ def test_policy_dropout_is_off_by_default(scored, tmp_path):
     import shutil
 
     from mrpo.data.tokenization import encode_response
-    from mrpo.modeling.models import collate_responses, load_tokenizer, response_logps
+    from mrpo.modeling.logprobs import collate_responses, response_logps
+    from mrpo.modeling.models import load_tokenizer
     from mrpo.training.setup import load_policy
 
     cfg = config(scored, tmp_path)

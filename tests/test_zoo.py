@@ -15,16 +15,11 @@ from mrpo.config.load import parse_config
 from mrpo.config.schema import ReferenceConfig, ZooMember
 from mrpo.data.synthetic import generate_pairs
 from mrpo.data.tokenization import encode_response
-from mrpo.modeling.models import (
-    collate_responses,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    response_logps,
-)
+from mrpo.modeling.logprobs import collate_responses, response_logps
+from mrpo.modeling.models import load_model, load_tokenizer, model_fingerprint
+from mrpo.reporting.records import ZOO_MANIFEST as MANIFEST
 from mrpo.stages.zoo import (
     DISABLED_MARKER,
-    MANIFEST,
     build_member,
     build_model,
     build_tokenizer,

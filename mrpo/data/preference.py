@@ -17,7 +17,7 @@ import torch
 from mrpo.data.scorefile import ReferenceScores
 from mrpo.data.tokenization import EncodedResponse, encode_response, render_prompt
 from mrpo.errors import ScoreDataError
-from mrpo.modeling.models import collate_responses
+from mrpo.modeling.logprobs import collate_responses
 
 log = logging.getLogger("mrpo")
 

@@ -150,7 +150,7 @@ def load_reference_scores(
 
     Raises ScoreDataError naming the file when one is missing, unreadable, without its
     metadata, holds a non-finite or positive log-prob for a pair that fits (see
-    `mrpo.stages.score.read_scores`), or when its recorded `prepared_digest` differs from the
+    `read_scores`), or when its recorded `prepared_digest` differs from the
     others' or from `prepared_digest`.
     """
     out = []

@@ -1,37 +1,20 @@
-"""Sequence log-probs of many responses under one model: length-sorted batches within a token budget."""
+"""Sequence log-probs of many responses under one model: length-sorted batches within a token budget;
+a shard of prepared pairs scored into the score file's rows."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from mrpo.data.tokenization import EncodedResponse
-from mrpo.modeling.models import (
-    collate_responses,
-    forward_precision,
-    response_logps,
-)
-
-
-@dataclass
-class ShardStats:
-    """What one shard cost: real tokens, padded tokens, seconds, sequences, prompts cut from the left."""
-
-    tokens: int = 0
-    padded_tokens: int = 0
-    seconds: float = 0.0
-    sequences: int = 0
-    prompts_truncated: int = 0
-
-    def add(self, other: ShardStats) -> None:
-        for key in ("tokens", "padded_tokens", "seconds", "sequences", "prompts_truncated"):
-            setattr(self, key, getattr(self, key) + getattr(other, key))
+from mrpo.data.shards import ScoringError, ShardStats, shard_table
+from mrpo.data.tokenization import EncodedResponse, encode_response, render_prompt
+from mrpo.modeling.logprobs import collate_responses, forward_precision, response_logps
 
 
 def plan_batches(
@@ -96,7 +79,7 @@ def score_sequences(
     """log p(response | prompt) for each encoded sequence (NaN where it does not fit), and what it cost.
 
     `precision` is the forward's numerics over the model's (fp32) weights, as in training: see
-    `mrpo.modeling.models.forward_precision`.
+    `mrpo.modeling.logprobs.forward_precision`.
     """
     stats = ShardStats()
     out = np.full(len(encoded), np.nan, dtype=np.float64)
@@ -119,3 +102,51 @@ def score_sequences(
     stats.seconds = time.perf_counter() - start
     stats.prompts_truncated = sum(e.prompt_truncated for e in encoded)
     return out, stats
+
+
+def score_pairs(
+    model, tokenizer, ref, pairs, s, device, progress, padding_side, precision
+) -> tuple[pa.Table, ShardStats]:
+    """One shard of prepared pairs (`pair_id`, `split`, `prompt`, `chosen`, `rejected`, `prompt_messages`)
+    scored under the reference `ref` with the `score` settings `s`: its rows of the score file, and the
+    cost."""
+    enc_chosen, enc_rejected = [], []
+    for p in pairs:
+        prompt_text = render_prompt(tokenizer, p.prompt, p.prompt_messages, ref.chat_template)
+        enc_chosen.append(
+            encode_response(tokenizer, prompt_text, p.chosen, s.max_length, chat_template=ref.chat_template)
+        )
+        enc_rejected.append(
+            encode_response(tokenizer, prompt_text, p.rejected, s.max_length, chat_template=ref.chat_template)
+        )
+    # Chosen and rejected of a pair are scored only if both fit: a pair is usable whole or not at all.
+    fits = np.array([c.fits and r.fits for c, r in zip(enc_chosen, enc_rejected, strict=True)], dtype=bool)
+    encoded = [
+        e if f else _unfit(e)
+        for e, f in zip(enc_chosen + enc_rejected, np.concatenate([fits, fits]), strict=True)
+    ]
+    logps, stats = score_sequences(
+        model, encoded, tokenizer.pad_token_id, s.batch_tokens, device, progress, padding_side, precision
+    )
+    progress.update(int(2 * (~fits).sum()))
+    chosen, rejected = logps[: len(pairs)], logps[len(pairs) :]
+    check_finite(chosen, fits, pairs, "chosen", ref.name)
+    check_finite(rejected, fits, pairs, "rejected", ref.name)
+    return shard_table(pairs, chosen, rejected, enc_chosen, enc_rejected), stats
+
+
+def _unfit(e: EncodedResponse) -> EncodedResponse:
+    return EncodedResponse(e.input_ids, e.prompt_length, e.response_length, e.prompt_truncated, False)
+
+
+def check_finite(values: np.ndarray, fits: np.ndarray, pairs: Sequence, which: str, reference: str) -> None:
+    """Raise naming the reference and the pair when a fitting pair's score is NaN or infinite."""
+    bad = np.flatnonzero(fits & ~np.isfinite(values))
+    if bad.size:
+        pair = pairs[int(bad[0])]
+        raise ScoringError(
+            f"reference {reference!r}: non-finite {which} log-prob {values[bad[0]]} "
+            f"for pair_id {pair.pair_id!r} (split {pair.split}; {bad.size} such pair(s) in this shard). "
+            "The model's weights or its dtype are broken: "
+            "check the checkpoint, or score with score.dtype: float32"
+        )

@@ -165,7 +165,8 @@ def policy_logps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(chosen, rejected) sequence log-probs of the policy on every pair, computed as training computes
     them."""
-    from mrpo.modeling.models import cpu_threads_for, forward_precision, response_logps, torch_threads
+    from mrpo.modeling.logprobs import forward_precision, response_logps
+    from mrpo.modeling.models import cpu_threads_for, torch_threads
 
     collate = PreferenceCollator(pad_token_id)
     device = next(model.parameters()).device
@@ -298,7 +299,7 @@ def start(cfg: Config, comparison_id: str | None = None, track: bool = True) -> 
 
 
 def _plan_lm_eval(cfg: Config, out_dir: Path) -> list:
-    from mrpo.evaluation.lmeval import plan_tasks, write_held_out_data
+    from mrpo.evaluation.lmeval_tasks import plan_tasks, write_held_out_data
 
     planned = plan_tasks(cfg, out_dir / "lm_eval_data")
     write_held_out_data(cfg, planned)

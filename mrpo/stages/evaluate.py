@@ -32,20 +32,17 @@ from mrpo.evaluation.lmeval import (
     flatten_results,
     lm_eval_model_args,
     metric_name,
-    plan_tasks,
     run_lm_eval,
-    write_held_out_data,
 )
+from mrpo.evaluation.lmeval_tasks import plan_tasks, write_held_out_data
 from mrpo.evaluation.preference import (
     policy_preference_metrics,
     policy_reference,
 )
 from mrpo.io import write_json_atomically, write_text_atomically
+from mrpo.reporting.records import EVAL_RECORD
 
 log = logging.getLogger("mrpo")
-
-
-# ---------------------------------------------------------------- preference metrics on the test split
 
 
 # ---------------------------------------------------------------- the stage
@@ -54,7 +51,6 @@ log = logging.getLogger("mrpo")
 # `evaluate.metrics_file` (a DVC metric) keeps what differs between trained policies: the policy's scores and
 # its preference metrics. The anchor's scores (the same for every run), the deltas (policy - anchor) and the
 # pair counts are in the full record, `<evaluate.results_dir>/metrics.json`, and on the MLflow run.
-EVAL_RECORD = "metrics.json"
 _METRIC_PREFIXES = ("policy/", "pref/reward_accuracy_vs_anchor", "pref/reward_margin_vs_anchor")
 
 

@@ -8,158 +8,15 @@ is, and the commands that open MLflow and the plots.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
-from typing import Any
 
 from mrpo.config.schema import Config
 from mrpo.io import write_text_atomically
-
-# Where train and evaluate keep their full records (mrpo.stages.train.TRAIN_RECORD,
-# mrpo.stages.evaluate.EVAL_RECORD); named
-# here so the summary does not import those stages (and their torch and lm-eval imports).
-TRAIN_RECORD = "train_metrics.json"
-EVAL_RECORD = "metrics.json"
+from mrpo.reporting.records import EVAL_RECORD, TRAIN_RECORD, read_record
+from mrpo.reporting.summary import summary_markdown
 
 log = logging.getLogger("mrpo")
-
-# (label, key before, key after) in train.metrics_file: validation and test before and after training.
-TRAIN_ROWS = (
-    ("val reward accuracy", "val_reward_accuracy_before", "val_reward_accuracy_after"),
-    ("val reward margin", "val_reward_margin_before", "val_reward_margin_after"),
-    ("val loss", "val_loss_before", "val_loss_after"),
-    ("test reward accuracy", "test_reward_accuracy_before", "test_reward_accuracy_after"),
-)
-
-
-def format_number(value: Any) -> str:
-    """A number as people read it: 0.5053, -0.000654, 2,422, 16,270.5; never 1.627e+04. None and NaN:
-    `n/a`."""
-    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
-        return "n/a" if value is None else str(value)
-    if not math.isfinite(value):
-        return "n/a"
-    if float(value).is_integer() and abs(value) >= 1:
-        return f"{int(value):,}"
-    if abs(value) >= 100:
-        return f"{value:,.1f}"
-    if value != 0 and abs(value) < 1e-3:  # three significant digits, in plain decimals down to 1e-8
-        if abs(value) < 1e-8:
-            return f"{value:.2e}"
-        return f"{value:.{2 - math.floor(math.log10(abs(value)))}f}"
-    return f"{value:.4f}"
-
-
-def format_share(value: Any) -> str:
-    """0.5667 -> 56.7%."""
-    if not isinstance(value, int | float) or not math.isfinite(value):
-        return "n/a"
-    return f"{100 * value:.1f}%"
-
-
-def format_change(before: Any, after: Any) -> str:
-    if not all(isinstance(v, int | float) and math.isfinite(v) for v in (before, after)):
-        return ""
-    change = after - before
-    return ("+" if change >= 0 else "") + format_number(change)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def before_after_rows(train_metrics: dict, eval_metrics: dict) -> list[tuple[str, Any, Any]]:
-    """(label, before, after) for each key metric present: training's validation/test metrics (before = the
-    untrained policy, i.e. the anchor) and each lm-eval score (before = the anchor, after = the policy)."""
-    rows = [
-        (label, train_metrics[b], train_metrics[a])
-        for label, b, a in TRAIN_ROWS
-        if b in train_metrics and a in train_metrics
-    ]
-    for key in sorted(eval_metrics):
-        if key.startswith("policy/"):
-            name = key.removeprefix("policy/")
-            task, _, metric = name.partition("/")
-            rows.append((f"{task} {metric}", eval_metrics.get(f"anchor/{name}"), eval_metrics[key]))
-    return rows
-
-
-def final_weights(train_metrics: dict) -> dict[str, float]:
-    return {k.removeprefix("weight/"): v for k, v in train_metrics.items() if k.startswith("weight/")}
-
-
-def mlflow_ui_command(uri: str, project_dir: Path) -> str:
-    """`mlflow ui` for this store; a sqlite file inside the project is named relative to it."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        try:
-            uri = f"sqlite:///{db.resolve().relative_to(project_dir.resolve())}"
-        except ValueError:
-            pass
-        return f"mlflow ui --backend-store-uri {uri}"
-    return f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
-
-
-def mlflow_run_url(run: Any) -> str:
-    """The run's page: on its tracking server when it is one, else on `mlflow ui`'s default address."""
-    base = run.tracking_uri.rstrip("/") if run.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
-
-
-def summary_markdown(
-    cfg: Config, train_metrics: dict, eval_metrics: dict, run: Any | None, project_dir: Path
-) -> str:
-    """The summary as markdown; `run` is the MLflow run recorded with the policy (or None)."""
-    t = cfg.train
-    refs = [r.name for r in cfg.training_references()]
-    lines = ["# MRPO pipeline summary", ""]
-    setup = f"Objective **{t.objective}**, strategy **{t.strategy}**, beta {t.beta:g}"
-    setup += f"; references {', '.join(refs)} (the policy starts from {cfg.anchor.name}); seed {cfg.seed}"
-    if "steps" in train_metrics:
-        setup += f"; {format_number(train_metrics['steps'])} steps"
-    lines += [setup + ".", ""]
-    weights = final_weights(train_metrics)
-    if weights:
-        shown = ", ".join(f"{name} {format_number(w)}" for name, w in weights.items())
-        lines += [f"Reference weights at the end of training: {shown}.", ""]
-
-    rows = before_after_rows(train_metrics, eval_metrics)
-    if rows:
-        lines += ["| metric | before (anchor) | after (policy) | change |", "|---|---:|---:|---:|"]
-        lines += [
-            f"| {m} | {format_number(b)} | {format_number(a)} | {format_change(b, a)} |" for m, b, a in rows
-        ]
-        lines.append("")
-    else:
-        lines += ["_No metrics yet: run `mrpo train` and `mrpo evaluate` (or `dvc repro`)._", ""]
-    if "pref/reward_accuracy_vs_anchor" in eval_metrics:
-        lines += [
-            f"Test pairs: the policy's implicit reward against the anchor ranks the chosen response first on "
-            f"{format_share(eval_metrics['pref/reward_accuracy_vs_anchor'])} of them (mean reward margin "
-            f"{format_number(eval_metrics.get('pref/reward_margin_vs_anchor'))}); the anchor alone finds the "
-            "chosen response more likely on "
-            f"{format_share(eval_metrics.get('pref/anchor_likelihood_accuracy'))}.",
-            "",
-        ]
-
-    lines.append(f"Policy: `{t.output_dir}`" + (f" (MLflow run `{run.run_id}`)" if run else "") + ".")
-    lines += ["", "Look further:", "", "```"]
-    if run is not None:
-        lines.append(f"{mlflow_ui_command(run.tracking_uri, project_dir)}   # then open the run:")
-        lines.append(f"#   {mlflow_run_url(run)}")
-    lines += [
-        "dvc plots show      # training curves and reference weights -> dvc_plots/index.html",
-        "dvc metrics show    # the metrics files; `dvc metrics diff` compares with the last commit",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def summarize(cfg: Config, project_dir: str | Path = ".") -> str:
@@ -170,10 +27,10 @@ def summarize(cfg: Config, project_dir: str | Path = ".") -> str:
     check_stage(cfg, "summary")
     root = Path(project_dir)
     # the full records (before-training and anchor values included), else the metrics files
-    train_metrics = _read_json(root / cfg.train.output_dir / TRAIN_RECORD) or _read_json(
+    train_metrics = read_record(root / cfg.train.output_dir / TRAIN_RECORD) or read_record(
         root / cfg.train.metrics_file
     )
-    eval_metrics = _read_json(root / cfg.evaluate.results_dir / EVAL_RECORD) or _read_json(
+    eval_metrics = read_record(root / cfg.evaluate.results_dir / EVAL_RECORD) or read_record(
         root / cfg.evaluate.metrics_file
     )
     try:

@@ -32,6 +32,7 @@ from mrpo.reporting.plots import (
     with_smoothed,
     write_csv,
 )
+from mrpo.reporting.records import TRAIN_RECORD
 from mrpo.runtime import seed_everything
 from mrpo.training.checkpoints import RunState, resume_point, write_run_state
 from mrpo.training.setup import (
@@ -121,7 +122,6 @@ METRIC_KEYS = (
     "val_reward_margin_after",
     "test_reward_accuracy_after",
 )
-TRAIN_RECORD = "train_metrics.json"
 
 
 def metric_file_view(metrics: dict[str, Any]) -> dict[str, Any]:

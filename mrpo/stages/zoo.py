@@ -31,8 +31,10 @@ from mrpo.config.schema import zoo_attention_heads
 from mrpo.data.synthetic import generate_pairs, sft_examples, total_pairs
 from mrpo.data.tokenization import encode_response
 from mrpo.io import replace_directory, write_json_atomically
-from mrpo.modeling.models import collate_responses, response_logps, torch_threads
+from mrpo.modeling.logprobs import collate_responses, response_logps
+from mrpo.modeling.models import torch_threads
 from mrpo.preflight import check_stage
+from mrpo.reporting.records import ZOO_MANIFEST
 
 log = logging.getLogger("mrpo")
 
@@ -42,7 +44,6 @@ BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
 MAX_POSITIONS = 1024
 DISABLED_MARKER = "ZOO_DISABLED"
-MANIFEST = "mrpo_zoo.json"
 
 
 def member_seed(seed: int, name: str) -> int:
@@ -229,7 +230,7 @@ def _build_member(member, seed: int, output_dir: Path) -> dict:
     try:
         model.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / ZOO_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         replace_directory(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing in the stage's output

@@ -35,7 +35,8 @@ from mrpo.core.objective import Objective
 from mrpo.core.wpo import wpo_weights
 from mrpo.errors import TrainingError
 from mrpo.io import jsonable
-from mrpo.modeling.models import cpu_threads_for, response_logps, response_token_logps, torch_threads
+from mrpo.modeling.logprobs import response_logps, response_token_logps
+from mrpo.modeling.models import cpu_threads_for, torch_threads
 from mrpo.training.checkpoints import seal_checkpoint
 
 log = logging.getLogger("mrpo")
@@ -92,7 +93,7 @@ class MRPOTrainer(Trainer):
     `mrpo.core.weighting.make_strategy`), `reference_names` (K names, anchor first,
     used for the `weight/<name>` metrics), `precision` (the dtype the anchor was
     scored in: the policy's forward runs in the same numerics, see
-    `mrpo.modeling.models.forward_precision`). Batches come from PreferenceCollator.
+    `mrpo.modeling.logprobs.forward_precision`). Batches come from PreferenceCollator.
 
     One optimizer step is one unit whatever the gradient accumulation: the loss is
     a mean over the step's whole batch (pairs for the preference term, chosen
@@ -148,7 +149,7 @@ class MRPOTrainer(Trainer):
 
         The per-token terms of the WPO weights are computed only with use_weighting: otherwise this is
         exactly `response_logps`, at no extra cost."""
-        from mrpo.modeling.models import forward_precision
+        from mrpo.modeling.logprobs import forward_precision
 
         args = (inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"])
         n = inputs["ref_chosen_logps"].shape[0]
