@@ -722,8 +722,8 @@ def test_each_loss_trains(scored, tmp_path, overrides):
 def test_bco_reward_mean_is_checkpointed_and_resumed(scored, tmp_path):
     """The running mean is saved with each checkpoint and restored on resume: a run resumed from step 2 ends
     with the state and loss of the straight run."""
+    from mrpo.training.callbacks import LOSS_STATE_FILE
     from mrpo.training.setup import build_trainer, prepare_training
-    from mrpo.training.trainer import LOSS_STATE_FILE
 
     common = {
         "train.loss_type": "bco_pair",

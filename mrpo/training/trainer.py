@@ -11,38 +11,35 @@ reference log-probs from the K score files, never from a reference model.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from mrpo.core.loss_types import RunningRewardMean
 from mrpo.core.metrics import reward_accuracy
 from mrpo.core.objective import Objective
 from mrpo.core.wpo import wpo_weights
-from mrpo.errors import TrainingError
-from mrpo.io import jsonable
 from mrpo.modeling.logprobs import response_logps, response_token_logps
 from mrpo.modeling.models import cpu_threads_for, torch_threads
-from mrpo.training.checkpoints import seal_checkpoint
+from mrpo.training.callbacks import (
+    CompactProgress,
+    LogAtCheckpoints,
+    NonFiniteGuard,
+    StrategyStateCallback,
+    load_loss_state,
+    load_strategy_state,
+)
 
 log = logging.getLogger("mrpo")
-
-STRATEGY_STATE_FILE = "mrpo_strategy_state.json"
-LOSS_STATE_FILE = "mrpo_loss_state.json"  # bco_pair's running reward mean
 
 
 # ---------------------------------------------------------------- the objective
@@ -325,169 +322,6 @@ class MRPOTrainer(Trainer):
 
 
 # ---------------------------------------------------------------- weighting state in checkpoints
-
-
-def load_strategy_state(strategy, checkpoint_dir: str | os.PathLike) -> None:
-    path = Path(checkpoint_dir) / STRATEGY_STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: checkpoint has no weighting-strategy state; it was not written by MRPOTrainer. "
-            "Delete the checkpoint directory to start over"
-        )
-    strategy.load_state_dict(json.loads(path.read_text()))
-    log.info("restored weighting-strategy state from %s", path)
-
-
-def load_loss_state(loss_state: RunningRewardMean, checkpoint_dir: str | os.PathLike) -> None:
-    path = Path(checkpoint_dir) / LOSS_STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: checkpoint has no bco_pair reward-mean state; "
-            "it was written without loss_type bco_pair. "
-            "Delete the checkpoint directory to start over"
-        )
-    loss_state.load_state_dict(json.loads(path.read_text()))
-    log.info("restored bco_pair's running reward mean from %s", path)
-
-
-class StrategyStateCallback(TrainerCallback):
-    """Advances online weighting once per optimizer step and writes the strategy's state into each
-    checkpoint directory (saving comes after the step's end), so a resumed run continues it."""
-
-    def __init__(self, trainer: MRPOTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._step_margins.clear()  # margins from compute_loss calls outside the loop are not a step
-        self.trainer._step_rewards.clear()
-        return control
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._advance_strategy()
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            ckpt.mkdir(parents=True, exist_ok=True)
-            state_dict = self.trainer.strategy.state_dict()
-            (ckpt / STRATEGY_STATE_FILE).write_text(json.dumps(jsonable(state_dict)))
-            if self.trainer.loss_state is not None:
-                (ckpt / LOSS_STATE_FILE).write_text(json.dumps(self.trainer.loss_state.state_dict()))
-            seal_checkpoint(ckpt)  # last: Trainer has written everything else by now
-        return control
-
-
-class NonFiniteGuard(TrainerCallback):
-    """Stops training before an optimizer step that a non-finite loss or gradient would turn into NaN weights.
-
-    Trainer's own `logging_nan_inf_filter` hides such steps in the logs and steps anyway; here the
-    run fails with the step and the likely causes instead, and nothing is saved as the policy.
-    """
-
-    def __init__(self, trainer: MRPOTrainer):
-        self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        losses_finite, self.trainer._losses_finite = self.trainer._losses_finite, None
-        grads = [p.grad for p in (model or self.trainer.model).parameters() if p.grad is not None]
-        ok = torch.ones((), dtype=torch.bool) if losses_finite is None else losses_finite.cpu()
-        # Gradients are already clipped here;
-        # clipping turns an infinite norm into NaN entries, caught the same way.
-        if grads:
-            norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads])
-            ok = ok & torch.isfinite(norms.sum()).cpu()
-        if not bool(ok):
-            what = "loss" if losses_finite is not None and not bool(losses_finite) else "gradient"
-            raise TrainingError(
-                f"the {what} became non-finite (NaN or inf) at optimizer step {state.global_step + 1}; "
-                f"stopped before it reached the weights, nothing was saved as the policy. Usual causes: "
-                f"train.learning_rate ({args.learning_rate}) too high for this model, "
-                "or non-finite reference scores; lower the learning rate or re-run `mrpo score`"
-            )
-        return control
-
-
-class LogAtCheckpoints(TrainerCallback):
-    """Also log at every checkpoint and at the last step, so the logged losses cover every step, and a resumed
-    run's mean training loss is over the whole run (see `mean_training_loss`)."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save or state.global_step >= state.max_steps:
-            control.should_log = True
-        return control
-
-
-def progress_line(logs: dict[str, Any], prefix: str = "") -> str:
-    """A few numbers of one Trainer log, formatted: `loss 0.6912  reward acc 0.562  margin 0.0123` (the keys
-    present of loss, rewards/accuracy, rewards/margin and learning_rate; `prefix` selects eval_/val_ keys)."""
-    shown = (
-        ("loss", "loss", ".4f"),
-        ("rewards/accuracy", "reward acc", ".3f"),
-        ("rewards/margin", "margin", ".4f"),
-    )
-    parts = [f"{label} {logs[prefix + key]:{fmt}}" for key, label, fmt in shown if prefix + key in logs]
-    if not prefix and "learning_rate" in logs:
-        parts.append(f"lr {logs['learning_rate']:.2e}")
-    return "  ".join(parts)
-
-
-class CompactProgress(TrainerCallback):
-    """Training progress a person can read: on a terminal a bar showing the latest loss and reward accuracy;
-    elsewhere (DVC, CI, Prefect logs) one line about every 5% of the run, and one per evaluation."""
-
-    def __init__(self, lines: int = 20, tty: bool | None = None):
-        self.lines = lines
-        self.tty = tty
-        self.bar = None
-        self._printed_step = 0
-        self._ended = False
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        tty = self.tty if self.tty is not None else sys.stderr.isatty()
-        if state.is_world_process_zero and tty:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step")
-        self._printed_step = state.global_step
-        self._ended = False
-        return control
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "train_runtime" in logs:
-            return control  # train_runtime: Trainer's end-of-run totals, said better by the stage
-        step, total = state.global_step, state.max_steps
-        if "loss" in logs:
-            line = progress_line(logs)
-            if self.bar is not None:
-                self.bar.set_postfix_str(line, refresh=False)
-            elif step - self._printed_step >= max(1, total // self.lines) or step >= total:
-                self._printed_step = step
-                log.info("train: step %d/%d  %s", step, total, line)
-            return control
-        prefix = next((k.removesuffix("loss") for k in logs if k.endswith("_loss")), None)
-        if prefix is not None:  # an evaluation: eval_ during training, val_/test_ before and after it
-            split = {"eval_": "val"}.get(prefix, prefix.rstrip("_"))
-            when = (
-                "before training"
-                if step == 0
-                else "after training"
-                if self._ended
-                else f"step {step}/{total}"
-            )
-            message = f"train: {when}  {split}: {progress_line(logs, prefix)}"
-            (self.bar.write if self.bar is not None else log.info)(message)
-        return control
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._ended = True
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        return control
 
 
 def mean_training_loss(log_history: list[dict[str, Any]]) -> float:
