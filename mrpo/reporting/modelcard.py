@@ -78,17 +78,32 @@ def model_card(
     """The card's markdown. `references`: name, model, revision or content_hash, score_sha256 per training
     reference (as logged to MLflow); `pairs`: trainable pairs per split; `metrics`: metrics/train.json;
     `run`: the mrpo.tracking.tracker.PipelineRun, when tracked."""
-    t = cfg.train
-    anchor = cfg.anchor
-    adapter = t.lora.enabled and not t.lora.merge
+    adapter = cfg.train.lora.enabled and not cfg.train.lora.merge
+    lines = [
+        *_front_matter(cfg, adapter),
+        *_introduction(cfg, references, run_name, adapter),
+        *_hyperparameters(cfg),
+        *_data_and_results(cfg, prepared_digest, pairs, metrics),
+        *_tracking(run, git_commit),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _front_matter(cfg: Config, adapter: bool) -> list[str]:
+    t, anchor = cfg.train, cfg.anchor
     front = ["---", f"library_name: {'peft' if adapter else 'transformers'}"]
     if _is_hub_id(anchor.model):
         front.append(f"base_model: {anchor.model}")
     tags = ["mrpo", "preference-optimization", *([t.objective] if t.objective != "mrpo" else [])]
-    front += ["tags:", *(f"- {tag}" for tag in tags), "---", ""]
+    return [*front, "tags:", *(f"- {tag}" for tag in tags), "---", ""]
 
-    lines = [f"# {run_name or 'MRPO policy'}", ""]
-    lines += [
+
+def _introduction(cfg: Config, references, run_name: str | None, adapter: bool) -> list[str]:
+    t, anchor = cfg.train, cfg.anchor
+    pinned = f" at revision `{anchor.revision}`" if anchor.revision else ""
+    lines = [
+        f"# {run_name or 'MRPO policy'}",
+        "",
         f"A policy trained from the anchor `{anchor.model}` by the `{t.objective}` objective "
         f"({t.loss_type} loss, beta {t.beta:g}, weighting `{t.strategy}`) against "
         f"{len(references)} reference(s), by mrpo (Multi-Reference Preference Optimization). "
@@ -96,8 +111,7 @@ def model_card(
         "",
         "## Base model (anchor)",
         "",
-        f"`{anchor.name}`: `{anchor.model}`"
-        + (f" at revision `{anchor.revision}`" if anchor.revision else ""),
+        f"`{anchor.name}`: `{anchor.model}`{pinned}",
         "",
         "## References",
         "",
@@ -107,14 +121,23 @@ def model_card(
     for ref in references:
         pin = ref.get("revision") or ref.get("content_hash") or ""
         lines.append(f"| {ref['name']} | `{ref['model']}` | `{pin}` | `{ref.get('score_sha256', '')}` |")
-    lines += ["", "## Objective and hyperparameters", "", "| key | value |", "|---|---|"]
+    return lines
+
+
+def _hyperparameters(cfg: Config) -> list[str]:
+    t = cfg.train
+    lines = ["", "## Objective and hyperparameters", "", "| key | value |", "|---|---|"]
     for key in HYPERPARAMETERS:
         value = getattr(t, key)
         lines.append(f"| `train.{key}` | {list(value) if isinstance(value, tuple) else value} |")
     if t.lora.enabled:
         lines.append(f"| `train.lora` | r {t.lora.r}, alpha {t.lora.alpha}, dropout {t.lora.dropout:g} |")
     lines.append(f"| `seed` | {cfg.seed} |")
-    lines += [
+    return lines
+
+
+def _data_and_results(cfg: Config, prepared_digest: str, pairs, metrics) -> list[str]:
+    lines = [
         "",
         "## Data",
         "",
@@ -140,7 +163,11 @@ def model_card(
             "",
             f"Mean training loss {_number(float(metrics['train_loss']))} over {metrics.get('steps')} steps.",
         ]
-    lines += ["", "## Tracking", ""]
+    return lines
+
+
+def _tracking(run: Any | None, git_commit: str | None) -> list[str]:
+    lines = ["", "## Tracking", ""]
     if run is not None:
         lines.append(
             f"MLflow run `{run.run_id}` (experiment id {run.experiment_id}) in `{run.tracking_uri}`: every "
@@ -150,7 +177,7 @@ def model_card(
         lines.append("Not tracked in MLflow.")
     if git_commit:
         lines += ["", f"Code: git commit `{git_commit}`."]
-    return "\n".join(front + lines) + "\n"
+    return lines
 
 
 def with_evaluation(card: str, scores: Mapping[str, float]) -> str:
