@@ -602,6 +602,33 @@ def test_deployments_and_prefect_yaml_agree():
         assert flow_obj.name == {"mrpo-nightly": "pipeline", "mrpo-weekly": "sweep"}[d["name"]]
 
 
+def test_deploy_interval_replaces_the_crons_and_the_cli_refuses_what_cannot_work(capsys):
+    """`--interval` swaps every cron for that interval; `--param` sets flow parameters; without a reachable
+    API, or with a parameter the served flow lacks, `python -m flows.deploy` exits 2 at once."""
+    from prefect.client.schemas.schedules import IntervalSchedule
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deploy import deployments, main, parse_args
+
+    deps = deployments(REPO_ROOT, interval=60, parameters={"seeds": [0]}, only="sweep")
+    assert [type(s.schedule) for s in deps[0].schedules] == [IntervalSchedule]
+    assert deps[0].schedules[0].schedule.interval.total_seconds() == 60 and deps[0].parameters["seeds"] == [0]
+    args = parse_args(["--only", "pipeline", "--interval", "2.5", "--param", 'stages=["prepare"]'])
+    assert args.interval == 2.5 and args.param == [("stages", ["prepare"])]
+
+    def refused(argv: list[str], url: str | None = "http://127.0.0.1:9/api") -> str:
+        with temporary_settings(updates={PREFECT_API_URL: url}), pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        return capsys.readouterr().err
+
+    assert "no Prefect API answers at http://127.0.0.1:9/api" in refused(["--interval", "60"])
+    assert "PREFECT_API_URL is not set: start a server" in refused([], url=None)
+    assert "not a parameter of the sweep flow (use --only)" in refused(["--param", 'stages=["prepare"]'])
+    assert "an interval must be positive seconds" in refused(["--interval", "0"])
+    assert "not allowed with argument --no-schedules" in refused(["--no-schedules", "--interval", "5"])
+
+
 EPHEMERAL_SCRIPT = r"""
 import json, sys
 from flows.deploy import deployments
