@@ -46,14 +46,45 @@ def wait_for(
     )
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def processes_with_env(key: str, value: str) -> list[str]:
+    """Command lines of live processes whose environment holds key=value (this user's processes)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"{key}={value}".encode() in environ.read_bytes().split(b"\0"):
+                state = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append((environ.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:  # exited meanwhile, or not ours
+            continue
+    return found
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20) -> float:
+    """SIGTERM to the process group `proc` leads (started with start_new_session), SIGKILL to what is left
+    after `timeout`; returns the seconds until the whole group was gone."""
+    start = time.monotonic()
+    if proc.poll() is None or group_members(proc.pid):
+        os.killpg(proc.pid, signal.SIGTERM)
+    while (proc.poll() is None or group_members(proc.pid)) and time.monotonic() - start < timeout:
+        time.sleep(0.1)
+    if proc.poll() is None or group_members(proc.pid):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return time.monotonic() - start
 
 
 def flow_run_artifacts(client, flow_run_id):
@@ -73,9 +104,9 @@ def flow_run_artifacts(client, flow_run_id):
     return {a.key: a for a in Artifact.model_validate_list(response.json())}
 
 
-@pytest.fixture()
-def prefect_server(tmp_path):
-    """A real Prefect server (sqlite in a tmp PREFECT_HOME) on a free loopback port; yields its env."""
+def start_prefect_server(tmp_path: Path) -> tuple[dict, subprocess.Popen]:
+    """A real Prefect server (sqlite in a tmp PREFECT_HOME, analytics off) on a free loopback port, in its
+    own process group; returns its env and process once /api/health answers."""
     port = free_port()
     env = dict(os.environ)
     env.update(
@@ -119,6 +150,17 @@ def prefect_server(tmp_path):
 
     try:
         wait_for(healthy, 90, "the Prefect server to answer /api/health", proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return env, proc
+
+
+@pytest.fixture()
+def prefect_server(tmp_path):
+    """A real Prefect server on a free loopback port (`start_prefect_server`); yields its env."""
+    env, proc = start_prefect_server(tmp_path)
+    try:
         yield env
     finally:
         stop(proc)
@@ -560,6 +602,33 @@ def test_deployments_and_prefect_yaml_agree():
         assert flow_obj.name == {"mrpo-nightly": "pipeline", "mrpo-weekly": "sweep"}[d["name"]]
 
 
+def test_deploy_interval_replaces_the_crons_and_the_cli_refuses_what_cannot_work(capsys):
+    """`--interval` swaps every cron for that interval; `--param` sets flow parameters; without a reachable
+    API, or with a parameter the served flow lacks, `python -m flows.deploy` exits 2 at once."""
+    from prefect.client.schemas.schedules import IntervalSchedule
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deploy import deployments, main, parse_args
+
+    deps = deployments(REPO_ROOT, interval=60, parameters={"seeds": [0]}, only="sweep")
+    assert [type(s.schedule) for s in deps[0].schedules] == [IntervalSchedule]
+    assert deps[0].schedules[0].schedule.interval.total_seconds() == 60 and deps[0].parameters["seeds"] == [0]
+    args = parse_args(["--only", "pipeline", "--interval", "2.5", "--param", 'stages=["prepare"]'])
+    assert args.interval == 2.5 and args.param == [("stages", ["prepare"])]
+
+    def refused(argv: list[str], url: str | None = "http://127.0.0.1:9/api") -> str:
+        with temporary_settings(updates={PREFECT_API_URL: url}), pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        return capsys.readouterr().err
+
+    assert "no Prefect API answers at http://127.0.0.1:9/api" in refused(["--interval", "60"])
+    assert "PREFECT_API_URL is not set: start a server" in refused([], url=None)
+    assert "not a parameter of the sweep flow (use --only)" in refused(["--param", 'stages=["prepare"]'])
+    assert "an interval must be positive seconds" in refused(["--interval", "0"])
+    assert "not allowed with argument --no-schedules" in refused(["--no-schedules", "--interval", "5"])
+
+
 EPHEMERAL_SCRIPT = r"""
 import json, sys
 from flows.deploy import deployments
@@ -724,3 +793,62 @@ def test_one_work_queue_per_stage_kind_runs_each_kind_on_the_machine_whose_worke
     assert "train" not in stale(b)
     assert json.loads((b / "metrics" / "train.json").read_text())["steps"] == 4
     assert json.loads((a / "metrics" / "train.json").read_text())["steps"] == 6
+
+
+@pytest.mark.slow
+def test_the_scheduler_fires_the_served_pipeline_deployment(tiny_project, tmp_path):
+    """What a user relies on, as the README says it: `prefect server start`, then `python -m flows.deploy
+    --interval`; the server's scheduler (not `prefect deployment run`) creates a run of pipeline/mrpo-nightly
+    and the served deployment runs it to COMPLETED. Only the prepare stage (`--param`), to keep it short.
+    SIGTERM stops serving promptly and pauses the schedule; nothing is left running."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    project = clone_project(tiny_project, tmp_path / "project")
+    env, server = start_prefect_server(tmp_path)
+    serve = None
+    try:
+        log = tmp_path / "serve.log"
+        command = ["--project-dir", str(project), "--only", "pipeline", "--interval", "3"]
+        command += ["--param", 'stages=["prepare"]', "--param", "lineage=false"]
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.deploy", *command],
+            cwd=project,
+            env=env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
+
+            def deployment():
+                try:
+                    return c.read_deployment_by_name("pipeline/mrpo-nightly")
+                except Exception:  # noqa: BLE001 - not registered yet
+                    return None
+
+            dep = wait_for(deployment, 90, "flows.deploy to register pipeline/mrpo-nightly", serve, log)
+            assert [s.schedule.interval.total_seconds() for s in dep.schedules] == [3]
+            assert dep.parameters == {"project_dir": str(project), "stages": ["prepare"], "lineage": False}
+            of_deployment = DeploymentFilter(id=DeploymentFilterId(any_=[dep.id]))
+
+            def completed():
+                runs = c.read_flow_runs(deployment_filter=of_deployment, limit=200)
+                return [r for r in runs if r.state and r.state.is_completed()]
+
+            run = wait_for(completed, 240, "a scheduled run to complete", serve, log)[0]
+            runs = c.read_flow_runs(deployment_filter=of_deployment, limit=200)
+            assert run.auto_scheduled and run.created_by.type == "SCHEDULE", run
+            assert run.parameters == dep.parameters
+            assert all(r.auto_scheduled for r in runs)  # the scheduler made every run; nobody ran one by hand
+            seconds = stop(serve)
+            assert serve.returncode == 0 and seconds < 15, (serve.returncode, seconds, log.read_text())
+            assert c.read_deployment(dep.id).paused  # the runner paused its schedule on the way out
+        assert (project / "data" / "prepared" / "train.parquet").is_file()
+        assert "Traceback" not in log.read_text(), log.read_text()[-6000:]
+    finally:
+        if serve is not None:
+            stop(serve)
+        stop(server)
+    assert processes_with_env("PREFECT_HOME", env["PREFECT_HOME"]) == []
