@@ -10,15 +10,8 @@ import pytest
 import torch
 from conftest import config
 
-from mrpo.stages.compare import (
-    Member,
-    MemberResult,
-    comparison_members,
-    lm_eval_diff_rows,
-    pair_correct,
-    summarise,
-    table_rows,
-)
+from mrpo.reporting.comparison import lm_eval_diff_rows, summarise, table_rows
+from mrpo.stages.compare import Member, MemberResult, comparison_members, pair_correct
 
 
 def test_members_are_every_configuration_for_every_seed():

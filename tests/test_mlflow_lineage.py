@@ -180,7 +180,8 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     from flows.lineage import record_lineage
     from mrpo.config.schema import config_to_flat_dict, load_config
     from mrpo.data.prepared import prepared_digest
-    from mrpo.tracking.tracker import start_pipeline_run, write_run_record
+    from mrpo.tracking.store import write_run_record
+    from mrpo.tracking.tracker import start_pipeline_run
 
     project = clone_project(tiny_project, tmp_path / "project")
     run_tool([sys.executable, "-m", "dvc", "repro", "prepare"], project)
@@ -272,7 +273,7 @@ def test_a_dvc_repro_run_records_its_own_lineage_and_evaluate_completes_it(tiny_
 
     from mrpo.config.schema import load_config
     from mrpo.data.prepared import prepared_digest
-    from mrpo.tracking.tracker import read_run_record
+    from mrpo.tracking.store import read_run_record
 
     project = clone_project(tiny_project, tmp_path / "project")
     with (project / "prefect.yaml").open("a") as f:

@@ -28,7 +28,7 @@ from mrpo.data.prepared import read_split, split_path
 from mrpo.data.synthetic import facts_gen_rows, facts_mc_rows
 from mrpo.io import file_sha256, write_text_atomically
 from mrpo.runtime import resolve_device, resolve_dtype
-from mrpo.tracking.tracker import metric_name  # noqa: F401  (also the name evaluate imports from here)
+from mrpo.tracking.names import metric_name  # noqa: F401  (also the name evaluate imports from here)
 
 log = logging.getLogger("mrpo")
 
