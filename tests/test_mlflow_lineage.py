@@ -424,3 +424,99 @@ def pd_read(path):
     import pandas as pd
 
     return pd.read_csv(path)
+
+
+# ---------------------------------------------------------------- every kind of run in one store
+
+
+def test_pipeline_and_comparison_runs_sort_together_by_reference_set_and_accuracy(scored, tmp_path):
+    """One real sqlite store: a pipeline run (the train stage, then evaluate's preference metrics) and a
+    comparison (DPO with two references, MRPO with one strategy). Every trained run carries the reference set
+    as tag `mrpo.reference_set` and held-out reward accuracy against the anchor as metric
+    `pref/reward_accuracy_vs_anchor`, so MLflow sorts them in one query."""
+    import dataclasses
+    import json
+
+    from conftest import config
+    from mlflow import MlflowClient
+
+    from mrpo.evaluation.lmeval import EvalSettings
+    from mrpo.evaluation.preference import policy_preference_metrics, policy_reference
+    from mrpo.stages.compare import report, run_all, start
+    from mrpo.stages.evaluate import log_to_mlflow
+    from mrpo.stages.train import train
+    from mrpo.tracking import names
+
+    cfg = config(scored, tmp_path, **{"train.max_steps": 2, "train.eval_steps": 2, "train.save_steps": 2})
+    cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, device="cpu"))
+    train(cfg)
+    metrics = policy_preference_metrics(cfg, policy_reference(cfg), EvalSettings.from_config(cfg))
+    pipeline_id = log_to_mlflow(cfg, metrics)
+    compare = dataclasses.replace(
+        cfg.compare,
+        seeds=(0,),
+        train_pairs=16,
+        num_epochs=1.0,
+        dpo_references=("anchor", "gpt2_char"),
+        strategies=("vdw",),
+        multi_dpo=False,
+        lm_eval_limit=0,
+        bootstrap=50,
+        output_dir=str(tmp_path / "sweeps"),
+        plots_file=str(tmp_path / "plots/comparison.csv"),
+        image_file=str(tmp_path / "plots/comparison.png"),
+    )
+    comparison = start(dataclasses.replace(cfg, compare=compare), "one-store")
+    results = run_all(comparison)
+    report(comparison, results)
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    ids = [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id]
+    ranked = client.search_runs(
+        ids,
+        f"metrics.`{names.ACCURACY_VS_ANCHOR}` >= 0",
+        order_by=[f"tags.`{names.REFERENCE_SET}` ASC", f"metrics.`{names.ACCURACY_VS_ANCHOR}` DESC"],
+    )
+    kinds = [r.data.tags[names.KIND] for r in ranked]
+    assert sorted(kinds) == ["compare-member"] * 3 + ["pipeline"]
+    for run in ranked:  # every trained run has both, and the same params, whatever its kind
+        assert run.data.tags[names.REFERENCE_SET] and 0 <= run.data.metrics[names.ACCURACY_VS_ANCHOR] <= 1
+        assert {"train.objective", "train.strategy", "train.beta", "seed"} <= set(run.data.params)
+        assert run.data.tags[names.SOURCE_NAME] and run.data.tags[names.SOURCE_TYPE] == "LOCAL"
+        assert run.data.metrics[names.TRAIN_PAIRS] > 0 and len(run.inputs.dataset_inputs) == 3
+        assert run.data.tags[names.DESCRIPTION] and run.data.tags[names.PARAMS_DIGEST]
+    keys = [(r.data.tags[names.REFERENCE_SET], -r.data.metrics[names.ACCURACY_VS_ANCHOR]) for r in ranked]
+    assert keys == sorted(keys)
+    assert [k[0] for k in keys] == [
+        "anchor",
+        "anchor,gpt2_char,llama_expert",
+        "anchor,gpt2_char,llama_expert",
+        "gpt2_char",
+    ]
+    by_kind = {(r.data.tags[names.KIND], r.data.tags[names.REFERENCE_SET]): r for r in ranked}
+    pipeline = by_kind[("pipeline", "anchor,gpt2_char,llama_expert")]
+    assert pipeline.info.run_id == pipeline_id
+    assert pipeline.data.metrics[names.ACCURACY_VS_ANCHOR] == metrics[names.ACCURACY_VS_ANCHOR]
+    assert (
+        pipeline.data.metrics[names.TRAIN_PAIRS]
+        == json.loads((tmp_path / "policy/train_metrics.json").read_text())["train_pairs"]
+    )
+
+    # a member: what reproduces it, and its accuracy is the report's
+    dpo = by_kind[("compare-member", "anchor")]
+    tags, params = dpo.data.tags, dpo.data.params
+    assert params["train.objective"] == "dpo" and params["train.strategy"] == tags["mrpo.strategy"] == "n/a"
+    assert tags[names.GROUP] == "one-store" and tags["mrpo.seed"] == params["seed"] == "0"
+    assert tags[names.PARAMS_DIGEST] == names.params_digest(params)
+    assert tags.get("mrpo.git_commit") == pipeline.data.tags.get("mrpo.git_commit")
+    assert tags["mrpo.prepared_digest"] == pipeline.data.tags["mrpo.prepared_digest"]
+    assert (
+        tags[names.PARENT] == comparison.parent_run.run_id and "dpo:anchor seed 0" in tags[names.DESCRIPTION]
+    )
+    result = next(r for r in results if r.member.label == "dpo:anchor")
+    assert dpo.data.metrics[names.ACCURACY_VS_ANCHOR] == result.accuracy and result.train_pairs == 16
+    vdw = by_kind[("compare-member", "anchor,gpt2_char,llama_expert")]
+    assert vdw.data.params["train.strategy"] == "vdw"
+
+    # the pipeline run's DVC outputs are one artifact and one digest tag, not a tag each
+    assert not [k for k in pipeline.data.tags if k.startswith("mrpo.dvc_out.")]

@@ -69,7 +69,7 @@ def log_policy(
     import mlflow
     from mlflow.entities import LoggedModelOutput
 
-    from mrpo.tracking.tracker import param_value
+    from mrpo.tracking.names import param_value
 
     listing = policy_listing(policy_dir)
     root = Path(listing["policy_dir"])

@@ -12,7 +12,7 @@ by these names.
 * pairs actually trained on: metric `train_pairs`; mean training loss `train_loss`; optimizer steps
   `steps`; wall time `runtime_s`;
 * where the run came from: MLflow's `mlflow.source.name` / `mlflow.source.type` and `mrpo.params_digest`
-  (sha256 of every params value).
+  (sha256 of the params.yaml values as the run's `section.key` params store them).
 """
 
 from __future__ import annotations
@@ -52,8 +52,19 @@ def run_params(cfg: Config) -> dict[str, Any]:
     return {**config_to_flat_dict(cfg), "train.strategy": strategy_of(cfg)}
 
 
+_MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+
+
+def param_value(value: Any) -> str:
+    """A value as MLflow stores it as a param: lists and mappings as JSON, the rest as text."""
+    text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return text[:_MAX_PARAM_CHARS]
+
+
 def params_digest(params: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(dict(params), sort_keys=True, default=str).encode()).hexdigest()
+    """sha256 of the params as MLflow stores them, so it can be checked against a run's params."""
+    stored = {k: param_value(v) for k, v in params.items()}
+    return hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()
 
 
 def reference_set(cfg: Config) -> str:

@@ -12,7 +12,6 @@ quantities recorded: mrpo.tracking.names.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -36,13 +35,8 @@ from mrpo.tracking.store import (
 
 log = logging.getLogger("mrpo")
 
-_MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
-
-
-def param_value(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, list | dict) else str(value)
-    return text[:_MAX_PARAM_CHARS]
+_MAX_TAG_CHARS = 6000  # MLflow's limit on a tag value
 
 
 def _finite(value: Any) -> bool:
@@ -97,7 +91,7 @@ class Tracker(NullTracker):
         existing = self.client.get_run(self.run_id).data.params
         items = []
         for k, v in params.items():
-            value = param_value(v)
+            value = names.param_value(v)
             if k in existing and existing[k] != value:
                 log.warning("mlflow: run %s keeps param %s=%r, not %r", self.run_id, k, existing[k], value)
             if k not in existing:
@@ -121,7 +115,7 @@ class Tracker(NullTracker):
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in tags.items()]
+        items = [RunTag(k, str(v)[:_MAX_TAG_CHARS]) for k, v in tags.items()]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, tags=items[i : i + _BATCH])
 
@@ -138,7 +132,7 @@ class Tracker(NullTracker):
         """The prepared splits as the run's dataset inputs (the Datasets column); see tracking.datasets."""
         from mrpo.tracking.datasets import prepared_inputs
 
-        self.client.log_inputs(self.run_id, datasets=prepared_inputs(str(data_dir), prepared_digest))
+        self.client.log_inputs(self.run_id, datasets=list(prepared_inputs(str(data_dir), prepared_digest)))
 
     def log_model(self, policy_dir, *, params, tags, step, registered_model=None) -> str:
         """The policy as an external logged model (the Models column); see tracking.datasets.log_policy."""
