@@ -135,10 +135,11 @@ def test_runs_are_searchable_by_reference_set_and_score(
     # search by reference set: exactly the pipeline run, then exactly the sweep member
     by_set = client.search_runs(ids, "tags.`mrpo.reference_set` = 'anchor,gpt2_char'")
     assert [r.info.run_id for r in by_set] == [pipeline_run_id]
-    member = client.search_runs(ids, "params.`reference_set.names` = '[\"llama_expert\"]'")
+    member = client.search_runs(ids, "tags.`mrpo.reference_set` = 'llama_expert'")
     assert len(member) == 1
     assert member[0].data.tags["mlflow.parentRunId"] == result["parent_run_id"]
-    assert member[0].data.params["train.objective"] == "dpo"
+    member_params = member[0].data.params
+    assert member_params["train.objective"] == "dpo" and member_params["train.strategy"] == "n/a"
     # DVC passes its experiment to the stage's command: the run says `dvc exp run` launched it, and which
     assert member[0].data.tags["mrpo.launcher"] == "dvc exp run"
     assert member[0].data.tags["mrpo.dvc_experiment"] == member[0].info.run_name
@@ -180,6 +181,7 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     from flows.lineage import record_lineage
     from mrpo.config.schema import config_to_flat_dict, load_config
     from mrpo.data.prepared import prepared_digest
+    from mrpo.tracking.names import params_digest
     from mrpo.tracking.store import write_run_record
     from mrpo.tracking.tracker import start_pipeline_run
 
@@ -236,7 +238,12 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     assert metrics == {"policy/mrpo_facts_mc/acc": 0.625, "pref.n": 18.0}
     assert tags["mrpo.score.policy/mrpo_facts_mc/acc"] == "0.6250" and tags["mrpo.flow"] == "pipeline"
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert tags["mrpo.dvc_out.data/prepared"] == lock["stages"]["prepare"]["outs"][0]["md5"]
+    outputs = json.loads(
+        Path(client.download_artifacts(run.run_id, "lineage/dvc_outputs.json", str(tmp_path))).read_text()
+    )["outputs"]
+    assert outputs["data/prepared"] == lock["stages"]["prepare"]["outs"][0]["md5"]
+    assert tags["mrpo.dvc_outputs_digest"] == params_digest(outputs)
+    assert not [k for k in tags if k.startswith("mrpo.dvc_out.")]  # one artifact, not a tag per output
     files = {
         f.path
         for d in ("plots", "metrics", "lineage", "data", "lm_eval")
@@ -268,6 +275,7 @@ def test_a_dvc_repro_run_records_its_own_lineage_and_evaluate_completes_it(tiny_
     the run (outputs' DVC digests, scores, artifacts, the card with scores) without touching train's outputs;
     `python -m mrpo.tracking.lineage` afterwards records the final dvc.lock."""
     import hashlib
+    import json
 
     from mlflow import MlflowClient
 
@@ -300,7 +308,9 @@ def test_a_dvc_repro_run_records_its_own_lineage_and_evaluate_completes_it(tiny_
     assert tags["mrpo.git_diff_sha256"] == hashlib.sha256(diff).hexdigest()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     policy_md5 = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "models/policy")
-    assert tags["mrpo.dvc_out.models/policy"] == policy_md5  # train's entry, written before evaluate ran
+    outputs = Path(client.download_artifacts(record.run_id, "lineage/dvc_outputs.json", str(tmp_path)))
+    # train's entry, written before evaluate ran
+    assert json.loads(outputs.read_text())["outputs"]["models/policy"] == policy_md5
     final_lock = hashlib.sha256((project / "dvc.lock").read_bytes()).hexdigest()
     assert tags["mrpo.dvc_lock_digest_at_start"] != tags["mrpo.dvc_lock_digest"] != final_lock
     assert tags["mrpo.prepared_digest"] == prepared_digest(project / cfg.data.output_dir)
