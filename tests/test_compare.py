@@ -148,7 +148,7 @@ def test_a_small_comparison_end_to_end(scored, tmp_path):
         "comparison/comparison.png",
     }
     table = runs_table(cfg.tracking.tracking_uri, "mrpo", {"mrpo.kind": "compare-member"})
-    assert len(table.splitlines()) == 2 + 4 and "compare/test_reward_accuracy_vs_anchor" in table
+    assert len(table.splitlines()) == 2 + 4 and "acc_vs_anchor" in table
 
 
 @pytest.mark.slow
