@@ -457,7 +457,12 @@ def test_pipeline_and_comparison_runs_sort_together_by_reference_set_and_accurac
     from mrpo.stages.train import train
     from mrpo.tracking import names
 
-    cfg = config(scored, tmp_path, **{"train.max_steps": 2, "train.eval_steps": 2, "train.save_steps": 2})
+    short = {"train.max_steps": 2, "train.eval_steps": 2, "train.save_steps": 2}
+    outputs = {
+        "evaluate.metrics_file": str(tmp_path / "eval.json"),
+        "evaluate.results_dir": str(tmp_path / "eval"),
+    }
+    cfg = config(scored, tmp_path, **short, **outputs)
     cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, device="cpu"))
     train(cfg)
     metrics = policy_preference_metrics(cfg, policy_reference(cfg), EvalSettings.from_config(cfg))
@@ -530,3 +535,26 @@ def test_pipeline_and_comparison_runs_sort_together_by_reference_set_and_accurac
 
     # the pipeline run's DVC outputs are one artifact and one digest tag, not a tag each
     assert not [k for k in pipeline.data.tags if k.startswith("mrpo.dvc_out.")]
+    parent = client.get_run(comparison.parent_run.run_id).data.tags
+    assert parent[names.KIND] == "compare" and names.REFERENCE_SET not in parent  # trained nothing itself
+
+    # `mrpo runs` on the same store: every kind in one table of at most 120 characters a line, the
+    # pipeline run's pairs those it trained on, the accuracy in one column
+    from mrpo.tracking.runs import runs_table
+
+    table = runs_table(cfg.tracking.tracking_uri, cfg.tracking.experiment, sort=names.ACCURACY_VS_ANCHOR)
+    print(table)
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 120 and len(lines) == 2 + 5  # 4 trained runs and the parent
+    header = lines[0].split()
+    rows = [dict(zip(header, line.split(), strict=False)) for line in lines[2:]]
+    top = rows[0]
+    assert top["acc_vs_anchor"] == f"{ranked_best(ranked):.4f}"
+    pipeline_row = next(r for r in rows if r["kind"] == "pipeline")
+    assert pipeline_row["pairs"] == str(int(pipeline.data.metrics[names.TRAIN_PAIRS]))
+
+
+def ranked_best(runs) -> float:
+    from mrpo.tracking import names
+
+    return max(r.data.metrics[names.ACCURACY_VS_ANCHOR] for r in runs)

@@ -24,7 +24,7 @@ def start_comparison_run(comparison) -> None:
         "mrpo.prepared_digest": comparison.prepared_digest,
         **lineage.launch_tags(),
         **lineage.git_tags(lineage.git_state(".", lineage.pipeline_outputs("."))),
-        **lineage.reference_lineage(cfg, "."),
+        **{k: v for k, v in lineage.reference_lineage(cfg, ".").items() if k.endswith(".score_digest")},
     }
     parent = start_run(
         cfg,
