@@ -99,37 +99,10 @@ def sweep_members(
                 raise ValueError(
                     f"dpo_references: {ref!r} is not a reference; known: {list(reference_names)}"
                 )
-            members.append(
-                SweepMember(
-                    f"dpo:{ref}",
-                    seed,
-                    {
-                        **extra,
-                        "seed": seed,
-                        "train.objective": "dpo",
-                        "train.dpo_reference": ref,
-                        "train.strategy": "uniform",
-                        "train.fixed_weights": None,
-                    },
-                )
-            )  # K = 1: weighting is moot
+            members.append(SweepMember(f"dpo:{ref}", seed, {**extra, "seed": seed, **_dpo_params(ref)}))
         for strategy in strategies:
-            if strategy not in STRATEGIES:
-                raise ValueError(f"strategies: {strategy!r} is not one of {list(STRATEGIES)}")
-            weights = {} if strategy == "fixed" else {"train.fixed_weights": None}  # only `fixed` reads them
             members.append(
-                SweepMember(
-                    f"mrpo:{strategy}",
-                    seed,
-                    {
-                        **extra,
-                        "seed": seed,
-                        "train.objective": "mrpo",
-                        "train.strategy": strategy,
-                        "train.references": None,
-                        **weights,
-                    },
-                )
+                SweepMember(f"mrpo:{strategy}", seed, {**extra, "seed": seed, **_mrpo_params(strategy)})
             )
     if loss_types:
         members = [
@@ -142,6 +115,23 @@ def sweep_members(
             for lt in loss_types
         ]
     return members
+
+
+def _dpo_params(ref: str) -> dict[str, Any]:
+    """K = 1: weighting is moot, so what params.yaml sets for it is reset."""
+    return {
+        "train.objective": "dpo",
+        "train.dpo_reference": ref,
+        "train.strategy": "uniform",
+        "train.fixed_weights": None,
+    }
+
+
+def _mrpo_params(strategy: str) -> dict[str, Any]:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategies: {strategy!r} is not one of {list(STRATEGIES)}")
+    weights = {} if strategy == "fixed" else {"train.fixed_weights": None}  # only `fixed` reads them
+    return {"train.objective": "mrpo", "train.strategy": strategy, "train.references": None, **weights}
 
 
 def set_param_args(overrides: Mapping[str, Any]) -> list[str]:
@@ -401,6 +391,32 @@ def link_member_runs(parent, sweep_id: str, rows: list[dict], labels: dict[str, 
         child.log_metrics({k: v for k, v in numeric_items(evals).items() if k not in have})
 
 
+def record_results(cfg, root: Path, parent, sweep_id: str, rows: list[dict], out_dir: Path, metric) -> int:
+    """The members' metrics (from their DVC experiments) on their runs and in the comparison files, which
+    the parent run and a Prefect artifact carry; the parent ends. Returns how many members failed."""
+    results = experiment_results(
+        root, [r["experiment"] for r in rows], [cfg.train.metrics_file, cfg.evaluate.metrics_file]
+    )
+    for row in rows:
+        row.update(results.get(row["experiment"], {}))
+    link_member_runs(parent, sweep_id, rows, {r["experiment"]: r["label"] for r in rows})
+    paths = write_comparison(rows, out_dir, metric)
+    for path in paths.values():
+        parent.log_artifact(path, "comparison")
+    failed = sum(r["status"] != "ok" for r in rows)
+    parent.log_metrics({"members_failed": failed})
+    parent.end("FINISHED" if failed < len(rows) else "FAILED")
+    create_markdown_artifact(
+        key="sweep-comparison",
+        markdown=paths["md"].read_text(),
+        description=f"Sweep {sweep_id}: {len(rows)} members, {failed} failed",
+    )
+    get_run_logger().info("sweep %s: comparison in %s", sweep_id, out_dir)
+    if failed == len(rows):
+        raise RuntimeError(f"sweep {sweep_id}: every member failed; see the task logs")
+    return failed
+
+
 @flow(name="sweep", log_prints=True)
 def sweep(
     project_dir: str = ".",
@@ -447,28 +463,8 @@ def sweep(
     logger.info("sweep %s: %d members under MLflow run %s (%s)", sweep_id, len(members), parent_id, uri)
 
     rows = run_members(members, root, sweep_id, {PARENT_RUN_ENV: parent_id, "MLFLOW_TRACKING_URI": uri})
-    results = experiment_results(
-        root, [r["experiment"] for r in rows], [cfg.train.metrics_file, cfg.evaluate.metrics_file]
-    )
-    for row in rows:
-        row.update(results.get(row["experiment"], {}))
-    link_member_runs(parent, sweep_id, rows, {r["experiment"]: r["label"] for r in rows})
-
     out_dir = root / output_dir / sweep_id
-    paths = write_comparison(rows, out_dir, metric)
-    for path in paths.values():
-        parent.log_artifact(path, "comparison")
-    failed = sum(r["status"] != "ok" for r in rows)
-    parent.log_metrics({"members_failed": failed})
-    parent.end("FINISHED" if failed < len(rows) else "FAILED")
-    create_markdown_artifact(
-        key="sweep-comparison",
-        markdown=paths["md"].read_text(),
-        description=f"Sweep {sweep_id}: {len(rows)} members, {failed} failed",
-    )
-    logger.info("sweep %s: comparison in %s", sweep_id, out_dir)
-    if failed == len(rows):
-        raise RuntimeError(f"sweep {sweep_id}: every member failed; see the task logs")
+    failed = record_results(cfg, root, parent, sweep_id, rows, out_dir, metric)
     return {
         "sweep_id": sweep_id,
         "parent_run_id": parent_id,
