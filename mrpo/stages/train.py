@@ -306,9 +306,10 @@ def _record_outputs(cfg: Config, run, metrics: dict[str, Any], step: int) -> Non
     run.log_metrics({k: metrics[k] for k in totals}, step=step)
     run.set_tags({"mrpo.resumed": str(metrics["resumed"])})
     run.set_tags(names.score_tags(metrics, lineage.TRAIN_SCORES))
+    params = names.run_params(cfg)
     run.log_model(
         cfg.train.output_dir,
-        params={f"train.{k}": getattr(cfg.train, k) for k in modelcard.HYPERPARAMETERS},
+        params={f"train.{k}": params[f"train.{k}"] for k in modelcard.HYPERPARAMETERS},
         tags=names.key_tags(cfg),
         step=step,
         registered_model=cfg.tracking.registered_model,

@@ -59,8 +59,6 @@ def log_member(comparison, mcfg: Config, result) -> str | None:
     """The member's run (kind `compare-member`) under the parent: every setting it trained with, the
     prepared splits, the lineage, and the pipeline run's metric names."""
     m, parent = result.member, comparison.parent_run
-    if not parent:
-        return None
     params = {k: v for k, v in names.run_params(mcfg).items() if k not in _SCRATCH}
     n_test = len(comparison.datasets["test"])
     description = (
@@ -76,7 +74,13 @@ def log_member(comparison, mcfg: Config, result) -> str | None:
     }
     start = {"kind": "compare-member", "name": f"{comparison.comparison_id}-{m.label}-s{m.seed}"}
     with tracked_run(
-        mcfg, **start, source=comparison.source, tags=tags, description=description, parent=parent
+        mcfg,
+        enabled=bool(parent),  # an untracked comparison: a NullTracker, so nothing is recorded
+        **start,
+        source=comparison.source,
+        tags=tags,
+        description=description,
+        parent=parent,
     ) as run:
         run.log_params(params)
         run.log_datasets(mcfg.data.output_dir, comparison.prepared_digest)

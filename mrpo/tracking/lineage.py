@@ -295,7 +295,10 @@ def complete_lineage(
     cfg: Config, run, project_dir: str | Path = ".", extra_tags: Mapping[str, str] | None = None
 ) -> None:
     """Everything the pipeline's outputs tell about `run` (a mrpo.tracking.tracker.Tracker) once they exist;
-    idempotent: params and metrics already on the run stay (MLflow params are immutable)."""
+    idempotent: params and metrics already on the run stay (MLflow params are immutable). Nothing for a
+    NullTracker (no run recorded)."""
+    if not run:
+        return
     root = Path(project_dir).resolve()
     current = run.client.get_run(run.run_id).data
     dvc = dvc_outputs(root)
