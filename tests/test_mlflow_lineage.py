@@ -339,7 +339,8 @@ def test_a_dvc_repro_run_records_its_own_lineage_and_evaluate_completes_it(tiny_
     assert "## Evaluation" not in (project / "models/policy/README.md").read_text()
 
     # after `dvc repro` has written the final dvc.lock, one command records it
-    out = run_tool([sys.executable, "-m", "mrpo.lineage"], project, env={"MLFLOW_TRACKING_URI": uri}).stdout
+    command = [sys.executable, "-m", "mrpo.tracking.lineage"]
+    out = run_tool(command, project, env={"MLFLOW_TRACKING_URI": uri}).stdout
     assert f"lineage recorded on MLflow run {record.run_id}" in out
     assert client.get_run(record.run_id).data.tags["mrpo.dvc_lock_digest"] == final_lock
 
