@@ -9,8 +9,8 @@ split and the scores are those of `seed` in params.yaml, and a comparison seed v
 the training order only.
 
 Each member is scored on the whole test split against the anchor (the standard DPO reward accuracy, as the
-evaluate stage: mrpo.core.losses.reward_accuracy), pair by pair; mrpo.core.stats turns the (seeds x pairs)
-matrices into intervals and paired differences against DPO with the anchor. With `compare.lm_eval_limit` > 0 each
+evaluate stage: mrpo.core.losses.reward_accuracy), pair by pair; mrpo.core.stats turns the
+(seeds x pairs) matrices into intervals and paired differences against DPO with the anchor. With `compare.lm_eval_limit` > 0 each
 member also runs the evaluate stage's lm-eval tasks on that many documents.
 
 Outputs in `<compare.output_dir>/<id>/`: comparison.md (the tables and the reference diagnostics),
