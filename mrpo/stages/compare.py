@@ -10,8 +10,8 @@ the training order only.
 
 Each member is scored on the whole test split against the anchor (the standard DPO reward accuracy, as the
 evaluate stage: mrpo.core.losses.reward_accuracy), pair by pair; mrpo.core.stats turns the
-(seeds x pairs) matrices into intervals and paired differences against DPO with the anchor. With `compare.lm_eval_limit` > 0 each
-member also runs the evaluate stage's lm-eval tasks on that many documents.
+(seeds x pairs) matrices into intervals and paired differences against DPO with the anchor. With
+`compare.lm_eval_limit` > 0 each member also runs the evaluate stage's lm-eval tasks on that many documents.
 
 Outputs in `<compare.output_dir>/<id>/`: comparison.md (the tables and the reference diagnostics),
 comparison.csv (per configuration), members.csv (per member), comparison.png (mrpo.reporting.comparison);
