@@ -16,7 +16,8 @@ from mrpo.tracking.lineage import (  # noqa: F401  (re-exported)
     git_commit,
     reference_lineage,
 )
-from mrpo.tracking.tracker import RUN_RECORD, PipelineRun, read_run_record, tracking_uri
+from mrpo.tracking.store import RUN_RECORD, PipelineRun, client_for, read_run_record, tracking_uri
+from mrpo.tracking.tracker import Tracker
 
 
 def read_run(cfg: Config, project_dir: str | Path) -> PipelineRun | None:
@@ -30,8 +31,6 @@ def record_lineage(cfg: Config, project_dir: str | Path, run_id: str | None = No
     `run_id` defaults to the one the train stage recorded. Raises FileNotFoundError naming the
     file when the train stage recorded none (run `dvc repro train` first).
     """
-    from mlflow import MlflowClient
-
     root = Path(project_dir).resolve()
     record = read_run(cfg, root)
     if run_id is None and record is None:
@@ -43,6 +42,6 @@ def record_lineage(cfg: Config, project_dir: str | Path, run_id: str | None = No
         run = record
     else:
         uri = tracking_uri(cfg, root)
-        run = PipelineRun(run_id, MlflowClient(uri).get_run(run_id).info.experiment_id, uri)
-    complete_lineage(cfg, run, root, extra_tags={"mrpo.flow": "pipeline"})
+        run = PipelineRun(run_id, client_for(uri).get_run(run_id).info.experiment_id, uri)
+    complete_lineage(cfg, Tracker(run), root, extra_tags={"mrpo.flow": "pipeline"})
     return run.run_id

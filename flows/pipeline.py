@@ -87,7 +87,7 @@ def summary_markdown(project_dir: str, results: dict[str, dict[str, Any]], run_i
     summary_file = Path(project_dir) / cfg.summary.file
     text = summary_file.read_text() if "summary" in results and summary_file.is_file() else ""
     if run_id:
-        from mrpo.tracking.tracker import read_run_record
+        from mrpo.tracking.store import read_run_record
 
         run = read_run_record(Path(project_dir) / cfg.train.output_dir)
         if run is not None and run.run_id == run_id:

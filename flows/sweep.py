@@ -23,6 +23,7 @@ split and the scores for that seed (once, shared by all members of that seed).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -41,10 +42,8 @@ from mrpo.config.load import load_config
 from mrpo.core.loss_types import LOSS_TYPES
 from mrpo.core.weighting import STRATEGIES
 from mrpo.io import file_sha256
-from mrpo.tracking.tracker import (
-    PARENT_RUN_ENV,  # MRPO_PARENT_RUN_ID: new training runs nest under it
-    metric_name,
-)
+from mrpo.tracking.names import metric_name
+from mrpo.tracking.store import PARENT_RUN_ENV  # MRPO_PARENT_RUN_ID: new training runs nest under it
 
 DEFAULT_STRATEGIES = tuple(s for s in STRATEGIES if s != "fixed")  # fixed needs weights: pass them explicitly
 # The comparison's headline metric: the first of these that the members report.
@@ -101,37 +100,10 @@ def sweep_members(
                 raise ValueError(
                     f"dpo_references: {ref!r} is not a reference; known: {list(reference_names)}"
                 )
-            members.append(
-                SweepMember(
-                    f"dpo:{ref}",
-                    seed,
-                    {
-                        **extra,
-                        "seed": seed,
-                        "train.objective": "dpo",
-                        "train.dpo_reference": ref,
-                        "train.strategy": "uniform",
-                        "train.fixed_weights": None,
-                    },
-                )
-            )  # K = 1: weighting is moot
+            members.append(SweepMember(f"dpo:{ref}", seed, {**extra, "seed": seed, **_dpo_params(ref)}))
         for strategy in strategies:
-            if strategy not in STRATEGIES:
-                raise ValueError(f"strategies: {strategy!r} is not one of {list(STRATEGIES)}")
-            weights = {} if strategy == "fixed" else {"train.fixed_weights": None}  # only `fixed` reads them
             members.append(
-                SweepMember(
-                    f"mrpo:{strategy}",
-                    seed,
-                    {
-                        **extra,
-                        "seed": seed,
-                        "train.objective": "mrpo",
-                        "train.strategy": strategy,
-                        "train.references": None,
-                        **weights,
-                    },
-                )
+                SweepMember(f"mrpo:{strategy}", seed, {**extra, "seed": seed, **_mrpo_params(strategy)})
             )
     if loss_types:
         members = [
@@ -144,6 +116,23 @@ def sweep_members(
             for lt in loss_types
         ]
     return members
+
+
+def _dpo_params(ref: str) -> dict[str, Any]:
+    """K = 1: weighting is moot, so what params.yaml sets for it is reset."""
+    return {
+        "train.objective": "dpo",
+        "train.dpo_reference": ref,
+        "train.strategy": "uniform",
+        "train.fixed_weights": None,
+    }
+
+
+def _mrpo_params(strategy: str) -> dict[str, Any]:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategies: {strategy!r} is not one of {list(STRATEGIES)}")
+    weights = {} if strategy == "fixed" else {"train.fixed_weights": None}  # only `fixed` reads them
+    return {"train.objective": "mrpo", "train.strategy": strategy, "train.references": None, **weights}
 
 
 def set_param_args(overrides: Mapping[str, Any]) -> list[str]:
@@ -334,26 +323,25 @@ def run_member(member: SweepMember, project_dir: str, experiment: str, env: dict
     return {"seconds": round(seconds, 1)}
 
 
-def start_parent_run(client, cfg, root: Path, sweep_id: str, params: dict[str, Any]) -> tuple[str, str]:
-    """(experiment id, parent run id): the MLflow run every member's training run nests under."""
-    from mrpo.tracking import tracker as tracking
+def start_parent_run(cfg, root: Path, sweep_id: str, params: dict[str, Any]):
+    """The MLflow run (kind `sweep`, a mrpo.tracking.tracker.Tracker) every member's training run nests
+    under."""
+    from mrpo.tracking import lineage, names
+    from mrpo.tracking.tracker import start_run
 
-    experiment_id = tracking.ensure_experiment(client, cfg.tracking.experiment, client.tracking_uri)
-    commit, _ = git_commit(root)
-    parent = client.create_run(
-        experiment_id,
-        run_name=sweep_id,
-        tags={
-            "mrpo.sweep": sweep_id,
-            "mrpo.kind": "sweep",
-            **({"mlflow.source.git.commit": commit} if commit else {}),
-        },
+    git = lineage.git_tags(lineage.git_state(root, lineage.pipeline_outputs(root)))
+    parent = start_run(
+        cfg,
+        kind="sweep",
+        name=sweep_id,
+        source="python -m flows.sweep",
+        tags={names.GROUP: sweep_id, **git},
+        description=f"Sweep {sweep_id}: {params['members']} DVC experiments, seeds {params['seeds']}.",
     )
-    for key, value in params.items():
-        client.log_param(parent.info.run_id, key, value if isinstance(value, str) else json.dumps(value))
+    parent.log_params(params)
     if (root / "dvc.lock").is_file():
-        client.set_tag(parent.info.run_id, "mrpo.dvc_lock_digest", file_sha256(root / "dvc.lock"))
-    return experiment_id, parent.info.run_id
+        parent.set_tags({"mrpo.dvc_lock_digest": file_sha256(root / "dvc.lock")})
+    return parent
 
 
 def run_members(members: Sequence[SweepMember], root: Path, sweep_id: str, env: dict[str, str]) -> list[dict]:
@@ -378,37 +366,56 @@ def run_members(members: Sequence[SweepMember], root: Path, sweep_id: str, env: 
     return rows
 
 
-def link_member_runs(
-    client, experiment_id: str, parent_id: str, sweep_id: str, rows: list[dict], labels: dict[str, str]
-) -> None:
+def link_member_runs(parent, sweep_id: str, rows: list[dict], labels: dict[str, str]) -> None:
     """Tag each member's training run with its sweep and label, add its evaluation scores,
     note its id in `rows`."""
-    children = {
-        r.data.tags.get("mlflow.runName"): r
-        for r in client.search_runs(
-            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000
-        )
-    }
+    children = parent.children()
     for row in rows:
         child = children.get(row["experiment"])
         if child is None:
             continue
-        row["mlflow_run_id"] = child.info.run_id
-        for key, value in {
-            "mrpo.sweep": sweep_id,
-            "mrpo.sweep_label": labels[row["experiment"]],
-            "mrpo.dvc_experiment": row["experiment"],
-        }.items():
-            client.set_tag(child.info.run_id, key, value)
+        row["mlflow_run_id"] = child.run_id
+        child.set_tags(
+            {
+                "mrpo.sweep": sweep_id,
+                "mrpo.sweep_label": labels[row["experiment"]],
+                "mrpo.dvc_experiment": row["experiment"],
+            }
+        )
         # under the names the evaluate stage logs them by, so a member that logged them has each once
         evals = {
             metric_name(k.removeprefix("eval.")): v
             for k, v in row.items()
             if k.startswith("eval.") and isinstance(v, int | float)
         }
-        for key, value in numeric_items(evals).items():
-            if key not in child.data.metrics:
-                client.log_metric(child.info.run_id, key, value)
+        have = child.metric_names()
+        child.log_metrics({k: v for k, v in numeric_items(evals).items() if k not in have})
+
+
+def record_results(cfg, root: Path, parent, sweep_id: str, rows: list[dict], out_dir: Path, metric) -> int:
+    """The members' metrics (from their DVC experiments) on their runs and in the comparison files, which
+    the parent run and a Prefect artifact carry; the parent ends. Returns how many members failed."""
+    results = experiment_results(
+        root, [r["experiment"] for r in rows], [cfg.train.metrics_file, cfg.evaluate.metrics_file]
+    )
+    for row in rows:
+        row.update(results.get(row["experiment"], {}))
+    link_member_runs(parent, sweep_id, rows, {r["experiment"]: r["label"] for r in rows})
+    paths = write_comparison(rows, out_dir, metric)
+    for path in paths.values():
+        parent.log_artifact(path, "comparison")
+    failed = sum(r["status"] != "ok" for r in rows)
+    parent.log_metrics({"members_failed": failed})
+    parent.end("FINISHED" if failed < len(rows) else "FAILED")
+    create_markdown_artifact(
+        key="sweep-comparison",
+        markdown=paths["md"].read_text(),
+        description=f"Sweep {sweep_id}: {len(rows)} members, {failed} failed",
+    )
+    get_run_logger().info("sweep %s: comparison in %s", sweep_id, out_dir)
+    if failed == len(rows):
+        raise RuntimeError(f"sweep {sweep_id}: every member failed; see the task logs")
+    return failed
 
 
 @flow(name="sweep", log_prints=True)
@@ -429,9 +436,7 @@ def sweep(
     {"train.max_steps": 50}). `loss_types` runs every member once per loss type (e.g.
     ["sigmoid", "robust", ["sigmoid", "sft"]]); their own settings go in `overrides`.
     """
-    from mlflow import MlflowClient
-
-    from mrpo.tracking import tracker as tracking
+    from mrpo.tracking.store import tracking_uri
 
     logger = get_run_logger()
     root = Path(project_dir).resolve()
@@ -441,11 +446,9 @@ def sweep(
         [r.name for r in cfg.references], strategies, seeds, dpo_references, overrides, loss_types
     )
     sweep_id = time.strftime("sweep-%Y%m%d-%H%M%S")
-    uri = tracking.tracking_uri(cfg, root)  # absolute: members run in DVC temp dirs
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id, parent_id = start_parent_run(
-        client,
-        cfg,
+    uri = tracking_uri(cfg, root)  # absolute: members run in DVC temp dirs
+    parent = start_parent_run(
+        dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri)),
         root,
         sweep_id,
         {
@@ -457,33 +460,12 @@ def sweep(
             "loss_types": loss_types if loss_types is not None else "params.yaml",
         },
     )
+    parent_id = parent.run_id
     logger.info("sweep %s: %d members under MLflow run %s (%s)", sweep_id, len(members), parent_id, uri)
 
     rows = run_members(members, root, sweep_id, {PARENT_RUN_ENV: parent_id, "MLFLOW_TRACKING_URI": uri})
-    results = experiment_results(
-        root, [r["experiment"] for r in rows], [cfg.train.metrics_file, cfg.evaluate.metrics_file]
-    )
-    for row in rows:
-        row.update(results.get(row["experiment"], {}))
-    link_member_runs(
-        client, experiment_id, parent_id, sweep_id, rows, {r["experiment"]: r["label"] for r in rows}
-    )
-
     out_dir = root / output_dir / sweep_id
-    paths = write_comparison(rows, out_dir, metric)
-    for path in paths.values():
-        client.log_artifact(parent_id, str(path), "comparison")
-    failed = sum(r["status"] != "ok" for r in rows)
-    client.log_metric(parent_id, "members_failed", failed)
-    client.set_terminated(parent_id, status="FINISHED" if failed < len(rows) else "FAILED")
-    create_markdown_artifact(
-        key="sweep-comparison",
-        markdown=paths["md"].read_text(),
-        description=f"Sweep {sweep_id}: {len(rows)} members, {failed} failed",
-    )
-    logger.info("sweep %s: comparison in %s", sweep_id, out_dir)
-    if failed == len(rows):
-        raise RuntimeError(f"sweep {sweep_id}: every member failed; see the task logs")
+    failed = record_results(cfg, root, parent, sweep_id, rows, out_dir, metric)
     return {
         "sweep_id": sweep_id,
         "parent_run_id": parent_id,
@@ -522,7 +504,7 @@ def compare_flow(
     root = Path(project_dir).resolve()
     with contextlib.chdir(root):  # params.yaml's paths are relative to the project
         cfg = load_config("params.yaml", overrides)
-        comparison = start(cfg, comparison_id)
+        comparison = start(cfg, comparison_id, source="python -m flows.sweep --compare")
         results = []
         for member in comparison.members:
             try:  # quote: Prefect must not walk the tokenized splits to find upstream tasks

@@ -138,8 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", help="comparison id: the output folder and MLflow tag (default compare-<time>)")
     _add_common_options(p, top=False)
     _add_config_commands(sub)
+    from mrpo.tracking import runs
+
     p = sub.add_parser(
-        "runs", help="a comparison table of existing MLflow runs, filtered by experiment and tags"
+        "runs",
+        help="a comparison table of existing MLflow runs, filtered by experiment and tags",
+        description=runs.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
     p.add_argument(
@@ -153,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sort", metavar="METRIC", help="order by this metric, best first (default: newest first)"
     )
     p.add_argument("--max-results", type=int, default=200, help="at most this many runs (default 200)")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=runs.WIDTH,
+        help=f"at most this many characters a line (default {runs.WIDTH}; 0: no limit)",
+    )
     _add_common_options(p, top=False)
     return parser
 
@@ -237,7 +248,7 @@ def _dispatch(cfg, args: argparse.Namespace) -> None:
         compare(cfg, comparison_id=args.id)
     elif args.stage == "runs":
         from mrpo.tracking.runs import parse_tags, runs_table
-        from mrpo.tracking.tracker import tracking_uri
+        from mrpo.tracking.store import tracking_uri
 
         tags = parse_tags(args.tag)
         if args.sweep:
@@ -252,6 +263,7 @@ def _dispatch(cfg, args: argparse.Namespace) -> None:
                 args.param,
                 args.sort,
                 args.max_results,
+                args.width,
             ),
             end="",
         )

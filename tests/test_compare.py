@@ -10,15 +10,8 @@ import pytest
 import torch
 from conftest import config
 
-from mrpo.stages.compare import (
-    Member,
-    MemberResult,
-    comparison_members,
-    lm_eval_diff_rows,
-    pair_correct,
-    summarise,
-    table_rows,
-)
+from mrpo.reporting.comparison import lm_eval_diff_rows, summarise, table_rows
+from mrpo.stages.compare import Member, MemberResult, comparison_members, pair_correct
 
 
 def test_members_are_every_configuration_for_every_seed():
@@ -155,7 +148,7 @@ def test_a_small_comparison_end_to_end(scored, tmp_path):
         "comparison/comparison.png",
     }
     table = runs_table(cfg.tracking.tracking_uri, "mrpo", {"mrpo.kind": "compare-member"})
-    assert len(table.splitlines()) == 2 + 4 and "compare/test_reward_accuracy_vs_anchor" in table
+    assert len(table.splitlines()) == 2 + 4 and "acc_vs_anchor" in table
 
 
 @pytest.mark.slow

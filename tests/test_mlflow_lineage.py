@@ -135,10 +135,11 @@ def test_runs_are_searchable_by_reference_set_and_score(
     # search by reference set: exactly the pipeline run, then exactly the sweep member
     by_set = client.search_runs(ids, "tags.`mrpo.reference_set` = 'anchor,gpt2_char'")
     assert [r.info.run_id for r in by_set] == [pipeline_run_id]
-    member = client.search_runs(ids, "params.`reference_set.names` = '[\"llama_expert\"]'")
+    member = client.search_runs(ids, "tags.`mrpo.reference_set` = 'llama_expert'")
     assert len(member) == 1
     assert member[0].data.tags["mlflow.parentRunId"] == result["parent_run_id"]
-    assert member[0].data.params["train.objective"] == "dpo"
+    member_params = member[0].data.params
+    assert member_params["train.objective"] == "dpo" and member_params["train.strategy"] == "n/a"
     # DVC passes its experiment to the stage's command: the run says `dvc exp run` launched it, and which
     assert member[0].data.tags["mrpo.launcher"] == "dvc exp run"
     assert member[0].data.tags["mrpo.dvc_experiment"] == member[0].info.run_name
@@ -181,7 +182,9 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     from mrpo.config.load import load_config
     from mrpo.config.schema import config_to_flat_dict
     from mrpo.data.prepared import prepared_digest
-    from mrpo.tracking.tracker import start_pipeline_run, write_run_record
+    from mrpo.tracking.names import params_digest
+    from mrpo.tracking.store import write_run_record
+    from mrpo.tracking.tracker import start_pipeline_run
 
     project = clone_project(tiny_project, tmp_path / "project")
     run_tool([sys.executable, "-m", "dvc", "repro", "prepare"], project)
@@ -236,7 +239,12 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     assert metrics == {"policy/mrpo_facts_mc/acc": 0.625, "pref.n": 18.0}
     assert tags["mrpo.score.policy/mrpo_facts_mc/acc"] == "0.6250" and tags["mrpo.flow"] == "pipeline"
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert tags["mrpo.dvc_out.data/prepared"] == lock["stages"]["prepare"]["outs"][0]["md5"]
+    outputs = json.loads(
+        Path(client.download_artifacts(run.run_id, "lineage/dvc_outputs.json", str(tmp_path))).read_text()
+    )["outputs"]
+    assert outputs["data/prepared"] == lock["stages"]["prepare"]["outs"][0]["md5"]
+    assert tags["mrpo.dvc_outputs_digest"] == params_digest(outputs)
+    assert not [k for k in tags if k.startswith("mrpo.dvc_out.")]  # one artifact, not a tag per output
     files = {
         f.path
         for d in ("plots", "metrics", "lineage", "data", "lm_eval")
@@ -268,12 +276,13 @@ def test_a_dvc_repro_run_records_its_own_lineage_and_evaluate_completes_it(tiny_
     the run (outputs' DVC digests, scores, artifacts, the card with scores) without touching train's outputs;
     `python -m mrpo.tracking.lineage` afterwards records the final dvc.lock."""
     import hashlib
+    import json
 
     from mlflow import MlflowClient
 
     from mrpo.config.load import load_config
     from mrpo.data.prepared import prepared_digest
-    from mrpo.tracking.tracker import read_run_record
+    from mrpo.tracking.store import read_run_record
 
     project = clone_project(tiny_project, tmp_path / "project")
     with (project / "prefect.yaml").open("a") as f:
@@ -300,7 +309,9 @@ def test_a_dvc_repro_run_records_its_own_lineage_and_evaluate_completes_it(tiny_
     assert tags["mrpo.git_diff_sha256"] == hashlib.sha256(diff).hexdigest()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     policy_md5 = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "models/policy")
-    assert tags["mrpo.dvc_out.models/policy"] == policy_md5  # train's entry, written before evaluate ran
+    outputs = Path(client.download_artifacts(record.run_id, "lineage/dvc_outputs.json", str(tmp_path)))
+    # train's entry, written before evaluate ran
+    assert json.loads(outputs.read_text())["outputs"]["models/policy"] == policy_md5
     final_lock = hashlib.sha256((project / "dvc.lock").read_bytes()).hexdigest()
     assert tags["mrpo.dvc_lock_digest_at_start"] != tags["mrpo.dvc_lock_digest"] != final_lock
     assert tags["mrpo.prepared_digest"] == prepared_digest(project / cfg.data.output_dir)
@@ -329,7 +340,8 @@ def test_a_dvc_repro_run_records_its_own_lineage_and_evaluate_completes_it(tiny_
     assert "## Evaluation" not in (project / "models/policy/README.md").read_text()
 
     # after `dvc repro` has written the final dvc.lock, one command records it
-    out = run_tool([sys.executable, "-m", "mrpo.lineage"], project, env={"MLFLOW_TRACKING_URI": uri}).stdout
+    command = [sys.executable, "-m", "mrpo.tracking.lineage"]
+    out = run_tool(command, project, env={"MLFLOW_TRACKING_URI": uri}).stdout
     assert f"lineage recorded on MLflow run {record.run_id}" in out
     assert client.get_run(record.run_id).data.tags["mrpo.dvc_lock_digest"] == final_lock
 
@@ -424,3 +436,127 @@ def pd_read(path):
     import pandas as pd
 
     return pd.read_csv(path)
+
+
+# ---------------------------------------------------------------- every kind of run in one store
+
+
+def test_pipeline_and_comparison_runs_sort_together_by_reference_set_and_accuracy(scored, tmp_path):
+    """One real sqlite store: a pipeline run (the train stage, then evaluate's preference metrics) and a
+    comparison (DPO with two references, MRPO with one strategy). Every trained run carries the reference set
+    as tag `mrpo.reference_set` and held-out reward accuracy against the anchor as metric
+    `pref/reward_accuracy_vs_anchor`, so MLflow sorts them in one query."""
+    import dataclasses
+    import json
+
+    from conftest import config
+    from mlflow import MlflowClient
+
+    from mrpo.evaluation.lmeval import EvalSettings
+    from mrpo.evaluation.preference import policy_preference_metrics, policy_reference
+    from mrpo.stages.compare import report, run_all, start
+    from mrpo.stages.evaluate import log_to_mlflow
+    from mrpo.stages.train import train
+    from mrpo.tracking import names
+
+    short = {"train.max_steps": 2, "train.eval_steps": 2, "train.save_steps": 2}
+    outputs = {
+        "evaluate.metrics_file": str(tmp_path / "eval.json"),
+        "evaluate.results_dir": str(tmp_path / "eval"),
+    }
+    cfg = config(scored, tmp_path, **short, **outputs)
+    cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, device="cpu"))
+    train(cfg)
+    metrics = policy_preference_metrics(cfg, policy_reference(cfg), EvalSettings.from_config(cfg))
+    pipeline_id = log_to_mlflow(cfg, metrics)
+    compare = dataclasses.replace(
+        cfg.compare,
+        seeds=(0,),
+        train_pairs=16,
+        num_epochs=1.0,
+        dpo_references=("anchor", "gpt2_char"),
+        strategies=("vdw",),
+        multi_dpo=False,
+        lm_eval_limit=0,
+        bootstrap=50,
+        output_dir=str(tmp_path / "sweeps"),
+        plots_file=str(tmp_path / "plots/comparison.csv"),
+        image_file=str(tmp_path / "plots/comparison.png"),
+    )
+    comparison = start(dataclasses.replace(cfg, compare=compare), "one-store")
+    results = run_all(comparison)
+    report(comparison, results)
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    ids = [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id]
+    ranked = client.search_runs(
+        ids,
+        f"metrics.`{names.ACCURACY_VS_ANCHOR}` >= 0",
+        order_by=[f"tags.`{names.REFERENCE_SET}` ASC", f"metrics.`{names.ACCURACY_VS_ANCHOR}` DESC"],
+    )
+    kinds = [r.data.tags[names.KIND] for r in ranked]
+    assert sorted(kinds) == ["compare-member"] * 3 + ["pipeline"]
+    for run in ranked:  # every trained run has both, and the same params, whatever its kind
+        assert run.data.tags[names.REFERENCE_SET] and 0 <= run.data.metrics[names.ACCURACY_VS_ANCHOR] <= 1
+        assert {"train.objective", "train.strategy", "train.beta", "seed"} <= set(run.data.params)
+        assert run.data.tags[names.SOURCE_NAME] and run.data.tags[names.SOURCE_TYPE] == "LOCAL"
+        assert run.data.metrics[names.TRAIN_PAIRS] > 0 and len(run.inputs.dataset_inputs) == 3
+        assert run.data.tags[names.DESCRIPTION] and run.data.tags[names.PARAMS_DIGEST]
+    keys = [(r.data.tags[names.REFERENCE_SET], -r.data.metrics[names.ACCURACY_VS_ANCHOR]) for r in ranked]
+    assert keys == sorted(keys)
+    assert [k[0] for k in keys] == [
+        "anchor",
+        "anchor,gpt2_char,llama_expert",
+        "anchor,gpt2_char,llama_expert",
+        "gpt2_char",
+    ]
+    by_kind = {(r.data.tags[names.KIND], r.data.tags[names.REFERENCE_SET]): r for r in ranked}
+    pipeline = by_kind[("pipeline", "anchor,gpt2_char,llama_expert")]
+    assert pipeline.info.run_id == pipeline_id
+    assert pipeline.data.metrics[names.ACCURACY_VS_ANCHOR] == metrics[names.ACCURACY_VS_ANCHOR]
+    assert (
+        pipeline.data.metrics[names.TRAIN_PAIRS]
+        == json.loads((tmp_path / "policy/train_metrics.json").read_text())["train_pairs"]
+    )
+
+    # a member: what reproduces it, and its accuracy is the report's
+    dpo = by_kind[("compare-member", "anchor")]
+    tags, params = dpo.data.tags, dpo.data.params
+    assert params["train.objective"] == "dpo" and params["train.strategy"] == tags["mrpo.strategy"] == "n/a"
+    assert tags[names.GROUP] == "one-store" and tags["mrpo.seed"] == params["seed"] == "0"
+    assert tags[names.PARAMS_DIGEST] == names.params_digest(params)
+    assert tags.get("mrpo.git_commit") == pipeline.data.tags.get("mrpo.git_commit")
+    assert tags["mrpo.prepared_digest"] == pipeline.data.tags["mrpo.prepared_digest"]
+    assert (
+        tags[names.PARENT] == comparison.parent_run.run_id and "dpo:anchor seed 0" in tags[names.DESCRIPTION]
+    )
+    result = next(r for r in results if r.member.label == "dpo:anchor")
+    assert dpo.data.metrics[names.ACCURACY_VS_ANCHOR] == result.accuracy and result.train_pairs == 16
+    vdw = by_kind[("compare-member", "anchor,gpt2_char,llama_expert")]
+    assert vdw.data.params["train.strategy"] == "vdw"
+
+    # the pipeline run's DVC outputs are one artifact and one digest tag, not a tag each
+    assert not [k for k in pipeline.data.tags if k.startswith("mrpo.dvc_out.")]
+    parent = client.get_run(comparison.parent_run.run_id).data.tags
+    assert parent[names.KIND] == "compare" and names.REFERENCE_SET not in parent  # trained nothing itself
+
+    # `mrpo runs` on the same store: every kind in one table of at most 120 characters a line, the
+    # pipeline run's pairs those it trained on, the accuracy in one column
+    from mrpo.tracking.runs import runs_table
+
+    table = runs_table(cfg.tracking.tracking_uri, cfg.tracking.experiment, sort=names.ACCURACY_VS_ANCHOR)
+    print(table)
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 120 and len(lines) == 2 + 5  # 4 trained runs and the parent
+    header = lines[0].split()
+    rows = [dict(zip(header, line.split(), strict=False)) for line in lines[2:]]
+    top = rows[0]
+    assert top["acc_vs_anchor"] == f"{ranked_best(ranked):.4f}"
+    pipeline_row = next(r for r in rows if r["kind"] == "pipeline")
+    assert pipeline_row["pairs"] == str(int(pipeline.data.metrics[names.TRAIN_PAIRS]))
+
+
+def ranked_best(runs) -> float:
+    from mrpo.tracking import names
+
+    return max(r.data.metrics[names.ACCURACY_VS_ANCHOR] for r in runs)

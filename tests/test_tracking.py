@@ -7,7 +7,8 @@ from mlflow import MlflowClient
 
 from mrpo.config.load import load_config
 from mrpo.runtime import seed_everything
-from mrpo.tracking.tracker import default_run_name, start_pipeline_run
+from mrpo.tracking.names import default_run_name, strategy_of
+from mrpo.tracking.tracker import start_pipeline_run
 
 
 def test_runs_are_named_by_what_they_are_and_two_configurations_never_share_a_name(tmp_path, monkeypatch):
@@ -29,7 +30,11 @@ def test_runs_are_named_by_what_they_are_and_two_configurations_never_share_a_na
         info = MlflowClient(run.tracking_uri).get_run(run.run_id)
         names.append(info.info.run_name)
         assert info.info.run_name == default_run_name(cfg)
-        assert cfg.train.strategy in info.data.tags["mlflow.note.content"]
+        note = info.data.tags["mlflow.note.content"]
+        assert (cfg.train.strategy in note) == (strategy_of(cfg) != "n/a")  # DPO weights nothing
+        assert (
+            info.data.tags["mrpo.kind"] == "pipeline" and info.data.tags["mlflow.source.name"] == "mrpo train"
+        )
     assert len(set(names)) == len(names), names
     assert names[0].startswith("mrpo-uniform-anchor+gpt2_char+llama_expert-b0.1-s0-")
     assert names[1].startswith("mrpo-vdw-") and names[2].split("-")[3] == "b0.2" and "-s1-" in names[3]

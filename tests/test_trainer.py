@@ -137,7 +137,8 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
     # The MLflow run: every param, the reference set, per-step curves; evaluate reopens the same run.
     from mlflow import MlflowClient
 
-    from mrpo.tracking.tracker import open_pipeline_run, read_run_record
+    from mrpo.tracking.store import read_run_record
+    from mrpo.tracking.tracker import open_pipeline_run
 
     record = read_run_record(policy)
     client = MlflowClient(record.tracking_uri)
@@ -594,7 +595,7 @@ def test_resume_after_kill_ends_with_the_same_metrics(scored, tmp_path, monkeypa
 
     resumed = train(cfg)
     assert resumed["resumed"] is True
-    from mrpo.tracking.tracker import read_run_record
+    from mrpo.tracking.store import read_run_record
 
     assert read_run_record(cfg.train.output_dir).run_id == killed_run  # the same MLflow run, continued
     assert client.get_run(killed_run).info.status == "FINISHED"
@@ -734,7 +735,7 @@ def test_refuses_score_files_from_different_prepared_data(scored, tmp_path):
 
 
 def test_tracking_uri_precedence(scored, tmp_path, monkeypatch):
-    from mrpo.tracking.tracker import tracking_uri
+    from mrpo.tracking.store import tracking_uri
 
     cfg = load_config(scored["params"])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -1035,7 +1036,7 @@ def test_tensorboard_reporting_and_push_to_hub_up_to_the_upload(scored, tmp_path
     assert "mrpo train: mrpo-uniform-" in upload["commit_message"]
     from mlflow import MlflowClient
 
-    from mrpo.tracking.tracker import read_run_record
+    from mrpo.tracking.store import read_run_record
 
     record = read_run_record(cfg.train.output_dir)
     tags = MlflowClient(record.tracking_uri).get_run(record.run_id).data.tags

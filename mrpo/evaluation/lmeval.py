@@ -19,7 +19,7 @@ from mrpo.config.schema import Config, ConfigError, ReferenceConfig
 from mrpo.evaluation.lmeval_tasks import TASKS_DIR, PlannedTask
 from mrpo.io import file_sha256, write_text_atomically
 from mrpo.runtime import resolve_device, resolve_dtype
-from mrpo.tracking.tracker import metric_name  # noqa: F401  (also the name evaluate imports from here)
+from mrpo.tracking.names import metric_name  # noqa: F401  (also the name evaluate imports from here)
 
 log = logging.getLogger("mrpo")
 

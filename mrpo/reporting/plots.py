@@ -76,6 +76,31 @@ def write_csv(path: str | Path, columns: Sequence[str], rows: Sequence[Mapping[s
     write_text_atomically(path, buffer.getvalue())
 
 
+_CURVES = (  # file, training metric, validation metric, y label
+    ("loss.png", "loss", "val_loss", "loss (training objective)"),
+    (
+        "reward_accuracy.png",
+        "rewards/accuracy",
+        "val_reward_accuracy",
+        "reward accuracy (vs. the objective's reference)",
+    ),
+)
+
+
+def _series(source: list[dict[str, Any]], name: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[name]) for r in source if r.get(name) not in (None, "")]
+    return [p[0] for p in pts], [float(p[1]) for p in pts]
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def render_pngs(
     out_dir: str | Path,
     rows: list[dict[str, Any]],
@@ -88,53 +113,43 @@ def render_pngs(
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    written = [_render_curve(out_dir / name, rows, validation, m, v, y, title) for name, m, v, y in _CURVES]
+    return [*written, _render_weights(out_dir / "reference_weights.png", rows, references, title)]
 
-    def series(name: str, source=rows) -> tuple[list[int], list[float]]:
-        pts = [(r["step"], r[name]) for r in source if r.get(name) not in (None, "")]
-        return [p[0] for p in pts], [float(p[1]) for p in pts]
 
-    def save(fig, name: str) -> Path:
-        path = out_dir / name
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        return path
+def _render_curve(
+    path: Path, rows, validation, metric: str, val_metric: str, ylabel: str, title: str
+) -> Path:
+    import matplotlib.pyplot as plt
 
-    written = []
-    for name, metric, val_metric, ylabel in (
-        ("loss.png", "loss", "val_loss", "loss (training objective)"),
-        (
-            "reward_accuracy.png",
-            "rewards/accuracy",
-            "val_reward_accuracy",
-            "reward accuracy (vs. the objective's reference)",
-        ),
-    ):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(*series(metric), color="tab:blue", alpha=0.25, lw=1, label="train, per step")
-        ax.plot(
-            *series(f"{metric}_smooth"),
-            color="tab:blue",
-            lw=2.2,
-            label=f"train, mean of {SMOOTH_WINDOW} steps",
-        )
-        ax.plot(*series(val_metric, validation), "o-", color="tab:orange", lw=2, label="validation")
-        if metric == "rewards/accuracy":
-            ax.set_ylim(-0.02, 1.02)
-            ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-        ax.set(xlabel="training step", ylabel=ylabel, title=title)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=9)
-        written.append(save(fig, name))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*_series(rows, metric), color="tab:blue", alpha=0.25, lw=1, label="train, per step")
+    ax.plot(
+        *_series(rows, f"{metric}_smooth"),
+        color="tab:blue",
+        lw=2.2,
+        label=f"train, mean of {SMOOTH_WINDOW} steps",
+    )
+    ax.plot(*_series(validation, val_metric), "o-", color="tab:orange", lw=2, label="validation")
+    if metric == "rewards/accuracy":
+        ax.set_ylim(-0.02, 1.02)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="training step", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=9)
+    return _save(fig, path)
+
+
+def _render_weights(path: Path, rows, references: Sequence[str], title: str) -> Path:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     styles = ("-", "--", ":", "-.")
     for i, ref in enumerate(references):
-        steps, values = series(f"weight/{ref}_smooth")
+        steps, values = _series(rows, f"weight/{ref}_smooth")
         # Constant weights (uniform, fixed, vdw, vaw) draw on top of each other: dashes keep each visible.
         ax.plot(steps, values, styles[i % len(styles)], color=f"C{i}", lw=2.2, label=ref)
     ax.set_ylim(0, 1)
@@ -145,5 +160,4 @@ def render_pngs(
     )
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=9)
-    written.append(save(fig, "reference_weights.png"))
-    return written
+    return _save(fig, path)

@@ -9,15 +9,15 @@ split and the scores are those of `seed` in params.yaml, and a comparison seed v
 the training order only.
 
 Each member is scored on the whole test split against the anchor (the standard DPO reward accuracy, as the
-evaluate stage: mrpo.core.metrics.reward_accuracy), pair by pair; mrpo.core.stats turns the (seeds x pairs)
-matrices
-into intervals and paired differences against DPO with the anchor. With `compare.lm_eval_limit` > 0 each
-member also runs the evaluate stage's lm-eval tasks on that many documents.
+evaluate stage: mrpo.core.metrics.reward_accuracy), pair by pair; mrpo.core.stats turns the
+(seeds x pairs) matrices into intervals and paired differences against DPO with the anchor. With
+`compare.lm_eval_limit` > 0 each member also runs the evaluate stage's lm-eval tasks on that many documents.
 
 Outputs in `<compare.output_dir>/<id>/`: comparison.md (the tables and the reference diagnostics),
-comparison.csv (per configuration), members.csv (per member), comparison.png; a copy of the CSV and PNG at
-`compare.plots_file` / `compare.image_file` for `dvc plots`; an MLflow parent run (tag mrpo.sweep=<id>)
-with one child run per member.
+comparison.csv (per configuration), members.csv (per member), comparison.png (mrpo.reporting.comparison);
+a copy of the CSV and PNG at `compare.plots_file` / `compare.image_file` for `dvc plots`; an MLflow parent
+run (kind `compare`, tag mrpo.sweep=<id>) with one child run per member (kind `compare-member`), recorded
+under the names a pipeline run uses (mrpo.tracking.names).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -38,16 +37,15 @@ import torch
 
 from mrpo.config.schema import Config
 from mrpo.core.metrics import LOGP_TIE_TOLERANCE
-from mrpo.core.stats import bootstrap_summary, paired_t_p_value, t_interval
 from mrpo.core.weighting import STRATEGIES
 from mrpo.data.preference import PreferenceCollator, PreferenceDataset
 from mrpo.errors import ConfigError
-from mrpo.io import atomic_file, write_text_atomically
-from mrpo.reporting.tables import markdown_table, text_table
+from mrpo.reporting.comparison import diagnostics_markdown, write_report
+from mrpo.tracking.comparison import finish_comparison_run, log_member, start_comparison_run
+from mrpo.tracking.tracker import NullTracker
 
 log = logging.getLogger("mrpo")
 
-ACCURACY = "test_reward_accuracy_vs_anchor"
 DEFAULT_STRATEGIES = tuple(s for s in STRATEGIES if s != "fixed")  # fixed needs weights: ask for it by name
 
 
@@ -197,6 +195,7 @@ class MemberResult:
     steps: int = 0
     final_loss: float = math.nan
     mlflow_run_id: str | None = None
+    train_pairs: int = 0
 
     @property
     def accuracy(self) -> float:
@@ -220,7 +219,10 @@ class Comparison:
     members: list[Member]
     diagnostics_md: str
     lm_eval_tasks: list = field(default_factory=list)
-    parent_run: Any = None  # mrpo.tracking.tracker.PipelineRun
+    prepared_digest: str = ""
+    source: str = "mrpo compare"  # the command, for every run's MLflow Source
+    parent_run: NullTracker = field(default_factory=NullTracker)  # a Tracker when tracked
+    lineage_tags: dict[str, str] = field(default_factory=dict)  # what every member's run shares
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -228,10 +230,11 @@ class Comparison:
         return baseline_label(self.names)
 
 
-def start(cfg: Config, comparison_id: str | None = None, track: bool = True) -> Comparison:
+def start(
+    cfg: Config, comparison_id: str | None = None, track: bool = True, source: str = "mrpo compare"
+) -> Comparison:
     """Read and tokenize the splits once (all references), compute the diagnostics, open the MLflow parent
     run."""
-    from mrpo.reporting.diagnostics import diagnose_scores, report_markdown
     from mrpo.training.setup import prepare_training
 
     c = cfg.compare
@@ -247,31 +250,10 @@ def start(cfg: Config, comparison_id: str | None = None, track: bool = True) -> 
         raise ConfigError(
             "data.test_fraction: the test split has no trainable pairs; the comparison scores on it"
         )
-    val = setup.datasets["val"]
-    diagnostics_md = "_No validation pairs: no reference diagnostics._\n"
-    if len(val):
-        chosen = np.stack([e.ref_chosen_logps for e in val.examples])
-        rejected = np.stack([e.ref_rejected_logps for e in val.examples])
-        t = cfg.train
-        diagnostics_md = report_markdown(
-            diagnose_scores(
-                names,
-                chosen,
-                rejected,
-                epsilon=t.epsilon,
-                adaptive_epsilon=t.adaptive_epsilon,
-                fixed_weights=t.fixed_weights
-                if t.fixed_weights and len(t.fixed_weights) == len(names)
-                else None,
-                window_size=t.window_size,
-                seed=cfg.seed,
-            )
-        )
     members = comparison_members(names, c.seeds, c.strategies, c.dpo_references, c.multi_dpo)
     comparison_id = comparison_id or time.strftime("compare-%Y%m%d-%H%M%S")
     out_dir = Path(c.output_dir) / comparison_id
     out_dir.mkdir(parents=True, exist_ok=True)
-    lm_eval_tasks = _plan_lm_eval(cfg, out_dir) if c.lm_eval_limit > 0 else []
     comparison = Comparison(
         cfg,
         comparison_id,
@@ -281,11 +263,13 @@ def start(cfg: Config, comparison_id: str | None = None, track: bool = True) -> 
         setup.tokenizer,
         setup.precision,
         members,
-        diagnostics_md,
-        lm_eval_tasks,
+        diagnostics_markdown(cfg, names, setup.datasets["val"]),
+        _plan_lm_eval(cfg, out_dir) if c.lm_eval_limit > 0 else [],
+        setup.prepared_digest,
+        source,
     )
     if track:
-        comparison.parent_run = _start_parent_run(comparison)
+        start_comparison_run(comparison)
     log.info(
         "compare %s: %d members (%d configurations x %d seeds), %d training pairs per seed, %d test pairs",
         comparison_id,
@@ -308,51 +292,14 @@ def _plan_lm_eval(cfg: Config, out_dir: Path) -> list:
 
 def run_member(comparison: Comparison, member: Member) -> MemberResult:
     """Train one member from the anchor on its seed's draw; score it on the test split against the anchor."""
-    from transformers.trainer_callback import ProgressCallback
-
-    from mrpo.core.weighting import make_strategy
-    from mrpo.runtime import resolve_device, seed_everything
-    from mrpo.training.setup import TrainingSetup, build_trainer, load_policy
-    from mrpo.training.trainer import mean_training_loss
-
     started = time.perf_counter()
-    cfg, ds = comparison.cfg, comparison.datasets
     with tempfile.TemporaryDirectory(prefix="mrpo-compare-") as tmp:
-        mcfg = member_config(cfg, member, Path(tmp))
-        refs = list(member.references)
-        train = draw_pairs(select_references(ds["train"], refs), cfg.compare.train_pairs, member.seed)
-        t = mcfg.train
-        strategy = make_strategy(
-            t.strategy, len(refs), fixed_weights=t.fixed_weights, window_size=t.window_size, seed=member.seed
-        )
-        strategy.fit(select_references(ds["val"], refs).reference_margins())
-        # no validation set for the Trainer: nothing is evaluated during training, the test split is scored
-        # below
-        datasets = {"train": train, "val": PreferenceDataset([], refs), "test": ds["test"]}
-        setup = TrainingSetup(
-            refs, [], "", comparison.tokenizer, datasets, strategy, "compare", comparison.precision
-        )
-        seed_everything(member.seed)
-        device = resolve_device(t.device)
-        trainer = build_trainer(mcfg, setup, model=load_policy(mcfg, device))
-        trainer.remove_callback(ProgressCallback)  # fifty progress bars say less than one line per member
-        trainer.train()
-        model = trainer.model
-        pi_w, pi_l = policy_logps(model, ds["test"], comparison.tokenizer.pad_token_id, comparison.precision)
-        anchor_w = np.array([e.ref_chosen_logps[0] for e in ds["test"].examples])
-        anchor_l = np.array([e.ref_rejected_logps[0] for e in ds["test"].examples])
-        correct = pair_correct(pi_w, pi_l, anchor_w, anchor_l, t.beta, comparison.precision)
-        scores = _lm_eval_member(comparison, mcfg, model) if comparison.lm_eval_tasks else {}
-        result = MemberResult(
-            member,
-            correct,
-            scores,
-            time.perf_counter() - started,
-            int(trainer.state.global_step),
-            mean_training_loss(trainer.state.log_history),
-        )
-    if comparison.parent_run is not None:
-        result.mlflow_run_id = _log_member(comparison, mcfg, result)
+        mcfg = member_config(comparison.cfg, member, Path(tmp))
+        trainer, train_pairs = _train_member(comparison, mcfg, member)
+        result = _score_member(comparison, mcfg, member, trainer)
+        result.train_pairs = train_pairs
+        result.seconds = time.perf_counter() - started
+    result.mlflow_run_id = log_member(comparison, mcfg, result)
     log.info(
         "compare: %s seed %d: test reward accuracy %.3f (%d steps, %.1fs)",
         member.label,
@@ -362,6 +309,52 @@ def run_member(comparison: Comparison, member: Member) -> MemberResult:
         result.seconds,
     )
     return result
+
+
+def _train_member(comparison: Comparison, mcfg: Config, member: Member):
+    """The member's trainer after training on its seed's draw of `compare.train_pairs` pairs, its
+    strategy fitted on the validation pairs as the train stage fits it; (trainer, pairs trained on)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    from mrpo.core.weighting import make_strategy
+    from mrpo.runtime import resolve_device, seed_everything
+    from mrpo.training.setup import TrainingSetup, build_trainer, load_policy
+
+    ds, refs, t = comparison.datasets, list(member.references), mcfg.train
+    train = draw_pairs(select_references(ds["train"], refs), mcfg.compare.train_pairs, member.seed)
+    strategy = make_strategy(
+        t.strategy, len(refs), fixed_weights=t.fixed_weights, window_size=t.window_size, seed=member.seed
+    )
+    strategy.fit(select_references(ds["val"], refs).reference_margins())
+    # no validation set for the Trainer: nothing is evaluated during training, the test split is scored after
+    datasets = {"train": train, "val": PreferenceDataset([], refs), "test": ds["test"]}
+    setup = TrainingSetup(
+        refs, [], "", comparison.tokenizer, datasets, strategy, "compare", comparison.precision
+    )
+    seed_everything(member.seed)
+    trainer = build_trainer(mcfg, setup, model=load_policy(mcfg, resolve_device(t.device)))
+    trainer.remove_callback(ProgressCallback)  # fifty progress bars say less than one line per member
+    trainer.train()
+    return trainer, len(train)
+
+
+def _score_member(comparison: Comparison, mcfg: Config, member: Member, trainer) -> MemberResult:
+    """Per test pair, whether the trained policy prefers the chosen response against the anchor; lm-eval."""
+    from mrpo.training.trainer import mean_training_loss
+
+    test, model = comparison.datasets["test"], trainer.model
+    pi_w, pi_l = policy_logps(model, test, comparison.tokenizer.pad_token_id, comparison.precision)
+    anchor_w = np.array([e.ref_chosen_logps[0] for e in test.examples])
+    anchor_l = np.array([e.ref_rejected_logps[0] for e in test.examples])
+    correct = pair_correct(pi_w, pi_l, anchor_w, anchor_l, mcfg.train.beta, comparison.precision)
+    scores = _lm_eval_member(comparison, mcfg, model) if comparison.lm_eval_tasks else {}
+    return MemberResult(
+        member,
+        correct,
+        scores,
+        steps=int(trainer.state.global_step),
+        final_loss=mean_training_loss(trainer.state.log_history),
+    )
 
 
 def _lm_eval_member(comparison: Comparison, mcfg: Config, model) -> dict[str, float]:
@@ -384,331 +377,22 @@ def run_all(comparison: Comparison, run: Callable[[Comparison, Member], MemberRe
     return [run(comparison, m) for m in comparison.members]
 
 
-# ---------------------------------------------------------------- summarising
-
-
-def summarise(
-    results: Sequence[MemberResult], baseline: str, resamples: int = 2000, confidence: float = 0.95
-) -> list[dict[str, Any]]:
-    """One row per configuration: accuracy with its bootstrap interval; the paired difference against
-    `baseline` with interval and p-value (seeds present in both); lm-eval scores with t intervals and paired
-    t-tests."""
-    by_label: dict[str, dict[int, MemberResult]] = {}
-    for r in results:
-        by_label.setdefault(r.member.label, {})[r.member.seed] = r
-    base = by_label.get(baseline, {})
-    rows = []
-    for i, (label, runs) in enumerate(by_label.items()):
-        seeds = sorted(runs)
-        matrix = np.stack([runs[s].correct for s in seeds])
-        acc = bootstrap_summary(matrix, resamples, confidence, seed=i)
-        row: dict[str, Any] = {
-            "label": label,
-            "seeds": len(seeds),
-            "accuracy": acc["mean"],
-            "accuracy_low": acc["low"],
-            "accuracy_high": acc["high"],
-            "seconds": float(np.mean([runs[s].seconds for s in seeds])),
-        }
-        paired = [s for s in seeds if s in base]
-        if label != baseline and paired:
-            diff = np.stack([runs[s].correct - base[s].correct for s in paired])
-            d = bootstrap_summary(diff, resamples, confidence, seed=1000 + i)
-            row.update({"diff": d["mean"], "diff_low": d["low"], "diff_high": d["high"], "p": d["p"]})
-        for metric in sorted({k for s in seeds for k in runs[s].scores}):
-            values = [runs[s].scores[metric] for s in seeds if metric in runs[s].scores]
-            mean, low, high = t_interval(values, confidence)
-            row.update({metric: mean, f"{metric} low": low, f"{metric} high": high})
-            both = [s for s in paired if metric in runs[s].scores and metric in base[s].scores]
-            if label != baseline and both:
-                a = [runs[s].scores[metric] for s in both]
-                b = [base[s].scores[metric] for s in both]
-                _, dlow, dhigh = t_interval(np.subtract(a, b), confidence)
-                row.update(
-                    {
-                        f"{metric} diff": float(np.mean(np.subtract(a, b))),
-                        f"{metric} diff low": dlow,
-                        f"{metric} diff high": dhigh,
-                        f"{metric} p": paired_t_p_value(a, b),
-                    }
-                )
-        rows.append(row)
-    return rows
-
-
-def _f(x: Any, digits: int = 3) -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
-
-
-def _interval(row: dict, key: str, signed: bool = False) -> str:
-    if key not in row:
-        return "-"
-    fmt = "{:+.3f}" if signed else "{:.3f}"
-    lo, hi = row.get(f"{key}_low", row.get(f"{key} low")), row.get(f"{key}_high", row.get(f"{key} high"))
-    if lo is None or not math.isfinite(lo):
-        return fmt.format(row[key])
-    return f"{fmt.format(row[key])} [{fmt.format(lo)}, {fmt.format(hi)}]"
-
-
-def lm_eval_metrics(rows: Sequence[dict]) -> list[str]:
-    return sorted({k for r in rows for k in r if k.startswith("policy/") and " " not in k})
-
-
-def table_rows(
-    rows: Sequence[dict], baseline: str, confidence: float = 0.95, compact: bool = False
-) -> tuple[list[str], list[list[str]]]:
-    """The table: configuration, seeds, accuracy [CI], difference vs baseline [CI], p, lm-eval scores [CI];
-    `compact` (the terminal's) keeps one lm-eval metric per task."""
-    metrics = lm_eval_metrics(rows)
-    if compact:
-        metrics = list({m.split("/")[1]: m for m in reversed(metrics)}.values())[
-            ::-1
-        ]  # the first of each task
-    ci = f"{confidence:.0%} CI"
-    header = ["configuration", "seeds", f"test reward acc [{ci}]", f"vs {baseline} [{ci}]", "p"]
-    header += [f"{m.removeprefix('policy/')} [{ci}]" for m in metrics]
-    body = []
-    for r in rows:
-        line = [r["label"], str(r["seeds"]), _interval(r, "accuracy")]
-        line += ["(baseline)", ""] if r["label"] == baseline else [_interval(r, "diff", True), _f(r.get("p"))]
-        line += [_interval(r, m) for m in metrics]
-        body.append(line)
-    return header, body
-
-
-def lm_eval_diff_rows(rows: Sequence[dict], baseline: str) -> tuple[list[str], list[list[str]]]:
-    """lm-eval scores' paired differences against the baseline: per metric 'diff [CI] p=...' (t over
-    seeds)."""
-    metrics = lm_eval_metrics(rows)
-    header = ["configuration", *(f"{m.removeprefix('policy/')}: vs {baseline} [CI], p" for m in metrics)]
-    body = []
-    for r in rows:
-        if r["label"] == baseline:
-            continue
-        cells = []
-        for m in metrics:
-            key = f"{m} diff"
-            if key not in r:
-                cells.append("-")
-                continue
-            lo, hi = r[f"{key} low"], r[f"{key} high"]
-            ci = f" [{lo:+.3f}, {hi:+.3f}]" if math.isfinite(lo) else ""
-            cells.append(f"{r[key]:+.3f}{ci}, p={_f(r[f'{m} p'])}")
-        body.append([r["label"], *cells])
-    return header, body
-
-
-def plot_comparison(rows: Sequence[dict], baseline: str, path: str | Path, confidence: float) -> None:
-    """Two panels with error bars (the intervals): accuracy per configuration, its difference vs the
-    baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [r["label"] for r in rows]
-    colors = [
-        "tab:blue" if lbl.startswith("dpo") else "tab:green" if lbl == "multi_dpo" else "tab:orange"
-        for lbl in labels
-    ]
-    y = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.42 * len(rows) + 1.6), sharey=True)
-    for ax, key, title in (
-        (axes[0], "accuracy", "held-out reward accuracy vs anchor"),
-        (axes[1], "diff", f"difference vs {baseline} (paired)"),
-    ):
-        mean = np.array([r.get(key, np.nan) for r in rows], dtype=float)
-        low = np.array([r.get(f"{key}_low", np.nan) for r in rows], dtype=float)
-        high = np.array([r.get(f"{key}_high", np.nan) for r in rows], dtype=float)
-        err = np.nan_to_num(np.vstack([mean - low, high - mean]))
-        for i in range(len(rows)):  # points, not bars: an accuracy near 0.5 is not a length from 0
-            ax.errorbar(mean[i], y[i], xerr=err[:, i : i + 1], fmt="o", color=colors[i], capsize=3)
-        ax.axvline(0.5 if key == "accuracy" else 0.0, color="grey", lw=0.8, ls="--")
-        ax.set_title(f"{title}, mean and {confidence:.0%} CI", fontsize=9)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(y, labels, fontsize=8)
-    axes[0].invert_yaxis()
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-
-
-def member_rows(results: Sequence[MemberResult]) -> list[dict[str, Any]]:
-    return [
-        {
-            "label": r.member.label,
-            "seed": r.member.seed,
-            ACCURACY: r.accuracy,
-            "steps": r.steps,
-            "train_loss": r.final_loss,
-            "seconds": round(r.seconds, 2),
-            **r.scores,
-            "mlflow_run_id": r.mlflow_run_id,
-        }
-        for r in results
-    ]
-
-
 def report(comparison: Comparison, results: Sequence[MemberResult], command: str = "mrpo compare") -> dict:
-    """Write comparison.md / .csv / .png and members.csv, copy the CSV and PNG for `dvc plots`, log them on
-    the parent MLflow run; returns {"rows", "table" (text), "paths", "wall_s"}."""
-    import pandas as pd
-
-    c = comparison.cfg.compare
-    rows = summarise(results, comparison.baseline, c.bootstrap, c.confidence)
-    header, body = table_rows(rows, comparison.baseline, c.confidence)
-    wall = time.perf_counter() - comparison.started
-    out = comparison.out_dir
-    paths = {
-        "md": out / "comparison.md",
-        "csv": out / "comparison.csv",
-        "members": out / "members.csv",
-        "png": out / "comparison.png",
-    }
-    write_text_atomically(paths["csv"], pd.DataFrame(rows).to_csv(index=False))
-    write_text_atomically(paths["members"], pd.DataFrame(member_rows(results)).to_csv(index=False))
-    plot_comparison(rows, comparison.baseline, paths["png"], c.confidence)
-    n_train = min(c.train_pairs, len(comparison.datasets["train"]))
-    lm = (
-        f"lm-eval: {', '.join(t.name for t in comparison.lm_eval_tasks)} on {c.lm_eval_limit} "
-        "documents per task per member (t intervals over seeds, paired t-test p)."
-        if comparison.lm_eval_tasks
-        else "lm-eval: skipped (compare.lm_eval_limit is 0); "
-        "run the evaluate stage on a chosen configuration."
-    )
-    seeds = ", ".join(map(str, sorted({m.seed for m in comparison.members})))
-    md = [
-        f"# Comparison `{comparison.comparison_id}`\n",
-        f"Command: `{command}`. Wall time {wall / 60:.1f} min for {len(results)} members.\n",
-        f"Each configuration trained once per seed ({seeds}) "
-        f"on {n_train} training pairs drawn per seed, {c.num_epochs:g} epoch(s), from the anchor "
-        f"`{comparison.names[0]}`; scored on all {len(comparison.datasets['test'])} test pairs. "
-        "Test reward accuracy is against the anchor: the share of test pairs whose implicit reward "
-        "beta * (log pi - log pi_anchor) prefers the chosen response.\n",
-        f"Intervals: {c.confidence:.0%} two-level bootstrap ({c.bootstrap} resamples of seeds, "
-        "then of test pairs). "
-        f"Difference: paired with `{comparison.baseline}` by seed and test pair; "
-        f"p is the two-sided bootstrap p-value that it is 0. {lm}\n",
-        markdown_table(header, body),
-        *(
-            [
-                "\nlm-eval scores, paired with the baseline by seed:\n",
-                markdown_table(*lm_eval_diff_rows(rows, comparison.baseline)),
-            ]
-            if lm_eval_metrics(rows)
-            else []
-        ),
-        "\n![comparison](comparison.png)\n",
-        "\n## Reference diagnostics (before training)\n",
-        comparison.diagnostics_md,
-        "\n## What this does and does not show\n",
-        "It shows how each objective and weighting did on this data, task and reference set, with the "
-        "uncertainty from training draws and the finite test set. It does not show the result transfers to "
-        "other data, references or hyperparameters (all configurations share the `train` settings, untuned), "
-        "and the references, data split and scores are those of params.yaml's `seed`, not re-drawn per seed. "
-        "Many configurations are compared with one baseline: "
-        "a p-value near 0.05 among ten is weak evidence.\n",
-    ]
-    write_text_atomically(paths["md"], "\n".join(md))
-    for src, dest in ((paths["csv"], c.plots_file), (paths["png"], c.image_file)):
-        Path(dest).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
-    if comparison.parent_run is not None:
-        _finish_parent_run(comparison, rows, paths, wall)
-    terminal = text_table(*table_rows(rows, comparison.baseline, c.confidence, compact=True))
-    return {"rows": rows, "table": terminal, "paths": paths, "wall_s": wall}
+    """The report files (mrpo.reporting.comparison.write_report), logged on the parent run, which ends;
+    returns {"rows", "table" (text), "paths", "wall_s"}."""
+    out = write_report(comparison, results, command)
+    finish_comparison_run(comparison, out["rows"], out["paths"], out["wall_s"])
+    return out
 
 
 def compare(cfg: Config, *, track: bool = True, comparison_id: str | None = None) -> dict:
     """`mrpo compare`: start, every member in turn, the report; prints the table."""
     comparison = start(cfg, comparison_id, track)
-    results = run_all(comparison)
-    out = report(comparison, results)
+    try:
+        out = report(comparison, run_all(comparison))
+    except BaseException:
+        comparison.parent_run.end("FAILED")
+        raise
     print(out["table"], end="")
     print(f"comparison {comparison.comparison_id}: {out['paths']['md']} ({out['wall_s'] / 60:.1f} min)")
     return out
-
-
-# ---------------------------------------------------------------- MLflow
-
-
-def _start_parent_run(comparison: Comparison):
-    from mrpo.tracking import tracker as tracking
-
-    cfg = comparison.cfg
-    uri = tracking.tracking_uri(cfg)
-    client = tracking.client_for(uri)
-    experiment_id = tracking.ensure_experiment(client, cfg.tracking.experiment, uri)
-    run = client.create_run(
-        experiment_id,
-        run_name=comparison.comparison_id,
-        tags={"mrpo.sweep": comparison.comparison_id, "mrpo.kind": "compare"},
-    )
-    parent = tracking.PipelineRun(run.info.run_id, experiment_id, uri)
-    tracking.log_params(
-        parent,
-        {f"compare.{k}": v for k, v in dataclasses.asdict(cfg.compare).items()}
-        | {"reference_set.names": comparison.names, "seed": cfg.seed, "members": len(comparison.members)},
-    )
-    return parent
-
-
-def _log_member(comparison: Comparison, mcfg: Config, result: MemberResult) -> str:
-    from mrpo.tracking import tracker as tracking
-
-    parent = comparison.parent_run
-    client = tracking.client_for(parent.tracking_uri)
-    m = result.member
-    run = client.create_run(
-        parent.experiment_id,
-        run_name=f"{comparison.comparison_id}-{m.label}-s{m.seed}",
-        tags={
-            "mlflow.parentRunId": parent.run_id,
-            "mrpo.sweep": comparison.comparison_id,
-            "mrpo.sweep_label": m.label,
-            "mrpo.kind": "compare-member",
-        },
-    )
-    child = tracking.PipelineRun(run.info.run_id, parent.experiment_id, parent.tracking_uri)
-    t = mcfg.train
-    tracking.log_params(
-        child,
-        {
-            "train.objective": t.objective,
-            "train.strategy": t.strategy,
-            "reference_set.names": list(m.references),
-            "seed": m.seed,
-            "train.beta": t.beta,
-            "train.num_epochs": t.num_epochs,
-            "compare.train_pairs": mcfg.compare.train_pairs,
-        },
-    )
-    tracking.log_metrics(
-        child,
-        {
-            f"compare/{ACCURACY}": result.accuracy,
-            "compare/steps": result.steps,
-            "compare/seconds": result.seconds,
-            "final/train_loss": result.final_loss,
-            **result.scores,
-        },
-    )
-    tracking.finish_run(child)
-    return child.run_id
-
-
-def _finish_parent_run(comparison: Comparison, rows: list[dict], paths: dict, wall: float) -> None:
-    from mrpo.tracking import tracker as tracking
-
-    parent = comparison.parent_run
-    metrics = {"compare/wall_s": wall}
-    for r in rows:
-        for key in ("accuracy", "accuracy_low", "accuracy_high", "diff", "diff_low", "diff_high", "p"):
-            if key in r:
-                metrics[f"{r['label'].replace(':', '.')}/{key}"] = r[key]
-    tracking.log_metrics(parent, metrics)
-    client = tracking.client_for(parent.tracking_uri)
-    for path in paths.values():
-        client.log_artifact(parent.run_id, str(path), "comparison")
-    tracking.finish_run(parent)

@@ -127,36 +127,37 @@ def write_outputs(cfg: Config, d: Diagnostics) -> None:
 
 
 def log_to_mlflow(cfg: Config, d: Diagnostics) -> str:
-    """One run (tag mrpo.stage=diagnose) in the pipeline's experiment: the numbers and the four output
-    files."""
-    from mrpo.tracking import tracker as tracking
+    """One run (kind diagnostics) in the pipeline's experiment: the numbers and the four output files."""
+    from mrpo.tracking import lineage, names
+    from mrpo.tracking.tracker import tracked_run
 
-    uri = tracking.tracking_uri(cfg)
-    client = tracking.client_for(uri)
-    experiment_id = tracking.ensure_experiment(client, cfg.tracking.experiment, uri)
-    run = client.create_run(
-        experiment_id,
-        run_name=f"diagnose-{'+'.join(d.names)}-{d.split}-s{cfg.seed}",
-        tags={"mrpo.stage": "diagnose", "mrpo.kind": "diagnostics", "mrpo.references": ",".join(d.names)},
-    )
-    r = tracking.PipelineRun(run.info.run_id, experiment_id, uri)
-    try:
-        tracking.log_params(
-            r,
-            {
-                "diagnose.split": d.split,
-                "train.epsilon": d.epsilon,
-                "train.adaptive_epsilon": d.adaptive_epsilon,
-                "reference_set.names": d.names,
-                "seed": cfg.seed,
-            },
-        )
-        tracking.log_metrics(r, {"diagnose/pairs": d.pairs, **flat_metrics(d)})
-        g = cfg.diagnose
+    g = cfg.diagnose
+    tags = {
+        "mrpo.stage": "diagnose",
+        names.REFERENCE_SET: ",".join(d.names),
+        "mrpo.references": ",".join(d.names),
+        "mrpo.seed": str(cfg.seed),
+        **lineage.launch_tags(),
+        **lineage.git_tags(lineage.git_state(".", lineage.pipeline_outputs("."))),
+    }
+    start = {
+        "kind": "diagnostics",
+        "name": f"diagnose-{'+'.join(d.names)}-{d.split}-s{cfg.seed}",
+        "source": "mrpo diagnose",
+        "tags": tags,
+        "description": f"Reference diagnostics of {', '.join(d.names)} on the {d.split} split "
+        f"({d.pairs} pairs) before training; seed {cfg.seed}.",
+    }
+    with tracked_run(cfg, **start) as run:
+        params = {
+            "diagnose.split": d.split,
+            "train.epsilon": d.epsilon,
+            "train.adaptive_epsilon": d.adaptive_epsilon,
+            "seed": cfg.seed,
+        }
+        run.log_params(params)
+        run.set_tags({names.PARAMS_DIGEST: names.params_digest(params)})
+        run.log_metrics({"diagnose/pairs": d.pairs, **flat_metrics(d)})
         for path in (g.metrics_file, g.plots_file, g.image_file, g.report_file):
-            client.log_artifact(r.run_id, str(path), "diagnostics")
-    except BaseException:
-        tracking.finish_run(r, "FAILED")
-        raise
-    tracking.finish_run(r)
-    return r.run_id
+            run.log_artifact(path, "diagnostics")
+    return run.run_id

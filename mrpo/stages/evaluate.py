@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -31,7 +30,6 @@ from mrpo.evaluation.lmeval import (
     deltas,
     flatten_results,
     lm_eval_model_args,
-    metric_name,
     run_lm_eval,
 )
 from mrpo.evaluation.lmeval_tasks import plan_tasks, write_held_out_data
@@ -82,39 +80,18 @@ def write_scored_card(cfg: Config, metrics: Mapping[str, float]) -> Path | None:
 def log_to_mlflow(cfg: Config, metrics: Mapping[str, float], card: Path | None = None) -> str | None:
     """The metrics on the training run and its logged policy model, the card with scores on that model, then
     the run's lineage completed (mrpo.tracking.lineage); warns and skips when no run is recorded."""
-    import time
-
-    from mlflow.entities import Metric
-
     from mrpo.tracking.lineage import complete_lineage
-    from mrpo.tracking.tracker import client_for, read_run_record, tracking_uri
+    from mrpo.tracking.tracker import reopen
 
-    run = read_run_record(cfg.train.output_dir)
-    if run is None:
-        log.warning(
-            "evaluate: no MLflow run recorded in %s; metrics are only in %s",
-            cfg.train.output_dir,
-            cfg.evaluate.metrics_file,
-        )
-        return None
-    if tracking_uri(cfg) != run.tracking_uri:
-        log.warning("mlflow: run %s lives in %s; logging there", run.run_id, run.tracking_uri)
-    client = client_for(run.tracking_uri)
-    model_id = client.get_run(run.run_id).data.tags.get("mrpo.model_id")
-    now = int(time.time() * 1000)
-    finite = [
-        Metric(metric_name(k), float(v), now, 0, model_id=model_id)
-        for k, v in metrics.items()
-        if math.isfinite(v)
-    ]
-    for i in range(0, len(finite), 1000):
-        client.log_batch(run.run_id, metrics=finite[i : i + 1000])
+    run = reopen(cfg, "evaluate")  # a NullTracker, with a warning, when train recorded no run
+    model_id = run.tags().get("mrpo.model_id")
+    run.log_metrics(metrics, model_id=model_id)
     if model_id and card is not None:
         from mrpo.reporting.modelcard import CARD
 
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copyfile(card, Path(tmp) / CARD)
-            client.log_model_artifact(model_id, str(Path(tmp) / CARD))
+            run.log_model_artifact(model_id, Path(tmp) / CARD)
     complete_lineage(cfg, run, ".")
     return run.run_id
 

@@ -22,7 +22,7 @@ log = logging.getLogger("mrpo")
 def summarize(cfg: Config, project_dir: str | Path = ".") -> str:
     """Write `summary.file` and print it; returns the markdown."""
     from mrpo.preflight import check_stage
-    from mrpo.tracking.tracker import read_run_record
+    from mrpo.tracking.store import read_run_record
 
     check_stage(cfg, "summary")
     root = Path(project_dir)

@@ -129,15 +129,12 @@ def metric_file_view(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k in METRIC_KEYS or k.startswith("weight/")}
 
 
-# ---------------------------------------------------------------- the policy
-
-
 # ---------------------------------------------------------------- the stage
 
 
 def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool = True) -> dict[str, Any]:
     """Run the train stage end to end; returns the metrics it wrote to `train.metrics_file`."""
-    from mrpo.tracking import tracker as tracking
+    from mrpo.tracking.tracker import pipeline_run_start, tracked_run
 
     t = cfg.train
     check_stage(cfg, "train")
@@ -150,26 +147,23 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
         checkpoint_dir, setup.fingerprint, clean=main
     )  # ranks of one job share the directory
 
-    with tracking.pipeline_run(
-        cfg,
-        enabled=track and main,
-        resume_run_id=start.mlflow_run_id,
-        tags={"mrpo.stage": "train"},
-    ) as run:
-        run_state = RunState(setup.fingerprint, run.run_id if run else None)
+    with tracked_run(cfg, enabled=track and main, **pipeline_run_start(cfg, start.mlflow_run_id)) as run:
         if main:
-            write_run_state(checkpoint_dir, run_state)
+            write_run_state(checkpoint_dir, RunState(setup.fingerprint, run.run_id))
         references = reference_records(cfg, setup) if main else []  # hashes local models: once, on rank 0
-        if run is not None:
-            _log_inputs(cfg, setup, run, references)
+        _log_inputs(cfg, setup, run, references)
         trainer, metrics = _train_and_evaluate(cfg, setup, start, callbacks, run)
         metrics["runtime_s"] = time.perf_counter() - started
         policy = trained_policy(cfg, trainer)  # every rank: under FSDP it gathers the shards
         if main:
             _write_outputs(cfg, setup, trainer, policy, metrics, run, references)
-            write_run_state(
-                checkpoint_dir, RunState(run_state.fingerprint, run_state.mlflow_run_id, completed=True)
-            )
+            write_run_state(checkpoint_dir, RunState(setup.fingerprint, run.run_id, completed=True))
+    _log_done(cfg, setup, metrics)
+    return metrics
+
+
+def _log_done(cfg: Config, setup: TrainingSetup, metrics: dict[str, Any]) -> None:
+    t = cfg.train
     weights = {k.removeprefix("weight/"): v for k, v in metrics.items() if k.startswith("weight/")}
     if weights and static_weights(setup.strategy, len(setup.names)) is None:
         shown = format_weights(list(weights), list(weights.values()))
@@ -184,7 +178,6 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
         metrics.get("val_reward_accuracy_after", float("nan")),
         t.output_dir,
     )
-    return metrics
 
 
 def reference_records(cfg: Config, setup: TrainingSetup) -> list[dict[str, Any]]:
@@ -205,35 +198,42 @@ def reference_records(cfg: Config, setup: TrainingSetup) -> list[dict[str, Any]]
 
 
 def _log_inputs(cfg: Config, setup: TrainingSetup, run, references: list[dict[str, Any]]) -> None:
+    """Every param, the reference set (`reference_set.<name>.<key>` params and reference_set.json), the
+    lineage known before training, the prepared splits as datasets."""
     from mrpo.tracking import lineage
-    from mrpo.tracking import tracker as tracking
+    from mrpo.tracking.names import run_params
 
-    tracking.log_config(run, cfg)
-    tracking.log_reference_set(run, references)
-    tracking.set_tags(
-        run,
+    run.log_params(run_params(cfg))
+    run.log_params(
+        {
+            f"reference_set.{ref['name']}.{key}": value
+            for ref in references
+            for key, value in ref.items()
+            if key != "name" and value is not None
+        }
+    )
+    run.log_dict({"references": references}, "reference_set.json")
+    run.set_tags(
         {
             **lineage.start_tags(cfg),  # a resumed run: the state it resumed in
             "mrpo.prepared_digest": setup.prepared_digest,
             "mrpo.train_fingerprint": setup.fingerprint,
             **{f"mrpo.reference.{r['name']}.score_sha256": r["score_sha256"] for r in references},
-        },
+        }
     )
-    tracking.log_datasets(run, cfg.data.output_dir, setup.prepared_digest)
+    run.log_datasets(cfg.data.output_dir, setup.prepared_digest)
 
 
 def _train_and_evaluate(cfg: Config, setup: TrainingSetup, start, callbacks, run) -> tuple[MRPOTrainer, dict]:
     """Validation and test metrics before, the training itself, the same metrics after."""
-    from mrpo.tracking import tracker as tracking
+    from mrpo.tracking.callback import MLflowStepCallback, log_evaluation
 
     datasets = setup.datasets
-    trainer = build_trainer(
-        cfg, setup, callbacks=[*callbacks, *([tracking.MLflowStepCallback(run)] if run else [])]
-    )
+    trainer = build_trainer(cfg, setup, callbacks=[*callbacks, MLflowStepCallback(run)])
     metrics, before = evaluate_before_training(cfg, setup, trainer.model)
-    if run is not None and not start.checkpoint:  # a resumed run logged its step-0 point already
+    if not start.checkpoint:  # a resumed run logged its step-0 point already
         for split_metrics in before.values():
-            tracking.log_evaluation(run, split_metrics, step=0)
+            log_evaluation(run, split_metrics, step=0)
     if start.checkpoint:
         log.info("train: resuming from %s", start.checkpoint)
     trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
@@ -268,14 +268,10 @@ def _write_outputs(
     MLflow record, and the upload when `train.push_to_hub` is enabled."""
     from mrpo.reporting import modelcard
     from mrpo.tracking import lineage
-    from mrpo.tracking import tracker as tracking
 
     t = cfg.train
     out = Path(t.output_dir)
     check_finite_weights(policy, out)
-    run_name = None
-    if run is not None:
-        run_name = tracking.client_for(run.tracking_uri).get_run(run.run_id).info.run_name
     git = lineage.git_state(".", lineage.pipeline_outputs("."))
     card = modelcard.model_card(
         cfg,
@@ -283,39 +279,39 @@ def _write_outputs(
         prepared_digest=setup.prepared_digest,
         pairs={split: len(setup.datasets[split]) for split in SPLITS},
         metrics=metrics,
-        run=run,
-        run_name=run_name,
+        run=run.run,
+        run_name=run.run_name,
         git_commit=git.commit + (" (with uncommitted changes)" if git.dirty else "") if git else None,
     )
     with atomic_directory(out) as tmp:
         save_policy(policy, setup.tokenizer, tmp, merge_lora=t.lora.merge)
         write_text_atomically(Path(tmp) / modelcard.CARD, card)
         write_json_atomically(tmp / TRAIN_RECORD, metrics)
-        if run is not None:
-            tracking.write_run_record(tmp, run)
+        run.write_record(tmp)
     write_json_atomically(t.metrics_file, metric_file_view(metrics))
     write_plots(cfg, trainer.state.log_history, metrics, trainer.reference_names)
-    if run is not None:
-        step = trainer.state.global_step
-        # The before/after split metrics are the eval_*/test_* curves' first and last points; these are not.
-        tracking.log_metrics(
-            run,
-            {k: metrics[k] for k in ("train_loss", "train_pairs", "skipped_pairs", "runtime_s")},
-            step=step,
-        )
-        tracking.set_tags(run, {"mrpo.resumed": str(metrics["resumed"])})
-        tracking.set_tags(run, lineage.score_tags(metrics, lineage.TRAIN_SCORES))
-        tracking.record_policy(run, out)
-        tracking.log_policy_model(
-            run,
-            out,
-            params={f"train.{k}": getattr(t, k) for k in modelcard.HYPERPARAMETERS},
-            tags=lineage.key_tags(cfg),
-            step=step,
-            registered_model=cfg.tracking.registered_model,
-        )
-        lineage.record_training_outputs(cfg, run)
+    _record_outputs(cfg, run, metrics, trainer.state.global_step)
     if t.push_to_hub.enabled:
-        url = modelcard.push_to_hub(t.push_to_hub, out, f"mrpo train: {run_name or t.objective}")
-        if run is not None:
-            tracking.set_tags(run, {"mrpo.hub_commit": url})
+        url = modelcard.push_to_hub(t.push_to_hub, out, f"mrpo train: {run.run_name or t.objective}")
+        run.set_tags({"mrpo.hub_commit": url})
+
+
+def _record_outputs(cfg: Config, run, metrics: dict[str, Any], step: int) -> None:
+    """The run's totals (the before/after split metrics are the eval_*/test_* curves' first and last points),
+    headline scores as tags, the logged policy model, the curves and metrics file as artifacts."""
+    from mrpo.reporting import modelcard
+    from mrpo.tracking import lineage, names
+
+    totals = (names.TRAIN_LOSS, names.TRAIN_PAIRS, names.STEPS, "skipped_pairs", names.RUNTIME)
+    run.log_metrics({k: metrics[k] for k in totals}, step=step)
+    run.set_tags({"mrpo.resumed": str(metrics["resumed"])})
+    run.set_tags(names.score_tags(metrics, lineage.TRAIN_SCORES))
+    params = names.run_params(cfg)
+    run.log_model(
+        cfg.train.output_dir,
+        params={f"train.{k}": params[f"train.{k}"] for k in modelcard.HYPERPARAMETERS},
+        tags=names.key_tags(cfg),
+        step=step,
+        registered_model=cfg.tracking.registered_model,
+    )
+    lineage.record_training_outputs(cfg, run)

@@ -8,9 +8,9 @@ Three moments, because DVC writes a stage's `dvc.lock` entry only after the stag
 * train ends (`record_training_outputs`): the training curves (CSV and PNG) and `metrics/train.json`;
 * evaluate ends, and again when the Prefect flow ends (`complete_lineage`): the `dvc.lock` digest as it is
   then (after `dvc repro`, evaluate sees train's entry; the flow, or `python -m mrpo.tracking.lineage` run
-  after
-  `dvc repro`, sees the final one), the DVC digest of every stage output, the score and data digests, the
-  downstream scores and the artifacts. Each call re-records the same tags and files, so it is idempotent.
+  after `dvc repro`, sees the final one), the DVC digest of every stage output (artifact
+  `lineage/dvc_outputs.json`, digested in one tag), the score and data digests, the downstream scores and
+  the artifacts. Each call re-records the same tags and files, so it is idempotent.
 """
 
 from __future__ import annotations
@@ -30,9 +30,20 @@ import yaml
 
 from mrpo.config.schema import Config
 from mrpo.io import file_sha256
+from mrpo.tracking.names import (
+    ACCURACY_VS_ANCHOR,
+    PARAMS_DIGEST,
+    key_tags,
+    metric_name,
+    params_digest,
+    run_params,
+    score_tags,
+)
 
 log = logging.getLogger("mrpo")
 
+DVC_OUTPUTS_FILE = "lineage/dvc_outputs.json"
+DVC_OUTPUTS_DIGEST = "mrpo.dvc_outputs_digest"
 _GIT_CHANGED_MAX = 20  # changed paths listed in the `mrpo.git_changed` tag; the diff hash covers them all
 
 
@@ -177,27 +188,6 @@ def launch_tags() -> dict[str, str]:
 # ---------------------------------------------------------------- what the run is
 
 
-def key_tags(cfg: Config) -> dict[str, str]:
-    """The settings that tell runs apart, as tags: short columns for the MLflow runs table."""
-    t = cfg.train
-    tags = {
-        "mrpo.objective": t.objective,
-        "mrpo.strategy": t.strategy,
-        "mrpo.loss_type": t.loss_type,
-        "mrpo.beta": f"{t.beta:g}",
-        "mrpo.seed": str(cfg.seed),
-        "mrpo.reference_set": ",".join(r.name for r in cfg.training_references()),
-        "mrpo.references": ",".join(r.name for r in cfg.references),
-        "mrpo.anchor": cfg.anchor.name,
-        "mrpo.data_source": cfg.data.source,
-    }
-    for ref in cfg.references:
-        tags[f"mrpo.reference.{ref.name}.model"] = ref.model
-        if ref.revision:
-            tags[f"mrpo.reference.{ref.name}.revision"] = ref.revision
-    return tags
-
-
 def reference_lineage(cfg: Config, project_dir: str | Path) -> dict[str, str]:
     """`key_tags` plus each score file's digest: DVC's md5 from dvc.lock, else the file's sha256."""
     digests = dvc_lock_stage_digests(project_dir)
@@ -216,19 +206,10 @@ def start_tags(cfg: Config, project_dir: str | Path = ".") -> dict[str, str]:
     """What is known before training: git state, launcher, the dvc.lock the run started from, key params."""
     root = Path(project_dir)
     tags = {**launch_tags(), **git_tags(git_state(root, pipeline_outputs(root))), **key_tags(cfg)}
+    tags[PARAMS_DIGEST] = params_digest(run_params(cfg))
     if (root / "dvc.lock").is_file():
         tags["mrpo.dvc_lock_digest_at_start"] = file_sha256(root / "dvc.lock")
     return tags
-
-
-def score_tags(metrics: Mapping[str, Any], names: Iterable[str]) -> dict[str, str]:
-    """The headline scores as `mrpo.score.<name>` tags (4 decimals): the runs table shows them at a glance."""
-    out = {}
-    for name in names:
-        value = metrics.get(name)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
-            out[f"mrpo.score.{name}"] = f"{value:.4f}"
-    return out
 
 
 TRAIN_SCORES = ("val_reward_accuracy_after", "test_reward_accuracy_after")
@@ -236,22 +217,20 @@ TRAIN_SCORES = ("val_reward_accuracy_after", "test_reward_accuracy_after")
 
 def eval_score_names(metrics: Mapping[str, Any]) -> list[str]:
     """The policy's benchmark scores and its test-split reward accuracy against the anchor."""
-    return [k for k in metrics if k.startswith("policy/")] + ["pref/reward_accuracy_vs_anchor"]
+    return [k for k in metrics if k.startswith("policy/")] + [ACCURACY_VS_ANCHOR]
 
 
 # ---------------------------------------------------------------- plots and artifacts
 
 
 def record_training_outputs(cfg: Config, run, project_dir: str | Path = ".") -> None:
-    """The training curves (CSV and PNG under `plots/`) and the train metrics file (under `metrics/`)."""
-    from mrpo.tracking.tracker import client_for
-
-    root = Path(project_dir)
-    client = client_for(run.tracking_uri)
-    if (root / cfg.train.metrics_file).is_file():
-        client.log_artifact(run.run_id, str(root / cfg.train.metrics_file), "metrics")
+    """The training curves (CSV and PNG under `plots/`) and the train metrics file (under `metrics/`) on
+    `run` (a mrpo.tracking.tracker.Tracker)."""
     from mrpo.reporting.plots import PNG_FILES, VALIDATION_FILE
 
+    root = Path(project_dir)
+    if (root / cfg.train.metrics_file).is_file():
+        run.log_artifact(root / cfg.train.metrics_file, "metrics")
     plots_dir = root / cfg.train.plots_dir
     for path in (
         root / cfg.train.plots_file,
@@ -259,7 +238,7 @@ def record_training_outputs(cfg: Config, run, project_dir: str | Path = ".") -> 
         *(plots_dir / f for f in PNG_FILES),
     ):
         if path.is_file():  # the curves and their PNG renders, as the train stage wrote them
-            client.log_artifact(run.run_id, str(path), "plots")
+            run.log_artifact(path, "plots")
 
 
 def _read_json(path: Path) -> dict:
@@ -279,26 +258,26 @@ def _flat_numbers(data: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def complete_lineage(
-    cfg: Config, run, project_dir: str | Path = ".", extra_tags: Mapping[str, str] | None = None
-) -> None:
-    """Everything the pipeline's outputs tell about `run` (a mrpo.tracking.tracker.PipelineRun) once they
-    exist."""
-    import time
+def dvc_outputs(root: Path) -> dict[str, Any]:
+    """The dvc.lock digest and every stage output's md5, as artifact `lineage/dvc_outputs.json` plus the
+    two digest tags (one tag per output crowded the Tags panel)."""
+    if not (root / "dvc.lock").is_file():
+        return {}
+    outputs = dvc_lock_stage_digests(root)
+    return {
+        "tags": {
+            "mrpo.dvc_lock_digest": file_sha256(root / "dvc.lock"),
+            DVC_OUTPUTS_DIGEST: params_digest(outputs),
+        },
+        "outputs": outputs,
+    }
 
-    from mlflow.entities import Metric
 
-    from mrpo.tracking.tracker import client_for, metric_name
-
-    root = Path(project_dir).resolve()
-    client = client_for(run.tracking_uri)
-    current = client.get_run(run.run_id)
+def lineage_tags(cfg: Config, root: Path, has_git_state: bool) -> dict[str, str]:
+    """Reference set and score digests, git state (for a run from before train recorded it), the prepared
+    data's digest, and the headline scores of the metrics files."""
     tags: dict[str, str] = dict(reference_lineage(cfg, root))
-    if (root / "dvc.lock").is_file():
-        tags["mrpo.dvc_lock_digest"] = file_sha256(root / "dvc.lock")
-        for path, md5 in dvc_lock_stage_digests(root).items():
-            tags[f"mrpo.dvc_out.{path}"] = md5
-    if "mrpo.git_commit" not in current.data.tags:  # a run from before this module: record git state now
+    if not has_git_state:
         tags.update(git_tags(git_state(root, pipeline_outputs(root))))
     try:
         from mrpo.data.prepared import prepared_digest
@@ -306,70 +285,70 @@ def complete_lineage(
         tags["mrpo.prepared_digest"] = prepared_digest(root / cfg.data.output_dir)
     except (OSError, ValueError):  # mrpo.errors.DataError included: nothing prepared here
         pass
-    train_metrics = _read_json(root / cfg.train.metrics_file)
     eval_metrics = _flat_numbers(_read_json(root / cfg.evaluate.metrics_file))
-    tags.update(score_tags(train_metrics, TRAIN_SCORES))
+    tags.update(score_tags(_read_json(root / cfg.train.metrics_file), TRAIN_SCORES))
     tags.update(score_tags(eval_metrics, eval_score_names(eval_metrics)))
-    tags.update(extra_tags or {})
-    for key, value in tags.items():
-        client.set_tag(run.run_id, key, value)
+    return tags
 
-    # every params.yaml value the run lacks (a run made before the train stage logged them all); MLflow params
-    # are immutable, so values already there stay
-    from mlflow.entities import Param
 
-    from mrpo.config.schema import config_to_flat_dict
-    from mrpo.tracking.tracker import _param_value
-
-    params = [
-        Param(k, _param_value(v)) for k, v in config_to_flat_dict(cfg).items() if k not in current.data.params
-    ]
-    for i in range(0, len(params), 100):
-        client.log_batch(run.run_id, params=params[i : i + 100])
-
+def complete_lineage(
+    cfg: Config, run, project_dir: str | Path = ".", extra_tags: Mapping[str, str] | None = None
+) -> None:
+    """Everything the pipeline's outputs tell about `run` (a mrpo.tracking.tracker.Tracker) once they exist;
+    idempotent: params and metrics already on the run stay (MLflow params are immutable). Nothing for a
+    NullTracker (no run recorded)."""
+    if not run:
+        return
+    root = Path(project_dir).resolve()
+    current = run.client.get_run(run.run_id).data
+    dvc = dvc_outputs(root)
+    run.set_tags({**lineage_tags(cfg, root, "mrpo.git_commit" in current.tags), **dvc.get("tags", {})})
+    run.set_tags(extra_tags or {})
+    if dvc:
+        run.log_dict({"outputs": dvc["outputs"]}, DVC_OUTPUTS_FILE)
+    run.log_params(run_params(cfg))  # every params.yaml value a run from before the train stage logged them
     # downstream scores under the names evaluate logs them by, unless it already did (e.g. no run was open)
-    have = set(current.data.metrics)
-    now = int(time.time() * 1000)
-    missing = [
-        Metric(metric_name(k), v, now, 0) for k, v in eval_metrics.items() if metric_name(k) not in have
-    ]
-    if missing:
-        client.log_batch(run.run_id, metrics=missing)
+    eval_metrics = _flat_numbers(_read_json(root / cfg.evaluate.metrics_file))
+    run.log_metrics({k: v for k, v in eval_metrics.items() if metric_name(k) not in current.metrics})
+    record_artifacts(cfg, run, root)
+    log.info("lineage recorded on MLflow run %s (%s)", run.run_id, run.run.tracking_uri)
 
+
+def record_artifacts(cfg: Config, run, root: Path) -> None:
+    """The curves, the metrics files, params.yaml / dvc.yaml / dvc.lock, the data report, lm-eval results."""
     record_training_outputs(cfg, run, root)
     if (root / cfg.evaluate.metrics_file).is_file():
-        client.log_artifact(run.run_id, str(root / cfg.evaluate.metrics_file), "metrics")
+        run.log_artifact(root / cfg.evaluate.metrics_file, "metrics")
     for name in ("params.yaml", "dvc.yaml", "dvc.lock"):
         if (root / name).is_file():
-            client.log_artifact(run.run_id, str(root / name), "lineage")
+            run.log_artifact(root / name, "lineage")
     report = root / cfg.data.output_dir / "report.json"
     if report.is_file():
-        client.log_artifact(run.run_id, str(report), "data")
+        run.log_artifact(report, "data")
     results = root / cfg.evaluate.results_dir
     if results.is_dir() and any(results.iterdir()):
-        client.log_artifacts(run.run_id, str(results), "lm_eval")
-    log.info("lineage recorded on MLflow run %s (%s)", run.run_id, run.tracking_uri)
+        run.log_artifacts(results, "lm_eval")
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m mrpo.tracking.lineage [params.yaml]`: complete the lineage of the run the train stage
-    recorded, e.g.
-    after `dvc repro` has written the final dvc.lock."""
+    recorded, e.g. after `dvc repro` has written the final dvc.lock."""
     import sys
 
     from mrpo.config.load import load_config
     from mrpo.runtime import setup_logging
-    from mrpo.tracking.tracker import RUN_RECORD, read_run_record
+    from mrpo.tracking.store import RUN_RECORD, read_run_record
+    from mrpo.tracking.tracker import Tracker
 
     args = sys.argv[1:] if argv is None else argv
     setup_logging()
     cfg = load_config(args[0] if args else "params.yaml")
-    run = read_run_record(cfg.train.output_dir)
-    if run is None:
+    record = read_run_record(cfg.train.output_dir)
+    if record is None:
         print(f"{Path(cfg.train.output_dir) / RUN_RECORD}: no MLflow run recorded; run `mrpo train` first")
         return 2
-    complete_lineage(cfg, run, ".")
-    print(f"lineage recorded on MLflow run {run.run_id}")
+    complete_lineage(cfg, Tracker(record), ".")
+    print(f"lineage recorded on MLflow run {record.run_id}")
     return 0
 
 

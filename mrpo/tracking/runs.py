@@ -1,37 +1,67 @@
-"""`mrpo runs`: a comparison table of existing MLflow runs, filtered by experiment and tags, in the terminal.
+"""`mrpo runs`: existing MLflow runs of every kind side by side in the terminal, filtered by experiment and
+tags, in 120 columns by default.
 
-Any set of runs can be compared this way, not only a sweep's: pipeline runs, sweep members, comparison
-members, diagnostics runs. Columns are a few key params (what was trained) and the scores that the
-runs report; `--metric` and `--param` add columns, `--sort` orders the rows by a metric.
+Pipeline runs, sweep members, comparison members and diagnostics runs record the same quantities under the
+same names (mrpo.tracking.names), so each column means the same for every kind of run:
+
+  id, kind        the run's id and kind (pipeline, compare, compare-member, diagnostics, sweep); status
+                  only where a run did not finish; label: its configuration in a sweep or comparison
+  objective, strategy, refs, seed, beta
+                  what was trained: params train.objective, train.strategy (n/a for DPO), the reference
+                  set (tag mrpo.reference_set), seed, train.beta
+  pairs           training pairs actually trained on (metric train_pairs)
+  acc_vs_anchor   held-out (test split) reward accuracy against the anchor (pref/reward_accuracy_vs_anchor)
+  mc_acc          the policy's lm-eval multiple-choice accuracy (policy/mrpo_facts_mc/acc)
+  loss            mean training loss (metric train_loss)
+  run             the run's name, in the characters the other columns leave
+
+A dash: the run does not have that value (a pipeline run before evaluate has no acc_vs_anchor). `--metric`
+and `--param` add columns, `--sort` orders the rows by a metric (best first), `--width 0` never shortens.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from mrpo.errors import ConfigError
+from mrpo.tracking import names
 
-# What a run is: the first of these params it has, per column.
-KEY_PARAMS = {
-    "objective": ("train.objective",),
-    "strategy": ("train.strategy",),
-    "refs": ("reference_set.names", "train.references"),
-    "seed": ("seed",),
-    "beta": ("train.beta",),
-    "pairs": ("compare.train_pairs",),
+WIDTH = 120
+
+
+def _param(key: str) -> Callable[[Any], Any]:
+    return lambda run: run.data.params.get(key)
+
+
+def _tag(key: str) -> Callable[[Any], Any]:
+    return lambda run: run.data.tags.get(key)
+
+
+def _metric(key: str) -> Callable[[Any], Any]:
+    return lambda run: run.data.metrics.get(key)
+
+
+# header -> where every kind of run keeps it; `status` only where a run did not finish, `run` last: it gets
+# the characters the others leave (the id names the run as well)
+COLUMNS: dict[str, Callable[[Any], Any]] = {
+    "id": lambda run: run.info.run_id[:8],
+    "kind": _tag(names.KIND),
+    "status": lambda run: None if run.info.status == "FINISHED" else run.info.status,
+    "label": _tag("mrpo.sweep_label"),
+    "objective": _param("train.objective"),
+    "strategy": _param("train.strategy"),
+    "refs": _tag(names.REFERENCE_SET),
+    "seed": _param("seed"),
+    "beta": _param("train.beta"),
+    "pairs": _metric(names.TRAIN_PAIRS),
+    "acc_vs_anchor": _metric(names.ACCURACY_VS_ANCHOR),
+    "mc_acc": _metric("policy/mrpo_facts_mc/acc"),
+    "loss": _metric(names.TRAIN_LOSS),
+    "run": lambda run: run.info.run_name or None,
 }
-# Scores shown when runs report them, in this order (train stage `final/...`, evaluate stage, mrpo compare).
-KEY_METRICS = (
-    "compare/test_reward_accuracy_vs_anchor",
-    "pref/reward_accuracy_vs_anchor",
-    "final/test_reward_accuracy_after",
-    "final/val_reward_accuracy_after",
-    "policy/mrpo_facts_mc/acc",
-    "policy/mrpo_facts_gen/exact_match/first-value",
-    "final/final_loss",
-)
+SHORTENED = ("run", "label", "refs")  # free text, shortened in this order to fit (a column under 8 goes)
 
 
 def tag_filter(tags: Mapping[str, str]) -> str:
@@ -59,22 +89,12 @@ def parse_tags(pairs: Sequence[str]) -> dict[str, str]:
 def run_rows(
     runs: Sequence[Any], metrics: Sequence[str] = (), params: Sequence[str] = ()
 ) -> list[dict[str, Any]]:
-    """One dict per MLflow run: name, short id, status, the key params and the wanted `params`, the
-    metrics."""
+    """One dict per MLflow run: COLUMNS, then the wanted `params` and `metrics`."""
     rows = []
     for run in runs:
-        p, m, tags = run.data.params, run.data.metrics, run.data.tags
-        row: dict[str, Any] = {
-            "run": tags.get("mlflow.runName", ""),
-            "id": run.info.run_id[:8],
-            "status": run.info.status,
-        }
-        for column, keys in KEY_PARAMS.items():
-            row[column] = next((p[k] for k in keys if k in p), None)
-        if tags.get("mrpo.sweep_label"):
-            row["label"] = tags["mrpo.sweep_label"]
-        row.update({k: p.get(k) for k in params})
-        row.update({k: m[k] for k in (*KEY_METRICS, *metrics) if k in m})
+        row = {column: value(run) for column, value in COLUMNS.items()}
+        row.update({k: run.data.params.get(k) for k in params})
+        row.update({k: run.data.metrics.get(k) for k in metrics})
         rows.append(row)
     return rows
 
@@ -82,25 +102,54 @@ def run_rows(
 def columns_of(
     rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = (), params: Sequence[str] = ()
 ) -> list[str]:
-    """The columns some row fills: identity, key params, asked-for params, then metrics in KEY_METRICS
-    order."""
-    wanted = ["run", "id", "status", "label", *KEY_PARAMS, *params, *KEY_METRICS, *metrics]
+    """The columns some row fills, in COLUMNS order, then the asked-for params and metrics."""
+    wanted = [*COLUMNS, *params, *metrics]
     return [c for c in dict.fromkeys(wanted) if any(r.get(c) is not None for r in rows)]
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """A fixed-width text table; floats to 4 decimals, a dash where a run lacks a value."""
+def cell(value: Any) -> str:
+    """Floats to 4 decimals (whole numbers as integers), a dash where a run lacks a value."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) >= 1 else f"{value:.4f}"
+    return str(value)
 
-    def cell(v: Any) -> str:
-        if v is None or (isinstance(v, float) and not math.isfinite(v)):
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.4f}"
-        return str(v)
 
-    body = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
-    line = lambda cells: "  ".join(x.ljust(w) for x, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def fit(columns: list[str], widths: list[int], width: int) -> tuple[list[str], list[int]]:
+    """Columns and their widths within `width` characters (0: no limit): the free-text columns (SHORTENED)
+    give up characters first, a column that would be narrower than 8 goes; then columns go from the right."""
+    columns, widths = list(columns), list(widths)
+
+    def excess() -> int:
+        return sum(widths) + 2 * (len(widths) - 1) - width
+
+    for name in SHORTENED if width else ():
+        if name in columns and excess() > 0:
+            i = columns.index(name)
+            if widths[i] - excess() < max(8, len(name)):
+                del columns[i], widths[i]
+            else:
+                widths[i] -= excess()
+    while width and excess() > 0 and len(columns) > 1:
+        columns.pop(), widths.pop()
+    return columns, widths
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], width: int = WIDTH) -> str:
+    """A fixed-width text table at most `width` characters wide (0: no limit; see `fit`)."""
+    cells = [{c: cell(r.get(c)) for c in columns} for r in rows]
+    full = [max(len(c), *(len(b[c]) for b in cells)) if cells else len(c) for c in columns]
+    columns, widths = fit(list(columns), full, width)
+    body = [[_shorten(b[c], w) for c, w in zip(columns, widths, strict=True)] for b in cells]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(x.ljust(w) for x, w in zip(values, widths, strict=True)).rstrip()
+
     return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, body)]) + "\n"
 
 
@@ -114,9 +163,9 @@ def search(
 ) -> list[Any]:
     """The runs of `experiment` in the store at `uri` with every tag in `tags` and matching
     `filter_string`."""
-    from mlflow import MlflowClient
+    from mrpo.tracking.store import client_for
 
-    client = MlflowClient(tracking_uri=uri)
+    client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         known = [e.name for e in client.search_experiments()]
@@ -137,11 +186,12 @@ def runs_table(
     params: Sequence[str] = (),
     sort: str | None = None,
     max_results: int = 200,
+    width: int = WIDTH,
 ) -> str:
-    """The text table `mrpo runs` prints."""
+    """The text table `mrpo runs` prints, at most `width` characters wide (0: no limit)."""
     runs = search(uri, experiment, tags, filter_string, sort, max_results)
     if not runs:
         wanted = tag_filter(tags or {}) or filter_string or "(all)"
         return f"no runs in experiment {experiment!r} match {wanted}\n"
     rows = run_rows(runs, metrics, params)
-    return format_table(rows, columns_of(rows, metrics, params))
+    return format_table(rows, columns_of(rows, metrics, params), width)

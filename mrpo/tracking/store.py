@@ -1,0 +1,103 @@
+"""Where runs are stored and how a run is found again from another stage or process.
+
+`MLFLOW_TRACKING_URI` wins, then `tracking.tracking_uri` in params.yaml, else
+`sqlite:///<project>/mlflow.db` with artifacts under `<project>/mlruns`. The train stage records its run in
+`<train.output_dir>/mlflow_run.json`; evaluate, the lineage and the flows reopen the same run from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mrpo.config.schema import Config
+
+RUN_RECORD = "mlflow_run.json"
+PARENT_RUN_ENV = "MRPO_PARENT_RUN_ID"  # set by the sweep flow: new runs nest under that MLflow run
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """Where one MLflow run lives: enough to reopen it from another stage or process."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+
+def tracking_uri(cfg: Config, project_dir: str | Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else params.yaml `tracking.tracking_uri`, else a sqlite store in the project."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    root = Path(project_dir or Path.cwd()).resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts next to a sqlite store (in mlruns/, which git ignores); other stores choose their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
+    return None
+
+
+def client_for(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(client, name: str, uri: str) -> str:
+    """The id of experiment `name`, created (with artifacts beside a local store) when it does not exist."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root(uri))
+
+
+def write_run_record(directory: str | Path, run: PipelineRun) -> Path:
+    path = Path(directory) / RUN_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(run), indent=2) + "\n")
+    return path
+
+
+def read_run_record(directory: str | Path) -> PipelineRun | None:
+    path = Path(directory) / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        return PipelineRun(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            f"{path}: not a valid MLflow run record ({exc}); delete it and re-run `mrpo train`"
+        ) from exc
+
+
+@contextlib.contextmanager
+def fluent_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at `uri` for the `with` block, then exactly as before.
+
+    `mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in os.environ (for subprocesses), which
+    `tracking_uri` reads first: restoring with `set_tracking_uri(mlflow.get_tracking_uri())` would leave every
+    later run of this process in that store (or in the default one), so restore the setting and the variable.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_setting, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_setting)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
