@@ -38,7 +38,8 @@ from mrpo.config.load import load_config
 from mrpo.config.schema import ReferenceConfig
 from mrpo.modeling.models import load_model
 from mrpo.runtime import seed_everything, setup_logging
-from mrpo.training.setup import build_trainer, policy_from_state_dict, prepare_training, save_policy
+from mrpo.training.policy import policy_from_state_dict, save_policy
+from mrpo.training.setup import build_trainer, prepare_training
 
 GLOBAL_BATCH = 8
 

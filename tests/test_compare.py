@@ -88,7 +88,7 @@ def test_a_small_comparison_end_to_end(scored, tmp_path):
     from mrpo.runtime import resolve_device
     from mrpo.stages.compare import policy_logps, report, run_all, start
     from mrpo.tracking.runs import runs_table
-    from mrpo.training.setup import load_policy
+    from mrpo.training.policy import load_policy
 
     cfg = config(scored, tmp_path)
     cfg = dataclasses.replace(

@@ -812,7 +812,7 @@ def test_policy_dropout_is_off_by_default(scored, tmp_path):
     from mrpo.data.tokenization import encode_response
     from mrpo.modeling.logprobs import collate_responses, response_logps
     from mrpo.modeling.models import load_tokenizer
-    from mrpo.training.setup import load_policy
+    from mrpo.training.policy import load_policy
 
     cfg = config(scored, tmp_path)
     with_dropout = shutil.copytree(cfg.reference("gpt2_char").model, tmp_path / "gpt2_dropout")

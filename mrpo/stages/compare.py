@@ -318,7 +318,8 @@ def _train_member(comparison: Comparison, mcfg: Config, member: Member):
 
     from mrpo.core.weighting import make_strategy
     from mrpo.runtime import resolve_device, seed_everything
-    from mrpo.training.setup import TrainingSetup, build_trainer, load_policy
+    from mrpo.training.policy import load_policy
+    from mrpo.training.setup import TrainingSetup, build_trainer
 
     ds, refs, t = comparison.datasets, list(member.references), mcfg.train
     train = draw_pairs(select_references(ds["train"], refs), mcfg.compare.train_pairs, member.seed)
@@ -362,7 +363,7 @@ def _lm_eval_member(comparison: Comparison, mcfg: Config, model) -> dict[str, fl
     policy."""
     from mrpo.evaluation.lmeval import EvalSettings, flatten_results, lm_eval_model_args, run_lm_eval
     from mrpo.evaluation.preference import policy_reference
-    from mrpo.training.setup import save_policy
+    from mrpo.training.policy import save_policy
 
     save_policy(model, comparison.tokenizer, Path(mcfg.train.output_dir), merge_lora=True)
     settings = dataclasses.replace(EvalSettings.from_config(mcfg), limit=mcfg.compare.lm_eval_limit)

@@ -35,19 +35,16 @@ from mrpo.reporting.plots import (
 from mrpo.reporting.records import TRAIN_RECORD
 from mrpo.runtime import seed_everything
 from mrpo.training.checkpoints import RunState, resume_point, write_run_state
+from mrpo.training.policy import check_finite_weights, is_main_process, save_policy, trained_policy
 from mrpo.training.setup import (
     _TIMING_SUFFIXES,
     TrainingSetup,
-    _is_main_process,
     build_trainer,
-    check_finite_weights,
     evaluate_before_training,
     flat_eval_metrics,
     format_weights,
     prepare_training,
-    save_policy,
     static_weights,
-    trained_policy,
 )
 from mrpo.training.trainer import MRPOTrainer, mean_training_loss
 
@@ -142,7 +139,7 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
     seed_everything(cfg.seed)
     setup = prepare_training(cfg)
     checkpoint_dir = Path(t.checkpoint_dir)
-    main = _is_main_process()
+    main = is_main_process()
     start = resume_point(
         checkpoint_dir, setup.fingerprint, clean=main
     )  # ranks of one job share the directory

@@ -11,7 +11,6 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +23,9 @@ from mrpo.data.prepared import SPLITS, read_split
 from mrpo.data.scorefile import load_reference_scores
 from mrpo.errors import ScoreDataError, TrainingError
 from mrpo.runtime import resolve_device
+from mrpo.training.policy import (
+    load_policy,
+)
 from mrpo.training.trainer import MRPOTrainer
 
 log = logging.getLogger("mrpo")
@@ -43,86 +45,6 @@ def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
     """`train.warmup_ratio` of the run in whole steps
     (Trainer reads a float >= 1 as a step count, so 1.0 would be one step)."""
     return math.ceil(warmup_ratio * total_steps)
-
-
-def check_finite_weights(model, out_dir: str | Path) -> None:
-    """Refuse to save a policy with a NaN or infinite weight: it would replace a good one."""
-    for name, param in model.named_parameters():
-        if not torch.isfinite(param.detach()).all():
-            raise TrainingError(
-                f"the trained weights hold NaN or inf (first in {name}); not saving them, so "
-                f"{out_dir} keeps the previous policy. Lower train.learning_rate and re-run"
-            )
-
-
-def load_policy(cfg: Config, device: torch.device):
-    """The anchor as a trainable causal LM: full fine-tuning, or a LoRA adapter on it (peft)."""
-    from mrpo.modeling.models import disable_dropout, load_model
-
-    # fp32 master weights; on CUDA the Trainer runs the forward in bf16 autocast.
-    model = load_model(cfg.anchor, device="cpu", dtype=torch.float32)
-    if cfg.train.disable_dropout:
-        # Before LoRA wraps it: an adapter's own dropout (train.lora.dropout) is the user's explicit choice.
-        n = disable_dropout(model)
-        if n:
-            log.info("train: disabled %d dropout layer(s) of the policy (train.disable_dropout)", n)
-    model.train()
-    lora = cfg.train.lora
-    if lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        peft_cfg = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules) if lora.target_modules else None,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, peft_cfg)
-        if cfg.train.gradient_checkpointing:
-            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-        trainable, total = model.get_nb_trainable_parameters()
-        log.info(
-            "train: LoRA r=%d on %s: %d of %d parameters trainable",
-            lora.r,
-            sorted(model.peft_config["default"].target_modules),
-            trainable,
-            total,
-        )
-    return model
-
-
-def policy_from_state_dict(cfg: Config, state_dict: dict[str, torch.Tensor]):
-    """A fresh, plain copy of the policy (LoRA-wrapped when configured) holding `state_dict`: how a policy
-    whose parameters were sharded (FSDP) becomes one model again, to merge and save."""
-    model = load_policy(cfg, torch.device("cpu"))
-    model.load_state_dict(state_dict, strict=True)
-    return model
-
-
-def trained_policy(cfg: Config, trainer):
-    """The trained policy as one plain model on the main process (None on the others when sharded).
-
-    Under FSDP or DeepSpeed ZeRO-3 every rank holds a shard of each parameter, so this is a collective that
-    every rank calls: accelerate gathers the full state dict on rank 0, which loads it into a fresh copy.
-    Otherwise (one process, DDP) the model is whole on every rank already.
-    """
-    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
-    if not sharded:
-        return trainer.model
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)
-    return policy_from_state_dict(cfg, state_dict) if _is_main_process() else None
-
-
-def save_policy(model, tokenizer, out_dir: Path, *, merge_lora: bool) -> None:
-    """safetensors + tokenizer; a LoRA policy is merged into plain weights when `merge_lora`,
-    else saved as an adapter."""
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel) and merge_lora:
-        model = model.merge_and_unload()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
 
 
 # transformers renamed TrainingArguments.gradient_checkpointing to activation_checkpointing after 5.17
@@ -190,10 +112,6 @@ def scoring_precision(anchor_meta: dict | None, cfg: Config) -> torch.dtype:
     return getattr(torch, recorded)
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -224,37 +142,10 @@ def prepare_training(cfg: Config) -> TrainingSetup:
     digest = prepared_digest(cfg.data.output_dir)
     scores = load_reference_scores(cfg.score.output_dir, names, digest)
     anchor_meta = next((s.metadata for s in scores if s.name == cfg.anchor.name), None)
-    if anchor_meta is not None and anchor_meta.get("max_length") not in (None, t.max_length):
-        log.warning(
-            "train: train.max_length=%d differs from the anchor's scoring max_length=%s; "
-            "pairs cut differently will not start at zero implicit reward",
-            t.max_length,
-            anchor_meta.get("max_length"),
-        )
-
     precision = scoring_precision(anchor_meta, cfg)
-    if anchor_meta is not None and precision != torch.float32 and "weights_dtype" not in anchor_meta:
-        log.warning(
-            "train: the anchor was scored in pure %s weights by an earlier mrpo; "
-            "the policy's forward (fp32 weights, autocast) differs slightly, "
-            "so step-0 rewards are not 0: re-run `mrpo score --reference %s`",
-            str(precision).removeprefix("torch."),
-            cfg.anchor.name,
-        )
+    _warn_if_scored_differently(cfg, anchor_meta, precision)
     tokenizer = load_tokenizer(cfg.anchor)
-    datasets: dict[str, PreferenceDataset] = {}
-    for split in SPLITS:
-        pairs = read_split(cfg.data.output_dir, split)
-        datasets[split] = build_preference_dataset(
-            pairs, split, scores, tokenizer, max_length=t.max_length, chat_template=cfg.anchor.chat_template
-        )
-    if len(datasets["train"]) == 0:
-        raise TrainingError(
-            f"{cfg.data.output_dir}/train.parquet: no trainable pairs: "
-            f"{datasets['train'].skipped_summary()}; raise score.max_length and train.max_length "
-            f"(now {cfg.score.max_length} and {t.max_length}) or lower "
-            "data.max_chars, then re-run"
-        )
+    datasets = _tokenized_splits(cfg, scores, tokenizer)
     log.info(
         "train: objective %s, references %s, strategy %s; "
         "pairs train %d / val %d / test %d (skipped %d / %d / %d)",
@@ -277,6 +168,46 @@ def prepare_training(cfg: Config) -> TrainingSetup:
     log.info("train: %s", describe_strategy_weights(strategy, names))
     fingerprint = training_fingerprint(cfg, {s.name: s.sha256 for s in scores}, digest)
     return TrainingSetup(names, scores, digest, tokenizer, datasets, strategy, fingerprint, precision)
+
+
+def _warn_if_scored_differently(cfg: Config, anchor_meta: dict | None, precision: torch.dtype) -> None:
+    """Why step 0 would not start at zero implicit reward: the anchor was scored with another max_length or,
+    by an earlier mrpo, in pure low-precision weights."""
+    t = cfg.train
+    if anchor_meta is not None and anchor_meta.get("max_length") not in (None, t.max_length):
+        log.warning(
+            "train: train.max_length=%d differs from the anchor's scoring max_length=%s; "
+            "pairs cut differently will not start at zero implicit reward",
+            t.max_length,
+            anchor_meta.get("max_length"),
+        )
+    if anchor_meta is not None and precision != torch.float32 and "weights_dtype" not in anchor_meta:
+        log.warning(
+            "train: the anchor was scored in pure %s weights by an earlier mrpo; "
+            "the policy's forward (fp32 weights, autocast) differs slightly, "
+            "so step-0 rewards are not 0: re-run `mrpo score --reference %s`",
+            str(precision).removeprefix("torch."),
+            cfg.anchor.name,
+        )
+
+
+def _tokenized_splits(cfg: Config, scores, tokenizer) -> dict[str, PreferenceDataset]:
+    """Every prepared split joined with its stored scores and tokenized; refused when nothing can train."""
+    t = cfg.train
+    datasets: dict[str, PreferenceDataset] = {}
+    for split in SPLITS:
+        pairs = read_split(cfg.data.output_dir, split)
+        datasets[split] = build_preference_dataset(
+            pairs, split, scores, tokenizer, max_length=t.max_length, chat_template=cfg.anchor.chat_template
+        )
+    if len(datasets["train"]) == 0:
+        raise TrainingError(
+            f"{cfg.data.output_dir}/train.parquet: no trainable pairs: "
+            f"{datasets['train'].skipped_summary()}; raise score.max_length and train.max_length "
+            f"(now {cfg.score.max_length} and {t.max_length}) or lower "
+            "data.max_chars, then re-run"
+        )
+    return datasets
 
 
 def build_trainer(
