@@ -280,8 +280,9 @@ def _assemble(run: ScoringRun, done: dict, settings: dict, wall: dict) -> None:
         table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}), out_path
     )
     # Timings vary run to run: kept out of the score file (whose hash decides whether train and evaluate are
-    # stale) in a small metrics file of their own. `seconds` is forward time summed over every shard (and so
-    # over ranks, and over earlier runs when resumed): the rates are per device, the wall is this run's.
+    # stale) in a small file of their own, git-ignored and no DVC output (score.metrics_dir). `seconds` is
+    # forward time summed over every shard (and so over ranks, and over earlier runs when resumed): the rates
+    # are per device, the wall is this run's.
     timings = {
         "seconds": round(totals.seconds, 3),
         "pairs_per_second": round(len(pairs) / totals.seconds, 2) if totals.seconds else None,
