@@ -41,9 +41,10 @@ def seed_everything(seed: int) -> None:
 def setup_logging(verbose: bool = False) -> None:
     if not sys.stderr.isatty():
         # Off a terminal (DVC, CI, Prefect) a progress bar is a line per update: keep the Hugging Face ones
-        # (loading and writing weights at every checkpoint) out of the logs. Read when transformers is
-        # imported.
+        # (loading and writing weights at every checkpoint; `datasets` building lm-eval's task splits) out of
+        # the logs. Read when transformers and datasets are imported.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
