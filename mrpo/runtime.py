@@ -1,4 +1,5 @@
-"""Where and in what precision a stage runs: bf16 on CUDA, fp32 on CPU unless params.yaml says otherwise."""
+"""Where and in what precision a stage runs (bf16 on CUDA, fp32 on CPU unless params.yaml says otherwise), and
+how it logs and shows progress (a bar on a terminal, a few log lines off one)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import logging
 import os
 import random
 import sys
+import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -38,11 +41,98 @@ def seed_everything(seed: int) -> None:
 def setup_logging(verbose: bool = False) -> None:
     if not sys.stderr.isatty():
         # Off a terminal (DVC, CI, Prefect) a progress bar is a line per update: keep the Hugging Face ones
-        # (loading and writing weights at every checkpoint) out of the logs. Read when transformers is
-        # imported.
+        # (loading and writing weights at every checkpoint; `datasets` building lm-eval's task splits) out of
+        # the logs. Read when transformers and datasets are imported.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+class LogProgress:
+    """tqdm's counting interface (`update`, `set_postfix_str`, iteration, `with`) as log lines, one per
+    `1 / lines` of the total and one at the end: off a terminal, a bar is one very long line."""
+
+    def __init__(self, iterable=None, *, total: int | None = None, desc: str, unit: str, lines: int = 4):
+        self.iterable = iterable
+        self.total = total if total is not None else (len(iterable) if iterable is not None else 0)
+        self.desc, self.unit, self.lines = desc, unit, max(1, lines)
+        self.n, self.postfix, self.closed = 0, "", False
+        self.start = time.perf_counter()
+        self.next_report = self._step()
+
+    def _step(self) -> float:
+        return self.total / self.lines if self.total else float("inf")
+
+    def _report(self) -> None:
+        seconds = time.perf_counter() - self.start
+        share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        postfix = f", {self.postfix}" if self.postfix else ""
+        n, total = self.n, self.total
+        log.info("%s: %d/%d %s%s in %.1fs%s", self.desc, n, total, self.unit, share, seconds, postfix)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n >= self.next_report and self.n < self.total:
+            self._report()
+            while self.next_report <= self.n:
+                self.next_report += self._step()
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = s
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._report()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str, unit: str, tty: bool | None = None):
+    """The progress of a stage's loop: a tqdm bar on a terminal; off one (DVC, CI, Prefect logs) a few log
+    lines (LogProgress). Used by every stage that shows progress, so they all read alike."""
+    if tty if tty is not None else on_terminal():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True)
+    return LogProgress(iterable, total=total, desc=desc, unit=unit)
+
+
+@contextmanager
+def library_bars_off(*modules):
+    """Off a terminal, the `tqdm` bars of these library modules (lm-eval's) disabled for the block: each
+    would be one long line of carriage returns in the logs. On a terminal nothing changes."""
+    if on_terminal():
+        yield
+        return
+    saved = [(m, m.tqdm) for m in modules if hasattr(m, "tqdm")]
+
+    def quiet(bar):
+        return lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
+
+    for module, bar in saved:
+        module.tqdm = quiet(bar)
+    try:
+        yield
+    finally:
+        for module, bar in saved:
+            module.tqdm = bar

@@ -149,13 +149,16 @@ def test_stage_writes_metrics_plots_report_and_an_mlflow_run(project):
     import pandas as pd
     from mlflow import MlflowClient
 
+    from mrpo.reporting.diagnostics import full_metrics
     from mrpo.stages.diagnose import diagnose
 
     cfg = project["cfg"]
     d = diagnose(cfg)
     assert d.pairs == 4 and d.skipped == project["val"] - 4
 
-    metrics = json.loads(open(cfg.diagnose.metrics_file).read())
+    # the DVC metric: one number per reference (`dvc metrics show` fits a terminal); the rest: full_metrics
+    assert json.loads(open(cfg.diagnose.metrics_file).read()) == {"accuracy": {"a": 0.5, "b": 0.5, "c": 0.75}}
+    metrics = full_metrics(d)
     assert metrics["pairs"] == 4 and metrics["split"] == "val"
     refs = metrics["references"]
     assert [refs[n]["preference_accuracy"] for n in NAMES] == [0.5, 0.5, 0.75]

@@ -18,8 +18,8 @@ from typing import Any
 from mrpo.config.schema import Config, ConfigError, ReferenceConfig
 from mrpo.evaluation.lmeval_tasks import TASKS_DIR, PlannedTask
 from mrpo.io import file_sha256, write_text_atomically
-from mrpo.runtime import resolve_device, resolve_dtype
-from mrpo.tracking.names import metric_name  # noqa: F401  (also the name evaluate imports from here)
+from mrpo.runtime import library_bars_off, resolve_device, resolve_dtype
+from mrpo.tracking.names import metric_name
 
 log = logging.getLogger("mrpo")
 
@@ -112,6 +112,10 @@ def run_lm_eval(
     (as scoring and training do) and torch's default otherwise.
     """
     import lm_eval
+    import lm_eval.api.metrics
+    import lm_eval.api.model
+    import lm_eval.api.task
+    import lm_eval.models.huggingface
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -138,7 +142,9 @@ def run_lm_eval(
         ) from exc
     if threads is None:
         threads = cpu_threads_for(lm.model, settings.device)
-    with torch_threads(threads):
+    bars = (lm_eval.api.task, lm_eval.api.model, lm_eval.api.metrics, lm_eval.models.huggingface)
+    log.info("lm-eval: %s on %s", ", ".join(t.name for t in tasks), model_args["pretrained"])
+    with torch_threads(threads), library_bars_off(*bars):
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=[t.spec for t in tasks],
@@ -153,7 +159,47 @@ def run_lm_eval(
     del lm
     if results is None:  # only non-zero ranks of a distributed run get None
         raise RuntimeError("lm_eval.simple_evaluate returned no results (not the main process?)")
-    return json.loads(json.dumps(results, default=_lm_eval_jsonable))
+    results = json.loads(json.dumps(results, default=_lm_eval_jsonable))
+    for line in task_lines(results):
+        log.info("lm-eval: %s", line)
+    return results
+
+
+# What lm-eval adds that differs run to run or machine to machine. Dropped from the results evaluate writes:
+# they are a DVC output, the same bytes for the same policy or dvc.lock changes on every run.
+_VOLATILE_KEYS = frozenset(
+    {"date", "start_time", "end_time", "total_evaluation_time_seconds", "git_hash", "upper_git_hash"}
+    | {"pretty_env_info"}
+)
+
+
+def reproducible(results: Mapping[str, Any], project_dir: str | Path = ".") -> dict[str, Any]:
+    """lm-eval's results without its timestamps, git and machine details, and with paths inside the project
+    relative to it (a clone elsewhere writes the same bytes)."""
+    prefix = str(Path(project_dir).resolve()) + "/"
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value.replace(prefix, "") if isinstance(value, str) else value
+
+    return {k: clean(v) for k, v in results.items() if k not in _VOLATILE_KEYS}
+
+
+def task_lines(results: Mapping[str, Any]) -> list[str]:
+    """One line per task of lm-eval's results: its scores and how many documents they are over."""
+    lines = []
+    for task, values in results.get("results", {}).items():
+        scores = ", ".join(
+            f"{k.split(',')[0]} {v:.3f}"
+            for k, v in values.items()
+            if k not in _RESULT_INFO_KEYS and "_stderr" not in k and isinstance(v, int | float)
+        )
+        n = results.get("n-samples", {}).get(task, {}).get("effective")
+        lines.append(f"{task}: {scores}" + (f" ({n} documents)" if n is not None else ""))
+    return lines
 
 
 def _lm_eval_jsonable(value: Any) -> Any:

@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mrpo.config.schema import Config, ReferenceConfig
 from mrpo.core.metrics import reward_accuracy
@@ -17,7 +16,7 @@ from mrpo.errors import ScoreDataError
 from mrpo.evaluation.lmeval import (
     EvalSettings,
 )
-from mrpo.runtime import resolve_dtype
+from mrpo.runtime import progress, resolve_dtype
 
 
 def preference_metrics(
@@ -117,7 +116,7 @@ def policy_preference_metrics(
     # Scored exactly as `mrpo score` scores the anchor, so a policy equal to the anchor has margin 0.
     encoded = chosen + rejected
     with (
-        tqdm(total=len(encoded), desc="policy log-probs (test)", unit="seq", dynamic_ncols=True) as progress,
+        progress(total=len(encoded), desc="policy log-probs (test)", unit="seq") as bar,
         torch_threads(cpu_threads_for(model, settings.device)),
     ):
         logps, _ = score_sequences(
@@ -126,7 +125,7 @@ def policy_preference_metrics(
             tokenizer.pad_token_id,
             cfg.score.batch_tokens,
             torch.device(settings.device),
-            progress,
+            bar,
             precision=precision,
         )
     pi_w = torch.from_numpy(logps[: len(chosen)])

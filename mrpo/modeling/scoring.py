@@ -6,15 +6,20 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from mrpo.data.shards import ScoringError, ShardStats, shard_table
 from mrpo.data.tokenization import EncodedResponse, encode_response, render_prompt
 from mrpo.modeling.logprobs import collate_responses, forward_precision, response_logps
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from mrpo.runtime import LogProgress
 
 
 def plan_batches(
@@ -72,7 +77,7 @@ def score_sequences(
     pad_token_id: int,
     batch_tokens: int,
     device: torch.device,
-    progress: tqdm | None = None,
+    progress: tqdm | LogProgress | None = None,  # mrpo.runtime.progress
     padding_side: str = "right",
     precision: torch.dtype = torch.float32,
 ) -> tuple[np.ndarray, ShardStats]:

@@ -169,7 +169,14 @@ def _num(x: float) -> float | None:
 
 
 def metrics_dict(d: Diagnostics) -> dict[str, Any]:
-    """The metrics JSON: per reference, per pair of references, per strategy (DVC flattens the nesting)."""
+    """The metrics JSON (`dvc metrics show`): each reference's preference accuracy, the question "which
+    references are worth using" in one number each. The rest is in the report, the CSV and the MLflow run:
+    `dvc metrics show` prints every metrics file's keys as columns of one table, which must fit a terminal."""
+    return {"accuracy": {name: _num(d.accuracy[k]) for k, name in enumerate(d.names)}}
+
+
+def full_metrics(d: Diagnostics) -> dict[str, Any]:
+    """Everything numeric: per reference, per pair of references, per strategy (the MLflow run's metrics)."""
     refs = {
         name: {
             "preference_accuracy": _num(d.accuracy[k]),
@@ -305,7 +312,7 @@ def plot_diagnostics(d: Diagnostics, path: str | Path) -> None:
 def flat_metrics(d: Diagnostics) -> dict[str, float]:
     """`diagnose/<reference>/<metric>`, `diagnose/weight/<strategy>/<reference>`: the finite numbers, for
     MLflow."""
-    m = metrics_dict(d)
+    m = full_metrics(d)
     out = {f"diagnose/{n}/{k}": v for n, vals in m["references"].items() for k, v in vals.items()}
     out.update(
         {f"diagnose/{p}/{k}": v for p, vals in m["pairs_of_references"].items() for k, v in vals.items()}

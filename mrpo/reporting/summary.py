@@ -91,10 +91,18 @@ def mlflow_run_url(run: Any) -> str:
     return f"{base}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
 
 
+def run_lines(run: Any | None) -> list[str]:
+    """What only the terminal gets: this run's id and page (they differ run to run: not in the markdown)."""
+    if run is None:
+        return []
+    return [f"MLflow run of this policy: {run.run_id}", f"  {mlflow_run_url(run)}"]
+
+
 def summary_markdown(
     cfg: Config, train_metrics: dict, eval_metrics: dict, run: Any | None, project_dir: Path
 ) -> str:
-    """The summary as markdown; `run` is the MLflow run recorded with the policy (or None)."""
+    """The summary as markdown; `run` is the MLflow run recorded with the policy (or None). The markdown is
+    a tracked DVC output, so it names nothing that differs run to run (the run id: `run_lines`)."""
     t = cfg.train
     refs = [r.name for r in cfg.training_references()]
     lines = ["# MRPO pipeline summary", ""]
@@ -127,11 +135,11 @@ def summary_markdown(
             "",
         ]
 
-    lines.append(f"Policy: `{t.output_dir}`" + (f" (MLflow run `{run.run_id}`)" if run else "") + ".")
+    lines.append(f"Policy: `{t.output_dir}`" + (" (its MLflow run: `mrpo runs`)" if run else "") + ".")
     lines += ["", "Look further:", "", "```"]
     if run is not None:
-        lines.append(f"{mlflow_ui_command(run.tracking_uri, project_dir)}   # then open the run:")
-        lines.append(f"#   {mlflow_run_url(run)}")
+        ui = mlflow_ui_command(run.tracking_uri, project_dir)
+        lines.append(f"{ui}   # experiment '{cfg.tracking.experiment}', the run printed with this summary")
     lines += [
         "dvc plots show      # training curves and reference weights -> dvc_plots/index.html",
         "dvc metrics show    # the metrics files; `dvc metrics diff` compares with the last commit",

@@ -30,6 +30,7 @@ from mrpo.evaluation.lmeval import (
     deltas,
     flatten_results,
     lm_eval_model_args,
+    reproducible,
     run_lm_eval,
 )
 from mrpo.evaluation.lmeval_tasks import plan_tasks, write_held_out_data
@@ -129,7 +130,7 @@ def evaluate(cfg: Config) -> EvaluationReport:
         policy_results = run_lm_eval(lm_eval_model_args(policy, settings.dtype), planned, settings, chat)
         for who, results in (("policy", policy_results), ("anchor", anchor_results)):
             path = results_dir / f"{who}.json"
-            write_text_atomically(path, json.dumps(results, indent=1) + "\n")
+            write_text_atomically(path, json.dumps(reproducible(results), indent=1) + "\n")
             results_files[who] = str(path)
         anchor_flat = flatten_results(anchor_results, "anchor")
         policy_flat = flatten_results(policy_results, "policy")

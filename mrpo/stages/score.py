@@ -29,7 +29,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from mrpo.data.prepared import SPLITS, prepared_digest
 from mrpo.data.scorefile import METADATA_KEY, SCHEMA, score_metrics_path, score_path
@@ -47,7 +46,7 @@ from mrpo.modeling.models import (
 from mrpo.modeling.ranks import Ranks, barrier, from_rank0, process_group, rank_device
 from mrpo.modeling.scoring import score_pairs
 from mrpo.preflight import check_stage
-from mrpo.runtime import resolve_device, resolve_dtype
+from mrpo.runtime import progress, resolve_device, resolve_dtype
 
 log = logging.getLogger("mrpo")
 
@@ -236,13 +235,13 @@ def _compute_shards(run: ScoringRun, indices: list[int], on_shard) -> None:
     total = 2 * sum(run.shards.bounds[i][1] - run.shards.bounds[i][0] for i in indices)
     desc = f"score {ref.name}" + (f" [rank {ranks.rank}]" if ranks.world > 1 else "")
     with (
-        tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True) as progress,
+        progress(total=total, desc=desc, unit="seq") as bar,
         torch_threads(cpu_threads_for(model, device)),
     ):
         for i in indices:
             lo, hi = run.shards.bounds[i]
             table, stats = score_pairs(
-                model, tokenizer, ref, run.pairs[lo:hi], run.s, device, progress, run.padding_side, run.dtype
+                model, tokenizer, ref, run.pairs[lo:hi], run.s, device, bar, run.padding_side, run.dtype
             )
             run.shards.write(i, table, stats)
             if on_shard is not None:
@@ -281,8 +280,9 @@ def _assemble(run: ScoringRun, done: dict, settings: dict, wall: dict) -> None:
         table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}), out_path
     )
     # Timings vary run to run: kept out of the score file (whose hash decides whether train and evaluate are
-    # stale) in a small metrics file of their own. `seconds` is forward time summed over every shard (and so
-    # over ranks, and over earlier runs when resumed): the rates are per device, the wall is this run's.
+    # stale) in a small file of their own, git-ignored and no DVC output (score.metrics_dir). `seconds` is
+    # forward time summed over every shard (and so over ranks, and over earlier runs when resumed): the rates
+    # are per device, the wall is this run's.
     timings = {
         "seconds": round(totals.seconds, 3),
         "pairs_per_second": round(len(pairs) / totals.seconds, 2) if totals.seconds else None,

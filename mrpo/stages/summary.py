@@ -14,13 +14,13 @@ from pathlib import Path
 from mrpo.config.schema import Config
 from mrpo.io import write_text_atomically
 from mrpo.reporting.records import EVAL_RECORD, TRAIN_RECORD, read_record
-from mrpo.reporting.summary import summary_markdown
+from mrpo.reporting.summary import run_lines, summary_markdown
 
 log = logging.getLogger("mrpo")
 
 
 def summarize(cfg: Config, project_dir: str | Path = ".") -> str:
-    """Write `summary.file` and print it; returns the markdown."""
+    """Write `summary.file` and print it with the MLflow run's id and page; returns the markdown."""
     from mrpo.preflight import check_stage
     from mrpo.tracking.store import read_run_record
 
@@ -40,6 +40,6 @@ def summarize(cfg: Config, project_dir: str | Path = ".") -> str:
         run = None
     text = summary_markdown(cfg, train_metrics, eval_metrics, run, root)
     write_text_atomically(root / cfg.summary.file, text)
-    print(text, flush=True)
+    print("\n".join([text, *run_lines(run)]), flush=True)
     log.info("summary: written to %s", cfg.summary.file)
     return text

@@ -8,8 +8,8 @@ synthetic fact world (mrpo/data/synthetic.py): the `attributes` it learns right 
 knowledge, and so their preferences, genuinely differ. Everything is deterministic
 under `cfg.seed`; the facts are those of `cfg.seed`'s world, the data's too: building
 again with the same settings writes the same bytes. How long it took varies run to
-run, so it goes to `zoo.metrics_file` (a DVC metric), never into the zoo folder that
-the score stages depend on.
+run, so it goes to `zoo.metrics_file` (git-ignored logs/, no DVC output), never into the
+zoo folder that the score stages depend on.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from mrpo.config.schema import zoo_attention_heads
 from mrpo.data.synthetic import generate_pairs, sft_examples, total_pairs
@@ -35,6 +34,7 @@ from mrpo.modeling.logprobs import collate_responses, response_logps
 from mrpo.modeling.models import torch_threads
 from mrpo.preflight import check_stage
 from mrpo.reporting.records import ZOO_MANIFEST
+from mrpo.runtime import progress
 
 log = logging.getLogger("mrpo")
 
@@ -304,11 +304,11 @@ def zoo_workers(members: int) -> int:
 def _build_all(cfg, output_dir: Path, workers: int) -> list[dict]:
     members = list(cfg.zoo.members)
     if workers <= 1:
-        return [build_member(m, cfg.seed, output_dir) for m in tqdm(members, desc="zoo", unit="model")]
+        return [build_member(m, cfg.seed, output_dir) for m in progress(members, desc="zoo", unit="model")]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn: a fresh interpreter per worker (forking a process that has used torch's thread pool can hang).
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(build_member, m, cfg.seed, output_dir) for m in members]
-        return [f.result() for f in tqdm(futures, desc="zoo", unit="model")]
+        return [f.result() for f in progress(futures, desc="zoo", unit="model")]
