@@ -16,7 +16,7 @@ from mrpo.tracking.lineage import (  # noqa: F401  (re-exported)
     git_commit,
     reference_lineage,
 )
-from mrpo.tracking.store import RUN_RECORD, PipelineRun, client_for, read_run_record, tracking_uri
+from mrpo.tracking.store import PipelineRun, client_for, read_run_record, run_record_path, tracking_uri
 from mrpo.tracking.tracker import Tracker
 
 
@@ -35,7 +35,7 @@ def record_lineage(cfg: Config, project_dir: str | Path, run_id: str | None = No
     record = read_run(cfg, root)
     if run_id is None and record is None:
         raise FileNotFoundError(
-            f"{root / cfg.train.output_dir / RUN_RECORD}: the train stage recorded no MLflow run; "
+            f"{run_record_path(root / cfg.train.output_dir)}: the train stage recorded no MLflow run; "
             "run `dvc repro train` (or the pipeline flow) first"
         )
     if record is not None and (run_id is None or record.run_id == run_id):

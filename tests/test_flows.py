@@ -19,7 +19,7 @@ from conftest import REPO_ROOT, STAGES, clone_project, run_tool
 
 
 def record_id(project: Path) -> str:
-    return json.loads((project / "models" / "policy" / "mlflow_run.json").read_text())["run_id"]
+    return json.loads((project / "models" / "policy.mlflow_run.json").read_text())["run_id"]
 
 
 def free_port() -> int:
@@ -276,7 +276,7 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
     train = json.loads((project / "metrics" / "train.json").read_text())
     assert train["steps"] == 4
     assert (project / "models" / "policy" / "model.safetensors").is_file()
-    record = json.loads((project / "models" / "policy" / "mlflow_run.json").read_text())
+    record = json.loads((project / "models" / "policy.mlflow_run.json").read_text())
     from mlflow import MlflowClient
 
     mlflow_run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(record["run_id"])

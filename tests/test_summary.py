@@ -55,7 +55,7 @@ def test_summary_prints_and_writes_before_after_the_policy_and_how_to_look_furth
     write(project / "metrics/train.json", {"steps": 152})  # the records win over the short metrics files
     write(project / "evaluation/results/metrics.json", EVAL_RECORD)
     write(
-        project / "models/policy/mlflow_run.json",
+        project / "models/policy.mlflow_run.json",
         {"run_id": "abc123", "experiment_id": "1", "tracking_uri": f"sqlite:///{project / 'mlflow.db'}"},
     )
     assert main(["summary"]) == 0

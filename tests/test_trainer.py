@@ -47,14 +47,16 @@ def first_step_losses(cfg, steps: int = 1) -> tuple[list[dict], object]:
 # ---------------------------------------------------------------- learning and outputs
 
 
-def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
-    scored, tmp_path, monkeypatch, caplog, capfd
-):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    caplog.set_level(logging.INFO, logger="mrpo")
+@pytest.fixture(scope="module")
+def trained(scored, tmp_path_factory) -> dict:
+    """One 40-step run of the train stage, with what it logged and printed; the tests below read it."""
+    import contextlib
+    import io
+
+    tmp = tmp_path_factory.mktemp("trained")
     cfg = config(
         scored,
-        tmp_path,
+        tmp,
         **{
             "train.max_steps": 40,
             "train.batch_size": 16,
@@ -67,9 +69,38 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
             "train.save_steps": 20,
         },
     )
-    metrics = train(cfg)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("mrpo")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        try:
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                metrics = train(cfg)
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    from mrpo.tracking.store import read_run_record
 
-    # Learning works: held-out (val and test) implicit-reward accuracy rises.
+    policy = Path(cfg.train.output_dir)
+    return {
+        "cfg": cfg,
+        "metrics": metrics,
+        "messages": [r.getMessage() for r in records],
+        "printed": printed.getvalue(),
+        "policy": policy,
+        "record": read_run_record(policy),
+        "tmp": tmp,
+    }
+
+
+def test_training_raises_heldout_reward_accuracy(trained):
+    metrics, cfg = trained["metrics"], trained["cfg"]
     assert metrics["val_reward_accuracy_after"] > metrics["val_reward_accuracy_before"] + 0.1, metrics
     assert metrics["test_reward_accuracy_after"] > metrics["test_reward_accuracy_before"], metrics
     assert metrics["val_reward_margin_after"] > metrics["val_reward_margin_before"], metrics
@@ -77,17 +108,21 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
 
     on_disk = json.loads(Path(cfg.train.metrics_file).read_text())
     assert on_disk["val_reward_accuracy_after"] == pytest.approx(metrics["val_reward_accuracy_after"])
-    # the DVC metric keeps the key numbers and the final weights; the full record lies beside the policy
-    from mrpo.stages.train import METRIC_KEYS, TRAIN_RECORD
+    # the DVC metric keeps the key numbers and the final weights; the full record lies beside the policy,
+    # without what differs run to run (wall time, throughput), so the same inputs give the same bytes
+    from mrpo.stages.train import METRIC_KEYS, TIMINGS, TRAIN_RECORD
 
     assert set(on_disk) == set(METRIC_KEYS) | {f"weight/{n}" for n in REFERENCES}
     assert on_disk["weight/anchor"] == pytest.approx(1 / 3, abs=1e-6)
-    policy = Path(cfg.train.output_dir)
-    assert json.loads((policy / TRAIN_RECORD).read_text()) == pytest.approx(metrics)
+    record = json.loads((trained["policy"] / TRAIN_RECORD).read_text())
+    assert record == pytest.approx({k: v for k, v in metrics.items() if k not in TIMINGS})
+    assert metrics["runtime_s"] > 0 and not set(TIMINGS) & set(record)
 
-    # Progress in the logs is compact: a line about every 5% of the run and per evaluation, never a dict per
-    # step; the (uniform) reference weights once, readably.
-    messages = [r.getMessage() for r in caplog.records if r.name == "mrpo"]
+
+def test_training_progress_is_compact(trained):
+    """A line about every 5% of the run and per evaluation, never a dict per step; the (uniform) reference
+    weights once, readably."""
+    messages = trained["messages"]
     steps = [m for m in messages if m.startswith("train: step ") and ": loss" not in m and " val:" not in m]
     assert 10 <= len(steps) <= 21 and steps[-1].startswith("train: step 40/40  loss 0."), steps
     assert sum(" val: loss" in m for m in messages) == 2 + 2  # at steps 20 and 40, before and after
@@ -95,10 +130,16 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
     assert weight_lines == [
         "train: reference weights (uniform, fixed): anchor 0.333, gpt2_char 0.333, llama_expert 0.333"
     ]
-    printed = capfd.readouterr()
-    assert "{'loss'" not in printed.out + printed.err
+    assert "{'loss'" not in trained["printed"]
+
+
+def test_training_writes_the_policy_and_its_curves(trained):
+    cfg, metrics, policy = trained["cfg"], trained["metrics"], trained["policy"]
     assert (policy / "model.safetensors").is_file() and (policy / "tokenizer.json").is_file()
     assert not list(policy.glob("*.bin"))
+    assert sorted(p.name for p in policy.parent.glob("*.mlflow_run.json")) == [
+        f"{policy.name}.mlflow_run.json"
+    ]
 
     plots = pd.read_csv(cfg.train.plots_file)
     train_rows = plots.dropna(subset=["loss"])
@@ -110,12 +151,12 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
         "rewards/accuracy",
         "clipped_fraction",
         "learning_rate",
-        "tokens_per_second",
         "weight/anchor",
         "weight/gpt2_char",
         "weight/llama_expert",
     ):
         assert train_rows[column].notna().all(), column
+    assert "tokens_per_second" not in plots.columns  # throughput differs run to run: MLflow has it
     weights = train_rows[["weight/anchor", "weight/gpt2_char", "weight/llama_expert"]]
     assert weights.sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-5)
     assert weights.to_numpy() == pytest.approx(1 / 3, abs=1e-6)  # uniform
@@ -134,30 +175,31 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
     for png in ("loss.png", "reward_accuracy.png", "reference_weights.png"):
         assert (Path(cfg.train.plots_dir) / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
-    # The MLflow run: every param, the reference set, per-step curves; evaluate reopens the same run.
+
+def _anchor_score_sha(cfg) -> str:
+    import hashlib
+
+    return hashlib.sha256((Path(cfg.score.output_dir) / "anchor.parquet").read_bytes()).hexdigest()
+
+
+def test_the_mlflow_run_records_params_curves_and_lineage(trained):
+    """Every param, the reference set, per-step curves (one name per quantity), tags for the runs table."""
     from mlflow import MlflowClient
 
-    from mrpo.tracking.store import read_run_record
-    from mrpo.tracking.tracker import open_pipeline_run
-
-    record = read_run_record(policy)
+    cfg, metrics, policy, record = trained["cfg"], trained["metrics"], trained["policy"], trained["record"]
     client = MlflowClient(record.tracking_uri)
     run = client.get_run(record.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.objective"] == "mrpo"
     assert run.data.params["reference_set.gpt2_char.model"].endswith("gpt2_char")
     score_sha = run.data.params["reference_set.anchor.score_sha256"]
-    import hashlib
-
-    assert (
-        score_sha == hashlib.sha256((Path(cfg.score.output_dir) / "anchor.parquet").read_bytes()).hexdigest()
-    )
+    assert score_sha == _anchor_score_sha(cfg)
     curve = client.get_metric_history(record.run_id, "loss")
     assert [m.step for m in curve] == list(range(1, 41))
     assert len(client.get_metric_history(record.run_id, "weight/llama_expert")) == 40
     assert run.data.tags["mrpo.policy_dir"] == str(policy.resolve())
     listing = json.loads(
-        Path(client.download_artifacts(record.run_id, "policy.json", str(tmp_path))).read_text()
+        Path(client.download_artifacts(record.run_id, "policy.json", str(trained["tmp"]))).read_text()
     )
     assert listing["files"]["model.safetensors"] == (policy / "model.safetensors").stat().st_size
     # One name per quantity: validation is eval_* from step 0 (before training) to the last step (after), test
@@ -196,7 +238,20 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
         "plots/reference_weights.png",
         "metrics/train.json",
     } <= artifacts
-    # The Datasets column: the three prepared splits with their digests and source files.
+    artifact = client.download_artifacts(record.run_id, "reference_set.json", str(trained["tmp"]))
+    assert [r["name"] for r in json.loads(Path(artifact).read_text())["references"]] == list(REFERENCES)
+
+
+def test_the_mlflow_run_records_the_datasets_and_the_model(trained):
+    """The Datasets column: the three prepared splits with their digests and source files; the Models column:
+    the policy as a logged (external) model with its card, linked as the run's output."""
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    cfg, policy, record = trained["cfg"], trained["policy"], trained["record"]
+    client = MlflowClient(record.tracking_uri)
+    run = client.get_run(record.run_id)
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"prepared/train", "prepared/val", "prepared/test"}
     train_input = inputs["prepared/train"]
@@ -205,65 +260,47 @@ def test_training_raises_heldout_reward_accuracy_and_writes_every_output(
     assert json.loads(train_input.dataset.source)["uri"] == str(train_file.resolve())
     assert {t.key: t.value for t in train_input.tags}["mlflow.data.context"] == "training"
     assert json.loads(train_input.dataset.profile)["num_rows"] == len(pd.read_parquet(train_file))
-    # The Models column: the policy as a logged (external) model with its card, linked as the run's output.
     [output] = run.outputs.model_outputs
-    assert output.step == 40 and tags["mrpo.model_id"] == output.model_id
+    assert output.step == 40 and run.data.tags["mrpo.model_id"] == output.model_id
     model = client.get_logged_model(output.model_id)
     assert model.name == "policy" and model.source_run_id == record.run_id
     assert model.tags["mrpo.policy_dir"] == str(policy.resolve()) and model.params["train.beta"] == "0.1"
     assert {a.path for a in client.list_logged_model_artifacts(output.model_id)} >= {"MLmodel", "README.md"}
-    # The model card: anchor, references with hashes, hyperparameters, data digest, metrics, the MLflow run.
-    card = (policy / "README.md").read_text()
+
+
+def test_the_model_card_names_what_made_the_policy_and_only_what_reproduces(trained):
+    """Anchor, references with hashes, hyperparameters, data digest, metrics and the MLflow run's name; no run
+    id, tracking URI or git commit, which would make the policy directory differ on every run."""
+    from mlflow import MlflowClient
+
+    from mrpo.data.prepared import prepared_digest
+
+    cfg, metrics, record = trained["cfg"], trained["metrics"], trained["record"]
+    run_name = MlflowClient(record.tracking_uri).get_run(record.run_id).info.run_name
+    card = (trained["policy"] / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\n")
-    assert f"`{score_sha}`" in card and record.run_id in card and prepared_digest(cfg.data.output_dir) in card
+    assert f"`{_anchor_score_sha(cfg)}`" in card and prepared_digest(cfg.data.output_dir) in card
+    assert f"run `{run_name}`" in card
+    assert record.run_id not in card and record.tracking_uri not in card and "git commit `" not in card
     assert "| `train.strategy` | uniform |" in card
     val_row = (
         f"| val | reward accuracy | {metrics['val_reward_accuracy_before']:.4f} | "
         f"{metrics['val_reward_accuracy_after']:.4f} |"
     )
     assert val_row in card
-    artifact = client.download_artifacts(record.run_id, "reference_set.json", str(tmp_path))
-    assert [r["name"] for r in json.loads(Path(artifact).read_text())["references"]] == list(REFERENCES)
-    import mlflow
 
-    with open_pipeline_run(cfg) as active:
+
+def test_evaluate_reopens_the_run_that_trained_the_policy(trained):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mrpo.tracking.tracker import open_pipeline_run
+
+    record = trained["record"]
+    with open_pipeline_run(trained["cfg"]) as active:
         assert active.info.run_id == record.run_id
         mlflow.log_metric("eval_probe", 1.0)
-    assert client.get_run(record.run_id).data.metrics["eval_probe"] == 1.0
-    # MLflow's fluent calls (logged model, reopening the run) leave no MLFLOW_TRACKING_URI behind, which would
-    # send this process's later runs to that store
-    assert "MLFLOW_TRACKING_URI" not in os.environ
-
-
-@pytest.mark.parametrize(
-    ("strategy", "expected"),
-    [
-        ("uniform", "reference weights (uniform, fixed): anchor 0.333, gpt2_char 0.333, llama_expert 0.333"),
-        ("fixed", "reference weights (fixed, fixed): anchor 0.500, gpt2_char 0.250, llama_expert 0.250"),
-        ("vdw", "reference weights (vdw, fitted on the validation split): anchor "),
-        (
-            "arwc",
-            "reference weights (arwc) are set per pair from its margins; their means are logged at the end",
-        ),
-        (
-            "window",
-            "reference weights (window) are learned during training; the final ones are logged at the end",
-        ),
-    ],
-)
-def test_the_reference_weights_are_described_once_as_they_start(strategy, expected):
-    import torch
-
-    from mrpo.core.weighting import make_strategy
-    from mrpo.training.setup import describe_strategy_weights
-
-    made = make_strategy(strategy, 3, fixed_weights=[2, 1, 1] if strategy == "fixed" else None, window_size=8)
-    made.fit(torch.tensor([[1.0, 0.5, -0.2], [0.3, 0.1, 0.4], [0.8, -0.1, 0.2]], dtype=torch.float64))
-    text = describe_strategy_weights(made, list(REFERENCES))
-    assert text.startswith(expected)
-    if strategy == "vdw":  # fitted values, not uniform ones, three decimals each
-        values = [float(part.split()[-1]) for part in text.split(": ", 1)[1].split(", ")]
-        assert sum(values) == pytest.approx(1.0, abs=2e-3) and values != pytest.approx([1 / 3] * 3, abs=1e-3)
+    assert MlflowClient(record.tracking_uri).get_run(record.run_id).data.metrics["eval_probe"] == 1.0
 
 
 def test_step0_policy_logps_equal_anchor_scores(scored, tmp_path):

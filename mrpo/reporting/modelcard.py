@@ -71,20 +71,20 @@ def model_card(
     prepared_digest: str,
     pairs: Mapping[str, int],
     metrics: Mapping[str, Any],
-    run: Any | None = None,
+    tracked: bool = False,
     run_name: str | None = None,
-    git_commit: str | None = None,
 ) -> str:
     """The card's markdown. `references`: name, model, revision or content_hash, score_sha256 per training
     reference (as logged to MLflow); `pairs`: trainable pairs per split; `metrics`: metrics/train.json;
-    `run`: the mrpo.tracking.tracker.PipelineRun, when tracked."""
+    `tracked`: whether an MLflow run records it. The card is part of the policy's DVC output, so it holds only
+    what the same inputs reproduce: no run id, tracking URI or git commit (the MLflow run has those)."""
     adapter = cfg.train.lora.enabled and not cfg.train.lora.merge
     lines = [
         *_front_matter(cfg, adapter),
         *_introduction(cfg, references, run_name, adapter),
         *_hyperparameters(cfg),
         *_data_and_results(cfg, prepared_digest, pairs, metrics),
-        *_tracking(run, git_commit),
+        *_tracking(cfg, tracked, run_name),
     ]
     return "\n".join(lines) + "\n"
 
@@ -166,17 +166,15 @@ def _data_and_results(cfg: Config, prepared_digest: str, pairs, metrics) -> list
     return lines
 
 
-def _tracking(run: Any | None, git_commit: str | None) -> list[str]:
+def _tracking(cfg: Config, tracked: bool, run_name: str | None) -> list[str]:
     lines = ["", "## Tracking", ""]
-    if run is not None:
+    if tracked:
         lines.append(
-            f"MLflow run `{run.run_id}` (experiment id {run.experiment_id}) in `{run.tracking_uri}`: every "
-            "parameter, the curves, the datasets and, after `mrpo evaluate`, the benchmark scores."
+            f"MLflow experiment `{cfg.tracking.experiment}`, run `{run_name}`: every parameter, the git "
+            "commit, the curves, the datasets and, after `mrpo evaluate`, the benchmark scores (`mrpo runs`)."
         )
     else:
         lines.append("Not tracked in MLflow.")
-    if git_commit:
-        lines += ["", f"Code: git commit `{git_commit}`."]
     return lines
 
 
@@ -213,7 +211,6 @@ def push_to_hub(settings: PushToHubConfig, policy_dir: str | Path, commit_messag
             repo_type="model",
             folder_path=str(policy_dir),
             commit_message=commit_message,
-            ignore_patterns=["mlflow_run.json"],
         )
     except Exception as exc:  # auth, network, permissions: the policy itself is saved; say what to fix
         raise MRPOError(

@@ -54,6 +54,16 @@ log = logging.getLogger("mrpo")
 # ---------------------------------------------------------------- small pure pieces
 
 
+# What differs from run to run on the same inputs (wall time, throughput): on the MLflow run and in the log,
+# never in a DVC output, so reproducing the same inputs leaves dvc.lock and git unchanged.
+TIMINGS = ("runtime_s", "tokens_per_second")
+
+
+def reproducible_record(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The training record without its timings."""
+    return {k: v for k, v in metrics.items() if k not in TIMINGS}
+
+
 def plot_rows(log_history: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     """One row per step from Trainer's log history:
     training curves, with validation columns where evaluated."""
@@ -65,6 +75,7 @@ def plot_rows(log_history: list[dict[str, Any]]) -> tuple[list[str], list[dict[s
         "train_samples_per_second",
         "train_steps_per_second",
         "train_loss",
+        *TIMINGS,
     }
     for entry in log_history:
         step = int(entry.get("step", 0))
@@ -264,27 +275,24 @@ def _write_outputs(
     """The policy with its model card (swapped in whole, checked finite first), metrics and curves; then the
     MLflow record, and the upload when `train.push_to_hub` is enabled."""
     from mrpo.reporting import modelcard
-    from mrpo.tracking import lineage
 
     t = cfg.train
     out = Path(t.output_dir)
     check_finite_weights(policy, out)
-    git = lineage.git_state(".", lineage.pipeline_outputs("."))
     card = modelcard.model_card(
         cfg,
         references=references,
         prepared_digest=setup.prepared_digest,
         pairs={split: len(setup.datasets[split]) for split in SPLITS},
         metrics=metrics,
-        run=run.run,
+        tracked=bool(run),
         run_name=run.run_name,
-        git_commit=git.commit + (" (with uncommitted changes)" if git.dirty else "") if git else None,
     )
     with atomic_directory(out) as tmp:
         save_policy(policy, setup.tokenizer, tmp, merge_lora=t.lora.merge)
         write_text_atomically(Path(tmp) / modelcard.CARD, card)
-        write_json_atomically(tmp / TRAIN_RECORD, metrics)
-        run.write_record(tmp)
+        write_json_atomically(tmp / TRAIN_RECORD, reproducible_record(metrics))
+    run.write_record(out)
     write_json_atomically(t.metrics_file, metric_file_view(metrics))
     write_plots(cfg, trainer.state.log_history, metrics, trainer.reference_names)
     _record_outputs(cfg, run, metrics, trainer.state.global_step)

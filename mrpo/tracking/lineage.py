@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mrpo.config.load import load_config
     from mrpo.runtime import setup_logging
-    from mrpo.tracking.store import RUN_RECORD, read_run_record
+    from mrpo.tracking.store import read_run_record, run_record_path
     from mrpo.tracking.tracker import Tracker
 
     args = sys.argv[1:] if argv is None else argv
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args[0] if args else "params.yaml")
     record = read_run_record(cfg.train.output_dir)
     if record is None:
-        print(f"{Path(cfg.train.output_dir) / RUN_RECORD}: no MLflow run recorded; run `mrpo train` first")
+        print(f"{run_record_path(cfg.train.output_dir)}: no MLflow run recorded; run `mrpo train` first")
         return 2
     complete_lineage(cfg, Tracker(record), ".")
     print(f"lineage recorded on MLflow run {record.run_id}")

@@ -2,7 +2,7 @@
 
 `MLFLOW_TRACKING_URI` wins, then `tracking.tracking_uri` in params.yaml, else
 `sqlite:///<project>/mlflow.db` with artifacts under `<project>/mlruns`. The train stage records its run in
-`<train.output_dir>/mlflow_run.json`; evaluate, the lineage and the flows reopen the same run from it.
+`<train.output_dir>.mlflow_run.json`; evaluate, the lineage and the flows reopen the same run from it.
 """
 
 from __future__ import annotations
@@ -15,8 +15,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mrpo.config.schema import Config
+from mrpo.io import write_json_atomically
 
-RUN_RECORD = "mlflow_run.json"
+RUN_RECORD_SUFFIX = ".mlflow_run.json"
+
+
+def run_record_path(policy_dir: str | Path) -> Path:
+    """Where the MLflow run that trained `policy_dir` is recorded: beside it
+    (`models/policy.mlflow_run.json`), not inside it, so the policy directory (a DVC output) holds only what
+    the same inputs reproduce byte for byte; git ignores the record (`*.mlflow_run.json`)."""
+    policy_dir = Path(policy_dir)
+    return policy_dir.with_name(policy_dir.name + RUN_RECORD_SUFFIX)
+
+
 PARENT_RUN_ENV = "MRPO_PARENT_RUN_ID"  # set by the sweep flow: new runs nest under that MLflow run
 
 
@@ -61,15 +72,14 @@ def ensure_experiment(client, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_root(uri))
 
 
-def write_run_record(directory: str | Path, run: PipelineRun) -> Path:
-    path = Path(directory) / RUN_RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(run), indent=2) + "\n")
+def write_run_record(policy_dir: str | Path, run: PipelineRun) -> Path:
+    path = run_record_path(policy_dir)
+    write_json_atomically(path, asdict(run))
     return path
 
 
-def read_run_record(directory: str | Path) -> PipelineRun | None:
-    path = Path(directory) / RUN_RECORD
+def read_run_record(policy_dir: str | Path) -> PipelineRun | None:
+    path = run_record_path(policy_dir)
     if not path.is_file():
         return None
     try:

@@ -23,12 +23,12 @@ from mrpo.config.schema import Config
 from mrpo.tracking import names
 from mrpo.tracking.store import (
     PARENT_RUN_ENV,
-    RUN_RECORD,
     PipelineRun,
     client_for,
     ensure_experiment,
     fluent_store,
     read_run_record,
+    run_record_path,
     tracking_uri,
     write_run_record,
 )
@@ -238,7 +238,7 @@ def start_pipeline_run(cfg: Config, *, resume_run_id: str | None = None) -> Pipe
 
 
 def reopen(cfg: Config, stage: str) -> NullTracker:
-    """The run the train stage recorded in `<train.output_dir>/mlflow_run.json`, in the store it lives in
+    """The run the train stage recorded in `<train.output_dir>.mlflow_run.json`, in the store it lives in
     (a different current tracking URI gets a warning); a NullTracker, with a warning, when none was."""
     record = read_run_record(cfg.train.output_dir)
     if record is None:
@@ -258,7 +258,7 @@ def open_pipeline_run(cfg: Config) -> Iterator[Any]:
     record = read_run_record(cfg.train.output_dir)
     if record is None:
         raise FileNotFoundError(
-            f"{Path(cfg.train.output_dir) / RUN_RECORD}: no pipeline run recorded; run `mrpo train` first"
+            f"{run_record_path(cfg.train.output_dir)}: no pipeline run recorded; run `mrpo train` first"
         )
     with fluent_store(record.tracking_uri), mlflow.start_run(run_id=record.run_id) as run:
         yield run
