@@ -48,19 +48,18 @@ from mrpo.tracking.store import PARENT_RUN_ENV  # MRPO_PARENT_RUN_ID: new traini
 DEFAULT_STRATEGIES = tuple(s for s in STRATEGIES if s != "fixed")  # fixed needs weights: pass them explicitly
 # The comparison's headline metric: the first of these that the members report.
 HEADLINE_METRICS = (
-    "eval.policy/mrpo_facts_mc/acc",
-    "eval.pref/reward_accuracy_vs_anchor",
-    "train.test_reward_accuracy_after",
-    "train.val_reward_accuracy_after",
+    "eval.mrpo_facts_mc",
+    "eval.accuracy_vs_anchor",
+    "train.test_accuracy",
+    "train.val_accuracy",
 )
 # Columns of the comparison table, where members report them (metrics/<file>.json keys, by file stem).
 TABLE_METRICS = (
-    "eval.policy/mrpo_facts_mc/acc",
-    "eval.policy/mrpo_facts_gen/exact_match/first-value",
-    "eval.pref/reward_accuracy_vs_anchor",
-    "eval.pref/reward_margin_vs_anchor",
-    "train.test_reward_accuracy_after",
-    "train.final_loss",
+    "eval.mrpo_facts_mc",
+    "eval.mrpo_facts_gen",
+    "eval.accuracy_vs_anchor",
+    "train.test_accuracy",
+    "train.train_loss",
 )
 
 

@@ -317,16 +317,24 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+# The experiment record (MLflow runs, lineage) writes no DVC output, so editing it re-runs nothing; its names
+# module stays a dependency: lm-eval's metric names, which key the evaluate stage's records, come from it.
+RECORD_ONLY, RECORD_NAMES = "mrpo.tracking.", "mrpo.tracking.names"
+
+
 def mrpo_import_files(module: str) -> set[str]:
     """The files of every mrpo module `module` imports anywhere in its text (function-level imports
     included), transitively, with the ``__init__.py`` of every package on the way (Python runs them too),
-    as repository-relative paths."""
+    as repository-relative paths; the tracking modules other than their names excepted (RECORD_ONLY)."""
     import ast
 
     seen: set[str] = set()
     todo = [module]
     while todo:
-        parts = todo.pop().split(".")
+        name = todo.pop()
+        if name.startswith(RECORD_ONLY) and name != RECORD_NAMES:
+            continue
+        parts = name.split(".")
         for i in range(1, len(parts) + 1):
             path = _module_file(".".join(parts[:i]))
             if path is None:

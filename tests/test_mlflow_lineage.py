@@ -199,10 +199,12 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     client = MlflowClient(uri)
     client.log_param(run.run_id, "train.beta", "0.1")  # already logged by train: must not be re-logged
     (project / "metrics").mkdir()
-    (project / "metrics" / "eval.json").write_text(
+    # the full records (MLflow's names), beside the DVC metrics files' headline view
+    (project / cfg.evaluate.results_dir).mkdir(parents=True)
+    (project / cfg.evaluate.results_dir / "metrics.json").write_text(
         json.dumps({"policy/mrpo_facts_mc/acc": 0.625, "pref": {"n": 18}})
     )
-    (project / "metrics" / "train.json").write_text(json.dumps({"steps": 3, "final_loss": 0.69}))
+    (project / "metrics" / "train.json").write_text(json.dumps({"steps": 3, "train_loss": 0.69}))
     # The curves as the train stage writes them (mrpo.stages.train.write_plots), from a three-step log.
     frame = pd.DataFrame(
         {

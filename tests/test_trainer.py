@@ -106,14 +106,19 @@ def test_training_raises_heldout_reward_accuracy(trained):
     assert metrics["val_reward_margin_after"] > metrics["val_reward_margin_before"], metrics
     assert metrics["steps"] == 40 and metrics["references"] == 3
 
-    on_disk = json.loads(Path(cfg.train.metrics_file).read_text())
-    assert on_disk["val_reward_accuracy_after"] == pytest.approx(metrics["val_reward_accuracy_after"])
-    # the DVC metric keeps the key numbers and the final weights; the full record lies beside the policy,
+    # the DVC metric keeps the headline numbers under short names; the full record lies beside the policy,
     # without what differs run to run (wall time, throughput), so the same inputs give the same bytes
-    from mrpo.stages.train import METRIC_KEYS, TIMINGS, TRAIN_RECORD
+    from mrpo.stages.train import TIMINGS, TRAIN_RECORD
 
-    assert set(on_disk) == set(METRIC_KEYS) | {f"weight/{n}" for n in REFERENCES}
-    assert on_disk["weight/anchor"] == pytest.approx(1 / 3, abs=1e-6)
+    on_disk = json.loads(Path(cfg.train.metrics_file).read_text())
+    assert on_disk == pytest.approx(
+        {
+            "steps": 40,
+            "train_loss": metrics["train_loss"],
+            "val_accuracy": metrics["val_reward_accuracy_after"],
+            "test_accuracy": metrics["test_reward_accuracy_after"],
+        }
+    )
     record = json.loads((trained["policy"] / TRAIN_RECORD).read_text())
     assert record == pytest.approx({k: v for k, v in metrics.items() if k not in TIMINGS})
     assert metrics["runtime_s"] > 0 and not set(TIMINGS) & set(record)

@@ -39,22 +39,12 @@ from mrpo.evaluation.preference import (
     policy_reference,
 )
 from mrpo.io import write_json_atomically, write_text_atomically
-from mrpo.reporting.records import EVAL_RECORD
+from mrpo.reporting.records import EVAL_RECORD, evaluation_headline
 
 log = logging.getLogger("mrpo")
 
 
 # ---------------------------------------------------------------- the stage
-
-
-# `evaluate.metrics_file` (a DVC metric) keeps what differs between trained policies: the policy's scores and
-# its preference metrics. The anchor's scores (the same for every run), the deltas (policy - anchor) and the
-# pair counts are in the full record, `<evaluate.results_dir>/metrics.json`, and on the MLflow run.
-_METRIC_PREFIXES = ("policy/", "pref/reward_accuracy_vs_anchor", "pref/reward_margin_vs_anchor")
-
-
-def metric_file_view(metrics: Mapping[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if k.startswith(_METRIC_PREFIXES)}
 
 
 @dataclass
@@ -141,7 +131,7 @@ def evaluate(cfg: Config) -> EvaluationReport:
     metrics = dict(sorted(metrics.items()))
 
     metrics_file = Path(e.metrics_file)
-    write_json_atomically(metrics_file, metric_file_view(metrics))  # NaN -> null: the key stays for diffs
+    write_json_atomically(metrics_file, evaluation_headline(metrics))  # NaN -> null: the key stays for diffs
     write_json_atomically(results_dir / EVAL_RECORD, metrics)
     run_id = log_to_mlflow(cfg, metrics, write_scored_card(cfg, metrics))
     seconds = time.perf_counter() - start

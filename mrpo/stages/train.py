@@ -32,7 +32,7 @@ from mrpo.reporting.plots import (
     with_smoothed,
     write_csv,
 )
-from mrpo.reporting.records import TRAIN_RECORD
+from mrpo.reporting.records import TRAIN_RECORD, train_headline
 from mrpo.runtime import seed_everything
 from mrpo.training.checkpoints import RunState, resume_point, write_run_state
 from mrpo.training.policy import check_finite_weights, is_main_process, save_policy, trained_policy
@@ -115,26 +115,6 @@ def final_weights(log_history: list[dict[str, Any]], names: Sequence[str]) -> di
         if all(f"weight/{n}" in entry for n in names):
             return {f"weight/{n}": float(entry[f"weight/{n}"]) for n in names}
     return {}
-
-
-# What `train.metrics_file` (a DVC metric: `dvc metrics show/diff`, `dvc exp show`) keeps: the trained
-# policy's key numbers. The values before training (the anchor's, the same for every run on this data), the
-# chosen and rejected rewards, counts and timings are in the full record, `TRAIN_RECORD` in the policy
-# directory.
-METRIC_KEYS = (
-    "steps",
-    "train_loss",
-    "final_loss",
-    "val_loss_after",
-    "val_reward_accuracy_after",
-    "val_reward_margin_after",
-    "test_reward_accuracy_after",
-)
-
-
-def metric_file_view(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The few numbers `train.metrics_file` holds (METRIC_KEYS and the final `weight/<reference>`)."""
-    return {k: v for k, v in metrics.items() if k in METRIC_KEYS or k.startswith("weight/")}
 
 
 # ---------------------------------------------------------------- the stage
@@ -293,7 +273,7 @@ def _write_outputs(
         write_text_atomically(Path(tmp) / modelcard.CARD, card)
         write_json_atomically(tmp / TRAIN_RECORD, reproducible_record(metrics))
     run.write_record(out)
-    write_json_atomically(t.metrics_file, metric_file_view(metrics))
+    write_json_atomically(t.metrics_file, train_headline(metrics))
     write_plots(cfg, trainer.state.log_history, metrics, trainer.reference_names)
     _record_outputs(cfg, run, metrics, trainer.state.global_step)
     if t.push_to_hub.enabled:

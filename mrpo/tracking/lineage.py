@@ -30,6 +30,7 @@ import yaml
 
 from mrpo.config.schema import Config
 from mrpo.io import file_sha256
+from mrpo.reporting.records import EVAL_RECORD, TRAIN_RECORD
 from mrpo.tracking.names import (
     ACCURACY_VS_ANCHOR,
     PARAMS_DIGEST,
@@ -285,8 +286,8 @@ def lineage_tags(cfg: Config, root: Path, has_git_state: bool) -> dict[str, str]
         tags["mrpo.prepared_digest"] = prepared_digest(root / cfg.data.output_dir)
     except (OSError, ValueError):  # mrpo.errors.DataError included: nothing prepared here
         pass
-    eval_metrics = _flat_numbers(_read_json(root / cfg.evaluate.metrics_file))
-    tags.update(score_tags(_read_json(root / cfg.train.metrics_file), TRAIN_SCORES))
+    eval_metrics = _flat_numbers(_read_json(root / cfg.evaluate.results_dir / EVAL_RECORD))
+    tags.update(score_tags(_read_json(root / cfg.train.output_dir / TRAIN_RECORD), TRAIN_SCORES))
     tags.update(score_tags(eval_metrics, eval_score_names(eval_metrics)))
     return tags
 
@@ -308,7 +309,7 @@ def complete_lineage(
         run.log_dict({"outputs": dvc["outputs"]}, DVC_OUTPUTS_FILE)
     run.log_params(run_params(cfg))  # every params.yaml value a run from before the train stage logged them
     # downstream scores under the names evaluate logs them by, unless it already did (e.g. no run was open)
-    eval_metrics = _flat_numbers(_read_json(root / cfg.evaluate.metrics_file))
+    eval_metrics = _flat_numbers(_read_json(root / cfg.evaluate.results_dir / EVAL_RECORD))
     run.log_metrics({k: v for k, v in eval_metrics.items() if metric_name(k) not in current.metrics})
     record_artifacts(cfg, run, root)
     log.info("lineage recorded on MLflow run %s (%s)", run.run_id, run.run.tracking_uri)
