@@ -243,7 +243,7 @@ def test_show_config_filters_by_section_and_names_the_sections_when_unknown(proj
     assert "train.lora.r = 8" in lines
     assert main(["show-config", "score"]) == 0
     out = capsys.readouterr().out
-    assert "score.metrics_dir = 'metrics/score'" in out and "train." not in out
+    assert "score.metrics_dir = 'logs/score'" in out and "train." not in out
     assert main(["show-config", "trian"]) == 2
     err = capsys.readouterr().err
     assert (

@@ -383,7 +383,7 @@ def test_rebuilding_the_zoo_writes_the_same_bytes_and_leaves_scoring_up_to_date(
     dvc(["repro", "score@gpt2_char"], project)  # zoo, prepare, one score stage
     zoo = project / "models" / "zoo"
     before = {str(p.relative_to(zoo)): p.read_bytes() for p in sorted(zoo.rglob("*")) if p.is_file()}
-    timings_before = (project / "metrics" / "zoo.json").read_text()
+    timings_before = (project / "logs" / "zoo.json").read_text()
     lock_before = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     stale = stale_stages(project)
     assert not stale & {"zoo", "prepare", "score@gpt2_char"} and "score@anchor" in stale
@@ -398,11 +398,11 @@ def test_rebuilding_the_zoo_writes_the_same_bytes_and_leaves_scoring_up_to_date(
     assert folder and folder == [o for o in lock_before["zoo"]["outs"] if o["path"] == "models/zoo"]
     assert lock["score@gpt2_char"] == lock_before["score@gpt2_char"]
     assert stale_stages(project) == stale  # the score stage that ran stays up to date
-    # the new timings are the zoo's metric, apart from the folder the score stages read
-    assert (project / "metrics" / "zoo.json").read_text() != timings_before
-    timings = json.loads((project / "metrics" / "zoo.json").read_text())
+    # the new timings go to logs/ (neither DVC nor git tracks it), apart from the folder the score stages read
+    assert (project / "logs" / "zoo.json").read_text() != timings_before
+    timings = json.loads((project / "logs" / "zoo.json").read_text())
     assert set(timings["members"]) == {"anchor", "gpt2_char", "llama_expert"} and timings["seconds"] > 0
-    assert "metrics/zoo.json" in dvc(["metrics", "show", "--json"], project).stdout
+    assert "zoo.json" not in dvc(["metrics", "show", "--json"], project).stdout
 
 
 UPSTREAM = {"zoo", "prepare", *(f"score@{r}" for r in ("anchor", "gpt2_char", "llama_expert"))}
@@ -461,13 +461,12 @@ def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
             f"{name}: params, deps and outs must be declared"
         )
     assert spec["stages"]["score"]["foreach"] == "${references}"
-    assert spec["stages"]["zoo"]["metrics"] == [{"${zoo.metrics_file}": {"cache": False, "persist": True}}]
-    assert spec["stages"]["train"]["metrics"] == [
-        {"${train.metrics_file}": {"cache": False, "persist": True}}
-    ]
-    assert spec["stages"]["diagnose"]["metrics"] == [
-        {"${diagnose.metrics_file}": {"cache": False, "persist": True}}
-    ]
+    # the metrics: one headline file per policy-producing stage; timings are no DVC output at all (logs/)
+    metrics = {name: stage.get("metrics") for name, stage in spec["stages"].items() if stage.get("metrics")}
+    assert metrics == {
+        "train": [{"${train.metrics_file}": {"cache": False, "persist": True}}],
+        "evaluate": [{"${evaluate.metrics_file}": {"cache": False, "persist": True}}],
+    }
     assert spec["stages"]["evaluate"]["metrics"] == [
         {"${evaluate.metrics_file}": {"cache": False, "persist": True}}
     ]
@@ -488,7 +487,7 @@ def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
     # DVC resolves the interpolations against params.yaml: one score stage per reference, its own out
     described = dvc(["stage", "list", "score@gpt2_char"], tiny_project).stdout
     assert described.startswith("score@gpt2_char") and "data/scores/gpt2_char.parquet" in described
-    assert "metrics/score/gpt2_char.json" in described  # its timings: a metric of its own
+    assert "logs/score" not in described  # its timings differ run to run: no output of the stage
     assert spec["stages"]["summary"]["outs"] == [{"${summary.file}": {"cache": False, "persist": True}}]
 
 

@@ -107,8 +107,8 @@ class ZooMember:
 class ZooConfig:
     enabled: bool = knob(True, "build the tiny local model zoo (off when the references are real models)")
     output_dir: str = knob("models/zoo", "where the zoo's models are written")
-    # A DVC metric outside output_dir, so a rebuild leaves the zoo byte-identical.
-    metrics_file: str = knob("metrics/zoo.json", "how long the build took")
+    # Outside output_dir and no DVC output (it differs on every build), so a rebuild leaves the zoo byte-identical.
+    metrics_file: str = knob("logs/zoo.json", "how long the build took (git-ignored; no DVC output)")
     members: tuple[ZooMember, ...] = knob((), "the zoo's models, by name")
 
 
@@ -116,7 +116,7 @@ class ZooConfig:
 class ScoreConfig:
     output_dir: str = knob("data/scores", "where <reference>.parquet score files are written")
     metrics_dir: str = knob(
-        "metrics/score", "<reference>.json: how long scoring took (kept out of the scores)"
+        "logs/score", "<reference>.json: how long scoring took (git-ignored; no DVC output)"
     )
     max_length: int = knob(512, "tokens kept per prompt + response", bounds=">= 8")
     batch_tokens: int = knob(16384, "tokens per packed scoring batch (>= max_length)", checked_by="rules")
@@ -224,7 +224,7 @@ class TrainConfig:
     checkpoint_dir: str = knob(
         "models/checkpoints", "resumable checkpoints (not output_dir)", checked_by="rules"
     )
-    metrics_file: str = knob("metrics/train.json", "the training metrics (DVC metric)")
+    metrics_file: str = knob("metrics/train.json", "the headline training metrics (DVC metric)")
     plots_file: str = knob("plots/train.csv", "per-step curves (DVC plot)")
     plots_dir: str = knob("plots", "validation.csv and the PNG renders of the curves")
 
@@ -242,7 +242,7 @@ class EvalConfig:
     device: str = knob("auto", "where to evaluate", choices=DEVICES)
     max_gen_tokens: int = knob(16, "tokens generated per answer", bounds=">= 1")
     task_data: Mapping[str, str] = knob(help="task name -> its local data file", factory=dict)
-    metrics_file: str = knob("metrics/eval.json", "the evaluation metrics (DVC metric)")
+    metrics_file: str = knob("metrics/eval.json", "the headline evaluation metrics (DVC metric)")
     results_dir: str = knob("evaluation/results", "lm-eval's results and metrics.json")
     cache_dir: str = knob("evaluation/cache", "the anchor's cached results")
 
@@ -269,7 +269,7 @@ class DiagnoseConfig:
     """The `diagnose` stage: the references compared on one split of their stored scores, before training."""
 
     split: str = knob("val", "the split whose stored scores are compared", choices=SPLITS)
-    metrics_file: str = knob("metrics/diagnostics.json", "the diagnostics (DVC metric)")
+    metrics_file: str = knob("metrics/diagnostics.json", "each reference's preference accuracy (git-tracked output)")
     plots_file: str = knob("plots/diagnostics.csv", "the diagnostics as a DVC plot")
     image_file: str = knob("plots/diagnostics.png", "the diagnostics drawn")
     report_file: str = knob("metrics/diagnostics.md", "the diagnostics as markdown")
