@@ -107,7 +107,7 @@ class ZooMember:
 class ZooConfig:
     enabled: bool = knob(True, "build the tiny local model zoo (off when the references are real models)")
     output_dir: str = knob("models/zoo", "where the zoo's models are written")
-    # Outside output_dir and no DVC output (it differs on every build), so a rebuild leaves the zoo byte-identical.
+    # Outside output_dir and no DVC output (it differs every build): a rebuild leaves the zoo byte-identical.
     metrics_file: str = knob("logs/zoo.json", "how long the build took (git-ignored; no DVC output)")
     members: tuple[ZooMember, ...] = knob((), "the zoo's models, by name")
 
@@ -269,7 +269,7 @@ class DiagnoseConfig:
     """The `diagnose` stage: the references compared on one split of their stored scores, before training."""
 
     split: str = knob("val", "the split whose stored scores are compared", choices=SPLITS)
-    metrics_file: str = knob("metrics/diagnostics.json", "each reference's preference accuracy (git-tracked output)")
+    metrics_file: str = knob("metrics/diagnostics.json", "each reference's preference accuracy (an output)")
     plots_file: str = knob("plots/diagnostics.csv", "the diagnostics as a DVC plot")
     image_file: str = knob("plots/diagnostics.png", "the diagnostics drawn")
     report_file: str = knob("metrics/diagnostics.md", "the diagnostics as markdown")

@@ -41,7 +41,7 @@ def score_path(score_dir: str | Path, reference: str) -> Path:
 
 
 def score_metrics_path(metrics_dir: str | Path, reference: str) -> Path:
-    """The timings of the run that wrote `reference`'s score file (seconds, pairs/s, tokens/s): a DVC metric,
+    """The timings of the run that wrote `reference`'s score file (seconds, pairs/s, tokens/s): no DVC output,
     apart from the score file so that re-scoring the same content leaves the file byte-identical."""
     return Path(metrics_dir) / f"{reference}.json"
 
