@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import config
+from helpers import config
 
 from mrpo.reporting.comparison import lm_eval_diff_rows, summarise, table_rows
 from mrpo.stages.compare import Member, MemberResult, comparison_members, pair_correct

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 from mrpo.config.load import load_config, parse_config, read_params
 from mrpo.config.schema import ConfigError, config_to_flat_dict

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 NAMES = ("a", "b", "c")
 # (chosen a, b, c), (rejected a, b, c) per validation pair; band = anchor +- 0.1 * |anchor|

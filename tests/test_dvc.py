@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO_ROOT, STAGES, clone_project, mrpo_import_files, run_tool
+from helpers import REPO_ROOT, STAGES, clone_project, mrpo_import_files, run_tool
 
 from mrpo.pipeline import STAGES as PIPELINE_STAGES
 
@@ -425,7 +425,7 @@ def test_editing_a_package_reruns_only_the_stages_that_use_it(
     project = clone_project(tiny_reproduced["path"], tmp_path / "p")
     assert stale_stages(project) == set()
     for module in sorted((project / "mrpo" / package).glob("*.py")):
-        if module.name != "names.py":  # the tracking names key the evaluate stage's records (conftest)
+        if module.name != "names.py":  # the tracking names key the evaluate stage's records (tests/helpers.py)
             module.write_text(module.read_text() + "# an edit that changes nothing\n")
     stale = stale_stages(project)
     assert not stale & must_stay_up_to_date, stale

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, tiny_params
+from helpers import REPO_ROOT, tiny_params
 
 from mrpo.config.load import parse_config
 from mrpo.config.schema import ConfigError

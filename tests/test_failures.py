@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CrashAtStep, SimulatedCrash, clone_project, config, run_tool
+from helpers import CrashAtStep, SimulatedCrash, clone_project, config, run_tool
 from safetensors.torch import load_file
 
 from mrpo.cli import main

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, STAGES, clone_project, run_tool
+from helpers import REPO_ROOT, STAGES, clone_project, run_tool
 
 
 def record_id(project: Path) -> str:

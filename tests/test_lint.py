@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 LINT_PATHS = ["mrpo", "flows", "evaluation", "tests", "benchmarks"]
 

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REFERENCES, config, trl_dpo_trainer
+from helpers import REFERENCES, config, trl_dpo_trainer
 
 from mrpo.core.inputs import TokenCounts
 from mrpo.core.loss_types import LOSS_TYPES, LOSSES, RunningRewardMean

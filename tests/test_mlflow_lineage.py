@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import clone_project, run_tool
+from helpers import clone_project, run_tool
 
 from mrpo.reporting import plots
 
@@ -451,7 +451,7 @@ def test_pipeline_and_comparison_runs_sort_together_by_reference_set_and_accurac
     import dataclasses
     import json
 
-    from conftest import config
+    from helpers import config
     from mlflow import MlflowClient
 
     from mrpo.evaluation.lmeval import EvalSettings

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import manual_logp
+from helpers import manual_logp
 
 from mrpo.config.schema import ConfigError, ReferenceConfig
 from mrpo.data.tokenization import EncodedResponse, encode_response

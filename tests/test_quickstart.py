@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, run_tool, tiny_params
+from helpers import REPO_ROOT, run_tool, tiny_params
 
 # ---------------------------------------------------------------- progress off a terminal
 

@@ -162,7 +162,7 @@ def test_filters_extra_columns_and_a_run_without_a_value(store):
 def test_cli_prints_the_table_and_refuses_a_bad_tag(store, tmp_path):
     import os
 
-    from conftest import REPO_ROOT
+    from helpers import REPO_ROOT
 
     env_cmd = [sys.executable, "-m", "mrpo.cli", "--params", str(REPO_ROOT / "params.yaml"), "runs"]
     env = dict(os.environ, MLFLOW_TRACKING_URI=store)

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import manual_logp
+from helpers import manual_logp
 
 from mrpo.config.schema import ConfigError, ReferenceConfig
 from mrpo.data.normalize import pair_id

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from mlflow import MlflowClient
 
 from mrpo.config.load import load_config
@@ -52,7 +52,7 @@ def test_git_state_hashes_the_uncommitted_diff_but_not_what_the_pipeline_rewrite
     import hashlib
     import subprocess
 
-    from conftest import run_tool
+    from helpers import run_tool
 
     from mrpo.tracking.lineage import git_state, git_tags, launch_tags, pipeline_outputs
 
