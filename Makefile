@@ -11,7 +11,7 @@ test: setup
 setup:
 	bash scripts/setup.sh
 
-# The same paths as tests/test_lint.py, which makes the test suite (and so CI) enforce them.
+# The same paths as tests/project/test_lint.py, which makes the test suite (and so CI) enforce them.
 LINT_PATHS = mrpo flows evaluation tests benchmarks
 
 lint:

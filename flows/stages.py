@@ -58,8 +58,9 @@ class FailureVerdict:
     quoted: str = ""
 
 
-# DVC's own errors that no retry can change, as DVC 3.67 words them (tests/test_flows.py holds the real
-# outputs), each with the fix. DVC raises them before (or, for a missing output, after) the stage's command.
+# DVC's own errors that no retry can change, as DVC 3.67 words them (tests/drivers/test_flows.py holds
+# the real outputs), each with the fix. DVC raises them before (or, for a missing output, after) the
+# stage's command.
 _PERMANENT_DVC_ERRORS: list[tuple[re.Pattern, str]] = [
     (
         re.compile(r"Parameters '(?P<keys>[^']+)' are missing from '(?P<file>[^']+)'"),

@@ -18,7 +18,8 @@ class Stage:
     """One `mrpo <name>` command and DVC stage.
 
     `what`, `reads` and `writes` are its help; `params` the params.yaml keys that decide its outputs,
-    exactly those dvc.yaml declares for it (tests/test_cli.py checks they agree); `outputs` (params key,
+    exactly those dvc.yaml declares for it (tests/drivers/test_cli.py checks they agree); `outputs` (params
+    key,
     "dir" or "file") what it writes, probed before it starts; `locks` the params keys of the outputs it
     locks while it runs (one file per reference, `<dir>/<reference>.parquet`, for a stage run
     `per_reference`); `device` the params key of the device it runs on; `run` its entry point, called with

@@ -1,5 +1,5 @@
 """Run the score stage under torchrun, recording which shards each rank computes; used by
-tests/test_scoring.py.
+tests/stages/test_scoring.py.
 
     torchrun --standalone --nproc_per_node 2 tests/ddp_score.py PARAMS REFERENCE RECORD_DIR [KILL_RANK]
 

@@ -1,4 +1,5 @@
-"""Run the train stage under torchrun (one process per rank, gloo on CPU); used by tests/test_trainer.py.
+"""Run the train stage under torchrun (one process per rank, gloo on CPU); used by
+tests/training/test_trainer.py.
 
     torchrun --standalone --nproc_per_node 2 tests/ddp_train.py PARAMS OVERRIDES_JSON
 

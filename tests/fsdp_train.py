@@ -1,5 +1,5 @@
 """The train stage's policy, batches and loss under FSDP2 (torch's `fully_shard`) on gloo CPU processes;
-used by tests/test_trainer.py.
+used by tests/training/test_trainer.py.
 
 accelerate 1.15 turns FSDP on only for accelerator process groups (CUDA, XPU, NPU, ...): with CPU processes
 its state is MULTI_CPU and the Trainer wraps the policy in DDP whatever the FSDP config says. torch 2.13

@@ -20,7 +20,7 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate
 MEMORY_DEVICES = ("cpu", "disk")  # besides GPU indices
 SPLITS = ("train", "val", "test")  # mrpo.data.prepared.SPLITS, written out: the schema imports no data code
 # The synthetic fact task's attributes and size (mrpo.data.synthetic.ATTRIBUTES / total_pairs(); written out
-# so that validating params.yaml imports nothing else; tests/test_synthetic.py checks they agree).
+# so that validating params.yaml imports nothing else; tests/data/test_synthetic.py checks they agree).
 ZOO_ATTRIBUTES = ("colour", "city", "food")
 SYNTHETIC_MAX_PAIRS = 3456
 # transformers' SchedulerType values, less those that need `lr_scheduler_kwargs` (params.yaml has no knob for

@@ -9,8 +9,9 @@ import torch
 # noise of the precision the forward ran in, not a preference. Between batch shapes (scoring's length packing,
 # training's batches), fp32 sums differ by ~4e-6; under fp16/bf16 autocast most pairs differ by ~1e-5, but now
 # and then one token's logit lands on the other side of a rounding step: up to 4.8e-3 (fp16) and 2.8e-2 (bf16)
-# on a pair's log-prob gap, measured on 256 fact-task pairs (tests/test_trainer.py, step 0), with no trend in
-# the sequence's length or log-prob. Each tolerance is about twice its measured maximum. Real data is worse:
+# on a pair's log-prob gap, measured on 256 fact-task pairs (tests/training/test_trainer.py, step 0), with
+# no trend in the sequence's length or log-prob. Each tolerance is about twice its measured maximum. Real
+# data is worse:
 # SmolLM2 on GSM8K (62-169-token responses) moved up to 0.90 nats in bf16 (fp32: 1.5e-5; the CPU rehearsal of
 # benchmarks/gpu_check.py), so under bf16 there a pair's accuracy can still flip on noise (docs/metrics.md).
 LOGP_TIE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}

@@ -168,6 +168,7 @@ def test_runs_are_searchable_by_reference_set_and_score(
 # ---------------------------------------------------------------- fast: lineage and sweep logic
 
 
+@pytest.mark.slow
 def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, monkeypatch):
     """Lineage on a real sqlite store: `prepare` really run by DVC; the train and evaluate outputs
     (run record, metrics, curves) written here in their documented shapes, since only the lineage

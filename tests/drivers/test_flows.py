@@ -289,6 +289,7 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
     assert mlflow_run.data.params["train.max_steps"] == "4"
 
 
+@pytest.mark.slow
 def test_prefect_cli_lists_flows_and_deployments(prefect_server, tmp_path):
     """`prefect flow ls` and `prefect deployment ls` against a real server: with FastAPI >= 0.151 the Prefect
     3.8 server refuses the CLI's filter bodies (explicit nulls) with HTTP 422; constraints.txt pins
@@ -537,6 +538,7 @@ print("RESULT " + json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_a_param_dvc_yaml_declares_but_params_yaml_lacks_fails_the_stage_once(tiny_project, tmp_path):
     """DVC refuses the stage before mrpo runs (mrpo never reports an exit): the flow's stage task fails on
     its first attempt, with no retry, and says which key is missing and how to fix it."""
@@ -636,7 +638,7 @@ from flows.pipeline import pipeline
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import TaskRunSort
-from test_flows import flow_run_artifacts  # tests/ is on PYTHONPATH
+from test_flows import flow_run_artifacts  # tests/drivers/ is on PYTHONPATH
 
 project = sys.argv[1]
 state = pipeline(project_dir=project, stages=["prepare"], lineage=False, return_state=True)
@@ -667,6 +669,7 @@ print("RESULT " + json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_pipeline_flow_and_deployments_on_an_ephemeral_prefect_api(tiny_project, tmp_path):
     """A real flow run and real deployment registration, Prefect's ephemeral API in a tmp PREFECT_HOME."""
     project = clone_project(tiny_project, tmp_path / "project")
@@ -676,7 +679,9 @@ def test_pipeline_flow_and_deployments_on_an_ephemeral_prefect_api(tiny_project,
             "PREFECT_HOME": str(tmp_path / "prefect_home"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a loaded 2-core CI box
-            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]),
+            "PYTHONPATH": os.pathsep.join(
+                [str(REPO_ROOT), str(REPO_ROOT / "tests"), str(REPO_ROOT / "tests" / "drivers")]
+            ),
         }
     )
     proc = subprocess.run(

@@ -11,7 +11,7 @@ import pytest
 from mrpo.cli import main
 from mrpo.reporting.summary import format_number
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
 TRAIN_RECORD = {
     "steps": 152,

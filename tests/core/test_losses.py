@@ -257,6 +257,7 @@ def batches(draw, max_k=5):
     return pi[:b], pi[b:], ref_w, ref_l, weights
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(batches(), st.floats(0.0, 0.99), st.booleans())
 def test_combined_reference_lies_within_clipped_references(batch, eps, adaptive):
@@ -269,6 +270,7 @@ def test_combined_reference_lies_within_clipped_references(batch, eps, adaptive)
     assert (combined <= clipped.max(dim=-1).values + tol).all()
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(batches(), st.randoms(use_true_random=False))
 def test_permuting_non_anchor_references_changes_nothing(batch, rnd):
@@ -283,6 +285,7 @@ def test_permuting_non_anchor_references_changes_nothing(batch, rnd):
         torch.testing.assert_close(a.losses, b.losses, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(batches(max_k=1), st.integers(1, 6), st.sampled_from(["mrpo", "multi_dpo"]))
 def test_uniform_weights_over_identical_references_is_dpo(batch, k, objective):

@@ -26,7 +26,7 @@ from mrpo.data.prepared import COLUMNS, SPLITS, prepared_digest
 from mrpo.errors import DataError
 from mrpo.stages.prepare import prepare
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 HH_FILE = SHARED / "hh-rlhf-harmless-base-test.jsonl.gz"
 GSM8K_FILES = sorted(SHARED.glob("gsm8k-*.jsonl"))
 
@@ -594,7 +594,7 @@ def test_csv_with_a_wrong_header_and_an_extra_field_names_the_missing_column(tmp
 def _offline_env() -> dict:
     import os
 
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",

@@ -67,6 +67,7 @@ def file_bytes(root) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_rebuilding_with_the_same_settings_writes_the_same_bytes_and_the_timings_apart(tiny_zoo, tmp_path):
     """The score stages depend on the zoo folder as a whole: a rebuild must leave every byte of it as it was
     (weights, safetensors header, config, tokenizer, manifest), with how long it took only in the metrics

@@ -12,7 +12,7 @@ from helpers import REPO_ROOT
 from mrpo.config.load import load_config, parse_config, read_params
 from mrpo.config.schema import ConfigError, config_to_flat_dict
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
 
 @pytest.fixture(scope="module")

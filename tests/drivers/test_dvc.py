@@ -217,6 +217,7 @@ def test_committed_dvc_lock_matches_the_code_and_params():
     )
 
 
+@pytest.mark.slow
 def test_lock_drift_agrees_with_dvc_on_a_real_repo(tmp_path):
     """The check reads md5s as DVC writes them: clean right after `dvc repro`, a changed file or param is
     named."""
@@ -425,7 +426,9 @@ def test_editing_a_package_reruns_only_the_stages_that_use_it(
     project = clone_project(tiny_reproduced["path"], tmp_path / "p")
     assert stale_stages(project) == set()
     for module in sorted((project / "mrpo" / package).glob("*.py")):
-        if module.name != "names.py":  # the tracking names key the evaluate stage's records (tests/helpers.py)
+        if (
+            module.name != "names.py"
+        ):  # the tracking names key the evaluate stage's records (tests/helpers.py)
             module.write_text(module.read_text() + "# an edit that changes nothing\n")
     stale = stale_stages(project)
     assert not stale & must_stay_up_to_date, stale
@@ -491,6 +494,7 @@ def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
     assert spec["stages"]["summary"]["outs"] == [{"${summary.file}": {"cache": False, "persist": True}}]
 
 
+@pytest.mark.slow
 def test_exp_run_sets_a_param_and_reruns_only_that_stage(tiny_project, tmp_path):
     import json
 

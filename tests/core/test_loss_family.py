@@ -707,6 +707,7 @@ TRAIN_CASES = [
     TRAIN_CASES,
     ids=lambda o: "-".join(str(v) if not isinstance(v, list) else "+".join(map(str, v)) for v in o.values()),
 )
+@pytest.mark.slow
 def test_each_loss_trains(scored, tmp_path, overrides):
     types = overrides["train.loss_type"]
     if types in ("exo_pair", "robust"):
@@ -719,6 +720,7 @@ def test_each_loss_trains(scored, tmp_path, overrides):
         assert trainer.loss_state.count == 2 and trainer.loss_state.mean != 0.0
 
 
+@pytest.mark.slow
 def test_bco_reward_mean_is_checkpointed_and_resumed(scored, tmp_path):
     """The running mean is saved with each checkpoint and restored on resume: a run resumed from step 2 ends
     with the state and loss of the straight run."""

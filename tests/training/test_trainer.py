@@ -423,7 +423,8 @@ def test_k1_ipo_norm_equals_trl_ipo(scored, tmp_path):
 )
 def test_k1_family_losses_equal_trl_through_the_model(scored, tmp_path, settings):
     """The DPO family with K = 1 == TRL's DPOTrainer on the same model, token ids and stored reference
-    log-probs (tests/test_loss_family.py checks every loss type on given log-probs; this, the whole step)."""
+    log-probs (tests/core/test_loss_family.py checks every loss type on given log-probs; this, the whole
+    step)."""
     cfg = config(scored, tmp_path, **{"train.objective": "dpo", **settings})
     setup, ours, examples, batch = moved_off_anchor(cfg)
     with torch.no_grad():
@@ -605,6 +606,7 @@ def test_lora_policy_is_saved_merged_or_as_an_adapter(scored, tmp_path):
 # ---------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_resume_after_kill_ends_with_the_same_metrics(scored, tmp_path, monkeypatch):
     """Thompson weighting (seeded RNG + online Beta state)
     and AdamW state survive a kill between checkpoints."""
@@ -665,6 +667,7 @@ def test_changed_config_does_not_resume_foreign_checkpoints(scored, tmp_path):
 # ---------------------------------------------------------------- distributed
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(scored, tmp_path):
     """torchrun, 2 CPU ranks x 4 pairs vs 1 process x 8 pairs: same data order, gradients averaged by DDP."""
     common = {
@@ -809,6 +812,7 @@ def _split_runs(scored, tmp_path, steps: int, **overrides) -> dict:
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["thompson", "window"])
 def test_online_strategies_advance_once_per_optimizer_step(scored, tmp_path, strategy):
     """Sampled once per optimizer step, updated once after it with all its pairs: 8 x 1 == 4 x 2."""
@@ -829,6 +833,7 @@ def _max_weight_difference(a, b) -> float:
     return max((sa[k] - sb[k]).abs().max().item() for k in sa)
 
 
+@pytest.mark.slow
 def test_sft_term_is_invariant_to_gradient_accumulation(scored, tmp_path):
     """The SFT term is normalised by the chosen tokens of the whole accumulated batch, not per micro-batch."""
     runs = _split_runs(scored, tmp_path, 3, **{"train.sft_weight": 1.0, "train.learning_rate": 1e-3})
@@ -910,6 +915,7 @@ def test_gradient_checkpointing_reaches_training_arguments_under_this_transforme
 # ---------------------------------------------------------------- precision
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_step0_policy_logps_equal_anchor_scores_in_every_precision(scored, tmp_path, dtype):
     """Scoring records its precision;
@@ -974,6 +980,7 @@ def fsdp_run(scored, out: Path, world: int, mode: str = "run", **overrides) -> d
     return {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}
 
 
+@pytest.mark.slow
 def test_fsdp_over_two_gloo_processes_matches_one_process_and_its_checkpoint_resumes(scored, tmp_path):
     """FSDP2 shards of the policy on 2 CPU ranks x 4 pairs against 1 process x 8 pairs (see
     tests/fsdp_train.py for why this drives torch's FSDP by hand rather than through accelerate)."""
@@ -993,6 +1000,7 @@ def test_fsdp_over_two_gloo_processes_matches_one_process_and_its_checkpoint_res
         assert saved == pytest.approx(sharded, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_lora_with_fsdp_saves_a_usable_merged_policy(scored, tmp_path):
     out = fsdp_run(scored, tmp_path / "lora", 2, **{"train.lora.enabled": True, "train.lora.merge": True})
     policy = tmp_path / "lora" / "policy"
@@ -1027,6 +1035,7 @@ def test_the_shipped_accelerate_configs_load_as_fsdp2_and_zero3():
         assert name in readme and name in profile
 
 
+@pytest.mark.slow
 def test_tensorboard_reporting_and_push_to_hub_up_to_the_upload(scored, tmp_path, monkeypatch):
     """`train.report_to: [tensorboard]` writes real event files next to the checkpoints (and none into the
     working directory); `train.push_to_hub` uploads the policy directory with its card. Offline, only the two

@@ -98,6 +98,7 @@ def test_an_exploding_run_stops_at_the_first_non_finite_step_and_keeps_the_previ
 # ---------------------------------------------------------------- re-runs
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_trained_again_from_scratch_as_a_new_run(scored, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = config(scored, tmp_path, **{"train.max_steps": 3, "train.save_steps": 2})
@@ -186,6 +187,7 @@ def test_an_intact_checkpoint_resumes_to_the_same_weights(scored, tmp_path, stra
     assert_same_end(cfg, metrics, straight_run)
 
 
+@pytest.mark.slow
 def test_kill_9_anywhere_after_the_first_checkpoint_resumes_to_the_same_weights(
     scored, tmp_path, straight_run, monkeypatch
 ):
@@ -246,7 +248,7 @@ def test_a_second_writer_fails_at_once_naming_the_holder_and_a_killed_holder_lea
 
         # The CLI: exit 2 within a second, before loading anything.
         params = tmp_path / "params.yaml"
-        raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+        raw = yaml.safe_load((Path(__file__).parents[2] / "params.yaml").read_text())
         raw["train"]["output_dir"] = str(policy)
         params.write_text(yaml.safe_dump(raw))
         started = time.perf_counter()
@@ -302,7 +304,7 @@ def test_a_failing_stage_under_dvc_repro_and_the_flow_keeps_the_previous_outputs
 
 
 def test_every_dvc_output_persists_so_dvc_never_deletes_it_before_a_run():
-    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+    stages = yaml.safe_load((Path(__file__).parents[2] / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         body = stage.get("do", stage)
         for entry in body.get("outs", []) + body.get("metrics", []):

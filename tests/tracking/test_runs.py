@@ -159,6 +159,7 @@ def test_filters_extra_columns_and_a_run_without_a_value(store):
         runs_table(store, "missing")
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table_and_refuses_a_bad_tag(store, tmp_path):
     import os
 

@@ -41,7 +41,7 @@ from mrpo.modeling.ranks import rank_gpus
 from mrpo.modeling.scoring import plan_batches
 from mrpo.stages.score import score_reference
 
-HH_RLHF = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+HH_RLHF = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 TIMING_KEYS = {"seconds", "tokens_per_second", "pairs_per_second", "ranks", "wall_seconds"}
 
 
@@ -101,7 +101,7 @@ def by_pair(frame):
 def write_params(cfg, path: Path) -> Path:
     """A params.yaml for the CLI (or a launcher) with `cfg`'s references, prepared data and score settings."""
 
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
     raw["references"] = {r.name: {"model": r.model} for r in cfg.references}
     raw["data"]["output_dir"] = cfg.data.output_dir
     raw["score"].update(dataclasses.asdict(cfg.score))
@@ -483,7 +483,7 @@ def scored(tiny_zoo, tmp_path_factory):
     cfg = project(tiny_zoo, tmp)
     for ref in cfg.references:
         score_reference(cfg, ref.name)
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
     raw["references"] = {r.name: {"model": r.model} for r in cfg.references}
     raw["data"]["output_dir"] = cfg.data.output_dir
     raw["score"].update({"output_dir": cfg.score.output_dir, "max_length": 64})
@@ -685,6 +685,7 @@ def launch_two(args: list[str], launcher: str = "torchrun") -> subprocess.Comple
     return subprocess.run([*head, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_ranks_write_the_file_one_process_writes(tiny_zoo, tmp_path, launcher):
     """7 shards dealt to 2 gloo ranks: the same pair_ids, log-probs and content metadata as one process."""
@@ -715,6 +716,7 @@ def test_two_ranks_write_the_file_one_process_writes(tiny_zoo, tmp_path, launche
     assert not (Path(cfg.score.output_dir) / ".shards" / "gpt2_char").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_rank_resumes_without_rescoring_finished_shards(tiny_zoo, tmp_path):
     splits = synthetic_splits(30)
     single, _ = read_scores(
@@ -722,7 +724,7 @@ def test_a_killed_rank_resumes_without_rescoring_finished_shards(tiny_zoo, tmp_p
     )
     cfg = project(tiny_zoo, tmp_path / "two", splits, shard_size=5)
     params = write_params(cfg, tmp_path / "params.yaml")
-    driver = str(Path(__file__).resolve().parent / "ddp_score.py")
+    driver = str(Path(__file__).resolve().parents[1] / "ddp_score.py")
     killed = launch_two([driver, str(params), "anchor", str(tmp_path / "first"), "1"])
     assert killed.returncode != 0  # rank 1 SIGKILLed itself after its first shard; torchrun stopped rank 0
     shard_dir = Path(cfg.score.output_dir) / ".shards" / "anchor"
@@ -791,6 +793,7 @@ def test_each_rank_spreads_its_copy_over_its_own_gpus():
         rank_gpus(2, 3, 4, "big")
 
 
+@pytest.mark.slow
 def test_two_ranks_each_offloading_their_own_copy_write_the_plain_file(tiny_zoo, tmp_path):
     """Data-parallel and big-model loading together, on CPU: each gloo rank's copy partly on disk."""
     splits = synthetic_splits(20)

@@ -176,6 +176,7 @@ def test_pickle_weights_are_refused_only_safetensors_load(tiny_zoo, tmp_path):
         check_model_exists(ReferenceConfig("legacy", str(legacy)), "anchor", "hint")
 
 
+@pytest.mark.slow
 def test_a_hub_id_that_cannot_be_downloaded_is_one_line_naming_the_reference(tmp_path):
     """With HF_HUB_OFFLINE=1
     (read when huggingface_hub is imported, hence a fresh process) and a made-up id."""
@@ -184,7 +185,7 @@ def test_a_hub_id_that_cannot_be_downloaded_is_one_line_naming_the_reference(tmp
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -250,6 +251,7 @@ def test_smollm2_gguf_is_found_in_the_wheel_without_importing_it():
     # test_scoring.py::test_smollm2_gguf_scores_real_hh_rlhf_pairs_with_its_chat_template.
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_gguf_model_is_a_plain_trainable_model():
     """transformers marks a GGUF load quantized although its tensors are de-quantized;
