@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common_options(p, top=False)
         if stage.per_reference:
             p.add_argument("--reference", required=True, help="reference name from params.yaml `references`")
+    _add_compare_command(sub)
+    _add_config_commands(sub)
+    _add_runs_command(sub)
+    return parser
+
+
+def _add_compare_command(sub) -> None:
     p = sub.add_parser(
         "compare",
         help=(
@@ -137,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--id", help="comparison id: the output folder and MLflow tag (default compare-<time>)")
     _add_common_options(p, top=False)
-    _add_config_commands(sub)
+
+
+def _add_runs_command(sub) -> None:
     from mrpo.tracking import runs
 
     p = sub.add_parser(
@@ -165,7 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"at most this many characters a line (default {runs.WIDTH}; 0: no limit)",
     )
     _add_common_options(p, top=False)
-    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

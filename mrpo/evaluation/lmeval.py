@@ -126,20 +126,7 @@ def run_lm_eval(
     needs_registry = any(not t.local for t in tasks)
     task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_registry)
     # Built here rather than by name so the thread count can follow the model's size.
-    try:
-        lm = HFLM(**model_args, batch_size=settings.batch_size, device=settings.device)
-    except OSError as exc:  # transformers: no network / offline mode / unknown id or revision / damaged files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        where = model_args["pretrained"]
-        raise ConfigError(
-            f"evaluate: lm-eval cannot load {where!r} ({first}); "
-            + (
-                "fix or rebuild that directory"
-                if Path(where).exists()
-                else "it is not in the local Hugging Face cache and could not be downloaded "
-                "(offline or no network?): download it once while online or use a local directory"
-            )
-        ) from exc
+    lm = _load_hflm(HFLM, model_args, settings)
     if threads is None:
         threads = cpu_threads_for(lm.model, settings.device)
     bars = (lm_eval.api.task, lm_eval.api.model, lm_eval.api.metrics, lm_eval.models.huggingface)
@@ -163,6 +150,24 @@ def run_lm_eval(
     for line in task_lines(results):
         log.info("lm-eval: %s", line)
     return results
+
+
+def _load_hflm(hflm, model_args: Mapping[str, Any], settings: EvalSettings):
+    """lm-eval's HF model, or one line naming what cannot be loaded and how to fix it."""
+    try:
+        return hflm(**model_args, batch_size=settings.batch_size, device=settings.device)
+    except OSError as exc:  # transformers: no network / offline mode / unknown id or revision / damaged files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        where = model_args["pretrained"]
+        raise ConfigError(
+            f"evaluate: lm-eval cannot load {where!r} ({first}); "
+            + (
+                "fix or rebuild that directory"
+                if Path(where).exists()
+                else "it is not in the local Hugging Face cache and could not be downloaded "
+                "(offline or no network?): download it once while online or use a local directory"
+            )
+        ) from exc
 
 
 # What lm-eval adds that differs run to run or machine to machine. Dropped from the results evaluate writes:

@@ -62,11 +62,34 @@ def policy_preference_metrics(
     cfg: Config, policy_ref: ReferenceConfig, settings: EvalSettings
 ) -> dict[str, float]:
     """Reward accuracy and margin of the policy on the test split, against the anchor's stored scores."""
+    from mrpo.modeling.models import load_model, load_tokenizer
 
+    joined, meta, skipped = _scored_test_pairs(cfg)
+    tokenizer = load_tokenizer(policy_ref)
+    # The precision the anchor was scored in (recorded in its score file), not the evaluation device's
+    # default: fp32 weights under that autocast, as scoring and training run, so the margin compares like
+    # with like.
+    recorded = meta.get("dtype")
+    precision = (
+        getattr(torch, recorded)
+        if recorded
+        else resolve_dtype(cfg.score.dtype, torch.device(settings.device))
+    )
+    model = load_model(policy_ref, settings.device, torch.float32)
+    max_length = int(meta.get("max_length", cfg.score.max_length))
+    pi_w, pi_l = _policy_logps(cfg, model, tokenizer, joined, max_length, settings, precision)
+    del model
+    r_w = torch.tensor(joined["chosen_logp"].to_numpy(dtype=np.float64))
+    r_l = torch.tensor(joined["rejected_logp"].to_numpy(dtype=np.float64))
+    metrics = preference_metrics(pi_w, pi_l, r_w, r_l, cfg.train.beta, precision)
+    metrics["pref/skipped"] = float(skipped)
+    return metrics
+
+
+def _scored_test_pairs(cfg: Config):
+    """The test split joined with the anchor's stored scores (pairs that fit only), the score file's
+    metadata, and how many pairs did not fit; refused when the scores are missing or stale."""
     from mrpo.data.scorefile import read_scores, score_path
-    from mrpo.data.tokenization import encode_response, render_prompt
-    from mrpo.modeling.models import cpu_threads_for, load_model, load_tokenizer, torch_threads
-    from mrpo.modeling.scoring import score_sequences
 
     anchor = cfg.anchor
     anchor_scores = score_path(cfg.score.output_dir, anchor.name)
@@ -85,35 +108,24 @@ def policy_preference_metrics(
         )
     joined = pairs.join(test_scores, on="pair_id")
     fits = joined["fits"].astype(bool)
-    skipped = int((~fits).sum())
-    joined = joined[fits]
-    max_length = int(meta.get("max_length", cfg.score.max_length))
+    return joined[fits], meta, int((~fits).sum())
 
-    tokenizer = load_tokenizer(policy_ref)
-    # The precision the anchor was scored in (recorded in its score file), not the evaluation device's
-    # default: fp32 weights under that autocast, as scoring and training run, so the margin compares like
-    # with like.
-    recorded = meta.get("dtype")
-    precision = (
-        getattr(torch, recorded)
-        if recorded
-        else resolve_dtype(cfg.score.dtype, torch.device(settings.device))
-    )
-    model = load_model(policy_ref, settings.device, torch.float32)
+
+def _policy_logps(cfg: Config, model, tokenizer, joined, max_length: int, settings, precision):
+    """The policy's log-probs of each pair's chosen and rejected response, scored exactly as `mrpo score`
+    scores the anchor, so a policy equal to the anchor has margin 0."""
+    from mrpo.data.tokenization import encode_response, render_prompt
+    from mrpo.modeling.models import cpu_threads_for, torch_threads
+    from mrpo.modeling.scoring import score_sequences
+
+    template = cfg.anchor.chat_template
     chosen, rejected = [], []
     for row in joined.itertuples(index=False):
-        prompt_text = render_prompt(tokenizer, row.prompt, row.prompt_messages, anchor.chat_template)
-        chosen.append(
-            encode_response(
-                tokenizer, prompt_text, row.chosen, max_length, chat_template=anchor.chat_template
-            )
-        )
+        prompt_text = render_prompt(tokenizer, row.prompt, row.prompt_messages, template)
+        chosen.append(encode_response(tokenizer, prompt_text, row.chosen, max_length, chat_template=template))
         rejected.append(
-            encode_response(
-                tokenizer, prompt_text, row.rejected, max_length, chat_template=anchor.chat_template
-            )
+            encode_response(tokenizer, prompt_text, row.rejected, max_length, chat_template=template)
         )
-    # Scored exactly as `mrpo score` scores the anchor, so a policy equal to the anchor has margin 0.
     encoded = chosen + rejected
     with (
         progress(total=len(encoded), desc="policy log-probs (test)", unit="seq") as bar,
@@ -128,14 +140,7 @@ def policy_preference_metrics(
             bar,
             precision=precision,
         )
-    pi_w = torch.from_numpy(logps[: len(chosen)])
-    pi_l = torch.from_numpy(logps[len(chosen) :])
-    r_w = torch.tensor(joined["chosen_logp"].to_numpy(dtype=np.float64))
-    r_l = torch.tensor(joined["rejected_logp"].to_numpy(dtype=np.float64))
-    metrics = preference_metrics(pi_w, pi_l, r_w, r_l, cfg.train.beta, precision)
-    metrics["pref/skipped"] = float(skipped)
-    del model
-    return metrics
+    return torch.from_numpy(logps[: len(chosen)]), torch.from_numpy(logps[len(chosen) :])
 
 
 def policy_reference(cfg: Config) -> ReferenceConfig:
