@@ -244,6 +244,11 @@ def test_library_logs_go_to_the_file_and_repeated_warnings_are_counted_once(tmp_
 
     from mrpo.reporting.console import quiet_libraries
 
+    def state():
+        loggers = [logging.getLogger(n) for n in ("mrpo", "lm_eval", "transformers")]
+        return [(lg.handlers[:], lg.propagate) for lg in loggers]
+
+    before = state()
     with quiet_libraries(tmp_path / "run.log") as console, warnings.catch_warnings():
         warnings.simplefilter("always")
         for _ in range(3):
@@ -258,4 +263,4 @@ def test_library_logs_go_to_the_file_and_repeated_warnings_are_counted_once(tmp_
     lines = console.warning_lines()
     assert lines[0].startswith("7 library warning(s), 3 distinct") and len(lines) == 4
     assert lines[1].strip().startswith("3 x WARNING lm_eval.evaluator: generation_kwargs: 16.")
-    assert logging.getLogger("transformers").propagate  # restored
+    assert state() == before  # the loggers are as they were
