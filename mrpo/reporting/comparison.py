@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mrpo.core.stats import bootstrap_summary, paired_t_p_value, t_interval
+from mrpo.core.stats import bootstrap_summary, holm_adjusted, paired_t_p_value, t_interval
 from mrpo.io import atomic_file, write_text_atomically
 from mrpo.reporting.tables import markdown_table, text_table
 
@@ -30,11 +30,16 @@ ACCURACY = "test_reward_accuracy_vs_anchor"  # members.csv's column (MLflow: pre
 
 
 def summarise(
-    results: Sequence[Any], baseline: str, resamples: int = 2000, confidence: float = 0.95
+    results: Sequence[Any],
+    baseline: str,
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    untrained: Any = None,
 ) -> list[dict[str, Any]]:
     """One row per configuration: accuracy with its bootstrap interval; the paired difference against
     `baseline` with interval and p-value (seeds present in both); lm-eval scores with t intervals and paired
-    t-tests."""
+    t-tests; every p also Holm-adjusted over the family (`holm_family`). With `untrained` (a result for the
+    policy before training), a first row for it: its scores, no difference (it is not in the family)."""
     by_label: dict[str, dict[int, Any]] = {}
     for r in results:
         by_label.setdefault(r.member.label, {})[r.member.seed] = r
@@ -44,7 +49,29 @@ def summarise(
         row = accuracy_summary(label, runs, base if label != baseline else {}, i, resamples, confidence)
         row.update(lm_eval_summary(runs, base if label != baseline else {}, confidence))
         rows.append(row)
+    holm_family(rows)
+    if untrained is not None:
+        label = untrained.member.label
+        row = accuracy_summary(label, {0: untrained}, {}, len(rows), resamples, confidence)
+        row.update(lm_eval_summary({0: untrained}, {}, confidence))
+        rows.insert(0, dict(row, seeds=0, untrained=True))
     return rows
+
+
+def family_keys(rows: Sequence[dict]) -> list[tuple[int, str]]:
+    """The tested hypotheses, (row index, p key): every configuration's difference from the baseline on
+    every metric (held-out reward accuracy vs the anchor and each lm-eval metric)."""
+    keys = [(i, "p") for i, r in enumerate(rows) if "p" in r]
+    keys += [(i, f"{m} p") for m in lm_eval_metrics(rows) for i, r in enumerate(rows) if f"{m} p" in r]
+    return sorted(keys)
+
+
+def holm_family(rows: list[dict]) -> None:
+    """Adds `<p key>_holm` beside every p of the family: Holm's adjustment (mrpo.core.stats.holm_adjusted)
+    over configurations x metrics, so an adjusted p <= alpha controls the chance of any false claim."""
+    keys = family_keys(rows)
+    for (i, key), adjusted in zip(keys, holm_adjusted([rows[i][key] for i, key in keys]), strict=True):
+        rows[i][f"{key}_holm"] = adjusted
 
 
 def accuracy_summary(
@@ -121,44 +148,34 @@ def lm_eval_metrics(rows: Sequence[dict]) -> list[str]:
 def table_rows(
     rows: Sequence[dict], baseline: str, confidence: float = 0.95, compact: bool = False
 ) -> tuple[list[str], list[list[str]]]:
-    """The table: configuration, seeds, accuracy [CI], difference vs baseline [CI], p, lm-eval scores [CI];
-    `compact` (the terminal's) keeps one lm-eval metric per task."""
+    """The scores: configuration, seeds, accuracy [CI], lm-eval scores [CI]; `compact` (the terminal's)
+    keeps one lm-eval metric per task. The differences are `difference_rows`'."""
     metrics = lm_eval_metrics(rows)
     if compact:
-        metrics = list({m.split("/")[1]: m for m in reversed(metrics)}.values())[
-            ::-1
-        ]  # the first of each task
+        metrics = list({m.split("/")[1]: m for m in reversed(metrics)}.values())[::-1]  # first of each task
     ci = f"{confidence:.0%} CI"
-    header = ["configuration", "seeds", f"test reward acc [{ci}]", f"vs {baseline} [{ci}]", "p"]
+    header = ["configuration", "seeds", f"test reward acc vs anchor [{ci}]"]
     header += [f"{m.removeprefix('policy/')} [{ci}]" for m in metrics]
     body = []
     for r in rows:
-        line = [r["label"], str(r["seeds"]), _interval(r, "accuracy")]
-        line += ["(baseline)", ""] if r["label"] == baseline else [_interval(r, "diff", True), _f(r.get("p"))]
-        line += [_interval(r, m) for m in metrics]
-        body.append(line)
+        seeds = "-" if r.get("untrained") else str(r["seeds"])
+        body.append([r["label"], seeds, _interval(r, "accuracy")] + [_interval(r, m) for m in metrics])
     return header, body
 
 
-def lm_eval_diff_rows(rows: Sequence[dict], baseline: str) -> tuple[list[str], list[list[str]]]:
-    """lm-eval scores' paired differences against the baseline: per metric 'diff [CI] p=...' (t over
-    seeds)."""
-    metrics = lm_eval_metrics(rows)
-    header = ["configuration", *(f"{m.removeprefix('policy/')}: vs {baseline} [CI], p" for m in metrics)]
+def difference_rows(
+    rows: Sequence[dict], baseline: str, confidence: float = 0.95
+) -> tuple[list[str], list[list[str]]]:
+    """Every configuration's paired difference from the baseline on every metric: difference [CI], the raw
+    p and the Holm-adjusted p (over all these rows)."""
+    metrics = [("accuracy", "diff", "p", "test reward acc vs anchor")]
+    metrics += [(m, f"{m} diff", f"{m} p", m.removeprefix("policy/")) for m in lm_eval_metrics(rows)]
+    header = ["configuration", "metric", f"vs {baseline} [{confidence:.0%} CI]", "p", "p (Holm)"]
     body = []
     for r in rows:
-        if r["label"] == baseline:
-            continue
-        cells = []
-        for m in metrics:
-            key = f"{m} diff"
-            if key not in r:
-                cells.append("-")
-                continue
-            lo, hi = r[f"{key} low"], r[f"{key} high"]
-            ci = f" [{lo:+.3f}, {hi:+.3f}]" if math.isfinite(lo) else ""
-            cells.append(f"{r[key]:+.3f}{ci}, p={_f(r[f'{m} p'])}")
-        body.append([r["label"], *cells])
+        for _, diff, p, name in metrics:
+            if diff in r:
+                body.append([r["label"], name, _interval(r, diff, True), _f(r[p]), _f(r.get(f"{p}_holm"))])
     return header, body
 
 
@@ -170,6 +187,7 @@ def plot_comparison(rows: Sequence[dict], baseline: str, path: str | Path, confi
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if not r.get("untrained")]  # an untrained policy's accuracy vs itself is 0
     labels = [r["label"] for r in rows]
     colors = [
         "tab:blue" if lbl.startswith("dpo") else "tab:green" if lbl == "multi_dpo" else "tab:orange"
@@ -257,7 +275,8 @@ def write_report(comparison: Any, results: Sequence[Any], command: str = "mrpo c
     import pandas as pd
 
     c = comparison.cfg.compare
-    rows = summarise(results, comparison.baseline, c.bootstrap, c.confidence)
+    untrained = getattr(comparison, "untrained", None)
+    rows = summarise(results, comparison.baseline, c.bootstrap, c.confidence, untrained)
     wall = time.perf_counter() - comparison.started
     paths = report_paths(comparison.out_dir)
     write_text_atomically(paths["csv"], pd.DataFrame(rows).to_csv(index=False))
@@ -267,7 +286,13 @@ def write_report(comparison: Any, results: Sequence[Any], command: str = "mrpo c
     for src, dest in ((paths["csv"], c.plots_file), (paths["png"], c.image_file)):
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)
-    terminal = text_table(*table_rows(rows, comparison.baseline, c.confidence, compact=True))
+    terminal = "\n".join(
+        [
+            text_table(*table_rows(rows, comparison.baseline, c.confidence, compact=True)),
+            text_table(*difference_rows(rows, comparison.baseline, c.confidence)),
+            *verdict_lines(rows, comparison.baseline, 1 - c.confidence),
+        ]
+    )
     return {"rows": rows, "table": terminal, "paths": paths, "wall_s": wall}
 
 
@@ -283,14 +308,11 @@ def report_markdown(
         f"Command: `{command}`. Wall time {wall / 60:.1f} min for {len(results)} members.\n",
         *method_paragraphs(comparison),
         markdown_table(header, body),
-        *(
-            [
-                "\nlm-eval scores, paired with the baseline by seed:\n",
-                markdown_table(*lm_eval_diff_rows(rows, comparison.baseline)),
-            ]
-            if lm_eval_metrics(rows)
-            else []
-        ),
+        f"\nPaired differences from `{comparison.baseline}`, every metric; p (Holm) is adjusted over all "
+        f"{len(family_keys(rows))} of them (configurations x metrics):\n",
+        markdown_table(*difference_rows(rows, comparison.baseline, c.confidence)),
+        "",
+        *(f"- {line}" for line in verdict_lines(rows, comparison.baseline, 1 - c.confidence)),
         "\n![comparison](comparison.png)\n",
         "\n## Reference diagnostics (before training)\n",
         comparison.diagnostics_md,
@@ -299,10 +321,41 @@ def report_markdown(
         "uncertainty from training draws and the finite test set. It does not show the result transfers to "
         "other data, references or hyperparameters (all configurations share the `train` settings, untuned), "
         "and the references, data split and scores are those of params.yaml's `seed`, not re-drawn per seed. "
-        "Many configurations are compared with one baseline: "
-        "a p-value near 0.05 among ten is weak evidence.\n",
+        "Many differences are tested at once: a raw p below 0.05 that does not survive Holm's adjustment "
+        "is not evidence of a difference; one that does is a difference on these documents and this test "
+        "split, at these settings.\n",
     ]
     return "\n".join(md)
+
+
+def verdict_lines(rows: Sequence[dict], baseline: str, alpha: float = 0.05) -> list[str]:
+    """What the adjusted numbers say: the differences with Holm p <= alpha, those with only a raw p <= alpha,
+    and per lm-eval metric how many configurations score below the untrained anchor."""
+    keys = family_keys(rows)
+    held = [(rows[i], k) for i, k in keys if rows[i][f"{k}_holm"] <= alpha]
+    raw_only = [(rows[i], k) for i, k in keys if rows[i][k] <= alpha < rows[i][f"{k}_holm"]]
+
+    def name(row: dict, key: str) -> str:
+        metric = "test reward acc" if key == "p" else key.removesuffix(" p").removeprefix("policy/")
+        diff = row["diff" if key == "p" else f"{key.removesuffix(' p')} diff"]
+        return f"{row['label']} {metric} {diff:+.3f} (p {row[key]:.3f}, Holm {row[f'{key}_holm']:.3f})"
+
+    lines = [
+        f"{len(held)} of {len(keys)} differences from {baseline} hold after Holm (adjusted p <= {alpha:g})"
+        + (": " + "; ".join(name(r, k) for r, k in held) if held else "."),
+        f"{len(raw_only)} more have raw p <= {alpha:g} but not after adjustment"
+        + (": " + "; ".join(name(r, k) for r, k in raw_only) if raw_only else "."),
+    ]
+    untrained = next((r for r in rows if r.get("untrained")), None)
+    trained = [r for r in rows if not r.get("untrained")]
+    for m in lm_eval_metrics(rows) if untrained else []:
+        if m in untrained:
+            below = sum(r.get(m, math.inf) < untrained[m] for r in trained)
+            lines.append(
+                f"{m.removeprefix('policy/')}: {below} of {len(trained)} configurations below the untrained "
+                f"anchor's {untrained[m]:.3f}."
+            )
+    return lines
 
 
 def method_paragraphs(comparison: Any) -> list[str]:
@@ -326,5 +379,16 @@ def method_paragraphs(comparison: Any) -> list[str]:
         f"Intervals: {c.confidence:.0%} two-level bootstrap ({c.bootstrap} resamples of seeds, "
         "then of test pairs). "
         f"Difference: paired with `{comparison.baseline}` by seed and test pair; "
-        f"p is the two-sided bootstrap p-value that it is 0. {lm}\n",
+        f"p is the two-sided bootstrap p-value that it is 0. {lm} "
+        "p (Holm): Holm's step-down adjustment over every configuration x metric difference.\n",
+        *(
+            [
+                f"Row `{comparison.untrained.member.label}`: the policy before training (the anchor itself), "
+                "scored the same way. Its reward against the anchor is 0 on every pair, a tie, so its test "
+                "reward accuracy vs the anchor is 0 by construction; its lm-eval scores are on the same "
+                "documents as the members' (the evaluate stage's anchor cache).\n"
+            ]
+            if getattr(comparison, "untrained", None) is not None
+            else []
+        ),
     ]

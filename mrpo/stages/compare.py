@@ -1,23 +1,18 @@
 """`mrpo compare`: does multi-reference help on this data? A seeded comparison with intervals, in one process.
 
 Configurations (params.yaml `compare`): DPO with each reference alone, MRPO with each weighting strategy over
-all references, and multi_dpo (uniform weights); each trained once per seed. A seed draws its own
-`compare.train_pairs` training pairs (the data-scarce setting) and orders them; every configuration of that
-seed trains on the same draw, from the anchor, for `compare.num_epochs` epochs, with the other `train.*`
-settings. Nothing is re-scored: the stored score files of the pipeline are reused, so the zoo, the data
-split and the scores are those of `seed` in params.yaml, and a comparison seed varies the training draw and
-the training order only.
+all references, and multi_dpo (uniform weights); each trained once per seed, from the anchor, on the seed's
+own draw of `compare.train_pairs` training pairs (shared by every configuration of that seed), with the other
+`train.*` settings. The pipeline's zoo, split and stored scores are reused (those of params.yaml's `seed`).
 
-Each member is scored on the whole test split against the anchor (the standard DPO reward accuracy, as the
-evaluate stage: mrpo.core.metrics.reward_accuracy), pair by pair; mrpo.core.stats turns the
-(seeds x pairs) matrices into intervals and paired differences against DPO with the anchor. With
-`compare.lm_eval_limit` > 0 each member also runs the evaluate stage's lm-eval tasks on that many documents.
+Each member is scored on the whole test split against the anchor, pair by pair (the evaluate stage's reward
+accuracy, mrpo.core.metrics), and with `compare.lm_eval_limit` > 0 on the evaluate stage's lm-eval tasks; so
+is the untrained policy (the anchor). mrpo.reporting.comparison turns these into intervals and paired
+differences against DPO with the anchor, Holm-adjusted over configurations x metrics.
 
-Outputs in `<compare.output_dir>/<id>/`: comparison.md (the tables and the reference diagnostics),
-comparison.csv (per configuration), members.csv (per member), comparison.png (mrpo.reporting.comparison);
-a copy of the CSV and PNG at `compare.plots_file` / `compare.image_file` for `dvc plots`; an MLflow parent
-run (kind `compare`, tag mrpo.sweep=<id>) with one child run per member (kind `compare-member`), recorded
-under the names a pipeline run uses (mrpo.tracking.names).
+Outputs in `<compare.output_dir>/<id>/`: comparison.md, comparison.csv, members.csv, comparison.png,
+compare.log (the libraries' logs); the CSV and PNG copied to `compare.plots_file` / `compare.image_file`; an
+MLflow parent run (kind `compare`) with one child run per member (kind `compare-member`).
 """
 
 from __future__ import annotations
@@ -36,11 +31,12 @@ import numpy as np
 import torch
 
 from mrpo.config.schema import Config
-from mrpo.core.metrics import LOGP_TIE_TOLERANCE
 from mrpo.core.weighting import STRATEGIES
-from mrpo.data.preference import PreferenceCollator, PreferenceDataset
+from mrpo.data.preference import PreferenceDataset
 from mrpo.errors import ConfigError
+from mrpo.evaluation.held_out import held_out_correct
 from mrpo.reporting.comparison import diagnostics_markdown, write_report
+from mrpo.reporting.console import quiet_libraries
 from mrpo.tracking.comparison import finish_comparison_run, log_member, start_comparison_run
 from mrpo.tracking.tracker import NullTracker
 
@@ -143,49 +139,6 @@ def draw_pairs(dataset: PreferenceDataset, n: int, seed: int) -> PreferenceDatas
 # ---------------------------------------------------------------- scoring a member
 
 
-def pair_correct(
-    policy_chosen: np.ndarray,
-    policy_rejected: np.ndarray,
-    anchor_chosen: np.ndarray,
-    anchor_rejected: np.ndarray,
-    beta: float,
-    precision: torch.dtype = torch.float32,
-) -> np.ndarray:
-    """Per pair 1.0 when the policy's reward against the anchor prefers the chosen response beyond a tie, else
-    0.0: the per-pair form of mrpo.core.metrics.reward_accuracy (its mean is the evaluate stage's
-    reward_accuracy_vs_anchor)."""
-    gap = beta * ((policy_chosen - anchor_chosen) - (policy_rejected - anchor_rejected))
-    return (gap > beta * LOGP_TIE_TOLERANCE[precision]).astype(np.float64)
-
-
-def policy_logps(
-    model, dataset: PreferenceDataset, pad_token_id: int, precision: torch.dtype, batch_size: int = 64
-) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen, rejected) sequence log-probs of the policy on every pair, computed as training computes
-    them."""
-    from mrpo.modeling.logprobs import forward_precision, response_logps
-    from mrpo.modeling.models import cpu_threads_for, torch_threads
-
-    collate = PreferenceCollator(pad_token_id)
-    device = next(model.parameters()).device
-    chosen, rejected = [], []
-    model.eval()
-    with torch.no_grad(), torch_threads(cpu_threads_for(model, device)):
-        for i in range(0, len(dataset), batch_size):
-            batch = collate(dataset.examples[i : i + batch_size])
-            n = batch["ref_chosen_logps"].shape[0]
-            with forward_precision(precision, device):
-                logps = response_logps(
-                    model,
-                    batch["input_ids"].to(device),
-                    batch["attention_mask"].to(device),
-                    batch["response_mask"].to(device),
-                )
-            chosen.append(logps[:n].double().cpu().numpy())
-            rejected.append(logps[n:].double().cpu().numpy())
-    return np.concatenate(chosen), np.concatenate(rejected)
-
-
 @dataclass
 class MemberResult:
     member: Member
@@ -223,6 +176,7 @@ class Comparison:
     source: str = "mrpo compare"  # the command, for every run's MLflow Source
     parent_run: NullTracker = field(default_factory=NullTracker)  # a Tracker when tracked
     lineage_tags: dict[str, str] = field(default_factory=dict)  # what every member's run shares
+    untrained: MemberResult | None = None  # the policy before training, scored as the members are
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -268,18 +222,51 @@ def start(
         setup.prepared_digest,
         source,
     )
+    comparison.untrained = score_untrained(comparison)
     if track:
         start_comparison_run(comparison)
-    log.info(
-        "compare %s: %d members (%d configurations x %d seeds), %d training pairs per seed, %d test pairs",
-        comparison_id,
-        len(members),
-        len({m.label for m in members}),
-        len(c.seeds),
-        min(c.train_pairs, len(setup.datasets["train"])),
-        len(setup.datasets["test"]),
-    )
+    log.info("%s", describe(comparison))
     return comparison
+
+
+def describe(comparison: Comparison) -> str:
+    """The comparison in one line: members, configurations, seeds, pairs, lm-eval."""
+    c, members = comparison.cfg.compare, comparison.members
+    labels = list(dict.fromkeys(m.label for m in members))
+    lm = (
+        f"lm-eval {len(comparison.lm_eval_tasks)} task(s) x {c.lm_eval_limit} docs"
+        if comparison.lm_eval_tasks
+        else "no lm-eval"
+    )
+    return (
+        f"compare {comparison.comparison_id}: {len(members)} members = {len(labels)} configurations "
+        f"({', '.join(labels)}) x {len(c.seeds)} seeds ({', '.join(map(str, c.seeds))}); "
+        f"{min(c.train_pairs, len(comparison.datasets['train']))} training pairs per seed, "
+        f"{c.num_epochs:g} epoch(s); {len(comparison.datasets['test'])} test pairs; {lm}; "
+        f"baseline {comparison.baseline}"
+    )
+
+
+def score_untrained(comparison: Comparison) -> MemberResult:
+    """The policy before training (the anchor, as load_policy makes it) scored as a member: test pairs
+    against the anchor; lm-eval through the evaluate stage's anchor cache (the same documents)."""
+    from mrpo.evaluation.lmeval import EvalSettings, cached_lm_eval, flatten_results
+    from mrpo.runtime import resolve_device
+    from mrpo.training.setup import load_policy
+
+    cfg, test = comparison.cfg, comparison.datasets["test"]
+    model = load_policy(cfg, resolve_device(cfg.train.device))
+    pad, precision = comparison.tokenizer.pad_token_id, comparison.precision
+    correct = held_out_correct(model, test, pad, cfg.train.beta, precision)
+    scores = {}
+    if comparison.lm_eval_tasks:
+        settings = dataclasses.replace(EvalSettings.from_config(cfg), limit=cfg.compare.lm_eval_limit)
+        cache = Path(cfg.evaluate.cache_dir)
+        chat = cfg.anchor.chat_template
+        results, _ = cached_lm_eval(cfg.anchor, comparison.lm_eval_tasks, settings, cache, chat)
+        scores = flatten_results(results, "policy")  # the members' names, so the report lines them up
+    member = Member(f"untrained:{comparison.names[0]}", 0, "none", "none", (comparison.names[0],))
+    return MemberResult(member, correct, scores)
 
 
 def _plan_lm_eval(cfg: Config, out_dir: Path) -> list:
@@ -300,15 +287,17 @@ def run_member(comparison: Comparison, member: Member) -> MemberResult:
         result.train_pairs = train_pairs
         result.seconds = time.perf_counter() - started
     result.mlflow_run_id = log_member(comparison, mcfg, result)
-    log.info(
-        "compare: %s seed %d: test reward accuracy %.3f (%d steps, %.1fs)",
-        member.label,
-        member.seed,
-        result.accuracy,
-        result.steps,
-        result.seconds,
-    )
+    log.info("compare: %s", member_line(result))
     return result
+
+
+def member_line(result: MemberResult) -> str:
+    m = result.member
+    scores = "".join(f", {k.removeprefix('policy/')} {v:.3f}" for k, v in sorted(result.scores.items()))
+    return (
+        f"{m.label} seed {m.seed}: test reward acc vs anchor {result.accuracy:.3f}{scores} "
+        f"({result.steps} steps, {result.seconds:.1f}s)"
+    )
 
 
 def _train_member(comparison: Comparison, mcfg: Config, member: Member):
@@ -344,10 +333,8 @@ def _score_member(comparison: Comparison, mcfg: Config, member: Member, trainer)
     from mrpo.training.trainer import mean_training_loss
 
     test, model = comparison.datasets["test"], trainer.model
-    pi_w, pi_l = policy_logps(model, test, comparison.tokenizer.pad_token_id, comparison.precision)
-    anchor_w = np.array([e.ref_chosen_logps[0] for e in test.examples])
-    anchor_l = np.array([e.ref_rejected_logps[0] for e in test.examples])
-    correct = pair_correct(pi_w, pi_l, anchor_w, anchor_l, mcfg.train.beta, comparison.precision)
+    pad, precision = comparison.tokenizer.pad_token_id, comparison.precision
+    correct = held_out_correct(model, test, pad, mcfg.train.beta, precision)
     scores = _lm_eval_member(comparison, mcfg, model) if comparison.lm_eval_tasks else {}
     return MemberResult(
         member,
@@ -387,13 +374,21 @@ def report(comparison: Comparison, results: Sequence[MemberResult], command: str
 
 
 def compare(cfg: Config, *, track: bool = True, comparison_id: str | None = None) -> dict:
-    """`mrpo compare`: start, every member in turn, the report; prints the table."""
-    comparison = start(cfg, comparison_id, track)
-    try:
-        out = report(comparison, run_all(comparison))
-    except BaseException:
-        comparison.parent_run.end("FAILED")
-        raise
-    print(out["table"], end="")
+    """`mrpo compare`: start, every member in turn (one line each), the report; prints the tables. The
+    libraries' logs go to compare.log in the comparison's folder; their warnings are shown once, counted."""
+    comparison_id = comparison_id or time.strftime("compare-%Y%m%d-%H%M%S")
+    with quiet_libraries(Path(cfg.compare.output_dir) / comparison_id / "compare.log") as console:
+        comparison = start(cfg, comparison_id, track)
+        console.say(f"{describe(comparison)}; library logs: {console.log_path}")
+        try:
+            results = []
+            for i, member in enumerate(comparison.members, 1):
+                results.append(run_member(comparison, member))
+                console.say(f"[{i}/{len(comparison.members)}] {member_line(results[-1])}")
+            out = report(comparison, results)
+        except BaseException:
+            comparison.parent_run.end("FAILED")
+            raise
+    print("\n".join(console.warning_lines() + [out["table"]]))
     print(f"comparison {comparison.comparison_id}: {out['paths']['md']} ({out['wall_s'] / 60:.1f} min)")
     return out

@@ -102,7 +102,8 @@ def finish_comparison_run(comparison, rows: list[dict], paths: dict, wall: float
     parent = comparison.parent_run
     metrics = {"compare/wall_s": wall}
     for r in rows:
-        for key in ("accuracy", "accuracy_low", "accuracy_high", "diff", "diff_low", "diff_high", "p"):
+        keys = ("accuracy", "accuracy_low", "accuracy_high", "diff", "diff_low", "diff_high", "p", "p_holm")
+        for key in keys:
             if key in r:
                 metrics[f"{r['label'].replace(':', '.')}/{key}"] = r[key]
     parent.log_metrics(metrics)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from helpers import config
 
-from mrpo.reporting.comparison import lm_eval_diff_rows, summarise, table_rows
-from mrpo.stages.compare import Member, MemberResult, comparison_members, pair_correct
+from mrpo.evaluation.held_out import pair_correct
+from mrpo.reporting.comparison import difference_rows, summarise, table_rows
+from mrpo.stages.compare import Member, MemberResult, comparison_members
 
 
 def test_members_are_every_configuration_for_every_seed():
@@ -68,14 +69,19 @@ def test_summary_by_hand():
     assert vdw["policy/t/acc diff high"] == pytest.approx(0.075 + half)
     # paired t: t = 0.075 / (sd / sqrt(2)) = 3 with 1 degree of freedom, p = 2 * (1/2 - atan(3) / pi)
     assert vdw["policy/t/acc p"] == pytest.approx(1 - 2 * math.atan(3) / math.pi)
-    assert lm_eval_diff_rows([base, vdw], "dpo:a")[1] == [["mrpo:vdw", "+0.075 [-0.243, +0.393], p=0.205"]]
+    assert difference_rows([base, vdw], "dpo:a")[1] == [
+        ["mrpo:vdw", "test reward acc vs anchor", vdw_acc := difference_rows([vdw], "dpo:a")[1][0][2]]
+        + [f"{vdw['p']:.3f}", f"{vdw['p_holm']:.3f}"],
+        ["mrpo:vdw", "t/acc", "+0.075 [-0.243, +0.393]", "0.205", f"{vdw['policy/t/acc p_holm']:.3f}"],
+    ]
+    assert vdw_acc.startswith("+0.250 [")
     header, body = table_rows([base, vdw], "dpo:a")
-    assert header[:5] == ["configuration", "seeds", "test reward acc [95% CI]", "vs dpo:a [95% CI]", "p"]
-    assert body[0][3] == "(baseline)" and body[1][3].startswith("+0.250 [")
-    assert header[5:] == ["t/acc [95% CI]"] and body[1][5].startswith("0.425 [")
+    assert header[:3] == ["configuration", "seeds", "test reward acc vs anchor [95% CI]"]
+    assert body[1][:2] == ["mrpo:vdw", "2"] and body[1][2].startswith("0.750 [")
+    assert header[3:] == ["t/acc [95% CI]"] and body[1][3].startswith("0.425 [")
     wide = [dict(r, **{"policy/t/acc_norm": 0.4, "policy/u/em": 0.1}) for r in (base, vdw)]
-    assert table_rows(wide, "dpo:a", 0.9)[0][5:] == ["t/acc [90% CI]", "t/acc_norm [90% CI]", "u/em [90% CI]"]
-    assert table_rows(wide, "dpo:a", compact=True)[0][5:] == ["t/acc [95% CI]", "u/em [95% CI]"]
+    assert table_rows(wide, "dpo:a", 0.9)[0][3:] == ["t/acc [90% CI]", "t/acc_norm [90% CI]", "u/em [90% CI]"]
+    assert table_rows(wide, "dpo:a", compact=True)[0][3:] == ["t/acc [95% CI]", "u/em [95% CI]"]
 
 
 @pytest.mark.slow
@@ -85,8 +91,9 @@ def test_a_small_comparison_end_to_end(scored, tmp_path):
     import pandas as pd
     from mlflow import MlflowClient
 
+    from mrpo.evaluation.held_out import policy_logps
     from mrpo.runtime import resolve_device
-    from mrpo.stages.compare import policy_logps, report, run_all, start
+    from mrpo.stages.compare import report, run_all, start
     from mrpo.tracking.runs import runs_table
     from mrpo.training.policy import load_policy
 
@@ -189,3 +196,71 @@ def test_the_compare_flow_runs_each_member_as_a_task_and_publishes_the_report(sc
         artifacts = client.read_artifacts()
     assert tasks == ["dpo:anchor-s3", "dpo:gpt2_char-s3"]
     assert any(a.key == "comparison" and "dpo:gpt2_char" in a.data for a in artifacts)
+
+
+def test_report_p_values_are_holm_over_configurations_x_metrics_and_the_untrained_anchor_has_a_row():
+    from mrpo.core.stats import holm_adjusted
+    from mrpo.reporting.comparison import family_keys, verdict_lines
+
+    rng = np.random.default_rng(0)
+    results = []
+    for seed in range(3):
+        for k, label in enumerate(("dpo:a", "mrpo:vdw", "mrpo:vaw", "multi_dpo")):
+            correct = (rng.random(40) < 0.5 + 0.1 * k).astype(float)
+            scores = {"policy/t/acc": 0.6 - 0.02 * k + 0.01 * seed, "policy/u/em": 0.3 + 0.01 * rng.random()}
+            results.append(_result(label, seed, correct, **scores))
+    untrained = _result("untrained:a", 0, np.zeros(40), **{"policy/t/acc": 0.66, "policy/u/em": 0.31})
+    rows = summarise(results, "dpo:a", resamples=500, untrained=untrained)
+
+    assert rows[0]["label"] == "untrained:a" and rows[0]["untrained"] and rows[0]["accuracy"] == 0.0
+    assert rows[0]["policy/t/acc"] == 0.66 and "p" not in rows[0] and "p_holm" not in rows[0]
+    keys = family_keys(rows)
+    assert len(keys) == 3 * 3  # three configurations besides the baseline x three metrics
+    raw = [rows[i][k] for i, k in keys]
+    assert [rows[i][f"{k}_holm"] for i, k in keys] == holm_adjusted(raw)
+    assert all(rows[i][f"{k}_holm"] >= rows[i][k] for i, k in keys)
+
+    header, body = table_rows(rows, "dpo:a")
+    assert body[0][:3] == ["untrained:a", "-", "0.000 [0.000, 0.000]"] and body[0][3] == "0.660"
+    diff_header, diffs = difference_rows(rows, "dpo:a")
+    assert diff_header[-2:] == ["p", "p (Holm)"] and len(diffs) == 9
+    assert {(d[0], d[1]) for d in diffs} == {
+        (c, m)
+        for c in ("mrpo:vdw", "mrpo:vaw", "multi_dpo")
+        for m in ("test reward acc vs anchor", "t/acc", "u/em")
+    }
+    vaw_acc = next(r for r in rows if r["label"] == "mrpo:vaw")
+    assert [d[3:] for d in diffs if d[:2] == ["mrpo:vaw", "t/acc"]] == [
+        [f"{vaw_acc['policy/t/acc p']:.3f}", f"{vaw_acc['policy/t/acc p_holm']:.3f}"]
+    ]
+    lines = verdict_lines(rows, "dpo:a")
+    assert lines[0].startswith("mrpo:vdw") is False and "of 9 differences" in lines[0]
+    assert "t/acc: 4 of 4 configurations below the untrained anchor's 0.660." in lines
+
+
+def test_library_logs_go_to_the_file_and_repeated_warnings_are_counted_once(tmp_path, capsys):
+    import logging
+    import warnings
+
+    from mrpo.reporting.console import quiet_libraries
+
+    def state():
+        loggers = [logging.getLogger(n) for n in ("mrpo", "lm_eval", "transformers")]
+        return [(lg.handlers[:], lg.propagate) for lg in loggers]
+
+    before = state()
+    with quiet_libraries(tmp_path / "run.log") as console, warnings.catch_warnings():
+        warnings.simplefilter("always")
+        for _ in range(3):
+            logging.getLogger("lm_eval.evaluator").warning("generation_kwargs: %s. Ensure 'do_sample'", 16)
+            warnings.warn("a library's warning", UserWarning, stacklevel=1)
+        logging.getLogger("transformers").warning("loading weights")
+        print("a progress bar")
+        console.say("member 1 done")
+    assert capsys.readouterr().out == "member 1 done\n"
+    log = (tmp_path / "run.log").read_text()
+    assert "loading weights" in log and "a progress bar" in log and log.count("do_sample") == 3
+    lines = console.warning_lines()
+    assert lines[0].startswith("7 library warning(s), 3 distinct") and len(lines) == 4
+    assert lines[1].strip().startswith("3 x WARNING lm_eval.evaluator: generation_kwargs: 16.")
+    assert state() == before  # the loggers are as they were
