@@ -1,20 +1,8 @@
 """The `diagnose` stage: which references are worth using, read from their stored scores before training.
 
-Over one split (default: validation) of the pairs every reference could score, per reference k with the
-raw margin m_k = r_k^w - r_k^l (sequence log-probs, docs/mrpo-spec.md section 5):
-
-* preference accuracy: the share of pairs with m_k > 0 (what `vaw` weights by);
-* the mean and standard deviation of m_k;
-* how often the trust-region clip (mrpo.core.reference, at train.epsilon / train.adaptive_epsilon) moves its
-  log-probs: the share of its (pair, response) values clipped, as the trainer's `clipped_fraction`
-  (on sequence log-probs; with loss_type ipo_norm training clips per-token log-probs instead);
-* for each pair of references, the share of pairs both order alike (m_i > 0 == m_j > 0) and the
-  Pearson correlation of their margins;
-* the weights each registered strategy would give them (mrpo.core.weighting): offline strategies fitted as
-  training fits them, per-pair ones (arwc) averaged over the pairs, online ones their initial weights.
-
-Outputs (params.yaml `diagnose`): metrics JSON, a per-reference CSV and PNG for `dvc plots`, a markdown
-report (the Prefect artifact and the comparison report embed it) and one MLflow run.
+What is computed per reference and per pair of references is mrpo.reporting.diagnostics. Outputs (params.yaml
+`diagnose`): each reference's accuracy as JSON, a per-reference CSV and PNG for `dvc plots`, a markdown report
+(the Prefect artifact and the comparison report embed it) and one MLflow run.
 """
 
 from __future__ import annotations
