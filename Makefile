@@ -12,7 +12,7 @@ setup:
 	bash scripts/setup.sh
 
 # The same paths as tests/project/test_lint.py, which makes the test suite (and so CI) enforce them.
-LINT_PATHS = mrpo flows evaluation tests benchmarks
+LINT_PATHS = mrpo flows evaluation tests benchmarks scripts
 
 lint:
 	. .venv/bin/activate && ruff check $(LINT_PATHS) && ruff format --check $(LINT_PATHS)

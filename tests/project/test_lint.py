@@ -13,7 +13,7 @@ import sys
 import pytest
 from helpers import REPO_ROOT
 
-LINT_PATHS = ["mrpo", "flows", "evaluation", "tests", "benchmarks"]
+LINT_PATHS = ["mrpo", "flows", "evaluation", "tests", "benchmarks", "scripts"]
 
 
 def _ruff() -> list[str]:
