@@ -201,11 +201,12 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     client.log_param(run.run_id, "train.beta", "0.1")  # already logged by train: must not be re-logged
     (project / "metrics").mkdir()
     # the full records (MLflow's names), beside the DVC metrics files' headline view
-    (project / cfg.evaluate.results_dir).mkdir(parents=True)
+    (project / cfg.evaluate.results_dir).mkdir(parents=True, exist_ok=True)
     (project / cfg.evaluate.results_dir / "metrics.json").write_text(
         json.dumps({"policy/mrpo_facts_mc/acc": 0.625, "pref": {"n": 18}})
     )
     (project / "metrics" / "train.json").write_text(json.dumps({"steps": 3, "train_loss": 0.69}))
+    (project / "metrics" / "eval.json").write_text(json.dumps({"mrpo_facts_mc": 0.625}))  # the headline view
     # The curves as the train stage writes them (mrpo.stages.train.write_plots), from a three-step log.
     frame = pd.DataFrame(
         {
@@ -221,7 +222,7 @@ def test_record_lineage_completes_the_train_stage_run(tiny_project, tmp_path, mo
     validation = plots.validation_rows(rows, {"val_loss_before": 0.7, "val_reward_accuracy_before": 0.3})
     plots.write_csv(project / "plots" / "validation.csv", plots.VALIDATION_COLUMNS, validation)
     plots.render_pngs(project / "plots", rows, validation, ["anchor", "gpt2_char"], "mrpo (uniform)")
-    (project / cfg.evaluate.results_dir).mkdir(parents=True)
+    (project / cfg.evaluate.results_dir).mkdir(parents=True, exist_ok=True)
     (project / cfg.evaluate.results_dir / "results_policy.json").write_text("{}")
 
     assert record_lineage(cfg, project) == run.run_id
