@@ -414,7 +414,7 @@ def test_sweep_members_and_dvc_set_arguments():
 def test_comparison_table_aggregates_over_seeds(tmp_path):
     from flows.sweep import aggregate, write_comparison
 
-    m = "eval.policy/mrpo_facts_mc/acc"
+    m = "eval.mrpo_facts_mc"  # metrics/eval.json's headline name, by file stem
     rows = [
         {"experiment": "e1", "label": "dpo:anchor", "seed": 0, "status": "ok", m: 0.5},
         {"experiment": "e2", "label": "dpo:anchor", "seed": 1, "status": "ok", m: 0.7},
