@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mrpo.config.load import load_config, parse_yaml_value
 from mrpo.errors import USER_ERROR_EXIT, ConfigError, MRPOError
-from mrpo.io import output_lock
+from mrpo.locks import output_lock
 from mrpo.pipeline import STAGE_NAMES, STAGES, Stage, config_value
 from mrpo.pipeline import stage as pipeline_stage
 from mrpo.runtime import setup_logging

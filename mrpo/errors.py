@@ -8,7 +8,21 @@ raises an :class:`MRPOError`; the CLI prints its message as one line and exits w
 
 from __future__ import annotations
 
+import reprlib
+
 USER_ERROR_EXIT = 2
+QUOTE_LIMIT = 200  # characters of a value an error message quotes: a huge value must not make a huge line
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxdict, _repr.maxlist, _repr.maxtuple = 3, 8, 8, 8
+_repr.maxstring, _repr.maxother = QUOTE_LIMIT, QUOTE_LIMIT
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`repr(value)` for an error message, at most `limit` characters; built without expanding the whole
+    value, so a value with a billion nested items costs no more than a small one."""
+    text = _repr.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class MRPOError(Exception):
@@ -33,3 +47,7 @@ class TrainingError(MRPOError, RuntimeError):
 
 class OutputLocked(MRPOError, RuntimeError):
     """Another process is writing the same stage outputs."""
+
+
+class LockRefused(MRPOError, RuntimeError):
+    """A lock file or lock directory is not safe to use (a symlink, another user's, writable by others)."""

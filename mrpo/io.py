@@ -1,27 +1,20 @@
-"""File contracts every stage shares: atomic writes, digests, and a lock on a stage's outputs.
+"""File contracts every stage shares: atomic writes and digests (the lock on a stage's outputs: mrpo.locks).
 
 A reader (DVC, the next stage, a user) sees either the previous version of an output or the
-new one, never half of one; and two processes never write the same outputs at once.
+new one, never half of one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
-import socket
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from mrpo.errors import OutputLocked
 
 
 def _temp_sibling(path: Path, kind: str = "tmp") -> Path:
@@ -110,46 +103,3 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-# ---------------------------------------------------------------- the output lock
-
-
-def _lock_path(output: Path) -> Path:
-    """One lock file per output path, outside the project, so DVC never hashes it and git never sees it."""
-    key = hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:24]
-    root = Path(os.environ.get("MRPO_LOCK_DIR", Path(tempfile.gettempdir()) / "mrpo-locks"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root / f"{key}.lock"
-
-
-@contextlib.contextmanager
-def output_lock(output: str | Path, stage: str) -> Iterator[None]:
-    """Hold an exclusive lock on `output` for the `with` block; raise OutputLocked at once when another
-    process holds it. The kernel drops the lock when its holder dies,
-    so a killed run never leaves it stale."""
-    output = Path(output)
-    path = _lock_path(output)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-            raise OutputLocked(
-                f"{output} is being written by {holder}; "
-                f"wait for it to finish or stop it, then re-run `mrpo {stage}`"
-            ) from None
-        holder = (
-            f"`mrpo {stage}` (pid {os.getpid()} on {socket.gethostname()}, started "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}, command: {' '.join(sys.argv)[:300]})"
-        )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)

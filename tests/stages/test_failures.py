@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from mrpo.cli import main
 from mrpo.errors import OutputLocked, TrainingError
-from mrpo.io import output_lock
+from mrpo.locks import output_lock
 from mrpo.stages.train import train
 from mrpo.training.checkpoints import SEAL_FILE, checkpoint_problem
 
@@ -224,7 +224,7 @@ def test_kill_9_anywhere_after_the_first_checkpoint_resumes_to_the_same_weights(
 
 HOLD_LOCK = """
 import sys, time
-from mrpo.io import output_lock
+from mrpo.locks import output_lock
 with output_lock(sys.argv[1], "train"):
     print("held", flush=True)
     time.sleep(120)
