@@ -17,7 +17,7 @@ from mrpo.errors import USER_ERROR_EXIT, ConfigError, MRPOError
 from mrpo.locks import output_lock
 from mrpo.pipeline import STAGE_NAMES, STAGES, Stage, config_value
 from mrpo.pipeline import stage as pipeline_stage
-from mrpo.runtime import setup_logging
+from mrpo.runtime import die_with_parent, interrupt_on_sigterm, setup_logging
 
 STATUS_FILE_ENV = "MRPO_STATUS_FILE"
 
@@ -188,7 +188,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    with interrupt_on_sigterm():
+        return _run_mapped(args)
+
+
+def _run_mapped(args: argparse.Namespace) -> int:
+    """The command, its user errors as one line and exit 2, an interrupt (Ctrl-C, SIGTERM) as exit 130."""
     try:
+        die_with_parent()
         _run_stage(args)
     except ConfigError as exc:
         return _exit(args.stage, USER_ERROR_EXIT, f"mrpo: configuration error: {exc}")

@@ -3,12 +3,18 @@ how it logs and shows progress (a bar on a terminal, a few log lines off one).""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import random
+import select
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +56,86 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+@contextmanager
+def interrupt_on_sigterm():
+    """For the block, SIGTERM (`kill`, a scheduler, a dying parent) ends a command the way Ctrl-C does:
+    KeyboardInterrupt, so the stage keeps its finished work, marks its MLflow run KILLED and exits with the
+    interrupted line. Later SIGTERMs are ignored while that cleanup runs; SIGKILL still ends it at once.
+    Signal handlers belong to the main thread: elsewhere the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum, frame):
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "fish", "ksh", "mksh"})
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _proc_parent(pid: int) -> tuple[str, int] | None:
+    """(command name, parent pid) of a process from /proc, None where there is no /proc or no such pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+    return name, int(rest[1])
+
+
+def _supervisor() -> int:
+    """The process a stage must not outlive: its parent, or the parent's parent when the parent is the shell
+    DVC runs each command in (`$SHELL -c 'mrpo train'`: dash does not exec it, so the shell stays)."""
+    parent = os.getppid()
+    info = _proc_parent(parent)
+    if info and info[0] in SHELLS and info[1] > 1:
+        return info[1]
+    return parent
+
+
+def _watch(pid: int, parent: int) -> None:
+    """Send this process SIGTERM when `pid` exits or this process is re-parented."""
+    pidfd = None
+    with contextlib.suppress(AttributeError, OSError):
+        pidfd = os.pidfd_open(pid)
+    while os.getppid() == parent:
+        if pidfd is not None:
+            if select.select([pidfd], [], [], 1.0)[0]:
+                break
+        else:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def die_with_parent() -> None:
+    """Under DVC (which sets DVC_STAGE for every command), end this stage when DVC ends: a killed `dvc repro`
+    must not leave an orphan still writing outputs. The kernel sends SIGTERM when the parent dies
+    (PR_SET_PDEATHSIG, Linux); a watcher thread covers a shell between DVC and the stage, and other systems.
+    Not armed outside DVC: `nohup mrpo train &` must outlive its terminal."""
+    if "DVC_STAGE" not in os.environ:
+        return
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if parent == 1:  # DVC is never init: the parent died before the line above armed the kernel
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    threading.Thread(target=_watch, args=(_supervisor(), parent), name="die-with-parent", daemon=True).start()
 
 
 def on_terminal() -> bool:

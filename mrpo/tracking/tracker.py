@@ -4,7 +4,7 @@ does not record), with the same methods, so a stage never asks whether it is tra
     with tracked_run(cfg, kind="pipeline", name=..., source="mrpo train", enabled=track) as run:
         run.log_params(...); run.log_metrics(..., step=...); run.log_artifact(path, "plots")
 
-A run is FINISHED when the `with` block completes and FAILED when anything escapes it (an interrupt too).
+A run is FINISHED when the `with` block completes, KILLED when interrupted, FAILED when anything else escapes.
 `reopen(cfg)` gives the pipeline run the train stage recorded (for evaluate and the lineage). Names of the
 quantities recorded: mrpo.tracking.names.
 """
@@ -207,13 +207,16 @@ def start_run(
 @contextlib.contextmanager
 def tracked_run(cfg: Config, *, enabled: bool = True, **start) -> Iterator[NullTracker]:
     """`start_run(cfg, **start)` for the `with` block, or a NullTracker when not `enabled`:
-    FINISHED when the block completes, FAILED when anything escapes it, an interrupt included."""
+    FINISHED when the block completes, KILLED when interrupted, FAILED when anything else escapes it."""
     if not enabled:
         yield NullTracker()
         return
     run = start_run(cfg, **start)
     try:
         yield run
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (mrpo.runtime.interrupt_on_sigterm)
+        run.end("KILLED")
+        raise
     except BaseException:
         run.end("FAILED")
         raise
