@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import sys
 from pathlib import Path
 
 from mrpo.config.load import load_config, parse_yaml_value
-from mrpo.errors import USER_ERROR_EXIT, ConfigError, MRPOError
+from mrpo.errors import USER_ERROR_EXIT, ConfigError, MRPOError, quote
 from mrpo.locks import output_lock
 from mrpo.pipeline import STAGE_NAMES, STAGES, Stage, config_value
 from mrpo.pipeline import stage as pipeline_stage
 from mrpo.runtime import die_with_parent, interrupt_on_sigterm, setup_logging
 
 STATUS_FILE_ENV = "MRPO_STATUS_FILE"
+MESSAGE_LIMIT = 2000  # characters of an error line: whatever it quotes, a line stays a line
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -29,7 +32,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.beta=0.2")
         key, value = pair.split("=", 1)
-        out[key] = parse_yaml_value(value)
+        out[key] = parse_yaml_value(value, f"--set {quote(pair)}")
     return out
 
 
@@ -201,6 +204,10 @@ def _run_mapped(args: argparse.Namespace) -> int:
         return _exit(args.stage, USER_ERROR_EXIT, f"mrpo: configuration error: {exc}")
     except (MRPOError, FileNotFoundError) as exc:
         return _exit(args.stage, USER_ERROR_EXIT, f"mrpo {args.stage}: {exc}")
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        return _exit(args.stage, USER_ERROR_EXIT, f"mrpo {args.stage}: {_disk_full(exc)}")
     except KeyboardInterrupt:
         return _exit(
             args.stage, 130, "mrpo: interrupted; finished work is kept and the stage resumes on the next run"
@@ -208,9 +215,38 @@ def _run_mapped(args: argparse.Namespace) -> int:
     return _exit(args.stage, 0)
 
 
+def _written_path(exc: OSError) -> str | None:
+    """The file a failed write was writing: the error's own filename, else, from the innermost frame out, a
+    local `path` or the name of an open file (Python's `write` names no file when the disk is full)."""
+    if exc.filename:
+        return str(exc.filename)
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for name, value in frame.f_locals.items():
+            if name in ("path", "tmp", "final") and isinstance(value, str | Path):
+                return str(value)
+            if hasattr(value, "write") and isinstance(getattr(value, "name", None), str):
+                return value.name
+    return None
+
+
+def _disk_full(exc: OSError) -> str:
+    what = "disk quota exceeded" if exc.errno == errno.EDQUOT else "no space left on device"
+    path = _written_path(exc)
+    where = f"writing {path}" if path else "writing the stage's outputs"
+    df = f"df -h {Path(path).parent}" if path else "df -h"
+    return f"{what} {where}; free some space ({df}) and re-run: finished work is kept"
+
+
 def _exit(stage: str, code: int, message: str | None = None) -> int:
     """Print `message` as one line, and tell a caller that asked (the flows, through STATUS_FILE_ENV) how the
     stage ended: DVC reports every failed command alike, so the exit code is passed on this way."""
+    if message and len(message) > MESSAGE_LIMIT:
+        message = message[: MESSAGE_LIMIT - 3] + "..."
     if message:
         print(message, file=sys.stderr)
     status_file = os.environ.get(STATUS_FILE_ENV)

@@ -15,8 +15,6 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mrpo.config.knobs import MEMORY_DEVICES
 from mrpo.config.rules import check, one_of, validate
 from mrpo.config.schema import (
@@ -30,57 +28,12 @@ from mrpo.config.schema import (
     field_at,
     section_class,
 )
-from mrpo.errors import ConfigError
+from mrpo.config.yamlfile import parse_yaml_value as parse_yaml_value  # re-exported: its old home
+from mrpo.config.yamlfile import read_yaml_mapping
+from mrpo.errors import ConfigError, quote
 
 OVERLAY_KEY = "extends"  # an overlay's base file, relative to the overlay (profiles/*.yaml: ../params.yaml)
 PROFILE_KEY = "profile"  # written by `mrpo profile apply`: which overlay params.yaml holds
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A YAML loader that refuses duplicate mapping keys instead of keeping the last one."""
-
-
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            line = key_node.start_mark.line + 1
-            raise ConfigError(f"duplicate key {key!r} at line {line} of {node.start_mark.name}")
-        seen[key] = loader.construct_object(value_node, deep=deep)
-    return seen
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-# YAML 1.1 (PyYAML) reads `1e-4` and `1e30` as strings; YAML 1.2 (and DVC, which reads params.yaml too) as
-# numbers. Read them as numbers, so `learning_rate: 1e-4` means what it says.
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml_value(text: str) -> Any:
-    """One value as params.yaml would read it (for `--set key=value`)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)
-
-
-def read_yaml_mapping(path: str | Path) -> dict:
-    """A params file as written (an overlay not applied): a mapping of sections, duplicate keys refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file {str(path)!r} not found (run from the project root or pass --params)")
-    with path.open() as f:
-        try:
-            raw = yaml.load(f, Loader=_UniqueKeyLoader)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}"
-        )
-    return raw
 
 
 def read_params(path: str | Path = "params.yaml") -> dict:
@@ -132,7 +85,7 @@ def set_dotted(raw: dict, dotted: str, value: Any) -> None:
             child = node[key] = {}
         if not isinstance(child, dict):
             where = ".".join(parents[: i + 1])
-            raise ConfigError(f"--set {dotted}: {where} is {child!r}, not a section with keys")
+            raise ConfigError(f"--set {dotted}: {where} is {quote(child)}, not a section with keys")
         node = child
     node[last] = value
 
@@ -140,7 +93,7 @@ def set_dotted(raw: dict, dotted: str, value: Any) -> None:
 def parse_config(raw: Mapping[str, Any]) -> Config:
     """A Config from params.yaml's settings: each field typed and checked against its knob, then the rules."""
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"params: expected a mapping of sections at the top level, got {raw!r}")
+        raise ConfigError(f"params: expected a mapping of sections at the top level, got {quote(raw)}")
     fields = {f.name: f for f in dataclasses.fields(Config)}
     _reject_unknown(raw, set(fields) | {"paths", PROFILE_KEY}, "")
     seed = _field(fields["seed"], raw.get("seed", 0), "seed")
@@ -170,7 +123,7 @@ def _mapping(raw: Any, prefix: str) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix}: expected a mapping of settings (key: value lines), got {raw!r}")
+        raise ConfigError(f"{prefix}: expected a mapping of settings (key: value lines), got {quote(raw)}")
     return dict(raw)
 
 
@@ -199,7 +152,7 @@ def _typed(value: Any, annotation: str, key: str) -> Any:
         raise ConfigError(f"{key}: got null; expected {_describe(annotation)}")
 
     def bad(hint: str = "") -> ConfigError:
-        return ConfigError(f"{key}: expected {_describe(annotation)}, got {value!r}{hint}")
+        return ConfigError(f"{key}: expected {_describe(annotation)}, got {quote(value)}{hint}")
 
     if base == "bool":
         if not isinstance(value, bool):
@@ -213,7 +166,7 @@ def _typed(value: Any, annotation: str, key: str) -> Any:
                 " (quote it in params.yaml to make it a string)" if isinstance(value, int | float) else ""
             )
         if not value.strip():
-            raise ConfigError(f"{key}: got {value!r}; must be a non-empty string")
+            raise ConfigError(f"{key}: got {quote(value)}; must be a non-empty string")
         return value
     if base.startswith("tuple["):
         if isinstance(value, str):
@@ -233,7 +186,7 @@ def _number(value: Any, base: str, key: str, bad) -> int | float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise bad()
     if not math.isfinite(value):
-        raise ConfigError(f"{key}: got {value!r}; must be a finite number")
+        raise ConfigError(f"{key}: got {quote(value)}; must be a finite number")
     if base == "int" and isinstance(value, float):
         if not value.is_integer():
             raise bad()
@@ -307,17 +260,17 @@ def _references(raw: Any) -> tuple[ReferenceConfig, ...]:
         items = []
         for i, spec in enumerate(raw):
             if not isinstance(spec, Mapping) or "name" not in spec:
-                raise ConfigError(f"references[{i}]: expected a mapping with a 'name', got {spec!r}")
+                raise ConfigError(f"references[{i}]: expected a mapping with a 'name', got {quote(spec)}")
             items.append((spec["name"], {k: v for k, v in spec.items() if k != "name"}))
     else:
-        raise ConfigError(f"references: expected a mapping of name -> settings, got {raw!r}")
+        raise ConfigError(f"references: expected a mapping of name -> settings, got {quote(raw)}")
     seen: set[str] = set()
     refs = []
     for name, spec in items:
         if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"references: name {name!r} must be non-empty letters, digits, '-' or '_'")
+            raise ConfigError(f"references: name {quote(name)} must be non-empty letters, digits, '-' or '_'")
         if name in seen:
-            raise ConfigError(f"references: duplicate reference name {name!r}; names must be unique")
+            raise ConfigError(f"references: duplicate reference name {quote(name)}; names must be unique")
         seen.add(name)
         if isinstance(spec, str):
             spec = {"model": spec}
@@ -338,20 +291,21 @@ def _max_memory(raw: Any, key: str) -> dict[str, int | str] | None:
         return None
     if not isinstance(raw, Mapping) or not raw:
         raise ConfigError(
-            f"{key}: expected a mapping of device to size, e.g. {{0: 70GiB, cpu: 200GiB}}, got {raw!r}"
+            f"{key}: expected a mapping of device to size, e.g. {{0: 70GiB, cpu: 200GiB}}, got {quote(raw)}"
         )
     out: dict[str, int | str] = {}
     for device, size in raw.items():
         name = str(device)
         if not (name.isdigit() or name in MEMORY_DEVICES):
             raise ConfigError(
-                f"{key}: device {device!r} is not a GPU index (0, 1, ...) "
+                f"{key}: device {quote(device)} is not a GPU index (0, 1, ...) "
                 f"or one of {', '.join(MEMORY_DEVICES)}"
             )
         ok_int = isinstance(size, int) and not isinstance(size, bool) and size > 0
         if not (ok_int or (isinstance(size, str) and _MEMORY_SIZE.match(size.strip()))):
             raise ConfigError(
-                f"{key}.{name}: got {size!r}; expected a positive number of bytes or a size with a unit, "
+                f"{key}.{name}: got {quote(size)}; expected a positive number of bytes or a size with a unit,"
+                " "
                 "e.g. 70GiB or 500MB"
             )
         out[name] = size.strip() if isinstance(size, str) else size
@@ -362,10 +316,12 @@ def _zoo(raw: Any) -> ZooConfig:
     raw = _mapping(raw, "zoo")
     members_raw = raw.pop("members", None) or {}
     if not isinstance(members_raw, Mapping):
-        raise ConfigError(f"zoo.members: expected a mapping of name -> settings, got {members_raw!r}")
+        raise ConfigError(f"zoo.members: expected a mapping of name -> settings, got {quote(members_raw)}")
     for name in members_raw:
         if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"zoo.members: name {name!r} must be non-empty letters, digits, '-' or '_'")
+            raise ConfigError(
+                f"zoo.members: name {quote(name)} must be non-empty letters, digits, '-' or '_'"
+            )
     members = tuple(
         _section(ZooMember, spec, f"zoo.members.{name}", name=name) for name, spec in members_raw.items()
     )
@@ -391,6 +347,7 @@ def _loss_type(value: Any) -> str | tuple[str, ...]:
         return types[0] if len(types) == 1 else types
     if not isinstance(value, str):
         raise ConfigError(
-            f"train.loss_type: expected a loss type or a list of them, e.g. [sigmoid, sft], got {value!r}"
+            f"train.loss_type: expected a loss type or a list of them, e.g. [sigmoid, sft], "
+            f"got {quote(value)}"
         )
     return _typed(value, "str", "train.loss_type")

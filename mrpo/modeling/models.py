@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mrpo.errors import ConfigError
+from mrpo.modeling.trust import check_local_model, refuse_remote_code, require_safetensors
 
 log = logging.getLogger("mrpo")
 
@@ -125,9 +126,16 @@ def load_tokenizer(ref):
     else:
         source, kwargs = ref.model, {} if Path(ref.model).exists() else {"revision": ref.revision}
     _require_local_or_hub(ref, source)
+    check_local_model(ref, gguf[0] if gguf else ref.model, gguf[1] if gguf else None)
     with _load_errors(ref, source, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
     if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(
+                f"reference {ref.name!r}: the tokenizer of {source!r} has neither a pad nor an eos token; "
+                "add one (tokenizer.add_special_tokens({'eos_token': ...}) and save_pretrained) or set "
+                f"references.{ref.name}.tokenizer to a tokenizer that has one"
+            )
         # Padding is always masked out, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -165,6 +173,7 @@ def load_model(
             kwargs["revision"] = ref.revision
         else:
             require_safetensors(ref, source)
+    check_local_model(ref, source, gguf[1] if gguf else None)
     spread = placement_kwargs(ref, device, gpus, rank) if placement else {}
     _require_local_or_hub(ref, source)
     with _load_errors(ref, source, "model"):
@@ -255,6 +264,10 @@ def _load_errors(ref, source: str, what: str) -> Iterator[None]:
     ConfigErrors naming the reference, what was loaded and the fix."""
     try:
         yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        refuse_remote_code(ref, source)
     except OSError as exc:
         if Path(source).exists():
             raise ConfigError(
@@ -277,21 +290,6 @@ def _load_errors(ref, source: str, what: str) -> Iterator[None]:
             f"({why}: {_first_line(exc)}); "
             f"download it once while online, or set references.{ref.name}.model to a local directory"
         ) from exc
-
-
-def require_safetensors(ref, directory: str | Path) -> None:
-    """References load safetensors only (no pickled code runs):
-    refuse a local model directory without them."""
-    directory = Path(directory)
-    if not directory.is_dir() or any(directory.glob("*.safetensors")) or any(directory.glob("*.gguf")):
-        return
-    found = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    raise ConfigError(
-        f"reference {ref.name!r}: {str(directory)!r} has no safetensors weights"
-        f"{f' (only {found})' if found else ''}; "
-        "models are loaded from safetensors only, so no pickled code runs: "
-        "re-save it with save_pretrained(..., safe_serialization=True)"
-    )
 
 
 def _require_local_or_hub(ref, source: str) -> None:
