@@ -86,16 +86,17 @@ def parse_yaml_value(text: str, where: str = "value") -> Any:
         ) from None
 
 
-def _line(exc: yaml.MarkedYAMLError) -> int | str:
-    return exc.problem_mark.line + 1 if exc.problem_mark else "?"
+def _line(exc: yaml.YAMLError) -> int | str:
+    mark = getattr(exc, "problem_mark", None)
+    return mark.line + 1 if mark else "?"
 
 
 def _yaml_problem(exc: BaseException) -> str:
     """A YAML error's reason in one line, without its multi-line marks."""
     if isinstance(exc, RecursionError):
         return "nested too deeply"
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return quote(problem.strip(), 120).strip("'\"")
+    problem = (getattr(exc, "problem", None) or str(exc) or type(exc).__name__).strip().splitlines()[0]
+    return problem if len(problem) <= 120 else problem[:117] + "..."
 
 
 def read_yaml_mapping(path: str | Path) -> dict:
@@ -112,7 +113,7 @@ def read_yaml_mapping(path: str | Path) -> dict:
                 "tags such as !!python/object are refused: write a plain value"
             ) from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML at line {_line(exc)}: {_yaml_problem(exc)}") from exc
         except RecursionError:
             raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(raw, dict):

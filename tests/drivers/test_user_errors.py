@@ -55,6 +55,19 @@ def test_a_set_value_that_is_not_plain_yaml_names_the_argument(project, capsys, 
     assert says in line
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("train:\n  beta: !!python/object/apply:os.system [id]\n", "bad.yaml: could not determine"),
+        ("train:\n  beta: [1, 2\n", "bad.yaml: not valid YAML at line 3: expected ',' or ']'"),
+    ],
+)
+def test_a_params_file_with_a_tag_or_broken_yaml_is_one_line_naming_it(project, capsys, text, says):
+    (project / "bad.yaml").write_text(text)
+    assert main(["--params", "bad.yaml", "train"]) == 2
+    assert one_line(capsys).startswith(f"mrpo: configuration error: {says}")
+
+
 def billion_laughs(levels: int = 9) -> str:
     lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     for i in range(1, levels + 1):
