@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import config
 
 from mrpo.locks import lock_path, output_lock
@@ -140,3 +141,39 @@ def test_a_stage_dies_with_its_parent_killed_by_sigkill(scored, tmp_path, previo
     assert digest(*outputs) == before
     with output_lock(cfg.train.output_dir, "train"):  # nothing holds the outputs any more
         pass
+
+
+def test_sigterm_to_dvc_repro_takes_the_stage_down(scored, tmp_path, previous):
+    """The real thing: `dvc repro` runs `mrpo train` in a shell (dash, which stays between them); DVC is
+    stopped with SIGTERM; the stage must not write on as an orphan."""
+    cfg, outputs, before = previous
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    command = " ".join(f"'{a}'" for a in train_command(scored, cfg, tmp_path))
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": {"cmd": command}}}))
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "SHELL": "/bin/sh", "PATH": path}
+    for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
+    dvc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for_training(tmp_path, dvc)
+        pid = int(lock_path(cfg.train.output_dir).read_text().split("(pid ", 1)[1].split()[0])
+        dvc.send_signal(signal.SIGTERM)
+        dvc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(pid), "mrpo train outlived `dvc repro`"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(dvc.pid, signal.SIGKILL)
+    assert newest_run_status(cfg) == "KILLED"
+    assert digest(*outputs) == before
