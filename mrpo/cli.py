@@ -23,6 +23,9 @@ from mrpo.runtime import die_with_parent, interrupt_on_sigterm, setup_logging
 STATUS_FILE_ENV = "MRPO_STATUS_FILE"
 MESSAGE_LIMIT = 2000  # characters of an error line: whatever it quotes, a line stays a line
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# The names writers give the file they write (ours, safetensors' save_file, save_pretrained's directory).
+WRITTEN_PATH_NAMES = ("path", "tmp", "final", "filename", "save_directory")
+DISK_FULL_WORDS = tuple(os.strerror(code) for code in DISK_FULL) + tuple(f"(os error {c})" for c in DISK_FULL)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -204,8 +207,8 @@ def _run_mapped(args: argparse.Namespace) -> int:
         return _exit(args.stage, USER_ERROR_EXIT, f"mrpo: configuration error: {exc}")
     except (MRPOError, FileNotFoundError) as exc:
         return _exit(args.stage, USER_ERROR_EXIT, f"mrpo {args.stage}: {exc}")
-    except OSError as exc:
-        if exc.errno not in DISK_FULL:
+    except Exception as exc:
+        if not _is_disk_full(exc):
             raise
         return _exit(args.stage, USER_ERROR_EXIT, f"mrpo {args.stage}: {_disk_full(exc)}")
     except KeyboardInterrupt:
@@ -215,10 +218,24 @@ def _run_mapped(args: argparse.Namespace) -> int:
     return _exit(args.stage, 0)
 
 
-def _written_path(exc: OSError) -> str | None:
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT, as an OSError or in the words of a library that wraps it (safetensors' Rust writer
+    raises SafetensorError "... No space left on device (os error 28)"), anywhere in the exception's chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return True
+        if any(words in str(exc) for words in DISK_FULL_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _written_path(exc: BaseException) -> str | None:
     """The file a failed write was writing: the error's own filename, else, from the innermost frame out, a
     local `path` or the name of an open file (Python's `write` names no file when the disk is full)."""
-    if exc.filename:
+    if getattr(exc, "filename", None):
         return str(exc.filename)
     frames = []
     tb = exc.__traceback__
@@ -227,15 +244,16 @@ def _written_path(exc: OSError) -> str | None:
         tb = tb.tb_next
     for frame in reversed(frames):
         for name, value in frame.f_locals.items():
-            if name in ("path", "tmp", "final") and isinstance(value, str | Path):
+            if name in WRITTEN_PATH_NAMES and isinstance(value, str | Path):
                 return str(value)
             if hasattr(value, "write") and isinstance(getattr(value, "name", None), str):
                 return value.name
     return None
 
 
-def _disk_full(exc: OSError) -> str:
-    what = "disk quota exceeded" if exc.errno == errno.EDQUOT else "no space left on device"
+def _disk_full(exc: BaseException) -> str:
+    quota = getattr(exc, "errno", None) == errno.EDQUOT or os.strerror(errno.EDQUOT) in str(exc)
+    what = "disk quota exceeded" if quota else "no space left on device"
     path = _written_path(exc)
     where = f"writing {path}" if path else "writing the stage's outputs"
     df = f"df -h {Path(path).parent}" if path else "df -h"

@@ -129,6 +129,27 @@ def test_a_full_disk_is_one_line_naming_the_file(project, capsys, full_disk):
     assert list((full_disk / "prepared").iterdir()) == []  # nothing half-written left behind
 
 
+def test_a_full_disk_while_saving_the_policy_is_one_line(scored, tmp_path, capsys, full_disk, monkeypatch):
+    """safetensors' writer raises its own error, not an OSError: it is recognised by its words."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = {
+        "train.max_steps": 1,
+        "train.output_dir": full_disk / "policy",
+        "train.checkpoint_dir": tmp_path / "checkpoints",
+        "train.metrics_file": tmp_path / "metrics/train.json",
+        "train.plots_file": tmp_path / "plots/train.csv",
+        "train.plots_dir": tmp_path / "plots",
+        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    argv = ["--params", str(scored["params"])]
+    for key, value in settings.items():
+        argv += ["--set", f"{key}={value}"]
+    assert main([*argv, "train"]) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"mrpo train: no space left on device writing {full_disk}/")
+    assert list(full_disk.iterdir()) == []  # the half-written policy was removed, nothing swapped in
+
+
 # ---------------------------------------------------------------- models: weights, remote code, tokenizer
 
 
