@@ -48,8 +48,10 @@ def check_weight_file(ref, directory: Path, path: Path) -> None:
     `directory`: what is loaded is then what the reference's content hash pins."""
     key = f"references.{ref.name}.model"
     if path.is_symlink():
-        target = path.resolve()
-        if not target.is_relative_to(directory.resolve()):
+        target, inside = path.resolve(), directory.resolve()
+        # A Hugging Face cache snapshot links each file to the repository's blobs/, which it owns too.
+        blobs = inside.parent.parent / "blobs" if inside.parent.name == "snapshots" else inside
+        if not (target.is_relative_to(inside) or target.is_relative_to(blobs)):
             raise ConfigError(
                 f"reference {ref.name!r}: {path} is a symlink to {target}, outside the model directory; "
                 f"copy the file in (cp -L) or point {key} at the directory that holds it"

@@ -197,6 +197,37 @@ def test_weights_that_are_a_pickle_are_refused_naming_the_file(scored, tmp_path,
         assert "is named safetensors but holds a pickle" in line
 
 
+@pytest.mark.parametrize("outside", [False, True], ids=["in-the-directory", "outside-it"])
+def test_a_gguf_that_is_a_symlink_to_a_pickle_is_refused(scored, tmp_path, capsys, outside):
+    models = tmp_path / "models"
+    models.mkdir()
+    pickled = (tmp_path if outside else models) / "weights.pkl"
+    pickled.write_bytes(pickle.dumps({"weights": [1.0]}))
+    gguf = models / "model.gguf"
+    gguf.symlink_to(pickled)
+    assert main(score_with(scored, tmp_path, gguf)) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"mrpo: configuration error: reference 'anchor': {gguf} is ")
+    if outside:
+        assert f"a symlink to {pickled}, outside the model directory" in line
+    else:
+        assert "is named gguf but holds a pickle" in line
+
+
+def test_a_hugging_face_cache_snapshot_may_link_into_its_blobs(tiny_zoo, tmp_path):
+    from mrpo.config.schema import ReferenceConfig
+    from mrpo.modeling.trust import check_local_model
+
+    repo = tmp_path / "hub/models--tiny--anchor"
+    snapshot, blobs = repo / "snapshots/0123abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for f in Path(tiny_zoo["members"]["anchor"]).iterdir():
+        shutil.copy(f, blobs / f.name)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / f.name)
+    check_local_model(ReferenceConfig("anchor", str(snapshot)), snapshot)
+
+
 def test_a_model_that_needs_remote_code_is_refused(scored, tmp_path, model_copy, capsys):
     config = json.loads((model_copy / "config.json").read_text())
     config.update({"model_type": "mrpo_custom", "auto_map": {"AutoModelForCausalLM": "modeling.Custom"}})
