@@ -32,6 +32,7 @@ from mrpo.tracking.store import (
     tracking_uri,
     write_run_record,
 )
+from mrpo.tracking.uri import redact
 
 log = logging.getLogger("mrpo")
 
@@ -69,79 +70,116 @@ class NullTracker:
         return {}
 
 
-class Tracker(NullTracker):
-    """One MLflow run, reached through MlflowClient (no global active run, so runs nest and interleave)."""
+def execute_on(client, run_id: str):
+    """How a Tracker's records (`op`, JSON `args`) reach the store: now, or replayed from an outbox."""
 
-    def __init__(self, run: PipelineRun):
-        self.run, self.run_id = run, run.run_id
-        self.client = client_for(run.tracking_uri)
+    def log_batch(metrics=(), params=(), tags=()):
+        from mlflow.entities import Metric, Param, RunTag
 
-    @property
-    def run_name(self) -> str:
-        return self.client.get_run(self.run_id).info.run_name
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=[Metric(*m) for m in metrics[i : i + 1000]])
+        for i in range(0, len(params), _BATCH):
+            client.log_batch(run_id, params=[Param(*p) for p in params[i : i + _BATCH]])
+        for i in range(0, len(tags), _BATCH):
+            client.log_batch(run_id, tags=[RunTag(*t) for t in tags[i : i + _BATCH]])
 
-    def tags(self) -> dict[str, str]:
-        return dict(self.client.get_run(self.run_id).data.tags)
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
+    def log_params(params):
         """Params the run does not have yet: a resumed run re-logs its config, and MLflow refuses to change a
         param (a changed one, e.g. a new eval interval on resume, keeps its first value, with a warning)."""
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        items = []
-        for k, v in params.items():
-            value = names.param_value(v)
+        existing = client.get_run(run_id).data.params
+        for k, value in params.items():
             if k in existing and existing[k] != value:
-                log.warning("mlflow: run %s keeps param %s=%r, not %r", self.run_id, k, existing[k], value)
-            if k not in existing:
-                items.append(Param(k, value))
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
+                log.warning("mlflow: run %s keeps param %s=%r, not %r", run_id, k, existing[k], value)
+        log_batch(params=[(k, v) for k, v in params.items() if k not in existing])
+
+    def log_datasets(data_dir, prepared_digest):
+        from mrpo.tracking.datasets import prepared_inputs
+
+        client.log_inputs(run_id, datasets=list(prepared_inputs(data_dir, prepared_digest)))
+
+    ops = {
+        "log_batch": log_batch,
+        "log_params": log_params,
+        "set_tags": lambda tags: log_batch(tags=list(tags.items())),
+        "log_artifact": lambda local_path, folder: client.log_artifact(run_id, local_path, folder),
+        "log_artifacts": lambda local_path, folder: client.log_artifacts(run_id, local_path, folder),
+        "log_dict": lambda data, name: client.log_dict(run_id, data, name),
+        "log_datasets": log_datasets,
+        "log_model_artifact": lambda model_id, local_path: client.log_model_artifact(model_id, local_path),
+        "set_terminated": lambda status: client.set_terminated(run_id, status=status),
+    }
+    return lambda op, args: ops[op](**args)
+
+
+class Tracker(NullTracker):
+    """One MLflow run, reached through MlflowClient (no global active run, so runs nest and interleave).
+    Records go through an Outbox (mrpo.tracking.outbox): a tracking server outage never stops training."""
+
+    def __init__(self, run: PipelineRun):
+        from mrpo.tracking.outbox import Outbox
+
+        self.run, self.run_id = run, run.run_id
+        self.client = client_for(run.tracking_uri)
+        self.outbox = Outbox(run.run_id, run.tracking_uri, execute_on(self.client, run.run_id))
+
+    @property
+    def run_name(self) -> str | None:
+        return self.outbox.read(lambda: self.client.get_run(self.run_id).info.run_name, None)
+
+    def tags(self) -> dict[str, str]:
+        return self.outbox.read(lambda: dict(self.client.get_run(self.run_id).data.tags), {})
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Params the run does not have yet (a changed one keeps its first value, with a warning); URIs in
+        values are recorded without their user info."""
+        values = {k: redact(names.param_value(v)) for k, v in params.items()}
+        self.outbox.call("log_params", {"params": values})
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, model_id=None) -> None:
-        """Finite numbers only (MLflow rejects strings; NaN says nothing), linked to `model_id` if given."""
-        from mlflow.entities import Metric
-
+        """Finite numbers only (MLflow rejects strings; NaN says nothing), linked to `model_id` if given; sent
+        in the background to a server."""
         now = int(time.time() * 1000)
         items = [
-            Metric(names.metric_name(k), float(v), now, step or 0, model_id=model_id)
+            [names.metric_name(k), float(v), now, step or 0, model_id]
             for k, v in metrics.items()
             if _finite(v)
         ]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        if items:
+            self.outbox.submit("log_batch", {"metrics": items})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)[:_MAX_TAG_CHARS]) for k, v in tags.items()]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, tags=items[i : i + _BATCH])
+        values = {k: redact(str(v))[:_MAX_TAG_CHARS] for k, v in tags.items()}
+        self.outbox.call("set_tags", {"tags": values})
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder)
+        self.outbox.call("log_artifact", {"local_path": str(path), "folder": folder})
 
     def log_artifacts(self, directory: str | Path, folder: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(directory), folder)
+        self.outbox.call("log_artifacts", {"local_path": str(directory), "folder": folder})
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
-        self.client.log_dict(self.run_id, dict(data), name)
+        self.outbox.call("log_dict", {"data": dict(data), "name": name})
 
     def log_datasets(self, data_dir: str | Path, prepared_digest: str) -> None:
         """The prepared splits as the run's dataset inputs (the Datasets column); see tracking.datasets."""
-        from mrpo.tracking.datasets import prepared_inputs
+        self.outbox.call("log_datasets", {"data_dir": str(data_dir), "prepared_digest": prepared_digest})
 
-        self.client.log_inputs(self.run_id, datasets=list(prepared_inputs(str(data_dir), prepared_digest)))
-
-    def log_model(self, policy_dir, *, params, tags, step, registered_model=None) -> str:
-        """The policy as an external logged model (the Models column); see tracking.datasets.log_policy."""
+    def log_model(self, policy_dir, *, params, tags, step, registered_model=None) -> str | None:
+        """The policy as an external logged model (the Models column); see tracking.datasets.log_policy.
+        None during a tracking outage (the run's outage tag says so)."""
         from mrpo.tracking.datasets import log_policy
 
-        return log_policy(self, policy_dir, params, tags, step, registered_model)
+        if self.outbox.offline:
+            return None
+        try:
+            return log_policy(self, policy_dir, params, tags, step, registered_model)
+        except Exception as exc:
+            if self.outbox.is_outage(exc):
+                return None
+            raise
 
     def log_model_artifact(self, model_id: str, path: str | Path) -> None:
-        self.client.log_model_artifact(model_id, str(path))
+        self.outbox.call("log_model_artifact", {"model_id": model_id, "local_path": str(path)})
 
     def write_record(self, directory: str | Path) -> None:
         write_run_record(directory, self.run)
@@ -157,10 +195,11 @@ class Tracker(NullTracker):
         }
 
     def metric_names(self) -> set[str]:
-        return set(self.client.get_run(self.run_id).data.metrics)
+        self.outbox.flush()
+        return self.outbox.read(lambda: set(self.client.get_run(self.run_id).data.metrics), set())
 
     def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        self.outbox.end(status)
 
 
 def start_run(
