@@ -43,6 +43,19 @@ class PipelineRun:
     run_id: str
     experiment_id: str
     tracking_uri: str
+    policy_card_sha256: str | None = None  # the card of the policy the run trained: which policy it is
+
+
+POLICY_CARD_TAG = "mrpo.policy_card_sha256"
+
+
+def card_digest(policy_dir: str | Path) -> str | None:
+    """sha256 of the policy's model card (it names the inputs, settings and metrics of the run that wrote
+    it), None without one."""
+    import hashlib
+
+    card = Path(policy_dir) / "README.md"
+    return hashlib.sha256(card.read_bytes()).hexdigest() if card.is_file() else None
 
 
 def tracking_uri(cfg: Config, project_dir: str | Path | None = None) -> str:
@@ -99,7 +112,12 @@ def ensure_experiment(client, name: str, uri: str) -> str:
 def write_run_record(policy_dir: str | Path, run: PipelineRun) -> Path:
     """The run's record; its URI as `uri.portable` has it (no user info, a store in the project relative)."""
     path = run_record_path(policy_dir)
-    write_json_atomically(path, {**asdict(run), "tracking_uri": portable(run.tracking_uri)})
+    record = {
+        **asdict(run),
+        "tracking_uri": portable(run.tracking_uri),
+        "policy_card_sha256": card_digest(policy_dir),
+    }
+    write_json_atomically(path, record)
     return path
 
 

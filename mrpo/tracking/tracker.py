@@ -23,7 +23,9 @@ from mrpo.config.schema import Config
 from mrpo.tracking import names
 from mrpo.tracking.store import (
     PARENT_RUN_ENV,
+    POLICY_CARD_TAG,
     PipelineRun,
+    card_digest,
     client_for,
     ensure_experiment,
     fluent_store,
@@ -182,6 +184,11 @@ class Tracker(NullTracker):
         self.outbox.call("log_model_artifact", {"model_id": model_id, "local_path": str(path)})
 
     def write_record(self, directory: str | Path) -> None:
+        """The run record beside the policy, and the policy's card digest on the run (`reopen` finds the run
+        of a policy by it, e.g. after `dvc exp apply`)."""
+        digest = card_digest(directory)
+        if digest:
+            self.set_tags({POLICY_CARD_TAG: digest})
         write_run_record(directory, self.run)
 
     def children(self) -> dict[str, Tracker]:
@@ -277,15 +284,60 @@ def start_pipeline_run(cfg: Config, *, resume_run_id: str | None = None) -> Pipe
 
 
 def reopen(cfg: Config, stage: str) -> NullTracker:
-    """The run the train stage recorded in `<train.output_dir>.mlflow_run.json`, in the store it lives in
-    (a different current tracking URI gets a warning); a NullTracker, with a warning, when none was."""
+    """The run that trained the policy in `train.output_dir`: the one recorded in
+    `<train.output_dir>.mlflow_run.json`, in the store it lives in (a different current tracking URI gets a
+    warning), unless that record belongs to another policy or its run is gone (`dvc exp apply` brings a
+    policy, not its record): then the run the current store tags with this policy's card digest; a
+    NullTracker, with a warning, when there is none."""
     record = read_run_record(cfg.train.output_dir)
-    if record is None:
-        log.warning("%s: no MLflow run recorded in %s; nothing logged to MLflow", stage, cfg.train.output_dir)
-        return NullTracker()
-    if tracking_uri(cfg) != record.tracking_uri:
-        log.warning("mlflow: run %s lives in %s; logging there", record.run_id, record.tracking_uri)
-    return Tracker(record)
+    digest = card_digest(cfg.train.output_dir)
+    if record is not None and record.policy_card_sha256 in (None, digest) and _exists(record):
+        if tracking_uri(cfg) != record.tracking_uri:
+            log.warning(
+                "mlflow: run %s lives in %s; logging there", record.run_id, redact(record.tracking_uri)
+            )
+        return Tracker(record)
+    found = _run_of_policy(cfg, digest)
+    if found is not None:
+        log.info("mlflow: %s logs into run %s, which trained %s", stage, found.run_id, cfg.train.output_dir)
+        return Tracker(found)
+    why = (
+        "no MLflow run recorded"
+        if record is None
+        else f"the recorded run {record.run_id} is not this policy's"
+    )
+    log.warning("%s: %s for %s; nothing logged to MLflow", stage, why, cfg.train.output_dir)
+    return NullTracker()
+
+
+def _exists(record: PipelineRun) -> bool:
+    """False only when the store says the run does not exist (an unreachable store is the outbox's case)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client_for(record.tracking_uri).get_run(record.run_id)
+    except MlflowException as exc:
+        return exc.error_code != "RESOURCE_DOES_NOT_EXIST"
+    except Exception:
+        return True
+    return True
+
+
+def _run_of_policy(cfg: Config, digest: str | None) -> PipelineRun | None:
+    if digest is None:
+        return None
+    uri = tracking_uri(cfg)
+    client = client_for(uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return None
+    found = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{POLICY_CARD_TAG}` = '{digest}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return PipelineRun(found[0].info.run_id, experiment.experiment_id, uri, digest) if found else None
 
 
 @contextlib.contextmanager

@@ -319,3 +319,35 @@ def test_a_password_in_the_tracking_uri_is_in_no_output_of_a_run(scored, tmp_pat
         assert len(texts) > 10
     finally:
         stop_server(server)
+
+
+# ---------------------------------------------------------------- dvc exp run --temp
+
+
+@pytest.mark.slow
+def test_a_temp_dvc_experiment_records_its_run_in_the_main_workspace_and_evaluate_finds_it(
+    tiny_reproduced, tmp_path
+):
+    """`dvc exp run --temp` runs in a workspace DVC deletes afterwards: the relative default store resolves to
+    the main workspace (DVC_ROOT), so the run outlives it; after `dvc exp apply`, `mrpo evaluate` logs into
+    that run, the one that trained the applied policy."""
+    from helpers import clone_project
+    from mlflow import MlflowClient
+
+    project = clone_project(tiny_reproduced["path"], tmp_path / "p")
+    run_tool(["git", "add", "-A"], project)
+    run_tool(["git", "commit", "-qm", "reproduced"], project)
+    env = {"MLFLOW_TRACKING_URI": ""}
+    dvc = [sys.executable, "-m", "dvc"]
+    run_tool([*dvc, "exp", "run", "--temp", "-n", "beta2", "-S", "train.beta=0.2"], project, env=env)
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mrpo").experiment_id
+    runs = client.search_runs([experiment], "params.`train.beta` = '0.2'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "pref/reward_accuracy_vs_anchor" in runs[0].data.metrics  # evaluate ran in the temp workspace too
+
+    run_tool([*dvc, "exp", "apply", "beta2"], project, env=env)
+    proc = mrpo(["evaluate"], project, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert runs[0].info.run_id in proc.stdout, proc.stdout[-3000:]
