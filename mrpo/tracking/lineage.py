@@ -40,6 +40,7 @@ from mrpo.tracking.names import (
     run_params,
     score_tags,
 )
+from mrpo.tracking.uri import redact
 
 log = logging.getLogger("mrpo")
 
@@ -313,7 +314,7 @@ def complete_lineage(
     eval_metrics = _flat_numbers(_read_json(root / cfg.evaluate.results_dir / EVAL_RECORD))
     run.log_metrics({k: v for k, v in eval_metrics.items() if metric_name(k) not in metrics})
     record_artifacts(cfg, run, root)
-    log.info("lineage recorded on MLflow run %s (%s)", run.run_id, run.run.tracking_uri)
+    log.info("lineage recorded on MLflow run %s (%s)", run.run_id, redact(run.run.tracking_uri))
 
 
 def record_artifacts(cfg: Config, run, root: Path) -> None:

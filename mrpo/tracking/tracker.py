@@ -230,7 +230,7 @@ def start_run(
         try:
             experiment_id = client.get_run(resume_run_id).info.experiment_id
             client.update_run(resume_run_id, status="RUNNING")
-            log.info("mlflow: resuming run %s in %s", resume_run_id, uri)
+            log.info("mlflow: resuming run %s in %s", resume_run_id, redact(uri))
             return Tracker(PipelineRun(resume_run_id, experiment_id, uri))
         except Exception as exc:  # the store was moved or wiped: start a fresh run rather than fail training
             log.warning("mlflow: cannot reopen run %s (%s); starting a new one", resume_run_id, exc)
@@ -245,7 +245,11 @@ def start_run(
         all_tags[names.DESCRIPTION] = description
     run = client.create_run(experiment_id, run_name=name, tags=all_tags)
     log.info(
-        "mlflow: started %s run %s (experiment %r) in %s", kind, run.info.run_id, cfg.tracking.experiment, uri
+        "mlflow: started %s run %s (experiment %r) in %s",
+        kind,
+        run.info.run_id,
+        cfg.tracking.experiment,
+        redact(uri),
     )
     return Tracker(PipelineRun(run.info.run_id, experiment_id, uri))
 
