@@ -13,6 +13,7 @@ their records are written directly, as before.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import queue
@@ -60,6 +61,8 @@ class Outbox:
         if not self.remote:
             self.execute(op, args)
             return
+        if "sender" not in self._threads:
+            atexit.register(self.flush)  # a reopened run has no end() to wait for its last metrics
         self._start("sender", self._send_queued)
         self._queue.put((op, args))
 
