@@ -129,7 +129,7 @@ def read_run_record(policy_dir: str | Path) -> PipelineRun | None:
         data = json.loads(path.read_text())
         known = {f.name for f in dataclasses.fields(PipelineRun)}
         run = PipelineRun(**{k: v for k, v in data.items() if k in known})  # a newer record's extras: ignored
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:
         raise ValueError(
             f"{path}: not a valid MLflow run record ({exc}); delete it and re-run `mrpo train`"
         ) from exc
