@@ -436,6 +436,7 @@ def sweep(
     ["sigmoid", "robust", ["sigmoid", "sft"]]); their own settings go in `overrides`.
     """
     from mrpo.tracking.store import tracking_uri
+    from mrpo.tracking.uri import redact
 
     logger = get_run_logger()
     root = Path(project_dir).resolve()
@@ -460,7 +461,8 @@ def sweep(
         },
     )
     parent_id = parent.run_id
-    logger.info("sweep %s: %d members under MLflow run %s (%s)", sweep_id, len(members), parent_id, uri)
+    shown = redact(uri)
+    logger.info("sweep %s: %d members under MLflow run %s (%s)", sweep_id, len(members), parent_id, shown)
 
     rows = run_members(members, root, sweep_id, {PARENT_RUN_ENV: parent_id, "MLFLOW_TRACKING_URI": uri})
     out_dir = root / output_dir / sweep_id

@@ -1,5 +1,5 @@
 """Checks a stage makes before it reads any data or loads any model:
-can it write its outputs, is its device there.
+can it write its outputs, is its device there, does its tracking store answer.
 
 Each failure is a :class:`ConfigError` naming the params key, the value and the fix,
 so a stage fails in its first second rather than after an hour of work (or with a
@@ -87,9 +87,13 @@ def check_device(name: str, key: str) -> None:
 
 
 def check_stage(cfg, stage: str) -> None:
-    """Everything a stage can check before it starts: its outputs are writable and its device exists."""
+    """Everything a stage can check before it starts: its outputs are writable, its device exists, the MLflow
+    store it records into answers (mrpo.tracking.health: seconds, not a training run, for a dead server)."""
+    from mrpo.tracking.health import check_tracking
+
     entry = pipeline_stage(stage)
     if entry.device is not None:
         check_device(config_value(cfg, entry.device), entry.device)
     for key, kind in entry.outputs:
         check_writable(config_value(cfg, key), key, kind)
+    check_tracking(cfg, stage)

@@ -74,7 +74,10 @@ def final_weights(train_metrics: dict) -> dict[str, float]:
 
 
 def mlflow_ui_command(uri: str, project_dir: Path) -> str:
-    """`mlflow ui` for this store; a sqlite file inside the project is named relative to it."""
+    """`mlflow ui` for this store; a sqlite file inside the project is named relative to it; no user info."""
+    from mrpo.tracking.uri import redact
+
+    uri = redact(uri)
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         try:
@@ -87,7 +90,10 @@ def mlflow_ui_command(uri: str, project_dir: Path) -> str:
 
 def mlflow_run_url(run: Any) -> str:
     """The run's page: on its tracking server when it is one, else on `mlflow ui`'s default address."""
-    base = run.tracking_uri.rstrip("/") if run.tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    from mrpo.tracking.uri import redact
+
+    uri = redact(run.tracking_uri)
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
 
 

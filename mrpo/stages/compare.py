@@ -191,6 +191,10 @@ def start(
     run."""
     from mrpo.training.setup import prepare_training
 
+    if track:
+        from mrpo.tracking.health import check_tracking
+
+        check_tracking(cfg, "compare")  # before any model loads: an unreachable server costs seconds
     c = cfg.compare
     names = [r.name for r in cfg.references]
     all_refs = dataclasses.replace(

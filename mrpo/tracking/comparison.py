@@ -9,10 +9,13 @@ comparison id `mrpo.sweep`, seed, score and data digests).
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from mrpo.config.schema import Config
 from mrpo.tracking import lineage, names
 from mrpo.tracking.tracker import start_run, tracked_run
+
+log = logging.getLogger("mrpo")
 
 
 def start_comparison_run(comparison) -> None:
@@ -26,6 +29,7 @@ def start_comparison_run(comparison) -> None:
         **lineage.git_tags(lineage.git_state(".", lineage.pipeline_outputs("."))),
         **{k: v for k, v in lineage.reference_lineage(cfg, ".").items() if k.endswith(".score_digest")},
     }
+    end_stale_parents(cfg, cid)
     parent = start_run(
         cfg,
         kind="compare",
@@ -40,6 +44,37 @@ def start_comparison_run(comparison) -> None:
     )
     parent.log_datasets(cfg.data.output_dir, comparison.prepared_digest)
     comparison.parent_run = parent
+
+
+def _runs_of(cfg: Config, cid: str, kind: str, extra: str = "") -> tuple[object, list]:
+    from mrpo.tracking.store import client_for, tracking_uri
+
+    client = client_for(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return client, []
+    text = f"tags.`{names.GROUP}` = '{cid}' and tags.`{names.KIND}` = '{kind}'{extra}"
+    return client, client.search_runs([experiment.experiment_id], text, max_results=1000)
+
+
+def end_stale_parents(cfg: Config, cid: str) -> None:
+    """An earlier run of comparison `cid` still RUNNING was killed (compare holds its output lock while it
+    runs): it ends KILLED, so no run stays RUNNING forever."""
+    client, found = _runs_of(cfg, cid, "compare", " and attributes.status = 'RUNNING'")
+    for run in found:
+        log.warning(
+            "mlflow: comparison %s's earlier run %s was left RUNNING; marked KILLED", cid, run.info.run_id
+        )
+        client.set_tag(run.info.run_id, "mrpo.ended", "killed: found RUNNING when the comparison was re-run")
+        client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def replace_earlier_member(cfg: Config, cid: str, run_name: str) -> None:
+    """A re-run comparison replaces a member recorded by an earlier run of it: one run per member and id."""
+    client, found = _runs_of(cfg, cid, "compare-member", f" and attributes.run_name = '{run_name}'")
+    for run in found:
+        log.info("mlflow: member %s of comparison %s replaces run %s", run_name, cid, run.info.run_id)
+        client.delete_run(run.info.run_id)
 
 
 def _description(comparison) -> str:
@@ -73,6 +108,8 @@ def log_member(comparison, mcfg: Config, result) -> str | None:
         names.PARAMS_DIGEST: names.params_digest(params),
     }
     start = {"kind": "compare-member", "name": f"{comparison.comparison_id}-{m.label}-s{m.seed}"}
+    if parent:
+        replace_earlier_member(mcfg, comparison.comparison_id, start["name"])
     with tracked_run(
         mcfg,
         enabled=bool(parent),  # an untracked comparison: a NullTracker, so nothing is recorded

@@ -40,6 +40,7 @@ from mrpo.tracking.names import (
     run_params,
     score_tags,
 )
+from mrpo.tracking.uri import redact
 
 log = logging.getLogger("mrpo")
 
@@ -301,18 +302,19 @@ def complete_lineage(
     if not run:
         return
     root = Path(project_dir).resolve()
-    current = run.client.get_run(run.run_id).data
+    current = run.outbox.read(lambda: run.client.get_run(run.run_id).data, None)  # None: server away
+    tags, metrics = (current.tags, current.metrics) if current else ({}, {})
     dvc = dvc_outputs(root)
-    run.set_tags({**lineage_tags(cfg, root, "mrpo.git_commit" in current.tags), **dvc.get("tags", {})})
+    run.set_tags({**lineage_tags(cfg, root, "mrpo.git_commit" in tags), **dvc.get("tags", {})})
     run.set_tags(extra_tags or {})
     if dvc:
         run.log_dict({"outputs": dvc["outputs"]}, DVC_OUTPUTS_FILE)
     run.log_params(run_params(cfg))  # every params.yaml value a run from before the train stage logged them
     # downstream scores under the names evaluate logs them by, unless it already did (e.g. no run was open)
     eval_metrics = _flat_numbers(_read_json(root / cfg.evaluate.results_dir / EVAL_RECORD))
-    run.log_metrics({k: v for k, v in eval_metrics.items() if metric_name(k) not in current.metrics})
+    run.log_metrics({k: v for k, v in eval_metrics.items() if metric_name(k) not in metrics})
     record_artifacts(cfg, run, root)
-    log.info("lineage recorded on MLflow run %s (%s)", run.run_id, run.run.tracking_uri)
+    log.info("lineage recorded on MLflow run %s (%s)", run.run_id, redact(run.run.tracking_uri))
 
 
 def record_artifacts(cfg: Config, run, root: Path) -> None:

@@ -163,18 +163,32 @@ def search(
 ) -> list[Any]:
     """The runs of `experiment` in the store at `uri` with every tag in `tags` and matching
     `filter_string`."""
-    from mrpo.tracking.store import client_for
+    from mlflow.exceptions import MlflowException
 
+    from mrpo.tracking.health import check_store
+    from mrpo.tracking.store import client_for
+    from mrpo.tracking.uri import redact
+
+    check_store(uri)
     client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         known = [e.name for e in client.search_experiments()]
-        raise ConfigError(f"--experiment {experiment!r}: no such MLflow experiment in {uri}; known: {known}")
+        raise ConfigError(
+            f"--experiment {experiment!r}: no such MLflow experiment in {redact(uri)}; known: {known}"
+        )
     text = " and ".join(f for f in (tag_filter(tags or {}), filter_string) if f)
     order = [f"metrics.`{sort}` DESC"] if sort else ["attributes.start_time DESC"]
-    return client.search_runs(
-        [exp.experiment_id], filter_string=text, order_by=order, max_results=max_results
-    )
+    try:
+        return client.search_runs(
+            [exp.experiment_id], filter_string=text, order_by=order, max_results=max_results
+        )
+    except MlflowException as exc:
+        reason = str(exc.message).splitlines()[0][:300]
+        raise ConfigError(
+            f"--filter {filter_string!r}: MLflow rejects it ({reason}); write it as MLflow's search syntax, "
+            "e.g. --filter \"metrics.train_loss < 0.5 and params.seed = '0'\""
+        ) from exc
 
 
 def runs_table(

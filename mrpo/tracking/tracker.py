@@ -23,7 +23,9 @@ from mrpo.config.schema import Config
 from mrpo.tracking import names
 from mrpo.tracking.store import (
     PARENT_RUN_ENV,
+    POLICY_CARD_TAG,
     PipelineRun,
+    card_digest,
     client_for,
     ensure_experiment,
     fluent_store,
@@ -32,6 +34,7 @@ from mrpo.tracking.store import (
     tracking_uri,
     write_run_record,
 )
+from mrpo.tracking.uri import redact
 
 log = logging.getLogger("mrpo")
 
@@ -69,81 +72,123 @@ class NullTracker:
         return {}
 
 
-class Tracker(NullTracker):
-    """One MLflow run, reached through MlflowClient (no global active run, so runs nest and interleave)."""
+def execute_on(client, run_id: str):
+    """How a Tracker's records (`op`, JSON `args`) reach the store: now, or replayed from an outbox."""
 
-    def __init__(self, run: PipelineRun):
-        self.run, self.run_id = run, run.run_id
-        self.client = client_for(run.tracking_uri)
+    def log_batch(metrics=(), params=(), tags=()):
+        from mlflow.entities import Metric, Param, RunTag
 
-    @property
-    def run_name(self) -> str:
-        return self.client.get_run(self.run_id).info.run_name
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=[Metric(*m) for m in metrics[i : i + 1000]])
+        for i in range(0, len(params), _BATCH):
+            client.log_batch(run_id, params=[Param(*p) for p in params[i : i + _BATCH]])
+        for i in range(0, len(tags), _BATCH):
+            client.log_batch(run_id, tags=[RunTag(*t) for t in tags[i : i + _BATCH]])
 
-    def tags(self) -> dict[str, str]:
-        return dict(self.client.get_run(self.run_id).data.tags)
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
+    def log_params(params):
         """Params the run does not have yet: a resumed run re-logs its config, and MLflow refuses to change a
         param (a changed one, e.g. a new eval interval on resume, keeps its first value, with a warning)."""
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        items = []
-        for k, v in params.items():
-            value = names.param_value(v)
+        existing = client.get_run(run_id).data.params
+        for k, value in params.items():
             if k in existing and existing[k] != value:
-                log.warning("mlflow: run %s keeps param %s=%r, not %r", self.run_id, k, existing[k], value)
-            if k not in existing:
-                items.append(Param(k, value))
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
+                log.warning("mlflow: run %s keeps param %s=%r, not %r", run_id, k, existing[k], value)
+        log_batch(params=[(k, v) for k, v in params.items() if k not in existing])
+
+    def log_datasets(data_dir, prepared_digest):
+        from mrpo.tracking.datasets import prepared_inputs
+
+        client.log_inputs(run_id, datasets=list(prepared_inputs(data_dir, prepared_digest)))
+
+    ops = {
+        "log_batch": log_batch,
+        "log_params": log_params,
+        "set_tags": lambda tags: log_batch(tags=list(tags.items())),
+        "log_artifact": lambda local_path, folder: client.log_artifact(run_id, local_path, folder),
+        "log_artifacts": lambda local_path, folder: client.log_artifacts(run_id, local_path, folder),
+        "log_dict": lambda data, name: client.log_dict(run_id, data, name),
+        "log_datasets": log_datasets,
+        "log_model_artifact": lambda model_id, local_path: client.log_model_artifact(model_id, local_path),
+        "set_terminated": lambda status: client.set_terminated(run_id, status=status),
+    }
+    return lambda op, args: ops[op](**args)
+
+
+class Tracker(NullTracker):
+    """One MLflow run, reached through MlflowClient (no global active run, so runs nest and interleave).
+    Records go through an Outbox (mrpo.tracking.outbox): a tracking server outage never stops training."""
+
+    def __init__(self, run: PipelineRun):
+        from mrpo.tracking.outbox import Outbox
+
+        self.run, self.run_id = run, run.run_id
+        self.client = client_for(run.tracking_uri)
+        self.outbox = Outbox(run.run_id, run.tracking_uri, execute_on(self.client, run.run_id))
+
+    @property
+    def run_name(self) -> str | None:
+        return self.outbox.read(lambda: self.client.get_run(self.run_id).info.run_name, None)
+
+    def tags(self) -> dict[str, str]:
+        return self.outbox.read(lambda: dict(self.client.get_run(self.run_id).data.tags), {})
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Params the run does not have yet (a changed one keeps its first value, with a warning); URIs in
+        values are recorded without their user info."""
+        values = {k: redact(names.param_value(v)) for k, v in params.items()}
+        self.outbox.call("log_params", {"params": values})
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, model_id=None) -> None:
-        """Finite numbers only (MLflow rejects strings; NaN says nothing), linked to `model_id` if given."""
-        from mlflow.entities import Metric
-
+        """Finite numbers only (MLflow rejects strings; NaN says nothing), linked to `model_id` if given; sent
+        in the background to a server."""
         now = int(time.time() * 1000)
         items = [
-            Metric(names.metric_name(k), float(v), now, step or 0, model_id=model_id)
+            [names.metric_name(k), float(v), now, step or 0, model_id]
             for k, v in metrics.items()
             if _finite(v)
         ]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        if items:
+            self.outbox.submit("log_batch", {"metrics": items})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)[:_MAX_TAG_CHARS]) for k, v in tags.items()]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, tags=items[i : i + _BATCH])
+        values = {k: redact(str(v))[:_MAX_TAG_CHARS] for k, v in tags.items()}
+        self.outbox.call("set_tags", {"tags": values})
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder)
+        self.outbox.call("log_artifact", {"local_path": str(path), "folder": folder})
 
     def log_artifacts(self, directory: str | Path, folder: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(directory), folder)
+        self.outbox.call("log_artifacts", {"local_path": str(directory), "folder": folder})
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
-        self.client.log_dict(self.run_id, dict(data), name)
+        self.outbox.call("log_dict", {"data": dict(data), "name": name})
 
     def log_datasets(self, data_dir: str | Path, prepared_digest: str) -> None:
         """The prepared splits as the run's dataset inputs (the Datasets column); see tracking.datasets."""
-        from mrpo.tracking.datasets import prepared_inputs
+        self.outbox.call("log_datasets", {"data_dir": str(data_dir), "prepared_digest": prepared_digest})
 
-        self.client.log_inputs(self.run_id, datasets=list(prepared_inputs(str(data_dir), prepared_digest)))
-
-    def log_model(self, policy_dir, *, params, tags, step, registered_model=None) -> str:
-        """The policy as an external logged model (the Models column); see tracking.datasets.log_policy."""
+    def log_model(self, policy_dir, *, params, tags, step, registered_model=None) -> str | None:
+        """The policy as an external logged model (the Models column); see tracking.datasets.log_policy.
+        None during a tracking outage (the run's outage tag says so)."""
         from mrpo.tracking.datasets import log_policy
 
-        return log_policy(self, policy_dir, params, tags, step, registered_model)
+        if self.outbox.offline:
+            return None
+        try:
+            return log_policy(self, policy_dir, params, tags, step, registered_model)
+        except Exception as exc:
+            if self.outbox.is_outage(exc):
+                return None
+            raise
 
     def log_model_artifact(self, model_id: str, path: str | Path) -> None:
-        self.client.log_model_artifact(model_id, str(path))
+        self.outbox.call("log_model_artifact", {"model_id": model_id, "local_path": str(path)})
 
     def write_record(self, directory: str | Path) -> None:
+        """The run record beside the policy, and the policy's card digest on the run (`reopen` finds the run
+        of a policy by it, e.g. after `dvc exp apply`)."""
+        digest = card_digest(directory)
+        if digest:
+            self.set_tags({POLICY_CARD_TAG: digest})
         write_run_record(directory, self.run)
 
     def children(self) -> dict[str, Tracker]:
@@ -157,10 +202,11 @@ class Tracker(NullTracker):
         }
 
     def metric_names(self) -> set[str]:
-        return set(self.client.get_run(self.run_id).data.metrics)
+        self.outbox.flush()
+        return self.outbox.read(lambda: set(self.client.get_run(self.run_id).data.metrics), set())
 
     def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        self.outbox.end(status)
 
 
 def start_run(
@@ -184,7 +230,7 @@ def start_run(
         try:
             experiment_id = client.get_run(resume_run_id).info.experiment_id
             client.update_run(resume_run_id, status="RUNNING")
-            log.info("mlflow: resuming run %s in %s", resume_run_id, uri)
+            log.info("mlflow: resuming run %s in %s", resume_run_id, redact(uri))
             return Tracker(PipelineRun(resume_run_id, experiment_id, uri))
         except Exception as exc:  # the store was moved or wiped: start a fresh run rather than fail training
             log.warning("mlflow: cannot reopen run %s (%s); starting a new one", resume_run_id, exc)
@@ -199,7 +245,11 @@ def start_run(
         all_tags[names.DESCRIPTION] = description
     run = client.create_run(experiment_id, run_name=name, tags=all_tags)
     log.info(
-        "mlflow: started %s run %s (experiment %r) in %s", kind, run.info.run_id, cfg.tracking.experiment, uri
+        "mlflow: started %s run %s (experiment %r) in %s",
+        kind,
+        run.info.run_id,
+        cfg.tracking.experiment,
+        redact(uri),
     )
     return Tracker(PipelineRun(run.info.run_id, experiment_id, uri))
 
@@ -241,15 +291,60 @@ def start_pipeline_run(cfg: Config, *, resume_run_id: str | None = None) -> Pipe
 
 
 def reopen(cfg: Config, stage: str) -> NullTracker:
-    """The run the train stage recorded in `<train.output_dir>.mlflow_run.json`, in the store it lives in
-    (a different current tracking URI gets a warning); a NullTracker, with a warning, when none was."""
+    """The run that trained the policy in `train.output_dir`: the one recorded in
+    `<train.output_dir>.mlflow_run.json`, in the store it lives in (a different current tracking URI gets a
+    warning), unless that record belongs to another policy or its run is gone (`dvc exp apply` brings a
+    policy, not its record): then the run the current store tags with this policy's card digest; a
+    NullTracker, with a warning, when there is none."""
     record = read_run_record(cfg.train.output_dir)
-    if record is None:
-        log.warning("%s: no MLflow run recorded in %s; nothing logged to MLflow", stage, cfg.train.output_dir)
-        return NullTracker()
-    if tracking_uri(cfg) != record.tracking_uri:
-        log.warning("mlflow: run %s lives in %s; logging there", record.run_id, record.tracking_uri)
-    return Tracker(record)
+    digest = card_digest(cfg.train.output_dir)
+    if record is not None and record.policy_card_sha256 in (None, digest) and _exists(record):
+        if tracking_uri(cfg) != record.tracking_uri:
+            log.warning(
+                "mlflow: run %s lives in %s; logging there", record.run_id, redact(record.tracking_uri)
+            )
+        return Tracker(record)
+    found = _run_of_policy(cfg, digest)
+    if found is not None:
+        log.info("mlflow: %s logs into run %s, which trained %s", stage, found.run_id, cfg.train.output_dir)
+        return Tracker(found)
+    why = (
+        "no MLflow run recorded"
+        if record is None
+        else f"the recorded run {record.run_id} is not this policy's"
+    )
+    log.warning("%s: %s for %s; nothing logged to MLflow", stage, why, cfg.train.output_dir)
+    return NullTracker()
+
+
+def _exists(record: PipelineRun) -> bool:
+    """False only when the store says the run does not exist (an unreachable store is the outbox's case)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client_for(record.tracking_uri).get_run(record.run_id)
+    except MlflowException as exc:
+        return exc.error_code != "RESOURCE_DOES_NOT_EXIST"
+    except Exception:
+        return True
+    return True
+
+
+def _run_of_policy(cfg: Config, digest: str | None) -> PipelineRun | None:
+    if digest is None:
+        return None
+    uri = tracking_uri(cfg)
+    client = client_for(uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return None
+    found = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{POLICY_CARD_TAG}` = '{digest}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return PipelineRun(found[0].info.run_id, experiment.experiment_id, uri, digest) if found else None
 
 
 @contextlib.contextmanager
