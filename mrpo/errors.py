@@ -33,3 +33,7 @@ class TrainingError(MRPOError, RuntimeError):
 
 class OutputLocked(MRPOError, RuntimeError):
     """Another process is writing the same stage outputs."""
+
+
+class DiskFull(MRPOError, RuntimeError):
+    """No space left (or the quota reached) while saving; the message names the directory and the space."""
