@@ -18,7 +18,7 @@ def _delete_points_after(store, run_id: str, step: int) -> int:
     """Delete `run_id`'s metric points past `step` and point each metric's latest value at what is left."""
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
 
-    with store.ManagedSessionMaker() as session:
+    with store.ManagedSessionMaker(read_only=False) as session:
         deleted = (
             session.query(SqlMetric)
             .filter(SqlMetric.run_uuid == run_id, SqlMetric.step > step)
