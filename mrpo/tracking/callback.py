@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 from transformers import TrainerCallback
 
 from mrpo.tracking.names import curve_metrics, metric_name
+
+log = logging.getLogger("mrpo")
 
 
 class MLflowStepCallback(TrainerCallback):
@@ -22,7 +26,16 @@ class MLflowStepCallback(TrainerCallback):
         if state.is_world_process_zero and self.run and state.global_step > 0:
             from mrpo.tracking.rewind import rewind_to
 
-            self._logged |= rewind_to(self.run.client, self.run.run_id, state.global_step)
+            try:
+                self._logged |= rewind_to(self.run.client, self.run.run_id, state.global_step)
+            except Exception as exc:  # the tracking store is unreachable: never a reason to stop training
+                log.warning(
+                    "mlflow: cannot read run %s to resume its curves at step %d (%s); steps an earlier "
+                    "attempt logged past it may appear twice",
+                    self.run.run_id,
+                    state.global_step,
+                    exc,
+                )
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -79,6 +79,8 @@ class StrategyStateCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        # Every rank writes its own files (rng_state_<rank>.pth, shards): all are written before rank 0 seals.
+        self.trainer.accelerator.wait_for_everyone()
         if state.is_world_process_zero:
             with checkpoint_save_guard(self.trainer):
                 ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
