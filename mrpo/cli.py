@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from mrpo.config.load import load_config, parse_yaml_value
-from mrpo.errors import USER_ERROR_EXIT, ConfigError, MRPOError, quote
+from mrpo.errors import USER_ERROR_EXIT, ConfigError, MRPOError, disk_full_cause, quote
 from mrpo.locks import output_lock
 from mrpo.pipeline import STAGE_NAMES, STAGES, Stage, config_value
 from mrpo.pipeline import stage as pipeline_stage
@@ -22,10 +22,8 @@ from mrpo.runtime import die_with_parent, interrupt_on_sigterm, setup_logging
 
 STATUS_FILE_ENV = "MRPO_STATUS_FILE"
 MESSAGE_LIMIT = 2000  # characters of an error line: whatever it quotes, a line stays a line
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # The names writers give the file they write (ours, safetensors' save_file, save_pretrained's directory).
 WRITTEN_PATH_NAMES = ("path", "tmp", "final", "filename", "save_directory")
-DISK_FULL_WORDS = tuple(os.strerror(code) for code in DISK_FULL) + tuple(f"(os error {c})" for c in DISK_FULL)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -208,7 +206,7 @@ def _run_mapped(args: argparse.Namespace) -> int:
     except (MRPOError, FileNotFoundError) as exc:
         return _exit(args.stage, USER_ERROR_EXIT, f"mrpo {args.stage}: {exc}")
     except Exception as exc:
-        if not _is_disk_full(exc):
+        if disk_full_cause(exc) is None:
             raise
         return _exit(args.stage, USER_ERROR_EXIT, f"mrpo {args.stage}: {_disk_full(exc)}")
     except KeyboardInterrupt:
@@ -216,20 +214,6 @@ def _run_mapped(args: argparse.Namespace) -> int:
             args.stage, 130, "mrpo: interrupted; finished work is kept and the stage resumes on the next run"
         )
     return _exit(args.stage, 0)
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC or EDQUOT, as an OSError or in the words of a library that wraps it (safetensors' Rust writer
-    raises SafetensorError "... No space left on device (os error 28)"), anywhere in the exception's chain."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-            return True
-        if any(words in str(exc) for words in DISK_FULL_WORDS):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _written_path(exc: BaseException) -> str | None:

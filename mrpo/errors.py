@@ -8,6 +8,8 @@ raises an :class:`MRPOError`; the CLI prints its message as one line and exits w
 
 from __future__ import annotations
 
+import errno
+import os
 import reprlib
 
 USER_ERROR_EXIT = 2
@@ -51,3 +53,27 @@ class OutputLocked(MRPOError, RuntimeError):
 
 class LockRefused(MRPOError, RuntimeError):
     """A lock file or lock directory is not safe to use (a symlink, another user's, writable by others)."""
+
+
+class DiskFull(MRPOError, RuntimeError):
+    """No space left (or the quota reached) while saving; the message names the directory and the space."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_WORDS = tuple(os.strerror(code) for code in DISK_FULL_ERRNOS) + tuple(
+    f"(os error {code})" for code in DISK_FULL_ERRNOS
+)
+
+
+def disk_full_cause(exc: BaseException) -> BaseException | None:
+    """The ENOSPC or EDQUOT in `exc`'s chain, as an OSError or in the words of a library that wraps it
+    (safetensors' Rust writer raises SafetensorError "... No space left on device (os error 28)")."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc
+        if any(words in str(exc) for words in DISK_FULL_WORDS):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -20,6 +20,7 @@ from mrpo.core.loss_types import RunningRewardMean
 from mrpo.errors import TrainingError
 from mrpo.io import jsonable
 from mrpo.training.checkpoints import seal_checkpoint
+from mrpo.training.diskspace import disk_full_guard, tensor_bytes
 
 if TYPE_CHECKING:  # the trainer installs these callbacks: a runtime import would be circular
     from mrpo.training.trainer import MRPOTrainer
@@ -53,6 +54,14 @@ def load_loss_state(loss_state: RunningRewardMean, checkpoint_dir: str | os.Path
     log.info("restored bco_pair's running reward mean from %s", path)
 
 
+def checkpoint_save_guard(trainer: MRPOTrainer):
+    """Around writing the current step's checkpoint: a full disk removes the partial checkpoint and raises
+    one line (see mrpo.training.diskspace); earlier checkpoints stay, and a re-run resumes from the last."""
+    checkpoint = Path(trainer.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    needed = tensor_bytes(trainer.model, trainer.optimizer)
+    return disk_full_guard(checkpoint, needed, key="train.checkpoint_dir", remove=True)
+
+
 class StrategyStateCallback(TrainerCallback):
     """Advances online weighting once per optimizer step and writes the strategy's state into each
     checkpoint directory (saving comes after the step's end), so a resumed run continues it."""
@@ -70,14 +79,17 @@ class StrategyStateCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        # Every rank writes its own files (rng_state_<rank>.pth, shards): all are written before rank 0 seals.
+        self.trainer.accelerator.wait_for_everyone()
         if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            ckpt.mkdir(parents=True, exist_ok=True)
-            state_dict = self.trainer.strategy.state_dict()
-            (ckpt / STRATEGY_STATE_FILE).write_text(json.dumps(jsonable(state_dict)))
-            if self.trainer.loss_state is not None:
-                (ckpt / LOSS_STATE_FILE).write_text(json.dumps(self.trainer.loss_state.state_dict()))
-            seal_checkpoint(ckpt)  # last: Trainer has written everything else by now
+            with checkpoint_save_guard(self.trainer):
+                ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+                ckpt.mkdir(parents=True, exist_ok=True)
+                state_dict = self.trainer.strategy.state_dict()
+                (ckpt / STRATEGY_STATE_FILE).write_text(json.dumps(jsonable(state_dict)))
+                if self.trainer.loss_state is not None:
+                    (ckpt / LOSS_STATE_FILE).write_text(json.dumps(self.trainer.loss_state.state_dict()))
+                seal_checkpoint(ckpt)  # last: Trainer has written everything else by now
         return control
 
 

@@ -2,8 +2,9 @@
 
 `models/checkpoints/mrpo_run.json` records the configuration fingerprint, the MLflow run and
 whether that run finished. Each checkpoint is sealed last with `mrpo_checkpoint.json`, the
-names and sizes of every file in it; a checkpoint without a matching seal (a crash or a full
-disk mid-save, a file deleted since) is incomplete and never resumed.
+name, size and sha256 of every file in it, written after every file is fsynced. A checkpoint
+without a matching seal (a crash or a full disk mid-save, a file deleted or changed since, a pickle
+that `torch.load(weights_only=True)` refuses) is never resumed: the run falls back to the previous one.
 
 A re-run of a configuration whose run already finished starts from scratch as a new MLflow
 run: resuming the final checkpoint would train nothing and append to a finished record.
@@ -13,46 +14,121 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from mrpo.io import write_json_atomically
+from mrpo.io import file_sha256, write_json_atomically
 
 log = logging.getLogger("mrpo")
 
 RUN_STATE_FILE = "mrpo_run.json"
 SEAL_FILE = "mrpo_checkpoint.json"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# The pickles Trainer loads on resume, each with `weights_only=True` (training_args.bin it never loads).
+_TRAINER_PICKLE = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sealed_files(checkpoint: Path) -> list[Path]:
+    return [
+        p
+        for p in sorted(checkpoint.rglob("*"))
+        if p.is_file() and p.name != SEAL_FILE and not p.name.startswith(".")
+    ]
 
 
 def seal_checkpoint(checkpoint: str | Path) -> None:
-    """Record every file of a finished checkpoint with its size; written last, atomically."""
+    """Record every file of a finished checkpoint with its size and sha256; written last, atomically.
+
+    Every file and directory is fsynced before the seal is written: otherwise a power loss could leave a
+    durable seal beside file contents still in the page cache (right sizes, zeroed blocks)."""
     checkpoint = Path(checkpoint)
-    files = {
-        p.relative_to(checkpoint).as_posix(): p.stat().st_size
-        for p in sorted(checkpoint.rglob("*"))
-        if p.is_file() and p.name != SEAL_FILE and not p.name.startswith(".")
-    }
+    files = {}
+    for path in _sealed_files(checkpoint):
+        _fsync(path)
+        files[path.relative_to(checkpoint).as_posix()] = {
+            "size": path.stat().st_size,
+            "sha256": file_sha256(path),
+        }
+    for directory in sorted({p.parent for p in checkpoint.rglob("*")} | {checkpoint}, reverse=True):
+        _fsync(directory)
     write_json_atomically(checkpoint / SEAL_FILE, {"files": files})
+    _fsync(checkpoint)
+
+
+def _load_safely(path: Path) -> None:
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    with safe_globals():  # the numpy types Trainer allows in rng_state.pth
+        try:  # mapped, not read: an optimizer state can be as large as the model twice
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)  # torch's legacy format
+
+
+def _unsafe_pickle(path: Path) -> str | None:
+    """Why Trainer's own `torch.load(weights_only=True)` of this file would fail, or None."""
+    try:
+        _load_safely(path)
+    except Exception as exc:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        refused = re.search(r"WeightsUnpickler error:\s*(.*?)(?: Please use|\n|$)", text)
+        if refused:
+            why = refused.group(1).strip() or "unsupported content"
+            return f"{path.name} holds a pickle that torch.load(weights_only=True) refuses ({why})"
+        first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+        return f"{path.name} is unreadable ({first})"
+    return None
+
+
+def _file_problem(checkpoint: Path, name: str, recorded) -> str | None:
+    path = checkpoint / name
+    if not path.is_file():
+        return f"{name} is missing"
+    if not isinstance(recorded, dict):
+        return f"its seal records only the size of {name} (an older mrpo wrote it), not its content hash"
+    size = path.stat().st_size
+    if size != recorded.get("size"):
+        return f"{name} has {size} bytes, not the {recorded.get('size')} it was saved with"
+    if file_sha256(path) != recorded.get("sha256"):
+        return f"{name} does not match the sha256 it was saved with (its content changed since)"
+    if path.parent == checkpoint and _TRAINER_PICKLE.match(path.name):
+        return _unsafe_pickle(path)
+    return None
 
 
 def checkpoint_problem(checkpoint: str | Path) -> str | None:
-    """Why `checkpoint` cannot be resumed, or None when its seal matches what is on disk."""
-    seal = Path(checkpoint) / SEAL_FILE
+    """Why `checkpoint` cannot be resumed, or None when every file matches its seal (size, then sha256) and
+    the pickles Trainer loads pass `torch.load(weights_only=True)`."""
+    checkpoint = Path(checkpoint)
+    seal = checkpoint / SEAL_FILE
     try:
         files = json.loads(seal.read_text())["files"]
+        items = list(files.items())
     except FileNotFoundError:
         return "it was never finished (no seal: the save was interrupted, or an older mrpo wrote it)"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"its seal {SEAL_FILE} is unreadable ({exc})"
-    for name, size in files.items():
-        path = Path(checkpoint) / name
-        if not path.is_file():
+    for name, _ in items:  # the cheap checks of every file before hashing any
+        if not (checkpoint / name).is_file():
             return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, not the {size} it was saved with"
+    for name, recorded in items:
+        problem = _file_problem(checkpoint, name, recorded)
+        if problem is not None:
+            return problem
     return None
 
 
@@ -75,7 +151,8 @@ def latest_complete_checkpoint(checkpoint_dir: str | Path, clean: bool = True) -
             return checkpoint
         if clean:
             log.warning(
-                "train: checkpoint %s is incomplete: %s; removing it and falling back to an earlier one",
+                "train: checkpoint %s is incomplete or damaged: %s; "
+                "removing it and falling back to an earlier one",
                 checkpoint,
                 problem,
             )

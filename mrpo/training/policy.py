@@ -90,10 +90,13 @@ def save_policy(model, tokenizer, out_dir: Path, *, merge_lora: bool) -> None:
     else saved as an adapter."""
     from peft import PeftModel
 
+    from mrpo.training.diskspace import disk_full_guard, tensor_bytes
+
     if isinstance(model, PeftModel) and merge_lora:
         model = model.merge_and_unload()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    with disk_full_guard(Path(out_dir).parent, tensor_bytes(model), key="train.output_dir"):
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
 
 
 def is_main_process() -> bool:

@@ -35,6 +35,7 @@ from mrpo.training.callbacks import (
     LogAtCheckpoints,
     NonFiniteGuard,
     StrategyStateCallback,
+    checkpoint_save_guard,
     load_loss_state,
     load_strategy_state,
 )
@@ -315,6 +316,10 @@ class MRPOTrainer(Trainer):
                 load_loss_state(self.loss_state, resume_from_checkpoint)
         with self._threads():
             return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        with checkpoint_save_guard(self):
+            super()._save_checkpoint(model, trial)
 
     def evaluate(self, *args, **kwargs):
         with self._threads():
