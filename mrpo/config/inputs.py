@@ -133,3 +133,24 @@ def sync_dvc_yaml(dvc_yaml: str | Path, cfg) -> bool:
     if new != text:
         write_text_atomically(path, new)
     return new != text
+
+
+def check_declared(cfg, stage: str) -> None:
+    """Under `dvc repro` (DVC sets DVC_STAGE and DVC_ROOT), refuse to run a stage whose dvc.yaml deps lack a
+    file the config makes it read (params.yaml edited by hand): DVC would never see that file change."""
+    root = os.environ.get("DVC_ROOT")
+    if not os.environ.get("DVC_STAGE") or not root or not (Path(root) / "dvc.yaml").is_file():
+        return
+    from mrpo.errors import ConfigError
+
+    listed = marked_deps((Path(root) / "dvc.yaml").read_text()).get(stage, [])
+    wanted = stage_inputs(cfg).get(stage, [])
+    if sorted(listed) != sorted(wanted):
+        missing = [f"{path} ({key})" for path, key in wanted if (path, key) not in listed]
+        extra = [f"{path} ({key})" for path, key in listed if (path, key) not in wanted]
+        what = f"lack {', '.join(missing)}" if missing else f"still list {', '.join(extra)}"
+        raise ConfigError(
+            f"dvc.yaml: stage {stage}'s deps {what}: they differ from the files params.yaml names, so DVC "
+            "would not see such a file change; run `mrpo profile sync` (rewrites those deps from "
+            "params.yaml), then `dvc repro`"
+        )

@@ -131,7 +131,11 @@ def check_same_tokens(cfg) -> None:
 
 def check_scored_inputs(cfg, stage: str) -> None:
     """What `train` and `evaluate` check before reading any score: each reference whose scores they use is
-    unchanged on disk since scoring; for `train`, its tokenization matches the anchor's scores."""
+    unchanged on disk since scoring; for `train`, its tokenization matches the anchor's scores. Under DVC,
+    dvc.yaml lists the files the stage reads as deps (mrpo.config.inputs)."""
+    from mrpo.config.inputs import check_declared
+
+    check_declared(cfg, stage)
     if stage == "train":
         names = [r.name for r in cfg.training_references()]
         if cfg.anchor.name in names:

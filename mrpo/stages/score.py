@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from mrpo.config.inputs import check_declared
 from mrpo.data.prepared import SPLITS, prepared_digest
 from mrpo.data.provenance import model_stat, remember_model
 from mrpo.data.scorefile import (
@@ -100,6 +101,7 @@ def score_reference(
     """
     ref = cfg.reference(name)
     check_stage(cfg, "score")
+    check_declared(cfg, "score")  # under DVC: dvc.yaml lists local references as deps
     started = time.perf_counter()
     s = cfg.score
     pairs = read_prepared(cfg.data.output_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -113,3 +114,28 @@ def test_a_data_file_edited_in_place_makes_dvc_see_prepare_changed(tiny_project,
     _pairs(project / "data" / "pairs.jsonl", 40, "b")  # same size, same name: edited in place
     out = run_tool([*dvc, "status", "prepare"], project).stdout
     assert "prepare:" in out and "modified:" in out and "data/pairs.jsonl" in out, out
+
+
+def test_under_dvc_a_stage_whose_deps_lack_a_file_params_yaml_names_is_refused_until_synced(tmp_path):
+    """params.yaml edited by hand (no `mrpo profile apply`): the stage refuses to run under DVC, naming the
+    file and `mrpo profile sync`, which fixes dvc.yaml."""
+    import os
+
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["data"].update({"source": "file", "paths": ["data/pairs.jsonl"], "output_dir": str(tmp_path / "out")})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    shutil.copy(REPO_ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "data").mkdir()
+    _pairs(tmp_path / "data" / "pairs.jsonl", 40, "a")
+    env = {**os.environ, "DVC_STAGE": "prepare", "DVC_ROOT": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
+    mrpo = [sys.executable, "-m", "mrpo.cli"]
+    proc = subprocess.run([*mrpo, "prepare"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "dvc.yaml: stage prepare's deps lack data/pairs.jsonl (data.paths)" in line
+    assert "run `mrpo profile sync`" in line
+    synced = subprocess.run([*mrpo, "profile", "sync"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert synced.returncode == 0 and "dvc.yaml: deps on the files params.yaml names updated" in synced.stdout
+    assert declared((tmp_path / "dvc.yaml").read_text()) == {"prepare": [("data/pairs.jsonl", "data.paths")]}
+    proc = subprocess.run([*mrpo, "prepare"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
