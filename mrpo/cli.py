@@ -261,7 +261,8 @@ def _config_command(cfg, args: argparse.Namespace) -> None:
                 "mrpo profile apply: name the overlay to apply, e.g. profiles/smollm2-gsm8k.yaml"
             )
         name = apply_profile(args.overlay, args.params)
-        print(f"{args.params}: profile {name!r} applied (git checkout {args.params} dvc.yaml restores the default)")
+        restore = f"git checkout {args.params} dvc.yaml restores the default"
+        print(f"{args.params}: profile {name!r} applied ({restore})")
 
 
 def _dispatch(cfg, args: argparse.Namespace) -> None:
