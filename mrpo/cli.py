@@ -100,10 +100,16 @@ def _add_config_commands(sub) -> None:
         "profile",
         help="apply a profile overlay (profiles/*.yaml) to params.yaml",
         description="`mrpo profile apply profiles/<name>.yaml` writes params.yaml (or --params) merged with "
-        "the overlay, keeping its comments; `git checkout params.yaml` restores the default.",
+        "the overlay, keeping its comments, and dvc.yaml's deps on the files it names; "
+        "`git checkout params.yaml dvc.yaml` restores the default.",
     )
-    p.add_argument("action", choices=["apply"])
-    p.add_argument("overlay", help="a profile overlay, e.g. profiles/smollm2-gsm8k.yaml")
+    p.add_argument(
+        "action",
+        choices=["apply", "sync"],
+        help="sync: rewrite dvc.yaml's deps on the data files and "
+        "local models params.yaml names (after editing them by hand)",
+    )
+    p.add_argument("overlay", nargs="?", help="a profile overlay, e.g. profiles/smollm2-gsm8k.yaml")
     _add_common_options(p, top=False)
 
 
@@ -285,11 +291,23 @@ def _config_command(cfg, args: argparse.Namespace) -> None:
         from mrpo.config.show import show_config
 
         print(show_config(cfg, args.section), end="")
+    elif args.action == "sync":
+        from mrpo.config.inputs import sync_dvc_yaml
+
+        changed = sync_dvc_yaml("dvc.yaml", cfg)
+        print(
+            f"dvc.yaml: deps on the files {args.params} names {'updated' if changed else 'already in step'}"
+        )
     else:
         from mrpo.config.profiles import apply_profile
 
+        if not args.overlay:
+            raise ConfigError(
+                "mrpo profile apply: name the overlay to apply, e.g. profiles/smollm2-gsm8k.yaml"
+            )
         name = apply_profile(args.overlay, args.params)
-        print(f"{args.params}: profile {name!r} applied (git checkout {args.params} restores the default)")
+        restore = f"git checkout {args.params} dvc.yaml restores the default"
+        print(f"{args.params}: profile {name!r} applied ({restore})")
 
 
 def _dispatch(cfg, args: argparse.Namespace) -> None:

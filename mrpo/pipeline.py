@@ -59,6 +59,19 @@ _EVALUATE_KEYS = "tasks limit num_fewshot batch_size device max_gen_tokens task_
 
 STAGES: tuple[Stage, ...] = (
     Stage(
+        "check",
+        what="validate the whole params.yaml (every key known, every value in range), first in `dvc repro`",
+        reads="params.yaml, as a whole file: any edit re-runs this stage, and only this one when it is valid",
+        writes="data/params.checked (a marker with fixed bytes, which every other stage depends on)",
+        params=("train.logging_steps", "train.save_steps"),
+        outputs=(),
+        note=(
+            "(the two train keys no other stage declares that mrpo refuses when invalid; the params.yaml",
+            "file dep covers every other key, a mistyped one included)",
+        ),
+        run="mrpo.stages.check:check",
+    ),
+    Stage(
         "zoo",
         what="build the tiny local model zoo (the default profile's anchor and references)",
         reads="the synthetic fact task (mrpo/data/synthetic.py); no data files",

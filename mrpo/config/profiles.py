@@ -3,7 +3,8 @@
 DVC reads params.yaml literally, so a profile (profiles/*.yaml, only what differs from params.yaml) is applied
 to it rather than read beside it. The merge is mrpo.config.load.merge_overlay's, done on a round-trip YAML
 document, so params.yaml keeps its comments; the file is replaced atomically, and only once what it would hold
-is validated and reads back as the merge.
+is validated and reads back as the merge. dvc.yaml beside it gets the profile's input files as deps (data
+files, local models outside the zoo: mrpo.config.inputs): DVC cannot derive them from params.yaml itself.
 """
 
 from __future__ import annotations
@@ -36,18 +37,23 @@ def apply_profile(overlay: str | Path, params: str | Path = "params.yaml") -> st
     if PROFILE_KEY in base:
         raise ConfigError(
             f"{params}: already holds profile {base[PROFILE_KEY]!r}; restore the default first "
-            f"(git checkout {params}), then apply {overlay}"
+            f"(git checkout {params} dvc.yaml), then apply {overlay}"
         )
     name = overlay.stem
     changes = {k: v for k, v in raw.items() if k != OVERLAY_KEY}
     merged = {PROFILE_KEY: name, **merge_overlay(copy.deepcopy(base), changes)}
-    parse_config(merged)
+    cfg = parse_config(merged)
     text = _merged_text(params, overlay, name)
     if parse_yaml_value(text) != merged:  # the round trip must write exactly the merge it was checked as
         raise ConfigError(
             f"{params}: merging {overlay} kept its comments but changed a value; merge it by hand"
         )
     write_text_atomically(params, text)
+    dvc_yaml = params.parent / "dvc.yaml"
+    if dvc_yaml.is_file():
+        from mrpo.config.inputs import sync_dvc_yaml
+
+        sync_dvc_yaml(dvc_yaml, cfg)
     return name
 
 
@@ -70,7 +76,7 @@ def _merged_text(params: Path, overlay: Path, name: str) -> str:
     doc.yaml_set_comment_before_after_key(
         PROFILE_KEY,
         before=f"Written by `mrpo profile apply {overlay}`: params.yaml with that overlay merged in.\n"
-        "`git checkout params.yaml` restores the default.",
+        "`git checkout params.yaml dvc.yaml` restores the default.",
     )
     out = io.StringIO()
     yaml.dump(doc, out)

@@ -4,11 +4,13 @@
 b"mrpo" schema metadata, how it was made: the reference, its model fingerprint, tokenizer, precision,
 max_length and the digest of the prepared data it scored; only what decides the content, so scoring the same
 pairs again writes the same bytes (timings go to `score_metrics_path`). Rows flagged fits=False were not
-scored (NaN log-probs); every other row holds finite log-probs <= 0.
+scored (NaN log-probs); every other row holds finite log-probs <= 0. Each row also carries a digest of its
+contract values (ROW_DIGEST), checked on every read: a file edited by hand is refused, not trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +36,37 @@ SCHEMA = pa.schema(
         ("fits", pa.bool_()),
     ]
 )
+
+
+# Each row's sha256 (first 16 hex digits) over its contract values; the metadata names the column when the
+# file has one. Rows flagged fits=False are never trained on, so only the others are checked.
+ROW_DIGEST = "row_sha256"
+
+
+def row_digests(table: pa.Table) -> list[str]:
+    """The digest of each row of `table` over the SCHEMA columns (values as Python reprs: NaN is stable)."""
+    columns = [table.column(name).to_pylist() for name in SCHEMA.names]
+    rows = zip(*columns, strict=True)
+    return [hashlib.sha256("\0".join(map(repr, row)).encode()).hexdigest()[:16] for row in rows]
+
+
+def with_row_digests(table: pa.Table) -> pa.Table:
+    """`table`'s SCHEMA columns with the ROW_DIGEST column appended (what score files and shards store)."""
+    table = table.select(SCHEMA.names).cast(SCHEMA)
+    return table.append_column(ROW_DIGEST, pa.array(row_digests(table), pa.string()))
+
+
+def edited_rows(table: pa.Table) -> list[int]:
+    """The rows (that fit) whose ROW_DIGEST does not match their values; every row when the column is gone."""
+    if ROW_DIGEST not in table.column_names:
+        return list(range(table.num_rows))
+    recorded = table.column(ROW_DIGEST).to_pylist()
+    content = table.select(SCHEMA.names).cast(SCHEMA)
+    fits = content.column("fits").to_pylist()
+    actual = row_digests(content)
+    return [
+        i for i, (r, a, f) in enumerate(zip(recorded, actual, fits, strict=True)) if r != a and f is not False
+    ]
 
 
 def score_path(score_dir: str | Path, reference: str) -> Path:
@@ -89,12 +122,32 @@ def read_scores(path: str | Path, reference: str | None = None) -> tuple[pd.Data
     if missing:
         raise ScoreDataError(f"{path}: missing column(s) {sorted(missing)}; {rerun}")
     try:
-        table = table.select(SCHEMA.names).cast(SCHEMA)
+        content = table.select(SCHEMA.names).cast(SCHEMA)
     except (pa.ArrowException, ValueError) as exc:
         raise ScoreDataError(f"{path}: columns of the wrong type ({exc}); {rerun}") from exc
-    frame = table.to_pandas()
+    frame = content.to_pandas()
     check_score_values(frame, path, name)
+    if meta.get("row_digests") == ROW_DIGEST:
+        check_row_digests(table, path, name)
     return frame, meta
+
+
+def check_row_digests(table: pa.Table, path: str | Path, reference: str) -> None:
+    """Refuse a score file whose rows differ from what `mrpo score` wrote (e.g. chosen and rejected swapped by
+    hand): each row's values must match the digest recorded beside them."""
+    bad = edited_rows(table)
+    if bad:
+        what = (
+            f"its {ROW_DIGEST} column is gone"
+            if ROW_DIGEST not in table.column_names
+            else f"pair_id {table.column('pair_id')[bad[0]].as_py()!r} (and {len(bad) - 1} more row(s)) no "
+            "longer matches the digest recorded when it was scored"
+        )
+        raise ScoreDataError(
+            f"{path}: edited after scoring ({what}), so its scores of reference {reference!r} cannot be "
+            "trusted; "
+            f"re-score it: `dvc repro score@{reference}` or `mrpo score --reference {reference}`"
+        )
 
 
 def check_score_values(frame: pd.DataFrame, path: str | Path, reference: str) -> None:

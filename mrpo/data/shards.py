@@ -19,13 +19,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mrpo.data.scorefile import SCHEMA
+from mrpo.data.scorefile import SCHEMA, edited_rows, with_row_digests
 from mrpo.errors import MRPOError
 from mrpo.io import atomic_file
 
 log = logging.getLogger("mrpo")
 
-SHARD_FORMAT = 2  # bump when the shard layout or the scoring computation changes (2: fp32 weights + autocast)
+# bump when the shard layout or the scoring computation changes (2: fp32 weights + autocast; 3: row digests)
+SHARD_FORMAT = 3
 # The settings that change a score's numerics but not what is scored: shards made under other values are
 # refused rather than mixed into one file (see open_shard_dir).
 NUMERICS_KEYS = ("device", "dtype", "batch_tokens", "padding_side")
@@ -116,7 +117,8 @@ def open_shard_dir(shard_dir: Path, key: dict) -> None:
 
 
 def load_shard(path: Path, pairs: Sequence) -> tuple[pa.Table, ShardStats] | None:
-    """A finished shard, or None when it is missing, unreadable or for other pairs (then it is recomputed)."""
+    """A finished shard, or None when it is missing, unreadable, for other pairs or edited since it was
+    written (its rows' digests differ): then it is recomputed."""
     if not path.is_file():
         return None
     try:
@@ -128,7 +130,15 @@ def load_shard(path: Path, pairs: Sequence) -> tuple[pa.Table, ShardStats] | Non
     if table.column("pair_id").to_pylist() != [p.pair_id for p in pairs]:
         log.warning("score: shard %s holds other pairs; recomputing it", path)
         return None
-    return table.replace_schema_metadata(None), stats
+    edited = edited_rows(table)
+    if edited:  # changed since it was scored (by hand, or damaged): never reused as it is
+        log.warning(
+            "score: shard %s: %d row(s) no longer match the digests written with them; recomputing it",
+            path,
+            len(edited),
+        )
+        return None
+    return table.select(SCHEMA.names).replace_schema_metadata(None), stats
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,7 @@ class ShardDir:
 
     def write(self, i: int, table: pa.Table, stats: ShardStats) -> None:
         meta = {_STATS_KEY: json.dumps(stats.__dict__).encode()}
-        write_parquet_atomically(table.replace_schema_metadata(meta), self.shard_path(i))
+        write_parquet_atomically(with_row_digests(table).replace_schema_metadata(meta), self.shard_path(i))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

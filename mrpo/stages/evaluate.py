@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mrpo.config.schema import Config
+from mrpo.data.provenance import check_scored_inputs
 from mrpo.evaluation.lmeval import (
     EvalSettings,
     cached_lm_eval,
@@ -92,6 +93,7 @@ def evaluate(cfg: Config) -> EvaluationReport:
     from mrpo.preflight import check_stage
 
     check_stage(cfg, "evaluate")
+    check_scored_inputs(cfg, "evaluate")  # the anchor unchanged since its scores were made
     start = time.perf_counter()
     e = cfg.evaluate
     results_dir = Path(e.results_dir)

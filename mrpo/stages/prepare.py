@@ -67,9 +67,11 @@ def prepare(cfg: Config) -> dict:
 
     Returns the report (also written to `<output_dir>/report.json`).
     """
+    from mrpo.config.inputs import check_declared
     from mrpo.preflight import check_stage
 
     check_stage(cfg, "prepare")
+    check_declared(cfg, "prepare")  # under DVC: dvc.yaml lists the data files as deps
     tally = PrepareTally()
     formats: dict[str, str] = {}
     all_pairs: list[Pair] = []

@@ -30,8 +30,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from mrpo.config.inputs import check_declared
 from mrpo.data.prepared import SPLITS, prepared_digest
-from mrpo.data.scorefile import METADATA_KEY, SCHEMA, score_metrics_path, score_path
+from mrpo.data.provenance import model_stat, remember_model
+from mrpo.data.scorefile import (
+    METADATA_KEY,
+    ROW_DIGEST,
+    SCHEMA,
+    score_metrics_path,
+    score_path,
+    with_row_digests,
+)
 from mrpo.data.shards import SHARD_FORMAT, ScoringError, ShardDir, ShardStats, write_parquet_atomically
 from mrpo.io import write_json_atomically
 from mrpo.modeling.models import (
@@ -92,6 +101,7 @@ def score_reference(
     """
     ref = cfg.reference(name)
     check_stage(cfg, "score")
+    check_declared(cfg, "score")  # under DVC: dvc.yaml lists local references as deps
     started = time.perf_counter()
     s = cfg.score
     pairs = read_prepared(cfg.data.output_dir)
@@ -102,6 +112,7 @@ def score_reference(
     placement_kwargs(ref, device, **placement)  # refuses bitsandbytes on CPU (or without it) before any work
     shards = ShardDir.of(s.output_dir, name, len(pairs), s.shard_size)
     run = ScoringRun(ref, s, pairs, shards, ranks, device, dtype, placement, padding_side)
+    stat = model_stat(ref)  # before hashing: kept with the hash only if no file changed meanwhile
     settings = score_settings(cfg, ref, dtype)
     with process_group(ranks, device):
         done, todo = _finished_shards(run, _shard_key(run, settings))
@@ -123,6 +134,7 @@ def score_reference(
             _assemble(
                 run, done, settings, {"ranks": ranks.world, "wall_seconds": time.perf_counter() - started}
             )
+            remember_model(cfg, ref, stat, settings.get("content_hash"))
         barrier(ranks)  # the file is written before any rank reports success
     return score_path(s.output_dir, name)
 
@@ -273,11 +285,13 @@ def _assemble(run: ScoringRun, done: dict, settings: dict, wall: dict) -> None:
         "padding_side": run.padding_side,
         # `dtype` is the forward's autocast precision over these weights; training reads it to match.
         "weights_dtype": "float32",
+        "row_digests": ROW_DIGEST,  # read_scores refuses rows edited after scoring
     }
     Path(s.output_dir).mkdir(parents=True, exist_ok=True)
     out_path = score_path(s.output_dir, name)
     write_parquet_atomically(
-        table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}), out_path
+        with_row_digests(table).replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()}),
+        out_path,
     )
     # Timings vary run to run: kept out of the score file (whose hash decides whether train and evaluate are
     # stale) in a small file of their own, git-ignored and no DVC output (score.metrics_dir). `seconds` is

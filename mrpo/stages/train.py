@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 
 from mrpo.config.schema import Config
 from mrpo.data.prepared import SPLITS
+from mrpo.data.provenance import check_scored_inputs
 from mrpo.io import atomic_directory, write_json_atomically, write_text_atomically
 from mrpo.preflight import check_stage
 from mrpo.reporting.plots import (
@@ -126,6 +127,7 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
 
     t = cfg.train
     check_stage(cfg, "train")
+    check_scored_inputs(cfg, "train")  # references unchanged since scoring, the anchor's tokens alike
     started = time.perf_counter()
     seed_everything(cfg.seed)
     setup = prepare_training(cfg)
