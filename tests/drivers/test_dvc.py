@@ -349,11 +349,12 @@ def test_changing_one_reference_reruns_only_its_scoring_and_what_follows(tiny_re
     edit_params(
         project, lambda p: p["references"]["llama_expert"].update(tokenizer="models/zoo/llama_expert")
     )
-    assert stale_stages(project) == {"score@llama_expert", "diagnose", "train", "evaluate", "summary"}
+    # any edit of params.yaml re-runs the check stage (a second), whose unchanged marker re-runs nothing
+    assert stale_stages(project) == {"check", "score@llama_expert", "diagnose", "train", "evaluate", "summary"}
 
     out = dvc(["repro"], project).stdout
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"score@llama_expert", "diagnose", "train", "evaluate", "summary"}, out[-3000:]
+    assert ran == {"check", "score@llama_expert", "diagnose", "train", "evaluate", "summary"}, out[-3000:]
     for stage in ("zoo", "prepare", "score@anchor", "score@gpt2_char"):
         assert f"Stage '{stage}' didn't change, skipping" in out
     after = {r: (project / "data" / "scores" / f"{r}.parquet").read_bytes() for r in before}
@@ -372,9 +373,9 @@ def test_rescoring_and_logging_cadence_leave_training_up_to_date(tiny_reproduced
     assert (project / "data" / "scores" / "anchor.parquet").read_bytes() == before
     assert stale_stages(project) == set()
     edit_params(project, lambda p: p["train"].update(logging_steps=3, save_steps=2))
-    assert stale_stages(project) == set()
+    assert stale_stages(project) == {"check"}  # validated again, nothing re-trained
     edit_params(project, lambda p: p["train"].update(beta=0.2))
-    assert stale_stages(project) == {"train", "evaluate", "summary"}
+    assert stale_stages(project) == {"check", "train", "evaluate", "summary"}
 
 
 @pytest.mark.slow
@@ -442,7 +443,7 @@ def test_adding_a_reference_scores_only_that_one(tiny_reproduced, tmp_path):
     project = clone_project(tiny_reproduced["path"], tmp_path / "p")
     edit_params(project, lambda p: p["references"].update(anchor_twin={"model": "models/zoo/anchor"}))
     stale = stale_stages(project)
-    assert stale == {"score@anchor_twin", "diagnose", "train", "evaluate", "summary"}
+    assert stale == {"check", "score@anchor_twin", "diagnose", "train", "evaluate", "summary"}
     out = dvc(["repro", "--dry"], project).stdout
     assert "Running stage 'score@anchor_twin'" in out
     assert "Running stage 'score@anchor'" not in out and "Running stage 'score@gpt2_char'" not in out
