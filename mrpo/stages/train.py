@@ -279,8 +279,8 @@ def _write_outputs(
     cfg: Config, setup: TrainingSetup, trainer: MRPOTrainer, policy, metrics: dict[str, Any], run, references
 ) -> None:
     """Every output staged first (the policy with its model card, checked finite, the run record, metrics and
-    curves), swapped in together; then the MLflow record and the upload when `train.push_to_hub` is enabled.
-    A failure anywhere, the MLflow record included, puts back every previous output."""
+    curves), swapped in together once the MLflow record is written too: a failure anywhere before puts back
+    every previous output. Then the upload, when `train.push_to_hub` is enabled."""
     from mrpo.reporting import modelcard
     from mrpo.tracking.store import run_record_path
 
@@ -299,7 +299,7 @@ def _write_outputs(
     with StagedOutputs() as staged:
         tmp = staged.directory(out)
         save_policy(policy, setup.tokenizer, tmp, merge_lora=t.lora.merge)
-        (tmp / modelcard.CARD).write_text(card)
+        (tmp / modelcard.CARD).write_text(card, encoding="utf-8")
         write_json_atomically(tmp / TRAIN_RECORD, reproducible_record(metrics))
         records = staged.scratch(out)
         run.write_record(records / out.name)
@@ -309,9 +309,9 @@ def _write_outputs(
         write_plots(cfg, trainer.state.log_history, metrics, trainer.reference_names, staged)
         staged.commit()
         _record_outputs(cfg, run, metrics, trainer.state.global_step)
-        if t.push_to_hub.enabled:
-            url = modelcard.push_to_hub(t.push_to_hub, out, f"mrpo train: {run.run_name or t.objective}")
-            run.set_tags({"mrpo.hub_commit": url})
+    if t.push_to_hub.enabled:  # after the outputs stand: a failed upload keeps the policy saved locally
+        url = modelcard.push_to_hub(t.push_to_hub, out, f"mrpo train: {run.run_name or t.objective}")
+        run.set_tags({"mrpo.hub_commit": url})
 
 
 def _record_outputs(cfg: Config, run, metrics: dict[str, Any], step: int) -> None:
