@@ -66,7 +66,11 @@ def _undo(swap: _Swap) -> None:
 
 
 def _roll_back(journal: Path) -> None:
-    swaps = [_Swap(**s) for s in json.loads(journal.read_text())["swaps"]]
+    try:
+        swaps = [_Swap(**s) for s in json.loads(journal.read_text())["swaps"]]
+    except (ValueError, KeyError, TypeError):  # killed while writing it: no output had moved yet
+        journal.unlink(missing_ok=True)
+        return
     for swap in reversed(swaps):
         _undo(swap)
     journal.unlink(missing_ok=True)

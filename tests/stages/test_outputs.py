@@ -191,6 +191,18 @@ def test_leftovers_of_an_interrupted_swap_on_disk_are_recovered_or_removed(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["policy", live.name])
 
 
+def test_a_journal_cut_short_by_a_kill_moved_nothing_and_is_removed(tmp_path):
+    finals = old_set(tmp_path)
+    before = digest(tmp_path)
+    dead = 2**22 + 12345
+    (tmp_path / f"models/.policy.tmp-{dead}").mkdir()
+    (tmp_path / f"models/.policy.tmp-{dead}/model.safetensors").write_bytes(b"new")
+    (tmp_path / f"metrics/.train.json.tmp-{dead}").write_bytes(b"new")
+    (tmp_path / f"models/.policy.commit-{dead}.json").write_text('{"swaps": [{"final": "/')
+    recover(finals)
+    assert digest(tmp_path) == before and hidden(tmp_path) == []
+
+
 # ---------------------------------------------------------------- output paths, on a real project
 
 
