@@ -6,10 +6,12 @@ registry: one place each, imported here.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from typing import Any
 
 from mrpo.config.knobs import MAX_SEED, ZOO_ATTRIBUTES
+from mrpo.config.paths import validate_paths
 from mrpo.config.schema import (
     CompareConfig,
     Config,
@@ -56,6 +58,8 @@ def validate(cfg: Config) -> None:
     _fixed_weights(cfg)
     _evaluate(cfg.evaluate)
     _compare(cfg.compare, cfg.train, names)
+    _registered_model(cfg.tracking.registered_model)
+    validate_paths(cfg)
 
 
 def _reference(r: ReferenceConfig) -> None:
@@ -177,6 +181,12 @@ def _train(t: TrainConfig) -> None:
         "must differ from train.output_dir",
     )
     check(
+        t.num_epochs > 0 or t.max_steps >= 1,
+        "train.num_epochs",
+        t.num_epochs,
+        "must be > 0 (with 0 nothing is trained), or 0 with train.max_steps >= 1 setting the steps",
+    )
+    check(
         t.lora.target_modules is None or len(t.lora.target_modules) > 0,
         "train.lora.target_modules",
         t.lora.target_modules,
@@ -277,4 +287,22 @@ def _compare(c: CompareConfig, t: TrainConfig, names: list[str]) -> None:
         "compare.dpo_references",
         None if c.dpo_references is None else list(c.dpo_references),
         f"must include the anchor {names[0]!r}: every configuration is compared with DPO against it",
+    )
+
+
+def _registered_model(name: str | None) -> None:
+    """MLflow's model-name rules (its file and database registries together), checked here because the policy
+    is registered only after training."""
+    check(
+        name is None
+        or (
+            name.strip() != ""
+            and not any(c in name for c in "/:\\%")
+            and posixpath.normpath(name) == name
+            and name not in (".", "..")
+        ),
+        "tracking.registered_model",
+        name,
+        "an MLflow model name is not blank and has no '/', ':', '\\' or '%' and is not '.' or '..' "
+        "(e.g. mrpo-policy); or null to register nothing",
     )

@@ -194,7 +194,7 @@ class TrainConfig:
     num_epochs: float = knob(
         1.0,
         "passes over the training split",
-        bounds="> 0 (with 0 nothing is trained; train.max_steps >= 1 overrides it)",
+        bounds="> 0 or 0 (only with train.max_steps >= 1, which overrides it)",
     )
     max_steps: int = knob(
         -1, "optimizer steps; -1 = num_epochs decides", bounds="-1 (train for train.num_epochs) or >= 1"

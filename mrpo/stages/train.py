@@ -23,9 +23,10 @@ from transformers import TrainerCallback
 from mrpo.config.schema import Config
 from mrpo.data.prepared import SPLITS
 from mrpo.data.provenance import check_scored_inputs
-from mrpo.io import atomic_directory, write_json_atomically, write_text_atomically
+from mrpo.io import write_json_atomically
 from mrpo.preflight import check_stage
 from mrpo.reporting.plots import (
+    PNG_FILES,
     VALIDATION_COLUMNS,
     VALIDATION_FILE,
     render_pngs,
@@ -35,6 +36,7 @@ from mrpo.reporting.plots import (
 )
 from mrpo.reporting.records import TRAIN_RECORD, train_headline
 from mrpo.runtime import seed_everything
+from mrpo.staging import StagedOutputs, recover, refuse_directories
 from mrpo.training.checkpoints import RunState, resume_point, write_run_state
 from mrpo.training.policy import check_finite_weights, is_main_process, save_policy, trained_policy
 from mrpo.training.setup import (
@@ -95,19 +97,39 @@ def plot_rows(log_history: list[dict[str, Any]]) -> tuple[list[str], list[dict[s
     return columns, rows
 
 
-def write_plots(cfg: Config, log_history: list[dict[str, Any]], metrics: dict[str, Any], names) -> list[Path]:
-    """The curves: `train.plots_file` (per logging step, with trailing means),
-    `<train.plots_dir>/validation.csv` (the periodic validation evaluations, step 0 the untrained policy) and
-    their PNG renders; returns the files."""
+def train_outputs(cfg: Config) -> dict[Path, str]:
+    """Every file and directory the train stage replaces, all together (see mrpo.staging), and its key."""
+    from mrpo.tracking.store import run_record_path
+
     t = cfg.train
+    plots = Path(t.plots_dir)
+    return {
+        Path(t.output_dir): "train.output_dir",
+        run_record_path(t.output_dir): "train.output_dir",
+        Path(t.metrics_file): "train.metrics_file",
+        Path(t.plots_file): "train.plots_file",
+        plots / VALIDATION_FILE: "train.plots_dir",
+        **{plots / name: "train.plots_dir" for name in PNG_FILES},
+    }
+
+
+def write_plots(
+    cfg: Config, log_history: list[dict[str, Any]], metrics: dict[str, Any], names, staged: StagedOutputs
+) -> list[Path]:
+    """The curves, staged: `train.plots_file` (per logging step, with trailing means),
+    `<train.plots_dir>/validation.csv` (the periodic validation evaluations, step 0 the untrained policy) and
+    their PNG renders; returns their final paths."""
+    t = cfg.train
+    plots = Path(t.plots_dir)
     columns, rows = with_smoothed(*plot_rows(log_history))
-    write_csv(t.plots_file, columns, rows)
+    write_csv(staged.file(t.plots_file), columns, rows)
     validation = validation_rows(rows, metrics)
-    validation_file = Path(t.plots_dir) / VALIDATION_FILE
-    write_csv(validation_file, VALIDATION_COLUMNS, validation)
+    write_csv(staged.file(plots / VALIDATION_FILE), VALIDATION_COLUMNS, validation)
     title = t.objective + (f" ({t.strategy})" if t.objective != "dpo" else "")
-    pngs = render_pngs(t.plots_dir, rows, validation, names, title)
-    return [Path(t.plots_file), validation_file, *pngs]
+    pngs = render_pngs(staged.scratch(plots / PNG_FILES[0]), rows, validation, names, title)
+    for png in pngs:
+        staged.adopt(png, plots / png.name)
+    return [Path(t.plots_file), plots / VALIDATION_FILE, *(plots / png.name for png in pngs)]
 
 
 def final_weights(log_history: list[dict[str, Any]], names: Sequence[str]) -> dict[str, float]:
@@ -128,11 +150,15 @@ def train(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool
     t = cfg.train
     check_stage(cfg, "train")
     check_scored_inputs(cfg, "train")  # references unchanged since scoring, the anchor's tokens alike
+    main = is_main_process()
+    if main:
+        outputs = train_outputs(cfg)
+        recover(outputs)  # a run killed while swapping its outputs in: the previous set back
+        refuse_directories({p: key for p, key in outputs.items() if p != Path(t.output_dir)})
     started = time.perf_counter()
     seed_everything(cfg.seed)
     setup = prepare_training(cfg)
     checkpoint_dir = Path(t.checkpoint_dir)
-    main = is_main_process()
     start = resume_point(
         checkpoint_dir, setup.fingerprint, clean=main
     )  # ranks of one job share the directory
@@ -254,9 +280,11 @@ def _train_and_evaluate(cfg: Config, setup: TrainingSetup, start, callbacks, run
 def _write_outputs(
     cfg: Config, setup: TrainingSetup, trainer: MRPOTrainer, policy, metrics: dict[str, Any], run, references
 ) -> None:
-    """The policy with its model card (swapped in whole, checked finite first), metrics and curves; then the
-    MLflow record, and the upload when `train.push_to_hub` is enabled."""
+    """Every output staged first (the policy with its model card, checked finite, the run record, metrics and
+    curves), swapped in together once the MLflow record is written too: a failure anywhere before puts back
+    every previous output. Then the upload, when `train.push_to_hub` is enabled."""
     from mrpo.reporting import modelcard
+    from mrpo.tracking.store import run_record_path
 
     t = cfg.train
     out = Path(t.output_dir)
@@ -270,15 +298,20 @@ def _write_outputs(
         tracked=bool(run),
         run_name=run.run_name,
     )
-    with atomic_directory(out) as tmp:
+    with StagedOutputs() as staged:
+        tmp = staged.directory(out)
         save_policy(policy, setup.tokenizer, tmp, merge_lora=t.lora.merge)
-        write_text_atomically(Path(tmp) / modelcard.CARD, card)
+        (tmp / modelcard.CARD).write_text(card, encoding="utf-8")
         write_json_atomically(tmp / TRAIN_RECORD, reproducible_record(metrics))
-    run.write_record(out)
-    write_json_atomically(t.metrics_file, train_headline(metrics))
-    write_plots(cfg, trainer.state.log_history, metrics, trainer.reference_names)
-    _record_outputs(cfg, run, metrics, trainer.state.global_step)
-    if t.push_to_hub.enabled:
+        records = staged.scratch(out)
+        run.write_record(records / out.name)
+        if run_record_path(records / out.name).is_file():
+            staged.adopt(run_record_path(records / out.name), run_record_path(out))
+        write_json_atomically(staged.file(t.metrics_file), train_headline(metrics))
+        write_plots(cfg, trainer.state.log_history, metrics, trainer.reference_names, staged)
+        staged.commit()
+        _record_outputs(cfg, run, metrics, trainer.state.global_step)
+    if t.push_to_hub.enabled:  # after the outputs stand: a failed upload keeps the policy saved locally
         url = modelcard.push_to_hub(t.push_to_hub, out, f"mrpo train: {run.run_name or t.objective}")
         run.set_tags({"mrpo.hub_commit": url})
 
