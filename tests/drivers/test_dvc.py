@@ -350,7 +350,14 @@ def test_changing_one_reference_reruns_only_its_scoring_and_what_follows(tiny_re
         project, lambda p: p["references"]["llama_expert"].update(tokenizer="models/zoo/llama_expert")
     )
     # any edit of params.yaml re-runs the check stage (a second), whose unchanged marker re-runs nothing
-    assert stale_stages(project) == {"check", "score@llama_expert", "diagnose", "train", "evaluate", "summary"}
+    assert stale_stages(project) == {
+        "check",
+        "score@llama_expert",
+        "diagnose",
+        "train",
+        "evaluate",
+        "summary",
+    }
 
     out = dvc(["repro"], project).stdout
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
