@@ -37,7 +37,7 @@ def padding_share(lengths_per_batch: Sequence[Sequence[int]]) -> float:
 
 
 def pair_lengths(examples) -> list[int]:
-    """Each PreferenceExample's padded width in a batch: its longer sequence (chosen and rejected share it)."""
+    """Each PreferenceExample's width in a batch: its longer sequence (chosen and rejected share it)."""
     return [max(len(e.chosen.input_ids), len(e.rejected.input_ids)) for e in examples]
 
 

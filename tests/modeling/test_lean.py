@@ -1,4 +1,5 @@
-"""Log-probs without the full logits: the chunked LM-head path equals the full one, on real tiny zoo models."""
+"""Log-probs without the full logits (chunked LM head) and without padding (packed) equal the padded full
+path, on real tiny zoo models."""
 
 from __future__ import annotations
 
