@@ -46,7 +46,8 @@ def grouped_order(lengths: Sequence[int], step_size: int, seed: int) -> list[int
     `seed`.
 
     A random permutation is cut into megabatches of MEGABATCH_STEPS steps, each sorted by length (longest
-    first, ties by index) and cut into steps; the steps are shuffled. A last, short step stays last, so
+    first, ties in random order, so equal lengths do not share the same steps every epoch) and cut into
+    steps; the steps are shuffled. A last, short step stays last, so
     every other step is full and the batch boundaries fall where the sampler's steps do.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -54,7 +55,7 @@ def grouped_order(lengths: Sequence[int], step_size: int, seed: int) -> list[int
     mega = MEGABATCH_STEPS * step_size
     steps: list[list[int]] = []
     for start in range(0, len(order), mega):
-        members = sorted(order[start : start + mega], key=lambda i: (-lengths[i], i))
+        members = sorted(order[start : start + mega], key=lambda i: -lengths[i])
         steps.extend(members[k : k + step_size] for k in range(0, len(members), step_size))
     short = [s for s in steps if len(s) < step_size]
     full = [s for s in steps if len(s) == step_size]

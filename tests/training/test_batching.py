@@ -89,7 +89,9 @@ def test_grouped_batches_of_hh_rlhf_pairs_are_at_most_a_tenth_padding(tmp_path):
     rows = {i: (len(chosen[i].input_ids), len(rejected[i].input_ids)) for i in fit}
 
     def share(order: list[int]) -> float:
-        return padding_share([[n for i in order[k : k + 8] for n in rows[i]] for k in range(0, len(order), 8)])
+        return padding_share(
+            [[n for i in order[k : k + 8] for n in rows[i]] for k in range(0, len(order), 8)]
+        )
 
     lengths = [max(rows[i]) for i in fit]
     grouped = share([fit[j] for j in grouped_order(lengths, 8, seed=0)])
