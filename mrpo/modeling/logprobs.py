@@ -166,20 +166,19 @@ def _response_tokens(
     keep = _logit_positions_needed(response_mask) if _accepts_logits_to_keep(model) else 0
     width = keep or input_ids.shape[1]
     ids, mask = input_ids[:, -width:], response_mask[:, -width:]
-    # Position t's logits predict token t + 1: labels shifted left; the last position predicts nothing.
-    labels = F.pad(ids[:, 1:], (0, 1))
-    label_mask = F.pad(mask[:, 1:], (0, 1))
+    # Position t's logits predict token t + 1; the last position predicts nothing. Results are contiguous
+    # (B, T' - 1) tensors: a sum over a strided view may round differently (parity with TRL is to 2 ulps).
+    labels, label_mask = ids[:, 1:], mask[:, 1:]
     extra: dict[str, torch.Tensor] = {}
     if head is None:
-        logits = _forward(model, input_ids, attention_mask, keep, position_ids)
+        logits = _forward(model, input_ids, attention_mask, keep, position_ids)[:, :-1]
         token_logps = token_logps_from_logits(logits, labels, label_mask)
         if sum_sq:
             extra["sum_sq"] = log_sum_sq_probs(logits, label_mask)
     else:
         with _projecting_only(head, labels, label_mask, chunk, sum_sq, extra):
             token_logps = _forward(model, input_ids, attention_mask, keep, position_ids)
-    lss = extra["sum_sq"][:, :-1] if sum_sq else torch.zeros(0)
-    return ResponseTokens(token_logps[:, :-1], lss, label_mask[:, :-1])
+    return ResponseTokens(token_logps, extra["sum_sq"] if sum_sq else torch.zeros(0), label_mask)
 
 
 def _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, sum_sq) -> ResponseTokens:
@@ -198,9 +197,9 @@ def _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, sum_s
         # cell, then drop column 0 as the padded path does (its column t holds the label at token t + 1).
         per_token = F.pad(values[0], (positions.shape[1] - values.shape[1], 0))
         cells = torch.zeros(real.shape, dtype=torch.float32, device=real.device)
-        return cells.index_put((real,), per_token)[:, 1:]
+        return cells.index_put((real,), per_token)[:, 1:].contiguous()
 
-    mask = torch.zeros_like(response_mask).index_put((real,), response[0])[:, 1:]
+    mask = torch.zeros_like(response_mask).index_put((real,), response[0])[:, 1:].contiguous()
     lss = unpack(flat.log_sum_sq_probs) if sum_sq else flat.log_sum_sq_probs
     return ResponseTokens(unpack(flat.token_logps), lss, mask)
 
@@ -220,11 +219,12 @@ def _forward(model, input_ids, attention_mask, keep, position_ids=None) -> torch
 
 @contextmanager
 def _projecting_only(head, labels, mask, chunk, sum_sq, extra) -> Iterator[None]:
-    """Within the block the LM head returns per-token log-probs of `labels` (B, T') instead of logits, so the
-    computation stays inside the model's forward (DDP sees the head's weight used) and no (B, T', V) tensor
-    exists; log sum_v p_v^2 (no gradient) lands in `extra["sum_sq"]`."""
+    """Within the block the LM head returns per-token log-probs of `labels` (B, T' - 1) instead of logits,
+    so the computation stays inside the model's forward (DDP sees the head's weight used) and no (B, T', V)
+    tensor exists; log sum_v p_v^2 (no gradient) lands in `extra["sum_sq"]`."""
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden[:, :-1]
         logps, lss = chunked_token_logps(hidden, labels, mask, head.weight, head.bias, chunk, sum_sq)
         if sum_sq:
             extra["sum_sq"] = lss
