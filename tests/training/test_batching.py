@@ -97,3 +97,29 @@ def test_grouped_batches_of_hh_rlhf_pairs_are_at_most_a_tenth_padding(tmp_path):
     grouped = share([fit[j] for j in grouped_order(lengths, 8, seed=0)])
     padded = share([fit[j] for j in torch.randperm(len(fit), generator=torch.Generator().manual_seed(0))])
     assert grouped <= 0.10 < 0.4 < padded
+
+
+def test_the_trainer_groups_or_packs_per_train_batching_with_the_same_loss(scored, tmp_path):
+    """The real train config: grouped (the default) samples with GroupedSampler; packed runs the policy's
+    forward packed (exact for the zoo's Llama anchor), with the padded path's loss, WPO weights included;
+    padded keeps Trainer's random sampler."""
+    from helpers import config
+
+    from mrpo.data.preference import PreferenceCollator
+    from mrpo.training.batching import GroupedSampler
+    from mrpo.training.setup import build_trainer, prepare_training
+
+    losses = {}
+    for batching in ("padded", "grouped", "packed"):
+        cfg = config(scored, tmp_path / batching, **{"train.batching": batching, "train.use_weighting": True})
+        setup = prepare_training(cfg)
+        trainer = build_trainer(cfg, setup)
+        assert trainer.batching == batching
+        sampler = trainer._get_train_sampler()
+        assert isinstance(sampler, GroupedSampler) == (batching != "padded")
+        examples = [setup.datasets["train"][i] for i in range(8)]
+        batch = PreferenceCollator(setup.tokenizer.pad_token_id)(examples)
+        with torch.no_grad():
+            losses[batching] = trainer.compute_loss(trainer.model.eval(), batch).item()
+    assert losses["grouped"] == losses["padded"]
+    assert losses["packed"] == pytest.approx(losses["padded"], abs=1e-5)
