@@ -121,9 +121,9 @@ def response_logps(
     """log p(response | prompt) per row: the sum over response tokens of log p(token | prefix), (B,) fp32.
 
     Works under autograd (training) and under inference_mode (scoring). The model
-    may run in bf16; the log-softmax always runs in fp32. Only response positions are projected through
-    the LM head, `chunk` positions at a time (see `chunked_token_logps`; 0 = the logits of every position
-    from the first response token on at once, the same numbers). `packed`: the rows run as one sequence
+    may run in bf16; the log-softmax always runs in fp32. Positions from the first response column on are
+    projected through the LM head about `chunk` at a time (see `chunked_token_logps`; 0 = all their logits
+    at once, the same numbers to fp32 rounding). `packed`: the rows run as one sequence
     without padding (see `_packed_tokens`); the same numbers where the attention supports it
     (`mrpo.training.batching.packing_supported`).
     """
