@@ -390,6 +390,22 @@ def mrpo_trainer(
     )
 
 
+def trl_precision_kwargs(bf16: bool, checkpointing: bool) -> dict:
+    """DPOConfig keywords that set TRL's precision and recomputation to ours (TRL 1.16 defaults both to True,
+    even on CPU): `bf16` and whichever checkpointing name the installed transformers has."""
+    from mrpo.training.setup import CHECKPOINTING_ARG
+
+    return {"bf16": bf16, CHECKPOINTING_ARG: checkpointing}
+
+
+def trainer_optimizer(trainer):
+    """The optimizer `trainer.train()` would build (TrainingArguments' default `optim`: the fused torch AdamW,
+    learning rate 5e-6 as set above), for harnesses that step by hand; and its name, for the record."""
+    optimizer = trainer.create_optimizer()
+    fused = optimizer.defaults.get("fused")
+    return optimizer, f"{trainer.args.optim} ({type(optimizer).__name__}, fused={fused})"
+
+
 def peak_rss_mib() -> float:
     """VmHWM of this process (peak resident set), MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -4,16 +4,18 @@ with precomputed reference log-probs and with a live reference.
     python benchmarks/trl_dpo.py                     # zoo and SmolLM2-135M
     python benchmarks/trl_dpo.py --models zoo --rounds 5
 
-Three full `Trainer.train()` loops on the same policy weights (each design
+Four full `Trainer.train()` loops on the same policy weights (each design
 trains its own copy), data, batch size, optimizer settings and threads:
-  ours      MRPOTrainer, objective mrpo with K = 1 stored reference (= DPO)
-  trl-pre   trl.DPOTrainer(precompute_ref_log_probs=True)
-            (the reference pass runs in its __init__, not timed)
-  trl-live  trl.DPOTrainer with a ref_model copy run every step
+  ours      MRPOTrainer, objective mrpo with K = 1 stored reference (= DPO), fp32, no checkpointing
+  trl-pre   trl.DPOTrainer(precompute_ref_log_probs=True), matched: bf16=False and no
+            gradient checkpointing, as ours (the reference pass runs in its __init__, not timed)
+  trl-live  trl.DPOTrainer with a ref_model copy run every step, matched as trl-pre
+  trl-pre-defaults  trl-pre with DPOConfig's own defaults (TRL 1.16: bf16=True and gradient
+            checkpointing=True even on CPU): reported beside, never the verdict
 Each round trains `--steps` steps of each design in turn (order alternating);
 a step is timed from `on_step_begin` to `on_step_end` (forward, loss, backward,
 optimizer), the first step of each `train()` call is dropped, and the median is
-kept. Targets: ours / trl-pre <= 1.0, ours / trl-live <= 0.7.
+kept. Targets (matched settings): ours / trl-pre <= 1.0, ours / trl-live <= 0.7.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def run_case(which: str, args) -> dict | None:
             m.train()
             return m
 
-        timers = {name: step_timer() for name in ("ours", "trl-pre", "trl-live")}
+        timers = {name: step_timer() for name in ("ours", "trl-pre", "trl-live", "trl-pre-defaults")}
         ours = C.mrpo_trainer(
             policy(),
             tokenizer,
@@ -105,7 +107,7 @@ def run_case(which: str, args) -> dict | None:
         )
         ours.add_callback(timers["ours"])
 
-        def dpo(name, precompute):
+        def dpo(name, precompute, matched=True):
             cfg_trl = DPOConfig(
                 output_dir=str(scratch / name),
                 per_device_train_batch_size=batch_pairs,
@@ -122,6 +124,7 @@ def run_case(which: str, args) -> dict | None:
                 disable_tqdm=True,
                 seed=0,
                 dataset_num_proc=None,
+                **(C.trl_precision_kwargs(bf16=False, checkpointing=False) if matched else {}),
             )
             trainer = DPOTrainer(
                 model=policy(),
@@ -137,7 +140,8 @@ def run_case(which: str, args) -> dict | None:
         trl_pre = dpo("trl-pre", True)
         trl_pre_init_s = time.perf_counter() - start
         trl_live = dpo("trl-live", False)
-        trainers = {"ours": ours, "trl-pre": trl_pre, "trl-live": trl_live}
+        trl_defaults = dpo("trl-pre-defaults", True, matched=False)
+        trainers = {"ours": ours, "trl-pre": trl_pre, "trl-live": trl_live, "trl-pre-defaults": trl_defaults}
 
         def design(name):
             def run():
@@ -161,9 +165,18 @@ def run_case(which: str, args) -> dict | None:
         "trl_version": trl.__version__,
         "batch_pairs": batch_pairs,
         "steps_per_round": steps,
+        "settings": "ours, trl-pre, trl-live: fp32, no gradient checkpointing; trl-pre-defaults: TRL's "
+        f"DPOConfig defaults (bf16={trl_defaults.args.bf16}, "
+        f"gradient checkpointing={trl_defaults.model.is_gradient_checkpointing})",
+        "trl_pre_matched_checks": {
+            "bf16": trl_pre.args.bf16,
+            "gradient_checkpointing": trl_pre.model.is_gradient_checkpointing,
+        },
         "step_ms_median": ms,
         "ratio_ours_over_trl_pre": ms["ours"] / ms["trl-pre"],
         "ratio_ours_over_trl_live": ms["ours"] / ms["trl-live"],
+        "ratio_ours_over_trl_pre_defaults": ms["ours"] / ms["trl-pre-defaults"],
+        "paired_ratio_ours_over_trl_pre_defaults": C.paired_ratio(runs["ours"], runs["trl-pre-defaults"]),
         "paired_ratio_ours_over_trl_pre": C.paired_ratio(runs["ours"], runs["trl-pre"]),
         "paired_ratio_ours_over_trl_live": C.paired_ratio(runs["ours"], runs["trl-live"]),
         "first_batch_real_tokens": {"ours": tokens_ours, "trl": tokens_trl},
@@ -177,9 +190,10 @@ def run_case(which: str, args) -> dict | None:
     }
     print(
         f"{label}: step ms ours {ms['ours']:.1f}, trl-pre {ms['trl-pre']:.1f}, "
-        f"trl-live {ms['trl-live']:.1f} -> "
+        f"trl-live {ms['trl-live']:.1f}, trl-pre with TRL's defaults {ms['trl-pre-defaults']:.1f} -> "
         f"ours/trl-pre x{row['ratio_ours_over_trl_pre']:.3f}, "
-        f"ours/trl-live x{row['ratio_ours_over_trl_live']:.3f}",
+        f"ours/trl-live x{row['ratio_ours_over_trl_live']:.3f} (matched); "
+        f"ours/trl-pre-defaults x{row['ratio_ours_over_trl_pre_defaults']:.3f}",
         flush=True,
     )
     return row
