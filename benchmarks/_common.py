@@ -237,10 +237,10 @@ def prepared_pairs(cfg, split: str = "train", limit: int | None = None):
     return pairs.iloc[:limit] if limit else pairs
 
 
-def prepare_hh_rlhf(scratch: Path, max_rows: int):
-    """Prepare the first `max_rows` HH-RLHF harmless-base pairs with `mrpo.stages.prepare.prepare`;
+def prepare_hh_rlhf(scratch: Path, max_rows: int, path: Path = HH_RLHF):
+    """Prepare the first `max_rows` HH-RLHF harmless-base pairs (`path`) with `mrpo.stages.prepare.prepare`;
     Config or None when absent."""
-    if not HH_RLHF.is_file():
+    if not Path(path).is_file():
         return None
     from mrpo.config.load import load_config
     from mrpo.stages.prepare import prepare
@@ -249,7 +249,7 @@ def prepare_hh_rlhf(scratch: Path, max_rows: int):
         REPO / "params.yaml",
         {
             "data.source": "file",
-            "data.paths": [str(HH_RLHF)],
+            "data.paths": [str(path)],
             "data.max_rows": max_rows,
             "data.output_dir": str(scratch / "hh_prepared"),
             "data.val_fraction": 0.0,
@@ -351,6 +351,7 @@ def mrpo_trainer(
     batch_size: int,
     strategy: str = "uniform",
     train_dataset=None,
+    trainer_kw: dict | None = None,
     **train_kw,
 ):
     """An MRPOTrainer (real class, real TrainingArguments) over `model`
@@ -365,7 +366,7 @@ def mrpo_trainer(
     args = TrainingArguments(
         output_dir=str(scratch / f"trainer_k{k}"),
         per_device_train_batch_size=batch_size,
-        use_cpu=True,
+        use_cpu=train_kw.pop("use_cpu", True),
         report_to="none",
         save_strategy="no",
         eval_strategy="no",
@@ -387,6 +388,7 @@ def mrpo_trainer(
         objective=Objective(),
         strategy=make_strategy(strategy, k),
         reference_names=names,
+        **(trainer_kw or {}),
     )
 
 

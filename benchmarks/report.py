@@ -165,6 +165,63 @@ def b6(res: dict) -> list[str]:
     return out + [markdown_row(r, one, two) for r in res["rows"]]
 
 
+def _share(v) -> str:
+    return f"{100 * v:.1f}%" if isinstance(v, float) else "skipped: not in this checkout"
+
+
+def b7(res: dict) -> list[str]:
+    """B7's tables: padding share, training steps vs TRL, scoring, memory at vocabulary 128k, the summary."""
+    out = [_header(res), ""]
+    if "padding_share" in res:
+        out += ["| max_length | pairs | padded (today) | grouped | packed |", "|---|---|---|---|---|"]
+        for length, row in res["padding_share"].items():
+            modes = " | ".join(_share(row.get(m)) for m in ("padded", "grouped", "packed"))
+            out.append(f"| {length} | {row['pairs']} | {modes} |")
+        out.append("")
+    if "step" in res:
+        st, peak = res["step"], res["matmul_gflops"]
+        out += [
+            f"{st['case']}, {st['pairs']} pairs ({st['real_tokens']} real tokens), batch {st['batch_pairs']} "
+            f"pairs, max_length {st['max_length']}; torch.mm peak here {peak['float32']:.0f} GFLOP/s fp32, "
+            f"{peak['bfloat16']:.0f} bf16; timed rounds per design: "
+            f"{next(iter(st['designs'].values()))['epoch_step_seconds']['n']}",
+            "",
+            "| design | epoch of steps s | tokens/s | / TRL precomputed, same precision (paired) | "
+            "fraction of matmul peak |",
+            "|---|---|---|---|---|",
+        ]
+        for name, d in st["designs"].items():
+            out.append(
+                f"| {name} | {d['epoch_step_seconds']['median']:.1f} | {d['tokens_per_s']:.0f} | "
+                f"x{d['ratio_vs_trl_pre_same_precision']:.3f} | {d['matmul_fraction']:.2f} |"
+            )
+        out += [f"| {name} | {note} | | | |" for name, note in st.get("skipped", {}).items()]
+        sc = res["scoring"]
+        fp32, bf16 = sc["float32"], sc["bfloat16"]
+        out += [
+            "",
+            f"Scoring the same {sc['pairs']} pairs (`score_sequences`): fp32 {fp32['seconds']:.1f} s "
+            f"({fp32['matmul_fraction']:.2f} of the fp32 peak), bf16 {bf16['seconds']:.1f} s "
+            f"({bf16['matmul_fraction']:.2f} of the bf16 peak).",
+            "",
+        ]
+    if res.get("memory"):
+        out += [
+            "| vocabulary 128,256, 4 pairs x 512 tokens | ours step increment MiB | TRL precomputed MiB | "
+            "ours / TRL |",
+            "|---|---|---|---|",
+        ]
+        for r in res["memory"]:
+            out.append(
+                f"| {r['dtype']}, {r['prompt_tokens']}-token prompts | {r['ours']['increment_mib']:.0f} | "
+                f"{r['trl']['increment_mib']:.0f} | x{r['ratio_ours_over_trl']:.3f} |"
+            )
+        out.append("")
+    sm = res.get("summary", {})
+    out.append("Summary (last line of the run): `" + json.dumps({k: v for k, v in sm.items()}) + "`")
+    return out
+
+
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     for title, name, fn in (
@@ -175,6 +232,7 @@ def main() -> None:
         ("B5", "b5_pipeline", b5),
         ("B6", "b6_scoring_ranks", b6),
         ("B6, larger data", "b6_scoring_ranks_large", b6),
+        ("B7", "b7_lean", b7),
     ):
         res = _load(name)
         print(f"### {title}\n")

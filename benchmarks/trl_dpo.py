@@ -77,7 +77,7 @@ def run_case(which: str, args) -> dict | None:
     from mrpo.modeling.models import load_model, load_tokenizer
 
     batch_pairs = args.batch_pairs or (16 if which == "zoo" else 2)
-    steps = args.steps or (11 if which == "zoo" else 3)
+    steps = args.steps or (11 if which == "zoo" else 2)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         found = C.policy_source(which, scratch)
@@ -202,7 +202,7 @@ def run_case(which: str, args) -> dict | None:
 def main() -> None:
     p = C.training_parser(__doc__, "b3_trl_dpo")
     p.add_argument(
-        "--steps", type=int, default=None, help="steps per design per round; default 11 (zoo), 3 (SmolLM2)"
+        "--steps", type=int, default=None, help="steps per design per round; default 11 (zoo), 2 (SmolLM2)"
     )
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args()
