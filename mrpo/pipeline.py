@@ -53,7 +53,7 @@ _TRAIN_KEYS = (
     "f_alpha_divergence_coef discopop_tau use_weighting beta epsilon adaptive_epsilon label_smoothing "
     "sft_weight strategy fixed_weights window_size learning_rate lr_scheduler warmup_ratio weight_decay "
     "num_epochs max_steps batch_size gradient_accumulation_steps max_length eval_steps "
-    "gradient_checkpointing disable_dropout lora device"
+    "gradient_checkpointing batching logprob_chunk disable_dropout lora device"
 ).split()
 _EVALUATE_KEYS = "tasks limit num_fewshot batch_size device max_gen_tokens task_data".split()
 

@@ -16,6 +16,7 @@ ARCHITECTURES = ("llama", "gpt2")
 TOKENIZER_KINDS = ("bpe", "char")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BATCHING = ("grouped", "padded", "packed")  # mrpo.training.batching
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
 MEMORY_DEVICES = ("cpu", "disk")  # besides GPU indices
 SPLITS = ("train", "val", "test")  # mrpo.data.prepared.SPLITS, written out: the schema imports no data code

@@ -12,6 +12,7 @@ from typing import Any
 
 from mrpo.config.knobs import (
     ARCHITECTURES,
+    BATCHING,
     DATA_FORMATS,
     DATA_SOURCES,
     DEVICE_MAPS,
@@ -123,6 +124,9 @@ class ScoreConfig:
     shard_size: int = knob(512, "pairs per resumable shard", bounds=">= 1")
     device: str = knob("auto", "where to score", choices=DEVICES)
     dtype: str = knob("auto", "precision; auto = bf16 on CUDA, fp32 on CPU", choices=DTYPES)
+    logprob_chunk: int = knob(
+        1024, "response positions per LM-head chunk; 0 = all logits at once (more memory)", bounds=">= 0"
+    )
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,14 @@ class TrainConfig:
         1, "curve resolution; never changes the weights", bounds=">= 1 (a number of optimizer steps)"
     )
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
+    batching: str = knob(
+        "grouped",
+        "pairs per batch: grouped (by length, little padding) | padded (random order) | packed (no padding)",
+        choices=BATCHING,
+    )
+    logprob_chunk: int = knob(
+        1024, "response positions per LM-head chunk; 0 = all logits at once (more memory)", bounds=">= 0"
+    )
     disable_dropout: bool = knob(True, "the policy's dropout off, so its log-probs match the scores (as TRL)")
     lora: LoraConfig = knob(help="LoRA adapters", factory=LoraConfig)
     report_to: tuple[str, ...] = knob(

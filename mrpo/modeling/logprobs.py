@@ -16,8 +16,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from mrpo.data.tokenization import EncodedResponse
+
+# Response positions projected through the LM head at a time: peak memory ~ chunk x vocabulary x 4 bytes
+# (0.5 GB at 128k); the default of train.logprob_chunk and score.logprob_chunk.
+DEFAULT_CHUNK = 1024
 
 
 @contextmanager
@@ -110,15 +115,20 @@ def response_logps(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response_mask: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK,
+    packed: bool = False,
 ) -> torch.Tensor:
     """log p(response | prompt) per row: the sum over response tokens of log p(token | prefix), (B,) fp32.
 
     Works under autograd (training) and under inference_mode (scoring). The model
-    may run in bf16; the log-softmax always runs in fp32. Logits are computed only
-    from the first response position on: with a 50k vocabulary the prompt's logits
-    would otherwise dominate memory.
+    may run in bf16; the log-softmax always runs in fp32. Only response positions are projected through
+    the LM head, `chunk` positions at a time (see `chunked_token_logps`; 0 = the logits of every position
+    from the first response token on at once, the same numbers). `packed`: the rows run as one sequence
+    without padding (see `_packed_tokens`); the same numbers where the attention supports it
+    (`mrpo.training.batching.packing_supported`).
     """
-    return sequence_logps_from_logits(*_response_logits(model, input_ids, attention_mask, response_mask))
+    tokens = _packed_tokens if packed else _response_tokens
+    return tokens(model, input_ids, attention_mask, response_mask, chunk, False).logps
 
 
 @dataclass(frozen=True)
@@ -141,27 +151,162 @@ def response_token_logps(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response_mask: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK,
+    packed: bool = False,
 ) -> ResponseTokens:
     """`response_logps` (the same forward and the same numbers) plus the per-token terms of WPO's weights."""
-    logits, ids, mask = _response_logits(model, input_ids, attention_mask, response_mask)
-    logits, labels, mask = logits[:, :-1], ids[:, 1:], mask[:, 1:]
-    return ResponseTokens(token_logps_from_logits(logits, labels, mask), log_sum_sq_probs(logits, mask), mask)
+    tokens = _packed_tokens if packed else _response_tokens
+    return tokens(model, input_ids, attention_mask, response_mask, chunk, True)
 
 
-def _response_logits(model, input_ids, attention_mask, response_mask):
-    """The forward: unshifted logits (B, T', V) from the first response position on, with the input ids and
-    response mask cut to the same T' trailing positions."""
+def _response_tokens(
+    model, input_ids, attention_mask, response_mask, chunk, sum_sq, position_ids=None
+) -> ResponseTokens:
+    head = chunkable_head(model) if chunk else None
     keep = _logit_positions_needed(response_mask) if _accepts_logits_to_keep(model) else 0
+    width = keep or input_ids.shape[1]
+    ids, mask = input_ids[:, -width:], response_mask[:, -width:]
+    # Position t's logits predict token t + 1: labels shifted left; the last position predicts nothing.
+    labels = F.pad(ids[:, 1:], (0, 1))
+    label_mask = F.pad(mask[:, 1:], (0, 1))
+    extra: dict[str, torch.Tensor] = {}
+    if head is None:
+        logits = _forward(model, input_ids, attention_mask, keep, position_ids)
+        token_logps = token_logps_from_logits(logits, labels, label_mask)
+        if sum_sq:
+            extra["sum_sq"] = log_sum_sq_probs(logits, label_mask)
+    else:
+        with _projecting_only(head, labels, label_mask, chunk, sum_sq, extra):
+            token_logps = _forward(model, input_ids, attention_mask, keep, position_ids)
+    lss = extra["sum_sq"][:, :-1] if sum_sq else torch.zeros(0)
+    return ResponseTokens(token_logps[:, :-1], lss, label_mask[:, :-1])
+
+
+def _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, sum_sq) -> ResponseTokens:
+    """`_response_tokens` of a padded batch run as ONE row of its real tokens: each sequence keeps its own
+    positions and, with no attention mask, transformers' causal mask turns block-diagonal where positions
+    restart (masking_utils.find_packed_sequence_indices). Results come back in the padded batch's layout
+    (B, T - 1)."""
+    real = attention_mask.bool()
+    positions = position_ids_from_mask(attention_mask)[real][None]
+    # A sequence's first token is never a label: the padded path cannot score it either.
+    response = response_mask[real].masked_fill(positions[0] == 0, 0)[None]
+    flat = _response_tokens(model, input_ids[real][None], None, response, chunk, sum_sq, positions)
+
+    def unpack(values: torch.Tensor) -> torch.Tensor:
+        # The last W - 1 labels of the packed row (logits_to_keep cut the rest): move each to its token's
+        # cell, then drop column 0 as the padded path does (its column t holds the label at token t + 1).
+        per_token = F.pad(values[0], (positions.shape[1] - values.shape[1], 0))
+        cells = torch.zeros(real.shape, dtype=torch.float32, device=real.device)
+        return cells.index_put((real,), per_token)[:, 1:]
+
+    mask = torch.zeros_like(response_mask).index_put((real,), response[0])[:, 1:]
+    lss = unpack(flat.log_sum_sq_probs) if sum_sq else flat.log_sum_sq_probs
+    return ResponseTokens(unpack(flat.token_logps), lss, mask)
+
+
+def _forward(model, input_ids, attention_mask, keep, position_ids=None) -> torch.Tensor:
+    """The model's forward: what its LM head returns, from the first response position on."""
     kwargs = {"logits_to_keep": keep} if keep else {}
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+        position_ids=position_ids if position_ids is not None else position_ids_from_mask(attention_mask),
         use_cache=False,
         **kwargs,
     )
-    width = out.logits.shape[1]
-    return out.logits, input_ids[:, -width:], response_mask[:, -width:]
+    return out.logits
+
+
+@contextmanager
+def _projecting_only(head, labels, mask, chunk, sum_sq, extra) -> Iterator[None]:
+    """Within the block the LM head returns per-token log-probs of `labels` (B, T') instead of logits, so the
+    computation stays inside the model's forward (DDP sees the head's weight used) and no (B, T', V) tensor
+    exists; log sum_v p_v^2 (no gradient) lands in `extra["sum_sq"]`."""
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        logps, lss = chunked_token_logps(hidden, labels, mask, head.weight, head.bias, chunk, sum_sq)
+        if sum_sq:
+            extra["sum_sq"] = lss
+        return logps
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def chunked_token_logps(hidden, labels, mask, weight, bias, chunk: int, sum_sq: bool = False):
+    """Per-token log p(label) (B, T') fp32 from final hidden states (B, T', H) and the LM head, 0 off `mask`,
+    and log sum_v p_v^2 at the same positions (no gradient; zeros unless `sum_sq`).
+
+    Only masked-in positions are projected, `chunk` at a time; under autograd each chunk's logits are
+    recomputed in backward instead of kept (torch.utils.checkpoint), so peak memory is chunk x vocabulary.
+    Each position's numbers are those of the full path (`token_logps_from_logits`): the same matmul row
+    and the same fp32 log-softmax.
+    """
+    keep = mask.bool()
+    selected, targets = hidden[keep], labels[keep]
+    grad = torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad)
+    pieces, squares = [], []
+    # Equal chunks, none much smaller than the rest: MKL rounds a matmul of a few rows differently.
+    chunk = -(-selected.shape[0] // max(1, -(-selected.shape[0] // chunk))) if selected.shape[0] else 1
+    for start in range(0, selected.shape[0], chunk):
+        h, y = selected[start : start + chunk], targets[start : start + chunk]
+        if grad:
+            pieces.append(checkpoint(_chunk_logps, h, y, weight, bias, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(h, y, weight, bias))
+        if sum_sq:
+            squares.append(_chunk_sum_sq(h, weight, bias))
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    lss = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    if pieces:
+        out = out.index_put((keep,), torch.cat(pieces))
+        if sum_sq:
+            lss[keep] = torch.cat(squares)
+    return out, lss
+
+
+def _chunk_logps(hidden, targets, weight, bias):
+    return -F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")
+
+
+@torch.no_grad()
+def _chunk_sum_sq(hidden, weight, bias):
+    logits = F.linear(hidden, weight, bias).float()
+    return torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
+
+
+# Heads that are more than `lm_head(hidden)` (a scale or a soft cap on the logits) keep the full path: the
+# chunked one would skip that step.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The plain linear LM head the chunked path can call itself, or None (sharded weights under FSDP,
+    an adapter on the head, a head that transforms its logits): then the full path runs."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    if hasattr(inner, "get_base_model"):  # PEFT
+        inner = inner.get_base_model()
+    if not hasattr(inner, "get_output_embeddings") or _is_sharded(model):
+        return None
+    head = inner.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or type(head.weight) is not torch.nn.Parameter:
+        return None
+    config = getattr(inner, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel) or any(
+        type(m).__name__.startswith("FSDP") for m in model.modules()
+    )
 
 
 def _logit_positions_needed(response_mask: torch.Tensor) -> int:

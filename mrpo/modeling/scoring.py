@@ -14,7 +14,7 @@ import torch
 
 from mrpo.data.shards import ScoringError, ShardStats, shard_table
 from mrpo.data.tokenization import EncodedResponse, encode_response, render_prompt
-from mrpo.modeling.logprobs import collate_responses, forward_precision, response_logps
+from mrpo.modeling.logprobs import DEFAULT_CHUNK, collate_responses, forward_precision, response_logps
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -80,11 +80,13 @@ def score_sequences(
     progress: tqdm | LogProgress | None = None,  # mrpo.runtime.progress
     padding_side: str = "right",
     precision: torch.dtype = torch.float32,
+    chunk: int = DEFAULT_CHUNK,
 ) -> tuple[np.ndarray, ShardStats]:
     """log p(response | prompt) for each encoded sequence (NaN where it does not fit), and what it cost.
 
     `precision` is the forward's numerics over the model's (fp32) weights, as in training: see
-    `mrpo.modeling.logprobs.forward_precision`.
+    `mrpo.modeling.logprobs.forward_precision`. `chunk`: response positions per LM-head chunk
+    (`mrpo.modeling.logprobs.response_logps`).
     """
     stats = ShardStats()
     out = np.full(len(encoded), np.nan, dtype=np.float64)
@@ -94,7 +96,7 @@ def score_sequences(
         idx = [todo[j] for j in batch]
         inputs = collate_responses([encoded[i] for i in idx], pad_token_id, padding_side)
         with torch.inference_mode(), forward_precision(precision, device):
-            logps = response_logps(model, **{k: v.to(device) for k, v in inputs.items()})
+            logps = response_logps(model, **{k: v.to(device) for k, v in inputs.items()}, chunk=chunk)
         out[idx] = logps.double().cpu().numpy()
         real = int(inputs["attention_mask"].sum())
         stats.tokens += real
@@ -131,7 +133,15 @@ def score_pairs(
         for e, f in zip(enc_chosen + enc_rejected, np.concatenate([fits, fits]), strict=True)
     ]
     logps, stats = score_sequences(
-        model, encoded, tokenizer.pad_token_id, s.batch_tokens, device, progress, padding_side, precision
+        model,
+        encoded,
+        tokenizer.pad_token_id,
+        s.batch_tokens,
+        device,
+        progress,
+        padding_side,
+        precision,
+        s.logprob_chunk,
     )
     progress.update(int(2 * (~fits).sum()))
     chosen, rejected = logps[: len(pairs)], logps[len(pairs) :]

@@ -235,6 +235,8 @@ def build_trainer(
         strategy=setup.strategy,
         reference_names=setup.names,
         precision=setup.precision,
+        batching=cfg.train.batching,
+        logprob_chunk=cfg.train.logprob_chunk,
     )
 
 

