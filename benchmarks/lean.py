@@ -123,11 +123,14 @@ def ours_trainer(model, tokenizer, examples, scratch: Path, features: dict, *, b
 
 
 def padding_shares(tokenizer, model, pairs, ref, args, features: dict, scratch: Path) -> dict:
-    """{max_length: {mode: share or note}} over one epoch of the trainer's own dataloader."""
+    """{max_length: {mode: share or note}} over one epoch of the trainer's own dataloader
+    (`mrpo.training.batching.padding_share` of each batch's row lengths; a packed forward runs the real
+    tokens only, so its share is 0 when the trainer keeps `packed`, else it is the fallback's, noted)."""
+    from mrpo.training.batching import padding_share
+
     out = {}
     for max_length in (1024, 384):
         examples = C.preference_examples(tokenizer, pairs, max_length, ref.chat_template, 1)
-        real = sum(len(e.chosen.input_ids) + len(e.rejected.input_ids) for e in examples)
         row = {"pairs": len(examples)}
         for mode in MODES:
             why = mode_missing(mode, features)
@@ -137,8 +140,10 @@ def padding_shares(tokenizer, model, pairs, ref, args, features: dict, scratch: 
             trainer = ours_trainer(
                 model, tokenizer, examples, scratch, features, batch=args.batch_pairs, steps=1, mode=mode
             )
-            held = sum(int(b["input_ids"].numel()) for b in trainer.get_train_dataloader())
-            row[mode] = 1 - real / held
+            rows = [b["attention_mask"].sum(1).tolist() for b in trainer.get_train_dataloader()]
+            row[mode] = 0.0 if trainer.batching == "packed" else padding_share(rows)
+            if mode == "packed" and trainer.batching != "packed":
+                row["packed_note"] = f"packing not exact for this model: ran as {trainer.batching}"
         out[str(max_length)] = row
         print(f"  padding share, max_length {max_length}: {row}", file=sys.stderr, flush=True)
     return out
@@ -150,12 +155,15 @@ def padding_shares(tokenizer, model, pairs, ref, args, features: dict, scratch: 
 def step_designs(
     model_fn, tokenizer, examples, kept, ref, args, features, scratch: Path
 ) -> tuple[dict, dict]:
-    """{design: trainer}, {design: note} for the step comparison; every trainer trains its own copy."""
+    """{design: trainer}, {design: note} for the step comparison."""
     import torch
     from trl_dpo import trl_dataset
 
     steps = -(-len(examples) // args.step_batch_pairs)
     trainers, notes = {}, {}
+    # one policy per library (weights' values do not change a step's cost; each Trainer keeps its own
+    # optimizer state): seven fp32 SmolLM2 copies would not fit this machine's memory beside other jobs
+    ours_model, trl_model = model_fn(), model_fn()
     bf16_mode = features["default_batching"] or "padded"
     plan = [(f"ours {m} fp32", m, torch.float32) for m in MODES] + [
         (f"ours {bf16_mode} bf16", bf16_mode, torch.bfloat16)
@@ -166,7 +174,7 @@ def step_designs(
             notes[name] = why
             continue
         trainers[name] = ours_trainer(
-            model_fn(),
+            ours_model,
             tokenizer,
             examples,
             scratch / name.replace(" ", "_"),
@@ -184,7 +192,7 @@ def step_designs(
     ):
         data = trl_dataset(kept, ref.chat_template)
         trainers[name] = trl_trainer(
-            model_fn(), tokenizer, data, kw, steps, args.step_batch_pairs, args.max_length, args.device
+            trl_model, tokenizer, data, kw, steps, args.step_batch_pairs, args.max_length, args.device
         )
     return trainers, notes
 
@@ -609,11 +617,17 @@ def run(args) -> dict:
     peak = {d: matmul_gflops(d, args.device) for d in ("float32", "bfloat16")}
     result["matmul_gflops"] = peak
     print(f"  torch.mm GFLOP/s: {peak}", file=sys.stderr, flush=True)
+    memory = None
+    if "memory" in args.parts and args.device == "cpu":
+        # the fresh processes of the memory part run beside the HH-RLHF part (memory is not a timing)
+        from concurrent.futures import ThreadPoolExecutor
+
+        memory = ThreadPoolExecutor(1).submit(memory_rows, args)
     if "padding" in args.parts or "step" in args.parts:
         with tempfile.TemporaryDirectory() as tmp:
             hh_parts(args, features, peak, result, Path(tmp))
     if "memory" in args.parts:
-        result["memory"] = memory_rows(args)
+        result["memory"] = memory.result() if memory is not None else memory_rows(args)
     return result
 
 
@@ -670,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=256, help="HH-RLHF pairs prepared (padding share over all)")
     p.add_argument("--batch-pairs", type=int, default=8, help="batch of the padding-share epoch")
-    p.add_argument("--step-pairs", type=int, default=8, help="pairs of the timed training epoch")
+    p.add_argument("--step-pairs", type=int, default=4, help="pairs of the timed training epoch")
     p.add_argument("--step-batch-pairs", type=int, default=2)
     p.add_argument("--max-length", type=int, default=384, help="of the timed steps")
     p.add_argument("--rounds", type=int, default=1, help="timed rounds after the warm-up")
