@@ -554,10 +554,10 @@ def load_policy(args, scratch: Path):
 
     from mrpo.modeling.models import load_model, load_tokenizer
 
-    found = C.policy_source("smollm2", scratch) if not args.zoo else None
-    if found is None:
-        found = C.policy_source("zoo", scratch)
-    label, ref, _ = found
+    ref = None if args.zoo else C.smollm2_checkpoint()
+    label = "SmolLM2-135M"
+    if ref is None:
+        label, ref, _ = C.policy_source("zoo", scratch)
 
     def model_fn():
         m = load_model(ref, "cpu", torch.float32)
@@ -678,7 +678,7 @@ def summary(result: dict) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None):
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -708,7 +708,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-child", choices=("ours", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--prompt-tokens", type=int, default=16, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.memory_child:
         memory_child(args)
         return 0
