@@ -168,6 +168,14 @@ def step_designs(
     plan = [(f"ours {m} fp32", m, torch.float32) for m in MODES] + [
         (f"ours {bf16_mode} bf16", bf16_mode, torch.bfloat16)
     ]
+    trl_plan = [
+        ("trl-pre fp32", C.trl_precision_kwargs(bf16=False, checkpointing=False)),
+        ("trl-pre bf16", C.trl_precision_kwargs(bf16=True, checkpointing=False)),
+        ("trl-pre defaults", {}),
+    ]
+    if args.skip_bf16:
+        notes.update({n: args.skip_bf16 for n in (plan[-1][0], "trl-pre bf16", "trl-pre defaults")})
+        plan, trl_plan = plan[:-1], trl_plan[:1]
     for name, mode, precision in plan:
         why = mode_missing(mode, features)
         if why:
@@ -185,11 +193,7 @@ def step_designs(
             precision=precision,
             use_cpu=args.device == "cpu",
         )
-    for name, kw in (
-        ("trl-pre fp32", C.trl_precision_kwargs(bf16=False, checkpointing=False)),
-        ("trl-pre bf16", C.trl_precision_kwargs(bf16=True, checkpointing=False)),
-        ("trl-pre defaults", {}),
-    ):
+    for name, kw in trl_plan:
         data = trl_dataset(kept, ref.chat_template)
         trainers[name] = trl_trainer(
             trl_model, tokenizer, data, kw, steps, args.step_batch_pairs, args.max_length, args.device
@@ -521,27 +525,32 @@ def memory_in_fresh_process(design: str, prompt: int, dtype: str, args) -> dict:
 
 
 def memory_rows(args) -> list[dict]:
-    """ours / TRL precomputed peak-step increments per prompt mix and precision, each in a fresh process."""
-    rows = []
-    for dtype in ("float32", "bfloat16"):
+    """ours / TRL precomputed peak-step increments per prompt mix and precision, each in a fresh process
+    (`--memory-jobs` of them at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = []
+    for dtype in ("float32",) if getattr(args, "skip_bf16", None) else ("float32", "bfloat16"):
         full = dtype == "float32" or args.full_memory or args.device == "cuda"
-        for prompt in (16, 256) if full else (16,):
-            row = {
-                "prompt_tokens": prompt,
-                "dtype": dtype,
-                "vocab": VOCAB,
-                "pairs_x_tokens": [MEMORY_PAIRS, MEMORY_TOKENS],
-            }
-            for design in ("ours", "trl"):
-                row[design] = memory_in_fresh_process(design, prompt, dtype, args)
-            row["ratio_ours_over_trl"] = row["ours"]["increment_mib"] / row["trl"]["increment_mib"]
-            print(
-                f"  memory {dtype}, {prompt}-token prompts: ours {row['ours']['increment_mib']:.0f} MiB, "
-                f"TRL {row['trl']['increment_mib']:.0f} MiB -> x{row['ratio_ours_over_trl']:.3f}",
-                file=sys.stderr,
-                flush=True,
-            )
-            rows.append(row)
+        cases += [(dtype, prompt) for prompt in ((16, 256) if full else (16,))]
+    jobs = [(d, p, design) for d, p in cases for design in ("ours", "trl")]
+    workers = 1 if args.device == "cuda" else max(1, args.memory_jobs)
+    with ThreadPoolExecutor(workers) as pool:
+        measured = pool.map(lambda j: memory_in_fresh_process(j[2], j[1], j[0], args), jobs)
+        done = dict(zip(jobs, measured, strict=True))
+    rows = []
+    for dtype, prompt in cases:
+        row = {"prompt_tokens": prompt, "dtype": dtype, "vocab": VOCAB}
+        row["pairs_x_tokens"] = [MEMORY_PAIRS, MEMORY_TOKENS]
+        row["ours"], row["trl"] = done[(dtype, prompt, "ours")], done[(dtype, prompt, "trl")]
+        row["ratio_ours_over_trl"] = row["ours"]["increment_mib"] / row["trl"]["increment_mib"]
+        print(
+            f"  memory {dtype}, {prompt}-token prompts: ours {row['ours']['increment_mib']:.0f} MiB, "
+            f"TRL {row['trl']['increment_mib']:.0f} MiB -> x{row['ratio_ours_over_trl']:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
+        rows.append(row)
     return rows
 
 
@@ -617,6 +626,14 @@ def run(args) -> dict:
     peak = {d: matmul_gflops(d, args.device) for d in ("float32", "bfloat16")}
     result["matmul_gflops"] = peak
     print(f"  torch.mm GFLOP/s: {peak}", file=sys.stderr, flush=True)
+    args.skip_bf16 = None
+    if peak["bfloat16"] < peak["float32"] and not args.bf16:
+        # no native bf16 matmul (e.g. a CPU without AVX-512 BF16/AMX): a bf16 step would run for many minutes
+        args.skip_bf16 = (
+            f"skipped: bf16 matmul here runs at {peak['bfloat16']:.1f} GFLOP/s against fp32's "
+            f"{peak['float32']:.1f} (no native bf16 on this CPU); --bf16 runs it anyway"
+        )
+        result["bf16_skipped"] = args.skip_bf16
     memory = None
     if "memory" in args.parts and args.device == "cpu":
         # the fresh processes of the memory part run beside the HH-RLHF part (memory is not a timing)
@@ -650,7 +667,7 @@ def hh_parts(args, features: dict, peak: dict, result: dict, scratch: Path) -> N
     model = model_fn().to(args.device).eval()
     fwd = forward_flops(model, examples)
     result["scoring"] = {"pairs": len(examples), "required_forward_tflop": fwd / 1e12}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32",) if args.skip_bf16 else ("float32", "bfloat16"):
         scoring_seconds(model, tokenizer, examples[:1], getattr(torch, dtype), args.device)  # warm-up
         s = scoring_seconds(model, tokenizer, examples, getattr(torch, dtype), args.device)
         result["scoring"][dtype] = {"seconds": s, "matmul_fraction": fwd / s / (peak[dtype] * 1e9)}
@@ -690,6 +707,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--rounds", type=int, default=1, help="timed rounds after the warm-up")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--zoo", action="store_true", help="the zoo anchor even when SmolLM2 is installed")
+    p.add_argument("--bf16", action="store_true", help="the bf16 rows even where bf16 matmul is not native")
+    p.add_argument("--memory-jobs", type=int, default=1, help="memory processes at once (each up to ~8 GB)")
     p.add_argument("--full-memory", action="store_true", help="bf16 memory for both prompt mixes too")
     p.add_argument(
         "--logprob-chunk", type=int, default=None, help="ours' train.logprob_chunk (default: the library's)"
