@@ -400,6 +400,23 @@ def trl_precision_kwargs(bf16: bool, checkpointing: bool) -> dict:
     return {"bf16": bf16, CHECKPOINTING_ARG: checkpointing}
 
 
+def native_bf16_matmul() -> bool:
+    """Whether bf16 matmuls run at least as fast as fp32 here (CPUs without AVX-512 BF16/AMX emulate them,
+    tens of times slower: a bf16 SmolLM2 step would take many minutes)."""
+    import torch
+
+    def rate(dtype) -> float:
+        a, b = torch.randn(512, 576).to(dtype), torch.randn(576, 1536).to(dtype)
+        a @ b
+        start, n = time.process_time(), 0
+        while time.process_time() - start < 0.3:
+            a @ b
+            n += 1
+        return n / (time.process_time() - start)
+
+    return torch.cuda.is_available() or rate(torch.bfloat16) >= rate(torch.float32)
+
+
 def trainer_optimizer(trainer):
     """The optimizer `trainer.train()` would build (TrainingArguments' default `optim`: the fused torch AdamW,
     learning rate 5e-6 as set above), for harnesses that step by hand; and its name, for the record."""
