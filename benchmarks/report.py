@@ -101,6 +101,25 @@ def b2(res: dict) -> list[str]:
     return out
 
 
+def profile(res: dict) -> list[str]:
+    out = [
+        _header(res),
+        "",
+        "| case | optimizer | forward+loss ms | backward ms | optimizer ms | one reference forward ms "
+        "| predicted ours/live K=2 | without optimizer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        ph, optimizer = r["phase_ms"], r.get("optimizer", "torch.optim.AdamW (hand-built)")
+        out.append(
+            f"| {r['case']} (batch {r['batch_pairs']}) | {optimizer} | "
+            f"{ph['forward+loss']:.1f} | {ph['backward']:.1f} | {ph['optimizer']:.1f} | "
+            f"{ph['reference forward']:.1f} | x{r['predicted_ratio']:.3f} | "
+            f"x{r['ratio_without_optimizer']:.3f} |"
+        )
+    return out
+
+
 def _paired(r: dict, key: str) -> str:
     """' (paired x..)' when the run recorded the median of per-round ratios."""
     return f" (paired x{r[key]:.3f})" if key in r else ""
@@ -119,17 +138,25 @@ def b3(res: dict) -> list[str]:
     out = [
         _header(res),
         "",
-        "| case | ours ms | TRL precomputed ms | TRL live ms | ours/TRL-pre | ours/TRL-live | targets |",
-        "|---|---|---|---|---|---|---|",
+        "| case | ours ms | TRL precomputed ms | TRL live ms | ours/TRL-pre | ours/TRL-live | targets "
+        "| TRL precomputed with its defaults (bf16, checkpointing) ms | ours/that |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         ms = r["step_ms_median"]
+        if "trl-pre-defaults" in ms:
+            defaults = f"{ms['trl-pre-defaults']:.1f} | x{r['ratio_ours_over_trl_pre_defaults']:.3f}"
+        elif "settings" in r:
+            defaults = f"{r.get('trl_pre_defaults', 'not run')} | —"
+        else:
+            defaults = "not separated (this run left TRL at its defaults) | —"
         out.append(
             f"| {r['case']} (batch {r['batch_pairs']}) | {ms['ours']:.1f} | {ms['trl-pre']:.1f} | "
             f"{ms['trl-live']:.1f} | "
-            f"x{r['ratio_ours_over_trl_pre']:.3f} | x{r['ratio_ours_over_trl_live']:.3f} | "
+            f"x{r['ratio_ours_over_trl_pre']:.3f}{_paired(r, 'paired_ratio_ours_over_trl_pre')} | "
+            f"x{r['ratio_ours_over_trl_live']:.3f}{_paired(r, 'paired_ratio_ours_over_trl_live')} | "
             + _targets(r)
-            + " |"
+            + f" | {defaults} |"
         )
     return out
 
@@ -227,6 +254,7 @@ def main() -> None:
     for title, name, fn in (
         ("B1", "b1_train_references", b1),
         ("B2", "b2_live_reference", b2),
+        ("B2/B3 step profile", "profile_step", profile),
         ("B3", "b3_trl_dpo", b3),
         ("B4", "b4_scoring", b4),
         ("B5", "b5_pipeline", b5),
