@@ -499,9 +499,32 @@ def second_step_meter(device: str, seen: dict):
 
 
 def memory_child(args) -> None:
-    """One design's step in this (fresh) process; prints its step_memory JSON."""
+    """One design's step in this (fresh) process; prints its step_memory JSON (and writes it to
+    `--child-out` when given, for runs assembled from separately started processes: `--memory-from`)."""
     C.set_threads(args.threads)
-    print(json.dumps(step_memory(args.memory_child, args.prompt_tokens, args.dtype, args.logprob_chunk)))
+    out = step_memory(args.memory_child, args.prompt_tokens, args.dtype, args.logprob_chunk)
+    out |= {"design": args.memory_child, "prompt_tokens": args.prompt_tokens, "dtype": args.dtype}
+    if args.child_out:
+        Path(args.child_out).write_text(json.dumps(out) + "\n")
+    print(json.dumps(out))
+
+
+def memory_from(directory: Path) -> list[dict]:
+    """Memory rows from the `--child-out` files of separately started memory processes in `directory`."""
+    found = {}
+    for f in sorted(directory.glob("*.json")):
+        r = json.loads(f.read_text())
+        found[(r["dtype"], r["prompt_tokens"], r["design"])] = r
+    rows = []
+    for dtype, prompt in sorted({(d, p) for d, p, _ in found}, key=lambda k: (k[0] != "float32", k[1])):
+        if (dtype, prompt, "ours") in found and (dtype, prompt, "trl") in found:
+            row = {"prompt_tokens": prompt, "dtype": dtype, "vocab": VOCAB}
+            row["pairs_x_tokens"] = [MEMORY_PAIRS, MEMORY_TOKENS]
+            row["ours"], row["trl"] = found[(dtype, prompt, "ours")], found[(dtype, prompt, "trl")]
+            row["ratio_ours_over_trl"] = row["ours"]["increment_mib"] / row["trl"]["increment_mib"]
+            row["measured_in"] = "separately started fresh processes (--memory-from)"
+            rows.append(row)
+    return rows
 
 
 def memory_in_fresh_process(design: str, prompt: int, dtype: str, args) -> dict:
@@ -643,6 +666,7 @@ def run(args) -> dict:
     if "padding" in args.parts or "step" in args.parts:
         with tempfile.TemporaryDirectory() as tmp:
             hh_parts(args, features, peak, result, Path(tmp))
+        C.write_result(args.out, result)  # kept if a later part is stopped
     if "memory" in args.parts:
         result["memory"] = memory.result() if memory is not None else memory_rows(args)
     return result
@@ -725,6 +749,12 @@ def parse_args(argv: list[str] | None = None):
     )
     p.add_argument("--out", default="b7_lean")
     p.add_argument("--memory-child", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--memory-from",
+        type=Path,
+        help="add memory rows from the files of separately started memory processes to --out's JSON",
+    )
     p.add_argument("--prompt-tokens", type=int, default=16, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -734,6 +764,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.memory_child:
         memory_child(args)
+        return 0
+    if args.memory_from:
+        path = C.RESULTS / f"{args.out}.json"
+        result = json.loads(path.read_text())
+        result["memory"] = memory_from(args.memory_from)
+        result["summary"] = summary(result)
+        print("wrote", C.write_result(args.out, result))
+        print(json.dumps(result["summary"]))
         return 0
     result = run(args)
     result["summary"] = summary(result)
