@@ -200,7 +200,10 @@ def b7(res: dict) -> list[str]:
     """B7's tables: padding share, training steps vs TRL, scoring, memory at vocabulary 128k, the summary."""
     out = [_header(res), ""]
     if "padding_share" in res:
-        out += ["| max_length | pairs | padded (the collator before issue 23) | grouped (default) | packed |", "|---|---|---|---|---|"]
+        out += [
+            "| max_length | pairs | padded (the collator before issue 23) | grouped (default) | packed |",
+            "|---|---|---|---|---|",
+        ]
         for length, row in res["padding_share"].items():
             modes = " | ".join(_share(row.get(m)) for m in ("padded", "grouped", "packed"))
             out.append(f"| {length} | {row['pairs']} | {modes} |")
