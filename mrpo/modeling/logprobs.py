@@ -121,9 +121,9 @@ def response_logps(
     """log p(response | prompt) per row: the sum over response tokens of log p(token | prefix), (B,) fp32.
 
     Works under autograd (training) and under inference_mode (scoring). The model
-    may run in bf16; the log-softmax always runs in fp32. Only response positions are projected through
-    the LM head, `chunk` positions at a time (see `chunked_token_logps`; 0 = the logits of every position
-    from the first response token on at once, the same numbers). `packed`: the rows run as one sequence
+    may run in bf16; the log-softmax always runs in fp32. Positions from the first response column on are
+    projected through the LM head about `chunk` at a time (see `chunked_token_logps`; 0 = all their logits
+    at once, the same numbers to fp32 rounding). `packed`: the rows run as one sequence
     without padding (see `_packed_tokens`); the same numbers where the attention supports it
     (`mrpo.training.batching.packing_supported`).
     """
@@ -166,20 +166,19 @@ def _response_tokens(
     keep = _logit_positions_needed(response_mask) if _accepts_logits_to_keep(model) else 0
     width = keep or input_ids.shape[1]
     ids, mask = input_ids[:, -width:], response_mask[:, -width:]
-    # Position t's logits predict token t + 1: labels shifted left; the last position predicts nothing.
-    labels = F.pad(ids[:, 1:], (0, 1))
-    label_mask = F.pad(mask[:, 1:], (0, 1))
+    # Position t's logits predict token t + 1; the last position predicts nothing. Results are contiguous
+    # (B, T' - 1) tensors: a sum over a strided view may round differently (parity with TRL is to 2 ulps).
+    labels, label_mask = ids[:, 1:], mask[:, 1:]
     extra: dict[str, torch.Tensor] = {}
     if head is None:
-        logits = _forward(model, input_ids, attention_mask, keep, position_ids)
+        logits = _forward(model, input_ids, attention_mask, keep, position_ids)[:, :-1]
         token_logps = token_logps_from_logits(logits, labels, label_mask)
         if sum_sq:
             extra["sum_sq"] = log_sum_sq_probs(logits, label_mask)
     else:
         with _projecting_only(head, labels, label_mask, chunk, sum_sq, extra):
             token_logps = _forward(model, input_ids, attention_mask, keep, position_ids)
-    lss = extra["sum_sq"][:, :-1] if sum_sq else torch.zeros(0)
-    return ResponseTokens(token_logps[:, :-1], lss, label_mask[:, :-1])
+    return ResponseTokens(token_logps, extra["sum_sq"] if sum_sq else torch.zeros(0), label_mask)
 
 
 def _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, sum_sq) -> ResponseTokens:
@@ -198,9 +197,9 @@ def _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, sum_s
         # cell, then drop column 0 as the padded path does (its column t holds the label at token t + 1).
         per_token = F.pad(values[0], (positions.shape[1] - values.shape[1], 0))
         cells = torch.zeros(real.shape, dtype=torch.float32, device=real.device)
-        return cells.index_put((real,), per_token)[:, 1:]
+        return cells.index_put((real,), per_token)[:, 1:].contiguous()
 
-    mask = torch.zeros_like(response_mask).index_put((real,), response[0])[:, 1:]
+    mask = torch.zeros_like(response_mask).index_put((real,), response[0])[:, 1:].contiguous()
     lss = unpack(flat.log_sum_sq_probs) if sum_sq else flat.log_sum_sq_probs
     return ResponseTokens(unpack(flat.token_logps), lss, mask)
 
@@ -220,9 +219,9 @@ def _forward(model, input_ids, attention_mask, keep, position_ids=None) -> torch
 
 @contextmanager
 def _projecting_only(head, labels, mask, chunk, sum_sq, extra) -> Iterator[None]:
-    """Within the block the LM head returns per-token log-probs of `labels` (B, T') instead of logits, so the
-    computation stays inside the model's forward (DDP sees the head's weight used) and no (B, T', V) tensor
-    exists; log sum_v p_v^2 (no gradient) lands in `extra["sum_sq"]`."""
+    """Within the block the LM head returns per-token log-probs of `labels` (B, T' - 1) instead of logits,
+    so the computation stays inside the model's forward (DDP sees the head's weight used) and no (B, T', V)
+    tensor exists; log sum_v p_v^2 (no gradient) lands in `extra["sum_sq"]`."""
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         logps, lss = chunked_token_logps(hidden, labels, mask, head.weight, head.bias, chunk, sum_sq)
@@ -238,45 +237,42 @@ def _projecting_only(head, labels, mask, chunk, sum_sq, extra) -> Iterator[None]
 
 
 def chunked_token_logps(hidden, labels, mask, weight, bias, chunk: int, sum_sq: bool = False):
-    """Per-token log p(label) (B, T') fp32 from final hidden states (B, T', H) and the LM head, 0 off `mask`,
-    and log sum_v p_v^2 at the same positions (no gradient; zeros unless `sum_sq`).
+    """Per-token log p(label) (B, T' - 1) fp32 from final hidden states (B, T', H) and the LM head, 0 off
+    `mask`, and log sum_v p_v^2 at the same positions (no gradient; zeros unless `sum_sq`).
 
-    Only masked-in positions are projected, `chunk` at a time; under autograd each chunk's logits are
-    recomputed in backward instead of kept (torch.utils.checkpoint), so peak memory is chunk x vocabulary.
-    Each position's numbers are those of the full path (`token_logps_from_logits`): the same matmul row
-    and the same fp32 log-softmax.
+    The head runs on windows of about `chunk` positions (chunk // B columns of every row); under autograd
+    each window's logits are recomputed in backward instead of kept (torch.utils.checkpoint), so peak memory
+    is chunk x vocabulary, whatever the batch. A batch within one chunk is one matmul over every position,
+    as the full path's (`token_logps_from_logits`): bit-identical, which parity with TRL to 2 ulps needs
+    (MKL may round a row differently with the matmul's row count).
     """
-    keep = mask.bool()
-    selected, targets = hidden[keep], labels[keep]
-    grad = torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad)
+    rows, width = hidden.shape[0], hidden.shape[1]
+    step = width if rows * width <= chunk else max(1, chunk // rows)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     pieces, squares = [], []
-    # Equal chunks, none much smaller than the rest: MKL rounds a matmul of a few rows differently.
-    chunk = -(-selected.shape[0] // max(1, -(-selected.shape[0] // chunk))) if selected.shape[0] else 1
-    for start in range(0, selected.shape[0], chunk):
-        h, y = selected[start : start + chunk], targets[start : start + chunk]
+    for start in range(0, labels.shape[1], step):
+        end = min(start + step, labels.shape[1])
+        h = hidden[:, start : width if step == width else end]
+        y, keep = labels[:, start:end], mask[:, start:end].bool()
         if grad:
-            pieces.append(checkpoint(_chunk_logps, h, y, weight, bias, use_reentrant=False))
+            pieces.append(checkpoint(_window_logps, h, y, keep, weight, bias, use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(h, y, weight, bias))
+            pieces.append(_window_logps(h, y, keep, weight, bias))
         if sum_sq:
-            squares.append(_chunk_sum_sq(h, weight, bias))
-    out = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    lss = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    if pieces:
-        out = out.index_put((keep,), torch.cat(pieces))
-        if sum_sq:
-            lss[keep] = torch.cat(squares)
-    return out, lss
+            squares.append(_window_sum_sq(h, keep, weight, bias))
+    empty = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    logps = torch.cat(pieces, dim=1) if pieces else empty
+    return logps, (torch.cat(squares, dim=1) if squares else empty)
 
 
-def _chunk_logps(hidden, targets, weight, bias):
-    return -F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")
+def _window_logps(hidden, labels, keep, weight, bias):
+    logits = F.linear(hidden, weight, bias)[:, : labels.shape[1]]
+    return token_logps_from_logits(logits, labels, keep)
 
 
 @torch.no_grad()
-def _chunk_sum_sq(hidden, weight, bias):
-    logits = F.linear(hidden, weight, bias).float()
-    return torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
+def _window_sum_sq(hidden, keep, weight, bias):
+    return log_sum_sq_probs(F.linear(hidden, weight, bias)[:, : keep.shape[1]], keep)
 
 
 # Heads that are more than `lm_head(hidden)` (a scale or a soft cap on the logits) keep the full path: the

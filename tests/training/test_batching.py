@@ -67,8 +67,9 @@ def _hh_rlhf() -> Path | None:
 
 
 def test_grouped_batches_of_hh_rlhf_pairs_are_at_most_a_tenth_padding(tmp_path):
-    """HH-RLHF harmless-base, first 256 pairs, SmolLM2's tokenizer, the smollm2-hh profile's max_length,
-    batch 8: today's random order is about half padding; grouped at most 10%."""
+    """HH-RLHF harmless-base, first 2048 pairs (megabatches of 50 steps), SmolLM2's tokenizer, the smollm2-hh
+    profile's max_length, batch 8: today's random order is about half padding; grouped at most 10% (fully
+    sorted is the floor: a pair's chosen and rejected sequences are padded to the same width)."""
     path = _hh_rlhf()
     if path is None:
         pytest.skip("HH-RLHF data (shared/data/hh-rlhf-harmless-base-test.jsonl.gz) not present")
@@ -80,7 +81,7 @@ def test_grouped_batches_of_hh_rlhf_pairs_are_at_most_a_tenth_padding(tmp_path):
     from mrpo.modeling.models import load_tokenizer
 
     _common.HH_RLHF = path
-    pairs = _common.prepared_pairs(_common.prepare_hh_rlhf(tmp_path, 300), limit=256)
+    pairs = _common.prepared_pairs(_common.prepare_hh_rlhf(tmp_path, 2200), limit=2048)
     max_length = yaml.safe_load((REPO_ROOT / "profiles/smollm2-hh.yaml").read_text())["train"]["max_length"]
     chosen, rejected = _common.encode_pairs(
         load_tokenizer(_common.smollm2_checkpoint()), pairs, max_length, True
@@ -89,9 +90,39 @@ def test_grouped_batches_of_hh_rlhf_pairs_are_at_most_a_tenth_padding(tmp_path):
     rows = {i: (len(chosen[i].input_ids), len(rejected[i].input_ids)) for i in fit}
 
     def share(order: list[int]) -> float:
-        return padding_share([[n for i in order[k : k + 8] for n in rows[i]] for k in range(0, len(order), 8)])
+        return padding_share(
+            [[n for i in order[k : k + 8] for n in rows[i]] for k in range(0, len(order), 8)]
+        )
 
     lengths = [max(rows[i]) for i in fit]
     grouped = share([fit[j] for j in grouped_order(lengths, 8, seed=0)])
     padded = share([fit[j] for j in torch.randperm(len(fit), generator=torch.Generator().manual_seed(0))])
+    floor = share(sorted(fit, key=lambda i: max(rows[i])))  # what is left: chosen vs rejected lengths
+    print(f"padding share: padded {padded:.3f}, grouped {grouped:.3f}, fully sorted {floor:.3f}, packed 0")
     assert grouped <= 0.10 < 0.4 < padded
+
+
+def test_the_trainer_groups_or_packs_per_train_batching_with_the_same_loss(scored, tmp_path):
+    """The real train config: grouped (the default) samples with GroupedSampler; packed runs the policy's
+    forward packed (exact for the zoo's Llama anchor), with the padded path's loss, WPO weights included;
+    padded keeps Trainer's random sampler."""
+    from helpers import config
+
+    from mrpo.data.preference import PreferenceCollator
+    from mrpo.training.batching import GroupedSampler
+    from mrpo.training.setup import build_trainer, prepare_training
+
+    losses = {}
+    for batching in ("padded", "grouped", "packed"):
+        cfg = config(scored, tmp_path / batching, **{"train.batching": batching, "train.use_weighting": True})
+        setup = prepare_training(cfg)
+        trainer = build_trainer(cfg, setup)
+        assert trainer.batching == batching
+        sampler = trainer._get_train_sampler()
+        assert isinstance(sampler, GroupedSampler) == (batching != "padded")
+        examples = [setup.datasets["train"][i] for i in range(8)]
+        batch = PreferenceCollator(setup.tokenizer.pad_token_id)(examples)
+        with torch.no_grad():
+            losses[batching] = trainer.compute_loss(trainer.model.eval(), batch).item()
+    assert losses["grouped"] == losses["padded"]
+    assert losses["packed"] == pytest.approx(losses["padded"], abs=1e-5)
