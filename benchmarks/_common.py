@@ -237,10 +237,10 @@ def prepared_pairs(cfg, split: str = "train", limit: int | None = None):
     return pairs.iloc[:limit] if limit else pairs
 
 
-def prepare_hh_rlhf(scratch: Path, max_rows: int):
-    """Prepare the first `max_rows` HH-RLHF harmless-base pairs with `mrpo.stages.prepare.prepare`;
+def prepare_hh_rlhf(scratch: Path, max_rows: int, path: Path = HH_RLHF):
+    """Prepare the first `max_rows` HH-RLHF harmless-base pairs (`path`) with `mrpo.stages.prepare.prepare`;
     Config or None when absent."""
-    if not HH_RLHF.is_file():
+    if not Path(path).is_file():
         return None
     from mrpo.config.load import load_config
     from mrpo.stages.prepare import prepare
@@ -249,7 +249,7 @@ def prepare_hh_rlhf(scratch: Path, max_rows: int):
         REPO / "params.yaml",
         {
             "data.source": "file",
-            "data.paths": [str(HH_RLHF)],
+            "data.paths": [str(path)],
             "data.max_rows": max_rows,
             "data.output_dir": str(scratch / "hh_prepared"),
             "data.val_fraction": 0.0,
@@ -351,6 +351,7 @@ def mrpo_trainer(
     batch_size: int,
     strategy: str = "uniform",
     train_dataset=None,
+    trainer_kw: dict | None = None,
     **train_kw,
 ):
     """An MRPOTrainer (real class, real TrainingArguments) over `model`
@@ -365,7 +366,7 @@ def mrpo_trainer(
     args = TrainingArguments(
         output_dir=str(scratch / f"trainer_k{k}"),
         per_device_train_batch_size=batch_size,
-        use_cpu=True,
+        use_cpu=train_kw.pop("use_cpu", True),
         report_to="none",
         save_strategy="no",
         eval_strategy="no",
@@ -387,7 +388,41 @@ def mrpo_trainer(
         objective=Objective(),
         strategy=make_strategy(strategy, k),
         reference_names=names,
+        **(trainer_kw or {}),
     )
+
+
+def trl_precision_kwargs(bf16: bool, checkpointing: bool) -> dict:
+    """DPOConfig keywords that set TRL's precision and recomputation to ours (TRL 1.16 defaults both to True,
+    even on CPU): `bf16` and whichever checkpointing name the installed transformers has."""
+    from mrpo.training.setup import CHECKPOINTING_ARG
+
+    return {"bf16": bf16, CHECKPOINTING_ARG: checkpointing}
+
+
+def native_bf16_matmul() -> bool:
+    """Whether bf16 matmuls run at least as fast as fp32 here (CPUs without AVX-512 BF16/AMX emulate them,
+    tens of times slower: a bf16 SmolLM2 step would take many minutes)."""
+    import torch
+
+    def rate(dtype) -> float:
+        a, b = torch.randn(512, 576).to(dtype), torch.randn(576, 1536).to(dtype)
+        a @ b
+        start, n = time.process_time(), 0
+        while time.process_time() - start < 0.3:
+            a @ b
+            n += 1
+        return n / (time.process_time() - start)
+
+    return torch.cuda.is_available() or rate(torch.bfloat16) >= rate(torch.float32)
+
+
+def trainer_optimizer(trainer):
+    """The optimizer `trainer.train()` would build (TrainingArguments' default `optim`: the fused torch AdamW,
+    learning rate 5e-6 as set above), for harnesses that step by hand; and its name, for the record."""
+    optimizer = trainer.create_optimizer()
+    fused = optimizer.defaults.get("fused")
+    return optimizer, f"{trainer.args.optim} ({type(optimizer).__name__}, fused={fused})"
 
 
 def peak_rss_mib() -> float:

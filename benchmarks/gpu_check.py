@@ -28,8 +28,13 @@ same model; `--pairs` GSM8K pairs; score.dtype bfloat16 on `--device`):
   the same step-0 margin for K = 1 with the anchor scored and trained in float32: the code path's exactness,
       so a bf16 miss of the bar can be told from a bug;
   scoring tokens/s (from each score file's metadata) and its peak memory;
-  TRL DPOTrainer, bf16, same batch and steps: with precompute_ref_log_probs (precompute not timed) and with a
-  live reference model run every step, tokens/s and peak memory.
+  TRL DPOTrainer, same batch and steps, matched to ours (bf16, gradient checkpointing as the profile's
+  train.gradient_checkpointing): with precompute_ref_log_probs (precompute not timed) and with a live
+  reference model run every step, tokens/s and peak memory; and precomputed with TRL's own DPOConfig
+  defaults (bf16 and gradient checkpointing on), reported beside, never the verdict;
+  B7 (benchmarks/lean.py --device cuda) on HH-RLHF (`--hh`; `--skip-lean` leaves it out): padding share,
+  ours padded / grouped / packed against TRL precomputed (fp32 and bf16), memory at vocabulary 128k,
+  the matmul fraction, flash attention where flash-attn is installed.
 Nothing is claimed until a GPU has run it: the JSON holds the machine, the commit and the command.
 """
 
@@ -306,7 +311,15 @@ def trl_runs(cfg, args, out: dict, saved) -> None:
     tokenizer = load_tokenizer(cfg.anchor)
     pairs = C.prepared_pairs(cfg, "train")
     out["trl_version"] = trl.__version__
-    for name, precompute in (("trl_precomputed", True), ("trl_live", False)):
+    # matched: TRL in ours' precision and recomputation; TRL 1.16's own DPOConfig defaults (bf16 and gradient
+    # checkpointing on) beside it, never the verdict
+    matched = C.trl_precision_kwargs(bf16=True, checkpointing=cfg.train.gradient_checkpointing)
+    out["trl_settings"] = {"matched": matched, "defaults": "DPOConfig's own (bf16=True, checkpointing=True)"}
+    for name, precompute, kw in (
+        ("trl_precomputed", True, matched),
+        ("trl_live", False, matched),
+        ("trl_precomputed_defaults", True, {}),
+    ):
         config = DPOConfig(
             output_dir=str(Path(cfg.train.checkpoint_dir).parent / name),
             per_device_train_batch_size=args.batch_pairs,
@@ -316,8 +329,8 @@ def trl_runs(cfg, args, out: dict, saved) -> None:
             beta=cfg.train.beta,
             max_length=args.max_length,
             precompute_ref_log_probs=precompute,
-            bf16=True,
             use_cpu=args.device == "cpu",
+            **kw,
             report_to="none",
             save_strategy="no",
             logging_steps=10**6,
@@ -337,6 +350,23 @@ def trl_runs(cfg, args, out: dict, saved) -> None:
         del trainer
         release(args.device)
         saved()
+
+
+def lean_comparisons(args) -> dict:
+    """B7 (benchmarks/lean.py) on this device: padding share, training steps of ours (padded, grouped,
+    packed) against TRL precomputed in matched settings, memory at vocabulary 128k for both prompt mixes
+    (CUDA allocator peaks), the matmul fraction; flash attention where flash-attn is installed."""
+    import lean
+
+    lean_args = lean.parse_args(
+        ["--device", args.device, "--hh", str(args.hh), "--step-pairs", str(4 * args.batch_pairs)]
+        + ["--step-batch-pairs", str(args.batch_pairs), "--max-length", "1024", "--rounds", "2"]
+    )
+    if not Path(args.hh).is_file():
+        return {"skipped": f"{args.hh} not found (pass --hh)"}
+    result = lean.run(lean_args)
+    result["summary"] = lean.summary(result)
+    return result
 
 
 def versions() -> dict:
@@ -409,10 +439,15 @@ def run(args, save) -> dict:
         save(result)
         trl_result = result["trl"] = {}
         trl_runs(scratch_config(scratch, args, 1), args, trl_result, lambda: save(result))
+        if not args.skip_lean:
+            result["lean"] = lean_comparisons(args)
+            save(result)
     k1 = rows[0]["training"]["tokens_per_second"]
     result["ratios_tokens_per_second"] = {
         "ours_k1_over_trl_precomputed": k1 / trl_result["trl_precomputed"]["tokens_per_second"],
         "ours_k1_over_trl_live": k1 / trl_result["trl_live"]["tokens_per_second"],
+        "ours_k1_over_trl_precomputed_defaults": k1
+        / trl_result["trl_precomputed_defaults"]["tokens_per_second"],
         "ours_k4_over_ours_k1": rows[1]["training"]["tokens_per_second"] / k1,
     }
     result["step0_margins_within_bar"] = all(r["step0_reward_margin"]["within_bar"] for r in rows)
@@ -444,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         default="cuda",
         help="cpu: rehearse the same code path on CPU (bf16 autocast, RSS for memory), marked rehearsal",
     )
+    p.add_argument("--hh", type=Path, default=C.HH_RLHF, help="HH-RLHF harmless-base, for the B7 comparisons")
+    p.add_argument("--skip-lean", action="store_true", help="leave out B7 (benchmarks/lean.py)")
     p.add_argument("--out", type=Path, help="default: benchmarks/results/gpu/gpu_check[_cpu_rehearsal].json")
     args = p.parse_args(argv)
     args.out = args.out or default_out(args.device)

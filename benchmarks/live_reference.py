@@ -6,9 +6,10 @@
 Live design (the authors' demo code): at every step each of the K = 2
 references runs a no-grad forward over the batch (each on its own tokenization,
 prepared beforehand and not timed, which favours the live design), then the
-same MRPO loss, backward and AdamW step. Ours: `MRPOTrainer.compute_loss` reads
-the two stored log-probs from the batch. Same policy, batch, optimizer and
-threads; the designs alternate round by round in this process.
+same MRPO loss, backward and optimizer step: the one MRPOTrainer itself builds
+(`Trainer.create_optimizer`, the fused torch AdamW by default), not a hand-built
+one. Ours: `MRPOTrainer.compute_loss` reads the two stored log-probs from the
+batch. Same policy, batch, optimizer and threads; the designs alternate round by round in this process.
 
 Beside the ratio: the one-off cost of scoring the training split with both
 references through `mrpo.modeling.scoring.score_sequences` (measured on `--score-pairs`
@@ -62,7 +63,7 @@ def run_case(which: str, args) -> dict | None:
         policy = load_model(policy_ref, "cpu", torch.float32)
         policy.train()
         trainer = C.mrpo_trainer(policy, tokenizer, 2, Path(tmp), batch_size=batch_pairs)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-6)
+        optimizer, optimizer_name = C.trainer_optimizer(trainer)
 
         refs = live_references(which, cfg)
         ref_models, ref_batches, ref_tokenizers = [], [], []
@@ -127,6 +128,7 @@ def run_case(which: str, args) -> dict | None:
         "case": label,
         "live_references": [r.name for r in refs],
         "batch_pairs": batch_pairs,
+        "optimizer": optimizer_name,
         "batch_shape_2B_T": list(batch["input_ids"].shape),
         "ours_step_ms": ours_ms,
         "live_step_ms": live_ms,

@@ -6,7 +6,9 @@ Explains the B2 ratio: with stored scores a K = 2 step is forward + backward +
 optimizer; the live design adds K reference forwards. The FLOP bound of
 ours/live is (fwd + bwd) / (fwd + bwd + K fwd) = 3 / 5 = 0.6 for K = 2 when the
 backward costs two forwards, so fixed costs (the optimizer) decide which side
-of 0.6 a model lands on. Medians over `--steps` steps after one warm-up step.
+of 0.6 a model lands on. The optimizer is the one MRPOTrainer builds
+(`Trainer.create_optimizer`: the fused torch AdamW by default). Medians over
+`--steps` steps after one warm-up step.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def run_case(which: str, args) -> dict | None:
         policy.train()
         frozen = load_model(ref, "cpu", torch.float32)
         trainer = C.mrpo_trainer(policy, tokenizer, 2, Path(tmp), batch_size=batch_pairs)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-6)
+        optimizer, optimizer_name = C.trainer_optimizer(trainer)
         phases: dict[str, list[float]] = {
             "forward+loss": [],
             "backward": [],
@@ -76,6 +78,7 @@ def run_case(which: str, args) -> dict | None:
     row = {
         "case": label,
         "batch_pairs": batch_pairs,
+        "optimizer": optimizer_name,
         "phase_ms": ms,
         "ours_k2_ms": ours,
         "live_k2_ms": live,

@@ -101,6 +101,25 @@ def b2(res: dict) -> list[str]:
     return out
 
 
+def profile(res: dict) -> list[str]:
+    out = [
+        _header(res),
+        "",
+        "| case | optimizer | forward+loss ms | backward ms | optimizer ms | one reference forward ms "
+        "| predicted ours/live K=2 | without optimizer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        ph, optimizer = r["phase_ms"], r.get("optimizer", "torch.optim.AdamW (hand-built)")
+        out.append(
+            f"| {r['case']} (batch {r['batch_pairs']}) | {optimizer} | "
+            f"{ph['forward+loss']:.1f} | {ph['backward']:.1f} | {ph['optimizer']:.1f} | "
+            f"{ph['reference forward']:.1f} | x{r['predicted_ratio']:.3f} | "
+            f"x{r['ratio_without_optimizer']:.3f} |"
+        )
+    return out
+
+
 def _paired(r: dict, key: str) -> str:
     """' (paired x..)' when the run recorded the median of per-round ratios."""
     return f" (paired x{r[key]:.3f})" if key in r else ""
@@ -119,17 +138,25 @@ def b3(res: dict) -> list[str]:
     out = [
         _header(res),
         "",
-        "| case | ours ms | TRL precomputed ms | TRL live ms | ours/TRL-pre | ours/TRL-live | targets |",
-        "|---|---|---|---|---|---|---|",
+        "| case | ours ms | TRL precomputed ms | TRL live ms | ours/TRL-pre | ours/TRL-live | targets "
+        "| TRL precomputed with its defaults (bf16, checkpointing) ms | ours/that |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         ms = r["step_ms_median"]
+        if "trl-pre-defaults" in ms:
+            defaults = f"{ms['trl-pre-defaults']:.1f} | x{r['ratio_ours_over_trl_pre_defaults']:.3f}"
+        elif "settings" in r:
+            defaults = f"{r.get('trl_pre_defaults', 'not run')} | —"
+        else:
+            defaults = "not separated (this run left TRL at its defaults) | —"
         out.append(
             f"| {r['case']} (batch {r['batch_pairs']}) | {ms['ours']:.1f} | {ms['trl-pre']:.1f} | "
             f"{ms['trl-live']:.1f} | "
-            f"x{r['ratio_ours_over_trl_pre']:.3f} | x{r['ratio_ours_over_trl_live']:.3f} | "
+            f"x{r['ratio_ours_over_trl_pre']:.3f}{_paired(r, 'paired_ratio_ours_over_trl_pre')} | "
+            f"x{r['ratio_ours_over_trl_live']:.3f}{_paired(r, 'paired_ratio_ours_over_trl_live')} | "
             + _targets(r)
-            + " |"
+            + f" | {defaults} |"
         )
     return out
 
@@ -165,16 +192,81 @@ def b6(res: dict) -> list[str]:
     return out + [markdown_row(r, one, two) for r in res["rows"]]
 
 
+def _share(v) -> str:
+    return f"{100 * v:.1f}%" if isinstance(v, float) else "skipped: not in this checkout"
+
+
+def b7(res: dict) -> list[str]:
+    """B7's tables: padding share, training steps vs TRL, scoring, memory at vocabulary 128k, the summary."""
+    out = [_header(res), ""]
+    if "padding_share" in res:
+        out += [
+            "| max_length | pairs | padded (the collator before issue 23) | grouped (default) | packed |",
+            "|---|---|---|---|---|",
+        ]
+        for length, row in res["padding_share"].items():
+            modes = " | ".join(_share(row.get(m)) for m in ("padded", "grouped", "packed"))
+            out.append(f"| {length} | {row['pairs']} | {modes} |")
+        out.append("")
+    if "step" in res:
+        st, peak = res["step"], res["matmul_gflops"]
+        out += [
+            f"{st['case']}, {st['pairs']} pairs ({st['real_tokens']} real tokens), batch {st['batch_pairs']} "
+            f"pairs, max_length {st['max_length']}; torch.mm peak here {peak['float32']:.0f} GFLOP/s fp32, "
+            f"{peak['bfloat16']:.0f} bf16; timed rounds per design: "
+            f"{next(iter(st['designs'].values()))['epoch_step_seconds']['n']}",
+            "",
+            "| design | epoch of steps s | tokens/s | / TRL precomputed, same precision (paired) | "
+            "fraction of matmul peak |",
+            "|---|---|---|---|---|",
+        ]
+        for name, d in st["designs"].items():
+            out.append(
+                f"| {name} | {d['epoch_step_seconds']['median']:.1f} | {d['tokens_per_s']:.0f} | "
+                f"x{d['ratio_vs_trl_pre_same_precision']:.3f} | {d['matmul_fraction']:.2f} |"
+            )
+        out += [f"| {name} | {note} | | | |" for name, note in st.get("skipped", {}).items()]
+        sc = res["scoring"]
+        said = [
+            f"{d} {sc[d]['seconds']:.1f} s ({sc[d]['matmul_fraction']:.2f} of the {d} peak)"
+            for d in ("float32", "bfloat16")
+            if d in sc
+        ]
+        out += ["", f"Scoring the same {sc['pairs']} pairs (`score_sequences`): " + ", ".join(said) + "."]
+        if "bf16_skipped" in res:
+            out.append(f"bf16 rows: {res['bf16_skipped']}.")
+        out.append("")
+    if res.get("memory"):
+        out += [
+            "| vocabulary 128,256, 4 pairs x 512 tokens | ours step increment MiB | TRL precomputed MiB | "
+            "ours / TRL |",
+            "|---|---|---|---|",
+        ]
+        for r in res["memory"]:
+            if "measured_in" in r:
+                r = {**r, "dtype": f"{r['dtype']} (separate processes)"}
+            out.append(
+                f"| {r['dtype']}, {r['prompt_tokens']}-token prompts | {r['ours']['increment_mib']:.0f} | "
+                f"{r['trl']['increment_mib']:.0f} | x{r['ratio_ours_over_trl']:.3f} |"
+            )
+        out.append("")
+    sm = res.get("summary", {})
+    out.append("Summary (last line of the run): `" + json.dumps({k: v for k, v in sm.items()}) + "`")
+    return out
+
+
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     for title, name, fn in (
         ("B1", "b1_train_references", b1),
         ("B2", "b2_live_reference", b2),
+        ("B2/B3 step profile", "profile_step", profile),
         ("B3", "b3_trl_dpo", b3),
         ("B4", "b4_scoring", b4),
         ("B5", "b5_pipeline", b5),
         ("B6", "b6_scoring_ranks", b6),
         ("B6, larger data", "b6_scoring_ranks_large", b6),
+        ("B7", "b7_lean", b7),
     ):
         res = _load(name)
         print(f"### {title}\n")

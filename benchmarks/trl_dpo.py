@@ -4,16 +4,18 @@ with precomputed reference log-probs and with a live reference.
     python benchmarks/trl_dpo.py                     # zoo and SmolLM2-135M
     python benchmarks/trl_dpo.py --models zoo --rounds 5
 
-Three full `Trainer.train()` loops on the same policy weights (each design
+Four full `Trainer.train()` loops on the same policy weights (each design
 trains its own copy), data, batch size, optimizer settings and threads:
-  ours      MRPOTrainer, objective mrpo with K = 1 stored reference (= DPO)
-  trl-pre   trl.DPOTrainer(precompute_ref_log_probs=True)
-            (the reference pass runs in its __init__, not timed)
-  trl-live  trl.DPOTrainer with a ref_model copy run every step
+  ours      MRPOTrainer, objective mrpo with K = 1 stored reference (= DPO), fp32, no checkpointing
+  trl-pre   trl.DPOTrainer(precompute_ref_log_probs=True), matched: bf16=False and no
+            gradient checkpointing, as ours (the reference pass runs in its __init__, not timed)
+  trl-live  trl.DPOTrainer with a ref_model copy run every step, matched as trl-pre
+  trl-pre-defaults  trl-pre with DPOConfig's own defaults (TRL 1.16: bf16=True and gradient
+            checkpointing=True even on CPU): reported beside, never the verdict
 Each round trains `--steps` steps of each design in turn (order alternating);
 a step is timed from `on_step_begin` to `on_step_end` (forward, loss, backward,
 optimizer), the first step of each `train()` call is dropped, and the median is
-kept. Targets: ours / trl-pre <= 1.0, ours / trl-live <= 0.7.
+kept. Targets (matched settings): ours / trl-pre <= 1.0, ours / trl-live <= 0.7.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def run_case(which: str, args) -> dict | None:
     from mrpo.modeling.models import load_model, load_tokenizer
 
     batch_pairs = args.batch_pairs or (16 if which == "zoo" else 2)
-    steps = args.steps or (11 if which == "zoo" else 3)
+    steps = args.steps or (11 if which == "zoo" else 2)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         found = C.policy_source(which, scratch)
@@ -93,7 +95,7 @@ def run_case(which: str, args) -> dict | None:
             m.train()
             return m
 
-        timers = {name: step_timer() for name in ("ours", "trl-pre", "trl-live")}
+        timers = {name: step_timer() for name in ("ours", "trl-pre", "trl-live", "trl-pre-defaults")}
         ours = C.mrpo_trainer(
             policy(),
             tokenizer,
@@ -105,7 +107,7 @@ def run_case(which: str, args) -> dict | None:
         )
         ours.add_callback(timers["ours"])
 
-        def dpo(name, precompute):
+        def dpo(name, precompute, matched=True):
             cfg_trl = DPOConfig(
                 output_dir=str(scratch / name),
                 per_device_train_batch_size=batch_pairs,
@@ -122,6 +124,7 @@ def run_case(which: str, args) -> dict | None:
                 disable_tqdm=True,
                 seed=0,
                 dataset_num_proc=None,
+                **(C.trl_precision_kwargs(bf16=False, checkpointing=False) if matched else {}),
             )
             trainer = DPOTrainer(
                 model=policy(),
@@ -138,6 +141,11 @@ def run_case(which: str, args) -> dict | None:
         trl_pre_init_s = time.perf_counter() - start
         trl_live = dpo("trl-live", False)
         trainers = {"ours": ours, "trl-pre": trl_pre, "trl-live": trl_live}
+        defaults_note = None
+        if which == "zoo" or C.native_bf16_matmul():
+            trl_defaults = trainers["trl-pre-defaults"] = dpo("trl-pre-defaults", True, matched=False)
+        else:
+            defaults_note = "skipped: no native bf16 matmul on this CPU (a bf16 step would take many minutes)"
 
         def design(name):
             def run():
@@ -161,6 +169,14 @@ def run_case(which: str, args) -> dict | None:
         "trl_version": trl.__version__,
         "batch_pairs": batch_pairs,
         "steps_per_round": steps,
+        "settings": "ours, trl-pre, trl-live: fp32, no gradient checkpointing; trl-pre-defaults: TRL's "
+        "DPOConfig defaults (bf16=True, gradient checkpointing=True)",
+        "trl_pre_defaults": defaults_note
+        or {"bf16": trl_defaults.args.bf16, "checkpointing": trl_defaults.model.is_gradient_checkpointing},
+        "trl_pre_matched_checks": {
+            "bf16": trl_pre.args.bf16,
+            "gradient_checkpointing": trl_pre.model.is_gradient_checkpointing,
+        },
         "step_ms_median": ms,
         "ratio_ours_over_trl_pre": ms["ours"] / ms["trl-pre"],
         "ratio_ours_over_trl_live": ms["ours"] / ms["trl-live"],
@@ -171,15 +187,20 @@ def run_case(which: str, args) -> dict | None:
         "rounds": {n: C.spread(v) for n, v in runs.items()},
         "load_after": C.load_average()[0],
     }
+    if "trl-pre-defaults" in runs:
+        row["ratio_ours_over_trl_pre_defaults"] = ms["ours"] / ms["trl-pre-defaults"]
+        paired = C.paired_ratio(runs["ours"], runs["trl-pre-defaults"])
+        row["paired_ratio_ours_over_trl_pre_defaults"] = paired
     row["targets_met"] = {
         "ours/trl-pre<=1.0": row["ratio_ours_over_trl_pre"] <= 1.0,
         "ours/trl-live<=0.7": row["ratio_ours_over_trl_live"] <= 0.7,
     }
     print(
         f"{label}: step ms ours {ms['ours']:.1f}, trl-pre {ms['trl-pre']:.1f}, "
-        f"trl-live {ms['trl-live']:.1f} -> "
+        f"trl-live {ms['trl-live']:.1f}, TRL's defaults {ms.get('trl-pre-defaults', float('nan')):.1f} -> "
         f"ours/trl-pre x{row['ratio_ours_over_trl_pre']:.3f}, "
-        f"ours/trl-live x{row['ratio_ours_over_trl_live']:.3f}",
+        f"ours/trl-live x{row['ratio_ours_over_trl_live']:.3f} (matched); "
+        f"ours/trl-pre-defaults x{row.get('ratio_ours_over_trl_pre_defaults', float('nan')):.3f}",
         flush=True,
     )
     return row
@@ -188,7 +209,7 @@ def run_case(which: str, args) -> dict | None:
 def main() -> None:
     p = C.training_parser(__doc__, "b3_trl_dpo")
     p.add_argument(
-        "--steps", type=int, default=None, help="steps per design per round; default 11 (zoo), 3 (SmolLM2)"
+        "--steps", type=int, default=None, help="steps per design per round; default 11 (zoo), 2 (SmolLM2)"
     )
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args()

@@ -8,6 +8,9 @@
 #   call 1: carry [".gpu/part1", ".gpu/wheels"], command "scripts/gpu_check.sh stage", timeout_s 300
 #   call 2: carry [".gpu/part2", ".gpu/data"],   command "scripts/gpu_check.sh run",   timeout_s 600
 #
+# `run` also runs B7 (benchmarks/lean.py --device cuda: ours padded/grouped/packed vs TRL precomputed in matched
+# settings, memory at vocabulary 128k, flash attention if flash-attn is installed) on the packed HH-RLHF file;
+# `scripts/gpu_check.sh run --skip-lean` leaves it out.
 # `stage` installs the wheels and checks CUDA and the imports (a failure there stops before call 2);
 # `run` joins the model, checks its sha256 and runs the check under a 500 s limit, writing gpu_check.json and
 # its log to $OUT (else benchmarks/results/gpu/). gpu_check.py exits 3 when the step-0 bar is missed (the
@@ -31,6 +34,7 @@ pack)
   mv "$G/part00" "$G/part1/" && mv "$G/part01" "$G/part2/"
   sha256sum "$model" | cut -d' ' -f1 >"$G/part2/sha256"
   cp "$data" "$G/data/gsm8k-train.jsonl"
+  cp "${HH_RLHF:-../shared/data/hh-rlhf-harmless-base-test.jsonl.gz}" "$G/data/hh-rlhf.jsonl.gz"  # B7
   git describe --always --dirty >"$G/data/commit"
   pins=$(for w in $WHEELS; do grep -i "^$w==" constraints.txt; done)
   echo "$pins" >"$G/wheels/requirements.txt"
@@ -61,14 +65,14 @@ run)
   export GPU_CHECK_COMMIT
   GPU_CHECK_COMMIT=$(cat "$G/data/commit")
   set +e
-  timeout 500 "$PY" benchmarks/gpu_check.py --data "$G/data/gsm8k-train.jsonl" --out "$out/gpu_check.json" \
-    "${@:2}" 2>&1 | tee "$out/gpu_check.log"
+  timeout 500 "$PY" benchmarks/gpu_check.py --data "$G/data/gsm8k-train.jsonl" --hh "$G/data/hh-rlhf.jsonl.gz" \
+    --out "$out/gpu_check.json" "${@:2}" 2>&1 | tee "$out/gpu_check.log"
   rc=${PIPESTATUS[0]}
   echo "gpu_check.sh: exit $rc"
   exit "$rc"
   ;;
 *)
-  sed -n '2,15p' "$0" >&2
+  sed -n '2,19p' "$0" >&2
   exit 2
   ;;
 esac
