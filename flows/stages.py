@@ -20,7 +20,7 @@ from pathlib import Path
 from mrpo.cli import STATUS_FILE_ENV
 from mrpo.config.schema import Config
 from mrpo.errors import USER_ERROR_EXIT, MRPOError
-from mrpo.pipeline import dvc_stage_names
+from mrpo.pipeline import CHECK_STAGE, dvc_stage_names
 from mrpo.reporting.records import read_record
 
 log = logging.getLogger("mrpo")
@@ -277,10 +277,12 @@ def reproduce_stage(
     env: Mapping[str, str] | None = None,
     on_output: Callable[[str], None] | None = None,
 ) -> StageResult:
-    """`dvc repro --single-item <stage>`: run the stage if DVC finds it stale, else skip it; `on_output` gets
-    what it prints, line by line."""
+    """`dvc repro --single-item check <stage>`: run the stage if DVC finds it stale, else skip it, after the
+    check stage (params.yaml validated whole; the marker every stage depends on); `on_output` gets what it
+    prints, line by line."""
     start = time.perf_counter()
-    proc = dvc_running_mrpo(["repro", "--single-item", stage], stage, project_dir, env, on_output)
+    targets = [stage] if stage == CHECK_STAGE else [CHECK_STAGE, stage]
+    proc = dvc_running_mrpo(["repro", "--single-item", *targets], stage, project_dir, env, on_output)
     seconds = time.perf_counter() - start
     status = classify_repro_output(stage, proc.stdout)
     log.info("stage %s: %s in %.1fs", stage, status, seconds)

@@ -57,9 +57,11 @@ _TRAIN_KEYS = (
 ).split()
 _EVALUATE_KEYS = "tasks limit num_fewshot batch_size device max_gen_tokens task_data".split()
 
+CHECK_STAGE = "check"
+
 STAGES: tuple[Stage, ...] = (
     Stage(
-        "check",
+        CHECK_STAGE,
         what="validate the whole params.yaml (every key known, every value in range), first in `dvc repro`",
         reads="params.yaml, as a whole file: any edit re-runs this stage, and only this one when it is valid",
         writes="data/params.checked (a marker with fixed bytes, which every other stage depends on)",

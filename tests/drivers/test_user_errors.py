@@ -147,7 +147,7 @@ def test_a_full_disk_while_saving_the_policy_is_one_line(scored, tmp_path, capsy
         argv += ["--set", f"{key}={value}"]
     assert main([*argv, "train"]) == 2
     line = one_line(capsys)
-    assert line.startswith(f"mrpo train: no space left on device writing {full_disk}/")
+    assert line.startswith(f"mrpo train: no space left on the disk holding {full_disk} (train.output_dir)")
     assert list(full_disk.iterdir()) == []  # the half-written policy was removed, nothing swapped in
 
 
