@@ -13,7 +13,7 @@ import numpy as np
 
 from mrpo.config.schema import Config
 from mrpo.errors import ScoreDataError
-from mrpo.io import write_json_atomically, write_text_atomically
+from mrpo.io import write_json_atomically
 from mrpo.reporting.diagnostics import (
     Diagnostics,
     diagnose_scores,
@@ -23,6 +23,7 @@ from mrpo.reporting.diagnostics import (
     plot_rows,
     report_markdown,
 )
+from mrpo.staging import StagedOutputs, recover
 
 log = logging.getLogger("mrpo")
 
@@ -108,10 +109,12 @@ def write_outputs(cfg: Config, d: Diagnostics) -> None:
     import pandas as pd
 
     g = cfg.diagnose
-    write_json_atomically(g.metrics_file, metrics_dict(d))
-    write_text_atomically(g.plots_file, pd.DataFrame(plot_rows(d)).to_csv(index=False))
-    write_text_atomically(g.report_file, report_markdown(d))
-    plot_diagnostics(d, g.image_file)
+    recover([g.metrics_file, g.plots_file, g.report_file, g.image_file])
+    with StagedOutputs() as staged:  # the four files swapped in together, or none of them
+        write_json_atomically(staged.file(g.metrics_file), metrics_dict(d))
+        staged.file(g.plots_file).write_text(pd.DataFrame(plot_rows(d)).to_csv(index=False))
+        staged.file(g.report_file).write_text(report_markdown(d))
+        plot_diagnostics(d, staged.file(g.image_file))
 
 
 def log_to_mlflow(cfg: Config, d: Diagnostics) -> str:

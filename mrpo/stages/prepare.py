@@ -9,7 +9,6 @@ code; this is the recipe. Output contract (everyone downstream relies on it, mrp
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import statistics
@@ -23,7 +22,7 @@ from mrpo.data.cleaning import PrepareTally, deduplicate, normalize_rows, split_
 from mrpo.data.normalize import Pair
 from mrpo.data.prepared import SCHEMA, SPLITS, split_path, table_digest
 from mrpo.data.sources import raw_sources
-from mrpo.io import atomic_file
+from mrpo.staging import StagedOutputs, recover
 
 log = logging.getLogger("mrpo")
 
@@ -50,12 +49,13 @@ def split_table(pairs: list[Pair]) -> pa.Table:
     return pa.table(columns, schema=SCHEMA)
 
 
-def _write_atomically(outputs: dict[Path, bytes | pa.Table]) -> None:
-    """Write every output to a temp file first, then rename them all,
-    so a failure leaves old outputs intact."""
-    with contextlib.ExitStack() as stack:
+def _write_together(outputs: dict[Path, bytes | pa.Table]) -> None:
+    """Every output staged beside its final path, then all swapped in together (mrpo.staging): a failure or a
+    kill at any point leaves the complete previous set."""
+    recover(list(outputs))
+    with StagedOutputs() as staged:
         for path, content in outputs.items():
-            tmp = stack.enter_context(atomic_file(path))
+            tmp = staged.file(path)
             if isinstance(content, pa.Table):
                 pq.write_table(content, tmp)
             else:
@@ -88,7 +88,7 @@ def prepare(cfg: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     outputs: dict[Path, bytes | pa.Table] = {split_path(out, s): tables[s] for s in SPLITS}
     outputs[out / "report.json"] = (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    _write_atomically(outputs)
+    _write_together(outputs)
     _log_outcome(cfg, tally, formats, by_split, report)
     return report
 

@@ -359,3 +359,31 @@ def test_evaluate_failing_after_its_outputs_are_staged_keeps_every_previous_outp
     after = {str(p): digest(p) if p.is_dir() else hashlib.sha256(p.read_bytes()).digest() for p in outputs}
     assert after == before
     assert hidden(project / "evaluation") == [] and hidden(project / "metrics") == []
+
+
+@pytest.mark.parametrize(
+    ("stage", "blocked", "outputs"),
+    [
+        (
+            "prepare",
+            "data/prepared/report.json",
+            ["data/prepared/train.parquet", "data/prepared/val.parquet", "data/prepared/test.parquet"],
+        ),
+        ("diagnose", "plots/diagnostics.png", ["metrics/diagnostics.json", "metrics/diagnostics.md"]),
+    ],
+)
+def test_prepare_and_diagnose_swap_their_files_in_together(reproduced_copy, stage, blocked, outputs):
+    """A directory where the stage's last file goes fails the stage before anything moves: the other new files
+    never replace the previous ones."""
+    project = clone_project(reproduced_copy, reproduced_copy.parent / f"together-{stage}")
+    before = {name: (project / name).read_bytes() for name in outputs}
+    (project / blocked).unlink()
+    (project / blocked).mkdir()
+    (project / blocked / "keep").write_text("a directory in the way")
+    # a different seed: every file the stage writes would change
+    proc = run_tool(["mrpo", stage, "--set", "seed=7", "--set", "diagnose.split=train"], project, check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    line = proc.stdout.strip().splitlines()[-1]  # prepare: at the swap; diagnose: its preflight, up front
+    assert blocked in line and "is a directory" in line, line
+    assert {name: (project / name).read_bytes() for name in outputs} == before
+    assert hidden(project / Path(blocked).parent) == []
