@@ -109,7 +109,7 @@ def pipeline(project_dir: str = ".", stages: list[str] | None = None, lineage: b
         if unknown:
             raise ValueError(f"stages {unknown} are not in this pipeline; known: {order}")
         order = [s for s in order if s in stages]
-    positions = {s: i + 1 for i, s in enumerate(pipeline_stages(cfg))}
+    positions = {s: i for i, s in enumerate(pipeline_stages(cfg))}  # check is 0, so zoo stays stage-01
     results = {}
     for stage in order:  # sequential: DVC holds one repo lock, and CPU stages gain nothing from overlap
         results[stage] = run_stage(stage, project_dir, position=positions[stage])

@@ -88,8 +88,8 @@ def stage_metrics(stage: str, cfg: Config, project_dir: str | Path) -> dict[str,
     if stage == "evaluate":
         record = read_record(root / cfg.evaluate.results_dir / EVAL_RECORD)
         return flatten(record or read_record(root / cfg.evaluate.metrics_file))
-    if stage == "summary":
-        return {}  # its markdown is the pipeline's summary artifact
+    if stage in ("check", "summary"):
+        return {}  # check writes a marker; summary's markdown is the pipeline's summary artifact
     known = ", ".join(f"{s.name}@<reference>" if s.per_reference else s.name for s in STAGES)
     raise ValueError(f"unknown stage {stage!r}; known: {known}")
 

@@ -304,7 +304,7 @@ def _write_outputs(
         (tmp / modelcard.CARD).write_text(card, encoding="utf-8")
         write_json_atomically(tmp / TRAIN_RECORD, reproducible_record(metrics))
         records = staged.scratch(out)
-        run.write_record(records / out.name)
+        run.write_record(records / out.name, policy=tmp)
         if run_record_path(records / out.name).is_file():
             staged.adopt(run_record_path(records / out.name), run_record_path(out))
         write_json_atomically(staged.file(t.metrics_file), train_headline(metrics))

@@ -109,13 +109,14 @@ def ensure_experiment(client, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_root(uri))
 
 
-def write_run_record(policy_dir: str | Path, run: PipelineRun) -> Path:
-    """The run's record; its URI as `uri.portable` has it (no user info, a store in the project relative)."""
+def write_run_record(policy_dir: str | Path, run: PipelineRun, policy_card_sha256: str | None = None) -> Path:
+    """The run's record; its URI as `uri.portable` has it (no user info, a store in the project relative);
+    the policy's card digest, given or of the card in `policy_dir`."""
     path = run_record_path(policy_dir)
     record = {
         **asdict(run),
         "tracking_uri": portable(run.tracking_uri),
-        "policy_card_sha256": card_digest(policy_dir),
+        "policy_card_sha256": policy_card_sha256 or card_digest(policy_dir),
     }
     write_json_atomically(path, record)
     return path

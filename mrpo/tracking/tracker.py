@@ -183,13 +183,14 @@ class Tracker(NullTracker):
     def log_model_artifact(self, model_id: str, path: str | Path) -> None:
         self.outbox.call("log_model_artifact", {"model_id": model_id, "local_path": str(path)})
 
-    def write_record(self, directory: str | Path) -> None:
-        """The run record beside the policy, and the policy's card digest on the run (`reopen` finds the run
-        of a policy by it, e.g. after `dvc exp apply`)."""
-        digest = card_digest(directory)
+    def write_record(self, directory: str | Path, policy: str | Path | None = None) -> None:
+        """The run record beside `directory`, and the card digest of the policy (`policy`, default
+        `directory`: the train stage writes the record before the staged policy is swapped in) on the run
+        (`reopen` finds the run of a policy by it, e.g. after `dvc exp apply`)."""
+        digest = card_digest(policy if policy is not None else directory)
         if digest:
             self.set_tags({POLICY_CARD_TAG: digest})
-        write_run_record(directory, self.run)
+        write_run_record(directory, self.run, digest)
 
     def children(self) -> dict[str, Tracker]:
         """The runs nested under this one, by run name."""

@@ -245,6 +245,7 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
     # keyed in pipeline order, so sorted by key they read as the pipeline runs
     assert sorted(artifacts) == [
         "pipeline-summary",
+        "stage-00-check",
         "stage-01-zoo",
         "stage-02-prepare",
         "stage-03-score-anchor",
@@ -711,7 +712,7 @@ def test_pipeline_flow_and_deployments_on_an_ephemeral_prefect_api(tiny_project,
     assert any("mrpo: prepare:" in m for m in out["logs"]), out["logs"]
     assert (project / "data" / "prepared" / "train.parquet").is_file()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare"}
+    assert set(lock["stages"]) == {"check", "prepare"}  # every stage runs after the check of params.yaml
 
     deps = out["deployments"]
     assert deps["mrpo-nightly"]["flow"] == "pipeline" and deps["mrpo-nightly"]["crons"] == ["0 2 * * *"]

@@ -141,10 +141,10 @@ def test_a_fresh_clone_reproduces_to_a_clean_tree_and_a_clean_run(tmp_path):
     assert status == "", f"`dvc repro` on a fresh clone changed tracked files:\n{status}"
     tags = _train_run_tags(user)
     assert tags["mrpo.git_dirty"] == "False", tags.get("mrpo.git_changed")
+    # each score stage's timings, and the size and mtime of the model it scored (train's cheap check that
+    # a reference has not changed since)
     assert sorted(p.name for p in (user / "logs" / "score").iterdir()) == [
-        "anchor.json",
-        "gpt2_char.json",
-        "llama_expert.json",
+        f"{name}{kind}.json" for name in ("anchor", "gpt2_char", "llama_expert") for kind in ("", ".model")
     ]
 
 
