@@ -3,11 +3,15 @@ the fixtures that build on them are in conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -237,3 +241,40 @@ def mrpo_import_files(module: str) -> set[str]:
                 elif isinstance(node, ast.Import):
                     todo += [a.name for a in node.names if a.name.split(".")[0] == "mrpo"]
     return seen
+
+
+def start_server(port: int, root: Path) -> subprocess.Popen:
+    """A real `mlflow server` on loopback (its own process group, so stopping it stops its workers)."""
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ]
+        + ["--backend-store-uri", f"sqlite:///{root / 'server.db'}"]
+        + ["--artifacts-destination", str(root / "server-artifacts")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return server
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+            time.sleep(0.5)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)

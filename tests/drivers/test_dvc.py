@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 import yaml
-from helpers import REPO_ROOT, STAGES, clone_project, mrpo_import_files, run_tool
+from helpers import REPO_ROOT, STAGES, clone_project, mrpo_import_files, run_tool, start_server, stop_server
 
 from mrpo.pipeline import STAGES as PIPELINE_STAGES
 
@@ -570,8 +570,6 @@ def test_two_checkouts_share_outputs_through_a_dvc_remote_and_runs_through_an_ml
     """The several-machines recipe in the README with two checkouts on this machine: checkout A reproduces
     and pushes to a (local-directory) DVC remote; a fresh git clone B pulls, and its `dvc repro` runs
     nothing; both log training runs to one `mlflow server` whose artifact store both write through."""
-    import subprocess
-    import urllib.request
 
     from mlflow.tracking import MlflowClient
 
@@ -597,33 +595,8 @@ def test_two_checkouts_share_outputs_through_a_dvc_remote_and_runs_through_an_ml
 
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ]
-        + ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
-        + ["--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_server(port, tmp_path)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
-                time.sleep(1)
         for checkout, beta in ((a, "0.2"), (b, "0.3")):  # a new setting each, so each trains a new run
             mrpo = [sys.executable, "-m", "mrpo.cli", "--set", f"train.beta={beta}", "train"]
             run_tool(mrpo, checkout, env={"MLFLOW_TRACKING_URI": uri})
@@ -636,5 +609,4 @@ def test_two_checkouts_share_outputs_through_a_dvc_remote_and_runs_through_an_ml
             }
             assert list((tmp_path / "server-artifacts").rglob(f"{run.info.run_id}/artifacts/policy.json"))
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_server(server)

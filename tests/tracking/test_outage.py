@@ -7,61 +7,16 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, config, run_tool
+from helpers import REPO_ROOT, config, run_tool, start_server, stop_server
 
 PASSWORD = "s3cret-pw-4c1d"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(port: int, root: Path) -> subprocess.Popen:
-    """A real `mlflow server` on loopback (its own process group, so stopping it stops its workers)."""
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ]
-        + ["--backend-store-uri", f"sqlite:///{root / 'server.db'}"]
-        + ["--artifacts-destination", str(root / "server-artifacts")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            return server
-        except OSError:
-            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
-            time.sleep(0.5)
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
 
 
 @contextlib.contextmanager
@@ -75,6 +30,12 @@ def dead_endpoint(kind: str):
         else:
             sock.close()
         yield f"http://127.0.0.1:{port}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def mrpo(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
