@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 
 def text_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(b[i]) for b in body)]) for i, h in enumerate(header)]
 
     def line(cells):
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()

@@ -10,9 +10,10 @@ accuracy, mrpo.core.metrics), and with `compare.lm_eval_limit` > 0 on the evalua
 is the untrained policy (the anchor). mrpo.reporting.comparison turns these into intervals and paired
 differences against DPO with the anchor, Holm-adjusted over configurations x metrics.
 
-Outputs in `<compare.output_dir>/<id>/`: comparison.md, comparison.csv, members.csv, comparison.png,
-compare.log (the libraries' logs); the CSV and PNG copied to `compare.plots_file` / `compare.image_file`; an
-MLflow parent run (kind `compare`) with one child run per member (kind `compare-member`).
+Outputs in `<compare.output_dir>/<id>/`: comparison.md, comparison.csv, members.csv, comparison.png (rewritten
+after every member, so a stopped comparison keeps the members done), compare.log (the libraries' logs);
+the CSV and PNG copied to `compare.plots_file` / `compare.image_file`; an MLflow parent run (kind `compare`)
+with one child run per member (kind `compare-member`).
 """
 
 from __future__ import annotations
@@ -369,6 +370,24 @@ def run_all(comparison: Comparison, run: Callable[[Comparison, Member], MemberRe
     return [run(comparison, m) for m in comparison.members]
 
 
+def run_members(
+    comparison: Comparison,
+    say: Callable[[str], None],
+    run: Callable[[Comparison, Member], MemberResult] = run_member,
+) -> list[MemberResult]:
+    """Every member in turn, one line each. The report is rewritten after each member, so a comparison that
+    stops (an error, Ctrl-C, a deadline) keeps a correct report of the members done; the final one replaces
+    it."""
+    results: list[MemberResult] = []
+    total = len(comparison.members)
+    for i, member in enumerate(comparison.members, 1):
+        results.append(run(comparison, member))
+        say(f"[{i}/{total}] {member_line(results[-1])}")
+        if i < total:
+            write_report(comparison, results, f"mrpo compare (partial: {i} of {total} members done)")
+    return results
+
+
 def report(comparison: Comparison, results: Sequence[MemberResult], command: str = "mrpo compare") -> dict:
     """The report files (mrpo.reporting.comparison.write_report), logged on the parent run, which ends;
     returns {"rows", "table" (text), "paths", "wall_s"}."""
@@ -385,10 +404,7 @@ def compare(cfg: Config, *, track: bool = True, comparison_id: str | None = None
         comparison = start(cfg, comparison_id, track)
         console.say(f"{describe(comparison)}; library logs: {console.log_path}")
         try:
-            results = []
-            for i, member in enumerate(comparison.members, 1):
-                results.append(run_member(comparison, member))
-                console.say(f"[{i}/{len(comparison.members)}] {member_line(results[-1])}")
+            results = run_members(comparison, console.say)
             out = report(comparison, results)
         except BaseException:
             comparison.parent_run.end("FAILED")

@@ -159,6 +159,50 @@ def test_a_small_comparison_end_to_end(scored, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stopped_comparison_keeps_the_report_of_the_members_done(scored, tmp_path):
+    import dataclasses
+
+    import pandas as pd
+
+    from mrpo.stages.compare import run_member, run_members, start
+
+    cfg = config(scored, tmp_path)
+    cfg = dataclasses.replace(
+        cfg,
+        compare=dataclasses.replace(
+            cfg.compare,
+            seeds=(0,),
+            train_pairs=16,
+            num_epochs=1.0,
+            dpo_references=("anchor",),
+            strategies=("vdw",),
+            multi_dpo=False,
+            lm_eval_limit=0,
+            bootstrap=100,
+            output_dir=str(tmp_path / "sweeps"),
+            plots_file=str(tmp_path / "plots/comparison.csv"),
+            image_file=str(tmp_path / "plots/comparison.png"),
+        ),
+    )
+    comparison = start(cfg, "stopped", track=False)
+
+    def stop_at_the_second(c, member):
+        if member.label != "dpo:anchor":
+            raise KeyboardInterrupt  # Ctrl-C, or SIGTERM through mrpo's handler
+        return run_member(c, member)
+
+    said: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_members(comparison, said.append, stop_at_the_second)
+    assert said[0].startswith("[1/2] dpo:anchor")
+    members = pd.read_csv(tmp_path / "sweeps/stopped/members.csv")
+    assert members["label"].tolist() == ["dpo:anchor"]
+    assert members["test_reward_accuracy_vs_anchor"].between(0, 1).all()
+    md = (tmp_path / "sweeps/stopped/comparison.md").read_text()
+    assert "partial: 1 of 2 members done" in md and "| dpo:anchor | 1 |" in md
+
+
+@pytest.mark.slow
 def test_the_compare_flow_runs_each_member_as_a_task_and_publishes_the_report(scored, tmp_path, monkeypatch):
     import yaml
 
