@@ -71,6 +71,7 @@ def _write_disabled(cfg: Config) -> dict[str, Any]:
 
 
 def _fine_tune(cfg: Config, callbacks: Sequence[TrainerCallback], track: bool) -> dict[str, Any]:
+    from mrpo.config.inputs import check_declared
     from mrpo.data.sft import sft_rows
     from mrpo.modeling.models import load_tokenizer, model_fingerprint
     from mrpo.tracking.callback import MLflowStepCallback
@@ -78,6 +79,7 @@ def _fine_tune(cfg: Config, callbacks: Sequence[TrainerCallback], track: bool) -
     from mrpo.training import sft as training
 
     s = cfg.sft
+    check_declared(cfg, "sft")  # under DVC: dvc.yaml lists sft.data.paths and a local sft.model as deps
     started = time.perf_counter()
     seed_everything(cfg.seed)
     ref = training.sft_reference(cfg)
