@@ -102,7 +102,7 @@ STAGES: tuple[Stage, ...] = (
         "files)",
         writes="sft.output_dir (safetensors, tokenizer, model card), sft.metrics_file, sft.plots_file "
         "(per-step loss), sft.checkpoint_dir (resumable checkpoints), an MLflow run",
-        params=("seed", "sft", "data.question_column", "data.answer_column"),
+        params=("seed", "sft", "data"),
         outputs=(
             ("sft.output_dir", "dir"),
             ("sft.checkpoint_dir", "dir"),
