@@ -82,9 +82,9 @@ def _fine_tune(cfg: Config, callbacks: Sequence[TrainerCallback], track: bool) -
     check_declared(cfg, "sft")  # under DVC: dvc.yaml lists sft.data.paths and a local sft.model as deps
     started = time.perf_counter()
     seed_everything(cfg.seed)
+    rows = sft_rows(cfg)  # before loading anything: a bad row fails in seconds
     ref = training.sft_reference(cfg)
     tokenizer = load_tokenizer(ref)
-    rows = sft_rows(cfg)
     template = training.uses_chat_template(cfg, tokenizer)
     examples = training.encode_rows(cfg, rows, tokenizer, template)
     identity = model_fingerprint(ref)

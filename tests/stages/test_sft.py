@@ -253,7 +253,7 @@ def test_the_sft_output_scores_like_any_other_reference_and_the_run_is_tracked(t
 
     scores = pd.read_parquet(tmp_path / "data/scores/specialist.parquet")
     assert len(scores) > 0
-    logps = scores[[c for c in scores.columns if c.endswith("logps")]].to_numpy()
+    logps = scores[["chosen_logp", "rejected_logp"]].to_numpy()
     assert logps.size and (logps < 0).all() and pd.notna(logps).all()
 
     mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
@@ -286,22 +286,20 @@ def test_sft_disabled_writes_only_the_marker_quickly(tmp_path):
         ({"data.skip_rows": 10}, "sft.data.skip_rows: no rows left in"),
         ({"data.source": "file"}, "row 1: no column 'prompt' (sft.data.prompt_column)"),
         ({"data.paths": ["missing.jsonl"]}, "missing.jsonl: file not found (sft.data.paths"),
-        ({"data.source": "prepared", "data.paths": []}, "data/prepared: "),
+        ({"data.source": "prepared", "data.paths": []}, "prepared data not found; run `mrpo prepare` first"),
         ({"max_length": 8}, "sft.max_length: no response of the 4 rows fits 8 tokens"),
-        ({"output_dir": "models/zoo"}, "sft.output_dir: got 'models/zoo'"),
-        ({"checkpoint_dir": "models/sft"}, "sft.checkpoint_dir: got 'models/sft'; must differ"),
+        ({"output_dir": "data/prepared"}, "sft.output_dir: got 'data/prepared'; that is data.output_dir"),
+        ({"output_dir": "out", "checkpoint_dir": "out"}, "sft.checkpoint_dir: got 'out'; must differ"),
         ({"lr_scheduler": "nope"}, "sft.lr_scheduler: got 'nope'; allowed: linear"),
     ],
     ids=lambda v: str(v)[:40],
 )
 def test_bad_input_exits_2_naming_the_key_or_file(tiny_zoo, tmp_path, change, message):
     raw = sft_raw(tiny_zoo, tmp_path, **change)
-    if change.get("output_dir") or change.get("checkpoint_dir"):
-        raw["sft"].update({k: v for k, v in change.items()})
     proc = run_cli(["--params", str(write_params(raw, tmp_path)), "sft"], tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # after the log lines: the error, one line
+    assert last.startswith("mrpo sft: ") and message in last, proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -315,3 +313,21 @@ def test_a_reference_naming_a_disabled_sft_output_is_refused(tiny_zoo, tmp_path)
 def test_load_config_reads_the_sft_section(tmp_path):
     cfg = load_config(REPO_ROOT / "params.yaml")
     assert cfg.sft.enabled is False and cfg.sft.output_dir == "models/sft" and cfg.sft.lora.merge is True
+
+
+def test_dvc_runs_sft_before_the_score_stage_of_a_reference_naming_its_output(tiny_project, tmp_path):
+    """In a real DVC project: a reference in sft.output_dir is a dependency of the score stages (a marked
+    dep, written by `mrpo profile sync`), so DVC's graph puts sft before score@<name>."""
+    from helpers import clone_project, run_tool
+
+    project = clone_project(tiny_project, tmp_path / "project")
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["references"]["specialist"] = {"model": "models/sft"}
+    raw["sft"].update({"enabled": True, "model": "models/zoo/anchor", "data": {"source": "prepared"}})
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run_tool([sys.executable, "-m", "mrpo.cli", "profile", "sync"], project)
+    deps = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]["score"]["do"]["deps"]
+    assert "models/sft" in deps
+    dag = run_tool([sys.executable, "-m", "dvc", "dag", "--dot", "score@specialist"], project).stdout
+    assert '"sft" -> "score@specialist"' in dag, dag
+    assert '"prepare" -> "sft"' in dag and '"zoo" -> "sft"' in dag, dag
