@@ -346,6 +346,12 @@ def _sft(s: SftConfig) -> None:
         "must be > 0 (with 0 nothing is trained), or 0 with sft.max_steps >= 1 setting the steps",
     )
     check(
+        s.lr_scheduler != "reduce_lr_on_plateau",
+        "sft.lr_scheduler",
+        s.lr_scheduler,
+        "reduce_lr_on_plateau steps on a validation loss, which the sft stage has none of; choose another",
+    )
+    check(
         s.lora.target_modules is None or len(s.lora.target_modules) > 0,
         "sft.lora.target_modules",
         s.lora.target_modules,

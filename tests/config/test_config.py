@@ -450,6 +450,7 @@ BAD_VALUES = [
     ("sft.device", "tpu", "sft.device: got 'tpu'; allowed: auto, cpu, cuda"),
     ("sft.lora", "abc", "sft.lora: expected a mapping of settings"),
     ("sft.lora.r", 0, "sft.lora.r: got 0; must be >= 1"),
+    ("sft.lr_scheduler", "reduce_lr_on_plateau", "sft.lr_scheduler: got 'reduce_lr_on_plateau'; reduce_lr"),
     ("sft.lora.target_modules", [], "sft.lora.target_modules: got (); must name at least one module"),
     ("evaluate", 1.5, "evaluate: expected a mapping of settings"),
     ("tracking", True, "tracking: expected a mapping of settings"),

@@ -288,7 +288,7 @@ def test_sft_disabled_writes_only_the_marker_quickly(tmp_path):
         ({"data.paths": ["missing.jsonl"]}, "missing.jsonl: file not found (sft.data.paths"),
         ({"data.source": "prepared", "data.paths": []}, "prepared data not found; run `mrpo prepare` first"),
         ({"max_length": 8}, "sft.max_length: no response of the 4 rows fits 8 tokens"),
-        ({"output_dir": "data/prepared"}, "sft.output_dir: got 'data/prepared'; that is data.output_dir"),
+        ({"output_dir": "data/prepared"}, "that is sft.output_dir ('data/prepared'), the sft stage's output"),
         ({"output_dir": "out", "checkpoint_dir": "out"}, "sft.checkpoint_dir: got 'out'; must differ"),
         ({"lr_scheduler": "nope"}, "sft.lr_scheduler: got 'nope'; allowed: linear"),
     ],
@@ -299,7 +299,7 @@ def test_bad_input_exits_2_naming_the_key_or_file(tiny_zoo, tmp_path, change, me
     proc = run_cli(["--params", str(write_params(raw, tmp_path)), "sft"], tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     last = proc.stderr.strip().splitlines()[-1]  # after the log lines: the error, one line
-    assert last.startswith("mrpo sft: ") and message in last, proc.stderr
+    assert last.startswith(("mrpo sft: ", "mrpo: configuration error: ")) and message in last, proc.stderr
     assert "Traceback" not in proc.stderr
 
 
