@@ -48,9 +48,12 @@ def sft_outputs(cfg: Config) -> dict[Path, str]:
 def sft(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool = True) -> dict[str, Any]:
     """Run the sft stage end to end; returns the metrics it wrote to `sft.metrics_file`."""
     check_stage(cfg, "sft")
-    outputs = sft_outputs(cfg)
-    recover(outputs)  # a run killed while swapping its outputs in: the previous set back
-    refuse_directories({p: key for p, key in outputs.items() if p != Path(cfg.sft.output_dir)})
+    from mrpo.training.policy import is_main_process
+
+    if is_main_process():
+        outputs = sft_outputs(cfg)
+        recover(outputs)  # a run killed while swapping its outputs in: the previous set back
+        refuse_directories({p: key for p, key in outputs.items() if p != Path(cfg.sft.output_dir)})
     Path(cfg.sft.checkpoint_dir).mkdir(parents=True, exist_ok=True)
     if not cfg.sft.enabled:
         return _write_disabled(cfg)
@@ -71,51 +74,37 @@ def _write_disabled(cfg: Config) -> dict[str, Any]:
 
 
 def _fine_tune(cfg: Config, callbacks: Sequence[TrainerCallback], track: bool) -> dict[str, Any]:
-    from mrpo.config.inputs import check_declared
-    from mrpo.data.sft import sft_rows
-    from mrpo.modeling.models import load_tokenizer, model_fingerprint
     from mrpo.tracking.callback import MLflowStepCallback
     from mrpo.tracking.tracker import tracked_run
-    from mrpo.training import sft as training
+    from mrpo.training.policy import is_main_process
+    from mrpo.training.sft import build_sft_trainer
 
     s = cfg.sft
-    check_declared(cfg, "sft")  # under DVC: dvc.yaml lists sft.data.paths and a local sft.model as deps
+    main = is_main_process()  # under torchrun every rank trains; rank 0 alone records and writes
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    rows = sft_rows(cfg)  # before loading anything: a bad row fails in seconds
-    ref = training.sft_reference(cfg)
-    tokenizer = load_tokenizer(ref)
-    template = training.uses_chat_template(cfg, tokenizer)
-    examples = training.encode_rows(cfg, rows, tokenizer, template)
-    identity = model_fingerprint(ref)
-    fingerprint = training.sft_fingerprint(cfg, identity, training.examples_digest(examples))
-    start = resume_point(s.checkpoint_dir, fingerprint)
-    log.info(
-        "sft: %s on %d rows (%s, %d skipped), chat template %s",
-        s.model,
-        len(examples),
-        s.data.source,
-        examples.skipped,
-        template,
-    )
-    with tracked_run(cfg, enabled=track, **_run_start(cfg, start.mlflow_run_id)) as run:
-        write_run_state(s.checkpoint_dir, RunState(fingerprint, run.run_id))
+    ref, tokenizer, examples, identity, fingerprint = _examples(cfg)
+    start = resume_point(s.checkpoint_dir, fingerprint, clean=main)
+    with tracked_run(cfg, enabled=track and main, **_run_start(cfg, start.mlflow_run_id)) as run:
+        if main:
+            write_run_state(s.checkpoint_dir, RunState(fingerprint, run.run_id))
         _log_inputs(cfg, run, fingerprint, identity)
-        model = _load_model(cfg, ref)
         device = resolve_device(s.device)
-        trainer = training.build_sft_trainer(
-            cfg, model, tokenizer, examples, device, [*callbacks, MLflowStepCallback(run)]
+        trainer = build_sft_trainer(
+            cfg, _load_model(cfg, ref), tokenizer, examples, device, [*callbacks, MLflowStepCallback(run)]
         )
         if start.checkpoint:
             log.info("sft: resuming from %s", start.checkpoint)
         trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
-        metrics = _metrics(trainer, examples, template, start.checkpoint is not None)
-        _write_outputs(cfg, trainer, tokenizer, metrics, identity)
+        metrics = _metrics(trainer, examples, start.checkpoint is not None)
+        if main:
+            _write_outputs(cfg, trainer, tokenizer, metrics, identity)
         runtime = time.perf_counter() - started
         run.log_metrics({**_numbers(metrics), "runtime_s": runtime}, step=metrics["steps"])
         for path in (s.metrics_file, s.plots_file):
             run.log_artifact(path, "sft")
-        write_run_state(s.checkpoint_dir, RunState(fingerprint, run.run_id, completed=True))
+        if main:
+            write_run_state(s.checkpoint_dir, RunState(fingerprint, run.run_id, completed=True))
     log.info(
         "sft: done in %.0fs, %d steps; loss %.4f -> %.4f; model in %s",
         runtime,
@@ -125,6 +114,33 @@ def _fine_tune(cfg: Config, callbacks: Sequence[TrainerCallback], track: bool) -
         s.output_dir,
     )
     return metrics
+
+
+def _examples(cfg: Config):
+    """The rows tokenized for sft.model (the reference it loads as, its tokenizer), the model's identity and
+    the run's fingerprint."""
+    from mrpo.config.inputs import check_declared
+    from mrpo.data.sft import sft_rows
+    from mrpo.modeling.models import load_tokenizer, model_fingerprint
+    from mrpo.training import sft as training
+
+    check_declared(cfg, "sft")  # under DVC: dvc.yaml lists sft.data.paths and a local sft.model as deps
+    rows = sft_rows(cfg)  # before loading anything: a bad row fails in seconds
+    ref = training.sft_reference(cfg)
+    tokenizer = load_tokenizer(ref)
+    template = training.uses_chat_template(cfg, tokenizer)
+    examples = training.encode_rows(cfg, rows, tokenizer, template)
+    identity = model_fingerprint(ref)
+    fingerprint = training.sft_fingerprint(cfg, identity, training.examples_digest(examples))
+    log.info(
+        "sft: %s on %d rows (%s, %d skipped), chat template %s",
+        cfg.sft.model,
+        len(examples),
+        cfg.sft.data.source,
+        examples.skipped,
+        template,
+    )
+    return ref, tokenizer, examples, identity, fingerprint
 
 
 def _load_model(cfg: Config, ref):
@@ -181,7 +197,7 @@ def _log_inputs(cfg: Config, run, fingerprint: str, identity: dict[str, str]) ->
     )
 
 
-def _metrics(trainer, examples, template: bool, resumed: bool) -> dict[str, Any]:
+def _metrics(trainer, examples, resumed: bool) -> dict[str, Any]:
     from mrpo.training.sft import loss_curve
     from mrpo.training.trainer import mean_training_loss
 
@@ -193,7 +209,7 @@ def _metrics(trainer, examples, template: bool, resumed: bool) -> dict[str, Any]
         "steps": int(trainer.state.global_step),
         "train_rows": len(examples),
         "skipped_rows": examples.skipped,
-        "chat_template": template,
+        "chat_template": examples.chat_template,
         "resumed": resumed,
     }
 

@@ -56,6 +56,7 @@ class SftExamples:
 
     items: list[dict[str, list[int]]]
     skipped: int
+    chat_template: bool  # whether the prompts went through the tokenizer's chat template
 
     def __len__(self) -> int:
         return len(self.items)
@@ -92,7 +93,7 @@ def encode_rows(cfg: Config, rows: Sequence[SftRow], tokenizer, chat_template: b
             len(rows) - len(items),
             len(rows),
         )
-    return SftExamples(items, len(rows) - len(items))
+    return SftExamples(items, len(rows) - len(items), chat_template)
 
 
 def examples_digest(examples: SftExamples) -> str:

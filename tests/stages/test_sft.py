@@ -331,3 +331,32 @@ def test_dvc_runs_sft_before_the_score_stage_of_a_reference_naming_its_output(ti
     dag = run_tool([sys.executable, "-m", "dvc", "dag", "--dot", "score@specialist"], project).stdout
     assert '"sft" -> "score@specialist"' in dag, dag
     assert '"prepare" -> "sft"' in dag and '"zoo" -> "sft"' in dag, dag
+
+
+def test_rows_of_each_source_with_skip_rows_and_max_rows(tiny_zoo, tmp_path):
+    from mrpo.data.sft import sft_rows
+    from mrpo.stages.prepare import prepare
+
+    gsm8k = parse_config(sft_raw(tiny_zoo, tmp_path, **{"data.skip_rows": 1, "data.max_rows": 2}))
+    rows = sft_rows(gsm8k)
+    assert [(r.prompt, r.response) for r in rows] == [(x["question"], x["answer"]) for x in ROWS[1:3]]
+    assert rows[0].where.endswith("gsm8k.jsonl row 2")
+    assert json.loads(rows[0].prompt_messages) == [{"role": "user", "content": ROWS[1]["question"]}]
+
+    two = write_jsonl(tmp_path / "b.jsonl", [{"q": "a?", "r": "b"}, {"q": "c?", "r": "d"}])
+    files = {"data.source": "file", "data.paths": [str(two), str(two)], "data.skip_rows": 1}
+    cfg = parse_config(
+        sft_raw(tiny_zoo, tmp_path, **files, **{"data.prompt_column": "q", "data.response_column": "r"})
+    )
+    assert [(r.prompt, r.response, r.where[-5:]) for r in sft_rows(cfg)] == [("c?", "d", "row 2")] * 2
+
+    raw = sft_raw(tiny_zoo, tmp_path, **{"data.source": "prepared", "data.paths": []})
+    raw["data"]["synthetic_pairs"] = 50
+    prepared = parse_config(raw)
+    prepare(prepared)
+    import pandas as pd
+
+    train = pd.read_parquet(Path(prepared.data.output_dir) / "train.parquet")
+    rows = sft_rows(prepared)
+    assert [(r.prompt, r.response) for r in rows] == list(zip(train["prompt"], train["chosen"], strict=True))
+    assert rows[0].prompt_messages == train["prompt_messages"].iloc[0]
