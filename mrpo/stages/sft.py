@@ -26,6 +26,7 @@ from mrpo.reporting.plots import write_csv
 from mrpo.runtime import resolve_device, seed_everything
 from mrpo.staging import StagedOutputs, recover, refuse_directories
 from mrpo.training.checkpoints import RunState, resume_point, write_run_state
+from mrpo.training.policy import is_main_process
 
 log = logging.getLogger("mrpo")
 
@@ -48,8 +49,6 @@ def sft_outputs(cfg: Config) -> dict[Path, str]:
 def sft(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool = True) -> dict[str, Any]:
     """Run the sft stage end to end; returns the metrics it wrote to `sft.metrics_file`."""
     check_stage(cfg, "sft")
-    from mrpo.training.policy import is_main_process
-
     if is_main_process():
         outputs = sft_outputs(cfg)
         recover(outputs)  # a run killed while swapping its outputs in: the previous set back
@@ -76,7 +75,6 @@ def _write_disabled(cfg: Config) -> dict[str, Any]:
 def _fine_tune(cfg: Config, callbacks: Sequence[TrainerCallback], track: bool) -> dict[str, Any]:
     from mrpo.tracking.callback import MLflowStepCallback
     from mrpo.tracking.tracker import tracked_run
-    from mrpo.training.policy import is_main_process
     from mrpo.training.sft import build_sft_trainer
 
     s = cfg.sft
