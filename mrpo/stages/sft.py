@@ -53,7 +53,6 @@ def sft(cfg: Config, *, callbacks: Sequence[TrainerCallback] = (), track: bool =
         outputs = sft_outputs(cfg)
         recover(outputs)  # a run killed while swapping its outputs in: the previous set back
         refuse_directories({p: key for p, key in outputs.items() if p != Path(cfg.sft.output_dir)})
-    Path(cfg.sft.checkpoint_dir).mkdir(parents=True, exist_ok=True)
     if not cfg.sft.enabled:
         return _write_disabled(cfg)
     return _fine_tune(cfg, callbacks, track)
@@ -82,6 +81,7 @@ def _fine_tune(cfg: Config, callbacks: Sequence[TrainerCallback], track: bool) -
     started = time.perf_counter()
     seed_everything(cfg.seed)
     ref, tokenizer, examples, identity, fingerprint = _examples(cfg)
+    Path(s.checkpoint_dir).mkdir(parents=True, exist_ok=True)
     start = resume_point(s.checkpoint_dir, fingerprint, clean=main)
     with tracked_run(cfg, enabled=track and main, **_run_start(cfg, start.mlflow_run_id)) as run:
         if main:
