@@ -125,10 +125,11 @@ def _examples(cfg: Config):
     check_declared(cfg, "sft")  # under DVC: dvc.yaml lists sft.data.paths and a local sft.model as deps
     rows = sft_rows(cfg)  # before loading anything: a bad row fails in seconds
     ref = training.sft_reference(cfg)
-    tokenizer = load_tokenizer(ref)
+    with training.naming_sft_model():
+        tokenizer = load_tokenizer(ref)
+        identity = model_fingerprint(ref)
     template = training.uses_chat_template(cfg, tokenizer)
     examples = training.encode_rows(cfg, rows, tokenizer, template)
-    identity = model_fingerprint(ref)
     fingerprint = training.sft_fingerprint(cfg, identity, training.examples_digest(examples))
     log.info(
         "sft: %s on %d rows (%s, %d skipped), chat template %s",
@@ -143,8 +144,10 @@ def _examples(cfg: Config):
 
 def _load_model(cfg: Config, ref):
     from mrpo.training.policy import load_trainable
+    from mrpo.training.sft import naming_sft_model
 
-    return load_trainable(ref, cfg.sft.lora, dropout_off=False, stage="sft")
+    with naming_sft_model():
+        return load_trainable(ref, cfg.sft.lora, dropout_off=False, stage="sft")
 
 
 def _run_start(cfg: Config, resume_run_id: str | None) -> dict[str, Any]:

@@ -6,10 +6,12 @@ sealed and resumed as the train stage's (mrpo.training.checkpoints).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from mrpo.config.schema import Config, ReferenceConfig
 from mrpo.data.sft import SftRow
 from mrpo.data.tokenization import encode_response, render_prompt
-from mrpo.errors import DataError
+from mrpo.errors import ConfigError, DataError, MRPOError
 from mrpo.training.callbacks import CompactProgress, LogAtCheckpoints
 from mrpo.training.checkpoints import seal_checkpoint
 from mrpo.training.setup import CHECKPOINTING_ARG, optimizer_steps, warmup_steps
@@ -36,6 +38,18 @@ SFT_REFERENCE = "sft"  # the name sft.model goes by in messages of the model loa
 def sft_reference(cfg: Config) -> ReferenceConfig:
     """`sft.model` as a reference the model loaders take (safetensors or GGUF, no remote code)."""
     return ReferenceConfig(name=SFT_REFERENCE, model=cfg.sft.model, chat_template=cfg.sft.chat_template)
+
+
+@contextlib.contextmanager
+def naming_sft_model() -> Iterator[None]:
+    """The model loaders' errors name a reference's keys (`references.<name>.model`); sft.model is no
+    reference, so within this block they name `sft.model` instead."""
+    try:
+        yield
+    except (MRPOError, FileNotFoundError) as exc:
+        text = re.sub(rf"references\.{SFT_REFERENCE}\.\w+", "sft.model", str(exc))
+        text = text.replace(f"reference {SFT_REFERENCE!r}", "sft.model")
+        raise (type(exc) if isinstance(exc, MRPOError) else ConfigError)(text) from None
 
 
 def uses_chat_template(cfg: Config, tokenizer) -> bool:
