@@ -283,10 +283,7 @@ def test_sft_disabled_writes_only_the_marker_quickly(tmp_path):
     ("change", "message"),
     [
         ({"model": None}, "sft.model: got None; required when sft.enabled is true"),
-        (
-            {"model": "/nope/model"},
-            "sft.model: '/nope/model' does not exist; build the zoo (`mrpo zoo`) or fix sft.model",
-        ),
+        ({"model": "/nope/model"}, "sft.model: '/nope/model' does not exist; build the zoo"),
         ({"data.skip_rows": 10}, "sft.data.skip_rows: no rows left in"),
         ({"data.source": "file"}, "row 1: no column 'prompt' (sft.data.prompt_column)"),
         ({"data.paths": ["missing.jsonl"]}, "missing.jsonl: file not found (sft.data.paths"),
