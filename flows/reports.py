@@ -82,6 +82,8 @@ def stage_metrics(stage: str, cfg: Config, project_dir: str | Path) -> dict[str,
         return score_summary(path) if path.is_file() else {}
     if stage == "diagnose":
         return flatten(read_record(root / cfg.diagnose.metrics_file))
+    if stage == "sft":  # {"enabled": false} when off
+        return flatten(read_record(root / cfg.sft.metrics_file))
     if stage == "train":  # the full record (before and after), else the metrics file
         record = read_record(root / cfg.train.output_dir / TRAIN_RECORD)
         return flatten(record or read_record(root / cfg.train.metrics_file))

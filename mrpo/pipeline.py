@@ -96,6 +96,25 @@ STAGES: tuple[Stage, ...] = (
         run="mrpo.stages.prepare:prepare",
     ),
     Stage(
+        "sft",
+        what="supervised fine-tuning of sft.model on (prompt, response) rows: a model a reference can name",
+        reads="sft.model, sft.data (the prepared train split's chosen responses, GSM8K or (prompt, response) "
+        "files)",
+        writes="sft.output_dir (safetensors, tokenizer, model card), sft.metrics_file, sft.plots_file "
+        "(per-step loss), sft.checkpoint_dir (resumable checkpoints), an MLflow run",
+        params=("seed", "sft", "data"),
+        outputs=(
+            ("sft.output_dir", "dir"),
+            ("sft.checkpoint_dir", "dir"),
+            ("sft.metrics_file", "file"),
+            ("sft.plots_file", "file"),
+        ),
+        locks=("sft.output_dir", "sft.checkpoint_dir"),
+        device="sft.device",
+        note=("(sft.enabled false: the stage writes only a marker in sft.output_dir)",),
+        run="mrpo.stages.sft:sft",
+    ),
+    Stage(
         "score",
         what="score every prepared pair under one reference model",
         reads="data.output_dir (the prepared pairs), references.<name> (the reference model)",

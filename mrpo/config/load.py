@@ -22,6 +22,8 @@ from mrpo.config.schema import (
     LoraConfig,
     PushToHubConfig,
     ReferenceConfig,
+    SftConfig,
+    SftDataConfig,
     TrainConfig,
     ZooConfig,
     ZooMember,
@@ -98,7 +100,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     _reject_unknown(raw, set(fields) | {"paths", PROFILE_KEY}, "")
     seed = _field(fields["seed"], raw.get("seed", 0), "seed")
     references = _references(raw.get("references"))
-    parsers = {"zoo": _zoo, "train": _train}
+    parsers = {"zoo": _zoo, "train": _train, "sft": _sft}
     sections = {
         name: parsers[name](raw.get(name))
         if name in parsers
@@ -336,6 +338,13 @@ def _train(raw: Any) -> TrainConfig:
     if "loss_type" in raw:
         fixed["loss_type"] = _loss_type(raw.pop("loss_type"))
     return _section(TrainConfig, raw, "train", **fixed)
+
+
+def _sft(raw: Any) -> SftConfig:
+    raw = _mapping(raw, "sft")
+    data = _section(SftDataConfig, raw.pop("data", None), "sft.data")
+    lora = _section(LoraConfig, raw.pop("lora", None), "sft.lora")
+    return _section(SftConfig, raw, "sft", data=data, lora=lora)
 
 
 def _loss_type(value: Any) -> str | tuple[str, ...]:

@@ -19,8 +19,9 @@ from mrpo.pipeline import STAGES, config_value
 # Directories a stage writes named files into (one per reference, per comparison, per curve) rather than
 # replaces whole: they may hold other outputs (plots/ holds the diagnostics and the training curves).
 SHARED_DIRS = frozenset({"score.output_dir", "score.metrics_dir", "train.plots_dir", "compare.output_dir"})
-# The only outputs allowed to hold inputs: the zoo builds the reference models that are read from it.
-_BUILDS_INPUTS = {"zoo.output_dir": "references."}
+# The only outputs allowed to hold inputs: the zoo builds the reference models that are read from it (and the
+# model sft starts from), sft the model a reference may name.
+_BUILDS_INPUTS = {"zoo.output_dir": ("references.", "sft.model"), "sft.output_dir": ("references.",)}
 # Commands that write outputs but are no DVC stage.
 _EXTRA_OUTPUTS = (
     ("compare", "compare.output_dir"),
@@ -70,6 +71,10 @@ def stage_inputs(cfg: Config, root: Path) -> list[Place]:
     ]
     if cfg.data.source in ("file", "gsm8k"):
         inputs += [_place("data.paths", p, root) for p in cfg.data.paths]
+    if cfg.sft.enabled:
+        inputs += [_place("sft.data.paths", p, root) for p in cfg.sft.data.paths]
+        if cfg.sft.model is not None and _looks_local(cfg.sft.model):
+            inputs.append(_place("sft.model", cfg.sft.model, root))
     inputs += [_place(f"evaluate.task_data.{k}", v, root) for k, v in cfg.evaluate.task_data.items()]
     inputs.append(_place("the local lm-eval tasks", TASKS_DIR, root))
     inputs += [_place(f"the project's {name}", name, root) for name in _PROJECT_FILES]
@@ -119,7 +124,7 @@ def _overlap(cfg: Config, a: Place, b: Place) -> ConfigError | None:
 def _holds_input(output: Place, place: Place) -> bool:
     if output.shared or not _within(place.path, output.path):
         return False
-    return not place.key.startswith(_BUILDS_INPUTS.get(output.key, "\0"))
+    return not place.key.startswith(_BUILDS_INPUTS.get(output.key, ("\0",)))
 
 
 def validate_paths(cfg: Config, root: str | Path | None = None) -> None:

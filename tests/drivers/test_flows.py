@@ -248,19 +248,20 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
         "stage-00-check",
         "stage-01-zoo",
         "stage-02-prepare",
-        "stage-03-score-anchor",
-        "stage-04-score-gpt2-char",
-        "stage-05-score-llama-expert",
-        "stage-06-diagnose",
-        "stage-06-reference-diagnostics",
-        "stage-07-train",
-        "stage-08-evaluate",
+        "stage-03-sft",
+        "stage-04-score-anchor",
+        "stage-05-score-gpt2-char",
+        "stage-06-score-llama-expert",
+        "stage-07-diagnose",
+        "stage-07-reference-diagnostics",
+        "stage-08-train",
+        "stage-09-evaluate",
     ]
     assert (
-        "skipped" in artifacts["stage-03-score-anchor"].data
-        and "| pairs | 200 |" in artifacts["stage-03-score-anchor"].data
+        "skipped" in artifacts["stage-04-score-anchor"].data
+        and "| pairs | 200 |" in artifacts["stage-04-score-anchor"].data
     )
-    train_artifact = artifacts["stage-07-train"].data
+    train_artifact = artifacts["stage-08-train"].data
     assert "ran" in train_artifact and "Objective **mrpo**, strategy **uniform**, beta 0.1" in train_artifact
     assert (
         "| metric | before | after | change |" in train_artifact
