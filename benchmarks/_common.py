@@ -395,7 +395,7 @@ def mrpo_trainer(
 def trl_precision_kwargs(bf16: bool, checkpointing: bool) -> dict:
     """DPOConfig keywords that set TRL's precision and recomputation to ours (TRL 1.16 defaults both to True,
     even on CPU): `bf16` and whichever checkpointing name the installed transformers has."""
-    from mrpo.training.setup import CHECKPOINTING_ARG
+    from mrpo.training.steps import CHECKPOINTING_ARG
 
     return {"bf16": bf16, CHECKPOINTING_ARG: checkpointing}
 

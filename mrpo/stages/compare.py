@@ -335,7 +335,7 @@ def _train_member(comparison: Comparison, mcfg: Config, member: Member):
 
 def _score_member(comparison: Comparison, mcfg: Config, member: Member, trainer) -> MemberResult:
     """Per test pair, whether the trained policy prefers the chosen response against the anchor; lm-eval."""
-    from mrpo.training.trainer import mean_training_loss
+    from mrpo.training.progress import mean_training_loss
 
     test, model = comparison.datasets["test"], trainer.model
     pad, precision = comparison.tokenizer.pad_token_id, comparison.precision

@@ -199,8 +199,8 @@ def _log_inputs(cfg: Config, run, fingerprint: str, identity: dict[str, str]) ->
 
 
 def _metrics(trainer, examples, resumed: bool) -> dict[str, Any]:
+    from mrpo.training.progress import mean_training_loss
     from mrpo.training.sft import loss_curve
-    from mrpo.training.trainer import mean_training_loss
 
     curve = loss_curve(trainer.state.log_history)
     return {

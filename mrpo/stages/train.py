@@ -39,6 +39,7 @@ from mrpo.runtime import seed_everything
 from mrpo.staging import StagedOutputs, recover, refuse_directories
 from mrpo.training.checkpoints import RunState, resume_point, write_run_state
 from mrpo.training.policy import check_finite_weights, is_main_process, save_policy, trained_policy
+from mrpo.training.progress import mean_training_loss
 from mrpo.training.setup import (
     _TIMING_SUFFIXES,
     TrainingSetup,
@@ -49,7 +50,7 @@ from mrpo.training.setup import (
     prepare_training,
     static_weights,
 )
-from mrpo.training.trainer import MRPOTrainer, mean_training_loss
+from mrpo.training.trainer import MRPOTrainer
 
 log = logging.getLogger("mrpo")
 

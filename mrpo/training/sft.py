@@ -25,9 +25,9 @@ from mrpo.config.schema import Config, ReferenceConfig
 from mrpo.data.sft import SftRow
 from mrpo.data.tokenization import encode_response, render_prompt
 from mrpo.errors import ConfigError, DataError, MRPOError
-from mrpo.training.callbacks import CompactProgress, LogAtCheckpoints
 from mrpo.training.checkpoints import seal_checkpoint
-from mrpo.training.setup import CHECKPOINTING_ARG, optimizer_steps, warmup_steps
+from mrpo.training.progress import CompactProgress, LogAtCheckpoints
+from mrpo.training.steps import CHECKPOINTING_ARG, optimizer_steps, warmup_steps
 
 log = logging.getLogger("mrpo")
 

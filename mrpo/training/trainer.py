@@ -17,7 +17,6 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,14 +31,13 @@ from mrpo.modeling.logprobs import DEFAULT_CHUNK, response_logps, response_token
 from mrpo.modeling.models import cpu_threads_for, torch_threads
 from mrpo.training.batching import GroupedSampler, pair_lengths, resolve_batching
 from mrpo.training.callbacks import (
-    CompactProgress,
-    LogAtCheckpoints,
     NonFiniteGuard,
     StrategyStateCallback,
     checkpoint_save_guard,
     load_loss_state,
     load_strategy_state,
 )
+from mrpo.training.progress import CompactProgress, LogAtCheckpoints
 
 log = logging.getLogger("mrpo")
 
@@ -344,15 +342,3 @@ class MRPOTrainer(Trainer):
 
 
 # ---------------------------------------------------------------- weighting state in checkpoints
-
-
-def mean_training_loss(log_history: list[dict[str, Any]]) -> float:
-    """Mean per-step training loss of the whole run, from Trainer's logs: each logged loss is the mean over
-    the steps since the previous log, so weigh it by that span."""
-    total, steps, previous = 0.0, 0, 0
-    for entry in sorted((e for e in log_history if "loss" in e and "step" in e), key=lambda e: e["step"]):
-        span = int(entry["step"]) - previous
-        total += float(entry["loss"]) * span
-        steps += span
-        previous = int(entry["step"])
-    return total / steps if steps else float("nan")

@@ -903,7 +903,8 @@ def test_gradient_checkpointing_reaches_training_arguments_under_this_transforme
     """transformers renamed the flag after 5.17 (a GPU image's version) and refuses the other name."""
     from transformers import TrainingArguments
 
-    from mrpo.training.setup import CHECKPOINTING_ARG, training_arguments
+    from mrpo.training.setup import training_arguments
+    from mrpo.training.steps import CHECKPOINTING_ARG
 
     assert CHECKPOINTING_ARG in TrainingArguments.__dataclass_fields__
     for on in (True, False):
