@@ -190,7 +190,7 @@ def _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, sum_s
     (`mrpo.modeling.packing`). Results come back in the padded batch's layout (B, T - 1)."""
     from mrpo.modeling import packing
 
-    packing.use_packed_attention(_base_model(model))
+    packing.use_packed_attention(unwrapped_model(model))
     real = attention_mask.bool()
     positions = position_ids_from_mask(attention_mask)[real][None]
     # A sequence's first token is never a label: the padded path cannot score it either.
@@ -301,7 +301,7 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 def chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The plain linear LM head the chunked path can call itself, or None (sharded weights under FSDP,
     an adapter on the head, a head that transforms its logits): then the full path runs."""
-    inner = _base_model(model)
+    inner = unwrapped_model(model)
     if not hasattr(inner, "get_output_embeddings") or _is_sharded(model):
         return None
     head = inner.get_output_embeddings()
@@ -336,10 +336,10 @@ def _forward_accepts_logits_to_keep(cls: type) -> bool:
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    return _forward_accepts_logits_to_keep(type(_base_model(model)))
+    return _forward_accepts_logits_to_keep(type(unwrapped_model(model)))
 
 
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+def unwrapped_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside DistributedDataParallel and PEFT wrappers (PEFT passes keyword
     arguments through to it)."""
     model = getattr(model, "module", model)

@@ -57,3 +57,16 @@ def varlen_kwargs(positions: torch.Tensor) -> dict[str, torch.Tensor | int]:
         "max_length_q": longest,
         "max_length_k": longest,
     }
+
+
+def packed_attention_note(model: torch.nn.Module) -> str:
+    """How `model` attends in a packed row, for the log."""
+    implementation = str(getattr(getattr(model, "config", None), "_attn_implementation", None))
+    if implementation == NAME:
+        return "each sequence attends on its own (one causal SDPA call per sequence)"
+    if implementation.startswith("flash"):
+        return f"each sequence attends on its own ({implementation}, variable-length)"
+    return (
+        f"{implementation} attention over the whole row with a block-diagonal mask: exact, but its attention "
+        "work grows with the row's length squared, so packing may run slower than grouped"
+    )
