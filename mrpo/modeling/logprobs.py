@@ -21,8 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from mrpo.data.tokenization import EncodedResponse
 
 # Response positions projected through the LM head at a time: peak memory ~ chunk x vocabulary x 4 bytes
-# (0.5 GB at 128k); the default of train.logprob_chunk and score.logprob_chunk.
-DEFAULT_CHUNK = 1024
+# (0.25 GB at 128k); the default of train.logprob_chunk and score.logprob_chunk.
+DEFAULT_CHUNK = 512
 
 
 @contextmanager
