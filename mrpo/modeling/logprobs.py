@@ -190,13 +190,17 @@ def _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, sum_s
     (`mrpo.modeling.packing`). Results come back in the padded batch's layout (B, T - 1)."""
     from mrpo.modeling import packing
 
-    packing.use_packed_attention(unwrapped_model(model))
+    inner = unwrapped_model(model)
+    packing.use_packed_attention(inner)
     real = attention_mask.bool()
     positions = position_ids_from_mask(attention_mask)[real][None]
     # A sequence's first token is never a label: the padded path cannot score it either.
     response = response_mask[real].masked_fill(positions[0] == 0, 0)[None]
     varlen = packing.varlen_kwargs(positions)
-    flat = _response_tokens(model, input_ids[real][None], None, response, chunk, sum_sq, positions, varlen)
+    row_mask = packing.row_mask(inner, input_ids.device)
+    flat = _response_tokens(
+        model, input_ids[real][None], row_mask, response, chunk, sum_sq, positions, varlen
+    )
 
     def unpack(values: torch.Tensor) -> torch.Tensor:
         # The last W - 1 labels of the packed row (logits_to_keep cut the rest): move each to its token's

@@ -70,3 +70,12 @@ def packed_attention_note(model: torch.nn.Module) -> str:
         f"{implementation} attention over the whole row with a block-diagonal mask: exact, but its attention "
         "work grows with the row's length squared, so packing may run slower than grouped"
     )
+
+
+def row_mask(model: torch.nn.Module, device: torch.device) -> torch.Tensor | None:
+    """The attention mask a packed row passes: on `packed_sdpa_attention` a 4D placeholder it never reads,
+    which transformers takes as given, so it skips building the row's dense (T x T) mask; else None, and
+    transformers builds the block-diagonal mask from the restarting positions."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != NAME:
+        return None
+    return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
