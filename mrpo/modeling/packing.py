@@ -33,7 +33,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens
 
 
 AttentionInterface.register(NAME, packed_sdpa_attention)
-# The mask is built as for SDPA (padded batches need it); a packed row's dense mask is built but not used.
+# Padded batches get SDPA's mask; a packed row passes `row_mask`'s placeholder, so no dense mask is built.
 AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
