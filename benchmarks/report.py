@@ -255,6 +255,29 @@ def b7(res: dict) -> list[str]:
     return out
 
 
+def b7_micro(res: dict) -> list[str]:
+    """B7 micro: one batch's forward + backward per design (packing; LM-head chunk), per model."""
+    out = [_header(res), ""]
+    for row in res["rows"]:
+        shape = "x".join(str(n) for n in row["padded_shape"])
+        out += [
+            f"{row['model']}: {row['sequences']} sequences (padded {shape}, {row['real_tokens']} real "
+            f"tokens, {row['response_tokens']} response tokens)",
+            "",
+            "| design | CPU s (median) | min-max | / first design (paired) |",
+            "|---|---|---|---|",
+        ]
+        for part in ("packing", "chunk"):
+            for name, d in row.get(part, {}).items():
+                sec = d["seconds"]
+                out.append(
+                    f"| {name} | {sec['median']:.3f} | {sec['min']:.3f}-{sec['max']:.3f} | "
+                    f"x{d['ratio_to_first']:.3f} |"
+                )
+        out.append("")
+    return out
+
+
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     for title, name, fn in (
@@ -267,6 +290,7 @@ def main() -> None:
         ("B6", "b6_scoring_ranks", b6),
         ("B6, larger data", "b6_scoring_ranks_large", b6),
         ("B7", "b7_lean", b7),
+        ("B7 micro", "b7_micro", b7_micro),
     ):
         res = _load(name)
         print(f"### {title}\n")

@@ -32,6 +32,23 @@ _PROJECT_DIRS = ("mrpo", "flows", "evaluation/tasks")
 STAGES = dvc_stage_names(yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["references"])
 
 
+def shared_data_file(name: str) -> Path | None:
+    """A file of the shared data (shared/data/`name`) next to this checkout or next to the main checkout of
+    its git worktrees; None when absent."""
+    common = subprocess.run(
+        ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    roots = [REPO_ROOT.parent] + ([Path(common).parent.parent] if common else [])
+    for root in roots:
+        path = root / "shared" / "data" / name
+        if path.is_file():
+            return path
+    return None
+
+
 def tiny_params(raw: dict) -> dict:
     """The default profile shrunk so the whole pipeline runs in about a minute on 2 CPU cores:
     three zoo models of 20 SFT steps, 200 synthetic pairs, 6 training steps, 8 eval documents."""

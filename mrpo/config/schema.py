@@ -127,7 +127,7 @@ class ScoreConfig:
     device: str = knob("auto", "where to score", choices=DEVICES)
     dtype: str = knob("auto", "precision; auto = bf16 on CUDA, fp32 on CPU", choices=DTYPES)
     logprob_chunk: int = knob(
-        1024, "response positions per LM-head chunk; 0 = all logits at once (more memory)", bounds=">= 0"
+        512, "response positions per LM-head chunk; 0 = all logits at once (more memory)", bounds=">= 0"
     )
 
 
@@ -210,7 +210,7 @@ class TrainConfig:
         choices=BATCHING,
     )
     logprob_chunk: int = knob(
-        1024, "response positions per LM-head chunk; 0 = all logits at once (more memory)", bounds=">= 0"
+        512, "response positions per LM-head chunk; 0 = all logits at once (more memory)", bounds=">= 0"
     )
     disable_dropout: bool = knob(True, "the policy's dropout off, so its log-probs match the scores (as TRL)")
     lora: LoraConfig = knob(help="LoRA adapters", factory=LoraConfig)

@@ -21,8 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from mrpo.data.tokenization import EncodedResponse
 
 # Response positions projected through the LM head at a time: peak memory ~ chunk x vocabulary x 4 bytes
-# (0.5 GB at 128k); the default of train.logprob_chunk and score.logprob_chunk.
-DEFAULT_CHUNK = 1024
+# (0.25 GB at 128k); the default of train.logprob_chunk and score.logprob_chunk.
+DEFAULT_CHUNK = 512
 
 
 @contextmanager
@@ -160,8 +160,10 @@ def response_token_logps(
 
 
 def _response_tokens(
-    model, input_ids, attention_mask, response_mask, chunk, sum_sq, position_ids=None
+    model, input_ids, attention_mask, response_mask, chunk, sum_sq, position_ids=None, varlen=None
 ) -> ResponseTokens:
+    """`varlen`: a packed row's sequence bounds (`mrpo.modeling.packing.varlen_kwargs`); then only its
+    response positions go through the LM head, not the prompts of its later sequences."""
     head = chunkable_head(model) if chunk else None
     keep = _logit_positions_needed(response_mask) if _accepts_logits_to_keep(model) else 0
     width = keep or input_ids.shape[1]
@@ -171,26 +173,34 @@ def _response_tokens(
     labels, label_mask = ids[:, 1:], mask[:, 1:]
     extra: dict[str, torch.Tensor] = {}
     if head is None:
-        logits = _forward(model, input_ids, attention_mask, keep, position_ids)[:, :-1]
+        logits = _forward(model, input_ids, attention_mask, keep, position_ids, varlen)[:, :-1]
         token_logps = token_logps_from_logits(logits, labels, label_mask)
         if sum_sq:
             extra["sum_sq"] = log_sum_sq_probs(logits, label_mask)
     else:
-        with _projecting_only(head, labels, label_mask, chunk, sum_sq, extra):
-            token_logps = _forward(model, input_ids, attention_mask, keep, position_ids)
+        with _projecting_only(head, labels, label_mask, chunk, sum_sq, extra, compact=varlen is not None):
+            token_logps = _forward(model, input_ids, attention_mask, keep, position_ids, varlen)
     return ResponseTokens(token_logps, extra["sum_sq"] if sum_sq else torch.zeros(0), label_mask)
 
 
 def _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, sum_sq) -> ResponseTokens:
     """`_response_tokens` of a padded batch run as ONE row of its real tokens: each sequence keeps its own
     positions and, with no attention mask, transformers' causal mask turns block-diagonal where positions
-    restart (masking_utils.find_packed_sequence_indices). Results come back in the padded batch's layout
-    (B, T - 1)."""
+    restart (masking_utils.find_packed_sequence_indices); on SDPA each sequence attends on its own
+    (`mrpo.modeling.packing`). Results come back in the padded batch's layout (B, T - 1)."""
+    from mrpo.modeling import packing
+
+    inner = unwrapped_model(model)
+    packing.use_packed_attention(inner)
     real = attention_mask.bool()
     positions = position_ids_from_mask(attention_mask)[real][None]
     # A sequence's first token is never a label: the padded path cannot score it either.
     response = response_mask[real].masked_fill(positions[0] == 0, 0)[None]
-    flat = _response_tokens(model, input_ids[real][None], None, response, chunk, sum_sq, positions)
+    varlen = packing.varlen_kwargs(positions)
+    row_mask = packing.row_mask(inner, input_ids.device)
+    flat = _response_tokens(
+        model, input_ids[real][None], row_mask, response, chunk, sum_sq, positions, varlen
+    )
 
     def unpack(values: torch.Tensor) -> torch.Tensor:
         # The last W - 1 labels of the packed row (logits_to_keep cut the rest): move each to its token's
@@ -204,9 +214,10 @@ def _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, sum_s
     return ResponseTokens(unpack(flat.token_logps), lss, mask)
 
 
-def _forward(model, input_ids, attention_mask, keep, position_ids=None) -> torch.Tensor:
+def _forward(model, input_ids, attention_mask, keep, position_ids=None, varlen=None) -> torch.Tensor:
     """The model's forward: what its LM head returns, from the first response position on."""
     kwargs = {"logits_to_keep": keep} if keep else {}
+    kwargs.update(varlen or {})
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -218,13 +229,24 @@ def _forward(model, input_ids, attention_mask, keep, position_ids=None) -> torch
 
 
 @contextmanager
-def _projecting_only(head, labels, mask, chunk, sum_sq, extra) -> Iterator[None]:
+def _projecting_only(head, labels, mask, chunk, sum_sq, extra, compact=False) -> Iterator[None]:
     """Within the block the LM head returns per-token log-probs of `labels` (B, T' - 1) instead of logits,
     so the computation stays inside the model's forward (DDP sees the head's weight used) and no (B, T', V)
-    tensor exists; log sum_v p_v^2 (no gradient) lands in `extra["sum_sq"]`."""
+    tensor exists; log sum_v p_v^2 (no gradient) lands in `extra["sum_sq"]`. `compact`: only the positions
+    in `mask` are projected (one matmul row count per window, so rounding may differ from the full path's)."""
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        logps, lss = chunked_token_logps(hidden, labels, mask, head.weight, head.bias, chunk, sum_sq)
+        if not compact:
+            logps, lss = chunked_token_logps(hidden, labels, mask, head.weight, head.bias, chunk, sum_sq)
+        else:
+            keep = mask.bool()
+            picked = hidden[:, : labels.shape[1]][keep][None]
+            ones = torch.ones_like(labels[keep])[None]
+            logps, lss = chunked_token_logps(
+                picked, labels[keep][None], ones, head.weight, head.bias, chunk, sum_sq
+            )
+            zeros = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+            logps, lss = zeros.masked_scatter(keep, logps), zeros.masked_scatter(keep, lss)
         if sum_sq:
             extra["sum_sq"] = lss
         return logps
@@ -283,9 +305,7 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 def chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The plain linear LM head the chunked path can call itself, or None (sharded weights under FSDP,
     an adapter on the head, a head that transforms its logits): then the full path runs."""
-    inner = getattr(model, "module", model)  # DistributedDataParallel
-    if hasattr(inner, "get_base_model"):  # PEFT
-        inner = inner.get_base_model()
+    inner = unwrapped_model(model)
     if not hasattr(inner, "get_output_embeddings") or _is_sharded(model):
         return None
     head = inner.get_output_embeddings()
@@ -320,7 +340,11 @@ def _forward_accepts_logits_to_keep(cls: type) -> bool:
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    if hasattr(model, "get_base_model"):  # PEFT passes keyword arguments through to the base model
-        model = model.get_base_model()
-    return _forward_accepts_logits_to_keep(type(model))
+    return _forward_accepts_logits_to_keep(type(unwrapped_model(model)))
+
+
+def unwrapped_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DistributedDataParallel and PEFT wrappers (PEFT passes keyword
+    arguments through to it)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

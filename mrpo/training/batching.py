@@ -4,8 +4,9 @@
   HH-RLHF lengths, batch 8).
 * `grouped` (default): `GroupedSampler`: pairs of similar length share a step, so little padding.
 * `packed`: grouped, and each batch's sequences run concatenated without padding, each with its own
-  positions and a block-diagonal causal mask (`mrpo.modeling.logprobs`, `packed=True`); only where the
-  model's attention supports it exactly (`packing_supported`), else grouped, said in the log.
+  positions, each attending on its own (`mrpo.modeling.logprobs`, `packed=True`; `mrpo.modeling.packing`
+  on SDPA); only where the model's attention supports it exactly (`packing_supported`), else grouped, said
+  in the log.
 
 The set of pairs in each optimizer step depends only on the seed, the epoch and the step's global batch
 (batch_size x gradient_accumulation_steps x world size), never on how the step is split into micro-batches
@@ -92,8 +93,8 @@ class GroupedSampler(torch.utils.data.Sampler[int]):
 @torch.no_grad()
 def packing_supported(model: torch.nn.Module) -> bool:
     """Whether `model` gives the same log-probs packed as padded, checked on two short sequences (the
-    attention must honour per-sequence positions with a block-diagonal mask: transformers' SDPA and eager
-    paths do for Llama and GPT-2; others may attend across sequences)."""
+    attention must keep the sequences apart: `mrpo.modeling.packing` on SDPA, transformers' block-diagonal
+    mask on eager, flash attention's variable-length path; others may attend across sequences)."""
     from mrpo.modeling.logprobs import response_logps
 
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 2)
@@ -124,4 +125,9 @@ def resolve_batching(batching: str, model: torch.nn.Module) -> str:
             type(model).__name__,
         )
         return "grouped"
+    if batching == "packed":
+        from mrpo.modeling.logprobs import unwrapped_model
+        from mrpo.modeling.packing import packed_attention_note
+
+        log.info("train: packed batches: %s", packed_attention_note(unwrapped_model(model)))
     return batching

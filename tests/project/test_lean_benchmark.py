@@ -61,3 +61,30 @@ def test_the_memory_pairs_are_the_same_ids_for_ours_and_trl():
     assert len(e.chosen.input_ids) == lean.MEMORY_TOKENS and e.chosen.prompt_length == 16
     words = (trl[0]["prompt"] + trl[0]["chosen"]).split()
     assert [int(w[1:]) for w in words] + [lean.VOCAB - 1] == e.chosen.input_ids
+
+
+def test_micro_help_exits_zero_and_report_renders_its_json():
+    script = str(REPO_ROOT / "benchmarks/lean_micro.py")
+    proc = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "--parts" in proc.stdout and "--hh" in proc.stdout
+    import report
+
+    design = {"seconds": {"median": 1.5, "min": 1.0, "max": 2.0}, "ratio_to_first": 0.75}
+    res = {
+        "command": "python benchmarks/lean_micro.py",
+        "machine": {"date": "d", "device": "cpu", "torch_threads": 1, "load_average_1_5_15": [1, 1, 1]},
+        "rows": [
+            {
+                "model": "zoo anchor",
+                "sequences": 4,
+                "padded_shape": [4, 300],
+                "real_tokens": 1000,
+                "response_tokens": 400,
+                "packing": {"packed": design},
+                "chunk": {"logprob_chunk 512": design},
+            }
+        ],
+    }
+    lines = report.b7_micro(res)
+    assert "| packed | 1.500 | 1.000-2.000 | x0.750 |" in lines
+    assert "| logprob_chunk 512 | 1.500 | 1.000-2.000 | x0.750 |" in lines

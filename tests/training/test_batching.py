@@ -3,14 +3,12 @@ micro-batch split, and the padding share at HH-RLHF lengths with the real SmolLM
 
 from __future__ import annotations
 
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, shared_data_file
 
 from mrpo.training.batching import GroupedSampler, grouped_order, padding_share
 
@@ -50,27 +48,11 @@ def test_each_steps_pairs_depend_only_on_the_global_batch_not_its_split():
         assert steps == [order[k : k + 8] for k in range(0, 100, 8)]
 
 
-def _hh_rlhf() -> Path | None:
-    """The shared HH-RLHF file next to this checkout or next to the main checkout of its git worktrees."""
-    common = subprocess.run(
-        ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    roots = [REPO_ROOT.parent] + ([Path(common).parent.parent] if common else [])
-    for root in roots:
-        path = root / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-        if path.is_file():
-            return path
-    return None
-
-
 def test_grouped_batches_of_hh_rlhf_pairs_are_at_most_a_tenth_padding(tmp_path):
     """HH-RLHF harmless-base, first 2048 pairs (megabatches of 50 steps), SmolLM2's tokenizer, the smollm2-hh
     profile's max_length, batch 8: today's random order is about half padding; grouped at most 10% (fully
     sorted is the floor: a pair's chosen and rejected sequences are padded to the same width)."""
-    path = _hh_rlhf()
+    path = shared_data_file("hh-rlhf-harmless-base-test.jsonl.gz")
     if path is None:
         pytest.skip("HH-RLHF data (shared/data/hh-rlhf-harmless-base-test.jsonl.gz) not present")
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
