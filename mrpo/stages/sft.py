@@ -132,10 +132,11 @@ def _examples(cfg: Config):
     examples = training.encode_rows(cfg, rows, tokenizer, template)
     fingerprint = training.sft_fingerprint(cfg, identity, training.examples_digest(examples))
     log.info(
-        "sft: %s on %d rows (%s, %d skipped), chat template %s",
+        "sft: %s on %d rows (%s%s; %d longer than sft.max_length left out), chat template %s",
         cfg.sft.model,
         len(examples),
         cfg.sft.data.source,
+        f", the first {cfg.sft.data.skip_rows} of each file skipped" if cfg.sft.data.skip_rows else "",
         examples.skipped,
         template,
     )
