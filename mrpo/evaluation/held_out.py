@@ -29,31 +29,41 @@ def pair_correct(
 
 
 def policy_logps(
-    model, dataset: PreferenceDataset, pad_token_id: int, precision: torch.dtype, batch_size: int = 64
+    model, dataset: PreferenceDataset, pad_token_id: int, precision: torch.dtype, batch_size: int = 16
 ) -> tuple[np.ndarray, np.ndarray]:
     """(chosen, rejected) sequence log-probs of the policy on every pair, computed as training computes
-    them."""
+    them. Pairs run in batches of similar length (the results in the dataset's order), so little of the
+    forward is padding."""
     from mrpo.modeling.logprobs import forward_precision, response_logps
     from mrpo.modeling.models import cpu_threads_for, torch_threads
 
     collate = PreferenceCollator(pad_token_id)
     device = next(model.parameters()).device
-    chosen, rejected = [], []
+    examples = dataset.examples
+    order = sorted(
+        range(len(examples)),
+        key=lambda i: max(len(examples[i].chosen.input_ids), len(examples[i].rejected.input_ids)),
+    )
+    chosen, rejected = np.zeros(len(examples)), np.zeros(len(examples))
     model.eval()
     with torch.no_grad(), torch_threads(cpu_threads_for(model, device)):
-        for i in range(0, len(dataset), batch_size):
-            batch = collate(dataset.examples[i : i + batch_size])
-            n = batch["ref_chosen_logps"].shape[0]
+        for i in range(0, len(order), batch_size):
+            rows = order[i : i + batch_size]
+            batch = collate([examples[j] for j in rows])
             with forward_precision(precision, device):
-                logps = response_logps(
-                    model,
-                    batch["input_ids"].to(device),
-                    batch["attention_mask"].to(device),
-                    batch["response_mask"].to(device),
+                logps = (
+                    response_logps(
+                        model,
+                        batch["input_ids"].to(device),
+                        batch["attention_mask"].to(device),
+                        batch["response_mask"].to(device),
+                    )
+                    .double()
+                    .cpu()
+                    .numpy()
                 )
-            chosen.append(logps[:n].double().cpu().numpy())
-            rejected.append(logps[n:].double().cpu().numpy())
-    return np.concatenate(chosen), np.concatenate(rejected)
+            chosen[rows], rejected[rows] = logps[: len(rows)], logps[len(rows) :]
+    return chosen, rejected
 
 
 def held_out_correct(
