@@ -4,8 +4,8 @@ tags, in 120 columns by default.
 Pipeline runs, sweep members, comparison members and diagnostics runs record the same quantities under the
 same names (mrpo.tracking.names), so each column means the same for every kind of run:
 
-  id, kind        the run's id and kind (pipeline, compare, compare-member, diagnostics, sweep); status
-                  only where a run did not finish; label: its configuration in a sweep or comparison
+  id, kind        the run's id and kind (pipeline, compare, compare-member, diagnostics, sweep, sft);
+                  status only where a run did not finish; label: its configuration in a sweep or comparison
   objective, strategy, refs, seed, beta
                   what was trained: params train.objective, train.strategy (n/a for DPO), the reference
                   set (tag mrpo.reference_set), seed, train.beta
