@@ -51,8 +51,11 @@ def _place(key: str, value: str, root: Path, stage: str = "") -> Place:
 
 
 def stage_outputs(cfg: Config, root: Path) -> list[Place]:
-    """Every output path a stage or `mrpo compare` declares, in pipeline order."""
+    """Every output path a stage or `mrpo compare` declares, in pipeline order; a disabled sft stage writes no
+    checkpoints, so its checkpoint_dir is none."""
     declared = [(s.name, key) for s in STAGES for key, _ in s.outputs] + list(_EXTRA_OUTPUTS)
+    if not cfg.sft.enabled:
+        declared = [(stage, key) for stage, key in declared if key != "sft.checkpoint_dir"]
     return [_place(key, config_value(cfg, key), root, stage) for stage, key in declared]
 
 
