@@ -263,6 +263,17 @@ def test_the_default_paths_and_files_inside_shared_directories_are_accepted(scor
         config(scored, tmp_path, **{"train.plots_dir": str(tmp_path / "policy")})
 
 
+def test_a_disabled_sft_stage_declares_no_checkpoint_dir(scored, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative outputs resolve here, as under a stage
+    cfg = config(scored, tmp_path, **{"train.checkpoint_dir": "checkpoints"})  # over checkpoints/sft
+    assert cfg.train.checkpoint_dir == "checkpoints" and not cfg.sft.enabled
+    enabled = {"train.checkpoint_dir": "checkpoints", "sft.enabled": True, "sft.model": "org/model"}
+    with pytest.raises(
+        ConfigError, match=r"^train\.checkpoint_dir: got 'checkpoints'; it holds sft\.checkpoint_dir"
+    ):
+        config(scored, tmp_path, **enabled)
+
+
 # ---------------------------------------------------------------- settings that used to fail late
 
 
