@@ -256,12 +256,14 @@ def test_the_sft_output_scores_like_any_other_reference_and_the_run_is_tracked(t
     logps = scores[["chosen_logp", "rejected_logp"]].to_numpy()
     assert logps.size and (logps < 0).all() and pd.notna(logps).all()
 
-    mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
-    runs = mlflow.search_runs(experiment_names=["mrpo"], filter_string="tags.`mrpo.kind` = 'sft'")
-    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
-    run = runs.iloc[0]
-    assert run["params.sft.model"] == raw["sft"]["model"] and run["metrics.steps"] == 3
-    assert run["tags.mrpo.stage"] == "sft" and run["tags.mlflow.source.name"] == "mrpo sft"
+    # a client of its own: mlflow.set_tracking_uri would leave MLFLOW_TRACKING_URI set for every later test
+    client = mlflow.MlflowClient(raw["tracking"]["tracking_uri"])
+    experiment = client.get_experiment_by_name("mrpo").experiment_id
+    runs = client.search_runs([experiment], "tags.`mrpo.kind` = 'sft'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0].data
+    assert run.params["sft.model"] == raw["sft"]["model"] and run.metrics["steps"] == 3
+    assert run.tags["mrpo.stage"] == "sft" and run.tags["mlflow.source.name"] == "mrpo sft"
 
 
 # ---------------------------------------------------------------- bad input, disabled
