@@ -34,6 +34,7 @@ import torch
 from mrpo.config.schema import Config
 from mrpo.core.weighting import STRATEGIES
 from mrpo.data.preference import PreferenceDataset
+from mrpo.data.selection import draw_pairs, select_references
 from mrpo.errors import ConfigError
 from mrpo.evaluation.held_out import held_out_correct
 from mrpo.reporting.comparison import diagnostics_markdown, write_report
@@ -108,33 +109,6 @@ def member_config(cfg: Config, member: Member, work_dir: Path) -> Config:
 
 
 # ---------------------------------------------------------------- data: one tokenization for every member
-
-
-def select_references(dataset: PreferenceDataset, names: Sequence[str]) -> PreferenceDataset:
-    """The same pairs with only the columns of `names` (in that order): a member's K references."""
-    cols = [dataset.reference_names.index(n) for n in names]
-
-    def pick(x):
-        return None if x is None else x[cols]
-
-    examples = [
-        dataclasses.replace(
-            e,
-            ref_chosen_logps=e.ref_chosen_logps[cols],
-            ref_rejected_logps=e.ref_rejected_logps[cols],
-            ref_chosen_tokens=pick(e.ref_chosen_tokens),
-            ref_rejected_tokens=pick(e.ref_rejected_tokens),
-        )
-        for e in dataset.examples
-    ]
-    return PreferenceDataset(examples, names, dataset.skipped)
-
-
-def draw_pairs(dataset: PreferenceDataset, n: int, seed: int) -> PreferenceDataset:
-    """`n` training pairs drawn without replacement, determined by `seed` (all of them when there are
-    fewer)."""
-    order = np.random.default_rng(seed).permutation(len(dataset))[:n]
-    return PreferenceDataset([dataset.examples[i] for i in sorted(order)], dataset.reference_names)
 
 
 # ---------------------------------------------------------------- scoring a member
@@ -367,7 +341,7 @@ def _lm_eval_member(comparison: Comparison, mcfg: Config, model) -> dict[str, fl
 
 
 def run_all(comparison: Comparison, run: Callable[[Comparison, Member], MemberResult] = run_member) -> list:
-    return [run(comparison, m) for m in comparison.members]
+    return run_members(comparison, lambda line: None, run)
 
 
 def run_members(
