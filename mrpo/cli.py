@@ -15,10 +15,11 @@ from pathlib import Path
 
 from mrpo.config.load import load_config, parse_yaml_value
 from mrpo.errors import USER_ERROR_EXIT, ConfigError, MRPOError, disk_full_cause, quote
+from mrpo.interrupts import interrupt_on_sigterm
 from mrpo.locks import output_lock
 from mrpo.pipeline import STAGE_NAMES, STAGES, Stage, config_value
 from mrpo.pipeline import stage as pipeline_stage
-from mrpo.runtime import die_with_parent, interrupt_on_sigterm, setup_logging
+from mrpo.runtime import die_with_parent, setup_logging
 
 STATUS_FILE_ENV = "MRPO_STATUS_FILE"
 MESSAGE_LIMIT = 2000  # characters of an error line: whatever it quotes, a line stays a line

@@ -58,27 +58,6 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-@contextmanager
-def interrupt_on_sigterm():
-    """For the block, SIGTERM (`kill`, a scheduler, a dying parent) ends a command the way Ctrl-C does:
-    KeyboardInterrupt, so the stage keeps its finished work, marks its MLflow run KILLED and exits with the
-    interrupted line. Later SIGTERMs are ignored while that cleanup runs; SIGKILL still ends it at once.
-    Signal handlers belong to the main thread: elsewhere the block runs unchanged."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def first(signum, frame):
-        signal.signal(signal.SIGTERM, lambda *_: None)
-        raise KeyboardInterrupt
-
-    before = signal.signal(signal.SIGTERM, first)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
 SHELLS = frozenset({"sh", "dash", "bash", "zsh", "fish", "ksh", "mksh"})
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 

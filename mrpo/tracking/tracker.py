@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mrpo.config.schema import Config
+from mrpo.interrupts import deferred_interrupts
 from mrpo.tracking import names
 from mrpo.tracking.store import (
     PARENT_RUN_ENV,
@@ -110,7 +111,12 @@ def execute_on(client, run_id: str):
         "log_model_artifact": lambda model_id, local_path: client.log_model_artifact(model_id, local_path),
         "set_terminated": lambda status: client.set_terminated(run_id, status=status),
     }
-    return lambda op, args: ops[op](**args)
+
+    def execute(op: str, args: dict):
+        with deferred_interrupts():
+            return ops[op](**args)
+
+    return execute
 
 
 class Tracker(NullTracker):
@@ -265,7 +271,7 @@ def tracked_run(cfg: Config, *, enabled: bool = True, **start) -> Iterator[NullT
     run = start_run(cfg, **start)
     try:
         yield run
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (mrpo.runtime.interrupt_on_sigterm)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (mrpo.interrupts.interrupt_on_sigterm)
         run.end("KILLED")
         raise
     except BaseException:
