@@ -25,7 +25,7 @@ from mrpo.runtime import resolve_device
 from mrpo.training.policy import (
     load_policy,
 )
-from mrpo.training.steps import CHECKPOINTING_ARG, optimizer_steps, warmup_steps
+from mrpo.training.steps import optimizer_steps, trainer_arguments
 from mrpo.training.trainer import MRPOTrainer
 
 log = logging.getLogger("mrpo")
@@ -38,34 +38,18 @@ def training_arguments(
     total_steps: int,
     precision: torch.dtype = torch.float32,
 ) -> TrainingArguments:
-    """`precision` is the anchor's scoring precision; MRPOTrainer runs the policy's forward in it on any
-    device, these flags only let accelerate add its loss scaler (fp16) and autocast on CUDA as well.
-    `total_steps` turns `train.warmup_ratio` into steps."""
+    """`precision` is the anchor's scoring precision: MRPOTrainer runs the policy's forward in it on any
+    device; on CUDA accelerate autocasts (bf16) or scales the loss (fp16) as well."""
     t = cfg.train
-    return TrainingArguments(
-        output_dir=t.checkpoint_dir,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=warmup_steps(t.warmup_ratio, total_steps),
-        weight_decay=t.weight_decay,
-        num_train_epochs=t.num_epochs,
-        max_steps=t.max_steps,
-        logging_steps=t.logging_steps,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        **{CHECKPOINTING_ARG: t.gradient_checkpointing},
-        use_cpu=device.type == "cpu",
-        bf16=device.type == "cuda" and precision == torch.bfloat16,
-        fp16=device.type == "cuda" and precision == torch.float16,
+    return trainer_arguments(
+        t,
+        cfg.seed,
+        device,
+        total_steps,
+        eval_steps=t.eval_steps if has_eval else None,
+        gradient_checkpointing=t.gradient_checkpointing,
+        precision=precision,
         report_to=list(t.report_to) or "none",  # TensorBoard: event files under <checkpoint_dir>/runs
-        remove_unused_columns=False,
     )
 
 

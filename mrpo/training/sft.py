@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -27,7 +27,7 @@ from mrpo.data.tokenization import encode_response, render_prompt
 from mrpo.errors import ConfigError, DataError, MRPOError
 from mrpo.training.checkpoints import seal_checkpoint
 from mrpo.training.progress import CompactProgress, LogAtCheckpoints
-from mrpo.training.steps import CHECKPOINTING_ARG, optimizer_steps, warmup_steps
+from mrpo.training.steps import optimizer_steps, trainer_arguments
 
 log = logging.getLogger("mrpo")
 
@@ -154,33 +154,9 @@ def sft_fingerprint(cfg: Config, model: dict[str, str], data_digest: str) -> str
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def sft_arguments(cfg: Config, device: torch.device, total_steps: int) -> TrainingArguments:
-    """The Trainer's arguments, as the train stage's (mrpo.training.setup.training_arguments) for SFT's knobs;
-    bf16 autocast on a CUDA device that has it."""
-    s = cfg.sft
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return TrainingArguments(
-        output_dir=s.checkpoint_dir,
-        per_device_train_batch_size=s.batch_size,
-        gradient_accumulation_steps=s.gradient_accumulation_steps,
-        learning_rate=s.learning_rate,
-        lr_scheduler_type=s.lr_scheduler,
-        warmup_steps=warmup_steps(s.warmup_ratio, total_steps),
-        weight_decay=s.weight_decay,
-        num_train_epochs=s.num_epochs,
-        max_steps=s.max_steps,
-        logging_steps=s.logging_steps,
-        eval_strategy="no",
-        save_strategy="steps",
-        save_steps=s.save_steps,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        **{CHECKPOINTING_ARG: False},
-        use_cpu=device.type == "cpu",
-        bf16=bf16,
-        report_to="none",
-        remove_unused_columns=False,
-    )
+def _autocast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 autocast on a CUDA device that has it; fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 class SealCheckpoints(TrainerCallback):
@@ -205,7 +181,7 @@ def build_sft_trainer(
     total = optimizer_steps(cfg.sft, len(examples))
     trainer = Trainer(
         model=model,
-        args=sft_arguments(cfg, device, total),
+        args=trainer_arguments(cfg.sft, cfg.seed, device, total, precision=_autocast_dtype(device)),
         data_collator=SftCollator(tokenizer.pad_token_id),
         train_dataset=examples,
         processing_class=tokenizer,
