@@ -153,7 +153,11 @@ def _add_compare_command(sub) -> None:
         "scores, then report held-out reward accuracy and lm-eval scores with intervals and paired "
         "differences against DPO with the anchor (sweeps/<id>/comparison.{md,csv,png}).",
     )
-    p.add_argument("--id", help="comparison id: the output folder and MLflow tag (default compare-<time>)")
+    p.add_argument(
+        "--id",
+        help="comparison id: the output folder and MLflow tag (default compare-<time>); the id of a stopped "
+        "comparison resumes it: members it finished with the same settings and inputs are not trained again",
+    )
     _add_common_options(p, top=False)
 
 

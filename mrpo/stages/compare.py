@@ -11,7 +11,9 @@ is the untrained policy (the anchor). mrpo.reporting.comparison turns these into
 differences against DPO with the anchor, Holm-adjusted over configurations x metrics.
 
 Outputs in `<compare.output_dir>/<id>/`: comparison.md, comparison.csv, members.csv, comparison.png (rewritten
-after every member, so a stopped comparison keeps the members done), compare.log (the libraries' logs);
+after every member, so a stopped comparison keeps the members done), members/ (each member's result as it
+finishes: run again with the same id, a stopped comparison trains only the members it lacks,
+mrpo.stages.compare_results), compare.log (the libraries' logs);
 the CSV and PNG copied to `compare.plots_file` / `compare.image_file`; an MLflow parent run (kind `compare`)
 with one child run per member (kind `compare-member`).
 """
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mrpo.config.schema import Config
@@ -39,26 +39,17 @@ from mrpo.errors import ConfigError
 from mrpo.evaluation.held_out import held_out_correct
 from mrpo.reporting.comparison import diagnostics_markdown, write_report
 from mrpo.reporting.console import quiet_libraries
-from mrpo.tracking.comparison import finish_comparison_run, log_member, start_comparison_run
+from mrpo.stages.compare_results import Member, MemberResult, fingerprint, inputs_digest, keep, kept
+from mrpo.tracking.comparison import adopt_member, finish_comparison_run, log_member, start_comparison_run
 from mrpo.tracking.tracker import NullTracker
 
 log = logging.getLogger("mrpo")
 
+KEPT_NOTE = ", kept from an earlier run"
 DEFAULT_STRATEGIES = tuple(s for s in STRATEGIES if s != "fixed")  # fixed needs weights: ask for it by name
 
 
 # ---------------------------------------------------------------- what runs
-
-
-@dataclass(frozen=True)
-class Member:
-    """One training run: a configuration (label) and a seed."""
-
-    label: str
-    seed: int
-    objective: str
-    strategy: str
-    references: tuple[str, ...]  # anchor first for mrpo/multi_dpo; the one reference for dpo
 
 
 def comparison_members(
@@ -108,28 +99,6 @@ def member_config(cfg: Config, member: Member, work_dir: Path) -> Config:
     return dataclasses.replace(cfg, seed=member.seed, train=train)
 
 
-# ---------------------------------------------------------------- data: one tokenization for every member
-
-
-# ---------------------------------------------------------------- scoring a member
-
-
-@dataclass
-class MemberResult:
-    member: Member
-    correct: np.ndarray  # (test pairs,) 0/1 against the anchor
-    scores: dict[str, float] = field(default_factory=dict)  # lm-eval, flat
-    seconds: float = 0.0
-    steps: int = 0
-    final_loss: float = math.nan
-    mlflow_run_id: str | None = None
-    train_pairs: int = 0
-
-    @property
-    def accuracy(self) -> float:
-        return float(self.correct.mean())
-
-
 # ---------------------------------------------------------------- the comparison
 
 
@@ -148,6 +117,7 @@ class Comparison:
     diagnostics_md: str
     lm_eval_tasks: list = field(default_factory=list)
     prepared_digest: str = ""
+    inputs: str = ""  # the splits' and stored scores' digest (compare_results.inputs_digest)
     source: str = "mrpo compare"  # the command, for every run's MLflow Source
     parent_run: NullTracker = field(default_factory=NullTracker)  # a Tracker when tracked
     lineage_tags: dict[str, str] = field(default_factory=dict)  # what every member's run shares
@@ -199,9 +169,13 @@ def start(
         diagnostics_markdown(cfg, names, setup.datasets["val"]),
         _plan_lm_eval(cfg, out_dir) if c.lm_eval_limit > 0 else [],
         setup.prepared_digest,
+        inputs_digest(setup.prepared_digest, setup.datasets),
         source,
     )
-    comparison.untrained = score_untrained(comparison)
+    untrained = Member(f"untrained:{names[0]}", 0, "none", "none", (names[0],))
+    comparison.untrained = _kept_or_run(
+        comparison, untrained, cfg, lambda: score_untrained(comparison, untrained)
+    )
     if track:
         start_comparison_run(comparison)
     log.info("%s", describe(comparison))
@@ -226,7 +200,7 @@ def describe(comparison: Comparison) -> str:
     )
 
 
-def score_untrained(comparison: Comparison) -> MemberResult:
+def score_untrained(comparison: Comparison, member: Member) -> MemberResult:
     """The policy before training (the anchor, as load_policy makes it) scored as a member: test pairs
     against the anchor; lm-eval through the evaluate stage's anchor cache (the same documents)."""
     from mrpo.evaluation.lmeval import EvalSettings, cached_lm_eval, flatten_results
@@ -244,8 +218,20 @@ def score_untrained(comparison: Comparison) -> MemberResult:
         chat = cfg.anchor.chat_template
         results, _ = cached_lm_eval(cfg.anchor, comparison.lm_eval_tasks, settings, cache, chat)
         scores = flatten_results(results, "policy")  # the members' names, so the report lines them up
-    member = Member(f"untrained:{comparison.names[0]}", 0, "none", "none", (comparison.names[0],))
     return MemberResult(member, correct, scores)
+
+
+def _kept_or_run(
+    comparison: Comparison, member: Member, settings: Config, run: Callable[[], MemberResult]
+) -> MemberResult:
+    """The result an earlier run of this comparison kept for `member` with the same settings and inputs,
+    else `run()`'s, kept as soon as it is there."""
+    key = fingerprint(settings, member, comparison.inputs)
+    result = kept(comparison.out_dir, member, key)
+    if result is None:
+        result = run()
+        keep(comparison.out_dir, result, key)
+    return result
 
 
 def _plan_lm_eval(cfg: Config, out_dir: Path) -> list:
@@ -257,7 +243,17 @@ def _plan_lm_eval(cfg: Config, out_dir: Path) -> list:
 
 
 def run_member(comparison: Comparison, member: Member) -> MemberResult:
-    """Train one member from the anchor on its seed's draw; score it on the test split against the anchor."""
+    """Train one member from the anchor on its seed's draw; score it on the test split against the anchor.
+    A result kept by an earlier run of the comparison (same settings and inputs) is reused instead."""
+    settings = member_config(comparison.cfg, member, Path("member"))
+    result = _kept_or_run(comparison, member, settings, lambda: _run_member(comparison, member))
+    if result.reused:
+        adopt_member(comparison, result.mlflow_run_id)
+    log.info("compare: %s", member_line(result))
+    return result
+
+
+def _run_member(comparison: Comparison, member: Member) -> MemberResult:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mrpo-compare-") as tmp:
         mcfg = member_config(comparison.cfg, member, Path(tmp))
@@ -266,7 +262,6 @@ def run_member(comparison: Comparison, member: Member) -> MemberResult:
         result.train_pairs = train_pairs
         result.seconds = time.perf_counter() - started
     result.mlflow_run_id = log_member(comparison, mcfg, result)
-    log.info("compare: %s", member_line(result))
     return result
 
 
@@ -275,7 +270,7 @@ def member_line(result: MemberResult) -> str:
     scores = "".join(f", {k.removeprefix('policy/')} {v:.3f}" for k, v in sorted(result.scores.items()))
     return (
         f"{m.label} seed {m.seed}: test reward acc vs anchor {result.accuracy:.3f}{scores} "
-        f"({result.steps} steps, {result.seconds:.1f}s)"
+        f"({result.steps} steps, {result.seconds:.1f}s{KEPT_NOTE if result.reused else ''})"
     )
 
 

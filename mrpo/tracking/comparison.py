@@ -77,6 +77,20 @@ def replace_earlier_member(cfg: Config, cid: str, run_name: str) -> None:
         client.delete_run(run.info.run_id)
 
 
+def adopt_member(comparison, run_id: str | None) -> None:
+    """A member kept from an earlier run of the comparison moves under this run's parent in the UI."""
+    parent = comparison.parent_run
+    if not parent or run_id is None:
+        return
+    from mrpo.tracking.store import client_for, tracking_uri
+
+    client = client_for(tracking_uri(comparison.cfg))
+    try:
+        client.set_tag(run_id, names.PARENT, parent.run_id)
+    except Exception as exc:  # the kept run lives in another store, or was deleted: the result stands
+        log.warning("mlflow: kept member run %s not moved under %s: %s", run_id, parent.run_id, exc)
+
+
 def _description(comparison) -> str:
     c, ds = comparison.cfg.compare, comparison.datasets
     configurations = len({m.label for m in comparison.members})

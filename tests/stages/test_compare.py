@@ -201,6 +201,23 @@ def test_a_stopped_comparison_keeps_the_report_of_the_members_done(scored, tmp_p
     md = (tmp_path / "sweeps/stopped/comparison.md").read_text()
     assert "partial: 1 of 2 members done" in md and "| dpo:anchor | 1 |" in md
 
+    # run again with its id: the member done is kept, only the other one trains
+    first = pd.read_csv(tmp_path / "sweeps/stopped/members.csv")
+    resumed = start(cfg, "stopped", track=False)
+    assert resumed.untrained.reused
+    said.clear()
+    results = run_members(resumed, said.append)
+    assert [r.reused for r in results] == [True, False]
+    assert said[0].endswith("kept from an earlier run)") and "kept" not in said[1]
+    assert results[0].accuracy == first["test_reward_accuracy_vs_anchor"][0]
+    assert results[0].correct.shape == results[1].correct.shape == (len(resumed.datasets["test"]),)
+
+    # another setting: nothing is reused
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, beta=cfg.train.beta * 2))
+    again = start(changed, "stopped", track=False)
+    assert not again.untrained.reused
+    assert not run_member(again, again.members[0]).reused
+
 
 @pytest.mark.slow
 def test_the_compare_flow_runs_each_member_as_a_task_and_publishes_the_report(scored, tmp_path, monkeypatch):
