@@ -163,6 +163,7 @@ def test_a_stopped_comparison_keeps_the_report_of_the_members_done(scored, tmp_p
     import dataclasses
 
     import pandas as pd
+    from mlflow import MlflowClient
 
     from mrpo.stages.compare import run_member, run_members, start
 
@@ -184,7 +185,7 @@ def test_a_stopped_comparison_keeps_the_report_of_the_members_done(scored, tmp_p
             image_file=str(tmp_path / "plots/comparison.png"),
         ),
     )
-    comparison = start(cfg, "stopped", track=False)
+    comparison = start(cfg, "stopped")
 
     def stop_at_the_second(c, member):
         if member.label != "dpo:anchor":
@@ -203,7 +204,7 @@ def test_a_stopped_comparison_keeps_the_report_of_the_members_done(scored, tmp_p
 
     # run again with its id: the member done is kept, only the other one trains
     first = pd.read_csv(tmp_path / "sweeps/stopped/members.csv")
-    resumed = start(cfg, "stopped", track=False)
+    resumed = start(cfg, "stopped")
     assert resumed.untrained.reused
     said.clear()
     results = run_members(resumed, said.append)
@@ -211,6 +212,10 @@ def test_a_stopped_comparison_keeps_the_report_of_the_members_done(scored, tmp_p
     assert said[0].endswith("kept from an earlier run)") and "kept" not in said[1]
     assert results[0].accuracy == first["test_reward_accuracy_vs_anchor"][0]
     assert results[0].correct.shape == results[1].correct.shape == (len(resumed.datasets["test"]),)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    kept_run = client.get_run(results[0].mlflow_run_id)  # in the UI, under the comparison run that used it
+    assert kept_run.data.tags["mlflow.parentRunId"] == resumed.parent_run.run_id
+    assert client.get_run(comparison.parent_run.run_id).info.status == "KILLED"  # the stopped one
 
     # another setting: nothing is reused
     changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, beta=cfg.train.beta * 2))
