@@ -159,7 +159,7 @@ def test_a_small_comparison_end_to_end(scored, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_stopped_comparison_keeps_the_report_of_the_members_done(scored, tmp_path):
+def test_a_stopped_comparison_keeps_its_report_and_resumes_with_its_id(scored, tmp_path):
     import dataclasses
 
     import pandas as pd
@@ -203,14 +203,13 @@ def test_a_stopped_comparison_keeps_the_report_of_the_members_done(scored, tmp_p
     assert "partial: 1 of 2 members done" in md and "| dpo:anchor | 1 |" in md
 
     # run again with its id: the member done is kept, only the other one trains
-    first = pd.read_csv(tmp_path / "sweeps/stopped/members.csv")
     resumed = start(cfg, "stopped")
     assert resumed.untrained.reused
     said.clear()
     results = run_members(resumed, said.append)
     assert [r.reused for r in results] == [True, False]
     assert said[0].endswith("kept from an earlier run)") and "kept" not in said[1]
-    assert results[0].accuracy == first["test_reward_accuracy_vs_anchor"][0]
+    assert results[0].accuracy == members["test_reward_accuracy_vs_anchor"][0]
     assert results[0].correct.shape == results[1].correct.shape == (len(resumed.datasets["test"]),)
     client = MlflowClient(cfg.tracking.tracking_uri)
     kept_run = client.get_run(results[0].mlflow_run_id)  # in the UI, under the comparison run that used it
