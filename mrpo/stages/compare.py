@@ -13,7 +13,7 @@ differences against DPO with the anchor, Holm-adjusted over configurations x met
 Outputs in `<compare.output_dir>/<id>/`: comparison.md, comparison.csv, members.csv, comparison.png (rewritten
 after every member, so a stopped comparison keeps the members done), members/ (each member's result as it
 finishes: run again with the same id, a stopped comparison trains only the members it lacks,
-mrpo.stages.compare_results), compare.log (the libraries' logs);
+mrpo.evaluation.members), compare.log (the libraries' logs);
 the CSV and PNG copied to `compare.plots_file` / `compare.image_file`; an MLflow parent run (kind `compare`)
 with one child run per member (kind `compare-member`).
 """
@@ -37,9 +37,9 @@ from mrpo.data.preference import PreferenceDataset
 from mrpo.data.selection import draw_pairs, select_references
 from mrpo.errors import ConfigError
 from mrpo.evaluation.held_out import held_out_correct
+from mrpo.evaluation.members import Member, MemberResult, fingerprint, inputs_digest, keep, kept
 from mrpo.reporting.comparison import diagnostics_markdown, write_report
 from mrpo.reporting.console import quiet_libraries
-from mrpo.stages.compare_results import Member, MemberResult, fingerprint, inputs_digest, keep, kept
 from mrpo.tracking.comparison import adopt_member, finish_comparison_run, log_member, start_comparison_run
 from mrpo.tracking.tracker import NullTracker
 
@@ -117,7 +117,7 @@ class Comparison:
     diagnostics_md: str
     lm_eval_tasks: list = field(default_factory=list)
     prepared_digest: str = ""
-    inputs: str = ""  # the splits' and stored scores' digest (compare_results.inputs_digest)
+    inputs: str = ""  # the splits' and stored scores' digest (mrpo.evaluation.members.inputs_digest)
     source: str = "mrpo compare"  # the command, for every run's MLflow Source
     parent_run: NullTracker = field(default_factory=NullTracker)  # a Tracker when tracked
     lineage_tags: dict[str, str] = field(default_factory=dict)  # what every member's run shares
