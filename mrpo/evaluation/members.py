@@ -102,17 +102,10 @@ def kept(out_dir: Path, member: Member, key: str) -> MemberResult | None:
             **{k: record[k] for k in fields if k in record},
         )
     except (ValueError, KeyError, TypeError) as exc:
-        log.warning(
-            "compare: %s is unreadable (%s); %s seed %d runs again", path, exc, member.label, member.seed
-        )
+        log.warning("compare: %s is unreadable (%s); %s runs again", path, exc, _name(member))
         return None
     if record.get("fingerprint") != key:
-        log.info(
-            "compare: %s was kept with other settings or inputs; %s seed %d runs again",
-            path,
-            member.label,
-            member.seed,
-        )
+        log.info("compare: %s was kept with other settings or inputs; %s runs again", path, _name(member))
         return None
     result.final_loss = math.nan if result.final_loss is None else result.final_loss
     result.reused = True

@@ -82,11 +82,8 @@ def adopt_member(comparison, run_id: str | None) -> None:
     parent = comparison.parent_run
     if not parent or run_id is None:
         return
-    from mrpo.tracking.store import client_for, tracking_uri
-
-    client = client_for(tracking_uri(comparison.cfg))
     try:
-        client.set_tag(run_id, names.PARENT, parent.run_id)
+        parent.client.set_tag(run_id, names.PARENT, parent.run_id)
     except Exception as exc:  # the kept run lives in another store, or was deleted: the result stands
         log.warning("mlflow: kept member run %s not moved under %s: %s", run_id, parent.run_id, exc)
 
