@@ -95,15 +95,15 @@ def mode_missing(mode: str, features: dict) -> str | None:
 
 
 def ours_trainer(model, tokenizer, examples, scratch: Path, features: dict, *, batch: int, steps: int, **kw):
-    """MRPOTrainer (K = 1 stored reference) with `mode` batching, `logprob_chunk` and `precision` where this
-    checkout takes them."""
+    """MRPOTrainer (K = 1 stored reference) with `mode` batching (default: the library's), `logprob_chunk`
+    and `precision` where this checkout takes them."""
     import torch
 
     from mrpo.data.preference import PreferenceDataset
 
     extra = {"precision": kw.get("precision", torch.float32)}
     if features["batching_kwarg"]:
-        extra["batching"] = kw.get("mode", "padded")
+        extra["batching"] = kw.get("mode") or features["default_batching"] or "padded"
     if features["logprob_chunk_kwarg"] and kw.get("chunk") is not None:
         extra["logprob_chunk"] = kw["chunk"]
     return C.mrpo_trainer(
@@ -465,6 +465,7 @@ def step_memory(design: str, prompt_tokens: int, dtype: str, chunk: int | None, 
         "measure": "process RSS (VmHWM after a reset)" if device == "cpu" else "torch.cuda allocated",
         "peak_reset": seen["reset"],
         "logprob_chunk": chunk if features["logprob_chunk_kwarg"] else "not in this checkout",
+        "batching": getattr(trainer, "batching", None),
     }
 
 

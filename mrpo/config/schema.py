@@ -205,8 +205,8 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
     batching: str = knob(
-        "grouped",
-        "pairs per batch: grouped (by length, little padding) | padded (random order) | packed (no padding)",
+        "packed",
+        "pairs per batch: packed (no padding; grouped where inexact) | grouped (by length) | padded (random)",
         choices=BATCHING,
     )
     logprob_chunk: int = knob(

@@ -2,8 +2,8 @@
 
 * `padded`: Trainer's random order; every batch padded to its longest sequence (about half padding at
   HH-RLHF lengths, batch 8).
-* `grouped` (default): `GroupedSampler`: pairs of similar length share a step, so little padding.
-* `packed`: grouped, and each batch's sequences run concatenated without padding, each with its own
+* `grouped`: `GroupedSampler`: pairs of similar length share a step, so little padding.
+* `packed` (default): grouped, and each batch's sequences run concatenated without padding, each with its own
   positions, each attending on its own (`mrpo.modeling.logprobs`, `packed=True`; `mrpo.modeling.packing`
   on SDPA); only where the model's attention supports it exactly (`packing_supported`), else grouped, said
   in the log.
@@ -116,18 +116,18 @@ def packing_supported(model: torch.nn.Module) -> bool:
     return bool(torch.allclose(packed, padded, rtol=0, atol=1e-4))
 
 
-def resolve_batching(batching: str, model: torch.nn.Module) -> str:
-    """`train.batching`, with `packed` falling back to `grouped` (logged) where packing is not exact."""
-    if batching == "packed" and not packing_supported(model):
-        log.warning(
-            "train: train.batching packed is not exact for %s (its attention does not separate packed "
-            "sequences); using grouped batching instead",
-            type(model).__name__,
+def resolve_batching(batching: str, model: torch.nn.Module) -> tuple[str, str | None]:
+    """`train.batching`, with `packed` falling back to `grouped` where packing is not exact, and what to say
+    about it when training starts (a fallback as a warning); the trainer logs it then, not here, because
+    evaluation builds trainers too."""
+    if batching != "packed":
+        return batching, None
+    if not packing_supported(model):
+        return "grouped", (
+            f"train: train.batching packed is not exact for {type(model).__name__} (its attention does not "
+            "separate packed sequences); using grouped batching instead"
         )
-        return "grouped"
-    if batching == "packed":
-        from mrpo.modeling.logprobs import unwrapped_model
-        from mrpo.modeling.packing import packed_attention_note
+    from mrpo.modeling.logprobs import unwrapped_model
+    from mrpo.modeling.packing import packed_attention_note
 
-        log.info("train: packed batches: %s", packed_attention_note(unwrapped_model(model)))
-    return batching
+    return "packed", f"train: packed batches: {packed_attention_note(unwrapped_model(model))}"

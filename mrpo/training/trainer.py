@@ -120,7 +120,7 @@ class MRPOTrainer(Trainer):
         self.strategy = strategy
         self.reference_names = tuple(reference_names)
         self.precision = precision
-        self.batching = resolve_batching(batching, self.model)
+        self.batching, self._batching_note = resolve_batching(batching, self.model)
         self.logprob_chunk = logprob_chunk
         self._train_metrics: dict[str, list[float]] = defaultdict(list)
         self._step_margins: list[torch.Tensor] = []
@@ -166,6 +166,8 @@ class MRPOTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         """`grouped` and `packed`: steps of pairs of similar length (mrpo.training.batching), grouped on the
         step's global batch so the pairs of each step do not depend on how it is split."""
+        if self._batching_note:
+            log.log(logging.WARNING if self.batching == "grouped" else logging.INFO, self._batching_note)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.batching == "padded" or not hasattr(dataset, "examples"):
             return super()._get_train_sampler(train_dataset)

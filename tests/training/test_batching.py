@@ -85,7 +85,7 @@ def test_grouped_batches_of_hh_rlhf_pairs_are_at_most_a_tenth_padding(tmp_path):
 
 
 def test_the_trainer_groups_or_packs_per_train_batching_with_the_same_loss(scored, tmp_path):
-    """The real train config: grouped (the default) samples with GroupedSampler; packed runs the policy's
+    """The real train config: grouped samples with GroupedSampler; packed (the default) runs the policy's
     forward packed (exact for the zoo's Llama anchor), with the padded path's loss, WPO weights included;
     padded keeps Trainer's random sampler."""
     from helpers import config
@@ -108,3 +108,42 @@ def test_the_trainer_groups_or_packs_per_train_batching_with_the_same_loss(score
             losses[batching] = trainer.compute_loss(trainer.model.eval(), batch).item()
     assert losses["grouped"] == losses["padded"]
     assert losses["packed"] == pytest.approx(losses["padded"], abs=1e-5)
+
+
+def test_packed_falls_back_to_grouped_with_one_warning_where_attention_mixes_sequences(
+    scored, tmp_path, caplog
+):
+    """An attention that ignores the sequence bounds of a packed row (causal over the whole row) would let a
+    sequence see the one before it: the trainer groups instead and says so once, when training starts
+    (not when evaluation builds a trainer); where packing is exact it says how it packs."""
+    from helpers import config
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import AttentionInterface
+
+    from mrpo.training.policy import load_policy
+    from mrpo.training.setup import build_trainer, prepare_training
+
+    def whole_row_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("whole_row_sdpa", whole_row_attention)
+    cfg = config(scored, tmp_path)
+    assert cfg.train.batching == "packed"
+    setup = prepare_training(cfg)
+    notes = {}
+    for implementation in ("whole_row_sdpa", None):
+        model = load_policy(cfg, torch.device("cpu"))
+        if implementation:
+            model.set_attn_implementation(implementation)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="mrpo"):
+            trainer = build_trainer(cfg, setup, model=model)
+            assert not [r for r in caplog.records if "batch" in r.getMessage()]
+            trainer._get_train_sampler()
+        notes[implementation] = [(r.levelname, r.getMessage()) for r in caplog.records]
+        assert trainer.batching == ("grouped" if implementation else "packed")
+    [(level, message)] = notes["whole_row_sdpa"]
+    assert level == "WARNING" and "packed is not exact for LlamaForCausalLM" in message
+    assert "using grouped batching instead" in message
+    [(level, message)] = notes[None]
+    assert level == "INFO" and message.startswith("train: packed batches: each sequence attends on its own")
