@@ -200,10 +200,10 @@ def b7(res: dict) -> list[str]:
     """B7's tables: padding share, training steps vs TRL, scoring, memory at vocabulary 128k, the summary."""
     out = [_header(res), ""]
     if "padding_share" in res:
-        out += [
-            "| max_length | pairs | padded (the collator before issue 23) | grouped (default) | packed |",
-            "|---|---|---|---|---|",
-        ]
+        default = res.get("library_features", {}).get("default_batching")
+        said = {"padded": "padded (the collator before issue 23)", "grouped": "grouped", "packed": "packed"}
+        heads = " | ".join(said[m] + (" (default)" if m == default else "") for m in said)
+        out += [f"| max_length | pairs | {heads} |", "|---|---|---|---|---|"]
         for length, row in res["padding_share"].items():
             modes = " | ".join(_share(row.get(m)) for m in ("padded", "grouped", "packed"))
             out.append(f"| {length} | {row['pairs']} | {modes} |")

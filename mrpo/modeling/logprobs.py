@@ -117,6 +117,7 @@ def response_logps(
     response_mask: torch.Tensor,
     chunk: int = DEFAULT_CHUNK,
     packed: bool = False,
+    pairs: bool = False,
 ) -> torch.Tensor:
     """log p(response | prompt) per row: the sum over response tokens of log p(token | prefix), (B,) fp32.
 
@@ -125,10 +126,13 @@ def response_logps(
     projected through the LM head about `chunk` at a time (see `chunked_token_logps`; 0 = all their logits
     at once, the same numbers to fp32 rounding). `packed`: the rows run as one sequence
     without padding (see `_packed_tokens`); the same numbers where the attention supports it
-    (`mrpo.training.batching.packing_supported`).
+    (`mrpo.training.batching.packing_supported`). `pairs`: rows i and i + B/2 are one pair's chosen and
+    rejected sequences; packed, a pair's common prompt then runs once where the attention allows it
+    (`mrpo.modeling.packing.shared_prompt_row`).
     """
-    tokens = _packed_tokens if packed else _response_tokens
-    return tokens(model, input_ids, attention_mask, response_mask, chunk, False).logps
+    if packed:
+        return _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, False, pairs).logps
+    return _response_tokens(model, input_ids, attention_mask, response_mask, chunk, False).logps
 
 
 @dataclass(frozen=True)
@@ -153,10 +157,12 @@ def response_token_logps(
     response_mask: torch.Tensor,
     chunk: int = DEFAULT_CHUNK,
     packed: bool = False,
+    pairs: bool = False,
 ) -> ResponseTokens:
     """`response_logps` (the same forward and the same numbers) plus the per-token terms of WPO's weights."""
-    tokens = _packed_tokens if packed else _response_tokens
-    return tokens(model, input_ids, attention_mask, response_mask, chunk, True)
+    if packed:
+        return _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, True, pairs)
+    return _response_tokens(model, input_ids, attention_mask, response_mask, chunk, True)
 
 
 def _response_tokens(
@@ -183,7 +189,7 @@ def _response_tokens(
     return ResponseTokens(token_logps, extra["sum_sq"] if sum_sq else torch.zeros(0), label_mask)
 
 
-def _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, sum_sq) -> ResponseTokens:
+def _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, sum_sq, pairs) -> ResponseTokens:
     """`_response_tokens` of a padded batch run as ONE row of its real tokens: each sequence keeps its own
     positions and, with no attention mask, transformers' causal mask turns block-diagonal where positions
     restart (masking_utils.find_packed_sequence_indices); on SDPA each sequence attends on its own
@@ -192,6 +198,11 @@ def _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, sum_s
 
     inner = unwrapped_model(model)
     packing.use_packed_attention(inner)
+    head = chunkable_head(model) if chunk else None
+    if pairs and head is not None and packing.shares_prompts(inner):
+        row = packing.shared_prompt_row(input_ids, attention_mask, response_mask)
+        if row is not None:
+            return _shared_prompt_tokens(model, head, row, response_mask, chunk, sum_sq)
     real = attention_mask.bool()
     positions = position_ids_from_mask(attention_mask)[real][None]
     # A sequence's first token is never a label: the padded path cannot score it either.
@@ -214,6 +225,32 @@ def _packed_tokens(model, input_ids, attention_mask, response_mask, chunk, sum_s
     return ResponseTokens(unpack(flat.token_logps), lss, mask)
 
 
+def _shared_prompt_tokens(model, head, row, response_mask, chunk, sum_sq) -> ResponseTokens:
+    """`_packed_tokens` of a `SharedPromptRow`: only the hidden states at `row.sources` go through the LM
+    head, each for the token at its target."""
+    from mrpo.modeling import packing
+
+    labels = row.ids[:, row.targets]
+    extra: dict[str, torch.Tensor] = {}
+    with _projecting_only(head, labels, None, chunk, sum_sq, extra, sources=row.sources):
+        flat = model(
+            input_ids=row.ids,
+            attention_mask=packing.row_mask(unwrapped_model(model), row.ids.device),
+            position_ids=row.positions,
+            use_cache=False,
+            **row.kwargs,
+        ).logits
+    cells = tuple(row.origin[row.targets].T)
+
+    def unpack(values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(response_mask.shape, dtype=torch.float32, device=values.device)
+        return out.index_put(cells, values[0])[:, 1:].contiguous()
+
+    mask = torch.zeros_like(response_mask).index_put(cells, response_mask.new_ones(labels.shape[1]))
+    lss = unpack(extra["sum_sq"]) if sum_sq else torch.zeros(0)
+    return ResponseTokens(unpack(flat), lss, mask[:, 1:].contiguous())
+
+
 def _forward(model, input_ids, attention_mask, keep, position_ids=None, varlen=None) -> torch.Tensor:
     """The model's forward: what its LM head returns, from the first response position on."""
     kwargs = {"logits_to_keep": keep} if keep else {}
@@ -229,14 +266,20 @@ def _forward(model, input_ids, attention_mask, keep, position_ids=None, varlen=N
 
 
 @contextmanager
-def _projecting_only(head, labels, mask, chunk, sum_sq, extra, compact=False) -> Iterator[None]:
+def _projecting_only(head, labels, mask, chunk, sum_sq, extra, compact=False, sources=None) -> Iterator[None]:
     """Within the block the LM head returns per-token log-probs of `labels` (B, T' - 1) instead of logits,
     so the computation stays inside the model's forward (DDP sees the head's weight used) and no (B, T', V)
     tensor exists; log sum_v p_v^2 (no gradient) lands in `extra["sum_sq"]`. `compact`: only the positions
-    in `mask` are projected (one matmul row count per window, so rounding may differ from the full path's)."""
+    in `mask` are projected (one matmul row count per window, so rounding may differ from the full path's).
+    `sources`: only the hidden states at these positions of a one-row batch, for `labels` (1, N) in order."""
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        if not compact:
+        if sources is not None:
+            ones = torch.ones_like(labels)
+            logps, lss = chunked_token_logps(
+                hidden[:, sources], labels, ones, head.weight, head.bias, chunk, sum_sq
+            )
+        elif not compact:
             logps, lss = chunked_token_logps(hidden, labels, mask, head.weight, head.bias, chunk, sum_sq)
         else:
             keep = mask.bool()

@@ -6,7 +6,8 @@
 * `packed` (default): grouped, and each batch's sequences run concatenated without padding, each with its own
   positions, each attending on its own (`mrpo.modeling.logprobs`, `packed=True`; `mrpo.modeling.packing`
   on SDPA); only where the model's attention supports it exactly (`packing_supported`), else grouped, said
-  in the log.
+  in the log. On `mrpo.modeling.packing`'s attention a pair's prompt runs once for both responses where
+  their prompt ids agree (`mrpo.modeling.packing.shared_prompt_row`).
 
 The set of pairs in each optimizer step depends only on the seed, the epoch and the step's global batch
 (batch_size x gradient_accumulation_steps x world size), never on how the step is split into micro-batches

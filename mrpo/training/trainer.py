@@ -153,7 +153,7 @@ class MRPOTrainer(Trainer):
         from mrpo.modeling.logprobs import forward_precision
 
         args = (inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"])
-        how = {"chunk": self.logprob_chunk, "packed": self.batching == "packed"}
+        how = {"chunk": self.logprob_chunk, "packed": self.batching == "packed", "pairs": True}
         n = inputs["ref_chosen_logps"].shape[0]
         with forward_precision(self.precision, inputs["input_ids"].device):
             if not self.objective.use_weighting:
