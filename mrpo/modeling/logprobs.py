@@ -232,14 +232,9 @@ def _shared_prompt_tokens(model, head, row, response_mask, chunk, sum_sq) -> Res
 
     labels = row.ids[:, row.targets]
     extra: dict[str, torch.Tensor] = {}
+    attention = packing.row_mask(unwrapped_model(model), row.ids.device)
     with _projecting_only(head, labels, None, chunk, sum_sq, extra, sources=row.sources):
-        flat = model(
-            input_ids=row.ids,
-            attention_mask=packing.row_mask(unwrapped_model(model), row.ids.device),
-            position_ids=row.positions,
-            use_cache=False,
-            **row.kwargs,
-        ).logits
+        flat = _forward(model, row.ids, attention, 0, row.positions, row.kwargs)
     cells = tuple(row.origin[row.targets].T)
 
     def unpack(values: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,11 @@ def use_packed_attention(model: torch.nn.Module) -> None:
 def varlen_kwargs(positions: torch.Tensor) -> dict[str, torch.Tensor | int]:
     """transformers' varlen arguments of a packed row from its position ids (1, T): sequences start at 0."""
     starts = (positions[0] == 0).nonzero().flatten()
-    bounds = torch.cat([starts, starts.new_tensor([positions.shape[1]])]).to(torch.int32)
+    return _bounds_kwargs(torch.cat([starts, starts.new_tensor([positions.shape[1]])]).to(torch.int32))
+
+
+def _bounds_kwargs(bounds: torch.Tensor) -> dict[str, torch.Tensor | int]:
+    """transformers' varlen arguments of a packed row whose sequences start at `bounds[:-1]` (int32)."""
     longest = int((bounds[1:] - bounds[:-1]).max())
     return {
         "cu_seq_lens_q": bounds,
@@ -103,7 +107,7 @@ def row_mask(model: torch.nn.Module, device: torch.device) -> torch.Tensor | Non
     """The attention mask a packed row passes: on `packed_sdpa_attention` a 4D placeholder it never reads,
     which transformers takes as given, so it skips building the row's dense (T x T) mask; else None, and
     transformers builds the block-diagonal mask from the restarting positions."""
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) != NAME:
+    if not shares_prompts(model):
         return None
     return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
 
@@ -125,7 +129,8 @@ class SharedPromptRow:
 
 
 def shares_prompts(model: torch.nn.Module) -> bool:
-    """Whether `model` can run a `SharedPromptRow`: only `packed_sdpa_attention` reads `mrpo_prompts`."""
+    """Whether `model` attends with `packed_sdpa_attention`, the one attention that reads `mrpo_prompts` and
+    so can run a `SharedPromptRow`."""
     return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
 
 
@@ -168,9 +173,7 @@ def shared_prompt_row(input_ids, attention_mask, response_mask) -> SharedPromptR
         bounds.append(offset + len(kept))
     if not any(prompts):
         return None
-    cu = torch.tensor(bounds, dtype=torch.int32, device=input_ids.device)
-    longest = int((cu[1:] - cu[:-1]).max())
-    kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    kwargs = _bounds_kwargs(torch.tensor(bounds, dtype=torch.int32, device=input_ids.device))
     return SharedPromptRow(
         ids=torch.cat(ids)[None],
         positions=torch.cat(positions)[None],
