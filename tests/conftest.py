@@ -15,6 +15,8 @@ from helpers import (
     clone_project,
     make_tiny_project,
     run_tool,
+    start_prefect_server,
+    stop_group,
 )
 
 
@@ -135,3 +137,14 @@ def _stop_prefect_ephemeral_servers():
 
         for server in list(SubprocessASGIServer._instances.values()):
             server.stop()
+
+
+@pytest.fixture()
+def prefect_server(tmp_path):
+    """A real Prefect server on a free loopback port (`helpers.start_prefect_server`); yields the
+    environment its clients need (PREFECT_API_URL, PREFECT_HOME, ...)."""
+    env, proc = start_prefect_server(tmp_path)
+    try:
+        yield env
+    finally:
+        stop_group(proc)

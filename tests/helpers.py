@@ -8,6 +8,7 @@ import copy
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -260,41 +261,140 @@ def mrpo_import_files(module: str) -> set[str]:
     return seen
 
 
-def start_server(port: int, root: Path) -> subprocess.Popen:
-    """A real `mlflow server` on loopback (its own process group, so stopping it stops its workers)."""
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(
+    predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None
+):
+    """`predicate()`'s first truthy value, polled every 0.5 s; fails with the log's tail when `proc` exits
+    or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(
+                f"{what}: process exited ({proc.returncode}):\n{log.read_text()[-4000:] if log else ''}"
+            )
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}:\n{log.read_text()[-4000:] if log else ''}"
+    )
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 20) -> float:
+    """SIGTERM to the process group `proc` leads (started with start_new_session), SIGKILL to what is left
+    after `timeout`; returns the seconds until the whole group was gone."""
+    start = time.monotonic()
+    if proc.poll() is None or group_members(proc.pid):
+        os.killpg(proc.pid, signal.SIGTERM)
+    while (proc.poll() is None or group_members(proc.pid)) and time.monotonic() - start < timeout:
+        time.sleep(0.1)
+    if proc.poll() is None or group_members(proc.pid):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return time.monotonic() - start
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _tool_env(**extra: str) -> dict:
+    """This environment with the venv's console scripts first on PATH, plus `extra`."""
+    path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    return {**os.environ, "PATH": path, **extra}
+
+
+def start_mlflow_server(port: int, root: Path) -> subprocess.Popen:
+    """A real `mlflow server` on loopback (sqlite and artifacts under `root`, its own process group so
+    stopping it stops its workers), once /health answers; its output goes to root/mlflow_server.log."""
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "mlflow_server.log"
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ]
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+        + ["--workers", "1"]
         + ["--backend-store-uri", f"sqlite:///{root / 'server.db'}"]
         + ["--artifacts-destination", str(root / "server-artifacts")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=_tool_env(),
+    )
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health"), 120, "mlflow /health", server, log)
+    except BaseException:
+        stop_group(server)
+        raise
+    return server
+
+
+def start_prefect_server(root: Path) -> tuple[dict, subprocess.Popen]:
+    """A real Prefect server (sqlite in root/prefect_home, analytics and UI off) on a free loopback port, in
+    its own process group; returns the environment its clients need and its process once /api/health
+    answers. Its output goes to root/prefect_server.log."""
+    port = free_port()
+    env = _tool_env(
+        PREFECT_HOME=str(root / "prefect_home"),
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+        PREFECT_LOGGING_LEVEL="INFO",
+    )
+    log = root / "prefect_server.log"
+    command = ["server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", *command],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.time() + 120
-    while True:
+    try:
+        wait_for(lambda: _answers(f"{env['PREFECT_API_URL']}/health"), 90, "prefect /api/health", proc, log)
+    except BaseException:
+        stop_group(proc)
+        raise
+    return env, proc
+
+
+@contextlib.contextmanager
+def prefect_api(server_env: dict):
+    """Flows run in this process talk to the server `start_prefect_server` started. Prefect reads its
+    environment once, at import, so setting PREFECT_* variables later has no effect; its logs are
+    flushed on the way out, while the server still answers."""
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    updates = {PREFECT_API_URL: server_env["PREFECT_API_URL"], PREFECT_HOME: server_env["PREFECT_HOME"]}
+    with temporary_settings(updates=updates):
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            return server
-        except OSError:
-            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
-            time.sleep(0.5)
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
+            yield
+        finally:
+            APILogWorker.drain_all(timeout=30)
 
 
 def smollm2_and_hh_rlhf_rows(n: int):

@@ -9,7 +9,16 @@ import time
 import pandas as pd
 import pytest
 import yaml
-from helpers import REPO_ROOT, STAGES, clone_project, mrpo_import_files, run_tool, start_server, stop_server
+from helpers import (
+    REPO_ROOT,
+    STAGES,
+    clone_project,
+    free_port,
+    mrpo_import_files,
+    run_tool,
+    start_mlflow_server,
+    stop_group,
+)
 
 from mrpo.pipeline import STAGES as PIPELINE_STAGES
 
@@ -556,14 +565,6 @@ def test_references_scored_at_once_outside_repro_are_committed_and_dvc_then_sees
     assert "Running stage" not in out
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_checkouts_share_outputs_through_a_dvc_remote_and_runs_through_an_mlflow_server(
     tiny_reproduced, tmp_path
@@ -594,9 +595,9 @@ def test_two_checkouts_share_outputs_through_a_dvc_remote_and_runs_through_an_ml
         assert (b / path).read_bytes() == (a / path).read_bytes(), path
     assert stale_stages(b) == set()
 
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = start_server(port, tmp_path)
+    server = start_mlflow_server(port, tmp_path)
     try:
         for checkout, beta in ((a, "0.2"), (b, "0.3")):  # a new setting each, so each trains a new run
             mrpo = [sys.executable, "-m", "mrpo.cli", "--set", f"train.beta={beta}", "train"]
@@ -610,4 +611,4 @@ def test_two_checkouts_share_outputs_through_a_dvc_remote_and_runs_through_an_ml
             }
             assert list((tmp_path / "server-artifacts").rglob(f"{run.info.run_id}/artifacts/policy.json"))
     finally:
-        stop_server(server)
+        stop_group(server)

@@ -5,58 +5,25 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO_ROOT, STAGES, clone_project, run_tool
+from helpers import (
+    REPO_ROOT,
+    STAGES,
+    clone_project,
+    run_tool,
+    start_prefect_server,
+    stop_group,
+    wait_for,
+)
 
 
 def record_id(project: Path) -> str:
     return json.loads((project / "models" / "policy.mlflow_run.json").read_text())["run_id"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(
-    predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None
-):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(
-                f"{what}: process exited ({proc.returncode}):\n{log.read_text()[-4000:] if log else ''}"
-            )
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(
-        f"timed out after {timeout}s waiting for {what}:\n{log.read_text()[-4000:] if log else ''}"
-    )
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group `pgid`."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
 
 
 def processes_with_env(key: str, value: str) -> list[str]:
@@ -71,20 +38,6 @@ def processes_with_env(key: str, value: str) -> list[str]:
         except OSError:  # exited meanwhile, or not ours
             continue
     return found
-
-
-def stop(proc: subprocess.Popen, timeout: float = 20) -> float:
-    """SIGTERM to the process group `proc` leads (started with start_new_session), SIGKILL to what is left
-    after `timeout`; returns the seconds until the whole group was gone."""
-    start = time.monotonic()
-    if proc.poll() is None or group_members(proc.pid):
-        os.killpg(proc.pid, signal.SIGTERM)
-    while (proc.poll() is None or group_members(proc.pid)) and time.monotonic() - start < timeout:
-        time.sleep(0.1)
-    if proc.poll() is None or group_members(proc.pid):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return time.monotonic() - start
 
 
 def flow_run_artifacts(client, flow_run_id):
@@ -102,68 +55,6 @@ def flow_run_artifacts(client, flow_run_id):
     response = client._client.post("/artifacts/filter", json=body)
     response.raise_for_status()
     return {a.key: a for a in Artifact.model_validate_list(response.json())}
-
-
-def start_prefect_server(tmp_path: Path) -> tuple[dict, subprocess.Popen]:
-    """A real Prefect server (sqlite in a tmp PREFECT_HOME, analytics off) on a free loopback port, in its
-    own process group; returns its env and process once /api/health answers."""
-    port = free_port()
-    env = dict(os.environ)
-    env.update(
-        {
-            "PREFECT_HOME": str(tmp_path / "prefect_home"),
-            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_SERVER_UI_ENABLED": "false",
-            "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-            "PREFECT_LOGGING_LEVEL": "INFO",
-            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-        }
-    )
-    log = tmp_path / "prefect_server.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-ui",
-            "--analytics-off",
-        ],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-    def healthy():
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_for(healthy, 90, "the Prefect server to answer /api/health", proc, log)
-    except BaseException:
-        stop(proc)
-        raise
-    return env, proc
-
-
-@pytest.fixture()
-def prefect_server(tmp_path):
-    """A real Prefect server on a free loopback port (`start_prefect_server`); yields its env."""
-    env, proc = start_prefect_server(tmp_path)
-    try:
-        yield env
-    finally:
-        stop(proc)
 
 
 @pytest.mark.slow
@@ -239,7 +130,7 @@ def test_pipeline_deployment_runs_through_the_api(prefect_server, tiny_reproduce
             assert all(t.state.is_completed() for t in tasks.values())
             artifacts = flow_run_artifacts(client, run.id)
     finally:
-        stop(serve)
+        stop_group(serve)
 
     # each stage published its metrics; DVC re-ran only what the change made stale
     # keyed in pipeline order, so sorted by key they read as the pipeline runs
@@ -849,13 +740,13 @@ def test_the_scheduler_fires_the_served_pipeline_deployment(tiny_project, tmp_pa
             assert run.auto_scheduled and run.created_by.type == "SCHEDULE", run
             assert run.parameters == dep.parameters
             assert all(r.auto_scheduled for r in runs)  # the scheduler made every run; nobody ran one by hand
-            seconds = stop(serve)
+            seconds = stop_group(serve)
             assert serve.returncode == 0 and seconds < 15, (serve.returncode, seconds, log.read_text())
             assert c.read_deployment(dep.id).paused  # the runner paused its schedule on the way out
         assert (project / "data" / "prepared" / "train.parquet").is_file()
         assert "Traceback" not in log.read_text(), log.read_text()[-6000:]
     finally:
         if serve is not None:
-            stop(serve)
-        stop(server)
+            stop_group(serve)
+        stop_group(server)
     assert processes_with_env("PREFECT_HOME", env["PREFECT_HOME"]) == []

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import config
+from helpers import config, prefect_api
 
 from mrpo.evaluation.held_out import pair_correct
 from mrpo.reporting.comparison import difference_rows, summarise, table_rows
@@ -224,12 +224,11 @@ def test_a_stopped_comparison_keeps_its_report_and_resumes_with_its_id(scored, t
 
 
 @pytest.mark.slow
-def test_the_compare_flow_runs_each_member_as_a_task_and_publishes_the_report(scored, tmp_path, monkeypatch):
+def test_the_compare_flow_runs_each_member_as_a_task_and_publishes_the_report(
+    scored, prefect_server, tmp_path, monkeypatch
+):
     import yaml
 
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect_home"))
-    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a loaded 2-core box
-    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from prefect.client.orchestration import get_client
 
@@ -250,15 +249,16 @@ def test_the_compare_flow_runs_each_member_as_a_task_and_publishes_the_report(sc
         "compare.lm_eval_limit": 0,
         "compare.bootstrap": 100,
     }
-    out = compare_flow(str(project), overrides, "flow-test")
-    assert out["members"] == 2 and out["failed"] == 0
+    with prefect_api(prefect_server):
+        out = compare_flow(str(project), overrides, "flow-test")
+        with get_client(sync_client=True) as client:
+            (run,) = client.read_flow_runs()
+            tasks = sorted(t.name for t in client.read_task_runs() if t.flow_run_id == run.id)
+            artifacts = client.read_artifacts()
+    assert out["members"] == 2 and out["failed"] == 0 and run.state.is_completed()
     md = (project / "sweeps" / "flow-test" / "comparison.md").read_text()
     assert "| dpo:gpt2_char | 1 |" in md and "lm-eval: skipped" in md
     assert (project / "plots" / "comparison.png").is_file() and (project / "mlflow.db").is_file()
-    with get_client(sync_client=True) as client:
-        (run,) = [r for r in client.read_flow_runs() if r.name and r.state.is_completed()][:1]
-        tasks = sorted(t.name for t in client.read_task_runs() if t.flow_run_id == run.id)
-        artifacts = client.read_artifacts()
     assert tasks == ["dpo:anchor-s3", "dpo:gpt2_char-s3"]
     assert any(a.key == "comparison" and "dpo:gpt2_char" in a.data for a in artifacts)
 

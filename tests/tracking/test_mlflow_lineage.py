@@ -3,77 +3,31 @@ recorded there, searched and compared by reference set and by score through Mlfl
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import clone_project, run_tool
+from helpers import clone_project, free_port, prefect_api, run_tool, start_mlflow_server, stop_group
 
 from mrpo.reporting import plots
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
 def mlflow_server(tmp_path):
     """`mlflow server` with a sqlite backend and local artifacts in tmp; yields its URI."""
     port = free_port()
-    log = tmp_path / "mlflow_server.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")),
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"mlflow server did not come up:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
+    server = start_mlflow_server(port, tmp_path / "mlflow")
     try:
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        stop_group(server)
 
 
 @pytest.mark.slow
 def test_runs_are_searchable_by_reference_set_and_score(
-    mlflow_server, tiny_reproduced, tmp_path, monkeypatch
+    mlflow_server, prefect_server, tiny_reproduced, tmp_path, monkeypatch
 ):
     from mlflow import MlflowClient
 
@@ -96,8 +50,8 @@ def test_runs_are_searchable_by_reference_set_and_score(
     pipeline_run_id = record_lineage(cfg, project)
 
     # 2) a one-member sweep (DPO on llama_expert alone) under an MLflow parent run
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect_home"))
-    result = sweep(project_dir=str(project), seeds=[0], strategies=[], dpo_references=["llama_expert"])
+    with prefect_api(prefect_server):
+        result = sweep(project_dir=str(project), seeds=[0], strategies=[], dpo_references=["llama_expert"])
     assert result["members"] == 1 and result["failed"] == 0
 
     client = MlflowClient(mlflow_server)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, config, run_tool, start_server, stop_server
+from helpers import REPO_ROOT, config, free_port, run_tool, start_mlflow_server, stop_group
 
 PASSWORD = "s3cret-pw-4c1d"
 
@@ -30,12 +30,6 @@ def dead_endpoint(kind: str):
         else:
             sock.close()
         yield f"http://127.0.0.1:{port}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def mrpo(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -204,13 +198,13 @@ def test_a_server_stopped_mid_run_neither_stops_nor_slows_training_and_its_recor
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.chdir(tmp_path)
     cfg = config(scored, tmp_path / "out", **{"train.max_steps": 10, "train.logging_steps": 1})
-    server = start_server(port, tmp_path)
+    server = start_mlflow_server(port, tmp_path)
     stopped_at = {}
 
     class StopServer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3 and not stopped_at:
-                stop_server(server)
+                stop_group(server)
                 stopped_at["t"] = time.perf_counter()
 
     try:
@@ -232,7 +226,7 @@ def test_a_server_stopped_mid_run_neither_stops_nor_slows_training_and_its_recor
         assert records[-1]["op"] == "set_terminated" and records[-1]["args"] == {"status": "FINISHED"}
         assert after_stop < 60, after_stop  # the rest of training, outputs included: no request waits it out
 
-        server = start_server(port, tmp_path)
+        server = start_mlflow_server(port, tmp_path)
         Tracker(read_run_record(cfg.train.output_dir))  # what evaluate does first: the kept records land
         assert not kept.exists()
         client = MlflowClient(uri)
@@ -242,7 +236,7 @@ def test_a_server_stopped_mid_run_neither_stops_nor_slows_training_and_its_recor
         assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 11))
         assert "train_loss" in run.data.metrics
     finally:
-        stop_server(server)
+        stop_group(server)
 
 
 # ---------------------------------------------------------------- credentials never recorded
@@ -261,7 +255,7 @@ def test_a_password_in_the_tracking_uri_is_in_no_output_of_a_run(scored, tmp_pat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.chdir(tmp_path)
-    server = start_server(port, tmp_path / "server")
+    server = start_mlflow_server(port, tmp_path / "server")
     try:
         cfg = config(scored, tmp_path / "out", **{"tracking.tracking_uri": uri})
         train(cfg)
@@ -279,7 +273,7 @@ def test_a_password_in_the_tracking_uri_is_in_no_output_of_a_run(scored, tmp_pat
         assert leaked == []
         assert len(texts) > 10
     finally:
-        stop_server(server)
+        stop_group(server)
 
 
 # ---------------------------------------------------------------- dvc exp run --temp
