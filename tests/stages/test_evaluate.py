@@ -386,6 +386,7 @@ def smollm2_dir(request, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_gsm8k_local_on_smollm2_is_deterministic(smollm2_dir, tmp_path):
     raw = project_raw(
         tmp_path,

@@ -235,11 +235,23 @@ PATH_CASES = [
 ]
 
 
+@pytest.mark.parametrize(("setting", "line"), PATH_CASES, ids=[c[0] for c in PATH_CASES])
+def test_each_bad_output_path_is_one_configuration_error_naming_both_keys(monkeypatch, setting, line):
+    from mrpo.config.load import load_config
+
+    monkeypatch.chdir(REPO_ROOT)  # stages resolve paths from the project root, where DVC runs them
+    key, value = setting.split("=")
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO_ROOT / "params.yaml", {key: value})
+    assert f"configuration error: {info.value}".startswith(f"configuration error: {line}")
+
+
 @pytest.fixture(scope="module")
 def reproduced_copy(tiny_reproduced, tmp_path_factory) -> Path:
     return clone_project(tiny_reproduced["path"], tmp_path_factory.mktemp("paths") / "project")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("setting", "line"), PATH_CASES, ids=[c[0] for c in PATH_CASES])
 def test_an_output_path_over_another_output_the_root_or_an_input_is_refused_before_anything_runs(
     reproduced_copy, setting, line
@@ -359,6 +371,7 @@ def test_evaluate_refuses_a_missing_or_non_finite_policy_in_one_line(tmp_path, m
     assert not (tmp_path / "evaluation").exists() and not (tmp_path / "metrics").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_failing_after_its_outputs_are_staged_keeps_every_previous_output(reproduced_copy):
     project = clone_project(reproduced_copy, reproduced_copy.parent / "late")
     outputs = [project / "evaluation/results", project / "metrics/eval.json"]
@@ -372,6 +385,7 @@ def test_evaluate_failing_after_its_outputs_are_staged_keeps_every_previous_outp
     assert hidden(project / "evaluation") == [] and hidden(project / "metrics") == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("stage", "blocked", "outputs"),
     [

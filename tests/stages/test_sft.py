@@ -235,6 +235,7 @@ def test_a_late_failure_leaves_every_previous_output_byte_identical(tiny_zoo, tm
 # ---------------------------------------------------------------- the output as a reference; MLflow
 
 
+@pytest.mark.slow
 def test_the_sft_output_scores_like_any_other_reference_and_the_run_is_tracked(tiny_zoo, tmp_path):
     import mlflow
 
@@ -281,20 +282,24 @@ def test_sft_disabled_writes_only_the_marker_quickly(tmp_path):
     assert (tmp_path / "plots/sft.csv").read_text() == "step,loss,learning_rate\n"
 
 
+BAD_INPUT = [
+    ({"model": None}, "sft.model: got None; required when sft.enabled is true"),
+    ({"model": "/nope/model"}, "sft.model: '/nope/model' does not exist; build the zoo"),
+    ({"data.skip_rows": 10}, "sft.data.skip_rows: no rows left in"),
+    ({"data.source": "file"}, "row 1: no column 'prompt' (sft.data.prompt_column)"),
+    ({"data.paths": ["missing.jsonl"]}, "missing.jsonl: file not found (sft.data.paths"),
+    ({"data.source": "prepared", "data.paths": []}, "prepared data not found; run `mrpo prepare` first"),
+    ({"max_length": 8}, "sft.max_length: no response of the 4 rows fits 8 tokens"),
+    ({"output_dir": "data/prepared"}, "that is sft.output_dir ('data/prepared'), the sft stage's output"),
+    ({"output_dir": "out", "checkpoint_dir": "out"}, "sft.checkpoint_dir: got 'out'; must differ"),
+    ({"lr_scheduler": "nope"}, "sft.lr_scheduler: got 'nope'; allowed: linear"),
+]
+
+
+# Each case is a process of its own (seconds): the fast tier keeps a configuration error and a data error.
 @pytest.mark.parametrize(
     ("change", "message"),
-    [
-        ({"model": None}, "sft.model: got None; required when sft.enabled is true"),
-        ({"model": "/nope/model"}, "sft.model: '/nope/model' does not exist; build the zoo"),
-        ({"data.skip_rows": 10}, "sft.data.skip_rows: no rows left in"),
-        ({"data.source": "file"}, "row 1: no column 'prompt' (sft.data.prompt_column)"),
-        ({"data.paths": ["missing.jsonl"]}, "missing.jsonl: file not found (sft.data.paths"),
-        ({"data.source": "prepared", "data.paths": []}, "prepared data not found; run `mrpo prepare` first"),
-        ({"max_length": 8}, "sft.max_length: no response of the 4 rows fits 8 tokens"),
-        ({"output_dir": "data/prepared"}, "that is sft.output_dir ('data/prepared'), the sft stage's output"),
-        ({"output_dir": "out", "checkpoint_dir": "out"}, "sft.checkpoint_dir: got 'out'; must differ"),
-        ({"lr_scheduler": "nope"}, "sft.lr_scheduler: got 'nope'; allowed: linear"),
-    ],
+    [c if i in (0, 3) else pytest.param(*c, marks=pytest.mark.slow) for i, c in enumerate(BAD_INPUT)],
     ids=lambda v: str(v)[:40],
 )
 def test_bad_input_exits_2_naming_the_key_or_file(tiny_zoo, tmp_path, change, message):

@@ -399,6 +399,7 @@ def pd_read(path):
 # ---------------------------------------------------------------- every kind of run in one store
 
 
+@pytest.mark.slow
 def test_pipeline_and_comparison_runs_sort_together_by_reference_set_and_accuracy(scored, tmp_path):
     """One real sqlite store: a pipeline run (the train stage, then evaluate's preference metrics) and a
     comparison (DPO with two references, MRPO with one strategy). Every trained run carries the reference set

@@ -79,7 +79,7 @@ def test_evaluate_in_a_copied_checkout_reopens_the_copy_s_store(tmp_path, monkey
 # ---------------------------------------------------------------- an unreachable server: seconds, one line
 
 
-@pytest.mark.parametrize("kind", ["refused", "silent"])
+@pytest.mark.parametrize("kind", ["refused", pytest.param("silent", marks=pytest.mark.slow)])
 def test_an_unreachable_server_stops_a_stage_before_any_model_loads_with_one_line(kind, tmp_path):
     from mrpo.config.load import load_config
     from mrpo.errors import ConfigError
@@ -112,6 +112,7 @@ def test_an_unreachable_server_stops_a_stage_before_any_model_loads_with_one_lin
 # ---------------------------------------------------------------- damaged, deleted, rejected
 
 
+@pytest.mark.slow
 def test_a_damaged_store_a_deleted_experiment_and_a_rejected_filter_are_one_line_each(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 

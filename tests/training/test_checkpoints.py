@@ -164,7 +164,7 @@ def metric_points(cfg, run_id: str) -> dict[str, list]:
     return {key: client.get_metric_history(run_id, key) for key in keys}
 
 
-@pytest.mark.parametrize("store", ["sqlite", "file"])
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("file", marks=pytest.mark.slow)])
 def test_a_run_resumed_before_steps_it_logged_holds_one_point_per_step(
     scored, tmp_path, caplog, store, monkeypatch
 ):
@@ -245,6 +245,7 @@ def train_on_small_disk(scored, cfg, small_dir: Path, size_kb: int, copy_to: Pat
     return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 @needs_tmpfs
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_earlier_checkpoints(
     scored, tmp_path, straight_run
@@ -275,6 +276,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_earlier
     assert_same_end(cfg, metrics, straight_run)
 
 
+@pytest.mark.slow
 @needs_tmpfs
 def test_a_full_disk_while_saving_the_policy_is_one_line_and_keeps_the_previous_policy(
     scored, tmp_path, straight_run
